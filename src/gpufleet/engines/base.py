@@ -1,0 +1,50 @@
+"""What every engine adapter tells a runtime: how to launch it and how to know it is ready.
+
+An adapter describes; it never runs anything. The local runtime turns a ``Launch`` into a child
+process, the Kubernetes runtime into a container, so both share one adapter per engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from gpufleet.spec import ModelSpec
+
+__all__ = ["EngineAdapter", "Launch", "ReadinessProbe"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadinessProbe:
+    """An HTTP request that succeeds (2xx) only once the engine can serve."""
+
+    method: str
+    path: str
+    body: bytes | None = None
+    #: Give up on a start that has not become ready in this long.
+    timeout_s: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    argv: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    readiness: ReadinessProbe = ReadinessProbe("GET", "/v1/models")
+    #: Path of Prometheus metrics, when the engine has them.
+    metrics_path: str | None = None
+    #: Path asked every few seconds once ready; any HTTP answer means the engine is alive.
+    liveness_path: str = "/health"
+    #: Seconds between SIGTERM and SIGKILL when stopping.
+    stop_grace_s: float = 10.0
+
+
+class EngineAdapter(Protocol):
+    name: str
+
+    def unavailable_reason(self) -> str | None:
+        """None when this engine can run here, else why not and how to fix it."""
+
+    def launch(
+        self, spec: ModelSpec, *, weights: Path, served_name: str, host: str, port: int
+    ) -> Launch: ...

@@ -1,0 +1,57 @@
+"""llama.cpp through llama-cpp-python's OpenAI-compatible server (CPU engine).
+
+Facts this rests on (llama-cpp-python 0.3.x): the server loads the model before it binds its
+port, so ``GET /v1/models`` answering is a true readiness signal; it serves one request at a time;
+``interrupt_requests`` defaults to true, which would let a new request cut off a stream in flight
+behind a gateway, so it is switched off; it has no ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from gpufleet.engines.base import Launch, ReadinessProbe
+from gpufleet.spec import ModelSpec
+
+__all__ = ["LlamaCppEngine"]
+
+
+class LlamaCppEngine:
+    name = "llamacpp"
+
+    def unavailable_reason(self) -> str | None:
+        if importlib.util.find_spec("llama_cpp") is None:
+            return "llama-cpp-python is not installed; run: pip install 'llama-cpp-python[server]'"
+        return None
+
+    def launch(
+        self, spec: ModelSpec, *, weights: Path, served_name: str, host: str, port: int
+    ) -> Launch:
+        if weights.is_dir():
+            ggufs = sorted(weights.glob("*.gguf"))
+            if not ggufs:
+                raise ValueError(f"llamacpp needs a .gguf file; none in {weights}")
+            weights = ggufs[0]
+        threads = str(max(1, os.cpu_count() or 1))
+        argv = [
+            sys.executable, "-m", "llama_cpp.server",
+            "--model", str(weights),
+            "--model_alias", served_name,
+            "--host", host,
+            "--port", str(port),
+            "--n_ctx", str(spec.context_length),
+            "--n_threads", threads,
+            "--interrupt_requests", "false",
+        ]  # fmt: skip
+        if spec.embeddings:
+            argv += ["--embedding", "true"]
+        argv += spec.engine_args
+        return Launch(
+            argv=tuple(argv),
+            readiness=ReadinessProbe("GET", "/v1/models", timeout_s=120.0),
+            metrics_path=None,
+            stop_grace_s=5.0,
+        )

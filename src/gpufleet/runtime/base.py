@@ -1,0 +1,82 @@
+"""The ``Runtime`` protocol: what the controller may ask of whatever runs engine replicas.
+
+The local backend runs child processes; the Kubernetes backend will run pods; a fake backend
+keeps everything in memory. The controller only ever sees ``Replica`` snapshots (frozen values)
+and change notifications, so it cannot tell them apart — which is the point.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from gpufleet.spec import ModelSpec
+
+__all__ = ["Capabilities", "Phase", "Replica", "ReplicaRequest", "Runtime"]
+
+
+class Phase(enum.StrEnum):
+    STARTING = "Starting"  # launched, not yet passing readiness
+    READY = "Ready"  # receives traffic
+    UNREADY = "Unready"  # was ready, stopped answering probes: no traffic
+    BACKOFF = "BackOff"  # exited unexpectedly, waiting to be restarted
+    FAILED = "Failed"  # cannot start at all (bad weights, engine missing); not retried
+    STOPPING = "Stopping"
+    STOPPED = "Stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    mig: bool = False
+    multi_node: bool = False
+    sleep_wake: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaRequest:
+    """Everything needed to start one replica of one generation of a model."""
+
+    model: str
+    generation: int
+    spec: ModelSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Replica:
+    id: str
+    model: str
+    generation: int
+    phase: Phase
+    url: str | None = None  # base URL of the engine's OpenAI API (no /v1)
+    pid: int | None = None
+    restarts: int = 0
+    message: str = ""
+    started_at: float | None = None
+    ready_at: float | None = None
+    embeddings: bool = False
+
+    @property
+    def routable(self) -> bool:
+        return self.phase is Phase.READY and self.url is not None
+
+
+class Runtime(Protocol):
+    capabilities: Capabilities
+
+    async def start(self, request: ReplicaRequest) -> Replica:
+        """Create a replica and return at once; readiness arrives through ``watch``."""
+
+    async def stop(self, replica_id: str) -> None:
+        """Stop a replica gracefully and forget it. Stopping an unknown id is not an error."""
+
+    def replicas(self, model: str | None = None) -> list[Replica]: ...
+
+    def watch(self) -> AsyncIterator[Replica]:
+        """Every change of any replica, as a new snapshot."""
+
+    async def logs(self, replica_id: str, tail: int = 200) -> str: ...
+
+    async def close(self) -> None:
+        """Stop every replica; return only when none is left running."""

@@ -1,0 +1,90 @@
+"""An in-memory runtime for tests and the simulator: replicas are values, not processes.
+
+Each started replica gets the URL ``url_for(request, index)`` returns (tests point it at a fake
+engine, or at a closed port to see failures) and becomes Ready at once unless ``auto_ready`` is
+off. ``fail_with`` makes ``start`` raise, as a runtime does for missing weights or engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+from collections.abc import AsyncIterator, Callable
+
+from gpufleet.runtime.base import Capabilities, Phase, Replica, ReplicaRequest
+
+__all__ = ["FakeRuntime"]
+
+
+class FakeRuntime:
+    capabilities = Capabilities()
+
+    def __init__(
+        self,
+        url_for: Callable[[ReplicaRequest, int], str | None] = lambda _r, _i: None,
+        *,
+        auto_ready: bool = True,
+    ) -> None:
+        self._url_for = url_for
+        self.auto_ready = auto_ready
+        self.fail_with: Exception | None = None
+        self._replicas: dict[str, Replica] = {}
+        self._subscribers: set[asyncio.Queue[Replica]] = set()
+        self._ids = itertools.count(1)
+        self.started: list[ReplicaRequest] = []
+
+    async def start(self, request: ReplicaRequest) -> Replica:
+        if self.fail_with is not None:
+            raise self.fail_with
+        index = next(self._ids)
+        self.started.append(request)
+        replica = Replica(
+            id=f"{request.model}-g{request.generation}-{index}",
+            model=request.model,
+            generation=request.generation,
+            phase=Phase.STARTING,
+            url=self._url_for(request, index),
+            embeddings=request.spec.embeddings,
+        )
+        self._set(replica)
+        if self.auto_ready:
+            self.set_phase(replica.id, Phase.READY)
+        return replica
+
+    async def stop(self, replica_id: str) -> None:
+        replica = self._replicas.pop(replica_id, None)
+        if replica is not None:
+            self._publish(dataclasses.replace(replica, phase=Phase.STOPPED, url=None))
+
+    def replicas(self, model: str | None = None) -> list[Replica]:
+        return [r for r in self._replicas.values() if model is None or r.model == model]
+
+    async def watch(self) -> AsyncIterator[Replica]:
+        queue: asyncio.Queue[Replica] = asyncio.Queue()
+        self._subscribers.add(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._subscribers.discard(queue)
+
+    async def logs(self, replica_id: str, tail: int = 200) -> str:
+        return f"fake replica {replica_id}\n" if replica_id in self._replicas else ""
+
+    async def close(self) -> None:
+        for rid in list(self._replicas):
+            await self.stop(rid)
+
+    def set_phase(self, replica_id: str, phase: Phase, message: str = "") -> None:
+        """Move a replica to ``phase``, as a real one would by itself."""
+        replica = dataclasses.replace(self._replicas[replica_id], phase=phase, message=message)
+        self._set(replica)
+
+    def _set(self, replica: Replica) -> None:
+        self._replicas[replica.id] = replica
+        self._publish(replica)
+
+    def _publish(self, replica: Replica) -> None:
+        for queue in self._subscribers:
+            queue.put_nowait(replica)

