@@ -42,7 +42,7 @@ class Output(StrEnum):
 
 
 ServerOpt = Annotated[
-    str, typer.Option("--server", "-s", help="gpufleet server URL (env GPUFLEET_SERVER)")
+    str, typer.Option("--server", "-s", envvar="GPUFLEET_SERVER", help="gpufleet server URL")
 ]
 OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table or json")]
 FilesOpt = Annotated[

