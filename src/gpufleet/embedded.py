@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import socket
@@ -74,6 +75,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None) -> None:
     sock = bind_socket(cfg.host, cfg.port)
+    if not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
+        log.warning(
+            "listening on %s: the API and admin API have no authentication yet; "
+            "expose them only to a trusted network",
+            cfg.host,
+        )
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     store = await asyncio.to_thread(Store.open, cfg.store_url or sqlite_url(cfg.data_dir))
     runtime = LocalRuntime(cfg.data_dir)

@@ -210,3 +210,21 @@ def test_cli_without_a_server_says_so() -> None:
     assert result.returncode == 2
     assert "no gpufleet server answers" in result.stderr
     assert "gpufleet up" in result.stderr
+
+
+def test_unanswering_replica_leaves_the_pool_and_returns(fleet: Fleet, client: OpenAI) -> None:
+    """SIGSTOP freezes the engine: within seconds it gets no traffic; SIGCONT brings it back."""
+    (replica,) = fleet.replicas("smollm2-embed")
+    os.kill(replica["pid"], signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        wait_until(lambda: fleet.replicas("smollm2-embed")[0]["phase"] == "Unready", timeout=20)
+        assert time.monotonic() - started < 8
+        with pytest.raises(openai.APIStatusError) as info:
+            client.embeddings.create(model="smollm2-embed", input="x")
+        assert info.value.status_code == 503
+        assert info.value.response.headers["retry-after"]
+    finally:
+        os.kill(replica["pid"], signal.SIGCONT)
+    wait_until(lambda: fleet.replicas("smollm2-embed")[0]["phase"] == "Ready", timeout=20)
+    assert client.embeddings.create(model="smollm2-embed", input="x").data

@@ -80,8 +80,9 @@ class LocalRuntime:
         data_dir: Path,
         *,
         host: str = "127.0.0.1",
-        probe_interval_s: float = 2.0,
-        liveness_failures: int = 3,
+        probe_interval_s: float = 1.0,
+        probe_timeout_s: float = 1.5,
+        liveness_failures: int = 2,
         backoff_initial_s: float = 1.0,
         backoff_max_s: float = 30.0,
         backoff_reset_after_s: float = 60.0,
@@ -89,6 +90,7 @@ class LocalRuntime:
         self._log_dir = data_dir / "logs"
         self._host = host
         self._probe_interval = probe_interval_s
+        self._probe_timeout = probe_timeout_s
         self._liveness_failures = liveness_failures
         self._backoff = (backoff_initial_s, backoff_max_s, backoff_reset_after_s)
         self._handles: dict[str, _Handle] = {}
@@ -272,7 +274,7 @@ class LocalRuntime:
             if done:
                 return
             status = await self._request(
-                "GET", url + launch.liveness_path, None, timeout=self._probe_interval
+                "GET", url + launch.liveness_path, None, timeout=self._probe_timeout
             )
             if status is None:
                 failures += 1

