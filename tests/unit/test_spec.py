@@ -142,7 +142,7 @@ def test_yaml_syntax_error_gives_line_and_column() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("kind: Pod\napiVersion: v1\n", "kind 'Pod' is not known; gpufleet reads: Model"),
+        ("kind: Pod\napiVersion: v1\n", "kind 'Pod' is not known here; expected: Model"),
         ("apiVersion: v1\nkind: Model\n", "apiVersion must be 'gpufleet.io/v1alpha1' (got 'v1')"),
         ("- a\n- b\n", "must be a mapping"),
         ("apiVersion: gpufleet.io/v1alpha1\nkind: Model\n", "metadata is required"),

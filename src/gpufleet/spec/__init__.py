@@ -4,6 +4,13 @@ Pure: no HTTP, database, subprocess or Kubernetes code may be imported here (imp
 checks it), because the CLI, the server, the operator and the simulator all read specs.
 """
 
+from gpufleet.spec.inventory import (
+    GpuGroup,
+    Inventory,
+    InventorySpec,
+    NodeSpec,
+    load_inventory_text,
+)
 from gpufleet.spec.io import KINDS, load_file, load_text, parse_document
 from gpufleet.spec.quantity import format_bytes, parse_bytes
 from gpufleet.spec.resources import (
@@ -24,14 +31,19 @@ __all__ = [
     "ENGINES",
     "KINDS",
     "EngineName",
+    "GpuGroup",
+    "Inventory",
+    "InventorySpec",
     "Metadata",
     "Model",
     "ModelSpec",
+    "NodeSpec",
     "Replicas",
     "Resources",
     "Source",
     "format_bytes",
     "load_file",
+    "load_inventory_text",
     "load_text",
     "parse_bytes",
     "parse_document",

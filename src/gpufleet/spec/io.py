@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -19,7 +19,9 @@ from pydantic_core import ErrorDetails
 from gpufleet.errors import SpecError
 from gpufleet.spec.resources import API_VERSION, Model
 
-__all__ = ["KINDS", "load_file", "load_text", "parse_document"]
+__all__ = ["KINDS", "load_file", "load_text", "parse_document", "read_documents", "validate"]
+
+M = TypeVar("M", bound=BaseModel)
 
 #: Resource kinds this version reads, by ``kind``.
 KINDS: dict[str, type[Model]] = {"Model": Model}
@@ -37,7 +39,8 @@ def load_file(path: str | Path) -> list[Model]:
     return load_text(text, filename=str(p), base_dir=p.resolve().parent)
 
 
-def load_text(text: str, *, filename: str = "<input>", base_dir: Path | None = None) -> list[Model]:
+def read_documents(text: str, filename: str, expected: str = "Model") -> list[Any]:
+    """The non-empty YAML documents of ``text``; YAML errors carry line and column."""
     try:
         raw_docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
@@ -46,7 +49,35 @@ def load_text(text: str, *, filename: str = "<input>", base_dir: Path | None = N
         problem = getattr(exc, "problem", None) or str(exc)
         raise SpecError([f"{filename}{where}: not valid YAML: {problem}"]) from exc
     if not raw_docs:
-        raise SpecError([f"{filename}: holds no resources (expected at least one 'kind: Model')"])
+        raise SpecError(
+            [f"{filename}: holds no resources (expected at least one 'kind: {expected}')"]
+        )
+    return raw_docs
+
+
+def validate(cls: type[M], raw: object) -> M:
+    """Validate one document as ``cls``, turning pydantic's errors into field-named problems."""
+    if not isinstance(raw, Mapping):
+        raise SpecError(
+            [f"must be a mapping with apiVersion, kind, metadata and spec (got {_kind_of(raw)})"]
+        )
+    if raw.get("apiVersion") != API_VERSION:
+        got = raw.get("apiVersion")
+        raise SpecError(
+            [
+                f"apiVersion must be {API_VERSION!r} (got {got!r})"
+                if got
+                else f"apiVersion is required; add 'apiVersion: {API_VERSION}'"
+            ]
+        )
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError([_describe(err, cls) for err in exc.errors()]) from exc
+
+
+def load_text(text: str, *, filename: str = "<input>", base_dir: Path | None = None) -> list[Model]:
+    raw_docs = read_documents(text, filename)
 
     problems: list[str] = []
     models: list[Model] = []
@@ -81,23 +112,14 @@ def parse_document(raw: object, *, base_dir: Path | None = None) -> Model:
     kind = raw.get("kind")
     if kind is None:
         raise SpecError(["kind is required; add 'kind: Model'"])
+    if kind == "Inventory":
+        raise SpecError(
+            ["kind 'Inventory' describes hardware: pass it with --inventory, not as a model"]
+        )
     cls = KINDS.get(str(kind))
     if cls is None:
-        raise SpecError([f"kind {kind!r} is not known; gpufleet reads: {', '.join(KINDS)}"])
-    if raw.get("apiVersion") != API_VERSION:
-        got = raw.get("apiVersion")
-        raise SpecError(
-            [
-                f"apiVersion must be {API_VERSION!r} (got {got!r})"
-                if got
-                else f"apiVersion is required; add 'apiVersion: {API_VERSION}'"
-            ]
-        )
-    try:
-        model = cls.model_validate(raw)
-    except ValidationError as exc:
-        raise SpecError([_describe(err, cls) for err in exc.errors()]) from exc
-    return _resolve_paths(model, base_dir)
+        raise SpecError([f"kind {kind!r} is not known here; expected: {', '.join(KINDS)}"])
+    return _resolve_paths(validate(cls, raw), base_dir)
 
 
 def _resolve_paths(model: Model, base_dir: Path | None) -> Model:
@@ -119,8 +141,16 @@ def _resolve_paths(model: Model, base_dir: Path | None) -> Model:
     return model.model_copy(update={"spec": spec})
 
 
+def _path(loc: tuple[int | str, ...]) -> str:
+    """``("spec", "nodes", 0, "gpus")`` -> ``spec.nodes[0].gpus``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
 def _describe(err: ErrorDetails, root: type[BaseModel]) -> str:
-    path = ".".join(str(p) for p in err["loc"])
+    path = _path(err["loc"])
     ctx: dict[str, Any] = dict(err.get("ctx") or {})
     etype = err["type"]
     if etype == "gpufleet_path":
@@ -147,12 +177,16 @@ def _fields_at(root: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
     """The YAML field names allowed at ``loc`` inside ``root`` (for 'did you mean')."""
     cls: type[BaseModel] = root
     for part in loc:
+        if isinstance(part, int):
+            continue  # an index into a list: the item type was taken with the list
         found = None
         for name, info in cls.model_fields.items():
             if part in (name, info.alias):
-                ann = info.annotation
-                if isinstance(ann, type) and issubclass(ann, BaseModel):
-                    found = ann
+                candidates = [info.annotation, *get_args(info.annotation)]
+                found = next(
+                    (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)),
+                    None,
+                )
                 break
         if found is None:
             return []
