@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.engines import adapter_for
+from gpufleet.engines import Placement, adapter_for
+from gpufleet.engines.emulator import EmulatorEngine
 from gpufleet.engines.llamacpp import LlamaCppEngine
 from gpufleet.engines.llamacpp_main import _take_pooling
 from gpufleet.engines.sglang import SglangEngine
@@ -98,6 +99,34 @@ def test_vllm_launch_sets_tensor_parallel_and_a_real_readiness_probe() -> None:
     assert launch.env["HF_HUB_OFFLINE"] == "1"
 
 
+def test_vllm_takes_its_memory_share_and_gpus_from_the_placement() -> None:
+    placement = Placement(gpu_type="H100", gpu_indices=(2, 3), memory_fraction=0.4)
+    launch = VllmEngine().launch(
+        spec(), weights=Path("/m"), served_name="m", host="h", port=1, placement=placement
+    )
+    argv = list(launch.argv)
+    assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.400"
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
+    assert "--enable-prefix-caching" in argv
+    assert launch.env["CUDA_VISIBLE_DEVICES"] == "2,3"
+
+
+def test_emulator_launch_pretends_to_be_the_planned_gpu() -> None:
+    launch = EmulatorEngine().launch(
+        spec(resources={"gpuTypes": ["A100-80GB"], "gpus": 2}),
+        weights=Path("/configs/llama.json"),
+        served_name="llama",
+        host="127.0.0.1",
+        port=7,
+    )
+    argv = list(launch.argv)
+    assert argv[1:3] == ["-m", "gpufleet.emulator"]
+    assert argv[argv.index("--gpu") + 1] == "A100-80GB"
+    assert argv[argv.index("--tp") + 1] == "2"
+    assert argv[argv.index("--arch") + 1] == "/configs/llama.json"
+    assert launch.metrics_path == "/metrics"
+
+
 def test_sglang_launch() -> None:
     launch = SglangEngine().launch(
         spec(resources={"gpus": 2}), weights=Path("/m"), served_name="s", host="h", port=2
@@ -109,8 +138,9 @@ def test_sglang_launch() -> None:
 
 def test_engines_that_cannot_run_here_say_why() -> None:
     assert adapter_for("llamacpp").name == "llamacpp"
-    with pytest.raises(EngineUnavailableError, match="engine 'emulator' has no adapter"):
-        adapter_for("emulator")
+    assert adapter_for("emulator").name == "emulator"
+    with pytest.raises(EngineUnavailableError, match="engine 'tgi' has no adapter"):
+        adapter_for("tgi")
     try:
         import vllm  # noqa: F401
     except ImportError:

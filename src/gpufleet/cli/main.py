@@ -19,6 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from gpufleet.cli.client import AdminClient, ClientError
+from gpufleet.cli.emulate import emulate
+from gpufleet.cli.estimate import estimate
 from gpufleet.errors import GpufleetError, SpecError
 
 __all__ = ["app", "main"]
@@ -216,6 +218,10 @@ def logs(
     """Print the engine logs of MODEL's replicas."""
     text = _call(server, "GET", f"/admin/v1/models/{model}/logs?tail={tail}")
     sys.stdout.write(text if isinstance(text, str) else json.dumps(text))
+
+
+app.command()(estimate)
+app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(emulate)
 
 
 def _call(server: str, method: str, path: str, body: Any = None) -> Any:

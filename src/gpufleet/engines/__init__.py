@@ -1,21 +1,35 @@
 """Engine adapters: how to launch each inference engine and how to tell it is ready.
 
-Adapters are registered by the ``engine`` name a Model spec uses. The emulator engine arrives with
-the engine emulator; until then it is reported as unavailable, never faked.
+Adapters are registered by the ``engine`` name a Model spec uses; the emulator is one of them
+(for tests and benchmarks: it says so in every response).
 """
 
 from __future__ import annotations
 
-from gpufleet.engines.base import EngineAdapter, Launch, ReadinessProbe
+from gpufleet.engines.base import LOCAL, EngineAdapter, Launch, Placement, ReadinessProbe
+from gpufleet.engines.emulator import EmulatorEngine
 from gpufleet.engines.llamacpp import LlamaCppEngine
+from gpufleet.engines.metrics import EngineLoad, parse_exposition, parse_sglang, parse_vllm
 from gpufleet.engines.sglang import SglangEngine
 from gpufleet.engines.vllm import VllmEngine
 from gpufleet.errors import EngineUnavailableError
 
-__all__ = ["ADAPTERS", "EngineAdapter", "Launch", "ReadinessProbe", "adapter_for"]
+__all__ = [
+    "ADAPTERS",
+    "LOCAL",
+    "EngineAdapter",
+    "EngineLoad",
+    "Launch",
+    "Placement",
+    "ReadinessProbe",
+    "adapter_for",
+    "parse_exposition",
+    "parse_sglang",
+    "parse_vllm",
+]
 
 ADAPTERS: dict[str, EngineAdapter] = {
-    a.name: a for a in (LlamaCppEngine(), VllmEngine(), SglangEngine())
+    a.name: a for a in (LlamaCppEngine(), VllmEngine(), SglangEngine(), EmulatorEngine())
 }
 
 

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from gpufleet.engines.metrics import EngineLoad
 from gpufleet.spec import ModelSpec
 
-__all__ = ["EngineAdapter", "Launch", "ReadinessProbe"]
+__all__ = ["LOCAL", "EngineAdapter", "Launch", "Placement", "ReadinessProbe"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,21 @@ class Launch:
     stop_grace_s: float = 10.0
 
 
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a replica runs, as the planner decided. The default is "this machine, no GPU"."""
+
+    node: str = "local"
+    gpu_type: str | None = None
+    gpu_indices: tuple[int, ...] = ()
+    #: Share of each GPU's memory the engine may claim (vLLM's --gpu-memory-utilization).
+    memory_fraction: float | None = None
+    mig_profile: str | None = None
+
+
+LOCAL = Placement()
+
+
 class EngineAdapter(Protocol):
     name: str
 
@@ -46,5 +62,15 @@ class EngineAdapter(Protocol):
         """None when this engine can run here, else why not and how to fix it."""
 
     def launch(
-        self, spec: ModelSpec, *, weights: Path, served_name: str, host: str, port: int
+        self,
+        spec: ModelSpec,
+        *,
+        weights: Path,
+        served_name: str,
+        host: str,
+        port: int,
+        placement: Placement = ...,
     ) -> Launch: ...
+
+    def parse_metrics(self, text: str) -> EngineLoad | None:
+        """The engine's ``/metrics`` text as common load signals; None if it has none."""

@@ -14,7 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from gpufleet.engines.base import Launch, ReadinessProbe
+from gpufleet.engines.base import LOCAL, Launch, Placement, ReadinessProbe
+from gpufleet.engines.metrics import EngineLoad
 from gpufleet.spec import ModelSpec
 
 __all__ = ["LlamaCppEngine"]
@@ -29,7 +30,14 @@ class LlamaCppEngine:
         return None
 
     def launch(
-        self, spec: ModelSpec, *, weights: Path, served_name: str, host: str, port: int
+        self,
+        spec: ModelSpec,
+        *,
+        weights: Path,
+        served_name: str,
+        host: str,
+        port: int,
+        placement: Placement = LOCAL,
     ) -> Launch:
         if weights.is_dir():
             ggufs = sorted(weights.glob("*.gguf"))
@@ -52,7 +60,17 @@ class LlamaCppEngine:
         argv += spec.engine_args
         return Launch(
             argv=tuple(argv),
+            env=_visible_devices(placement),
             readiness=ReadinessProbe("GET", "/v1/models", timeout_s=120.0),
             metrics_path=None,
             stop_grace_s=5.0,
         )
+
+    def parse_metrics(self, text: str) -> EngineLoad | None:
+        return None  # llama-cpp-python's server has no /metrics
+
+
+def _visible_devices(placement: Placement) -> dict[str, str]:
+    if not placement.gpu_indices:
+        return {}
+    return {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in placement.gpu_indices)}

@@ -6,7 +6,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from gpufleet.engines.base import Launch, ReadinessProbe
+from gpufleet.engines.base import LOCAL, Launch, Placement, ReadinessProbe
+from gpufleet.engines.metrics import EngineLoad, parse_sglang
 from gpufleet.spec import ModelSpec
 
 __all__ = ["SglangEngine"]
@@ -21,7 +22,14 @@ class SglangEngine:
         return None
 
     def launch(
-        self, spec: ModelSpec, *, weights: Path, served_name: str, host: str, port: int
+        self,
+        spec: ModelSpec,
+        *,
+        weights: Path,
+        served_name: str,
+        host: str,
+        port: int,
+        placement: Placement = LOCAL,
     ) -> Launch:
         argv = [
             sys.executable, "-m", "sglang.launch_server",
@@ -31,12 +39,21 @@ class SglangEngine:
             "--port", str(port),
             "--context-length", str(spec.context_length),
         ]  # fmt: skip
-        if spec.resources.gpus > 1:
-            argv += ["--tp-size", str(spec.resources.gpus)]
+        tp = len(placement.gpu_indices) or spec.resources.gpus
+        if tp > 1:
+            argv += ["--tp-size", str(tp)]
+        if placement.memory_fraction is not None:
+            argv += ["--mem-fraction-static", f"{placement.memory_fraction:.3f}"]
         argv += spec.engine_args
         return Launch(
             argv=tuple(argv),
             readiness=ReadinessProbe("GET", "/health_generate", timeout_s=900.0),
             metrics_path="/metrics",
+            env={"CUDA_VISIBLE_DEVICES": ",".join(map(str, placement.gpu_indices))}
+            if placement.gpu_indices
+            else {},
             stop_grace_s=20.0,
         )
+
+    def parse_metrics(self, text: str) -> EngineLoad | None:
+        return parse_sglang(text)

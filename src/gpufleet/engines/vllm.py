@@ -13,7 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from gpufleet.engines.base import Launch, ReadinessProbe
+from gpufleet.engines.base import LOCAL, Launch, Placement, ReadinessProbe
+from gpufleet.engines.metrics import EngineLoad, parse_vllm
 from gpufleet.spec import ModelSpec
 
 __all__ = ["VllmEngine"]
@@ -28,7 +29,14 @@ class VllmEngine:
         return None
 
     def launch(
-        self, spec: ModelSpec, *, weights: Path, served_name: str, host: str, port: int
+        self,
+        spec: ModelSpec,
+        *,
+        weights: Path,
+        served_name: str,
+        host: str,
+        port: int,
+        placement: Placement = LOCAL,
     ) -> Launch:
         argv = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -38,14 +46,25 @@ class VllmEngine:
             "--port", str(port),
             "--max-model-len", str(spec.context_length),
         ]  # fmt: skip
-        if spec.resources.gpus > 1:
-            argv += ["--tensor-parallel-size", str(spec.resources.gpus)]
+        tp = len(placement.gpu_indices) or spec.resources.gpus
+        if tp > 1:
+            argv += ["--tensor-parallel-size", str(tp)]
+        if placement.memory_fraction is not None:
+            argv += ["--gpu-memory-utilization", f"{placement.memory_fraction:.3f}"]
+        if "--no-enable-prefix-caching" not in spec.engine_args:
+            argv += ["--enable-prefix-caching"]
         argv += spec.engine_args
+        env = {"HF_HUB_OFFLINE": "1"}
+        if placement.gpu_indices:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in placement.gpu_indices)
         probe = json.dumps({"model": served_name, "prompt": "ok", "max_tokens": 1}).encode()
         return Launch(
             argv=tuple(argv),
-            env={"HF_HUB_OFFLINE": "1"},
+            env=env,
             readiness=ReadinessProbe("POST", "/v1/completions", probe, timeout_s=900.0),
             metrics_path="/metrics",
             stop_grace_s=20.0,
         )
+
+    def parse_metrics(self, text: str) -> EngineLoad | None:
+        return parse_vllm(text)

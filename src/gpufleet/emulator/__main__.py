@@ -1,0 +1,3 @@
+from gpufleet.emulator.main import main
+
+main()
