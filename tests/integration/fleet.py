@@ -67,7 +67,13 @@ def gpufleet(
     )
 
 
-def start_fleet(data_dir: Path, *files: Path, port: int | None = None) -> Fleet:
+def start_fleet(
+    data_dir: Path,
+    *files: Path,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = READY_TIMEOUT_S,
+) -> Fleet:
     port = port or free_port()
     args = [
         sys.executable,
@@ -88,10 +94,10 @@ def start_fleet(data_dir: Path, *files: Path, port: int | None = None) -> Fleet:
         stdout=subprocess.PIPE,
         stderr=stderr_path.open("w"),
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     assert proc.stdout is not None
-    deadline = time.monotonic() + READY_TIMEOUT_S
+    deadline = time.monotonic() + timeout
     line = ""
     while time.monotonic() < deadline:
         line = proc.stdout.readline()

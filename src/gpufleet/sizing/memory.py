@@ -39,13 +39,14 @@ GiB = 1 << 30
 # vllm/sglang: CUDA context (~0.5 GiB), activation peak of the profiling run and captured CUDA
 #   graphs; REFERENCE.md puts it at 1–3 GiB per GPU for vLLM, and SGLang's layout is the same
 #   (torch + CUDA graphs), so both take the middle, 2 GiB.
-# llamacpp: ~150 MiB of CUDA context and cuBLAS workspace plus the compute buffer llama.cpp logs
-#   at load ("compute buffer size"), a few hundred MiB for 7B-class models at 4–8k context.
+# llamacpp: measured (bench/sizing_vs_reality.py, SmolLM2 on CPU, contexts 512–8192): the
+#   replica process holds weights + KV + a constant ~128 MiB — ~68 MiB of Python and the server,
+#   ~60 MiB of llama.cpp buffers. On a GPU add the CUDA context (~0.3–0.5 GiB), not measured here.
 # emulator: a CPU process pretending to be an engine; it holds no GPU memory.
 ENGINE_OVERHEAD_BYTES: dict[str, int] = {
     "vllm": 2 * GiB,
     "sglang": 2 * GiB,
-    "llamacpp": 150 * MiB + 256 * MiB,
+    "llamacpp": 128 * MiB,
     "emulator": 0,
 }
 
