@@ -20,6 +20,7 @@ from gpufleet.spec.resources import (
     Metadata,
     Model,
     ModelSpec,
+    PlacementPolicy,
     Replicas,
     Resources,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "Model",
     "ModelSpec",
     "NodeSpec",
+    "PlacementPolicy",
     "Replicas",
     "Resources",
     "Source",

@@ -32,6 +32,7 @@ __all__ = [
     "Metadata",
     "Model",
     "ModelSpec",
+    "PlacementPolicy",
     "Replicas",
     "Resources",
 ]
@@ -117,6 +118,14 @@ class Replicas(_Resource):
         return self
 
 
+class PlacementPolicy(_Resource):
+    #: memory: share GPUs by memory (several models per card); mig: a MIG instance of its own;
+    #: exclusive: whole GPUs, unshared.
+    sharing: Literal["memory", "mig", "exclusive"] = "memory"
+    #: Replicas on different nodes: preferred, required, or none.
+    spread: Literal["preferred", "required", "none"] = "preferred"
+
+
 class ModelSpec(_Resource):
     source: Annotated[str, AfterValidator(_source)]
     engine: EngineName = "llamacpp"
@@ -124,6 +133,7 @@ class ModelSpec(_Resource):
     resources: Resources = Field(default_factory=Resources)
     replicas: Replicas = Field(default_factory=Replicas)
     priority_class: DnsName = "interactive"
+    placement: PlacementPolicy = Field(default_factory=PlacementPolicy)
     #: Serve ``/v1/embeddings`` from this model as well as generation.
     embeddings: bool = False
     #: Extra command-line arguments handed to the engine unchanged.

@@ -1,0 +1,139 @@
+"""The planner's inputs and outputs: plain frozen values, so the simulator can call it unchanged."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "DEFAULT_PRIORITIES",
+    "Deployment",
+    "Eviction",
+    "MigRelayout",
+    "Migration",
+    "Placement",
+    "Plan",
+    "PlanSettings",
+    "ReplicaKey",
+    "Unplaced",
+]
+
+Sharing = Literal["memory", "mig", "exclusive"]
+Spread = Literal["preferred", "required", "none"]
+
+DEFAULT_PRIORITIES: Mapping[str, int] = {"interactive": 100, "batch": 50, "best-effort": 10}
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """A model to place: how many replicas, and what one needs per GPU at each TP degree.
+
+    ``memory_per_gpu`` maps a tensor-parallel degree to the bytes each of its GPUs must give
+    (from ``gpufleet.sizing``); a degree of 0 means a CPU replica needing that much node memory.
+    """
+
+    name: str
+    replicas: int
+    memory_per_gpu: Mapping[int, int]
+    priority: int = 100
+    priority_class: str = "interactive"
+    #: Allowed GPU types, most preferred first; empty allows any.
+    gpu_types: tuple[str, ...] = ()
+    #: memory: share whole GPUs by memory; mig: a MIG instance of its own; exclusive: whole GPUs alone.
+    sharing: Sharing = "memory"
+    #: Replicas of one deployment on different nodes: preferred (soft), required (hard) or none.
+    spread: Spread = "preferred"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ReplicaKey:
+    deployment: str
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.deployment}#{self.index}"
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    replica: ReplicaKey
+    node: str
+    gpus: tuple[int, ...]  # GPU indices on the node; () for a CPU replica
+    gpu_type: str | None
+    memory_per_gpu: int
+    #: The engine's share of each GPU's memory (vLLM's --gpu-memory-utilization).
+    memory_fraction: float
+    mig_profile: str | None = None
+    mig_instance: int | None = None
+    time_slice: int | None = None
+
+    @property
+    def tp(self) -> int:
+        return len(self.gpus)
+
+    def where(self) -> str:
+        gpus = ",".join(str(g) for g in self.gpus)
+        base = f"{self.node}/gpu-{gpus}" if self.gpus else f"{self.node}/cpu"
+        if self.mig_profile is not None:
+            base += f"/mig-{self.mig_instance}:{self.mig_profile}"
+        if self.time_slice is not None:
+            base += f"/slice-{self.time_slice}"
+        return base
+
+
+@dataclass(frozen=True, slots=True)
+class Eviction:
+    placement: Placement
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    before: Placement
+    after: Placement
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class MigRelayout:
+    node: str
+    gpu: int
+    layout: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unplaced:
+    replica: ReplicaKey
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PlanSettings:
+    #: Share of each GPU's memory the planner hands out (the rest is headroom for compute spikes).
+    memory_headroom: float = 0.9
+    #: Engines sharing one whole GPU at most (compute headroom so busy models don't starve).
+    max_replicas_per_gpu: int = 4
+    defragment: bool = True
+    #: GPUs a set of migrations must free before it is worth moving running replicas.
+    min_gpus_freed: int = 1
+    #: The optimising pass runs on instances up to this many replicas (TP 1, no MIG) ...
+    optimise_max_replicas: int = 60
+    #: ... for at most this long.
+    optimise_time_limit_s: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    placements: tuple[Placement, ...]
+    evictions: tuple[Eviction, ...] = ()
+    migrations: tuple[Migration, ...] = ()
+    relayouts: tuple[MigRelayout, ...] = ()
+    unplaced: tuple[Unplaced, ...] = ()
+    gpus_used: int = 0
+    gpus_total: int = 0
+    #: Memory handed out / memory of the GPUs in use.
+    memory_utilisation: float = 0.0
+    solver: str = "heuristic"
+    notes: tuple[str, ...] = field(default_factory=tuple)
