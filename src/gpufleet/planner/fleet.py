@@ -62,6 +62,7 @@ class Fleet:
         self.catalog = catalog
         self._free: dict[str, list[tuple[int, str, int]]] = {}
         self._lookup: dict[tuple[str, int], Gpu] = {}
+        self._shapes: dict[str, tuple[tuple[str, int, int, bool], ...]] = {}
         self.gpus: list[Gpu] = []
         self.by_node: dict[str, list[Gpu]] = {}
         self.cached: dict[str, frozenset[str]] = {}
@@ -96,6 +97,15 @@ class Fleet:
             self.cached[node.name] = frozenset(node.cached_models)
             self.node_memory_free[node.name] = node.memory
             self.node_replicas[node.name] = {}
+        #: Nodes holding at least one replica, sorted; the rest are empty.
+        self.busy_nodes: list[str] = []
+        self._empty_by_shape: dict[tuple[tuple[str, int, int, bool], ...], list[str]] = {}
+        for name in self.by_node:
+            self._empty_by_shape.setdefault(self.node_shape(name), []).append(name)
+        #: Models whose weights some node holds (a node lacking them only loses if another has them).
+        self.cached_anywhere: frozenset[str] = (
+            frozenset().union(*self.cached.values()) if self.cached else frozenset()
+        )
         for gpu in self.gpus:
             if gpu.layout is None:
                 self._free.setdefault(gpu.type, []).append(gpu.sort_key())
@@ -117,6 +127,16 @@ class Fleet:
             _, node, index = entries[i]
             yield self._lookup[(node, index)]
 
+    def node_shape(self, node: str) -> tuple[tuple[str, int, int, bool], ...]:
+        """What an empty node offers, for telling identical empty nodes apart cheaply."""
+        shape = self._shapes.get(node)
+        if shape is None:
+            shape = tuple(
+                (g.type, g.usable, g.max_replicas, g.layout is None) for g in self.by_node[node]
+            )
+            self._shapes[node] = shape
+        return shape
+
     def gpus_used(self) -> int:
         return sum(1 for g in self.gpus if g.in_use)
 
@@ -134,6 +154,15 @@ class Fleet:
     def set_layout(self, gpu: Gpu, layout: list[str], acc: Accelerator) -> None:
         """Carve ``gpu`` into MIG instances (it leaves the whole-GPU index)."""
         self._reindex(gpu, remove_only=True)
+        old_shape = self._shapes.pop(gpu.node, None)
+        if old_shape is not None and hasattr(self, "_empty_by_shape"):
+            group = self._empty_by_shape.get(old_shape, [])
+            if gpu.node in group:
+                group.remove(gpu.node)
+                gpu.layout = layout
+                bisect.insort(
+                    self._empty_by_shape.setdefault(self.node_shape(gpu.node), []), gpu.node
+                )
         gpu.layout = layout
         gpu.instance_memory = [p.memory_bytes for p in (acc.mig_profile(n) for n in layout) if p]
         gpu.instance_owner = [None] * len(layout)
@@ -156,6 +185,8 @@ class Fleet:
             if free is not None:
                 self.node_memory_free[placement.node] = free - placement.memory_per_gpu
         counts = self.node_replicas[placement.node]
+        if not counts:
+            self._set_busy(placement.node, busy=True)
         counts[key.deployment] = counts.get(key.deployment, 0) + 1
         self.placements[key] = placement
 
@@ -180,7 +211,27 @@ class Fleet:
         counts[key.deployment] -= 1
         if not counts[key.deployment]:
             del counts[key.deployment]
+        if not counts:
+            self._set_busy(placement.node, busy=False)
         return placement
+
+    def empty_nodes(self) -> dict[tuple[tuple[str, int, int, bool], ...], list[str]]:
+        """Empty nodes grouped by what they offer, each group sorted by name."""
+        return self._empty_by_shape
+
+    def _set_busy(self, node: str, *, busy: bool) -> None:
+        shape = self.node_shape(node)
+        empties = self._empty_by_shape.setdefault(shape, [])
+        if busy:
+            i = bisect.bisect_left(empties, node)
+            if i < len(empties) and empties[i] == node:
+                del empties[i]
+            bisect.insort(self.busy_nodes, node)
+        else:
+            i = bisect.bisect_left(self.busy_nodes, node)
+            if i < len(self.busy_nodes) and self.busy_nodes[i] == node:
+                del self.busy_nodes[i]
+            bisect.insort(empties, node)
 
     def _reindex(self, gpu: Gpu, *, remove_only: bool = False) -> None:
         if gpu.layout is not None:

@@ -73,7 +73,8 @@ def optimise(
         rows[n_r + j, n_x + j] = -g.usable
         rows[n_r + n_g + j, n_x + j] = -g.max_replicas
         lower[n_r + j] = lower[n_r + n_g + j] = -np.inf
-    cost = np.concatenate([np.zeros(n_x), np.ones(n_g) + np.arange(n_g) * 1e-6])
+    # An integral objective lets HiGHS round its LP bound up and prove optimality early.
+    cost = np.concatenate([np.zeros(n_x), np.ones(n_g)])
     upper_bounds = np.ones(n_x + n_g)
     for i in range(n_r):
         for j in range(n_g):

@@ -84,7 +84,7 @@ class Placer:
         # Two replicas of one model on one GPU buy no redundancy: avoided before anything else.
         twin = sum(1 for r in gpu.replicas if r.deployment == dep.name)
         spread = self.fleet.on_node(gpu.node, dep.name) if dep.spread == "preferred" else 0
-        cached = 0 if dep.name in self.fleet.cached[gpu.node] else 1
+        cached = self._uncached(gpu.node, dep)
         return (
             twin,
             0 if gpu.in_use else 1,
@@ -94,6 +94,11 @@ class Placer:
             gpu.free,
             gpu.node,
             gpu.index,
+        )
+
+    def _uncached(self, node: str, dep: Deployment) -> int:
+        return int(
+            dep.name in self.fleet.cached_anywhere and dep.name not in self.fleet.cached[node]
         )
 
     def _single(
@@ -139,7 +144,8 @@ class Placer:
         exclude: frozenset[tuple[str, int]],
     ) -> Placement | None:
         best: tuple[tuple[int, int, int, int, int, str], list[Gpu]] | None = None
-        for node, gpus in self.fleet.by_node.items():
+        for node in self._group_candidates(dep, allow_empty=allow_empty):
+            gpus = self.fleet.by_node[node]
             on_node = self.fleet.on_node(node, dep.name)
             if dep.spread == "required" and on_node:
                 continue
@@ -159,7 +165,7 @@ class Placer:
                 score = (
                     sum(0 if g.in_use else 1 for g in chosen),
                     on_node if dep.spread == "preferred" else 0,
-                    0 if dep.name in self.fleet.cached[node] else 1,
+                    self._uncached(node, dep),
                     dep.gpu_types.index(gpu_type) if gpu_type in dep.gpu_types else 0,
                     sum(g.free for g in chosen),
                     node,
@@ -170,6 +176,20 @@ class Placer:
             return None
         gpus = sorted(best[1], key=lambda g: g.index)
         return self.make(key, gpus, need, exclusive=dep.sharing == "exclusive")
+
+    def _group_candidates(self, dep: Deployment, *, allow_empty: bool) -> list[str]:
+        """Nodes in use, plus the first empty node of each kind: an empty node identical to an
+        earlier one cannot score better (names break ties), so the rest need no look."""
+        nodes = list(self.fleet.busy_nodes)
+        if allow_empty:
+            for group in self.fleet.empty_nodes().values():
+                firsts: dict[int, str] = {}
+                for node in group:
+                    firsts.setdefault(self._uncached(node, dep), node)
+                    if len(firsts) == 2 or dep.name not in self.fleet.cached_anywhere:
+                        break
+                nodes.extend(firsts.values())
+        return sorted(nodes)
 
     def _mig(
         self, key: ReplicaKey, dep: Deployment, need: int, *, allow_empty: bool

@@ -16,6 +16,7 @@ is over sorted names.
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Iterable, Mapping
 
 from gpufleet.hardware import CATALOG, Accelerator
@@ -50,13 +51,37 @@ def plan(
     deps = {d.name: d for d in sorted(deployments, key=lambda d: d.name)}
     result = _Planning(inventory, deps, list(current), settings, catalog)
     heuristic = result.run()
-    if _optimisable(deps, heuristic, list(current), settings):
+    if _optimisable(
+        deps, heuristic, list(current), settings
+    ) and heuristic.gpus_used > _lower_bound(deps, settings, inventory, catalog):
         from gpufleet.planner.optimise import optimise
 
         better = optimise(inventory, deps, settings, catalog, heuristic)
         if better is not None and better.gpus_used < heuristic.gpus_used:
             return better
     return heuristic
+
+
+def _lower_bound(
+    deps: Mapping[str, Deployment],
+    settings: PlanSettings,
+    inventory: Inventory,
+    catalog: Mapping[str, Accelerator],
+) -> int:
+    """GPUs any plan of these TP-1 replicas needs: memory volume, engine count, big replicas."""
+    fleet = Fleet(inventory, settings, catalog)
+    whole = [g for g in fleet.gpus if g.layout is None]
+    if not whole:
+        return 0
+    usable = max(g.usable for g in whole)
+    slots = max(g.max_replicas for g in whole)
+    needs = [d.memory_per_gpu[1] for d in deps.values() for _ in range(d.replicas)]
+    return max(
+        math.ceil(sum(needs) / usable),
+        math.ceil(len(needs) / slots),
+        sum(1 for n in needs if n * 2 > usable),
+        max((d.replicas for d in deps.values()), default=0),  # twins never share a GPU
+    )
 
 
 def _optimisable(
