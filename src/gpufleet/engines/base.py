@@ -51,6 +51,12 @@ class Placement:
     memory_fraction: float | None = None
     mig_profile: str | None = None
 
+    def device_env(self) -> dict[str, str]:
+        """The environment that shows an engine process only its planned GPUs."""
+        if not self.gpu_indices:
+            return {}
+        return {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in self.gpu_indices)}
+
 
 LOCAL = Placement()
 

@@ -60,7 +60,7 @@ class LlamaCppEngine:
         argv += spec.engine_args
         return Launch(
             argv=tuple(argv),
-            env=_visible_devices(placement),
+            env=placement.device_env(),
             readiness=ReadinessProbe("GET", "/v1/models", timeout_s=120.0),
             metrics_path=None,
             stop_grace_s=5.0,
@@ -68,9 +68,3 @@ class LlamaCppEngine:
 
     def parse_metrics(self, text: str) -> EngineLoad | None:
         return None  # llama-cpp-python's server has no /metrics
-
-
-def _visible_devices(placement: Placement) -> dict[str, str]:
-    if not placement.gpu_indices:
-        return {}
-    return {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in placement.gpu_indices)}

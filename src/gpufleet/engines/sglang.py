@@ -49,9 +49,7 @@ class SglangEngine:
             argv=tuple(argv),
             readiness=ReadinessProbe("GET", "/health_generate", timeout_s=900.0),
             metrics_path="/metrics",
-            env={"CUDA_VISIBLE_DEVICES": ",".join(map(str, placement.gpu_indices))}
-            if placement.gpu_indices
-            else {},
+            env=placement.device_env(),
             stop_grace_s=20.0,
         )
 

@@ -69,9 +69,7 @@ class VllmEngine:
         if "--no-enable-prefix-caching" not in spec.engine_args:
             argv += ["--enable-prefix-caching"]
         argv += spec.engine_args
-        env = {"HF_HUB_OFFLINE": "1"}
-        if placement.gpu_indices:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in placement.gpu_indices)
+        env = {"HF_HUB_OFFLINE": "1", **placement.device_env()}
         probe = json.dumps({"model": served_name, "prompt": "ok", "max_tokens": 1}).encode()
         return Launch(
             argv=tuple(argv),
