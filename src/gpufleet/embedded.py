@@ -24,6 +24,7 @@ import uvicorn
 from gpufleet.controller import Controller
 from gpufleet.errors import PermanentError
 from gpufleet.gateway import GatewaySettings, build_app
+from gpufleet.gateway.scraper import EngineScraper
 from gpufleet.runtime.local import LocalRuntime
 from gpufleet.spec import API_VERSION, Model, parse_document
 from gpufleet.store import Store, sqlite_url
@@ -96,10 +97,12 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
             timeout_graceful_shutdown=5,
         )
     )
+    scraper = EngineScraper(controller.directory, app.state.upstream)
     previous = _route_signals(server)
     announcer: asyncio.Task[None] | None = None
     try:
         await controller.start()
+        scraper.start()
         models = cfg.models
         if not models and not controller.directory.entries():
             models = [DEFAULT_MODEL]
@@ -117,6 +120,7 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
             with contextlib.suppress(asyncio.CancelledError):
                 await announcer
         log.info("stopping: waiting for engines to exit")
+        await scraper.close()
         await controller.stop()
         await runtime.close()
         await app.state.upstream.close()

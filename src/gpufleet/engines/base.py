@@ -63,6 +63,8 @@ LOCAL = Placement()
 
 class EngineAdapter(Protocol):
     name: str
+    #: Where the engine serves Prometheus metrics, if it does.
+    metrics_path: str | None
 
     def unavailable_reason(self) -> str | None:
         """None when this engine can run here, else why not and how to fix it."""

@@ -19,6 +19,7 @@ __all__ = ["EmulatorEngine"]
 
 class EmulatorEngine:
     name = "emulator"
+    metrics_path: str | None = "/metrics"
 
     def unavailable_reason(self) -> str | None:
         return None  # part of gpufleet itself

@@ -23,6 +23,7 @@ __all__ = ["LlamaCppEngine"]
 
 class LlamaCppEngine:
     name = "llamacpp"
+    metrics_path: str | None = None
 
     def unavailable_reason(self) -> str | None:
         if importlib.util.find_spec("llama_cpp") is None:

@@ -15,6 +15,7 @@ __all__ = ["SglangEngine"]
 
 class SglangEngine:
     name = "sglang"
+    metrics_path: str | None = "/metrics"
 
     def unavailable_reason(self) -> str | None:
         if importlib.util.find_spec("sglang") is None:

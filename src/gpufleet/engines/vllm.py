@@ -32,6 +32,7 @@ def engine_python() -> str:
 
 class VllmEngine:
     name = "vllm"
+    metrics_path: str | None = "/metrics"
 
     def unavailable_reason(self) -> str | None:
         python = engine_python()

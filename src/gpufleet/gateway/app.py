@@ -29,6 +29,7 @@ from gpufleet.gateway.errors import ApiError, bad_request, error_response, model
 from gpufleet.gateway.metrics import GatewayMetrics
 from gpufleet.gateway.proxy import Upstream
 from gpufleet.gateway.validate import check_chat, check_completion, check_embeddings, parse_body
+from gpufleet.routing import features_of
 from gpufleet.runtime import Phase
 
 __all__ = ["GatewaySettings", "build_app"]
@@ -123,12 +124,14 @@ def build_app(
                     param="model",
                     code="model_not_supported",
                 )
+            session = request.headers.get(entry.spec.routing.session_header)
             return await upstream.forward(
                 entry,
                 route,
                 raw,
                 stream=data.get("stream") is True,
                 request_id=request.scope["state"]["request_id"],
+                features=features_of(data, session),
             )
 
         return handler

@@ -1,15 +1,15 @@
 """Forwarding requests to engine replicas, streams chunk by chunk.
 
-The body is forwarded as the client sent it (no re-serialisation). A replica is chosen by
-least outstanding requests counted here — the gateway's own count is the freshest signal there
-is — with round-robin among ties. A request that fails before any byte reached the client
+The body is forwarded as the client sent it (no re-serialisation). The model's routing policy
+(``gpufleet.routing``, ``spec.routing.policy``) chooses among ready replicas from the gateway's
+own counts — requests in flight and prompt tokens still to prefill, the freshest signals there
+are — and the engines' scraped metrics. A request that fails before any byte reached the client
 (connection refused or reset, engine 502/503) is retried on another ready replica; a stream
 that breaks after its first byte ends with an OpenAI-shaped error event and a clean close.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -19,8 +19,11 @@ import aiohttp
 from starlette.responses import Response, StreamingResponse
 
 from gpufleet.controller import ModelEntry
+from gpufleet.engines import EngineLoad
 from gpufleet.gateway.errors import ApiError, error_response, no_replica, sse_error, upstream_failed
 from gpufleet.gateway.metrics import GatewayMetrics
+from gpufleet.routing import Choice, Endpoint, RequestFeatures, RoutingPolicy, make_policy
+from gpufleet.routing.prefix import BLOCK_TOKENS as PREFIX_BLOCK_TOKENS
 from gpufleet.runtime import Replica
 
 __all__ = ["Upstream"]
@@ -38,7 +41,11 @@ class Upstream:
         self._connect_timeout = connect_timeout_s
         self._max_attempts = max_attempts
         self._in_flight: dict[str, int] = {}
-        self._rr = itertools.count()
+        self._backlog: dict[str, int] = {}
+        self._prefilling: dict[str, int] = {}
+        self._policies: dict[tuple[str, str], RoutingPolicy] = {}
+        #: Engine load by replica id, kept fresh by the metrics scraper.
+        self.loads: dict[str, EngineLoad] = {}
 
     async def close(self) -> None:
         if self._session is not None:
@@ -55,32 +62,75 @@ class Upstream:
             )
         return self._session
 
-    def pick(self, endpoints: tuple[Replica, ...], exclude: set[str]) -> Replica | None:
-        candidates = [r for r in endpoints if r.id not in exclude]
+    def policy(self, entry: ModelEntry) -> RoutingPolicy:
+        key = (entry.name, entry.spec.routing.policy)
+        policy = self._policies.get(key)
+        if policy is None:
+            policy = self._policies[key] = make_policy(entry.spec.routing.policy)
+        return policy
+
+    def forget(self, replica_id: str) -> None:
+        """A replica is gone: drop what routing learnt about it."""
+        self.loads.pop(replica_id, None)
+        for policy in self._policies.values():
+            policy.forget(replica_id)
+
+    def pick(
+        self, entry: ModelEntry, features: RequestFeatures, exclude: set[str]
+    ) -> tuple[Replica, Choice] | None:
+        candidates = {r.id: r for r in entry.endpoints if r.id not in exclude}
         if not candidates:
             return None
-        least = min(self._in_flight.get(r.id, 0) for r in candidates)
-        tied = [r for r in candidates if self._in_flight.get(r.id, 0) == least]
-        return tied[next(self._rr) % len(tied)]
+        idle = EngineLoad()
+        states = []
+        for rid in candidates:
+            load = self.loads.get(rid, idle)
+            states.append(
+                Endpoint(
+                    rid,
+                    in_flight=self._in_flight.get(rid, 0),
+                    backlog_tokens=self._backlog.get(rid, 0),
+                    prefilling=self._prefilling.get(rid, 0),
+                    waiting=load.waiting,
+                    running=load.running,
+                    kv_usage=load.kv_usage,
+                )
+            )
+        policy = self.policy(entry)
+        choice = policy.pick(features, states, time.monotonic())
+        if choice is None or choice.endpoint not in candidates:
+            return None
+        policy.record(features, choice)
+        return candidates[choice.endpoint], choice
 
     async def forward(
-        self, entry: ModelEntry, route: str, body: bytes, *, stream: bool, request_id: str
+        self,
+        entry: ModelEntry,
+        route: str,
+        body: bytes,
+        *,
+        stream: bool,
+        request_id: str,
+        features: RequestFeatures | None = None,
     ) -> Response:
+        features = features or RequestFeatures()
         started = time.perf_counter()
         tried: set[str] = set()
         last_error = ""
         headers = {"content-type": "application/json", "x-request-id": request_id}
         for _ in range(self._max_attempts):
-            replica = self.pick(entry.endpoints, tried)
-            if replica is None:
+            picked = self.pick(entry, features, tried)
+            if picked is None:
                 break
+            replica, choice = picked
             tried.add(replica.id)
-            self._acquire(replica, entry.name)
+            prefill = max(0, features.prompt_tokens - choice.cached_blocks * PREFIX_BLOCK_TOKENS)
+            self._acquire(replica, entry.name, prefill)
             released = False
             try:
                 resp = await self._http().post(f"{replica.url}{route}", data=body, headers=headers)
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                self._release(replica, entry.name)
+                self._release(replica, entry.name, prefill)
                 last_error = f"{type(exc).__name__}: {exc}"
                 self._metrics.upstream_errors.labels(entry.name, "connect").inc()
                 continue
@@ -91,7 +141,7 @@ class Upstream:
                     continue
                 if stream and resp.status == 200:
                     released = True  # the stream releases when it ends
-                    return self._stream(entry, route, replica, resp, started)
+                    return self._stream(entry, route, replica, resp, started, prefill)
                 payload = await resp.read()
                 return self._finish(entry, route, resp, payload, started)
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -100,7 +150,7 @@ class Upstream:
             finally:
                 if not released:
                     resp.release()
-                    self._release(replica, entry.name)
+                    self._release(replica, entry.name, prefill)
         if last_error:
             raise upstream_failed(entry.name, f"{last_error} (tried {len(tried)} replica(s))")
         detail = entry.problem or (
@@ -133,6 +183,7 @@ class Upstream:
         replica: Replica,
         resp: aiohttp.ClientResponse,
         started: float,
+        prefill: int,
     ) -> Response:
         metrics = self._metrics
 
@@ -143,6 +194,7 @@ class Upstream:
                 async for chunk in resp.content.iter_any():
                     if first:
                         metrics.ttft.labels(entry.name).observe(time.perf_counter() - started)
+                        self._prefilled(replica, prefill)
                         first = False
                     yield chunk
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -153,7 +205,7 @@ class Upstream:
                 )
             finally:
                 resp.release()
-                self._release(replica, entry.name)
+                self._release(replica, entry.name, None if not first else prefill)
                 self._observe(entry.name, route, status, started)
 
         return StreamingResponse(
@@ -162,11 +214,29 @@ class Upstream:
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
         )
 
-    def _acquire(self, replica: Replica, model: str) -> None:
+    def _acquire(self, replica: Replica, model: str, prefill: int) -> None:
         self._in_flight[replica.id] = self._in_flight.get(replica.id, 0) + 1
+        self._backlog[replica.id] = self._backlog.get(replica.id, 0) + prefill
+        self._prefilling[replica.id] = self._prefilling.get(replica.id, 0) + 1
         self._metrics.in_flight.labels(model).inc()
 
-    def _release(self, replica: Replica, model: str) -> None:
+    def _prefilled(self, replica: Replica, prefill: int) -> None:
+        """The request's first token arrived: it no longer waits on prefill."""
+        left = self._backlog.get(replica.id, 0) - prefill
+        if left > 0:
+            self._backlog[replica.id] = left
+        else:
+            self._backlog.pop(replica.id, None)
+        waiting = self._prefilling.get(replica.id, 0) - 1
+        if waiting > 0:
+            self._prefilling[replica.id] = waiting
+        else:
+            self._prefilling.pop(replica.id, None)
+
+    def _release(self, replica: Replica, model: str, prefill: int | None) -> None:
+        """A request is done; ``prefill`` is what it still counted in the backlog (None: nothing)."""
+        if prefill is not None:
+            self._prefilled(replica, prefill)
         left = self._in_flight.get(replica.id, 1) - 1
         if left:
             self._in_flight[replica.id] = left

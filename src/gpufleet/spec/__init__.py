@@ -23,6 +23,8 @@ from gpufleet.spec.resources import (
     PlacementPolicy,
     Replicas,
     Resources,
+    RoutingPolicyName,
+    RoutingSpec,
 )
 from gpufleet.spec.source import BUNDLED_PACKAGES, Source, parse_source
 
@@ -42,6 +44,8 @@ __all__ = [
     "PlacementPolicy",
     "Replicas",
     "Resources",
+    "RoutingPolicyName",
+    "RoutingSpec",
     "Source",
     "format_bytes",
     "load_file",

@@ -35,6 +35,8 @@ __all__ = [
     "PlacementPolicy",
     "Replicas",
     "Resources",
+    "RoutingPolicyName",
+    "RoutingSpec",
 ]
 
 API_VERSION = "gpufleet.io/v1alpha1"
@@ -126,6 +128,19 @@ class PlacementPolicy(_Resource):
     spread: Literal["preferred", "required", "none"] = "preferred"
 
 
+#: Routing policies by name (gpufleet.routing registers the same names; a test keeps them equal).
+RoutingPolicyName = Literal[
+    "prefix", "least-outstanding", "power-of-two", "round-robin", "chwbl", "session"
+]
+
+
+class RoutingSpec(_Resource):
+    #: Which ready replica serves a request; "prefix" (cache-aware, spills when saturated) by default.
+    policy: RoutingPolicyName = "prefix"
+    #: Request header whose value keeps a session on one replica (policy "session").
+    session_header: str = "x-session-id"
+
+
 class ModelSpec(_Resource):
     source: Annotated[str, AfterValidator(_source)]
     engine: EngineName = "llamacpp"
@@ -134,6 +149,7 @@ class ModelSpec(_Resource):
     replicas: Replicas = Field(default_factory=Replicas)
     priority_class: DnsName = "interactive"
     placement: PlacementPolicy = Field(default_factory=PlacementPolicy)
+    routing: RoutingSpec = Field(default_factory=RoutingSpec)
     #: Serve ``/v1/embeddings`` from this model as well as generation.
     embeddings: bool = False
     #: Extra command-line arguments handed to the engine unchanged.

@@ -1,0 +1,33 @@
+"""Routing policies: which ready replica serves a request. Pure, named, registered plug-ins.
+
+The default is ``prefix`` (prefix-cache-aware with a saturation rule), chosen by the routing
+benchmark (bench/routing.py).
+"""
+
+from gpufleet.routing import chwbl, prefix, session, simple  # noqa: F401 - registers the policies
+from gpufleet.routing.base import (
+    POLICIES,
+    Choice,
+    Endpoint,
+    RequestFeatures,
+    RoutingPolicy,
+    make_policy,
+    register,
+)
+from gpufleet.routing.features import features_of, prompt_blocks, render
+
+__all__ = [
+    "DEFAULT_POLICY",
+    "POLICIES",
+    "Choice",
+    "Endpoint",
+    "RequestFeatures",
+    "RoutingPolicy",
+    "features_of",
+    "make_policy",
+    "prompt_blocks",
+    "register",
+    "render",
+]
+
+DEFAULT_POLICY = "prefix"

