@@ -20,7 +20,7 @@ from aiohttp import web
 
 from gpufleet.controller import Controller
 from gpufleet.gateway import GatewaySettings, build_app
-from gpufleet.runtime import ReplicaRequest
+from gpufleet.runtime import Phase, ReplicaRequest
 from gpufleet.runtime.fake import FakeRuntime
 from gpufleet.spec import Model, load_text
 from gpufleet.store import Store, sqlite_url
@@ -119,7 +119,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         [model(n) for n in ("m", "boom", "picky", "cut", "down")]
         + [model("embed", embeddings=True), model("half", replicas=2)]
     )
-    app = build_app(controller, settings=GatewaySettings(max_body_bytes=LIMIT))
+    app = build_app(controller, settings=GatewaySettings(max_body_bytes=LIMIT, hold_s=0.3))
     async with serving(app) as url, aiohttp.ClientSession() as http:
         async with asyncio.timeout(5):
             while any(not e.endpoints for e in controller.directory.entries()):
@@ -254,13 +254,49 @@ async def test_chunked_body_over_the_limit_is_413(env: Env) -> None:
         assert_openai_error(await resp.json(), code="request_too_large")
 
 
-async def test_no_ready_replica_is_503_with_retry_after(env: Env) -> None:
+async def test_no_ready_replica_is_held_then_503_with_retry_after(env: Env) -> None:
     env.runtime.auto_ready = False
     await env.controller.apply([model("cold")])
+    started = time.perf_counter()
     status, headers, payload = await env.post("/v1/chat/completions", {**CHAT, "model": "cold"})
+    assert time.perf_counter() - started >= 0.3  # held for the bound, not refused at once
     assert status == 503
-    assert headers["Retry-After"] == "2"
+    assert headers["Retry-After"] == "5"
     assert_openai_error(payload, code="no_ready_replica")
+    assert "none became ready within 0.3 s" in payload["error"]["message"]
+
+
+async def test_held_request_is_served_once_a_replica_is_ready(env: Env) -> None:
+    env.runtime.auto_ready = False
+    await env.controller.apply([model("warming")])
+    async with asyncio.timeout(2):
+        while not env.runtime.replicas("warming"):
+            await asyncio.sleep(0.01)
+    (replica,) = env.runtime.replicas("warming")
+
+    async def become_ready() -> None:
+        await asyncio.sleep(0.1)
+        env.runtime.set_phase(replica.id, Phase.READY)
+
+    ready = asyncio.create_task(become_ready())
+    status, _, payload = await env.post("/v1/chat/completions", {**CHAT, "model": "warming"})
+    await ready
+    assert status == 200 and payload["choices"][0]["message"]["content"] == "hi"
+
+
+async def test_model_that_cannot_start_is_refused_at_once(env: Env) -> None:
+    from gpufleet.errors import SourceError
+
+    env.runtime.fail_with = SourceError("weights missing")
+    await env.controller.apply([model("broken")])
+    async with asyncio.timeout(2):
+        while not env.controller.directory.get("broken").problem:  # type: ignore[union-attr]
+            await asyncio.sleep(0.01)
+    started = time.perf_counter()
+    status, headers, payload = await env.post("/v1/chat/completions", {**CHAT, "model": "broken"})
+    assert time.perf_counter() - started < 0.25
+    assert status == 503 and headers["Retry-After"] == "30"
+    assert "weights missing" in payload["error"]["message"]
 
 
 async def test_unreachable_engine_is_502(env: Env) -> None:

@@ -15,6 +15,7 @@ from gpufleet.emulator import EmulatedEngine, ReplicaServer
 from gpufleet.gateway import build_app
 from gpufleet.gateway.scraper import EngineScraper
 from gpufleet.hardware import CATALOG
+from gpufleet.runtime import ReplicaRequest
 from gpufleet.runtime.fake import FakeRuntime
 from gpufleet.sizing import load_architecture
 from gpufleet.sizing.performance import PerfModel
@@ -58,7 +59,15 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
     for server, port in zip(servers, ports, strict=True):
         await server.start("127.0.0.1", port)
     store = Store.open(sqlite_url(tmp_path))
-    runtime = FakeRuntime(lambda _r, i: f"http://127.0.0.1:{ports[(i - 1) % 3]}")
+    started: dict[str, int] = {}
+
+    def url_for(request: ReplicaRequest, _index: int) -> str:
+        """Each model's k-th replica is emulated replica k (all three models share them)."""
+        k = started.get(request.model, 0)
+        started[request.model] = k + 1
+        return f"http://127.0.0.1:{ports[k % 3]}"
+
+    runtime = FakeRuntime(url_for)
     controller = Controller(store, runtime, resync_s=3600)
     await controller.start()
     models = ""
@@ -121,3 +130,65 @@ async def test_scraper_reads_engine_load_and_forgets_gone_replicas(fleet: Fleet)
             await asyncio.sleep(0.01)
     await fleet.scraper.scrape_once()
     assert not set(replicas) & set(upstream.loads)
+
+
+async def test_replica_killed_mid_load_loses_no_plain_request(fleet: Fleet) -> None:
+    """One of three replicas dies while 30 requests are in flight: every non-streamed one is
+    answered (retried elsewhere), and the dead replica gets no traffic afterwards."""
+    for e in fleet.engines:
+        e.time_scale = 0.5  # ~100 ms per request, so the crash lands mid-flight
+    body = {
+        "model": "lor",
+        "max_tokens": 8,
+        "messages": [{"role": "user", "content": "hello there"}],
+    }
+
+    async def ask() -> int:
+        async with fleet.http.post(f"{fleet.url}/v1/chat/completions", json=body) as resp:
+            await resp.read()
+            return resp.status
+
+    tasks = [asyncio.create_task(ask()) for _ in range(30)]
+    await asyncio.sleep(0.05)
+    victim = fleet.controller.directory.get("lor").endpoints[0]  # type: ignore[union-attr]
+    async with fleet.http.post(f"{victim.url}/emulator/v1/crash") as resp:
+        assert resp.status == 202
+    statuses = await asyncio.gather(*tasks)
+    assert statuses == [200] * 30
+    dead = next(e for e in fleet.engines if e.crashed)
+    arrived = dead.arrived
+    assert all(s == 200 for s in await asyncio.gather(*(ask() for _ in range(12))))
+    assert dead.arrived == arrived  # ejected: nothing more was sent to it
+
+
+async def test_stream_cut_by_a_dying_replica_ends_with_an_error_event(fleet: Fleet) -> None:
+    for e in fleet.engines:
+        e.time_scale = 2.0
+    body = {
+        "model": "lor",
+        "max_tokens": 40,
+        "stream": True,
+        "messages": [{"role": "user", "content": "tell me"}],
+    }
+    first_chunk = asyncio.Event()
+
+    async def stream() -> str:
+        async with fleet.http.post(f"{fleet.url}/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200
+            out = b""
+            async for chunk in resp.content.iter_any():
+                out += chunk
+                first_chunk.set()
+            return out.decode()
+
+    tasks = [asyncio.create_task(stream()) for _ in range(3)]
+    async with asyncio.timeout(10):
+        await first_chunk.wait()
+    await asyncio.sleep(0.2)
+    victim = fleet.controller.directory.get("lor").endpoints[0]  # type: ignore[union-attr]
+    async with fleet.http.post(f"{victim.url}/emulator/v1/crash") as resp:
+        assert resp.status == 202
+    texts = await asyncio.gather(*tasks)
+    broken = [t for t in texts if not t.rstrip().endswith("data: [DONE]")]
+    assert len(broken) == 1, texts
+    assert '"type": "upstream_error"' in broken[0].strip().split("\n\n")[-1]

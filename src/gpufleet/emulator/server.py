@@ -7,6 +7,7 @@ what they are: ``system_fingerprint: gpufleet-emulator`` and an ``x-gpufleet-emu
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -166,6 +167,8 @@ class ReplicaServer:
         self.app.router.add_get("/metrics", self._prometheus)
         self.app.router.add_get("/emulator/v1/faults", self._get_faults)
         self.app.router.add_put("/emulator/v1/faults", self._put_faults)
+        self.app.router.add_post("/emulator/v1/crash", self._crash_now)
+        self._open: set[asyncio.BaseTransport] = set()
 
     async def _health(self, _: web.Request) -> web.Response:
         if not self.engine.ready:
@@ -191,6 +194,11 @@ class ReplicaServer:
 
     async def _prometheus(self, _: web.Request) -> web.Response:
         return web.Response(text=self.exposition(), content_type="text/plain", headers=_HEADERS)
+
+    async def _crash_now(self, request: web.Request) -> web.Response:
+        """Die now, as a killed engine would: every connection drops, no answer is sent."""
+        asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.crash()))
+        return web.Response(status=202, text="crashing")
 
     async def _get_faults(self, _: web.Request) -> web.Response:
         return web.json_response(self.engine.faults.__dict__)
@@ -233,6 +241,21 @@ class ReplicaServer:
         return body if isinstance(body, dict) else _error(400, "body must be a JSON object")
 
     async def _serve(
+        self, request: web.Request, body: dict[str, Any], text: str, *, chat: bool
+    ) -> web.StreamResponse:
+        transport = request.transport
+        if transport is not None:
+            self._open.add(transport)
+        try:
+            return await self._answer(request, body, text, chat=chat)
+        except ConnectionResetError:
+            # The client went away, or this replica "crashed" under it: nobody to answer.
+            return web.Response(status=499)
+        finally:
+            if transport is not None:
+                self._open.discard(transport)
+
+    async def _answer(
         self, request: web.Request, body: dict[str, Any], text: str, *, chat: bool
     ) -> web.StreamResponse:
         max_tokens = (
@@ -339,6 +362,9 @@ class ReplicaServer:
 
     async def crash(self) -> None:
         """Stop answering: the listening socket closes, new connections are refused."""
+        self.engine.crashed = True
+        for transport in list(self._open):
+            transport.abort()  # type: ignore[attr-defined]  # requests in flight die with the "process"
         if self.site is not None:
             site, self.site = self.site, None
             await site.stop()

@@ -8,6 +8,7 @@ controller's in-memory directory; the proxy streams the engine's answer back unb
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -23,9 +24,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gpufleet.controller import Controller, Directory
+from gpufleet.controller import Controller, Directory, ModelEntry
 from gpufleet.gateway import admin
-from gpufleet.gateway.errors import ApiError, bad_request, error_response, model_not_found
+from gpufleet.gateway.errors import (
+    ApiError,
+    bad_request,
+    error_response,
+    model_not_found,
+    no_replica,
+)
 from gpufleet.gateway.metrics import GatewayMetrics
 from gpufleet.gateway.proxy import Upstream
 from gpufleet.gateway.validate import check_chat, check_completion, check_embeddings, parse_body
@@ -40,6 +47,9 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 @dataclass(frozen=True, slots=True)
 class GatewaySettings:
     max_body_bytes: int = 8 * 1024 * 1024
+    #: How long a request waits for a replica of a model that has none ready (starting, or
+    #: scaled to zero) before it is answered 503 with Retry-After. Never unbounded.
+    hold_s: float = 60.0
 
 
 class RequestIdMiddleware:
@@ -117,6 +127,8 @@ def build_app(
             entry = directory.get(name)
             if entry is None:
                 raise model_not_found(name)
+            if not entry.endpoints and not entry.problem:
+                entry = await hold(name)
             if embeddings and not entry.spec.embeddings:
                 raise bad_request(
                     f"The model '{name}' does not serve embeddings (its spec has "
@@ -135,6 +147,23 @@ def build_app(
             )
 
         return handler
+
+    async def hold(name: str) -> ModelEntry:
+        """Wait, within the bound, for a ready replica; ask the controller for one meanwhile."""
+        controller.trigger(name)
+        deadline = time.monotonic() + settings.hold_s
+        metrics.held.labels(name).inc()
+        while True:
+            entry = directory.get(name)
+            if entry is None:
+                raise model_not_found(name)
+            if entry.endpoints or entry.problem:
+                return entry
+            if time.monotonic() >= deadline:
+                raise no_replica(
+                    name, f"none became ready within {settings.hold_s:g} s", retry_after=5
+                )
+            await asyncio.sleep(0.05)
 
     async def list_models(_: Request) -> Response:
         return JSONResponse(

@@ -44,6 +44,12 @@ class GatewayMetrics:
             ["model", "phase"],
             registry=self.registry,
         )
+        self.held = Counter(
+            "gpufleet_requests_held",
+            "Requests that waited for a replica of a model with none ready",
+            ["model"],
+            registry=self.registry,
+        )
         self.upstream_errors = Counter(
             "gpufleet_upstream_errors",
             "Failed attempts to reach an engine, by model and kind",

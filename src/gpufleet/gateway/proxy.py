@@ -4,8 +4,10 @@ The body is forwarded as the client sent it (no re-serialisation). The model's r
 (``gpufleet.routing``, ``spec.routing.policy``) chooses among ready replicas from the gateway's
 own counts — requests in flight and prompt tokens still to prefill, the freshest signals there
 are — and the engines' scraped metrics. A request that fails before any byte reached the client
-(connection refused or reset, engine 502/503) is retried on another ready replica; a stream
-that breaks after its first byte ends with an OpenAI-shaped error event and a clean close.
+(connection refused or reset, engine 502/503, an answer cut short) is retried on another ready
+replica; a stream that breaks after its first byte ends with an OpenAI-shaped error event and a
+clean close. A replica failing three times in a row sits out 5 s (outlier ejection); the next
+request routed to it afterwards is its probe.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from gpufleet.runtime import Replica
 __all__ = ["Upstream"]
 
 _RETRYABLE_STATUS = frozenset({502, 503})
+EJECT_AFTER = 3
+EJECT_FOR_S = 5.0
 _HOP_HEADERS = ("content-type",)
 
 
@@ -43,6 +47,9 @@ class Upstream:
         self._in_flight: dict[str, int] = {}
         self._backlog: dict[str, int] = {}
         self._prefilling: dict[str, int] = {}
+        #: Outlier ejection: consecutive failures per replica, and until when it is left out.
+        self._failures: dict[str, int] = {}
+        self._ejected_until: dict[str, float] = {}
         self._policies: dict[tuple[str, str], RoutingPolicy] = {}
         #: Engine load by replica id, kept fresh by the metrics scraper.
         self.loads: dict[str, EngineLoad] = {}
@@ -72,6 +79,8 @@ class Upstream:
     def forget(self, replica_id: str) -> None:
         """A replica is gone: drop what routing learnt about it."""
         self.loads.pop(replica_id, None)
+        self._failures.pop(replica_id, None)
+        self._ejected_until.pop(replica_id, None)
         for policy in self._policies.values():
             policy.forget(replica_id)
 
@@ -79,6 +88,11 @@ class Upstream:
         self, entry: ModelEntry, features: RequestFeatures, exclude: set[str]
     ) -> tuple[Replica, Choice] | None:
         candidates = {r.id: r for r in entry.endpoints if r.id not in exclude}
+        now = time.monotonic()
+        healthy = {
+            rid: r for rid, r in candidates.items() if self._ejected_until.get(rid, 0.0) <= now
+        }
+        candidates = healthy or candidates  # all ejected: trying one beats refusing
         if not candidates:
             return None
         idle = EngineLoad()
@@ -133,20 +147,27 @@ class Upstream:
                 self._release(replica, entry.name, prefill)
                 last_error = f"{type(exc).__name__}: {exc}"
                 self._metrics.upstream_errors.labels(entry.name, "connect").inc()
+                self._failed(replica.id)
                 continue
             try:
                 if resp.status in _RETRYABLE_STATUS:
                     last_error = f"engine answered {resp.status}"
                     self._metrics.upstream_errors.labels(entry.name, f"http_{resp.status}").inc()
+                    self._failed(replica.id)
                     continue
                 if stream and resp.status == 200:
                     released = True  # the stream releases when it ends
+                    self._failures.pop(replica.id, None)
                     return self._stream(entry, route, replica, resp, started, prefill)
                 payload = await resp.read()
+                self._failures.pop(replica.id, None)
                 return self._finish(entry, route, resp, payload, started)
             except (aiohttp.ClientError, TimeoutError) as exc:
+                # Nothing has reached the client yet: another replica may still answer.
+                last_error = f"{type(exc).__name__}: {exc}"
                 self._metrics.upstream_errors.labels(entry.name, "read").inc()
-                raise upstream_failed(entry.name, f"{type(exc).__name__}: {exc}") from exc
+                self._failed(replica.id)
+                continue
             finally:
                 if not released:
                     resp.release()
@@ -213,6 +234,17 @@ class Upstream:
             media_type=resp.headers.get("content-type", "text/event-stream"),
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
         )
+
+    def _failed(self, replica_id: str) -> None:
+        """Count a failure; after ``EJECT_AFTER`` in a row the replica sits out ``EJECT_FOR_S``,
+        then the next request routed there is its probe."""
+        count = self._failures.get(replica_id, 0) + 1
+        self._failures[replica_id] = count
+        if count >= EJECT_AFTER:
+            self._ejected_until[replica_id] = time.monotonic() + EJECT_FOR_S
+            self._failures[replica_id] = (
+                EJECT_AFTER - 1
+            )  # one more failure after the probe re-ejects
 
     def _acquire(self, replica: Replica, model: str, prefill: int) -> None:
         self._in_flight[replica.id] = self._in_flight.get(replica.id, 0) + 1
