@@ -55,6 +55,7 @@ class UpConfig:
     store_url: str | None = None
     models: list[Model] = field(default_factory=list)
     max_body_bytes: int = 8 * 1024 * 1024
+    hold_s: float = 60.0
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -86,7 +87,9 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
     store = await asyncio.to_thread(Store.open, cfg.store_url or sqlite_url(cfg.data_dir))
     runtime = LocalRuntime(cfg.data_dir)
     controller = Controller(store, runtime)
-    app = build_app(controller, settings=GatewaySettings(max_body_bytes=cfg.max_body_bytes))
+    app = build_app(
+        controller, settings=GatewaySettings(max_body_bytes=cfg.max_body_bytes, hold_s=cfg.hold_s)
+    )
     server = uvicorn.Server(
         uvicorn.Config(
             app,

@@ -94,9 +94,11 @@ def up(
     store: Annotated[
         str | None, typer.Option(help="database URL; default: SQLite in the data dir")
     ] = None,
-    max_body_bytes: Annotated[int, typer.Option(help="largest request body accepted")] = 8
-    * 1024
-    * 1024,
+    max_body_bytes: Annotated[int, typer.Option(help="largest request body accepted")] = 8 << 20,
+    hold_seconds: Annotated[
+        float,
+        typer.Option(help="how long a request waits for a replica of a model with none ready"),
+    ] = 60.0,
 ) -> None:
     """Run gateway, controller and engines here; serve SmolLM2 when no file is given."""
     models = _load(file)
@@ -117,13 +119,17 @@ def up(
         store_url=store,
         models=models,
         max_body_bytes=max_body_bytes,
+        hold_s=hold_seconds,
     )
-    try:
+    import importlib.util
+
+    run = asyncio.run
+    if importlib.util.find_spec("uvloop") is not None:  # comes with uvicorn[standard]
         import uvloop
 
-        uvloop.run(serve(cfg))
-    except ImportError:
-        asyncio.run(serve(cfg))
+        run = uvloop.run
+    try:
+        run(serve(cfg))
     except GpufleetError as exc:
         raise _fail(str(exc)) from exc
 

@@ -65,9 +65,11 @@ class Placer:
     def make(self, key: ReplicaKey, gpus: list[Gpu], need: int, *, exclusive: bool) -> Placement:
         first = gpus[0]
         slice_ = None
-        if first.time_slicing > 1:
-            taken = {self.fleet.placements[k].time_slice for k in first.replicas}
-            slice_ = next(i for i in range(first.time_slicing + 1) if i not in taken)
+        sliced = [g for g in gpus if g.time_slicing > 1]
+        if sliced:
+            # One slice index, free on every time-sliced GPU of the group.
+            taken = {self.fleet.placements[k].time_slice for g in sliced for k in g.replicas}
+            slice_ = next(i for i in range(len(taken) + 1) if i not in taken)
         return Placement(
             replica=key,
             node=first.node,
