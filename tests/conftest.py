@@ -23,6 +23,7 @@ def free_port() -> int:
 async def serving(app: ASGIApp) -> AsyncIterator[str]:
     """Serve an ASGI app on a free loopback port inside the running loop; yield its base URL."""
     sock = socket.socket()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted connections
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(

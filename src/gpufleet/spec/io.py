@@ -97,6 +97,12 @@ def load_text(text: str, *, filename: str = "<input>", base_dir: Path | None = N
             )
             continue
         first_seen[key] = index
+        routing = model.spec.routing
+        if model.name in {t.model for t in routing.split} | set(routing.fallbacks):
+            problems.append(
+                f"{prefix}: spec.routing: a model cannot split to or fall back on itself ({model.name!r})"
+            )
+            continue
         models.append(model)
     if problems:
         raise SpecError(problems)

@@ -37,6 +37,7 @@ __all__ = [
     "Resources",
     "RoutingPolicyName",
     "RoutingSpec",
+    "TrafficSplit",
 ]
 
 API_VERSION = "gpufleet.io/v1alpha1"
@@ -134,11 +135,33 @@ RoutingPolicyName = Literal[
 ]
 
 
+class TrafficSplit(_Resource):
+    #: Another deployment (a canary, or variant B) that takes ``weight`` percent of requests.
+    model: DnsName
+    weight: int = Field(ge=0, le=100)
+
+
 class RoutingSpec(_Resource):
     #: Which ready replica serves a request; "prefix" (cache-aware, spills when saturated) by default.
     policy: RoutingPolicyName = "prefix"
-    #: Request header whose value keeps a session on one replica (policy "session").
+    #: Request header whose value keeps a session on one replica (policy "session") and on one
+    #: side of a split.
     session_header: str = "x-session-id"
+    #: Canary / A-B: shares of this model's requests sent to other deployments; the rest stays.
+    split: list[TrafficSplit] = Field(default_factory=list)
+    #: Models tried in order when this one has no ready replica or its engines fail.
+    fallbacks: list[DnsName] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _weights(self) -> RoutingSpec:
+        total = sum(t.weight for t in self.split)
+        if total > 100:
+            raise PydanticCustomError(
+                "gpufleet_path",
+                "{path}.split: weights add up to {total} %; they must leave at most 100 % (the rest stays on this model)",
+                {"total": total},
+            )
+        return self
 
 
 class ModelSpec(_Resource):
