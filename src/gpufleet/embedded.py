@@ -56,6 +56,7 @@ class UpConfig:
     models: list[Model] = field(default_factory=list)
     max_body_bytes: int = 8 * 1024 * 1024
     hold_s: float = 60.0
+    redis_url: str | None = None
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -91,7 +92,10 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
     runtime = LocalRuntime(cfg.data_dir)
     controller = Controller(store, runtime)
     app = build_app(
-        controller, settings=GatewaySettings(max_body_bytes=cfg.max_body_bytes, hold_s=cfg.hold_s)
+        controller,
+        settings=GatewaySettings(
+            max_body_bytes=cfg.max_body_bytes, hold_s=cfg.hold_s, redis_url=cfg.redis_url
+        ),
     )
     server = uvicorn.Server(
         uvicorn.Config(

@@ -99,6 +99,9 @@ def up(
         float,
         typer.Option(help="how long a request waits for a replica of a model with none ready"),
     ] = 60.0,
+    redis: Annotated[
+        str | None, typer.Option(help="Redis URL shared with other gateways (prefix hints)")
+    ] = None,
 ) -> None:
     """Run gateway, controller and engines here; serve SmolLM2 when no file is given."""
     models = _load(file)
@@ -120,6 +123,7 @@ def up(
         models=models,
         max_body_bytes=max_body_bytes,
         hold_s=hold_seconds,
+        redis_url=redis,
     )
     import importlib.util
 

@@ -36,6 +36,7 @@ from gpufleet.gateway.errors import (
     no_replica,
 )
 from gpufleet.gateway.metrics import GatewayMetrics
+from gpufleet.gateway.prefix_hints import RedisPrefixHints
 from gpufleet.gateway.proxy import Upstream
 from gpufleet.gateway.validate import check_chat, check_completion, check_embeddings, parse_body
 from gpufleet.routing import choose_split, features_of
@@ -54,6 +55,8 @@ class GatewaySettings:
     hold_s: float = 60.0
     #: Seeds the draws of canary splits without a stickiness key (tests fix it).
     seed: int | None = None
+    #: Redis shared by gateway replicas for prefix hints (None: each gateway routes alone).
+    redis_url: str | None = None
 
 
 class RequestIdMiddleware:
@@ -123,7 +126,8 @@ def build_app(
     settings = settings or GatewaySettings()
     metrics = metrics or GatewayMetrics()
     directory: Directory = controller.directory
-    upstream = Upstream(metrics)
+    hints = RedisPrefixHints(settings.redis_url) if settings.redis_url else None
+    upstream = Upstream(metrics, hints=hints)
     split_random = random.Random(settings.seed)
     limit = settings.max_body_bytes
 

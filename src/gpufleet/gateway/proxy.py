@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -24,6 +24,7 @@ from gpufleet.controller import ModelEntry
 from gpufleet.engines import EngineLoad
 from gpufleet.gateway.errors import ApiError, error_response, no_replica, sse_error, upstream_failed
 from gpufleet.gateway.metrics import GatewayMetrics
+from gpufleet.gateway.prefix_hints import RedisPrefixHints
 from gpufleet.routing import Choice, Endpoint, RequestFeatures, RoutingPolicy, make_policy
 from gpufleet.routing.prefix import BLOCK_TOKENS as PREFIX_BLOCK_TOKENS
 from gpufleet.runtime import Replica
@@ -38,8 +39,14 @@ _HOP_HEADERS = ("content-type",)
 
 class Upstream:
     def __init__(
-        self, metrics: GatewayMetrics, *, connect_timeout_s: float = 5.0, max_attempts: int = 3
+        self,
+        metrics: GatewayMetrics,
+        *,
+        connect_timeout_s: float = 5.0,
+        max_attempts: int = 3,
+        hints: RedisPrefixHints | None = None,
     ) -> None:
+        self.hints = hints
         self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
         self._connect_timeout = connect_timeout_s
@@ -55,6 +62,8 @@ class Upstream:
         self.loads: dict[str, EngineLoad] = {}
 
     async def close(self) -> None:
+        if self.hints is not None:
+            await self.hints.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -85,7 +94,11 @@ class Upstream:
             policy.forget(replica_id)
 
     def pick(
-        self, entry: ModelEntry, features: RequestFeatures, exclude: set[str]
+        self,
+        entry: ModelEntry,
+        features: RequestFeatures,
+        exclude: set[str],
+        hints: Mapping[str, int] | None = None,
     ) -> tuple[Replica, Choice] | None:
         candidates = {r.id: r for r in entry.endpoints if r.id not in exclude}
         now = time.monotonic()
@@ -108,6 +121,7 @@ class Upstream:
                     waiting=load.waiting,
                     running=load.running,
                     kv_usage=load.kv_usage,
+                    hinted_blocks=hints.get(rid, 0) if hints else 0,
                 )
             )
         policy = self.policy(entry)
@@ -115,6 +129,8 @@ class Upstream:
         if choice is None or choice.endpoint not in candidates:
             return None
         policy.record(features, choice)
+        if self.hints is not None:
+            self.hints.record(entry.name, features.blocks, choice.endpoint)
         return candidates[choice.endpoint], choice
 
     async def forward(
@@ -128,12 +144,15 @@ class Upstream:
         features: RequestFeatures | None = None,
     ) -> Response:
         features = features or RequestFeatures()
+        shared = None
+        if self.hints is not None and entry.spec.routing.policy in ("prefix", "session"):
+            shared = await self.hints.lookup(entry.name, features.blocks)
         started = time.perf_counter()
         tried: set[str] = set()
         last_error = ""
         headers = {"content-type": "application/json", "x-request-id": request_id}
         for _ in range(self._max_attempts):
-            picked = self.pick(entry, features, tried)
+            picked = self.pick(entry, features, tried, shared)
             if picked is None:
                 break
             replica, choice = picked

@@ -37,6 +37,8 @@ class Endpoint:
     waiting: float = 0.0
     running: float = 0.0
     kv_usage: float = 0.0
+    #: Leading prompt blocks other gateways routed here (shared hints), if configured.
+    hinted_blocks: int = 0
 
 
 @dataclass(frozen=True, slots=True)

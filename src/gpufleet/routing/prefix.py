@@ -62,7 +62,7 @@ class PrefixAware:
         return n
 
     def cost(self, request: RequestFeatures, e: Endpoint) -> tuple[float, int]:
-        matched = self.matched(e.id, request.blocks)
+        matched = max(self.matched(e.id, request.blocks), e.hinted_blocks)
         uncached = max(0, request.prompt_tokens - matched * BLOCK_TOKENS)
         seconds = (e.backlog_tokens + uncached) / self.rate
         seconds += e.prefilling * self.prefilling_cost
@@ -83,7 +83,9 @@ class PrefixAware:
                 best, best_matched = key, matched
         if best is None:
             return None
-        most = max((self.matched(e.id, request.blocks) for e in endpoints), default=0)
+        most = max(
+            (max(self.matched(e.id, request.blocks), e.hinted_blocks) for e in endpoints), default=0
+        )
         if best_matched and best_matched == most:
             reason = f"{best_matched} cached blocks"
         elif most:
