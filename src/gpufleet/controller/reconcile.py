@@ -130,7 +130,7 @@ class Controller:
 
         failed = [r for r in current if r.phase is Phase.FAILED]
         if failed:
-            self._report_problem(name, generation, failed[0].message)
+            self.directory.set_problem(name, failed[0].message)
             await self._event_once(name, generation, "FailedToStart", failed[0].message)
             return None
 
@@ -140,7 +140,7 @@ class Controller:
                 try:
                     replica = await self.runtime.start(request)
                 except PermanentError as exc:
-                    self._report_problem(name, generation, str(exc))
+                    self.directory.set_problem(name, str(exc))
                     await self._event_once(name, generation, "FailedToStart", str(exc))
                     return None
                 self.directory.observe(replica)
@@ -159,9 +159,6 @@ class Controller:
 
     async def _stop(self, replica: Replica) -> None:
         await self.runtime.stop(replica.id)
-
-    def _report_problem(self, name: str, generation: int, message: str) -> None:
-        self.directory.set_problem(name, message)
 
     async def _event_once(self, name: str, generation: int, reason: str, message: str) -> None:
         key = (generation, reason)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 import aiohttp
 
 from gpufleet.controller import Directory
-from gpufleet.engines import ADAPTERS
+from gpufleet.engines import ADAPTERS, EngineLoad
 from gpufleet.gateway.proxy import Upstream
 
 __all__ = ["EngineScraper"]
@@ -71,8 +72,8 @@ class EngineScraper:
             self.upstream.forget(gone)
         self._known = alive
 
-    async def _one(self, rid: str, url: str, parse: object) -> None:
-        assert self._http is not None and callable(parse)
+    async def _one(self, rid: str, url: str, parse: Callable[[str], EngineLoad | None]) -> None:
+        assert self._http is not None
         try:
             async with self._http.get(url) as resp:
                 if resp.status != 200:

@@ -63,6 +63,9 @@ class Fleet:
         self._free: dict[str, list[tuple[int, str, int]]] = {}
         self._lookup: dict[tuple[str, int], Gpu] = {}
         self._shapes: dict[str, tuple[tuple[str, int, int, bool], ...]] = {}
+        #: Nodes holding at least one replica, sorted; the empty ones grouped by shape.
+        self.busy_nodes: list[str] = []
+        self._empty_by_shape: dict[tuple[tuple[str, int, int, bool], ...], list[str]] = {}
         self.gpus: list[Gpu] = []
         self.by_node: dict[str, list[Gpu]] = {}
         self.cached: dict[str, frozenset[str]] = {}
@@ -97,9 +100,6 @@ class Fleet:
             self.cached[node.name] = frozenset(node.cached_models)
             self.node_memory_free[node.name] = node.memory
             self.node_replicas[node.name] = {}
-        #: Nodes holding at least one replica, sorted; the rest are empty.
-        self.busy_nodes: list[str] = []
-        self._empty_by_shape: dict[tuple[tuple[str, int, int, bool], ...], list[str]] = {}
         for name in self.by_node:
             self._empty_by_shape.setdefault(self.node_shape(name), []).append(name)
         #: Models whose weights some node holds (a node lacking them only loses if another has them).
@@ -153,19 +153,16 @@ class Fleet:
 
     def set_layout(self, gpu: Gpu, layout: list[str], acc: Accelerator) -> None:
         """Carve ``gpu`` into MIG instances (it leaves the whole-GPU index)."""
-        self._reindex(gpu, remove_only=True)
-        old_shape = self._shapes.pop(gpu.node, None)
-        if old_shape is not None and hasattr(self, "_empty_by_shape"):
-            group = self._empty_by_shape.get(old_shape, [])
-            if gpu.node in group:
-                group.remove(gpu.node)
-                gpu.layout = layout
-                bisect.insort(
-                    self._empty_by_shape.setdefault(self.node_shape(gpu.node), []), gpu.node
-                )
+        self._reindex(gpu, remove_only=True)  # while it is still a whole GPU
         gpu.layout = layout
         gpu.instance_memory = [p.memory_bytes for p in (acc.mig_profile(n) for n in layout) if p]
         gpu.instance_owner = [None] * len(layout)
+        # The node's shape changed: an empty node moves to its new group.
+        old_shape = self._shapes.pop(gpu.node, None)
+        group = self._empty_by_shape.get(old_shape, []) if old_shape is not None else []
+        if gpu.node in group:
+            group.remove(gpu.node)
+            bisect.insort(self._empty_by_shape.setdefault(self.node_shape(gpu.node), []), gpu.node)
 
     def add(self, placement: Placement, *, exclusive: bool = False) -> None:
         key = placement.replica
