@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from gpufleet.cli.output import fail, out
 from gpufleet.errors import GpufleetError
 
 if TYPE_CHECKING:
@@ -42,11 +42,6 @@ class EngineChoice(StrEnum):
     sglang = "sglang"
     llamacpp = "llamacpp"
     emulator = "emulator"
-
-
-def _fail(message: str) -> typer.Exit:
-    Console(stderr=True).print(f"[bold red]gpufleet:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(1)
 
 
 def estimate(
@@ -84,13 +79,13 @@ def estimate(
     try:
         arch = load_architecture(model)
     except GpufleetError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     card = None
     if gpu is not None:
         try:
             card = accelerator(gpu)
         except KeyError as exc:
-            raise _fail(str(exc.args[0])) from None
+            raise fail(str(exc.args[0])) from None
     engine_name = engine.value
     if engine is EngineChoice.auto:
         # load_architecture took a directory without config.json only if it held one GGUF.
@@ -106,7 +101,7 @@ def estimate(
             for d in degrees
         ]
     except ValueError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     rows = [_row(arch, e, card, engine_name) for e in estimates]
     if output is EstimateOutput.json:
         doc = {
@@ -161,7 +156,6 @@ def _print_table(
 ) -> None:
     from gpufleet.sizing import kv_bytes_per_token
 
-    out = Console()
     moe = f", {arch.experts} experts ({arch.experts_per_token} active)" if arch.is_moe else ""
     out.print(
         f"[bold]{arch.name or 'model'}[/] ({arch.family}{moe}): "

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from gpufleet.cli.client import AdminClient, ClientError
 from gpufleet.cli.emulate import emulate
 from gpufleet.cli.estimate import estimate
+from gpufleet.cli.output import fail, out, spec_problems
 from gpufleet.cli.plan import plan_command
 from gpufleet.errors import GpufleetError, SpecError
 
@@ -35,8 +35,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
 
 
 class Output(StrEnum):
@@ -53,11 +51,6 @@ FilesOpt = Annotated[
 ]
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[bold red]gpufleet:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
-
-
 def _load(files: list[Path]) -> list[Any]:
     from gpufleet.spec import load_file
 
@@ -69,9 +62,8 @@ def _load(files: list[Path]) -> list[Any]:
         except SpecError as exc:
             problems += exc.problems
     if problems:
-        for p in problems:
-            err.print(f"[red]error:[/] {p}", highlight=False, soft_wrap=True)
-        raise _fail("the spec is invalid; nothing was changed")
+        spec_problems(problems)
+        raise fail("the spec is invalid; nothing was changed")
     return models
 
 
@@ -135,14 +127,14 @@ def up(
     try:
         run(serve(cfg))
     except GpufleetError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
 
 
 @app.command()
 def apply(file: FilesOpt, server: ServerOpt = DEFAULT_SERVER) -> None:
     """Create or update the resources in FILE on the running server."""
     if not file:
-        raise _fail("give at least one file with -f FILE")
+        raise fail("give at least one file with -f FILE")
     models = _load(file)
     result = _call(
         server, "POST", "/admin/v1/models", {"documents": [m.document() for m in models]}
@@ -215,7 +207,7 @@ def delete(
 ) -> None:
     """Delete a model and stop its replicas."""
     if kind not in ("model", "models"):
-        raise _fail(f"cannot delete {kind!r}; try: gpufleet delete model NAME")
+        raise fail(f"cannot delete {kind!r}; try: gpufleet delete model NAME")
     _call(server, "DELETE", f"/admin/v1/models/{name}")
     out.print(f"model/{name} deleted", highlight=False)
 
@@ -240,7 +232,7 @@ def _call(server: str, method: str, path: str, body: Any = None) -> Any:
     try:
         return AdminClient(server).request(method, path, body)
     except ClientError as exc:
-        raise _fail(str(exc), 2 if exc.status is None else 1) from exc
+        raise fail(str(exc), 2 if exc.status is None else 1) from exc
 
 
 def main() -> None:

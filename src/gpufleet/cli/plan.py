@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from gpufleet.cli.output import fail, out, spec_problems
 from gpufleet.errors import GpufleetError, SpecError
 
 __all__ = ["plan_command"]
@@ -36,7 +36,6 @@ def plan_command(
     from gpufleet.sizing import load_architecture
     from gpufleet.spec import load_file
 
-    err = Console(stderr=True)
     try:
         models = [m for f in file for m in load_file(f)]
         fleet = load_inventory(inventory)
@@ -48,17 +47,14 @@ def plan_command(
                 arch = load_architecture(resolve_weights(source))
             deployments.append(deployment_for(m, arch, kv_sequences=kv_sequences))
     except SpecError as exc:
-        for problem in exc.problems:
-            err.print(f"[red]error:[/] {problem}", highlight=False, soft_wrap=True)
+        spec_problems(exc.problems)
         raise typer.Exit(1) from exc
     except GpufleetError as exc:
-        err.print(f"[bold red]gpufleet:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from exc
+        raise fail(str(exc)) from exc
     result = plan(fleet, deployments, settings=PlanSettings(defragment=not no_defragment))
     if output == "json":
         typer.echo(json.dumps(_jsonable(dataclasses.asdict(result)), indent=2))
         return
-    out = Console()
     table = Table(box=None, header_style="bold")
     for col in ("REPLICA", "WHERE", "GPU", "TP", "MEMORY/GPU", "SHARE"):
         table.add_column(col)
