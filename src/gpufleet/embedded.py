@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import sys
@@ -24,6 +25,9 @@ import uvicorn
 from gpufleet.controller import Controller
 from gpufleet.errors import PermanentError
 from gpufleet.gateway import GatewaySettings, build_app
+from gpufleet.gateway.auth import Keyring
+from gpufleet.gateway.ledger import Ledger
+from gpufleet.gateway.quotas import make_quotas
 from gpufleet.gateway.scraper import EngineScraper
 from gpufleet.runtime.local import LocalRuntime
 from gpufleet.spec import API_VERSION, Model, parse_document
@@ -57,6 +61,8 @@ class UpConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     hold_s: float = 60.0
     redis_url: str | None = None
+    #: API keys required (the default); False only by an explicit ``--no-auth``.
+    auth: bool = True
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -80,15 +86,33 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None) -> None:
+    say = announce or _print_ready
     sock = bind_socket(cfg.host, cfg.port)
-    if not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
+    if not cfg.auth:
+        loopback = ipaddress.ip_address(sock.getsockname()[0]).is_loopback
         log.warning(
-            "listening on %s: the API and admin API have no authentication yet; "
-            "expose them only to a trusted network",
-            cfg.host,
+            "authentication is OFF (--no-auth): every caller%s is an admin",
+            "" if loopback else f" that can reach {cfg.host}",
         )
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     store = await asyncio.to_thread(Store.open, cfg.store_url or sqlite_url(cfg.data_dir))
+    keyring = Keyring(store, enabled=cfg.auth)
+    if cfg.auth:
+        try:
+            admin_key = await asyncio.to_thread(
+                keyring.bootstrap_admin, os.environ.get("GPUFLEET_ADMIN_KEY")
+            )
+        except ValueError as exc:
+            store.close()
+            sock.close()
+            raise PermanentError(str(exc)) from exc
+        if admin_key:
+            say(f"gpufleet admin key (shown once, keep it): {admin_key}")
+            say(f"  export GPUFLEET_API_KEY={admin_key}")
+    else:
+        await asyncio.to_thread(keyring.ensure_default_tenant)
+    quotas = make_quotas(cfg.redis_url)
+    ledger = Ledger(store)
     runtime = LocalRuntime(cfg.data_dir)
     controller = Controller(store, runtime)
     app = build_app(
@@ -96,6 +120,9 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
         settings=GatewaySettings(
             max_body_bytes=cfg.max_body_bytes, hold_s=cfg.hold_s, redis_url=cfg.redis_url
         ),
+        keyring=keyring if cfg.auth else None,
+        quotas=quotas,
+        ledger=ledger,
     )
     server = uvicorn.Server(
         uvicorn.Config(
@@ -107,10 +134,15 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
             timeout_graceful_shutdown=5,
         )
     )
-    scraper = EngineScraper(controller.directory, app.state.upstream)
+    scraper = EngineScraper(
+        controller.directory, app.state.upstream, on_tick=app.state.queues.poke_all
+    )
     previous = _route_signals(server)
     announcer: asyncio.Task[None] | None = None
     try:
+        if cfg.auth:
+            await keyring.start()
+        ledger.start()
         await controller.start()
         scraper.start()
         models = cfg.models
@@ -121,7 +153,7 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         url = f"http://{host}:{cfg.port}/v1"
         announcer = asyncio.create_task(
-            _announce_when_ready(controller, url, announce or _print_ready), name="up:announce"
+            _announce_when_ready(controller, url, say), name="up:announce"
         )
         await server.serve(sockets=[sock])
     finally:
@@ -131,6 +163,10 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
                 await announcer
         log.info("stopping: waiting for engines to exit")
         await scraper.close()
+        await app.state.close()
+        await ledger.close()  # every served request is in the ledger before the store closes
+        await keyring.close()
+        await quotas.close()
         await controller.stop()
         await runtime.close()
         await app.state.upstream.close()

@@ -359,7 +359,10 @@ async def test_models_health_and_metrics(env: Env) -> None:
     await env.post("/v1/chat/completions", CHAT)
     async with env.http.get(env.url + "/metrics") as resp:
         text = await resp.text()
-    assert 'gpufleet_requests_total{model="m",route="/v1/chat/completions",status="200"}' in text
+    assert (
+        'gpufleet_requests_total{model="m",route="/v1/chat/completions",status="200",tenant="default"}'
+        in text
+    )
     assert 'gpufleet_replicas{model="half",phase="Ready"} 2.0' in text
 
 

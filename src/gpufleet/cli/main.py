@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from gpufleet.cli.accounts import keys_app, tenants_app, usage
 from gpufleet.cli.client import AdminClient, ClientError
 from gpufleet.cli.emulate import emulate
 from gpufleet.cli.estimate import estimate
@@ -92,8 +93,16 @@ def up(
         typer.Option(help="how long a request waits for a replica of a model with none ready"),
     ] = 60.0,
     redis: Annotated[
-        str | None, typer.Option(help="Redis URL shared with other gateways (prefix hints)")
+        str | None,
+        typer.Option(help="Redis URL shared with other gateways (quotas, prefix hints)"),
     ] = None,
+    no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--no-auth",
+            help="serve without API keys (single-user machine); every caller is an admin",
+        ),
+    ] = False,
 ) -> None:
     """Run gateway, controller and engines here; serve SmolLM2 when no file is given."""
     models = _load(file)
@@ -116,6 +125,7 @@ def up(
         max_body_bytes=max_body_bytes,
         hold_s=hold_seconds,
         redis_url=redis,
+        auth=not no_auth,
     )
     import importlib.util
 
@@ -223,6 +233,9 @@ def logs(
     sys.stdout.write(text if isinstance(text, str) else json.dumps(text))
 
 
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
+app.command()(usage)
 app.command()(estimate)
 app.command("plan")(plan_command)
 app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(emulate)

@@ -1,14 +1,18 @@
-"""The admin API (``/admin/v1``) the CLI talks to: apply, list, delete models; replicas; logs.
+"""The admin API (``/admin/v1``) the CLI talks to: models, replicas, logs, events (role
+``operator``); tenants and API keys (role ``admin``); usage (``operator``).
 
 Applying is all-or-nothing: every document is validated before any is stored, so a bad file
-changes nothing. Embedded mode serves the ``default`` namespace only; tenancy and keys (which
-will guard these routes) arrive with the gateway's auth.
+changes nothing. Embedded mode serves the ``default`` namespace only. A ``user`` key gets 403
+on every route here.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import datetime as dt
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -16,12 +20,20 @@ from starlette.routing import Route
 
 from gpufleet.controller import Controller, ModelEntry
 from gpufleet.errors import SpecError
+from gpufleet.gateway.auth import ROLES, Keyring, Principal, forbidden, limits_of
 from gpufleet.gateway.errors import ApiError, bad_request
+from gpufleet.gateway.ledger import Ledger
+from gpufleet.gateway.quotas import Quotas
 from gpufleet.gateway.validate import parse_body
 from gpufleet.runtime import Replica
-from gpufleet.spec import Model, parse_document
+from gpufleet.spec import API_VERSION, LimitsSpec, Model, Tenant, parse_document, parse_tenant
+from gpufleet.store import KeyRecord
 
-__all__ = ["replica_view", "routes"]
+Authenticate = Callable[[Request], Awaitable[Principal]]
+Handler = Callable[[Request], Awaitable[Response]]
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+__all__ = ["key_view", "replica_view", "routes"]
 
 
 def replica_view(r: Replica) -> dict[str, Any]:
@@ -59,9 +71,246 @@ def _not_found(name: str) -> ApiError:
     )
 
 
-def routes(controller: Controller) -> list[Route]:
+def key_view(k: KeyRecord) -> dict[str, Any]:
+    now = dt.datetime.now(dt.UTC)
+    state = "active"
+    if k.revoked_at is not None:
+        state = "revoked"
+    elif k.expires_at is not None and k.expires_at <= now:
+        state = "expired"
+    return {
+        "prefix": k.prefix,
+        "name": k.name,
+        "tenant": k.tenant,
+        "role": k.role,
+        "state": state,
+        "limits": k.limits,
+        "created_at": k.created_at.isoformat(),
+        "expires_at": k.expires_at.isoformat() if k.expires_at else None,
+        "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
+    }
+
+
+def _since(value: str | None) -> dt.datetime:
+    """``--since``: an ISO date or time, or a span back from now such as ``24h``, ``7d``."""
+    now = dt.datetime.now(dt.UTC)
+    if not value:
+        return now.replace(hour=0, minute=0, second=0, microsecond=0)
+    match = re.fullmatch(r"(\d+)([mhd])", value)
+    if match:
+        n, unit = int(match.group(1)), match.group(2)
+        unit_name = {"m": "minutes", "h": "hours", "d": "days"}[unit]
+        return now - dt.timedelta(**{unit_name: n})
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise bad_request(
+            f"'since' must be an ISO date/time (2026-11-01, 2026-11-01T08:00) or a span such as "
+            f"30m, 24h, 7d (got {value!r})",
+            param="since",
+        ) from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def routes(
+    controller: Controller,
+    authenticate: Authenticate,
+    *,
+    keyring: Keyring | None = None,
+    quotas: Quotas | None = None,
+    ledger: Ledger | None = None,
+) -> list[Route]:
     directory = controller.directory
     runtime = controller.runtime
+    store = controller.store
+
+    def guarded(role: str, handler: Handler) -> Handler:
+        async def run(request: Request) -> Response:
+            principal = await authenticate(request)
+            allowed = principal.is_admin if role == "admin" else principal.is_operator
+            if not allowed:
+                raise forbidden(role)
+            return await handler(request)
+
+        run.__name__ = handler.__name__
+        return run
+
+    def need_keyring() -> Keyring:
+        if keyring is None:
+            raise ApiError(
+                409,
+                "Authentication is disabled on this server (--no-auth): there are no keys to "
+                "manage; restart it without --no-auth",
+                code="auth_disabled",
+            )
+        return keyring
+
+    # -- tenants ----------------------------------------------------------------------------
+
+    def tenant_view(t: Tenant) -> dict[str, Any]:
+        return {"name": t.name, **t.document()["spec"]}
+
+    async def list_tenants(_: Request) -> Response:
+        rows = await asyncio.to_thread(store.list_tenants)
+        return JSONResponse({"tenants": [tenant_view(r.tenant) for r in rows]})
+
+    async def apply_tenant(request: Request) -> Response:
+        data = parse_body(await request.body())
+        doc = data.get("document", data)
+        if isinstance(doc, dict):
+            doc = {"apiVersion": API_VERSION, "kind": "Tenant", **doc}
+        try:
+            tenant = parse_tenant(doc)
+        except SpecError as exc:
+            raise ApiError(
+                400, "; ".join(exc.problems), param="document", code="invalid_spec"
+            ) from exc
+        result = await asyncio.to_thread(store.apply_tenant, tenant)
+        if keyring is not None:
+            await asyncio.to_thread(keyring.reload)
+        return JSONResponse({"name": tenant.name, "result": result, "tenant": tenant_view(tenant)})
+
+    async def delete_tenant(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name == "default":
+            raise bad_request(
+                "The tenant 'default' holds the admin key and cannot be deleted", param="name"
+            )
+        if not await asyncio.to_thread(store.delete_tenant, name):
+            raise ApiError(
+                404,
+                f"tenant '{name}' not found",
+                type="not_found",
+                param="name",
+                code="tenant_not_found",
+            )
+        if keyring is not None:
+            await asyncio.to_thread(keyring.reload)
+        return JSONResponse({"deleted": name})
+
+    async def tenant_usage(request: Request) -> Response:
+        """Current use of a tenant's quotas against its limits."""
+        name = request.path_params["name"]
+        stored = {r.tenant.name: r.tenant for r in await asyncio.to_thread(store.list_tenants)}
+        tenant = stored.get(name)
+        if tenant is None:
+            raise ApiError(
+                404,
+                f"tenant '{name}' not found",
+                type="not_found",
+                param="name",
+                code="tenant_not_found",
+            )
+        limits = limits_of(tenant.spec.limits)
+        used = await quotas.snapshot(f"tenant:{name}", limits) if quotas else {}
+        return JSONResponse(
+            {"tenant": name, "limits": tenant.document()["spec"]["limits"], "used": used}
+        )
+
+    # -- keys -------------------------------------------------------------------------------
+
+    async def list_keys(request: Request) -> Response:
+        tenant = request.query_params.get("tenant")
+        rows = await asyncio.to_thread(store.list_keys, tenant=tenant)
+        return JSONResponse({"keys": [key_view(k) for k in rows]})
+
+    async def create_key(request: Request) -> Response:
+        ring = need_keyring()
+        data = parse_body(await request.body())
+        tenant = data.get("tenant", "default")
+        if not isinstance(tenant, str) or ring.tenant(tenant) is None:
+            await asyncio.to_thread(ring.reload)
+            if not isinstance(tenant, str) or ring.tenant(tenant) is None:
+                raise bad_request(
+                    f"tenant {tenant!r} does not exist; create it first with "
+                    "'gpufleet tenants create NAME'",
+                    param="tenant",
+                    code="tenant_not_found",
+                )
+        role = data.get("role", "user")
+        if role not in ROLES:
+            raise bad_request(
+                f"'role' must be one of {', '.join(ROLES)} (got {role!r})", param="role"
+            )
+        name = data.get("name", "key")
+        if not isinstance(name, str) or not _NAME.match(name) or len(name) > 63:
+            raise bad_request(
+                "'name' must be lower-case letters, digits, '-' or '.', at most 63 characters",
+                param="name",
+            )
+        limits = data.get("limits")
+        if limits is not None:
+            try:
+                limits = LimitsSpec.model_validate(limits).model_dump(
+                    by_alias=True, mode="json", exclude_none=True
+                )
+            except ValueError as exc:
+                raise bad_request(
+                    f"'limits' is not valid: {exc}".splitlines()[0], param="limits"
+                ) from exc
+        expires_at = None
+        expires = data.get("expires_in_days")
+        if expires is not None:
+            if (
+                isinstance(expires, bool)
+                or not isinstance(expires, (int, float))
+                or not 0 < expires <= 3650
+            ):
+                raise bad_request(
+                    "'expires_in_days' must be a number of days between 0 and 3650",
+                    param="expires_in_days",
+                )
+            expires_at = dt.datetime.now(dt.UTC) + dt.timedelta(days=float(expires))
+        secret, record = await asyncio.to_thread(
+            ring.create_key, tenant, name=name, role=role, limits=limits, expires_at=expires_at
+        )
+        return JSONResponse({"key": secret, **key_view(record)}, status_code=201)
+
+    async def revoke_key(request: Request) -> Response:
+        prefix = request.path_params["prefix"]
+        record = await asyncio.to_thread(store.revoke_key, prefix)
+        if record is None:
+            raise ApiError(
+                404,
+                f"API key '{prefix}' not found",
+                type="not_found",
+                param="prefix",
+                code="key_not_found",
+            )
+        if keyring is not None:
+            await asyncio.to_thread(keyring.reload)
+        return JSONResponse(key_view(record))
+
+    # -- usage ------------------------------------------------------------------------------
+
+    async def usage_report(request: Request) -> Response:
+        by_param = request.query_params.get("by", "tenant")
+        if by_param not in ("tenant", "model", "key"):
+            raise bad_request("'by' must be tenant, model or key", param="by")
+        by: Literal["tenant", "model", "key"] = by_param  # type: ignore[assignment]
+        since = _since(request.query_params.get("since"))
+        if ledger is not None:
+            await ledger.flush()  # what was just served is in the report
+        rows = await asyncio.to_thread(
+            store.usage_report, by, since=since, tenant=request.query_params.get("tenant")
+        )
+        return JSONResponse({"by": by, "since": since.isoformat(), "usage": rows})
+
+    async def usage_requests(request: Request) -> Response:
+        since = _since(request.query_params.get("since"))
+        try:
+            limit = int(request.query_params.get("limit", "100"))
+        except ValueError as exc:
+            raise bad_request("'limit' must be an integer", param="limit") from exc
+        if ledger is not None:
+            await ledger.flush()
+        rows = await asyncio.to_thread(
+            store.usage_rows,
+            since=since,
+            tenant=request.query_params.get("tenant"),
+            limit=max(1, min(limit, 10_000)),
+        )
+        return JSONResponse({"requests": [{**r.values(), "at": r.at.isoformat()} for r in rows]})
 
     async def list_models(_: Request) -> Response:
         return JSONResponse({"models": [model_view(e) for e in directory.entries()]})
@@ -144,12 +393,22 @@ def routes(controller: Controller) -> list[Route]:
             }
         )
 
+    op, ad = "operator", "admin"
     return [
-        Route("/admin/v1/models", list_models, methods=["GET"]),
-        Route("/admin/v1/models", apply_models, methods=["POST"]),
-        Route("/admin/v1/models/{name}", get_model, methods=["GET"]),
-        Route("/admin/v1/models/{name}", delete_model, methods=["DELETE"]),
-        Route("/admin/v1/models/{name}/logs", logs, methods=["GET"]),
-        Route("/admin/v1/replicas", list_replicas, methods=["GET"]),
-        Route("/admin/v1/events", events, methods=["GET"]),
+        Route("/admin/v1/models", guarded(op, list_models), methods=["GET"]),
+        Route("/admin/v1/models", guarded(op, apply_models), methods=["POST"]),
+        Route("/admin/v1/models/{name}", guarded(op, get_model), methods=["GET"]),
+        Route("/admin/v1/models/{name}", guarded(op, delete_model), methods=["DELETE"]),
+        Route("/admin/v1/models/{name}/logs", guarded(op, logs), methods=["GET"]),
+        Route("/admin/v1/replicas", guarded(op, list_replicas), methods=["GET"]),
+        Route("/admin/v1/events", guarded(op, events), methods=["GET"]),
+        Route("/admin/v1/tenants", guarded(ad, list_tenants), methods=["GET"]),
+        Route("/admin/v1/tenants", guarded(ad, apply_tenant), methods=["POST"]),
+        Route("/admin/v1/tenants/{name}", guarded(ad, delete_tenant), methods=["DELETE"]),
+        Route("/admin/v1/tenants/{name}/quota", guarded(ad, tenant_usage), methods=["GET"]),
+        Route("/admin/v1/keys", guarded(ad, list_keys), methods=["GET"]),
+        Route("/admin/v1/keys", guarded(ad, create_key), methods=["POST"]),
+        Route("/admin/v1/keys/{prefix}", guarded(ad, revoke_key), methods=["DELETE"]),
+        Route("/admin/v1/usage", guarded(op, usage_report), methods=["GET"]),
+        Route("/admin/v1/usage/requests", guarded(op, usage_requests), methods=["GET"]),
     ]

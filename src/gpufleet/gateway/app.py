@@ -9,7 +9,10 @@ controller's in-memory directory; the proxy streams the engine's answer back unb
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import functools
 import json
+import logging
 import random
 import re
 import time
@@ -28,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpufleet.controller import Controller, Directory, ModelEntry
 from gpufleet.gateway import admin
+from gpufleet.gateway.auth import ANONYMOUS, Keyring, Principal
 from gpufleet.gateway.errors import (
     ApiError,
     bad_request,
@@ -35,14 +39,29 @@ from gpufleet.gateway.errors import (
     model_not_found,
     no_replica,
 )
+from gpufleet.gateway.fairqueue import AdmissionQueues, QueueRejected
+from gpufleet.gateway.ledger import Ledger
 from gpufleet.gateway.metrics import GatewayMetrics
+from gpufleet.gateway.openapi import openapi_document
 from gpufleet.gateway.prefix_hints import RedisPrefixHints
-from gpufleet.gateway.proxy import Upstream
+from gpufleet.gateway.pricing import Pricing
+from gpufleet.gateway.proxy import Outcome, Upstream
+from gpufleet.gateway.quotas import (
+    Demand,
+    LocalQuotas,
+    QuotaExceeded,
+    Quotas,
+    QuotaStoreUnavailable,
+    Ticket,
+)
 from gpufleet.gateway.validate import check_chat, check_completion, check_embeddings, parse_body
 from gpufleet.routing import choose_split, features_of
 from gpufleet.runtime import Phase
+from gpufleet.store import UsageRow
 
 __all__ = ["GatewaySettings", "build_app"]
+
+log = logging.getLogger("gpufleet.gateway")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -57,6 +76,13 @@ class GatewaySettings:
     seed: int | None = None
     #: Redis shared by gateway replicas for prefix hints (None: each gateway routes alone).
     redis_url: str | None = None
+    #: Requests one replica gets from this gateway at once; more wait in the model's fair
+    #: queue (priority first, then weighted fair share between tenants).
+    slots_per_replica: int = 64
+    queue_max_length: int = 1000
+    queue_max_wait_s: float = 30.0
+    #: Output tokens reserved for a request without max_tokens (capped by the context left).
+    default_max_tokens: int = 4096
 
 
 class RequestIdMiddleware:
@@ -112,6 +138,10 @@ def _too_large(limit: int) -> ApiError:
     )
 
 
+def _nothing() -> None:
+    pass
+
+
 def _renamed(data: dict[str, Any], model: str) -> bytes:
     """The request body addressed to another deployment (engines check the model name)."""
     return json.dumps({**data, "model": model}).encode()
@@ -122,25 +152,51 @@ def build_app(
     *,
     settings: GatewaySettings | None = None,
     metrics: GatewayMetrics | None = None,
+    keyring: Keyring | None = None,
+    quotas: Quotas | None = None,
+    ledger: Ledger | None = None,
 ) -> Starlette:
+    """The gateway. Without a ``keyring`` every caller is an admin of the default tenant (the
+    explicit ``--no-auth`` mode); without ``ledger`` no usage rows are written."""
     settings = settings or GatewaySettings()
     metrics = metrics or GatewayMetrics()
+    quotas = quotas or LocalQuotas()
     directory: Directory = controller.directory
     hints = RedisPrefixHints(settings.redis_url) if settings.redis_url else None
     upstream = Upstream(metrics, hints=hints)
+    pricing = Pricing()
     split_random = random.Random(settings.seed)
     limit = settings.max_body_bytes
+    background: set[asyncio.Task[Any]] = set()
+
+    def capacity(name: str) -> int:
+        entry = directory.get(name)
+        return len(entry.endpoints) * settings.slots_per_replica if entry else 0
+
+    queues = AdmissionQueues(
+        capacity, max_length=settings.queue_max_length, max_wait_s=settings.queue_max_wait_s
+    )
+
+    async def authenticate(request: Request) -> Principal:
+        if keyring is None:
+            return ANONYMOUS
+        try:
+            return await keyring.authenticate(request.headers.get("authorization"))
+        except ApiError:
+            metrics.rejections.labels("", "unauthorized").inc()
+            raise
 
     def inference(
         route: str, check: Callable[[dict[str, Any]], str], *, embeddings: bool = False
     ) -> Callable[[Request], Awaitable[Response]]:
         async def handler(request: Request) -> Response:
+            principal = await authenticate(request)
             raw = await read_body(request, limit)
             data = parse_body(raw)
             name = check(data)
             entry = directory.get(name)
-            if entry is None:
-                raise model_not_found(name)
+            if entry is None or not principal.may_use(entry.spec):
+                raise model_not_found(name)  # a private model is not even said to exist
             if embeddings and not entry.spec.embeddings:
                 raise bad_request(
                     f"The model '{name}' does not serve embeddings (its spec has "
@@ -148,35 +204,197 @@ def build_app(
                     param="model",
                     code="model_not_supported",
                 )
+            request_id: str = request.scope["state"]["request_id"]
             session = request.headers.get(entry.spec.routing.session_header)
             chain = _chain(entry, session)
             features = features_of(data, session)
-            for i, target in enumerate(chain):
-                last = i == len(chain) - 1
-                if not target.endpoints and not target.problem:
-                    if not last:
-                        continue  # a fallback is ready now: no need to wait for this one
-                    target = await hold(target.name)
-                body = raw if target.name == name else _renamed(data, target.name)
-                try:
-                    response = await upstream.forward(
+            stream = data.get("stream") is True
+            strip_usage = False
+            if stream and not embeddings:
+                # Ask the engine for usage so the ledger counts real tokens; the extra event is
+                # taken out again unless the client asked for it.
+                options = data.get("stream_options")
+                if not (isinstance(options, dict) and options.get("include_usage") is True):
+                    extra = options if isinstance(options, dict) else {}
+                    data = {**data, "stream_options": {**extra, "include_usage": True}}
+                    raw = json.dumps(data).encode()
+                    strip_usage = True
+            output = data.get("max_tokens") or data.get("max_completion_tokens")
+            if not isinstance(output, int) or embeddings:
+                room = entry.spec.context_length - features.prompt_tokens
+                output = 0 if embeddings else max(1, min(settings.default_max_tokens, room))
+            tokens = features.prompt_tokens + output
+            priority = principal.priority
+            if request.headers.get("x-gpufleet-priority") == "batch":
+                priority = max(priority, 1)  # a caller may lower its priority, never raise it
+            ticket = await admit(principal, request_id, entry, tokens)
+            answered = False
+            try:
+                for i, target in enumerate(chain):
+                    last = i == len(chain) - 1
+                    if not target.endpoints and not target.problem:
+                        if not last:
+                            continue  # a fallback is ready now: no need to wait for this one
+                        target = await hold(target.name)
+                        queues.get(target.name).poke()
+                    body = raw if target.name == name else _renamed(data, target.name)
+                    release = await take_slot(target, principal, priority, tokens)
+                    done = _finisher(
+                        principal,
+                        ticket,
                         target,
                         route,
-                        body,
-                        stream=data.get("stream") is True,
-                        request_id=request.scope["state"]["request_id"],
-                        features=features,
+                        request_id,
+                        features.prompt_tokens,
+                        release,
                     )
-                except ApiError as exc:
-                    if last or exc.status not in (502, 503):
-                        raise
-                    metrics.fallbacks.labels(name, chain[i + 1].name).inc()
-                    continue
-                response.headers["x-gpufleet-model"] = target.name
-                return response
-            raise AssertionError("unreachable: the last model of a chain answers or raises")
+                    try:
+                        response = await upstream.forward(
+                            target,
+                            route,
+                            body,
+                            stream=stream,
+                            request_id=request_id,
+                            features=features,
+                            tenant=principal.tenant,
+                            weight=float(tokens),
+                            strip_usage=strip_usage,
+                            done=done,
+                        )
+                    except ApiError as exc:
+                        release()
+                        if last or exc.status not in (502, 503):
+                            raise
+                        metrics.fallbacks.labels(name, chain[i + 1].name).inc()
+                        continue
+                    answered = True
+                    response.headers["x-gpufleet-model"] = target.name
+                    return response
+                raise AssertionError("unreachable: the last model of a chain answers or raises")
+            except ApiError as exc:
+                metrics.requests.labels(name, principal.tenant, route, str(exc.status)).inc()
+                raise
+            finally:
+                if not answered:
+                    _spawn(settle(ticket, 0, 0.0))
 
         return handler
+
+    async def take_slot(
+        target: ModelEntry, principal: Principal, priority: int, tokens: int
+    ) -> Callable[[], None]:
+        """A place among the requests in flight to ``target`` (waiting in its fair queue when
+        all are taken); returns how to give it back. A model without ready replicas skips the
+        queue: the proxy answers it at once with the reason."""
+        if not target.endpoints:
+            return _nothing
+        queue = queues.get(target.name)
+        try:
+            slot = await queue.acquire(
+                principal.tenant, priority=priority, weight=principal.weight, cost=float(tokens)
+            )
+        except QueueRejected as exc:
+            reason = f"queue_{exc.reason}"
+            metrics.rejections.labels(principal.tenant, reason).inc()
+            full = exc.reason == "full"
+            raise ApiError(
+                429 if full else 503,
+                str(exc),
+                type="rate_limit_error" if full else "service_unavailable",
+                code=reason,
+                headers={"retry-after": str(max(1, round(exc.retry_after_s)))},
+            ) from exc
+        metrics.queue_wait.labels(target.name, principal.tenant).observe(slot.waited_s)
+        return functools.partial(queue.release, slot)
+
+    async def admit(
+        principal: Principal, request_id: str, entry: ModelEntry, tokens: int
+    ) -> Ticket:
+        demand = Demand(tokens=tokens, cost_usd=pricing.estimate(entry, tokens))
+        try:
+            return await quotas.admit(request_id, principal.scopes(), demand)
+        except QuotaExceeded as exc:
+            metrics.rejections.labels(principal.tenant, exc.limit).inc()
+            raise ApiError(
+                429,
+                str(exc),
+                type="rate_limit_error" if exc.limit != "budget" else "insufficient_quota",
+                code=f"{exc.limit}_limit_exceeded" if exc.limit != "budget" else "budget_exceeded",
+                headers={"retry-after": str(max(1, int(exc.retry_after_s + 0.999)))},
+            ) from exc
+        except QuotaStoreUnavailable as exc:
+            log.error("quota store unavailable: %s", exc)
+            raise ApiError(
+                503,
+                "Quotas cannot be checked right now (the shared quota store is unreachable); "
+                "retry shortly",
+                type="service_unavailable",
+                code="quota_store_unavailable",
+                headers={"retry-after": "2"},
+            ) from exc
+
+    async def settle(ticket: Ticket, tokens: int, cost: float) -> None:
+        """Replace the reservation by what the request used (after the answer is sent)."""
+        try:
+            await quotas.settle(ticket, tokens=tokens, cost_usd=cost)
+        except QuotaStoreUnavailable as exc:
+            log.warning("cannot settle quota of request %s: %s", ticket.request_id, exc)
+
+    def _spawn(coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    def _finisher(
+        principal: Principal,
+        ticket: Ticket,
+        entry: ModelEntry,
+        route: str,
+        request_id: str,
+        prompt_estimate: int,
+        release: Callable[[], None],
+    ) -> Callable[[Outcome], None]:
+        def done(outcome: Outcome) -> None:
+            release()
+            model, tenant = entry.name, principal.tenant
+            prompt = outcome.prompt_tokens if outcome.counted else prompt_estimate
+            completion = outcome.completion_tokens
+            cost = outcome.replica_seconds * pricing.per_second(entry)
+            pricing.observe(entry, outcome.replica_seconds, prompt + completion)
+            _spawn(settle(ticket, prompt + completion, cost))
+            status = str(outcome.status)
+            metrics.requests.labels(model, tenant, route, status).inc()
+            metrics.duration.labels(model, tenant, route).observe(outcome.duration_s)
+            if outcome.ttft_s is not None:
+                metrics.ttft.labels(model, tenant).observe(outcome.ttft_s)
+            metrics.tokens.labels(model, tenant, "prompt").inc(prompt)
+            metrics.tokens.labels(model, tenant, "completion").inc(completion)
+            if outcome.cached_tokens:
+                metrics.tokens.labels(model, tenant, "cached").inc(outcome.cached_tokens)
+            if cost:
+                metrics.cost.labels(model, tenant).inc(cost)
+            if ledger is not None:
+                ledger.record(
+                    UsageRow(
+                        request_id=request_id,
+                        at=dt.datetime.now(dt.UTC),
+                        tenant=tenant,
+                        key_prefix=principal.key_prefix,
+                        model=model,
+                        replica=outcome.replica,
+                        route=route.removeprefix("/v1/"),
+                        status=outcome.status,
+                        prompt_tokens=prompt,
+                        cached_tokens=outcome.cached_tokens,
+                        completion_tokens=completion,
+                        ttft_ms=outcome.ttft_s * 1000 if outcome.ttft_s is not None else None,
+                        duration_ms=outcome.duration_s * 1000,
+                        gpu_seconds=outcome.replica_seconds * entry.spec.resources.gpus,
+                        cost_usd=cost,
+                    )
+                )
+
+        return done
 
     def _chain(entry: ModelEntry, session: str | None) -> list[ModelEntry]:
         """The deployment the split picks, then the fallbacks that exist, in order."""
@@ -211,21 +429,24 @@ def build_app(
                 )
             await asyncio.sleep(0.05)
 
-    async def list_models(_: Request) -> Response:
+    async def list_models(request: Request) -> Response:
+        principal = await authenticate(request)
         return JSONResponse(
             {
                 "object": "list",
                 "data": [
                     {"id": e.name, "object": "model", "created": e.created, "owned_by": "gpufleet"}
                     for e in directory.entries()
+                    if principal.may_use(e.spec)
                 ],
             }
         )
 
     async def get_model(request: Request) -> Response:
+        principal = await authenticate(request)
         name = request.path_params["name"]
         entry = directory.get(name)
-        if entry is None:
+        if entry is None or not principal.may_use(entry.spec):
             raise model_not_found(name)
         return JSONResponse(
             {"id": entry.name, "object": "model", "created": entry.created, "owned_by": "gpufleet"}
@@ -240,6 +461,9 @@ def build_app(
         return JSONResponse(body, status_code=200 if not waiting else 503)
 
     async def prometheus(_: Request) -> Response:
+        metrics.queue_depth.clear()
+        for model, stats in queues.stats().items():
+            metrics.queue_depth.labels(model).set(stats.waiting)
         metrics.replicas.clear()
         for entry in directory.entries():
             for phase in Phase:
@@ -247,6 +471,9 @@ def build_app(
                 if count:
                     metrics.replicas.labels(entry.name, phase.value).set(count)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def openapi(_: Request) -> Response:
+        return JSONResponse(openapi_document())
 
     async def on_api_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
@@ -281,7 +508,8 @@ def build_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
-        *admin.routes(controller),
+        *admin.routes(controller, authenticate, keyring=keyring, quotas=quotas, ledger=ledger),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,
@@ -293,5 +521,13 @@ def build_app(
     )
     app.state.started = time.time()
     app.state.upstream = upstream
+    app.state.queues = queues
+    app.state.quotas = quotas
+
+    async def close() -> None:
+        if background:
+            await asyncio.gather(*background, return_exceptions=True)
+
+    app.state.close = close
     app.add_middleware(RequestIdMiddleware)
     return app

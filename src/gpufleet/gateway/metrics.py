@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["GatewayMetrics"]
 
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -14,21 +15,21 @@ class GatewayMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "gpufleet_requests",
-            "Requests answered, by model, API route and HTTP status",
-            ["model", "route", "status"],
+            "Requests answered, by model, tenant, API route and HTTP status",
+            ["model", "tenant", "route", "status"],
             registry=self.registry,
         )
         self.duration = Histogram(
             "gpufleet_request_duration_seconds",
             "Time from request to the last byte of the response",
-            ["model", "route"],
+            ["model", "tenant", "route"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.ttft = Histogram(
             "gpufleet_time_to_first_token_seconds",
             "Time from request to the first streamed chunk",
-            ["model"],
+            ["model", "tenant"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -60,6 +61,45 @@ class GatewayMetrics:
             "gpufleet_fallbacks",
             "Requests passed to a fallback model after the first could not serve them",
             ["model", "to"],
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            "gpufleet_inter_token_latency_seconds",
+            "Gaps between streamed chunks (one token each on vLLM and llama.cpp)",
+            ["model", "tenant"],
+            buckets=_ITL_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "gpufleet_tokens",
+            "Tokens by model, tenant and direction (prompt, cached, completion)",
+            ["model", "tenant", "direction"],
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "gpufleet_queue_wait_seconds",
+            "Time requests waited in the model's admission queue",
+            ["model", "tenant"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "gpufleet_queue_depth",
+            "Requests waiting in the model's admission queue",
+            ["model"],
+            registry=self.registry,
+        )
+        self.rejections = Counter(
+            "gpufleet_rejections",
+            "Requests refused before reaching an engine, by tenant and reason "
+            "(rpm, tpm, concurrency, budget, queue_full, queue_timeout, unauthorized)",
+            ["tenant", "reason"],
+            registry=self.registry,
+        )
+        self.cost = Counter(
+            "gpufleet_cost_usd",
+            "Cost of served requests (their share of replica busy time at the replica's price)",
+            ["model", "tenant"],
             registry=self.registry,
         )
         self.upstream_errors = Counter(

@@ -12,9 +12,12 @@ request routed to it afterwards is its probe.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -23,18 +26,53 @@ from starlette.responses import Response, StreamingResponse
 from gpufleet.controller import ModelEntry
 from gpufleet.engines import EngineLoad
 from gpufleet.gateway.errors import ApiError, error_response, no_replica, sse_error, upstream_failed
+from gpufleet.gateway.ledger import BusyMeter
 from gpufleet.gateway.metrics import GatewayMetrics
 from gpufleet.gateway.prefix_hints import RedisPrefixHints
 from gpufleet.routing import Choice, Endpoint, RequestFeatures, RoutingPolicy, make_policy
 from gpufleet.routing.prefix import BLOCK_TOKENS as PREFIX_BLOCK_TOKENS
 from gpufleet.runtime import Replica
 
-__all__ = ["Upstream"]
+__all__ = ["Outcome", "Upstream"]
 
 _RETRYABLE_STATUS = frozenset({502, 503})
 EJECT_AFTER = 3
 EJECT_FOR_S = 5.0
 _HOP_HEADERS = ("content-type",)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one forwarded request came to: the ledger row, the quota settlement and metrics."""
+
+    replica: str = ""
+    status: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    #: True when the engine reported usage; otherwise tokens are the gateway's estimate.
+    counted: bool = False
+    ttft_s: float | None = None
+    duration_s: float = 0.0
+    replica_seconds: float = 0.0
+
+    def take_usage(self, usage: Any) -> None:
+        if not isinstance(usage, dict):
+            return
+        self.counted = True
+        self.prompt_tokens = _int(usage.get("prompt_tokens"))
+        self.completion_tokens = _int(usage.get("completion_tokens"))
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, dict):
+            self.cached_tokens = _int(details.get("cached_tokens"))
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+#: Called once when a forwarded request is over (its stream ended, or its body was read).
+Done = Callable[[Outcome], None]
 
 
 class Upstream:
@@ -58,6 +96,7 @@ class Upstream:
         self._failures: dict[str, int] = {}
         self._ejected_until: dict[str, float] = {}
         self._policies: dict[tuple[str, str], RoutingPolicy] = {}
+        self.meter = BusyMeter()
         #: Engine load by replica id, kept fresh by the metrics scraper.
         self.loads: dict[str, EngineLoad] = {}
 
@@ -142,7 +181,16 @@ class Upstream:
         stream: bool,
         request_id: str,
         features: RequestFeatures | None = None,
+        tenant: str = "",
+        weight: float = 1.0,
+        strip_usage: bool = False,
+        done: Done | None = None,
     ) -> Response:
+        """Send the request to a replica (retrying others before the first byte) and answer.
+
+        ``done`` receives the outcome once the response is complete — at the end of a stream.
+        When this raises, nothing reached the client and ``done`` is not called.
+        """
         features = features or RequestFeatures()
         shared = None
         if self.hints is not None and entry.spec.routing.policy in ("prefix", "session"):
@@ -159,11 +207,13 @@ class Upstream:
             tried.add(replica.id)
             prefill = max(0, features.prompt_tokens - choice.cached_blocks * PREFIX_BLOCK_TOKENS)
             self._acquire(replica, entry.name, prefill)
+            metered = self.meter.start(replica.id, weight)
             released = False
             try:
                 resp = await self._http().post(f"{replica.url}{route}", data=body, headers=headers)
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
                 self._release(replica, entry.name, prefill)
+                self.meter.stop(metered)
                 last_error = f"{type(exc).__name__}: {exc}"
                 self._metrics.upstream_errors.labels(entry.name, "connect").inc()
                 self._failed(replica.id)
@@ -174,13 +224,33 @@ class Upstream:
                     self._metrics.upstream_errors.labels(entry.name, f"http_{resp.status}").inc()
                     self._failed(replica.id)
                     continue
+                outcome = Outcome(replica=replica.id, status=resp.status)
                 if stream and resp.status == 200:
                     released = True  # the stream releases when it ends
                     self._failures.pop(replica.id, None)
-                    return self._stream(entry, route, replica, resp, started, prefill)
+                    return self._stream(
+                        entry,
+                        replica,
+                        resp,
+                        started,
+                        prefill,
+                        tenant,
+                        outcome,
+                        strip_usage,
+                        functools.partial(self.meter.stop, metered),
+                        done,
+                    )
                 payload = await resp.read()
                 self._failures.pop(replica.id, None)
-                return self._finish(entry, route, resp, payload, started)
+                response = self._finish(entry, resp, payload, outcome)
+                outcome.duration_s = time.perf_counter() - started
+                outcome.replica_seconds = self.meter.stop(metered)
+                released = True
+                resp.release()
+                self._release(replica, entry.name, prefill)
+                if done is not None:
+                    done(outcome)
+                return response
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # Nothing has reached the client yet: another replica may still answer.
                 last_error = f"{type(exc).__name__}: {exc}"
@@ -190,6 +260,7 @@ class Upstream:
             finally:
                 if not released:
                     resp.release()
+                    self.meter.stop(metered)
                     self._release(replica, entry.name, prefill)
         if last_error:
             raise upstream_failed(entry.name, f"{last_error} (tried {len(tried)} replica(s))")
@@ -201,44 +272,66 @@ class Upstream:
     def _finish(
         self,
         entry: ModelEntry,
-        route: str,
         resp: aiohttp.ClientResponse,
         payload: bytes,
-        started: float,
+        outcome: Outcome,
     ) -> Response:
         status = resp.status
         if status >= 500:
             raise upstream_failed(entry.name, f"engine answered {status}: {_error_text(payload)}")
         if status >= 400:
-            error = _as_openai_error(status, payload)
-            self._observe(entry.name, route, status, started)
-            return error
-        self._observe(entry.name, route, status, started)
+            return _as_openai_error(status, payload)
+        if b'"usage"' in payload:
+            with contextlib.suppress(ValueError, AttributeError):
+                outcome.take_usage(json.loads(payload).get("usage"))
         return Response(payload, status_code=status, media_type=resp.headers.get("content-type"))
 
     def _stream(
         self,
         entry: ModelEntry,
-        route: str,
         replica: Replica,
         resp: aiohttp.ClientResponse,
         started: float,
         prefill: int,
+        tenant: str,
+        outcome: Outcome,
+        strip_usage: bool,
+        stop_meter: Callable[[], float],
+        done: Done | None,
     ) -> Response:
         metrics = self._metrics
+        itl = metrics.itl.labels(entry.name, tenant)
 
         async def chunks() -> AsyncIterator[bytes]:
             first = True
-            status = 200
+            pending = b""
+            last = 0.0
             try:
                 async for chunk in resp.content.iter_any():
+                    # Whole SSE events only, so a usage event is never split across yields.
+                    pending += chunk
+                    cut = pending.rfind(b"\n\n")
+                    if cut < 0:
+                        continue
+                    out, pending = pending[: cut + 2], pending[cut + 2 :]
+                    now = time.perf_counter()
                     if first:
-                        metrics.ttft.labels(entry.name).observe(time.perf_counter() - started)
+                        outcome.ttft_s = now - started
                         self._prefilled(replica, prefill)
                         first = False
-                    yield chunk
+                    else:
+                        itl.observe(now - last)
+                    last = now
+                    if b'"usage":{' in out or b'"usage": {' in out:
+                        out = _take_stream_usage(out, outcome, strip_usage)
+                    elif not outcome.counted:
+                        outcome.completion_tokens += out.count(b'"delta"') or out.count(b'"text"')
+                    if out:
+                        yield out
+                if pending:
+                    yield pending
             except (aiohttp.ClientError, TimeoutError) as exc:
-                status = 502
+                outcome.status = 502
                 metrics.upstream_errors.labels(entry.name, "stream").inc()
                 yield sse_error(
                     upstream_failed(entry.name, f"stream broke: {type(exc).__name__}: {exc}")
@@ -246,7 +339,10 @@ class Upstream:
             finally:
                 resp.release()
                 self._release(replica, entry.name, None if not first else prefill)
-                self._observe(entry.name, route, status, started)
+                outcome.duration_s = time.perf_counter() - started
+                outcome.replica_seconds = stop_meter()
+                if done is not None:
+                    done(outcome)
 
         return StreamingResponse(
             chunks(),
@@ -295,10 +391,6 @@ class Upstream:
             self._in_flight.pop(replica.id, None)
         self._metrics.in_flight.labels(model).dec()
 
-    def _observe(self, model: str, route: str, status: int, started: float) -> None:
-        self._metrics.requests.labels(model, route, str(status)).inc()
-        self._metrics.duration.labels(model, route).observe(time.perf_counter() - started)
-
 
 def _error_text(payload: bytes) -> str:
     text = payload[:500].decode("utf-8", "replace").strip()
@@ -326,3 +418,22 @@ def _as_openai_error(status: int, payload: bytes) -> Response:
     return error_response(
         ApiError(status, f"The engine rejected the request: {_error_text(payload)}")
     )
+
+
+def _take_stream_usage(out: bytes, outcome: Outcome, strip: bool) -> bytes:
+    """Read the usage of a stream's usage event; drop that event if the client did not ask."""
+    kept: list[bytes] = []
+    for event in out.split(b"\n\n"):
+        if not event:
+            continue
+        if b'"usage"' in event and event.startswith(b"data: "):
+            try:
+                data = json.loads(event[6:])
+            except ValueError:
+                data = None
+            if isinstance(data, dict) and isinstance(data.get("usage"), dict):
+                outcome.take_usage(data["usage"])
+                if strip and not data.get("choices"):
+                    continue
+        kept.append(event + b"\n\n")
+    return b"".join(kept)

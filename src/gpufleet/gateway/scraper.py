@@ -25,8 +25,15 @@ log = logging.getLogger("gpufleet.gateway.scraper")
 
 class EngineScraper:
     def __init__(
-        self, directory: Directory, upstream: Upstream, *, interval_s: float = 0.25
+        self,
+        directory: Directory,
+        upstream: Upstream,
+        *,
+        interval_s: float = 0.25,
+        on_tick: Callable[[], None] | None = None,
     ) -> None:
+        #: Called after every pass (the gateway lets queued requests onto new replicas).
+        self.on_tick = on_tick
         self.directory = directory
         self.upstream = upstream
         self.interval = interval_s
@@ -91,4 +98,6 @@ class EngineScraper:
                 await self.scrape_once()
             except Exception:
                 log.exception("scraping engine metrics failed")
+            if self.on_tick is not None:
+                self.on_tick()
             await asyncio.sleep(self.interval)

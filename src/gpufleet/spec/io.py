@@ -17,9 +17,17 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from gpufleet.errors import SpecError
-from gpufleet.spec.resources import API_VERSION, Model
+from gpufleet.spec.resources import API_VERSION, Model, Tenant
 
-__all__ = ["KINDS", "load_file", "load_text", "parse_document", "read_documents", "validate"]
+__all__ = [
+    "KINDS",
+    "load_file",
+    "load_text",
+    "parse_document",
+    "parse_tenant",
+    "read_documents",
+    "validate",
+]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -126,6 +134,13 @@ def parse_document(raw: object, *, base_dir: Path | None = None) -> Model:
     if cls is None:
         raise SpecError([f"kind {kind!r} is not known here; expected: {', '.join(KINDS)}"])
     return _resolve_paths(validate(cls, raw), base_dir)
+
+
+def parse_tenant(raw: object) -> Tenant:
+    """Validate one ``kind: Tenant`` document."""
+    if isinstance(raw, Mapping) and raw.get("kind") not in (None, "Tenant"):
+        raise SpecError([f"kind must be 'Tenant' (got {raw.get('kind')!r})"])
+    return validate(Tenant, raw)
 
 
 def _resolve_paths(model: Model, base_dir: Path | None) -> Model:

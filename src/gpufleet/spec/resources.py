@@ -28,15 +28,21 @@ from gpufleet.spec.source import Source, parse_source
 __all__ = [
     "API_VERSION",
     "ENGINES",
+    "AccessSpec",
+    "BudgetSpec",
     "EngineName",
+    "LimitsSpec",
     "Metadata",
     "Model",
     "ModelSpec",
     "PlacementPolicy",
+    "PricingSpec",
     "Replicas",
     "Resources",
     "RoutingPolicyName",
     "RoutingSpec",
+    "Tenant",
+    "TenantSpec",
     "TrafficSplit",
 ]
 
@@ -164,6 +170,17 @@ class RoutingSpec(_Resource):
         return self
 
 
+class AccessSpec(_Resource):
+    #: Tenants whose users may call this model. Empty: shared with every tenant.
+    tenants: list[DnsName] = Field(default_factory=list)
+
+
+class PricingSpec(_Resource):
+    #: What one replica costs per hour (USD), overriding GPUs × the catalog's price of the first
+    #: of ``resources.gpuTypes``; CPU models have no catalog price and need it to be charged.
+    per_replica_hour: float | None = Field(default=None, ge=0)
+
+
 class ModelSpec(_Resource):
     source: Annotated[str, AfterValidator(_source)]
     engine: EngineName = "llamacpp"
@@ -177,6 +194,9 @@ class ModelSpec(_Resource):
     embeddings: bool = False
     #: Extra command-line arguments handed to the engine unchanged.
     engine_args: list[str] = Field(default_factory=list)
+    #: Who may call the model (gateway auth): all tenants unless some are named.
+    access: AccessSpec = Field(default_factory=AccessSpec)
+    pricing: PricingSpec = Field(default_factory=PricingSpec)
 
     @property
     def parsed_source(self) -> Source:
@@ -195,4 +215,41 @@ class Model(_Resource):
 
     def document(self) -> dict[str, Any]:
         """The resource as it would be written in YAML (camelCase, defaults included)."""
+        return self.model_dump(by_alias=True, mode="json")
+
+
+class BudgetSpec(_Resource):
+    usd: float = Field(gt=0)
+    period: Literal["day", "week", "month"] = "month"
+
+
+class LimitsSpec(_Resource):
+    """Quotas of a tenant or an API key; absent fields are unlimited."""
+
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    concurrency: int | None = Field(default=None, ge=1)
+    budget: BudgetSpec | None = None
+
+
+class TenantSpec(_Resource):
+    display_name: str = ""
+    limits: LimitsSpec = Field(default_factory=LimitsSpec)
+    #: Queue class of the tenant's requests: interactive ones are served before batch ones.
+    priority: Literal["interactive", "batch"] = "interactive"
+    #: Share of a busy model's capacity relative to other tenants (weighted fair queueing).
+    weight: float = Field(default=1.0, gt=0, le=1000)
+
+
+class Tenant(_Resource):
+    api_version: Literal["gpufleet.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["Tenant"] = "Tenant"
+    metadata: Metadata
+    spec: TenantSpec = Field(default_factory=TenantSpec)
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    def document(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True, mode="json")

@@ -1,5 +1,24 @@
-"""Persistent state: model specs (desired state) and events; SQLite by default, or PostgreSQL."""
+"""Persistent state: model specs, tenants, API keys, the usage ledger and events; SQLite by
+default, or PostgreSQL."""
 
-from gpufleet.store.db import ApplyResult, Event, Store, StoredModel, sqlite_url
+from gpufleet.store.db import (
+    ApplyResult,
+    Event,
+    KeyRecord,
+    Store,
+    StoredModel,
+    StoredTenant,
+    UsageRow,
+    sqlite_url,
+)
 
-__all__ = ["ApplyResult", "Event", "Store", "StoredModel", "sqlite_url"]
+__all__ = [
+    "ApplyResult",
+    "Event",
+    "KeyRecord",
+    "Store",
+    "StoredModel",
+    "StoredTenant",
+    "UsageRow",
+    "sqlite_url",
+]

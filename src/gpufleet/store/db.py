@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    case,
     create_engine,
     delete,
     event,
@@ -35,10 +36,28 @@ from sqlalchemy import (
 from sqlalchemy.exc import SQLAlchemyError
 
 from gpufleet.errors import StoreError
-from gpufleet.spec import Model, parse_document
-from gpufleet.store.tables import HEAD_REVISION, events, metadata, models
+from gpufleet.spec import Model, Tenant, parse_document, parse_tenant
+from gpufleet.store.tables import (
+    HEAD_REVISION,
+    api_keys,
+    events,
+    metadata,
+    models,
+    tenants,
+    usage,
+    usage_daily,
+)
 
-__all__ = ["ApplyResult", "Event", "Store", "StoredModel", "sqlite_url"]
+__all__ = [
+    "ApplyResult",
+    "Event",
+    "KeyRecord",
+    "Store",
+    "StoredModel",
+    "StoredTenant",
+    "UsageRow",
+    "sqlite_url",
+]
 
 ApplyResult = Literal["created", "configured", "unchanged"]
 
@@ -58,6 +77,57 @@ class Event:
     type: str
     reason: str
     message: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTenant:
+    tenant: Tenant
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    prefix: str
+    hash: str
+    tenant: str
+    name: str
+    role: str
+    limits: dict[str, Any] | None
+    created_at: dt.datetime
+    expires_at: dt.datetime | None
+    revoked_at: dt.datetime | None
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """One request in the usage ledger."""
+
+    request_id: str
+    at: dt.datetime
+    tenant: str
+    key_prefix: str
+    model: str
+    replica: str
+    route: str
+    status: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    ttft_ms: float | None
+    duration_ms: float
+    gpu_seconds: float
+    cost_usd: float
+
+    def values(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__slots__}
+
+    @classmethod
+    def from_row(cls, row: Any) -> UsageRow:
+        values = {f: getattr(row, f) for f in cls.__slots__}
+        values["at"] = _aware(values["at"])
+        return cls(**values)
 
 
 # Alembic's own bookkeeping table, as Alembic creates it.
@@ -219,6 +289,279 @@ class Store:
                 conn.execute(select(func.count()).where(events.c.model == model)).scalar_one()
             )
 
+    # -- tenants ----------------------------------------------------------------------------
+
+    def apply_tenant(self, tenant: Tenant) -> ApplyResult:
+        doc = tenant.document()
+        now = _now()
+        with self._write() as conn:
+            row = conn.execute(
+                select(tenants.c.document).where(tenants.c.name == tenant.name)
+            ).first()
+            if row is None:
+                conn.execute(
+                    insert(tenants).values(
+                        name=tenant.name, document=doc, created_at=now, updated_at=now
+                    )
+                )
+                return "created"
+            if row.document == doc:
+                return "unchanged"
+            conn.execute(
+                update(tenants)
+                .where(tenants.c.name == tenant.name)
+                .values(document=doc, updated_at=now)
+            )
+            return "configured"
+
+    def list_tenants(self) -> list[StoredTenant]:
+        with self._connect() as conn:
+            rows = list(conn.execute(select(tenants).order_by(tenants.c.name)))
+        return [
+            StoredTenant(parse_tenant(r.document), _aware(r.created_at), _aware(r.updated_at))
+            for r in rows
+        ]
+
+    def delete_tenant(self, name: str) -> bool:
+        """Delete a tenant and revoke its keys (their rows stay: the ledger refers to them)."""
+        now = _now()
+        with self._write() as conn:
+            gone = conn.execute(delete(tenants).where(tenants.c.name == name)).rowcount > 0
+            if gone:
+                conn.execute(
+                    update(api_keys)
+                    .where(api_keys.c.tenant == name, api_keys.c.revoked_at.is_(None))
+                    .values(revoked_at=now, updated_at=now)
+                )
+            return gone
+
+    # -- API keys ---------------------------------------------------------------------------
+
+    def add_key(self, key: KeyRecord) -> None:
+        with self._write() as conn:
+            conn.execute(
+                insert(api_keys).values(
+                    prefix=key.prefix,
+                    hash=key.hash,
+                    tenant=key.tenant,
+                    name=key.name,
+                    role=key.role,
+                    limits=key.limits,
+                    created_at=key.created_at,
+                    expires_at=key.expires_at,
+                    revoked_at=key.revoked_at,
+                    updated_at=key.updated_at,
+                )
+            )
+
+    def list_keys(
+        self, *, tenant: str | None = None, changed_since: dt.datetime | None = None
+    ) -> list[KeyRecord]:
+        query = select(api_keys).order_by(api_keys.c.created_at)
+        if tenant is not None:
+            query = query.where(api_keys.c.tenant == tenant)
+        if changed_since is not None:
+            query = query.where(api_keys.c.updated_at >= changed_since)
+        with self._connect() as conn:
+            return [_key(r) for r in conn.execute(query)]
+
+    def get_key(self, prefix: str) -> KeyRecord | None:
+        with self._connect() as conn:
+            row = conn.execute(select(api_keys).where(api_keys.c.prefix == prefix)).first()
+        return _key(row) if row is not None else None
+
+    def revoke_key(self, prefix: str) -> KeyRecord | None:
+        now = _now()
+        with self._write() as conn:
+            conn.execute(
+                update(api_keys)
+                .where(api_keys.c.prefix == prefix, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=now, updated_at=now)
+            )
+            row = conn.execute(select(api_keys).where(api_keys.c.prefix == prefix)).first()
+        return _key(row) if row is not None else None
+
+    def replace_key_hash(self, prefix: str, hash: str, *, tenant: str, role: str) -> None:
+        """Set a key's secret (the bootstrap admin key taken from the environment)."""
+        now = _now()
+        with self._write() as conn:
+            conn.execute(delete(api_keys).where(api_keys.c.prefix == prefix))
+            conn.execute(
+                insert(api_keys).values(
+                    prefix=prefix,
+                    hash=hash,
+                    tenant=tenant,
+                    name="bootstrap-admin",
+                    role=role,
+                    limits=None,
+                    created_at=now,
+                    expires_at=None,
+                    revoked_at=None,
+                    updated_at=now,
+                )
+            )
+
+    # -- usage ledger -----------------------------------------------------------------------
+
+    def record_usage(self, rows: Sequence[UsageRow]) -> int:
+        """Insert ledger rows and fold them into the daily rollups, in one transaction.
+
+        A row whose request id is already in the ledger is skipped, and so are its rollup
+        counts (at most once, even when a batch is retried). Returns the rows inserted.
+        """
+        if not rows:
+            return 0
+        with self._write() as conn:
+            ids = [r.request_id for r in rows]
+            seen = set(
+                conn.execute(select(usage.c.request_id).where(usage.c.request_id.in_(ids)))
+                .scalars()
+                .all()
+            )
+            fresh: dict[str, UsageRow] = {}
+            for r in rows:
+                if r.request_id not in seen:
+                    fresh.setdefault(r.request_id, r)
+            if not fresh:
+                return 0
+            conn.execute(insert(usage), [r.values() for r in fresh.values()])
+            rollup: dict[tuple[dt.date, str, str, str], list[float]] = {}
+            for r in fresh.values():
+                k = (r.at.astimezone(dt.UTC).date(), r.tenant, r.key_prefix, r.model)
+                acc = rollup.setdefault(k, [0, 0, 0, 0, 0, 0.0, 0.0])
+                acc[0] += 1
+                acc[1] += 1 if r.status >= 400 else 0
+                acc[2] += r.prompt_tokens
+                acc[3] += r.cached_tokens
+                acc[4] += r.completion_tokens
+                acc[5] += r.gpu_seconds
+                acc[6] += r.cost_usd
+            for (day, tenant, key, model), acc in rollup.items():
+                where = (
+                    (usage_daily.c.day == day)
+                    & (usage_daily.c.tenant == tenant)
+                    & (usage_daily.c.key_prefix == key)
+                    & (usage_daily.c.model == model)
+                )
+                c = usage_daily.c
+                done = conn.execute(
+                    update(usage_daily)
+                    .where(where)
+                    .values(
+                        requests=c.requests + int(acc[0]),
+                        errors=c.errors + int(acc[1]),
+                        prompt_tokens=c.prompt_tokens + int(acc[2]),
+                        cached_tokens=c.cached_tokens + int(acc[3]),
+                        completion_tokens=c.completion_tokens + int(acc[4]),
+                        gpu_seconds=c.gpu_seconds + acc[5],
+                        cost_usd=c.cost_usd + acc[6],
+                    )
+                ).rowcount
+                if not done:
+                    conn.execute(
+                        insert(usage_daily).values(
+                            day=day,
+                            tenant=tenant,
+                            key_prefix=key,
+                            model=model,
+                            requests=int(acc[0]),
+                            errors=int(acc[1]),
+                            prompt_tokens=int(acc[2]),
+                            cached_tokens=int(acc[3]),
+                            completion_tokens=int(acc[4]),
+                            gpu_seconds=acc[5],
+                            cost_usd=acc[6],
+                        )
+                    )
+            return len(fresh)
+
+    def usage_rows(
+        self,
+        *,
+        since: dt.datetime | None = None,
+        tenant: str | None = None,
+        limit: int = 1000,
+    ) -> list[UsageRow]:
+        query = select(usage).order_by(usage.c.id.desc()).limit(limit)
+        if since is not None:
+            query = query.where(usage.c.at >= since)
+        if tenant is not None:
+            query = query.where(usage.c.tenant == tenant)
+        with self._connect() as conn:
+            rows = list(conn.execute(query))
+        return [UsageRow.from_row(r) for r in reversed(rows)]
+
+    def usage_report(
+        self,
+        by: Literal["tenant", "model", "key"],
+        *,
+        since: dt.datetime,
+        tenant: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Totals grouped by tenant, model or key from ``since`` until now.
+
+        Whole days come from the daily rollups; the part of the first day after ``since`` is
+        summed from the ledger itself (its time index keeps that to one day's rows), so a
+        report stays exact and fast at millions of rows.
+        """
+        since = since.astimezone(dt.UTC)
+        first_full_day = since.date() + dt.timedelta(days=1)
+        if since.time() == dt.time(0, 0):
+            first_full_day = since.date()
+        d, u = usage_daily.c, usage.c
+        dim_d = {"tenant": d.tenant, "model": d.model, "key": d.key_prefix}[by]
+        dim_u = {"tenant": u.tenant, "model": u.model, "key": u.key_prefix}[by]
+        q_daily = select(
+            dim_d.label("name"),
+            func.sum(d.requests),
+            func.sum(d.errors),
+            func.sum(d.prompt_tokens),
+            func.sum(d.cached_tokens),
+            func.sum(d.completion_tokens),
+            func.sum(d.gpu_seconds),
+            func.sum(d.cost_usd),
+        ).where(d.day >= first_full_day)
+        q_raw = select(
+            dim_u.label("name"),
+            func.count(),
+            func.sum(case((u.status >= 400, 1), else_=0)),
+            func.sum(u.prompt_tokens),
+            func.sum(u.cached_tokens),
+            func.sum(u.completion_tokens),
+            func.sum(u.gpu_seconds),
+            func.sum(u.cost_usd),
+        ).where(
+            u.at >= since,
+            u.at < dt.datetime.combine(first_full_day, dt.time(0, 0), dt.UTC),
+        )
+        if tenant is not None:
+            q_daily = q_daily.where(d.tenant == tenant)
+            q_raw = q_raw.where(u.tenant == tenant)
+        totals: dict[str, list[float]] = {}
+        with self._connect() as conn:
+            for query in (q_daily.group_by(dim_d), q_raw.group_by(dim_u)):
+                for row in conn.execute(query):
+                    acc = totals.setdefault(str(row[0]), [0, 0, 0, 0, 0, 0.0, 0.0])
+                    for i in range(7):
+                        acc[i] += row[i + 1] or 0
+        fields = (
+            "requests",
+            "errors",
+            "prompt_tokens",
+            "cached_tokens",
+            "completion_tokens",
+            "gpu_seconds",
+            "cost_usd",
+        )
+        out = []
+        for name in sorted(totals):
+            acc = totals[name]
+            item: dict[str, Any] = {by: name}
+            for i, f in enumerate(fields):
+                item[f] = round(acc[i], 6) if i >= 5 else int(acc[i])
+            out.append(item)
+        return out
+
     # -- plumbing ---------------------------------------------------------------------------
 
     @contextmanager
@@ -233,6 +576,21 @@ class Store:
     def _write(self) -> Iterator[Connection]:
         with self._write_lock, self._connect() as conn:
             yield conn
+
+
+def _key(row: Any) -> KeyRecord:
+    return KeyRecord(
+        prefix=row.prefix,
+        hash=row.hash,
+        tenant=row.tenant,
+        name=row.name,
+        role=row.role,
+        limits=row.limits,
+        created_at=_aware(row.created_at),
+        expires_at=_aware(row.expires_at) if row.expires_at is not None else None,
+        revoked_at=_aware(row.revoked_at) if row.revoked_at is not None else None,
+        updated_at=_aware(row.updated_at),
+    )
 
 
 def _stored(row: Any) -> StoredModel:

@@ -6,20 +6,32 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Column,
+    Date,
     DateTime,
+    Float,
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
     UniqueConstraint,
 )
 
-__all__ = ["HEAD_REVISION", "events", "metadata", "models"]
+__all__ = [
+    "HEAD_REVISION",
+    "api_keys",
+    "events",
+    "metadata",
+    "models",
+    "tenants",
+    "usage",
+    "usage_daily",
+]
 
 #: The newest migration; a test checks it against the migration scripts.
-HEAD_REVISION = "0001"
+HEAD_REVISION = "0002"
 
 metadata = MetaData()
 
@@ -50,4 +62,81 @@ events = Table(
     Column("reason", String(64), nullable=False),
     Column("message", Text, nullable=False),
     Index("ix_events_model_at", "namespace", "model", "at"),
+)
+
+_BIGINT = BigInteger().with_variant(Integer, "sqlite")
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("name", String(63), primary_key=True),
+    Column("document", JSON, nullable=False),  # the Tenant resource (limits, priority, weight)
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    # The key's first characters ("gpf_" + 8): shown in listings, used to find the key.
+    Column("prefix", String(16), primary_key=True),
+    # SHA-256 of the whole key; the key itself is never stored (keys are 192 random bits, so a
+    # fast hash is the right one: nothing to brute-force).
+    Column("hash", String(64), nullable=False),
+    Column("tenant", String(63), nullable=False),
+    Column("name", String(63), nullable=False),
+    Column("role", String(16), nullable=False),  # admin | operator | user
+    Column("limits", JSON, nullable=True),  # per-key quotas (LimitsSpec document) or NULL
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=True),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+    # Gateways poll for rows changed since their last look (revocation within a second).
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_api_keys_updated", "updated_at"),
+    Index("ix_api_keys_tenant", "tenant"),
+)
+
+usage = Table(
+    "usage",
+    metadata,
+    Column("id", _BIGINT, primary_key=True, autoincrement=True),
+    # At most once per request: a retried batch cannot count a request twice.
+    Column("request_id", String(128), nullable=False, unique=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("tenant", String(63), nullable=False),
+    Column("key_prefix", String(16), nullable=False),
+    Column("model", String(63), nullable=False),
+    Column("replica", String(128), nullable=False),
+    Column("route", String(32), nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("cached_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("ttft_ms", Float, nullable=True),
+    Column("duration_ms", Float, nullable=False),
+    Column("gpu_seconds", Float, nullable=False),
+    Column("cost_usd", Float, nullable=False),
+    Index("ix_usage_at", "at"),
+    Index("ix_usage_tenant_at", "tenant", "at"),
+    Index("ix_usage_model_at", "model", "at"),
+    Index("ix_usage_key_at", "key_prefix", "at"),
+)
+
+# Daily rollups kept with every batch written to ``usage``: reports over months read these,
+# not millions of rows.
+usage_daily = Table(
+    "usage_daily",
+    metadata,
+    Column("day", Date, nullable=False),
+    Column("tenant", String(63), nullable=False),
+    Column("key_prefix", String(16), nullable=False),
+    Column("model", String(63), nullable=False),
+    Column("requests", _BIGINT, nullable=False),
+    Column("errors", _BIGINT, nullable=False),
+    Column("prompt_tokens", _BIGINT, nullable=False),
+    Column("cached_tokens", _BIGINT, nullable=False),
+    Column("completion_tokens", _BIGINT, nullable=False),
+    Column("gpu_seconds", Float, nullable=False),
+    Column("cost_usd", Float, nullable=False),
+    PrimaryKeyConstraint("day", "tenant", "key_prefix", "model", name="pk_usage_daily"),
 )

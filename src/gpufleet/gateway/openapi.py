@@ -1,0 +1,305 @@
+"""The gateway's OpenAPI 3.1 document (``GET /openapi.json``).
+
+Written by hand, not generated: the hot path uses plain Starlette routes with hand-written
+validation (microseconds, field-named errors), so there are no pydantic request models to
+derive it from. A test fuzzes the running gateway against this document (schemathesis), which
+keeps the two honest with each other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["openapi_document"]
+
+_ERROR = {
+    "description": "An OpenAI-style error",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {
+                    "error": {
+                        "type": "object",
+                        "required": ["message", "type"],
+                        "properties": {
+                            "message": {"type": "string"},
+                            "type": {"type": "string"},
+                            "param": {"type": ["string", "null"]},
+                            "code": {"type": ["string", "null"]},
+                        },
+                    }
+                },
+            }
+        }
+    },
+}
+_ANY_JSON = {"content": {"application/json": {"schema": {"type": "object"}}}}
+_ERRORS = {str(code): _ERROR for code in (400, 401, 403, 404, 405, 409, 413, 422, 429, 502, 503)}
+
+_MESSAGE = {
+    "type": "object",
+    "required": ["role", "content"],
+    "properties": {
+        "role": {"type": "string", "enum": ["system", "user", "assistant"]},
+        "content": {"type": "string", "maxLength": 200},
+    },
+}
+_SAMPLING = {
+    "max_tokens": {"type": "integer", "minimum": 1, "maximum": 16},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+    "stream": {"type": "boolean"},
+    "user": {"type": "string", "maxLength": 64},
+}
+
+
+def _inference(summary: str, body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+            "responses": {
+                "200": {"description": "The engine's answer (JSON, or SSE when streaming)"},
+                **_ERRORS,
+            },
+        }
+    }
+
+
+def _admin(
+    method: str,
+    summary: str,
+    *,
+    body: dict[str, Any] | None = None,
+    params: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "responses": {"200": {"description": "OK", **_ANY_JSON}, **_ERRORS},
+    }
+    if method == "post" and "key" in summary.lower():
+        op["responses"]["201"] = {"description": "Created", **_ANY_JSON}
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    if params:
+        op["parameters"] = params
+    return {method: op}
+
+
+def _path_param(name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[a-z0-9_-]{1,40}$"},
+    }
+
+
+def _query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema}
+
+
+_LIMITS = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "requestsPerMinute": {"type": "integer", "minimum": 1},
+        "tokensPerMinute": {"type": "integer", "minimum": 1},
+        "concurrency": {"type": "integer", "minimum": 1},
+        "budget": {
+            "type": "object",
+            "required": ["usd"],
+            "properties": {
+                "usd": {"type": "number", "exclusiveMinimum": 0},
+                "period": {"type": "string", "enum": ["day", "week", "month"]},
+            },
+        },
+    },
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    paths: dict[str, Any] = {
+        "/v1/chat/completions": _inference(
+            "Chat completion",
+            {
+                "type": "object",
+                "required": ["model", "messages"],
+                "properties": {
+                    "model": {"type": "string"},
+                    "messages": {"type": "array", "items": _MESSAGE, "minItems": 1, "maxItems": 4},
+                    **_SAMPLING,
+                },
+            },
+        ),
+        "/v1/completions": _inference(
+            "Text completion",
+            {
+                "type": "object",
+                "required": ["model", "prompt"],
+                "properties": {
+                    "model": {"type": "string"},
+                    "prompt": {"type": "string", "maxLength": 400},
+                    **_SAMPLING,
+                },
+            },
+        ),
+        "/v1/embeddings": _inference(
+            "Embeddings",
+            {
+                "type": "object",
+                "required": ["model", "input"],
+                "properties": {
+                    "model": {"type": "string"},
+                    "input": {
+                        "oneOf": [
+                            {"type": "string", "maxLength": 400},
+                            {
+                                "type": "array",
+                                "items": {"type": "string", "maxLength": 100},
+                                "maxItems": 4,
+                            },
+                        ]
+                    },
+                },
+            },
+        ),
+        "/v1/models": {
+            "get": {
+                "summary": "Models this key may use",
+                "responses": {"200": {"description": "OK", **_ANY_JSON}, **_ERRORS},
+            }
+        },
+        "/v1/models/{name}": {
+            "get": {
+                "summary": "One model",
+                "parameters": [_path_param("name")],
+                "responses": {"200": {"description": "OK", **_ANY_JSON}, **_ERRORS},
+            }
+        },
+        "/healthz": {
+            "get": {
+                "summary": "Liveness",
+                "security": [],
+                "responses": {"200": {"description": "OK"}},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Readiness",
+                "security": [],
+                "responses": {
+                    "200": {"description": "Ready"},
+                    "503": {"description": "A model has no ready replica"},
+                },
+            }
+        },
+        "/admin/v1/models": {
+            **_admin("get", "List models (operator)"),
+            **_admin(
+                "post",
+                "Apply model documents, all or nothing (operator)",
+                body={
+                    "type": "object",
+                    "required": ["documents"],
+                    "properties": {"documents": {"type": "array", "items": {"type": "object"}}},
+                },
+            ),
+        },
+        "/admin/v1/models/{name}": {
+            **_admin("get", "One model (operator)", params=[_path_param("name")]),
+            **_admin("delete", "Delete a model (operator)", params=[_path_param("name")]),
+        },
+        "/admin/v1/replicas": _admin(
+            "get", "Replicas (operator)", params=[_query("model", {"type": "string"})]
+        ),
+        "/admin/v1/events": _admin(
+            "get", "Events (operator)", params=[_query("model", {"type": "string"})]
+        ),
+        "/admin/v1/tenants": {
+            **_admin("get", "List tenants (admin)"),
+            **_admin(
+                "post",
+                "Create or update a tenant (admin)",
+                body={
+                    "type": "object",
+                    "required": ["metadata"],
+                    "properties": {
+                        "metadata": {
+                            "type": "object",
+                            "required": ["name"],
+                            "properties": {"name": {"type": "string"}},
+                        },
+                        "spec": {
+                            "type": "object",
+                            "properties": {
+                                "limits": _LIMITS,
+                                "priority": {"type": "string", "enum": ["interactive", "batch"]},
+                                "weight": {
+                                    "type": "number",
+                                    "exclusiveMinimum": 0,
+                                    "maximum": 1000,
+                                },
+                            },
+                        },
+                    },
+                },
+            ),
+        },
+        "/admin/v1/tenants/{name}": _admin(
+            "delete", "Delete a tenant and revoke its keys (admin)", params=[_path_param("name")]
+        ),
+        "/admin/v1/tenants/{name}/quota": _admin(
+            "get", "A tenant's quota use (admin)", params=[_path_param("name")]
+        ),
+        "/admin/v1/keys": {
+            **_admin("get", "List API keys (admin)", params=[_query("tenant", {"type": "string"})]),
+            **_admin(
+                "post",
+                "Create an API key, shown once (admin)",
+                body={
+                    "type": "object",
+                    "properties": {
+                        "tenant": {"type": "string"},
+                        "name": {"type": "string"},
+                        "role": {"type": "string", "enum": ["admin", "operator", "user"]},
+                        "limits": _LIMITS,
+                        "expires_in_days": {"type": "number"},
+                    },
+                },
+            ),
+        },
+        "/admin/v1/keys/{prefix}": _admin(
+            "delete", "Revoke an API key (admin)", params=[_path_param("prefix")]
+        ),
+        "/admin/v1/usage": _admin(
+            "get",
+            "Usage totals (operator)",
+            params=[
+                _query("by", {"type": "string", "enum": ["tenant", "model", "key"]}),
+                _query("since", {"type": "string"}),
+                _query("tenant", {"type": "string"}),
+            ],
+        ),
+        "/admin/v1/usage/requests": _admin(
+            "get",
+            "Ledger rows (operator)",
+            params=[
+                _query("since", {"type": "string"}),
+                _query("tenant", {"type": "string"}),
+                _query("limit", {"type": "integer"}),
+            ],
+        ),
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "gpufleet gateway",
+            "version": "v1",
+            "description": "OpenAI-compatible inference API and the gpufleet admin API",
+        },
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}],
+        "paths": paths,
+    }

@@ -1,0 +1,57 @@
+"""What a replica costs per second, and a bound on what one request may cost before it runs.
+
+A replica's price per hour is ``spec.pricing.perReplicaHour`` when given, otherwise its GPUs ×
+the catalog's price of the first GPU type it accepts (``spec.resources.gpuTypes``); a CPU model
+without a price costs nothing (its usage is still counted in tokens and seconds).
+
+Budgets are reserved before a request runs, so the gateway needs an upper estimate of its cost:
+tokens × the replica-seconds per token the model has been seen to take (a moving average,
+doubled for safety), never below the cost of generating them alone at ``FLOOR_TOKENS_PER_S``.
+"""
+
+from __future__ import annotations
+
+from gpufleet.controller import ModelEntry
+from gpufleet.hardware import CATALOG
+
+__all__ = ["FLOOR_TOKENS_PER_S", "Pricing", "replica_price_per_hour"]
+
+#: A slow single stream; busy-time shares per token are far smaller once requests batch.
+FLOOR_TOKENS_PER_S = 20.0
+_ALPHA = 0.05
+
+
+def replica_price_per_hour(entry: ModelEntry) -> float:
+    spec = entry.spec
+    if spec.pricing.per_replica_hour is not None:
+        return spec.pricing.per_replica_hour
+    gpus = spec.resources.gpus
+    for name in spec.resources.gpu_types:
+        accelerator = CATALOG.get(name)
+        if accelerator is not None:
+            return gpus * accelerator.price_per_hour
+    return 0.0
+
+
+class Pricing:
+    def __init__(self) -> None:
+        self._seconds_per_token: dict[str, float] = {}
+
+    def per_second(self, entry: ModelEntry) -> float:
+        return replica_price_per_hour(entry) / 3600.0
+
+    def estimate(self, entry: ModelEntry, tokens: int) -> float:
+        price = self.per_second(entry)
+        if not price:
+            return 0.0
+        learnt = 2.0 * self._seconds_per_token.get(entry.name, 0.0)
+        return tokens * max(learnt, 1.0 / FLOOR_TOKENS_PER_S) * price
+
+    def observe(self, entry: ModelEntry, replica_seconds: float, tokens: int) -> None:
+        if tokens <= 0:
+            return
+        sample = replica_seconds / tokens
+        old = self._seconds_per_token.get(entry.name)
+        self._seconds_per_token[entry.name] = (
+            sample if old is None else old + _ALPHA * (sample - old)
+        )
