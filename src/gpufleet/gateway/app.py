@@ -473,7 +473,7 @@ def build_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi(_: Request) -> Response:
-        return JSONResponse(openapi_document())
+        return JSONResponse(openapi_document([e.name for e in directory.entries()]))
 
     async def on_api_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)

@@ -119,7 +119,11 @@ _LIMITS = {
 }
 
 
-def openapi_document() -> dict[str, Any]:
+def openapi_document(models: list[str] | None = None) -> dict[str, Any]:
+    """The document; ``models`` (those served now) become the enum of the ``model`` fields."""
+    model: dict[str, Any] = {"type": "string"}
+    if models:
+        model["enum"] = sorted(models)
     paths: dict[str, Any] = {
         "/v1/chat/completions": _inference(
             "Chat completion",
@@ -127,7 +131,7 @@ def openapi_document() -> dict[str, Any]:
                 "type": "object",
                 "required": ["model", "messages"],
                 "properties": {
-                    "model": {"type": "string"},
+                    "model": model,
                     "messages": {"type": "array", "items": _MESSAGE, "minItems": 1, "maxItems": 4},
                     **_SAMPLING,
                 },
@@ -139,7 +143,7 @@ def openapi_document() -> dict[str, Any]:
                 "type": "object",
                 "required": ["model", "prompt"],
                 "properties": {
-                    "model": {"type": "string"},
+                    "model": model,
                     "prompt": {"type": "string", "maxLength": 400},
                     **_SAMPLING,
                 },
@@ -151,7 +155,7 @@ def openapi_document() -> dict[str, Any]:
                 "type": "object",
                 "required": ["model", "input"],
                 "properties": {
-                    "model": {"type": "string"},
+                    "model": model,
                     "input": {
                         "oneOf": [
                             {"type": "string", "maxLength": 400},
@@ -229,7 +233,13 @@ def openapi_document() -> dict[str, Any]:
                         "metadata": {
                             "type": "object",
                             "required": ["name"],
-                            "properties": {"name": {"type": "string"}},
+                            "additionalProperties": False,
+                            "properties": {
+                                "name": {
+                                    "type": "string",
+                                    "pattern": "^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$",
+                                }
+                            },
                         },
                         "spec": {
                             "type": "object",
