@@ -76,6 +76,7 @@ class Site:
     ledger: Ledger
     keys: dict[str, str]
     http: aiohttp.ClientSession
+    ports: dict[str, int]
     clients: list[AsyncOpenAI] = field(default_factory=list)
 
     def client(self, who: str | None) -> AsyncOpenAI:
@@ -142,7 +143,7 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
                 if all(e.endpoints for e in controller.directory.entries()):
                     break
                 await asyncio.sleep(0.02)
-            here = Site(url, store, keyring, ledger, keys, http)
+            here = Site(url, store, keyring, ledger, keys, http, ports)
             yield here
             for client in here.clients:
                 await client.close()
@@ -426,3 +427,52 @@ async def test_three_gateways_sharing_redis_admit_a_quota_exactly(site: Site) ->
             await controller.stop()
             await app.state.upstream.close()
             await quotas.close()
+
+
+async def test_a_busy_model_serves_tenants_fairly_and_interactive_first(site: Site) -> None:
+    """One slot per replica: acme floods 8 requests, then globex sends one and acme one more
+    marked batch; globex's is served next, acme's batch request last."""
+    from gpufleet.gateway import GatewaySettings
+
+    site.store.apply_tenant(tenant("globex"))
+    site.keyring.load()
+    perf = PerfModel(load_architecture(CONFIG), CATALOG["H100"])
+    slow = ReplicaServer(EmulatedEngine(perf, 400_000, time_scale=1.0), "shared")
+    port = free_port()
+    await slow.start("127.0.0.1", port)
+    controller = Controller(site.store, FakeRuntime(lambda _r, _i: f"http://127.0.0.1:{port}"))
+    await controller.start()
+    app = build_app(controller, keyring=site.keyring, settings=GatewaySettings(slots_per_replica=1))
+    finished: list[str] = []
+    try:
+        async with serving(app) as url:
+            for _ in range(200):
+                if all(e.endpoints for e in controller.directory.entries()):
+                    break
+                await asyncio.sleep(0.02)
+
+            async def one(who: str, tag: str, *, batch: bool = False) -> None:
+                headers = {"authorization": f"Bearer {site.keys[who]}"}
+                if batch:
+                    headers["x-gpufleet-priority"] = "batch"
+                body = {"model": "shared", "messages": HI, "max_tokens": 8}
+                async with site.http.post(
+                    url + "/v1/chat/completions", data=json.dumps(body).encode(), headers=headers
+                ) as resp:
+                    assert resp.status == 200, await resp.text()
+                finished.append(tag)
+
+            flood = [asyncio.create_task(one("acme", f"acme-{i}")) for i in range(8)]
+            await asyncio.sleep(0.1)  # acme's requests hold the slot and fill the queue
+            late = [
+                asyncio.create_task(one("acme", "acme-batch", batch=True)),
+                asyncio.create_task(one("globex", "globex")),
+            ]
+            await asyncio.gather(*flood, *late)
+    finally:
+        await app.state.close()
+        await controller.stop()
+        await app.state.upstream.close()
+        await slow.stop()
+    assert finished.index("globex") <= 2  # not behind acme's backlog of 7
+    assert finished[-1] == "acme-batch"
