@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The key benchmarks authenticate with: bench/gateway_only.py installs it as a user key, and
+#: gpufleet up takes it as its admin key (GPUFLEET_ADMIN_KEY) when a bench starts one.
+BENCH_KEY = "gpf_benchmark-key-not-a-secret-0000000"
+AUTH = {"authorization": f"Bearer {BENCH_KEY}"}
 
 
 def free_port() -> int:
@@ -30,7 +34,7 @@ def spawn(*args: str, stdout: Any = subprocess.DEVNULL) -> subprocess.Popen[str]
         stderr=subprocess.DEVNULL,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "GPUFLEET_ADMIN_KEY": BENCH_KEY},
     )
 
 
@@ -38,7 +42,9 @@ def wait_http(url: str, timeout: float = 120.0) -> float:
     start = time.perf_counter()
     while time.perf_counter() - start < timeout:
         try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
+            with urllib.request.urlopen(
+                urllib.request.Request(url, headers=AUTH), timeout=2
+            ) as resp:
                 if resp.status == 200:
                     return time.perf_counter() - start
         except OSError:
@@ -47,7 +53,7 @@ def wait_http(url: str, timeout: float = 120.0) -> float:
 
 
 def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=10) as resp:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=AUTH), timeout=10) as resp:
         return json.loads(resp.read())
 
 

@@ -1,13 +1,18 @@
 """The production gateway (uvloop + httptools) in front of one fixed upstream URL.
 
 The same ``build_app`` ``gpufleet up`` serves, with the in-memory runtime standing in for the
-engine processes, so the bench measures the gateway's code path and nothing else.
-Run: python bench/gateway_only.py PORT UPSTREAM_URL [MODEL REPLICAS POLICY]
+engine processes, so the bench measures the gateway's code path and nothing else. As in
+production, every request is authenticated (``Authorization: Bearer`` + ``common.BENCH_KEY``),
+admitted against its tenant's and key's quotas (limits set, high enough never to refuse), and
+written to the usage ledger (SQLite in a temporary directory); ``--no-auth`` turns all three
+off, ``--redis URL`` keeps quota counters in Redis as several gateways would.
+Run: python bench/gateway_only.py PORT UPSTREAM_URL [MODEL REPLICAS POLICY] [--no-auth] [--redis URL]
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import datetime as dt
 import tempfile
 from pathlib import Path
 
@@ -16,11 +21,15 @@ import uvloop
 
 from gpufleet.controller import Controller
 from gpufleet.embedded import bind_socket
+from common import BENCH_KEY
 from gpufleet.gateway import build_app
+from gpufleet.gateway.auth import Keyring, hash_key
+from gpufleet.gateway.ledger import Ledger
+from gpufleet.gateway.quotas import make_quotas
 from gpufleet.gateway.scraper import EngineScraper
 from gpufleet.runtime.fake import FakeRuntime
-from gpufleet.spec import load_text
-from gpufleet.store import Store, sqlite_url
+from gpufleet.spec import API_VERSION, load_text, parse_tenant
+from gpufleet.store import KeyRecord, Store, sqlite_url
 
 MODEL = """apiVersion: gpufleet.io/v1alpha1
 kind: Model
@@ -32,8 +41,51 @@ spec:
 """
 
 
+#: Limits checked on every request, high enough never to refuse one in a benchmark.
+LIMITS = {"requestsPerMinute": 10**9, "tokensPerMinute": 10**12, "concurrency": 10**6}
+
+
+def tenancy(store: Store) -> Keyring:
+    """Tenant ``bench`` with limits, and ``BENCH_KEY`` as a user key of it."""
+    store.apply_tenant(
+        parse_tenant(
+            {
+                "apiVersion": API_VERSION,
+                "kind": "Tenant",
+                "metadata": {"name": "bench"},
+                "spec": {"limits": LIMITS},
+            }
+        )
+    )
+    now = dt.datetime.now(dt.UTC)
+    store.add_key(
+        KeyRecord(
+            BENCH_KEY[:12],
+            hash_key(BENCH_KEY),
+            "bench",
+            "bench",
+            "user",
+            LIMITS,
+            now,
+            None,
+            None,
+            now,
+        )
+    )
+    keyring = Keyring(store)
+    keyring.load()
+    return keyring
+
+
 async def main(
-    port: int, upstream: str, name: str = "null-model", replicas: int = 1, policy: str = "prefix"
+    port: int,
+    upstream: str,
+    name: str = "null-model",
+    replicas: int = 1,
+    policy: str = "prefix",
+    *,
+    auth: bool = True,
+    redis: str | None = None,
 ) -> None:
     """Serve the gateway; with several replicas, replica i is at upstream's port + i."""
     host, _, base = upstream.rpartition(":")
@@ -44,8 +96,17 @@ async def main(
         controller = Controller(store, runtime)
         await controller.start()
         await controller.apply(load_text(MODEL.format(name=name, replicas=replicas, policy=policy)))
-        app = build_app(controller)
-        scraper = EngineScraper(controller.directory, app.state.upstream)
+        keyring = tenancy(store) if auth else None
+        ledger = Ledger(store) if auth else None
+        quotas = make_quotas(redis)
+        if keyring is not None:
+            await keyring.start()
+        if ledger is not None:
+            ledger.start()
+        app = build_app(controller, keyring=keyring, quotas=quotas, ledger=ledger)
+        scraper = EngineScraper(
+            controller.directory, app.state.upstream, on_tick=app.state.queues.poke_all
+        )
         scraper.start()
         server = uvicorn.Server(
             uvicorn.Config(
@@ -56,13 +117,27 @@ async def main(
             await server.serve(sockets=[sock])
         finally:
             await scraper.close()
+            await app.state.close()
+            if ledger is not None:
+                await ledger.close()
+            if keyring is not None:
+                await keyring.close()
+            await quotas.close()
             await controller.stop()
             await app.state.upstream.close()
             store.close()
 
 
 if __name__ == "__main__":
-    extra = sys.argv[3:6]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("port", type=int)
+    parser.add_argument("upstream")
+    parser.add_argument("model", nargs="?", default="null-model")
+    parser.add_argument("replicas", nargs="?", type=int, default=1)
+    parser.add_argument("policy", nargs="?", default="prefix")
+    parser.add_argument("--no-auth", action="store_true", help="no keys, quotas or ledger")
+    parser.add_argument("--redis", help="quota counters in this Redis")
+    a = parser.parse_args()
     uvloop.run(
-        main(int(sys.argv[1]), sys.argv[2], *extra[:1], *(int(x) for x in extra[1:2]), *extra[2:3])
+        main(a.port, a.upstream, a.model, a.replicas, a.policy, auth=not a.no_auth, redis=a.redis)
     )

@@ -22,7 +22,7 @@ import time
 import aiohttp
 import uvloop
 
-from common import free_port, get_json, spawn, stop, summary, table, wait_http
+from common import AUTH, free_port, get_json, spawn, stop, summary, table, wait_http
 
 CHAT = {"messages": [{"role": "user", "content": "Say yes."}], "max_tokens": 1, "temperature": 0}
 
@@ -35,7 +35,7 @@ async def alternate(
             direct: json.dumps({**CHAT, "model": model_direct}).encode(),
             gateway: json.dumps({**CHAT, "model": model_gw}).encode(),
         }
-        headers = {"content-type": "application/json"}
+        headers = {"content-type": "application/json", **AUTH}
         times: dict[str, list[float]] = {direct: [], gateway: []}
         for i in range(n + 50):
             for url in (direct, gateway) if i % 2 == 0 else (gateway, direct):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import aiohttp
 
-from common import ROOT, free_port, pct, table, wait_http
+from common import AUTH, ROOT, free_port, pct, table, wait_http
 from gpufleet.engines import parse_vllm
 
 CONFIG = ROOT / "tests" / "data" / "configs" / "llama-3-8b.json"
@@ -147,7 +147,7 @@ async def chats(url: str) -> list[float]:
             ttfts.append(ttft)
             messages.append({"role": "assistant", "content": answer})
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=AUTH) as http:
         await asyncio.gather(*(user(u, http) for u in range(48)))
     return ttfts
 
@@ -161,7 +161,7 @@ async def unique(url: str, clients: int = 48, each: int = 6, seed: int = 2) -> l
             ttft, _ = await stream_ttft(http, url, [{"role": "user", "content": text(rng, 1000)}])
             ttfts.append(ttft)
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=AUTH) as http:
         await asyncio.gather(*(client(http) for _ in range(clients)))
     return ttfts
 
@@ -182,7 +182,7 @@ async def burst(url: str) -> list[float]:
         )
         ttfts.append(ttft)
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=AUTH) as http:
         background = asyncio.create_task(unique(url, clients=16, each=4, seed=4))
         await asyncio.sleep(1.0)
         await asyncio.gather(*(one(http, i) for i in range(64)))

@@ -20,7 +20,7 @@ import tempfile
 import time
 import urllib.request
 
-from common import free_port, spawn, stop, table, wait_http
+from common import AUTH, free_port, spawn, stop, table, wait_http
 from gpufleet.runtime.weights import resolve_weights
 from gpufleet.spec import parse_source
 
@@ -39,7 +39,7 @@ def first_token(url: str, model: str) -> None:
     req = urllib.request.Request(
         url,
         data=json.dumps({**CHAT, "model": model}).encode(),
-        headers={"content-type": "application/json"},
+        headers={"content-type": "application/json", **AUTH},
     )
     with urllib.request.urlopen(req, timeout=60) as resp:
         for line in resp:

@@ -436,44 +436,51 @@ class Store:
                 acc[4] += r.completion_tokens
                 acc[5] += r.gpu_seconds
                 acc[6] += r.cost_usd
-            for (day, tenant, key, model), acc in rollup.items():
-                where = (
-                    (usage_daily.c.day == day)
-                    & (usage_daily.c.tenant == tenant)
-                    & (usage_daily.c.key_prefix == key)
-                    & (usage_daily.c.model == model)
-                )
-                c = usage_daily.c
-                done = conn.execute(
-                    update(usage_daily)
-                    .where(where)
-                    .values(
-                        requests=c.requests + int(acc[0]),
-                        errors=c.errors + int(acc[1]),
-                        prompt_tokens=c.prompt_tokens + int(acc[2]),
-                        cached_tokens=c.cached_tokens + int(acc[3]),
-                        completion_tokens=c.completion_tokens + int(acc[4]),
-                        gpu_seconds=c.gpu_seconds + acc[5],
-                        cost_usd=c.cost_usd + acc[6],
-                    )
-                ).rowcount
-                if not done:
-                    conn.execute(
-                        insert(usage_daily).values(
-                            day=day,
-                            tenant=tenant,
-                            key_prefix=key,
-                            model=model,
-                            requests=int(acc[0]),
-                            errors=int(acc[1]),
-                            prompt_tokens=int(acc[2]),
-                            cached_tokens=int(acc[3]),
-                            completion_tokens=int(acc[4]),
-                            gpu_seconds=acc[5],
-                            cost_usd=acc[6],
-                        )
-                    )
+            self._add_rollups(conn, rollup)
             return len(fresh)
+
+    def _add_rollups(
+        self, conn: Connection, rollup: dict[tuple[dt.date, str, str, str], list[float]]
+    ) -> None:
+        """Add to the daily rollups in one statement (an upsert: both dialects have one)."""
+        if self._engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as upsert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as upsert  # type: ignore[assignment]
+        stmt = upsert(usage_daily)
+        added = stmt.excluded
+        c = usage_daily.c
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[c.day, c.tenant, c.key_prefix, c.model],
+            set_={
+                "requests": c.requests + added.requests,
+                "errors": c.errors + added.errors,
+                "prompt_tokens": c.prompt_tokens + added.prompt_tokens,
+                "cached_tokens": c.cached_tokens + added.cached_tokens,
+                "completion_tokens": c.completion_tokens + added.completion_tokens,
+                "gpu_seconds": c.gpu_seconds + added.gpu_seconds,
+                "cost_usd": c.cost_usd + added.cost_usd,
+            },
+        )
+        conn.execute(
+            stmt,
+            [
+                {
+                    "day": day,
+                    "tenant": tenant,
+                    "key_prefix": key,
+                    "model": model,
+                    "requests": int(acc[0]),
+                    "errors": int(acc[1]),
+                    "prompt_tokens": int(acc[2]),
+                    "cached_tokens": int(acc[3]),
+                    "completion_tokens": int(acc[4]),
+                    "gpu_seconds": acc[5],
+                    "cost_usd": acc[6],
+                }
+                for (day, tenant, key, model), acc in sorted(rollup.items())
+            ],
+        )
 
     def usage_rows(
         self,
