@@ -1,10 +1,17 @@
 """An engine that answers instantly with a fixed body: isolates the gateway's own overhead.
 
-Run: python bench/null_engine.py PORT
+A request with ``"stream": true`` gets ``max_tokens`` content chunks (one SSE event, one write
+each, back to back), a finish chunk, a usage chunk when ``stream_options.include_usage`` asks
+for it, and ``[DONE]``. Non-streaming requests are not parsed, so that path costs what it
+always did. ``/health`` answers 200 for routers that probe their workers (vllm-router). With
+``GAP_MS`` the chunks of a stream are that far apart, as an engine's decode steps are.
+Run: python bench/null_engine.py PORT [GAP_MS]
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sys
 
 from aiohttp import web
@@ -16,19 +23,67 @@ BODY = (
 )
 
 
-async def chat(request: web.Request) -> web.Response:
-    await request.read()
-    return web.Response(body=BODY, content_type="application/json")
+def _event(choice: str) -> bytes:
+    chunk = '{"id":"x","object":"chat.completion.chunk","created":0,"model":"null","choices":[%s]}'
+    return b"data: " + (chunk % choice).encode() + b"\n\n"
+
+
+FIRST = _event('{"index":0,"delta":{"role":"assistant","content":"ok"},"finish_reason":null}')
+TOKEN = _event('{"index":0,"delta":{"content":"ok"},"finish_reason":null}')
+FINISH = _event('{"index":0,"delta":{},"finish_reason":"stop"}')
+DONE = b"data: [DONE]\n\n"
+GAP_S = float(sys.argv[2]) / 1000 if len(sys.argv) > 2 else 0.0
+
+
+def _usage(tokens: int) -> bytes:
+    usage = {"prompt_tokens": 5, "completion_tokens": tokens, "total_tokens": 5 + tokens}
+    chunk = {
+        "id": "x",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "null",
+        "choices": [],
+        "usage": usage,
+    }
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    raw = await request.read()
+    if b'"stream"' not in raw:
+        return web.Response(body=BODY, content_type="application/json")
+    data = json.loads(raw)
+    if data.get("stream") is not True:
+        return web.Response(body=BODY, content_type="application/json")
+    tokens = max(1, int(data.get("max_tokens") or 16))
+    resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await resp.prepare(request)
+    await resp.write(FIRST)
+    for _ in range(tokens - 1):
+        if GAP_S:
+            await asyncio.sleep(GAP_S)
+        await resp.write(TOKEN)
+    await resp.write(FINISH)
+    if (data.get("stream_options") or {}).get("include_usage"):
+        await resp.write(_usage(tokens))
+    await resp.write(DONE)
+    await resp.write_eof()
+    return resp
 
 
 async def models(_: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [{"id": "null", "object": "model"}]})
 
 
+async def health(_: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
 def main() -> None:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
     web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
 
 
