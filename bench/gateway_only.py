@@ -19,9 +19,9 @@ from pathlib import Path
 import uvicorn
 import uvloop
 
+from common import BENCH_KEY
 from gpufleet.controller import Controller
 from gpufleet.embedded import bind_socket
-from common import BENCH_KEY
 from gpufleet.gateway import build_app
 from gpufleet.gateway.auth import Keyring, hash_key
 from gpufleet.gateway.ledger import Ledger

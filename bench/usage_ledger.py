@@ -133,9 +133,9 @@ def run(kind: str, url: str, total: int, written: int) -> list[list[str]]:
         ("today + 6 h", NOW - dt.timedelta(hours=6)),
     ):
         for by, dim in (("tenant", "tenant"), ("model", "model")):
-            ours = timed(lambda: store.usage_report(by, since=since))  # type: ignore[arg-type]
+            ours = timed(lambda b=by, t=since: store.usage_report(b, since=t))  # type: ignore[misc]
 
-            def raw() -> None:
+            def raw(dim: str = dim, since: dt.datetime = since) -> None:
                 with engine.connect() as conn:
                     conn.execute(sa.text(RAW.format(dim=dim)), {"since": since}).all()
 
