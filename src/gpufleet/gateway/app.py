@@ -138,6 +138,26 @@ def _too_large(limit: int) -> ApiError:
     )
 
 
+class _Series:
+    """One (model, tenant, route)'s metric children, looked up once."""
+
+    def __init__(self, metrics: GatewayMetrics, model: str, tenant: str, route: str) -> None:
+        self._metrics, self._key = metrics, (model, tenant, route)
+        self._requests: dict[int, Any] = {}
+        self.duration = metrics.duration.labels(model, tenant, route)
+        self.ttft = metrics.ttft.labels(model, tenant)
+        self.prompt = metrics.tokens.labels(model, tenant, "prompt")
+        self.completion = metrics.tokens.labels(model, tenant, "completion")
+        self.cached = metrics.tokens.labels(model, tenant, "cached")
+        self.cost = metrics.cost.labels(model, tenant)
+
+    def requests(self, status: int) -> Any:
+        child = self._requests.get(status)
+        if child is None:
+            child = self._requests[status] = self._metrics.requests.labels(*self._key, str(status))
+        return child
+
+
 def _nothing() -> None:
     pass
 
@@ -161,6 +181,7 @@ def build_app(
     settings = settings or GatewaySettings()
     metrics = metrics or GatewayMetrics()
     quotas = quotas or LocalQuotas()
+    local = quotas if isinstance(quotas, LocalQuotas) else None
     directory: Directory = controller.directory
     hints = RedisPrefixHints(settings.redis_url) if settings.redis_url else None
     upstream = Upstream(metrics, hints=hints)
@@ -168,6 +189,8 @@ def build_app(
     split_random = random.Random(settings.seed)
     limit = settings.max_body_bytes
     background: set[asyncio.Task[Any]] = set()
+    #: Metric children by (model, tenant, route): ``labels()`` costs microseconds each time.
+    series: dict[tuple[str, str, str], _Series] = {}
 
     def capacity(name: str) -> int:
         entry = directory.get(name)
@@ -276,7 +299,10 @@ def build_app(
                 raise
             finally:
                 if not answered:
-                    _spawn(settle(ticket, 0, 0.0))
+                    if local is not None:
+                        local.settle_now(ticket, tokens=0, cost_usd=0.0)
+                    else:
+                        _spawn(settle(ticket, 0, 0.0))
 
         return handler
 
@@ -361,18 +387,23 @@ def build_app(
             completion = outcome.completion_tokens
             cost = outcome.replica_seconds * pricing.per_second(entry)
             pricing.observe(entry, outcome.replica_seconds, prompt + completion)
-            _spawn(settle(ticket, prompt + completion, cost))
-            status = str(outcome.status)
-            metrics.requests.labels(model, tenant, route, status).inc()
-            metrics.duration.labels(model, tenant, route).observe(outcome.duration_s)
+            if local is not None:
+                local.settle_now(ticket, tokens=prompt + completion, cost_usd=cost)
+            else:
+                _spawn(settle(ticket, prompt + completion, cost))
+            m = series.get((model, tenant, route))
+            if m is None:
+                m = series[(model, tenant, route)] = _Series(metrics, model, tenant, route)
+            m.requests(outcome.status).inc()
+            m.duration.observe(outcome.duration_s)
             if outcome.ttft_s is not None:
-                metrics.ttft.labels(model, tenant).observe(outcome.ttft_s)
-            metrics.tokens.labels(model, tenant, "prompt").inc(prompt)
-            metrics.tokens.labels(model, tenant, "completion").inc(completion)
+                m.ttft.observe(outcome.ttft_s)
+            m.prompt.inc(prompt)
+            m.completion.inc(completion)
             if outcome.cached_tokens:
-                metrics.tokens.labels(model, tenant, "cached").inc(outcome.cached_tokens)
+                m.cached.inc(outcome.cached_tokens)
             if cost:
-                metrics.cost.labels(model, tenant).inc(cost)
+                m.cost.inc(cost)
             if ledger is not None:
                 ledger.record(
                     UsageRow(

@@ -407,6 +407,11 @@ class LocalQuotas:
             self._open.popitem(last=False)
 
     async def settle(self, ticket: Ticket, *, tokens: int, cost_usd: float) -> None:
+        self.settle_now(ticket, tokens=tokens, cost_usd=cost_usd)
+
+    def settle_now(self, ticket: Ticket, *, tokens: int, cost_usd: float) -> None:
+        """``settle`` without a coroutine: in process nothing waits, so the gateway settles
+        inline instead of scheduling a task per request."""
         if not ticket.scopes:
             return
         lease = self._leases.pop(ticket.lease, None)

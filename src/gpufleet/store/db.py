@@ -411,20 +411,23 @@ class Store:
         """
         if not rows:
             return 0
+        unique: dict[str, UsageRow] = {}
+        for r in rows:
+            unique.setdefault(r.request_id, r)
+        if self._engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as upsert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as upsert  # type: ignore[assignment]
+        # Rows already in the ledger are skipped by the unique request id; RETURNING says which
+        # were new, and only those reach the rollups.
+        stmt = upsert(usage).on_conflict_do_nothing(index_elements=[usage.c.request_id])
         with self._write() as conn:
-            ids = [r.request_id for r in rows]
-            seen = set(
-                conn.execute(select(usage.c.request_id).where(usage.c.request_id.in_(ids)))
-                .scalars()
-                .all()
+            inserted = conn.execute(
+                stmt.returning(usage.c.request_id), [r.values() for r in unique.values()]
             )
-            fresh: dict[str, UsageRow] = {}
-            for r in rows:
-                if r.request_id not in seen:
-                    fresh.setdefault(r.request_id, r)
+            fresh = {rid: unique[rid] for rid in inserted.scalars()}
             if not fresh:
                 return 0
-            conn.execute(insert(usage), [r.values() for r in fresh.values()])
             rollup: dict[tuple[dt.date, str, str, str], list[float]] = {}
             for r in fresh.values():
                 k = (r.at.astimezone(dt.UTC).date(), r.tenant, r.key_prefix, r.model)
