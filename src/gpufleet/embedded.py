@@ -30,7 +30,7 @@ from gpufleet.gateway.ledger import Ledger
 from gpufleet.gateway.quotas import make_quotas
 from gpufleet.gateway.scraper import EngineScraper
 from gpufleet.runtime.local import LocalRuntime
-from gpufleet.spec import API_VERSION, Model, parse_document
+from gpufleet.spec import API_VERSION, Model, Tenant, parse_document
 from gpufleet.store import Store, sqlite_url
 
 __all__ = ["DEFAULT_MODEL", "PortInUseError", "UpConfig", "bind_socket", "serve"]
@@ -58,6 +58,8 @@ class UpConfig:
     port: int = 8000
     store_url: str | None = None
     models: list[Model] = field(default_factory=list)
+    #: Tenants from the same files, applied before the models.
+    tenants: list[Tenant] = field(default_factory=list)
     max_body_bytes: int = 8 * 1024 * 1024
     hold_s: float = 60.0
     redis_url: str | None = None
@@ -111,6 +113,10 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
             say(f"  export GPUFLEET_API_KEY={admin_key}")
     else:
         await asyncio.to_thread(keyring.ensure_default_tenant)
+    for tenant in cfg.tenants:
+        await asyncio.to_thread(store.apply_tenant, tenant)
+    if cfg.tenants:
+        await asyncio.to_thread(keyring.load)
     quotas = make_quotas(cfg.redis_url)
     ledger = Ledger(store)
     runtime = LocalRuntime(cfg.data_dir)

@@ -71,6 +71,19 @@ def test_first_start_prints_an_admin_key_once_and_the_cli_manages_tenants(
         table = gpufleet("usage", "--by", "model", env=cli)
         assert "llama" in table.stdout and "COST" in table.stdout
 
+        # GitOps: tenants are declared in YAML beside models and applied like them.
+        tenants = tmp_path / "tenants.yaml"
+        tenants.write_text(
+            "apiVersion: gpufleet.io/v1alpha1\nkind: Tenant\nmetadata: {name: globex}\n"
+            "spec: {limits: {concurrency: 4}, priority: batch}\n"
+        )
+        applied = gpufleet("apply", "-f", str(tenants), env=cli)
+        assert applied.returncode == 0 and "tenant/globex created" in applied.stdout
+        again = gpufleet("apply", "-f", str(tenants), env=cli)
+        assert "tenant/globex unchanged" in again.stdout
+        shown = gpufleet("tenants", "list", env=cli)
+        assert "globex" in shown.stdout and "batch" in shown.stdout
+
         listed = gpufleet("keys", "list", "--tenant", "acme", env=cli)
         assert user_key[:12] in listed.stdout and user_key not in listed.stdout
         # A user key cannot administer; without a key the CLI says how to get one.

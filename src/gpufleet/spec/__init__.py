@@ -11,7 +11,15 @@ from gpufleet.spec.inventory import (
     NodeSpec,
     load_inventory_text,
 )
-from gpufleet.spec.io import KINDS, load_file, load_text, parse_document, parse_tenant
+from gpufleet.spec.io import (
+    KINDS,
+    load_file,
+    load_file_resources,
+    load_text,
+    load_text_resources,
+    parse_document,
+    parse_tenant,
+)
 from gpufleet.spec.quantity import format_bytes, parse_bytes
 from gpufleet.spec.resources import (
     API_VERSION,
@@ -63,8 +71,10 @@ __all__ = [
     "TrafficSplit",
     "format_bytes",
     "load_file",
+    "load_file_resources",
     "load_inventory_text",
     "load_text",
+    "load_text_resources",
     "parse_bytes",
     "parse_document",
     "parse_source",

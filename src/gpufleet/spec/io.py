@@ -22,7 +22,9 @@ from gpufleet.spec.resources import API_VERSION, Model, Tenant
 __all__ = [
     "KINDS",
     "load_file",
+    "load_file_resources",
     "load_text",
+    "load_text_resources",
     "parse_document",
     "parse_tenant",
     "read_documents",
@@ -36,7 +38,17 @@ KINDS: dict[str, type[Model]] = {"Model": Model}
 
 
 def load_file(path: str | Path) -> list[Model]:
-    """Load every resource of a YAML file; relative ``file:`` sources resolve next to it."""
+    """Load every model of a YAML file; relative ``file:`` sources resolve next to it."""
+    models, tenants = load_file_resources(path)
+    if tenants:
+        raise SpecError(
+            [f"{path}: holds 'kind: Tenant' documents, which 'gpufleet apply' sends to the server"]
+        )
+    return models
+
+
+def load_file_resources(path: str | Path) -> tuple[list[Model], list[Tenant]]:
+    """Every Model and Tenant of a YAML file (what ``gpufleet apply -f`` takes)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -44,7 +56,7 @@ def load_file(path: str | Path) -> list[Model]:
         raise SpecError([f"{p}: no such file"]) from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError([f"{p}: cannot be read ({exc})"]) from exc
-    return load_text(text, filename=str(p), base_dir=p.resolve().parent)
+    return load_text_resources(text, filename=str(p), base_dir=p.resolve().parent)
 
 
 def read_documents(text: str, filename: str, expected: str = "Model") -> list[Any]:
@@ -85,13 +97,40 @@ def validate(cls: type[M], raw: object) -> M:
 
 
 def load_text(text: str, *, filename: str = "<input>", base_dir: Path | None = None) -> list[Model]:
+    models, tenants = load_text_resources(text, filename=filename, base_dir=base_dir)
+    if tenants:
+        raise SpecError([f"{filename}: expected only 'kind: Model' documents, found a Tenant"])
+    return models
+
+
+def load_text_resources(
+    text: str, *, filename: str = "<input>", base_dir: Path | None = None
+) -> tuple[list[Model], list[Tenant]]:
+    """Models and Tenants of a YAML text, all validated before any is returned."""
     raw_docs = read_documents(text, filename)
 
     problems: list[str] = []
     models: list[Model] = []
+    tenants: list[Tenant] = []
     first_seen: dict[tuple[str, str], int] = {}
     for index, raw in enumerate(raw_docs, start=1):
         prefix = f"{filename}, document {index}"
+        if isinstance(raw, Mapping) and raw.get("kind") == "Tenant":
+            try:
+                tenant = parse_tenant(raw)
+            except SpecError as exc:
+                problems.extend(f"{prefix}: {p}" for p in exc.problems)
+                continue
+            key = ("tenant", tenant.name)
+            if key in first_seen:
+                problems.append(
+                    f"{prefix}: metadata.name {tenant.name!r} is already used by document "
+                    f"{first_seen[key]}; give each tenant its own name"
+                )
+                continue
+            first_seen[key] = index
+            tenants.append(tenant)
+            continue
         try:
             model = parse_document(raw, base_dir=base_dir)
         except SpecError as exc:
@@ -114,7 +153,7 @@ def load_text(text: str, *, filename: str = "<input>", base_dir: Path | None = N
         models.append(model)
     if problems:
         raise SpecError(problems)
-    return models
+    return models, tenants
 
 
 def parse_document(raw: object, *, base_dir: Path | None = None) -> Model:
@@ -132,7 +171,7 @@ def parse_document(raw: object, *, base_dir: Path | None = None) -> Model:
         )
     cls = KINDS.get(str(kind))
     if cls is None:
-        raise SpecError([f"kind {kind!r} is not known here; expected: {', '.join(KINDS)}"])
+        raise SpecError([f"kind {kind!r} is not known here; expected: {', '.join(KINDS)}, Tenant"])
     return _resolve_paths(validate(cls, raw), base_dir)
 
 
