@@ -414,20 +414,18 @@ class Store:
         unique: dict[str, UsageRow] = {}
         for r in rows:
             unique.setdefault(r.request_id, r)
-        if self._engine.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as upsert
-        else:
-            from sqlalchemy.dialects.sqlite import insert as upsert  # type: ignore[assignment]
-        # Rows already in the ledger are skipped by the unique request id; RETURNING says which
-        # were new, and only those reach the rollups.
-        stmt = upsert(usage).on_conflict_do_nothing(index_elements=[usage.c.request_id])
         with self._write() as conn:
-            inserted = conn.execute(
-                stmt.returning(usage.c.request_id), [r.values() for r in unique.values()]
+            # Rows already in the ledger (a batch retried after its commit was lost on the
+            # way back) are skipped, and so are their rollup counts.
+            seen = set(
+                conn.execute(select(usage.c.request_id).where(usage.c.request_id.in_(unique)))
+                .scalars()
+                .all()
             )
-            fresh = {rid: unique[rid] for rid in inserted.scalars()}
+            fresh = {rid: r for rid, r in unique.items() if rid not in seen}
             if not fresh:
                 return 0
+            conn.execute(insert(usage), [r.values() for r in fresh.values()])
             rollup: dict[tuple[dt.date, str, str, str], list[float]] = {}
             for r in fresh.values():
                 k = (r.at.astimezone(dt.UTC).date(), r.tenant, r.key_prefix, r.model)
@@ -619,6 +617,10 @@ def _aware(value: dt.datetime) -> dt.datetime:
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
+    # WAL with NORMAL syncs at checkpoints, not at every commit: the database cannot be
+    # corrupted, and only an OS crash or power cut (not a process crash) can lose the last
+    # commits. The ledger commits twice a second; an fsync each time cost the gateway ~8 %.
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=5000")
     cursor.close()
 
