@@ -110,7 +110,13 @@ async def main(
         scraper.start()
         server = uvicorn.Server(
             uvicorn.Config(
-                app, http="httptools", lifespan="off", log_level="warning", access_log=False
+                app,
+                http="httptools",
+                lifespan="off",
+                log_level="warning",
+                access_log=False,
+                # No client addresses are used: skip uvicorn's X-Forwarded-For rewriting.
+                proxy_headers=False,
             )
         )
         try:

@@ -137,6 +137,8 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
             lifespan="off",
             log_level="warning",
             access_log=False,
+            # No client addresses are used: skip uvicorn's X-Forwarded-For rewriting.
+            proxy_headers=False,
             timeout_graceful_shutdown=5,
         )
     )
