@@ -66,7 +66,8 @@ def test_first_start_prints_an_admin_key_once_and_the_cli_manages_tenants(
         usage = gpufleet("usage", "--by", "tenant", "-o", "json", env=cli)
         assert usage.returncode == 0, usage.stderr
         rows = {r["tenant"]: r for r in json.loads(usage.stdout)["usage"]}
-        assert rows["acme"]["requests"] == 2 and rows["acme"]["completion_tokens"] == 6
+        assert rows["acme"]["requests"] == 2
+        assert rows["default"]["requests"] == 1 and rows["default"]["completion_tokens"] == 2 and rows["acme"]["completion_tokens"] == 6
         assert rows["acme"]["gpu_seconds"] > 0 and rows["acme"]["cost_usd"] > 0
         table = gpufleet("usage", "--by", "model", env=cli)
         assert "llama" in table.stdout and "COST" in table.stdout
@@ -96,15 +97,23 @@ def test_first_start_prints_an_admin_key_once_and_the_cli_manages_tenants(
         assert revoked.returncode == 0, revoked.stderr
         with pytest.raises(openai.AuthenticationError):
             client.models.list()
+        # Served, then SIGINT at once: the row is written on the way out.
+        OpenAI(base_url=fleet.base_url, api_key=admin_key, max_retries=0).completions.create(
+            model="llama", prompt="last words", max_tokens=2
+        )
     finally:
         fleet.stop()
     again = start_fleet(data, env={"GPUFLEET_ADMIN_KEY": ""})
     try:
         assert not [line for line in again.banner if "admin key" in line]  # shown once only
-        ok = gpufleet(
-            "tenants", "list", env={"GPUFLEET_SERVER": again.server, "GPUFLEET_API_KEY": admin_key}
-        )
+        cli = {"GPUFLEET_SERVER": again.server, "GPUFLEET_API_KEY": admin_key}
+        ok = gpufleet("tenants", "list", env=cli)
         assert ok.returncode == 0 and "acme" in ok.stdout
+        # Every request served before the restart is in the ledger (flushed at shutdown).
+        usage = gpufleet("usage", "--by", "tenant", "-o", "json", env=cli)
+        rows = {r["tenant"]: r for r in json.loads(usage.stdout)["usage"]}
+        assert rows["acme"]["requests"] == 2
+        assert rows["default"]["requests"] == 1 and rows["default"]["completion_tokens"] == 2
     finally:
         again.stop()
 
