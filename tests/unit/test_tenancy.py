@@ -354,7 +354,8 @@ async def test_ledger_rows_match_what_clients_received(site: Site) -> None:
     silent_chunks = [c async for c in silent]
     assert all(c.usage is None and c.choices for c in silent_chunks)
     await site.ledger.flush()
-    rows = {r.request_id: r for r in site.store.usage_rows(tenant="acme")}
+    rows = {r.client_request_id: r for r in site.store.usage_rows(tenant="acme")}
+    assert all(r.request_id != r.client_request_id for r in rows.values())
     assert plain.usage is not None and asked_usage is not None
     assert rows["plain-1"].prompt_tokens == plain.usage.prompt_tokens
     assert rows["plain-1"].completion_tokens == plain.usage.completion_tokens
@@ -476,3 +477,15 @@ async def test_a_busy_model_serves_tenants_fairly_and_interactive_first(site: Si
         await slow.stop()
     assert finished.index("globex") <= 2  # not behind acme's backlog of 7
     assert finished[-1] == "acme-batch"
+
+
+async def test_a_repeated_client_request_id_still_counts_twice(site: Site) -> None:
+    """The ledger keys rows by the gateway's own id; the client's is kept beside it."""
+    client = site.client("acme")
+    for _ in range(2):
+        await client.completions.create(
+            model="shared", prompt="same id", max_tokens=2, extra_headers={"x-request-id": "dup"}
+        )
+    await site.ledger.flush()
+    rows = [r for r in site.store.usage_rows(tenant="acme") if r.client_request_id == "dup"]
+    assert len(rows) == 2 and rows[0].request_id != rows[1].request_id

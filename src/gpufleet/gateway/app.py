@@ -98,7 +98,10 @@ def _new_request_id() -> str:
 
 
 class RequestIdMiddleware:
-    """Give every request an id (the client's ``x-request-id`` when it is sane) and echo it."""
+    """Give every request an id (the client's ``x-request-id`` when it is sane) and echo it.
+
+    ``state["gateway_id"]`` is always the gateway's own: the usage ledger keys rows by it, so
+    a client repeating an ``x-request-id`` cannot make two requests count as one."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -114,9 +117,12 @@ class RequestIdMiddleware:
                 if _REQUEST_ID.match(candidate):
                     rid = candidate
                 break
+        own = _new_request_id()
         if not rid:
-            rid = _new_request_id()
-        scope.setdefault("state", {})["request_id"] = rid
+            rid = own
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        state["gateway_id"] = own
         header = (b"x-request-id", rid.encode())
 
         async def send_with_id(message: Message) -> None:
@@ -275,6 +281,7 @@ def build_app(
                     code="model_not_supported",
                 )
             request_id: str = request.scope["state"]["request_id"]
+            gateway_id: str = request.scope["state"]["gateway_id"]
             session = request.headers.get(entry.spec.routing.session_header)
             chain = _chain(entry, session)
             features = features_of(data, session)
@@ -297,7 +304,7 @@ def build_app(
             priority = principal.priority
             if request.headers.get("x-gpufleet-priority") == "batch":
                 priority = max(priority, 1)  # a caller may lower its priority, never raise it
-            ticket = await admit(principal, request_id, entry, tokens)
+            ticket = await admit(principal, gateway_id, entry, tokens)
             answered = False
             try:
                 for i, target in enumerate(chain):
@@ -314,7 +321,7 @@ def build_app(
                         ticket,
                         target,
                         route,
-                        request_id,
+                        (gateway_id, request_id if request_id != gateway_id else None),
                         features.prompt_tokens,
                         release,
                     )
@@ -423,7 +430,7 @@ def build_app(
         ticket: Ticket,
         entry: ModelEntry,
         route: str,
-        request_id: str,
+        ids: tuple[str, str | None],
         prompt_estimate: int,
         release: Callable[[], None],
     ) -> Callable[[Outcome], None]:
@@ -454,7 +461,8 @@ def build_app(
             if ledger is not None:
                 ledger.record(
                     UsageRow(
-                        request_id=request_id,
+                        request_id=ids[0],
+                        client_request_id=ids[1],
                         at=dt.datetime.now(dt.UTC),
                         tenant=tenant,
                         key_prefix=principal.key_prefix,

@@ -104,7 +104,7 @@ class KeyRecord:
 class UsageRow:
     """One request in the usage ledger."""
 
-    request_id: str
+    request_id: str  # the gateway's own, unique
     at: dt.datetime
     tenant: str
     key_prefix: str
@@ -119,6 +119,8 @@ class UsageRow:
     duration_ms: float
     gpu_seconds: float
     cost_usd: float
+    #: The client's ``x-request-id``, when it sent one (for finding its row; not unique).
+    client_request_id: str | None = None
 
     def values(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in self.__slots__}

@@ -116,6 +116,7 @@ usage = Table(
     Column("duration_ms", Float, nullable=False),
     Column("gpu_seconds", Float, nullable=False),
     Column("cost_usd", Float, nullable=False),
+    Column("client_request_id", String(128), nullable=True),
     Index("ix_usage_at", "at"),
     Index("ix_usage_tenant_at", "tenant", "at"),
     Index("ix_usage_model_at", "model", "at"),

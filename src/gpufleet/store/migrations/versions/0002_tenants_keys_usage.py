@@ -58,6 +58,7 @@ def upgrade() -> None:
         sa.Column("duration_ms", sa.Float, nullable=False),
         sa.Column("gpu_seconds", sa.Float, nullable=False),
         sa.Column("cost_usd", sa.Float, nullable=False),
+        sa.Column("client_request_id", sa.String(128), nullable=True),
     )
     op.create_index("ix_usage_at", "usage", ["at"])
     op.create_index("ix_usage_tenant_at", "usage", ["tenant", "at"])
