@@ -2,13 +2,13 @@
 
 Routing needs a *stable* cut of the prompt, not the engine's tokenizer: messages are rendered
 the same way every time (role and content in order), cut into 64-character blocks (about 16
-tokens of English, vLLM's block size) and each block's hash chained to the previous one, so
+tokens of English, vLLM's block size) and each block's id covers the whole prefix up to it, so
 two requests share a block only when everything before it is the same too.
 """
 
 from __future__ import annotations
 
-import hashlib
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,16 +40,24 @@ def render(body: Mapping[str, Any]) -> str:
 
 
 def prompt_blocks(text: str) -> tuple[int, ...]:
-    data = text.encode("utf-8", "surrogatepass")
+    """Chained 64-bit ids of the prompt's whole blocks.
+
+    Block *i*'s id covers everything up to the end of block *i*: the running CRC-32 and the
+    running Adler-32 of the prefix, side by side. Both chain for free (each call continues the
+    last), and zlib computes them in C, so an 8,000-character prompt costs a fraction of a
+    cryptographic hash per block (~200 µs, measured); routing needs equal prefixes to get equal
+    ids, not resistance to an adversary (a collision only misplaces one request).
+    """
+    data = memoryview(text.encode("utf-8", "surrogatepass"))
+    end = min(len(data) - len(data) % BLOCK_CHARS, _MAX_BLOCKS * BLOCK_CHARS)
     out: list[int] = []
-    previous = b""
-    for start in range(
-        0, min(len(data) - len(data) % BLOCK_CHARS, _MAX_BLOCKS * BLOCK_CHARS), BLOCK_CHARS
-    ):
-        previous = hashlib.blake2b(
-            previous + data[start : start + BLOCK_CHARS], digest_size=8
-        ).digest()
-        out.append(int.from_bytes(previous, "big"))
+    crc, adler = 0, 1
+    crc32, adler32 = zlib.crc32, zlib.adler32
+    for start in range(0, end, BLOCK_CHARS):
+        block = data[start : start + BLOCK_CHARS]
+        crc = crc32(block, crc)
+        adler = adler32(block, adler)
+        out.append(crc << 32 | adler)
     return tuple(out)
 
 
