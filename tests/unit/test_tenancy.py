@@ -129,7 +129,7 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
     }
     store.revoke_key(keys["revoked"][:12])
     keyring.load()
-    runtime = FakeRuntime(lambda r, _i: f"http://127.0.0.1:{ports[r.model]}")
+    runtime = FakeRuntime(lambda r, _i: f"http://127.0.0.1:{ports.get(r.model, ports['shared'])}")
     controller = Controller(store, runtime)
     await controller.start()
     await controller.apply(load_text(MODELS))
@@ -489,3 +489,37 @@ async def test_a_repeated_client_request_id_still_counts_twice(site: Site) -> No
     await site.ledger.flush()
     rows = [r for r in site.store.usage_rows(tenant="acme") if r.client_request_id == "dup"]
     assert len(rows) == 2 and rows[0].request_id != rows[1].request_id
+
+
+async def test_a_canary_split_can_keep_each_tenant_on_one_side(site: Site) -> None:
+    """spec.routing.splitBy: tenant — a tenant sees one version, whatever its sessions."""
+    doc = {
+        "apiVersion": API_VERSION,
+        "kind": "Model",
+        "metadata": {"name": "ab"},
+        "spec": {
+            "source": f"file:{CONFIG}",
+            "engine": "emulator",
+            "routing": {"split": [{"model": "metered", "weight": 50}], "splitBy": "tenant"},
+        },
+    }
+    status, _, _ = await site.call("POST", "/admin/v1/models", "admin", {"documents": [doc]})
+    assert status == 200
+    names = [f"team-{i}" for i in range(12)]
+    for name in names:
+        site.store.apply_tenant(tenant(name))
+    site.keyring.load()
+    for name in names:
+        site.keys[name] = site.keyring.create_key(name, name="app", role="user")[0]
+    sides: dict[str, set[str]] = {}
+    for name in names:
+        for i in range(4):
+            headers = {"authorization": f"Bearer {site.keys[name]}", "x-session-id": f"s{i}"}
+            body = json.dumps({"model": "ab", "prompt": "hi", "max_tokens": 1}).encode()
+            async with site.http.post(
+                site.url + "/v1/completions", data=body, headers=headers
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+                sides.setdefault(name, set()).add(resp.headers["x-gpufleet-model"])
+    assert all(len(s) == 1 for s in sides.values()), sides  # sessions do not matter
+    assert set().union(*sides.values()) == {"ab", "metered"}  # tenants spread over both

@@ -283,7 +283,7 @@ def build_app(
             request_id: str = request.scope["state"]["request_id"]
             gateway_id: str = request.scope["state"]["gateway_id"]
             session = request.headers.get(entry.spec.routing.session_header)
-            chain = _chain(entry, session)
+            chain = _chain(entry, _split_key(entry, principal, session))
             features = features_of(data, session)
             stream = data.get("stream") is True
             strip_usage = False
@@ -482,13 +482,22 @@ def build_app(
 
         return done
 
-    def _chain(entry: ModelEntry, session: str | None) -> list[ModelEntry]:
+    def _split_key(entry: ModelEntry, principal: Principal, session: str | None) -> str | None:
+        """What keeps this caller on one side of the model's split (None: draw at random)."""
+        by = entry.spec.routing.split_by
+        if by == "tenant":
+            return f"tenant:{principal.tenant}"
+        if by == "key":
+            return f"key:{principal.key_prefix}"
+        return session if by == "session" else None
+
+    def _chain(entry: ModelEntry, sticky: str | None) -> list[ModelEntry]:
         """The deployment the split picks, then the fallbacks that exist, in order."""
         routing = entry.spec.routing
         first = entry
         if routing.split:
             splits = [(t.model, t.weight) for t in routing.split]
-            chosen = choose_split(entry.name, splits, session, split_random)
+            chosen = choose_split(entry.name, splits, sticky, split_random)
             first = directory.get(chosen) or entry
             metrics.split.labels(entry.name, first.name).inc()
         chain = [first]

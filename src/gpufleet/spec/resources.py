@@ -155,6 +155,9 @@ class RoutingSpec(_Resource):
     session_header: str = "x-session-id"
     #: Canary / A-B: shares of this model's requests sent to other deployments; the rest stays.
     split: list[TrafficSplit] = Field(default_factory=list)
+    #: What keeps a caller on one side of a split: its session header (requests without one are
+    #: drawn at random), its tenant, its API key, or nothing (every request drawn anew).
+    split_by: Literal["session", "tenant", "key", "request"] = "session"
     #: Models tried in order when this one has no ready replica or its engines fail.
     fallbacks: list[DnsName] = Field(default_factory=list)
 
