@@ -146,3 +146,26 @@ def test_busy_meter_uses_the_monotonic_clock_by_default() -> None:
     t = meter.start("r", 1.0)
     time.sleep(0.02)
     assert 0.015 < meter.stop(t) < 1.0
+
+
+async def test_a_flush_waits_for_the_one_in_progress() -> None:
+    """The usage report flushes first; rows the timer's flush is still writing must be in."""
+    import asyncio
+
+    class Slow:
+        def __init__(self) -> None:
+            self.rows: list[UsageRow] = []
+
+        def record_usage(self, rows: list[UsageRow]) -> int:
+            time.sleep(0.2)
+            self.rows += rows
+            return len(rows)
+
+    slow = Slow()
+    ledger = Ledger(slow, flush_s=3600)  # type: ignore[arg-type]
+    ledger.record(row("a", DAY))
+    timer = asyncio.create_task(ledger.flush())
+    await asyncio.sleep(0.05)  # "a" is on its way to the store
+    await ledger.flush()
+    assert [r.request_id for r in slow.rows] == ["a"]
+    await timer

@@ -431,19 +431,23 @@ async def test_three_gateways_sharing_redis_admit_a_quota_exactly(site: Site) ->
 
 
 async def test_a_busy_model_serves_tenants_fairly_and_interactive_first(site: Site) -> None:
-    """One slot per replica: acme floods 8 requests, then globex sends one and acme one more
-    marked batch; globex's is served next, acme's batch request last."""
-    from gpufleet.gateway import GatewaySettings
-
+    """maxInFlightPerReplica: 1 — acme floods 8 requests, then globex sends one and acme one
+    more marked batch; globex's is served next, acme's batch request last."""
     site.store.apply_tenant(tenant("globex"))
     site.keyring.load()
+    (fair,) = load_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: fair}\n"
+        f"spec: {{source: 'file:{CONFIG}', engine: emulator, "
+        "routing: {maxInFlightPerReplica: 1}}\n"
+    )
+    site.store.apply_model(fair)
     perf = PerfModel(load_architecture(CONFIG), CATALOG["H100"])
-    slow = ReplicaServer(EmulatedEngine(perf, 400_000, time_scale=1.0), "shared")
+    slow = ReplicaServer(EmulatedEngine(perf, 400_000, time_scale=1.0), "fair")
     port = free_port()
     await slow.start("127.0.0.1", port)
     controller = Controller(site.store, FakeRuntime(lambda _r, _i: f"http://127.0.0.1:{port}"))
     await controller.start()
-    app = build_app(controller, keyring=site.keyring, settings=GatewaySettings(slots_per_replica=1))
+    app = build_app(controller, keyring=site.keyring)
     finished: list[str] = []
     try:
         async with serving(app) as url:
@@ -456,7 +460,7 @@ async def test_a_busy_model_serves_tenants_fairly_and_interactive_first(site: Si
                 headers = {"authorization": f"Bearer {site.keys[who]}"}
                 if batch:
                     headers["x-gpufleet-priority"] = "batch"
-                body = {"model": "shared", "messages": HI, "max_tokens": 8}
+                body = {"model": "fair", "messages": HI, "max_tokens": 8}
                 async with site.http.post(
                     url + "/v1/chat/completions", data=json.dumps(body).encode(), headers=headers
                 ) as resp:

@@ -247,7 +247,10 @@ def build_app(
 
     def capacity(name: str) -> int:
         entry = directory.get(name)
-        return len(entry.endpoints) * settings.slots_per_replica if entry else 0
+        if entry is None:
+            return 0
+        per_replica = entry.spec.routing.max_in_flight_per_replica or settings.slots_per_replica
+        return len(entry.endpoints) * per_replica
 
     queues = AdmissionQueues(
         capacity, max_length=settings.queue_max_length, max_wait_s=settings.queue_max_wait_s

@@ -87,6 +87,7 @@ class Ledger:
         self.batch = batch
         self._rows: list[UsageRow] = []
         self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self.written = 0
 
@@ -106,15 +107,18 @@ class Ledger:
             await self.flush()
 
     async def flush(self) -> None:
-        while self._rows:
-            rows, self._rows = self._rows[: self.batch * 4], self._rows[self.batch * 4 :]
-            try:
-                self.written += await asyncio.to_thread(self.store.record_usage, rows)
-            except Exception as exc:  # noqa: BLE001 - any failure: keep the rows, retry
-                # Keep the rows (ahead of newer ones) and retry on the next tick.
-                self._rows[:0] = rows
-                log.warning("usage ledger: cannot write %d rows yet: %s", len(rows), exc)
-                return
+        """Write every row recorded so far. One flush at a time: a caller that finds one in
+        progress (the timer's) waits for it, so when this returns its rows are in the store."""
+        async with self._flushing:
+            while self._rows:
+                rows, self._rows = self._rows[: self.batch * 4], self._rows[self.batch * 4 :]
+                try:
+                    self.written += await asyncio.to_thread(self.store.record_usage, rows)
+                except Exception as exc:  # noqa: BLE001 - any failure: keep the rows, retry
+                    # Keep the rows (ahead of newer ones) and retry on the next tick.
+                    self._rows[:0] = rows
+                    log.warning("usage ledger: cannot write %d rows yet: %s", len(rows), exc)
+                    return
 
     async def close(self) -> None:
         if self._task is not None:

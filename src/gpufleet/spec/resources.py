@@ -155,6 +155,11 @@ class RoutingSpec(_Resource):
     session_header: str = "x-session-id"
     #: Canary / A-B: shares of this model's requests sent to other deployments; the rest stays.
     split: list[TrafficSplit] = Field(default_factory=list)
+    #: Requests a gateway lets through to one replica at once; more wait in the model's fair
+    #: queue (priority, then tenants' weighted shares). Set it near the engine's batch size
+    #: (vLLM's max_num_seqs) so that the gateway, not the engine's FIFO queue, decides who goes
+    #: next. Unset: the gateway's default (64).
+    max_in_flight_per_replica: int | None = Field(default=None, ge=1, le=100_000)
     #: What keeps a caller on one side of a split: its session header (requests without one are
     #: drawn at random), its tenant, its API key, or nothing (every request drawn anew).
     split_by: Literal["session", "tenant", "key", "request"] = "session"
