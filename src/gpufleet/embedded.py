@@ -33,7 +33,14 @@ from gpufleet.runtime.local import LocalRuntime
 from gpufleet.spec import API_VERSION, Model, Tenant, parse_document
 from gpufleet.store import Store, sqlite_url
 
-__all__ = ["DEFAULT_MODEL", "PortInUseError", "UpConfig", "bind_socket", "serve"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "PortInUseError",
+    "UpConfig",
+    "bind_socket",
+    "raise_open_files_limit",
+    "serve",
+]
 
 log = logging.getLogger("gpufleet")
 
@@ -87,8 +94,35 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def raise_open_files_limit() -> int:
+    """Lift the soft limit on open files to the hard one and return it.
+
+    Every stream holds two descriptors in the gateway (client and engine); the usual soft limit
+    of 1,024 would cap a gateway near 500 concurrent streams while the hard limit (often
+    524,288) allows far more. Servers such as nginx raise it the same way."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit from %d: %s", soft, exc)
+    return soft
+
+
 async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None) -> None:
     say = announce or _print_ready
+    files = raise_open_files_limit()
+    if files < 4096:
+        log.warning(
+            "open files are limited to %d: about %d concurrent streams; raise the hard limit "
+            "(ulimit -Hn, LimitNOFILE=) for more",
+            files,
+            files // 2 - 50,
+        )
     sock = bind_socket(cfg.host, cfg.port)
     if not cfg.auth:
         loopback = ipaddress.ip_address(sock.getsockname()[0]).is_loopback

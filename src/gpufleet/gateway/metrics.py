@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 __all__ = ["GatewayMetrics"]
 
@@ -13,6 +13,9 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # process_open_fds / process_max_fds, RSS, CPU: every stream holds two descriptors,
+        # and a gateway out of them refuses connections without an error of its own.
+        ProcessCollector(registry=self.registry)
         self.requests = Counter(
             "gpufleet_requests",
             "Requests answered, by model, tenant, API route and HTTP status",
