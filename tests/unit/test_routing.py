@@ -183,3 +183,41 @@ def test_features_render_chat_stably() -> None:
     f = features_of(body)
     assert f == features_of(dict(body))
     assert f.prefix_key == "m:hello" and f.prompt_tokens > 25 and len(f.blocks) == 1
+
+
+def test_prefill_fit_recovers_rate_and_overhead() -> None:
+    import random as rnd
+
+    from gpufleet.routing.prefill import PrefillFit
+
+    fit = PrefillFit()
+    r = rnd.Random(3)
+    for i in range(15):
+        fit.observe(100 + 50 * i, 0.02 + (100 + 50 * i) / 500)
+    assert fit.estimate() is None  # too few samples yet
+    for _ in range(60):
+        tokens = r.randint(50, 2000)
+        fit.observe(tokens, (0.02 + tokens / 500) * r.uniform(0.95, 1.05))
+    estimate = fit.estimate()
+    assert estimate is not None
+    rate, overhead = estimate
+    assert 450 < rate < 550 and 0 <= overhead < 0.2
+    # The fleet changes (a faster GPU): recent samples win.
+    for _ in range(300):
+        tokens = r.randint(50, 2000)
+        fit.observe(tokens, 0.01 + tokens / 5000)
+    rate, _ = fit.estimate() or (0.0, 0.0)
+    assert 4000 < rate < 6000
+
+
+def test_prefill_fit_refuses_to_guess() -> None:
+    from gpufleet.routing.prefill import PrefillFit
+
+    same = PrefillFit()
+    for _ in range(40):
+        same.observe(500, 0.1)  # one prompt size: no slope to see
+    assert same.estimate() is None
+    backwards = PrefillFit()
+    for i in range(40):
+        backwards.observe(100 * i, 1.0 - 0.01 * i)  # longer prompts faster: noise, not prefill
+    assert backwards.estimate() is None

@@ -30,6 +30,7 @@ from gpufleet.gateway.ledger import BusyMeter
 from gpufleet.gateway.metrics import GatewayMetrics
 from gpufleet.gateway.prefix_hints import RedisPrefixHints
 from gpufleet.routing import Choice, Endpoint, RequestFeatures, RoutingPolicy, make_policy
+from gpufleet.routing.prefill import PrefillFit
 from gpufleet.routing.prefix import BLOCK_TOKENS as PREFIX_BLOCK_TOKENS
 from gpufleet.runtime import Replica
 
@@ -97,6 +98,8 @@ class Upstream:
         self._ejected_until: dict[str, float] = {}
         self._policies: dict[tuple[str, str], RoutingPolicy] = {}
         self.meter = BusyMeter()
+        #: Prefill rate per model, learnt from streamed requests' time to first token.
+        self.prefill: dict[str, PrefillFit] = {}
         #: Engine load by replica id, kept fresh by the metrics scraper.
         self.loads: dict[str, EngineLoad] = {}
 
@@ -206,6 +209,7 @@ class Upstream:
             replica, choice = picked
             tried.add(replica.id)
             prefill = max(0, features.prompt_tokens - choice.cached_blocks * PREFIX_BLOCK_TOKENS)
+            ahead = self._backlog.get(replica.id, 0) + prefill
             self._acquire(replica, entry.name, prefill)
             metered = self.meter.start(replica.id, weight)
             released = False
@@ -239,6 +243,7 @@ class Upstream:
                         strip_usage,
                         functools.partial(self.meter.stop, metered),
                         done,
+                        ahead,
                     )
                 payload = await resp.read()
                 self._failures.pop(replica.id, None)
@@ -298,6 +303,7 @@ class Upstream:
         strip_usage: bool,
         stop_meter: Callable[[], float],
         done: Done | None,
+        ahead: int = 0,
     ) -> Response:
         metrics = self._metrics
         itl = metrics.itl.labels(entry.name, tenant)
@@ -318,6 +324,7 @@ class Upstream:
                     if first:
                         outcome.ttft_s = now - started
                         self._prefilled(replica, prefill)
+                        self._learn_prefill(entry, ahead, outcome.ttft_s)
                         first = False
                     else:
                         itl.observe(now - last)
@@ -349,6 +356,16 @@ class Upstream:
             media_type=resp.headers.get("content-type", "text/event-stream"),
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
         )
+
+    def _learn_prefill(self, entry: ModelEntry, tokens_ahead: int, ttft_s: float) -> None:
+        fit = self.prefill.get(entry.name)
+        if fit is None:
+            fit = self.prefill[entry.name] = PrefillFit()
+        fit.observe(tokens_ahead, ttft_s)
+        estimate = fit.estimate()
+        calibrate = getattr(self.policy(entry), "calibrate", None)
+        if estimate is not None and calibrate is not None:
+            calibrate(*estimate)
 
     def _failed(self, replica_id: str) -> None:
         """Count a failure; after ``EJECT_AFTER`` in a row the replica sits out ``EJECT_FOR_S``,

@@ -50,6 +50,11 @@ class PrefixAware:
         self.capacity = capacity_blocks
         self._index: dict[str, OrderedDict[int, None]] = {}
 
+    def calibrate(self, tokens_per_s: float, per_request_s: float) -> None:
+        """Use the prefill rate and fixed cost measured on this model's replicas."""
+        self.rate = tokens_per_s
+        self.prefilling_cost = per_request_s
+
     def matched(self, endpoint: str, blocks: Sequence[int]) -> int:
         index = self._index.get(endpoint)
         if not index:
