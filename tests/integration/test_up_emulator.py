@@ -30,6 +30,11 @@ def test_emulated_model_serves_through_the_gateway_and_restarts(tmp_path: Path) 
                 model="llama-3-8b", messages=[{"role": "user", "content": "hi"}], max_tokens=3
             )
             assert reply.system_fingerprint == "gpufleet-emulator"
+        # "ready" is announced once a model can serve, not once every replica is up.
+        wait_until(
+            lambda: [r["phase"] for r in fleet.replicas("llama-3-8b")] == ["Ready", "Ready"],
+            timeout=30,
+        )
         replicas = fleet.replicas("llama-3-8b")
         assert len(replicas) == 2
         served = 0.0
