@@ -527,3 +527,17 @@ async def test_a_canary_split_can_keep_each_tenant_on_one_side(site: Site) -> No
                 sides.setdefault(name, set()).add(resp.headers["x-gpufleet-model"])
     assert all(len(s) == 1 for s in sides.values()), sides  # sessions do not matter
     assert set().union(*sides.values()) == {"ab", "metered"}  # tenants spread over both
+
+
+async def test_another_gateways_tenant_change_reaches_existing_keys(site: Site) -> None:
+    """A refresh rebuilds principals when a tenant changed, and only then."""
+    ring = Keyring(site.store)
+    ring.load()
+    before = await ring.authenticate(f"Bearer {site.keys['acme']}")
+    assert before.tenant_limits.rpm == 1000
+    ring._refresh()
+    assert await ring.authenticate(f"Bearer {site.keys['acme']}") == before  # nothing changed
+    site.store.apply_tenant(tenant("acme", requestsPerMinute=5))
+    ring._refresh()
+    after = await ring.authenticate(f"Bearer {site.keys['acme']}")
+    assert after.tenant_limits.rpm == 5

@@ -65,9 +65,10 @@ def model_view(e: ModelEntry) -> dict[str, Any]:
     }
 
 
-def _not_found(name: str) -> ApiError:
+def _not_found(name: str, kind: str = "model", *, param: str = "name") -> ApiError:
+    code = {"model": "model_not_found", "tenant": "tenant_not_found", "API key": "key_not_found"}
     return ApiError(
-        404, f"model '{name}' not found", type="not_found", param="name", code="model_not_found"
+        404, f"{kind} '{name}' not found", type="not_found", param=param, code=code[kind]
     )
 
 
@@ -167,7 +168,7 @@ def routes(
             ) from exc
         result = await asyncio.to_thread(store.apply_tenant, tenant)
         if keyring is not None:
-            await asyncio.to_thread(keyring.reload)
+            await asyncio.to_thread(keyring.load)
         return JSONResponse({"name": tenant.name, "result": result, "tenant": tenant_view(tenant)})
 
     async def delete_tenant(request: Request) -> Response:
@@ -177,15 +178,9 @@ def routes(
                 "The tenant 'default' holds the admin key and cannot be deleted", param="name"
             )
         if not await asyncio.to_thread(store.delete_tenant, name):
-            raise ApiError(
-                404,
-                f"tenant '{name}' not found",
-                type="not_found",
-                param="name",
-                code="tenant_not_found",
-            )
+            raise _not_found(name, "tenant")
         if keyring is not None:
-            await asyncio.to_thread(keyring.reload)
+            await asyncio.to_thread(keyring.load)
         return JSONResponse({"deleted": name})
 
     async def tenant_usage(request: Request) -> Response:
@@ -194,13 +189,7 @@ def routes(
         stored = {r.tenant.name: r.tenant for r in await asyncio.to_thread(store.list_tenants)}
         tenant = stored.get(name)
         if tenant is None:
-            raise ApiError(
-                404,
-                f"tenant '{name}' not found",
-                type="not_found",
-                param="name",
-                code="tenant_not_found",
-            )
+            raise _not_found(name, "tenant")
         limits = limits_of(tenant.spec.limits)
         used = await quotas.snapshot(f"tenant:{name}", limits) if quotas else {}
         return JSONResponse(
@@ -219,7 +208,7 @@ def routes(
         data = parse_body(await request.body())
         tenant = data.get("tenant", "default")
         if not isinstance(tenant, str) or ring.tenant(tenant) is None:
-            await asyncio.to_thread(ring.reload)
+            await asyncio.to_thread(ring.load)
             if not isinstance(tenant, str) or ring.tenant(tenant) is None:
                 raise bad_request(
                     f"tenant {tenant!r} does not exist; create it first with "
@@ -270,15 +259,9 @@ def routes(
         prefix = request.path_params["prefix"]
         record = await asyncio.to_thread(store.revoke_key, prefix)
         if record is None:
-            raise ApiError(
-                404,
-                f"API key '{prefix}' not found",
-                type="not_found",
-                param="prefix",
-                code="key_not_found",
-            )
+            raise _not_found(prefix, "API key", param="prefix")
         if keyring is not None:
-            await asyncio.to_thread(keyring.reload)
+            await asyncio.to_thread(keyring.load)
         return JSONResponse(key_view(record))
 
     # -- usage ------------------------------------------------------------------------------

@@ -356,10 +356,7 @@ def build_app(
                 raise
             finally:
                 if not answered:
-                    if local is not None:
-                        local.settle_now(ticket, tokens=0, cost_usd=0.0)
-                    else:
-                        _spawn(settle(ticket, 0, 0.0))
+                    settle(ticket, 0, 0.0)
 
         return handler
 
@@ -416,8 +413,15 @@ def build_app(
                 headers={"retry-after": "2"},
             ) from exc
 
-    async def settle(ticket: Ticket, tokens: int, cost: float) -> None:
-        """Replace the reservation by what the request used (after the answer is sent)."""
+    def settle(ticket: Ticket, tokens: int, cost: float) -> None:
+        """Replace the reservation by what the request used: inline in process, else in a
+        task of its own (the answer is not held for Redis)."""
+        if local is not None:
+            local.settle_now(ticket, tokens=tokens, cost_usd=cost)
+        else:
+            _spawn(settle_shared(ticket, tokens, cost))
+
+    async def settle_shared(ticket: Ticket, tokens: int, cost: float) -> None:
         try:
             await quotas.settle(ticket, tokens=tokens, cost_usd=cost)
         except QuotaStoreUnavailable as exc:
@@ -444,10 +448,7 @@ def build_app(
             completion = outcome.completion_tokens
             cost = outcome.replica_seconds * pricing.per_second(entry)
             pricing.observe(entry, outcome.replica_seconds, prompt + completion)
-            if local is not None:
-                local.settle_now(ticket, tokens=prompt + completion, cost_usd=cost)
-            else:
-                _spawn(settle(ticket, prompt + completion, cost))
+            settle(ticket, prompt + completion, cost)
             m = series.get((model, tenant, route))
             if m is None:
                 m = series[(model, tenant, route)] = _Series(metrics, model, tenant, route)

@@ -165,12 +165,14 @@ class Keyring:
         now = dt.datetime.now(dt.UTC)
         # Overlap the window: a row committed just before the last look may carry an older time.
         since = (self._watermark or now) - dt.timedelta(seconds=5)
-        self._tenants = {t.tenant.name: t.tenant for t in self.store.list_tenants()}
-        for record in self.store.list_keys(changed_since=since):
+        tenants = {t.tenant.name: t.tenant for t in self.store.list_tenants()}
+        changed = self.store.list_keys(changed_since=since)
+        if tenants != self._tenants:
+            # A tenant's limits, class or weight changed: rebuild every principal.
+            self._tenants = tenants
+            changed = [e.record for e in self._keys.values()] + changed
+        for record in changed:
             self._put(record)
-        # A tenant's limits may have changed: rebuild the principals that carry them.
-        for entry in list(self._keys.values()):
-            self._put(entry.record)
         self._watermark = now
 
     async def start(self) -> None:
@@ -321,9 +323,6 @@ class Keyring:
         made, _ = self.create_key(DEFAULT_TENANT, name="admin", role="admin")
         self.load()
         return made
-
-    def reload(self) -> None:
-        self.load()
 
 
 def default_tenant() -> Tenant:
