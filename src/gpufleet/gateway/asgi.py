@@ -1,0 +1,131 @@
+"""The gateway's ASGI plumbing: request ids, the body limit, and the fast path past Starlette.
+
+Pure ASGI, no ``BaseHTTPMiddleware`` (it buffers and costs a task per request): the request-id
+middleware wraps every route, and the three inference routes are dispatched straight to their
+handlers while everything else goes through Starlette's router.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import re
+from collections.abc import Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gpufleet.gateway.errors import ApiError, error_response
+
+__all__ = ["Gateway", "RequestIdMiddleware", "read_body"]
+
+log = logging.getLogger("gpufleet.gateway")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+#: Request ids: 64 random bits per process, then a counter. Unique across gateways and
+#: restarts like a uuid4, without reading os.urandom on every request (measured ~4 % of a
+#: request's CPU).
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count(1)
+
+
+def _new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
+
+class RequestIdMiddleware:
+    """Give every request an id (the client's ``x-request-id`` when it is sane) and echo it.
+
+    ``state["gateway_id"]`` is always the gateway's own: the usage ledger keys rows by it, so
+    a client repeating an ``x-request-id`` cannot make two requests count as one."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = ""
+        for key, value in scope["headers"]:
+            if key == b"x-request-id":
+                candidate = value.decode("latin-1")
+                if _REQUEST_ID.match(candidate):
+                    rid = candidate
+                break
+        own = _new_request_id()
+        if not rid:
+            rid = own
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        state["gateway_id"] = own
+        header = (b"x-request-id", rid.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class Gateway:
+    """The ASGI app: inference requests go straight to their handlers; everything else goes
+    through Starlette's router and middleware, which cost the hot path ~50 µs a request
+    (measured) for matching ~30 routes and three exception-handling layers."""
+
+    def __init__(self, app: Starlette, hot: dict[str, Callable[[Request], Awaitable[Response]]]):
+        self.starlette = app
+        self.state = app.state
+        self._hot = hot
+        self._app = RequestIdMiddleware(self._dispatch)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handler = self._hot.get(scope["path"]) if scope["type"] == "http" else None
+        if handler is None or scope["method"] != "POST":
+            await self.starlette(scope, receive, send)
+            return
+        try:
+            response = await handler(Request(scope, receive))
+        except ApiError as exc:
+            response = error_response(exc)
+        except Exception:
+            log.exception("request %s failed", scope.get("state", {}).get("request_id"))
+            response = error_response(
+                ApiError(
+                    500,
+                    "The gateway failed to handle this request; see its log",
+                    type="server_error",
+                )
+            )
+        await response(scope, receive, send)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"The request body is larger than this gateway accepts ({limit} bytes); "
+        "send a smaller request or raise --max-body-bytes",
+        code="request_too_large",
+    )
