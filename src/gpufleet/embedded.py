@@ -22,13 +22,14 @@ from pathlib import Path
 
 import uvicorn
 
-from gpufleet.controller import Controller
+from gpufleet.controller import Autoscaler, Controller, PlannerCapacity
 from gpufleet.errors import PermanentError
 from gpufleet.gateway import GatewaySettings, build_app
 from gpufleet.gateway.auth import Keyring
 from gpufleet.gateway.ledger import Ledger
 from gpufleet.gateway.quotas import make_quotas
 from gpufleet.gateway.scraper import EngineScraper
+from gpufleet.hardware import discover
 from gpufleet.runtime.local import LocalRuntime
 from gpufleet.spec import API_VERSION, Model, Tenant, parse_document
 from gpufleet.store import Store, sqlite_url
@@ -154,7 +155,9 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
     quotas = make_quotas(cfg.redis_url)
     ledger = Ledger(store)
     runtime = LocalRuntime(cfg.data_dir)
-    controller = Controller(store, runtime)
+    # Replicas are bounded by what this machine can hold (its GPUs, or its memory for CPU ones).
+    capacity = PlannerCapacity(await asyncio.to_thread(discover))
+    controller = Controller(store, runtime, autoscaler=Autoscaler(store, capacity=capacity))
     app = build_app(
         controller,
         settings=GatewaySettings(
@@ -245,8 +248,9 @@ async def _announce_when_ready(
             if e.problem and e.name not in reported:
                 reported.add(e.name)
                 log.error("model %s cannot start: %s", e.name, e.problem)
-        settled = all(e.endpoints or e.problem for e in entries)
-        if entries and settled and any(e.endpoints for e in entries):
+        # Ready once every model serves, failed, or is scaled to zero (its first request wakes it).
+        settled = all(e.endpoints or e.problem or e.desired == 0 for e in entries)
+        if entries and settled and any(e.endpoints or e.desired == 0 for e in entries):
             announce(f"gpufleet ready: {url}")
             return
         await asyncio.sleep(0.02)

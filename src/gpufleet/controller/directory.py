@@ -25,6 +25,8 @@ class ModelEntry:
     replicas: tuple[Replica, ...] = ()
     #: Why the model cannot serve, when a person must act (bad weights, missing engine).
     problem: str = ""
+    #: Replicas the controller wants now (the autoscaler's bounded decision); 0: scaled to zero.
+    desired: int = 1
 
     @property
     def endpoints(self) -> tuple[Replica, ...]:
@@ -36,6 +38,8 @@ class ModelEntry:
             return "Ready"
         if self.problem:
             return "Failed"
+        if self.desired == 0 and not self.replicas:
+            return "ScaledToZero"
         if any(r.phase is Phase.BACKOFF for r in self.replicas):
             return "BackOff"
         return "Starting"
@@ -56,11 +60,22 @@ class Directory:
         if old is not None and old.generation == generation:
             return
         self._entries[name] = ModelEntry(
-            name, generation, spec, created, old.replicas if old else (), problem=""
+            name,
+            generation,
+            spec,
+            created,
+            old.replicas if old else (),
+            problem="",
+            desired=old.desired if old else spec.replicas.min,
         )
 
     def remove(self, name: str) -> None:
         self._entries.pop(name, None)
+
+    def set_desired(self, name: str, desired: int) -> None:
+        entry = self._entries.get(name)
+        if entry is not None and entry.desired != desired:
+            self._entries[name] = dataclasses.replace(entry, desired=desired)
 
     def set_problem(self, name: str, problem: str) -> None:
         entry = self._entries.get(name)

@@ -7,8 +7,9 @@ models reconcile in parallel. Errors decide retries: a ``TemporaryError`` requeu
 a ``PermanentError`` (missing weights, missing engine) is reported once per generation and waits
 for the spec to change.
 
-Until the autoscaler lands, a model runs ``max(replicas.min, 1)`` replicas: ``min: 0`` would
-otherwise mean a model that never serves.
+How many replicas a model runs is the autoscaler's answer (``controller.autoscaler``): its
+persisted count, changed by decisions every second from the gateway's demand, bounded by what
+the planner can place. A request for a model at zero replicas ``wake``s it at once.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import contextlib
 import logging
 import time
 
+from gpufleet.controller.autoscaler import Autoscaler, ScaleChange
 from gpufleet.controller.directory import Directory
 from gpufleet.errors import PermanentError, TemporaryError
 from gpufleet.runtime import Phase, Replica, ReplicaRequest, Runtime
@@ -40,10 +42,17 @@ _EVENTS = {
 
 class Controller:
     def __init__(
-        self, store: Store, runtime: Runtime, *, resync_s: float = 15.0, retry_s: float = 5.0
+        self,
+        store: Store,
+        runtime: Runtime,
+        *,
+        autoscaler: Autoscaler | None = None,
+        resync_s: float = 15.0,
+        retry_s: float = 5.0,
     ) -> None:
         self.store = store
         self.runtime = runtime
+        self.autoscaler = autoscaler or Autoscaler(store)
         self.directory = Directory()
         self._resync_s = resync_s
         self._retry_s = retry_s
@@ -57,6 +66,7 @@ class Controller:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self.autoscaler.load()
         for stored in await asyncio.to_thread(self.store.list_models, "default"):
             self.directory.put_spec(
                 stored.model.name,
@@ -67,6 +77,7 @@ class Controller:
             self.trigger(stored.model.name)
         self._tasks.append(asyncio.create_task(self._watch(), name="controller:watch"))
         self._tasks.append(asyncio.create_task(self._resync(), name="controller:resync"))
+        self._tasks.append(asyncio.create_task(self._autoscale(), name="controller:autoscale"))
 
     async def stop(self) -> None:
         """Stop reconciling. Replicas keep running; closing the runtime stops them."""
@@ -107,9 +118,47 @@ class Controller:
     async def delete(self, name: str) -> bool:
         deleted = await asyncio.to_thread(self.store.delete_model, name)
         if deleted:
+            self.autoscaler.forget(name)
             await self._event(name, "Normal", "Deleted", "model deleted; stopping its replicas")
             self.trigger(name)
         return deleted
+
+    async def wake(self, name: str) -> None:
+        """A request is waiting for ``name``, which has no ready replica: make sure one comes."""
+        entry = self.directory.get(name)
+        if entry is not None:
+            change = await self.autoscaler.wake(name, entry.spec)
+            if change is not None:
+                await self._scaled(change)
+                # Bound it now: on a full fleet a lower priority model must make room first.
+                await self.autoscale_once()
+        self.trigger(name)
+
+    async def autoscale_once(self) -> list[ScaleChange]:
+        """One autoscaler pass over every model (the loop runs it every ``interval_s``)."""
+        models = {}
+        for entry in self.directory.entries():
+            ready = sum(
+                1 for r in entry.replicas if r.generation == entry.generation and r.routable
+            )
+            models[entry.name] = (entry.spec, ready)
+        changes = await self.autoscaler.tick(models)
+        for change in changes:
+            await self._scaled(change)
+        return changes
+
+    async def _scaled(self, change: ScaleChange) -> None:
+        if change.unschedulable:
+            kind, reason = "Warning", "Unschedulable"
+        elif change.after == 0:
+            kind, reason = "Normal", "ScaledToZero"
+        elif change.before == 0:
+            kind, reason = "Normal", "Woken"
+        else:
+            kind, reason = "Normal", "ScaledUp" if change.after > change.before else "ScaledDown"
+        text = f"{change.before} → {change.after} replicas: {change.reason}"
+        await self._event(change.model, kind, reason, text)
+        self.trigger(change.model)
 
     # -- reconcile --------------------------------------------------------------------------
 
@@ -124,7 +173,8 @@ class Controller:
 
         spec, generation = stored.model.spec, stored.generation
         self.directory.put_spec(name, generation, spec, int(stored.created_at.timestamp()))
-        want = max(spec.replicas.min, 1)
+        want = self.autoscaler.desired(name, spec)
+        self.directory.set_desired(name, want)
         current = [r for r in replicas if r.generation == generation]
         old = [r for r in replicas if r.generation != generation]
 
@@ -154,7 +204,8 @@ class Controller:
         ready_now = sum(1 for r in current if r.phase is Phase.READY)
         if old and ready_now >= want:
             await asyncio.gather(*(self._stop(r) for r in old))
-        self.directory.set_problem(name, "")
+        unschedulable = self.autoscaler.unschedulable.get(name, "")
+        self.directory.set_problem(name, unschedulable if want == 0 else "")
         return None
 
     async def _stop(self, replica: Replica) -> None:
@@ -206,6 +257,15 @@ class Controller:
                 await self._event(replica.model, kind[0], kind[1], text)
             if replica.phase in (Phase.READY, Phase.FAILED, Phase.STOPPED):
                 self.trigger(replica.model)
+
+    async def _autoscale(self) -> None:
+        while True:
+            await asyncio.sleep(self.autoscaler.interval_s)
+            try:
+                await self.autoscale_once()
+            except Exception:
+                log.exception("autoscaler pass failed; trying again in %gs", self._retry_s)
+                await asyncio.sleep(self._retry_s)
 
     async def _resync(self) -> None:
         while True:

@@ -59,7 +59,7 @@ def model_view(e: ModelEntry) -> dict[str, Any]:
         "source": e.spec.source,
         "status": e.status,
         "ready": len(e.endpoints),
-        "desired": max(e.spec.replicas.min, 1),
+        "desired": e.desired,
         "problem": e.problem,
         "replicas": [replica_view(r) for r in e.replicas],
     }

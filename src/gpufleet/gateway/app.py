@@ -30,6 +30,7 @@ from gpufleet.controller import Controller, Directory, ModelEntry
 from gpufleet.gateway import admin
 from gpufleet.gateway.asgi import Gateway, read_body
 from gpufleet.gateway.auth import ANONYMOUS, Keyring, Principal
+from gpufleet.gateway.demand import DemandMeter
 from gpufleet.gateway.errors import (
     ApiError,
     bad_request,
@@ -145,6 +146,9 @@ def build_app(
     queues = AdmissionQueues(
         capacity, max_length=settings.queue_max_length, max_wait_s=settings.queue_max_wait_s
     )
+    demand = DemandMeter(directory, queues, upstream)
+    if controller.autoscaler.source is None:
+        controller.autoscaler.source = demand
 
     async def authenticate(request: Request) -> Principal:
         if keyring is None:
@@ -166,6 +170,7 @@ def build_app(
             entry = directory.get(name)
             if entry is None or not principal.may_use(entry.spec):
                 raise model_not_found(name)  # a private model is not even said to exist
+            demand.arrived(name)
             if embeddings and not entry.spec.embeddings:
                 raise bad_request(
                     f"The model '{name}' does not serve embeddings (its spec has "
@@ -346,6 +351,7 @@ def build_app(
             m.duration.observe(outcome.duration_s)
             if outcome.ttft_s is not None:
                 m.ttft.observe(outcome.ttft_s)
+                demand.first_token(model, outcome.ttft_s)
             m.prompt.inc(prompt)
             m.completion.inc(completion)
             if outcome.cached_tokens:
@@ -403,20 +409,24 @@ def build_app(
 
     async def hold(name: str) -> ModelEntry:
         """Wait, within the bound, for a ready replica; ask the controller for one meanwhile."""
-        controller.trigger(name)
         deadline = time.monotonic() + settings.hold_s
         metrics.held.labels(name).inc()
-        while True:
-            entry = directory.get(name)
-            if entry is None:
-                raise model_not_found(name)
-            if entry.endpoints or entry.problem:
-                return entry
-            if time.monotonic() >= deadline:
-                raise no_replica(
-                    name, f"none became ready within {settings.hold_s:g} s", retry_after=5
-                )
-            await asyncio.sleep(0.05)
+        demand.hold(name, 1)
+        try:
+            await controller.wake(name)
+            while True:
+                entry = directory.get(name)
+                if entry is None:
+                    raise model_not_found(name)
+                if entry.endpoints or entry.problem:
+                    return entry
+                if time.monotonic() >= deadline:
+                    raise no_replica(
+                        name, f"none became ready within {settings.hold_s:g} s", retry_after=5
+                    )
+                await asyncio.sleep(0.05)
+        finally:
+            demand.hold(name, -1)
 
     async def list_models(request: Request) -> Response:
         principal = await authenticate(request)
@@ -445,7 +455,8 @@ def build_app(
         return JSONResponse({"status": "ok"})
 
     async def readyz(_: Request) -> Response:
-        waiting = [e.name for e in directory.entries() if not e.endpoints]
+        # A model scaled to zero is ready: its first request wakes it.
+        waiting = [e.name for e in directory.entries() if not e.endpoints and e.desired > 0]
         body = {"status": "ready" if not waiting else "not ready", "waiting_for": waiting}
         return JSONResponse(body, status_code=200 if not waiting else 503)
 
@@ -508,6 +519,7 @@ def build_app(
     app.state.started = time.time()
     app.state.upstream = upstream
     app.state.queues = queues
+    app.state.demand = demand
     app.state.quotas = quotas
 
     async def close() -> None:

@@ -20,11 +20,12 @@ from gpufleet.spec.io import (
     parse_document,
     parse_tenant,
 )
-from gpufleet.spec.quantity import format_bytes, parse_bytes
+from gpufleet.spec.quantity import format_bytes, parse_bytes, parse_duration
 from gpufleet.spec.resources import (
     API_VERSION,
     ENGINES,
     AccessSpec,
+    AutoscalingSpec,
     BudgetSpec,
     EngineName,
     LimitsSpec,
@@ -49,6 +50,7 @@ __all__ = [
     "ENGINES",
     "KINDS",
     "AccessSpec",
+    "AutoscalingSpec",
     "BudgetSpec",
     "EngineName",
     "GpuGroup",
@@ -77,6 +79,7 @@ __all__ = [
     "load_text_resources",
     "parse_bytes",
     "parse_document",
+    "parse_duration",
     "parse_source",
     "parse_tenant",
 ]

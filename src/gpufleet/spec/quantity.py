@@ -1,10 +1,11 @@
-"""Kubernetes-style quantities ("16Gi", "512Mi", "2G") as plain byte counts."""
+"""Kubernetes-style quantities ("16Gi", "512Mi", "2G") as plain byte counts, and durations
+("90s", "10m", "1h", or plain seconds) as seconds."""
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["format_bytes", "parse_bytes"]
+__all__ = ["format_bytes", "parse_bytes", "parse_duration"]
 
 _UNITS = {
     "": 1,
@@ -36,3 +37,21 @@ def format_bytes(n: int) -> str:
         if n >= _UNITS[unit] and n % _UNITS[unit] == 0:
             return f"{n // _UNITS[unit]}{unit}"
     return str(n)
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "": 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+def parse_duration(value: str | float) -> float:
+    """Seconds from ``30``, ``"30s"``, ``"500ms"``, ``"10m"`` or ``"1h"``."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a duration; write e.g. '30s', '10m' or '1h'")
+    m = _DURATION.match(value)
+    if not m:
+        raise ValueError(f"{value!r} is not a duration; write e.g. '30s', '10m' or '1h'")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2) or ""]

@@ -22,13 +22,14 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
-from gpufleet.spec.quantity import parse_bytes
+from gpufleet.spec.quantity import parse_bytes, parse_duration
 from gpufleet.spec.source import Source, parse_source
 
 __all__ = [
     "API_VERSION",
     "ENGINES",
     "AccessSpec",
+    "AutoscalingSpec",
     "BudgetSpec",
     "EngineName",
     "LimitsSpec",
@@ -87,6 +88,18 @@ DnsName = Annotated[str, AfterValidator(_dns_name)]
 ByteQuantity = Annotated[int | None, BeforeValidator(_quantity)]
 
 
+def _duration(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise PydanticCustomError("gpufleet_value", "must be a duration such as '30s' or '10m'")
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise PydanticCustomError("gpufleet_value", str(exc)) from exc
+
+
+Seconds = Annotated[float, BeforeValidator(_duration)]
+
+
 class _Resource(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -123,6 +136,50 @@ class Replicas(_Resource):
                 "gpufleet_path",
                 "{path}.max must be ≥ {path}.min (got {max} < {min})",
                 {"max": self.max, "min": self.min},
+            )
+        return self
+
+
+class AutoscalingSpec(_Resource):
+    """How the replica count follows demand between ``replicas.min`` and ``replicas.max``.
+
+    The defaults are Knative's KPA defaults (60 s stable window, 6 s panic window, panic at
+    2× the ready capacity, at most ×2 up / ÷2 down a step) with a scale-down delay, since an
+    LLM replica takes seconds to minutes to come back."""
+
+    #: Scaling policy by name (gpufleet.autoscale registers the same names).
+    policy: Literal["concurrency"] = "concurrency"
+    #: Requests (running and waiting, counted by the gateway) one replica should carry.
+    target_in_flight: float = Field(default=8.0, gt=0, le=100_000)
+    #: Steady changes follow the average demand over this window.
+    stable_window: Seconds = Field(default=60.0, ge=1, le=3600)
+    #: Bursts: when the average over this shorter window needs ``panicThreshold`` × the ready
+    #: replicas, scale up at once and do not scale down until the burst has passed.
+    panic_window: Seconds = Field(default=6.0, ge=1, le=3600)
+    panic_threshold: float = Field(default=2.0, ge=1.1, le=100)
+    #: A scale-down takes the highest count any decision asked for within this delay.
+    scale_down_delay: Seconds = Field(default=300.0, ge=0, le=86_400)
+    #: One step grows the count at most this many times (and by at least one replica) ...
+    max_scale_up_rate: float = Field(default=2.0, ge=1.1, le=1000)
+    #: ... and shrinks it at most this many times.
+    max_scale_down_rate: float = Field(default=2.0, ge=1.1, le=1000)
+    #: With ``replicas.min: 0``: stop the last replica after this long without a request; the
+    #: next request wakes the model (the gateway holds it until a replica is ready).
+    scale_to_zero_after: Seconds = Field(default=600.0, ge=1, le=7 * 86_400)
+    #: Objective for the 90th-percentile time to first token; while it is missed (and
+    #: replicas are busy) one more replica is added per step. Unset: not a signal.
+    ttft_objective: Seconds | None = Field(default=None, gt=0, le=3600)
+    #: Engine KV-cache use (0-1) above which the replicas count as full: one more is added.
+    kv_cache_target: float = Field(default=0.9, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _windows(self) -> AutoscalingSpec:
+        if self.panic_window > self.stable_window:
+            raise PydanticCustomError(
+                "gpufleet_path",
+                "{path}.panicWindow ({panic} s) must not be longer than "
+                "{path}.stableWindow ({stable} s)",
+                {"panic": f"{self.panic_window:g}", "stable": f"{self.stable_window:g}"},
             )
         return self
 
@@ -195,6 +252,7 @@ class ModelSpec(_Resource):
     context_length: int = Field(default=2048, ge=128, le=1_048_576)
     resources: Resources = Field(default_factory=Resources)
     replicas: Replicas = Field(default_factory=Replicas)
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
     priority_class: DnsName = "interactive"
     placement: PlacementPolicy = Field(default_factory=PlacementPolicy)
     routing: RoutingSpec = Field(default_factory=RoutingSpec)

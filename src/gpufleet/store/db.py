@@ -43,6 +43,7 @@ from gpufleet.store.tables import (
     events,
     metadata,
     models,
+    scale_state,
     tenants,
     usage,
     usage_daily,
@@ -237,7 +238,29 @@ class Store:
             result = conn.execute(
                 delete(models).where(models.c.namespace == namespace, models.c.name == name)
             )
+            conn.execute(
+                delete(scale_state).where(
+                    scale_state.c.namespace == namespace, scale_state.c.model == name
+                )
+            )
             return result.rowcount > 0
+
+    # -- the autoscaler's state -------------------------------------------------------------
+
+    def scale_states(self, namespace: str = "default") -> dict[str, tuple[int, float]]:
+        """Model name → (desired replicas, last activity in unix seconds)."""
+        query = select(scale_state).where(scale_state.c.namespace == namespace)
+        with self._connect() as conn:
+            return {r.model: (int(r.desired), float(r.last_active)) for r in conn.execute(query)}
+
+    def put_scale_state(
+        self, model: str, desired: int, last_active: float, namespace: str = "default"
+    ) -> None:
+        key = (scale_state.c.namespace == namespace) & (scale_state.c.model == model)
+        values = {"desired": desired, "last_active": last_active, "updated_at": _now()}
+        with self._write() as conn:
+            if conn.execute(update(scale_state).where(key).values(**values)).rowcount == 0:
+                conn.execute(insert(scale_state).values(namespace=namespace, model=model, **values))
 
     def get_model(self, name: str, namespace: str = "default") -> StoredModel | None:
         with self._connect() as conn:

@@ -25,13 +25,14 @@ __all__ = [
     "events",
     "metadata",
     "models",
+    "scale_state",
     "tenants",
     "usage",
     "usage_daily",
 ]
 
 #: The newest migration; a test checks it against the migration scripts.
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 
 metadata = MetaData()
 
@@ -140,4 +141,17 @@ usage_daily = Table(
     Column("gpu_seconds", Float, nullable=False),
     Column("cost_usd", Float, nullable=False),
     PrimaryKeyConstraint("day", "tenant", "key_prefix", "model", name="pk_usage_daily"),
+)
+
+# The autoscaler's decisions that must survive a restart: the replica count it last asked for
+# and when the model last had a request (the scale-to-zero timer), on the wall clock.
+scale_state = Table(
+    "scale_state",
+    metadata,
+    Column("namespace", String(63), nullable=False),
+    Column("model", String(63), nullable=False),
+    Column("desired", Integer, nullable=False),
+    Column("last_active", Float, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("namespace", "model", name="pk_scale_state"),
 )

