@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import urllib.parse
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -217,6 +218,26 @@ def get(kind: Kind, output: OutputOpt = Output.table, server: ServerOpt = DEFAUL
             table.add_column(col)
         for e in rows:
             table.add_row(e["at"][:19], e["model"], e["type"], e["reason"], e["message"])
+    out.print(table)
+
+
+@app.command()
+def events(
+    model: Annotated[str | None, typer.Argument(help="only this model's events")] = None,
+    output: OutputOpt = Output.table,
+    server: ServerOpt = DEFAULT_SERVER,
+) -> None:
+    """What the controller and autoscaler did, and why (newest last)."""
+    path = "/admin/v1/events" + (f"?model={urllib.parse.quote(model)}" if model else "")
+    rows = _call(server, "GET", path)["events"]
+    if output is Output.json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(box=None, header_style="bold")
+    for col in ("TIME", "MODEL", "TYPE", "REASON", "MESSAGE"):
+        table.add_column(col)
+    for e in rows:
+        table.add_row(e["at"][:19], e["model"], e["type"], e["reason"], e["message"])
     out.print(table)
 
 

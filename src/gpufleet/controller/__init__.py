@@ -4,6 +4,7 @@ from gpufleet.controller.autoscaler import Autoscaler, Capacity, DemandSource, S
 from gpufleet.controller.capacity import PlannerCapacity
 from gpufleet.controller.directory import Directory, ModelEntry
 from gpufleet.controller.reconcile import Controller
+from gpufleet.controller.rollout import GenerationStats, RolloutStats, judge
 
 __all__ = [
     "Autoscaler",
@@ -11,7 +12,10 @@ __all__ = [
     "Controller",
     "DemandSource",
     "Directory",
+    "GenerationStats",
     "ModelEntry",
     "PlannerCapacity",
+    "RolloutStats",
     "ScaleChange",
+    "judge",
 ]

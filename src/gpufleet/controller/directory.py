@@ -27,6 +27,23 @@ class ModelEntry:
     problem: str = ""
     #: Replicas the controller wants now (the autoscaler's bounded decision); 0: scaled to zero.
     desired: int = 1
+    #: A canary under analysis: (its generation, percent of requests it gets).
+    canary: tuple[int, int] | None = None
+    #: What the rollout is doing, for people ("canary generation 3 at 10 %: ...").
+    rollout: str = ""
+
+    def pool(self, draw: float) -> tuple[Replica, ...]:
+        """The endpoints a request may go to, given a uniform draw in [0, 1): during a canary,
+        the canary generation's for ``percent`` of draws and the others' for the rest."""
+        endpoints = self.endpoints
+        if self.canary is None:
+            return endpoints
+        generation, percent = self.canary
+        new = tuple(r for r in endpoints if r.generation == generation)
+        old = tuple(r for r in endpoints if r.generation != generation)
+        if not new or not old:
+            return endpoints
+        return new if draw * 100 < percent else old
 
     @property
     def endpoints(self) -> tuple[Replica, ...]:
@@ -76,6 +93,11 @@ class Directory:
         entry = self._entries.get(name)
         if entry is not None and entry.desired != desired:
             self._entries[name] = dataclasses.replace(entry, desired=desired)
+
+    def set_rollout(self, name: str, canary: tuple[int, int] | None, text: str) -> None:
+        entry = self._entries.get(name)
+        if entry is not None and (entry.canary, entry.rollout) != (canary, text):
+            self._entries[name] = dataclasses.replace(entry, canary=canary, rollout=text)
 
     def set_problem(self, name: str, problem: str) -> None:
         entry = self._entries.get(name)

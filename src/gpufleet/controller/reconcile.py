@@ -17,14 +17,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 
 from gpufleet.controller.autoscaler import Autoscaler, ScaleChange
 from gpufleet.controller.directory import Directory
+from gpufleet.controller.rollout import GenerationStats, Verdict, judge
 from gpufleet.errors import PermanentError, TemporaryError
 from gpufleet.runtime import Phase, Replica, ReplicaRequest, Runtime
-from gpufleet.spec import Model
-from gpufleet.store import ApplyResult, Store
+from gpufleet.spec import Model, ModelSpec
+from gpufleet.store import ApplyResult, Revision, Store
 
 __all__ = ["Controller"]
 
@@ -61,6 +63,9 @@ class Controller:
         self._tasks: list[asyncio.Task[None]] = []
         self._reported: dict[str, tuple[int, str]] = {}
         self._phases: dict[str, Phase] = {}
+        #: Canary rollouts under way: when each began, and when its first replica served.
+        self._canary_since: dict[tuple[str, int], float] = {}
+        self._canary_ready: dict[tuple[str, int], float] = {}
         self._stopped = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -175,6 +180,37 @@ class Controller:
         self.directory.put_spec(name, generation, spec, int(stored.created_at.timestamp()))
         want = self.autoscaler.desired(name, spec)
         self.directory.set_desired(name, want)
+
+        # Which generation runs: the newest, unless it is a canary under analysis or was
+        # rolled back (then the last promoted one, whose spec the store keeps).
+        revisions = {r.generation: r for r in await asyncio.to_thread(self.store.revisions, name)}
+        target = revisions.get(generation)
+        stable = max(
+            (r for r in revisions.values() if r.status == "active" and r.generation < generation),
+            key=lambda r: r.generation,
+            default=None,
+        )
+        if target is not None and target.status == "new":
+            if spec.rollout.strategy == "canary" and stable is not None:
+                return await self._canary(name, generation, spec, stable, replicas, want)
+            await asyncio.to_thread(self.store.set_revision_status, name, generation, "active")
+        elif target is not None and target.status == "rolled-back":
+            if stable is None:
+                self.directory.set_problem(name, f"generation {generation} was rolled back")
+                await asyncio.gather(*(self._stop(r) for r in replicas))
+                return None
+            self.directory.set_rollout(
+                name, None, f"generation {generation} rolled back: {target.reason}"
+            )
+            generation, spec = stable.generation, stable.model.spec
+        else:
+            self.directory.set_rollout(name, None, "")
+        return await self._converge(name, generation, spec, replicas, want)
+
+    async def _converge(
+        self, name: str, generation: int, spec: ModelSpec, replicas: list[Replica], want: int
+    ) -> float | None:
+        """Run ``want`` replicas of ``generation``; stop the others once those are ready."""
         current = [r for r in replicas if r.generation == generation]
         old = [r for r in replicas if r.generation != generation]
 
@@ -185,18 +221,8 @@ class Controller:
             return None
 
         if len(current) < want:
-            for _ in range(want - len(current)):
-                request = ReplicaRequest(name, generation, spec)
-                try:
-                    replica = await self.runtime.start(request)
-                except PermanentError as exc:
-                    self.directory.set_problem(name, str(exc))
-                    await self._event_once(name, generation, "FailedToStart", str(exc))
-                    return None
-                self.directory.observe(replica)
-                await self._event(
-                    name, "Normal", "ReplicaStarting", f"replica {replica.id} starting"
-                )
+            if not await self._start(name, generation, spec, want - len(current)):
+                return None
         elif len(current) > want:
             extra = sorted(current, key=lambda r: r.phase is Phase.READY)[: len(current) - want]
             await asyncio.gather(*(self._stop(r) for r in extra))
@@ -207,6 +233,106 @@ class Controller:
         unschedulable = self.autoscaler.unschedulable.get(name, "")
         self.directory.set_problem(name, unschedulable if want == 0 else "")
         return None
+
+    async def _start(self, name: str, generation: int, spec: ModelSpec, count: int) -> bool:
+        for _ in range(count):
+            request = ReplicaRequest(name, generation, spec)
+            try:
+                replica = await self.runtime.start(request)
+            except PermanentError as exc:
+                self.directory.set_problem(name, str(exc))
+                await self._event_once(name, generation, "FailedToStart", str(exc))
+                return False
+            self.directory.observe(replica)
+            await self._event(name, "Normal", "ReplicaStarting", f"replica {replica.id} starting")
+        return True
+
+    async def _canary(
+        self,
+        name: str,
+        generation: int,
+        spec: ModelSpec,
+        stable: Revision,
+        replicas: list[Replica],
+        want: int,
+    ) -> float | None:
+        """A canary pass: the stable generation at full count, the canary beside it, judged."""
+        now = self.autoscaler.clock()
+        key = (name, generation)
+        pct = spec.rollout.canary_percent
+        canary = [r for r in replicas if r.generation == generation]
+        base = [r for r in replicas if r.generation == stable.generation]
+        others = [r for r in replicas if r.generation not in (generation, stable.generation)]
+        await asyncio.gather(*(self._stop(r) for r in others))
+        if key not in self._canary_since:
+            self._canary_since[key] = now
+            await self._event(
+                name,
+                "Normal",
+                "CanaryStarted",
+                f"generation {generation} takes {pct} % of requests beside generation "
+                f"{stable.generation} for {spec.rollout.analysis:g} s",
+            )
+        size = max(1, math.ceil(max(want, 1) * pct / 100))
+        verdict: Verdict = ("wait", "")
+        if len(canary) < size and not await self._start(name, generation, spec, size - len(canary)):
+            entry = self.directory.get(name)
+            verdict = (
+                "rollback",
+                f"a canary replica cannot start: {entry.problem if entry else ''}",
+            )
+        if len(base) < want:
+            await self._start(name, stable.generation, stable.model.spec, want - len(base))
+        canary = [
+            r
+            for r in self.runtime.replicas(name)
+            if r.generation == generation and r.phase not in _GONE
+        ]
+        if any(r.routable for r in canary):
+            self._canary_ready.setdefault(key, now)
+        failed = [r for r in canary if r.phase is Phase.FAILED]
+        if failed:
+            verdict = ("rollback", f"a canary replica cannot start: {failed[0].message}")
+        if verdict[0] == "wait":
+            ready_at = self._canary_ready.get(key)
+            stats = self._rollout_stats(name, generation)
+            verdict = judge(
+                spec,
+                stats,
+                None if ready_at is None else now - ready_at,
+                now - self._canary_since[key],
+            )
+            self.directory.set_rollout(
+                name,
+                (generation, pct) if ready_at is not None else None,
+                f"canary generation {generation} at {pct} %: {stats.requests} requests, "
+                f"{stats.errors} errors",
+            )
+        if verdict[0] == "wait":
+            return 1.0
+        self._canary_since.pop(key, None)
+        self._canary_ready.pop(key, None)
+        if verdict[0] == "promote":
+            await asyncio.to_thread(self.store.set_revision_status, name, generation, "active")
+            await self._event(name, "Normal", "Promoted", f"generation {generation}: {verdict[1]}")
+        else:
+            await asyncio.to_thread(
+                self.store.set_revision_status, name, generation, "rolled-back", verdict[1]
+            )
+            await asyncio.gather(*(self._stop(r) for r in canary))
+            await self._event(
+                name, "Warning", "RolledBack", f"generation {generation}: {verdict[1]}"
+            )
+        self.directory.set_rollout(name, None, "")
+        self.directory.set_problem(name, "")
+        return 0.0
+
+    def _rollout_stats(self, name: str, generation: int) -> GenerationStats:
+        source = self.autoscaler.source
+        if source is None or not hasattr(source, "generation_stats"):
+            return GenerationStats()
+        stats: GenerationStats = source.generation_stats(name, generation)
+        return stats
 
     async def _stop(self, replica: Replica) -> None:
         await self.runtime.stop(replica.id)

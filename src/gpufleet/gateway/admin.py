@@ -61,6 +61,7 @@ def model_view(e: ModelEntry) -> dict[str, Any]:
         "ready": len(e.endpoints),
         "desired": e.desired,
         "problem": e.problem,
+        "rollout": e.rollout,
         "replicas": [replica_view(r) for r in e.replicas],
     }
 

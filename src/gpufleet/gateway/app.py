@@ -352,6 +352,8 @@ def build_app(
             if outcome.ttft_s is not None:
                 m.ttft.observe(outcome.ttft_s)
                 demand.first_token(model, outcome.ttft_s)
+            if entry.canary is not None:
+                demand.outcome(model, outcome.replica, outcome.status, outcome.ttft_s)
             m.prompt.inc(prompt)
             m.completion.inc(completion)
             if outcome.cached_tokens:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from gpufleet.autoscale import Sample
-from gpufleet.controller import Directory
+from gpufleet.controller import Directory, GenerationStats
 from gpufleet.gateway.fairqueue import AdmissionQueues
 from gpufleet.gateway.proxy import Upstream
 
@@ -22,6 +22,26 @@ __all__ = ["DemandMeter"]
 
 #: TTFTs kept per model between two samples (a reservoir large enough for a p90).
 _TTFT_KEEP = 512
+
+
+#: (model, generation) pairs counted at most; generations only grow, so old ones are dropped.
+_GENERATIONS_KEEP = 4096
+
+
+class _Counts:
+    __slots__ = ("errors", "requests", "ttfts")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.ttfts: list[float] = []
+
+
+def _p90(values: list[float]) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
 
 
 class DemandMeter:
@@ -32,6 +52,7 @@ class DemandMeter:
         self._arrivals: defaultdict[str, int] = defaultdict(int)
         self._held: defaultdict[str, int] = defaultdict(int)
         self._ttfts: defaultdict[str, list[float]] = defaultdict(list)
+        self._generations: dict[tuple[str, int], _Counts] = {}
 
     def arrived(self, model: str) -> None:
         self._arrivals[model] += 1
@@ -44,11 +65,34 @@ class DemandMeter:
         if len(ttfts) < _TTFT_KEEP:
             ttfts.append(seconds)
 
+    def outcome(self, model: str, replica_id: str, status: int, ttft_s: float | None) -> None:
+        """An answered request, counted for its replica's generation (canary analysis)."""
+        entry = self.directory.get(model)
+        if entry is None:
+            return
+        generation = next((r.generation for r in entry.replicas if r.id == replica_id), None)
+        if generation is None:
+            return
+        counts = self._generations.get((model, generation))
+        if counts is None:
+            if len(self._generations) > _GENERATIONS_KEEP:
+                self._generations.clear()
+            counts = self._generations[(model, generation)] = _Counts()
+        counts.requests += 1
+        counts.errors += status >= 500
+        if ttft_s is not None and len(counts.ttfts) < _TTFT_KEEP:
+            counts.ttfts.append(ttft_s)
+
+    def generation_stats(self, model: str, generation: int) -> GenerationStats:
+        counts = self._generations.get((model, generation))
+        if counts is None:
+            return GenerationStats()
+        return GenerationStats(counts.requests, counts.errors, _p90(counts.ttfts))
+
     def sample(self, model: str, now: float) -> Sample:
         stats = self.queues.get(model).stats()
         arrivals = self._arrivals.pop(model, 0)
-        ttfts = sorted(self._ttfts.pop(model, ()))
-        p90 = ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))] if ttfts else None
+        p90 = _p90(self._ttfts.pop(model, []))
         kv: list[float] = []
         waiting = 0.0
         entry = self.directory.get(model)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -98,6 +99,8 @@ class Upstream:
         self._ejected_until: dict[str, float] = {}
         self._policies: dict[tuple[str, str], RoutingPolicy] = {}
         self.meter = BusyMeter()
+        #: Draws that split a model's requests between a canary and the stable generation.
+        self._draw = random.Random().random
         #: Prefill rate per model, learnt from streamed requests' time to first token.
         self.prefill: dict[str, PrefillFit] = {}
         #: Engine load by replica id, kept fresh by the metrics scraper.
@@ -142,7 +145,10 @@ class Upstream:
         exclude: set[str],
         hints: Mapping[str, int] | None = None,
     ) -> tuple[Replica, Choice] | None:
-        candidates = {r.id: r for r in entry.endpoints if r.id not in exclude}
+        pool = entry.pool(self._draw()) if entry.canary is not None else entry.endpoints
+        candidates = {r.id: r for r in pool if r.id not in exclude}
+        if not candidates:  # the canary's side has nothing left to try: the other side may
+            candidates = {r.id: r for r in entry.endpoints if r.id not in exclude}
         now = time.monotonic()
         healthy = {
             rid: r for rid, r in candidates.items() if self._ejected_until.get(rid, 0.0) <= now

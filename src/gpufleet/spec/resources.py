@@ -40,6 +40,7 @@ __all__ = [
     "PricingSpec",
     "Replicas",
     "Resources",
+    "RolloutSpec",
     "RoutingPolicyName",
     "RoutingSpec",
     "Tenant",
@@ -184,6 +185,27 @@ class AutoscalingSpec(_Resource):
         return self
 
 
+class RolloutSpec(_Resource):
+    """How a new generation of the spec replaces the running one.
+
+    replace: start the new replicas beside the old ones and stop the old once the new are
+    ready. canary: start ``canaryPercent`` of the replicas (at least one) on the new
+    generation, send them that share of the requests for ``analysis``, then promote it (replace
+    the rest) when its error rate and TTFT meet the objectives, or roll it back (stop it; the
+    previous generation keeps serving) when they do not, or when it is not ready within
+    ``progressDeadline``."""
+
+    strategy: Literal["replace", "canary"] = "replace"
+    canary_percent: int = Field(default=10, ge=1, le=100)
+    analysis: Seconds = Field(default=60.0, ge=1, le=86_400)
+    #: Share of the canary's requests that may fail (HTTP 5xx from its engine) ...
+    max_error_rate: float = Field(default=0.05, ge=0, le=1)
+    #: ... judged once it has answered at least this many (with fewer by the end of the
+    #: analysis, on what it has).
+    min_requests: int = Field(default=20, ge=1, le=1_000_000)
+    progress_deadline: Seconds = Field(default=600.0, ge=1, le=86_400)
+
+
 class PlacementPolicy(_Resource):
     #: memory: share GPUs by memory (several models per card); mig: a MIG instance of its own;
     #: exclusive: whole GPUs, unshared.
@@ -253,6 +275,7 @@ class ModelSpec(_Resource):
     resources: Resources = Field(default_factory=Resources)
     replicas: Replicas = Field(default_factory=Replicas)
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     priority_class: DnsName = "interactive"
     placement: PlacementPolicy = Field(default_factory=PlacementPolicy)
     routing: RoutingSpec = Field(default_factory=RoutingSpec)

@@ -42,6 +42,7 @@ from gpufleet.store.tables import (
     api_keys,
     events,
     metadata,
+    model_revisions,
     models,
     scale_state,
     tenants,
@@ -53,6 +54,7 @@ __all__ = [
     "ApplyResult",
     "Event",
     "KeyRecord",
+    "Revision",
     "Store",
     "StoredModel",
     "StoredTenant",
@@ -69,6 +71,15 @@ class StoredModel:
     generation: int
     created_at: dt.datetime
     updated_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Revision:
+    generation: int
+    model: Model
+    #: new (not yet judged), active (promoted), rolled-back
+    status: str
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +223,7 @@ class Store:
                 )
             ).first()
             if row is None:
+                self._add_revision(conn, model, 1, doc, now)
                 conn.execute(
                     insert(models).values(
                         namespace=model.metadata.namespace,
@@ -226,6 +238,7 @@ class Store:
             if row.document == doc:
                 return "unchanged", int(row.generation)
             generation = int(row.generation) + 1
+            self._add_revision(conn, model, generation, doc, now)
             conn.execute(
                 update(models)
                 .where(models.c.id == row.id)
@@ -243,7 +256,62 @@ class Store:
                     scale_state.c.namespace == namespace, scale_state.c.model == name
                 )
             )
+            conn.execute(
+                delete(model_revisions).where(
+                    model_revisions.c.namespace == namespace, model_revisions.c.model == name
+                )
+            )
             return result.rowcount > 0
+
+    @staticmethod
+    def _add_revision(
+        conn: Connection, model: Model, generation: int, doc: Any, now: dt.datetime
+    ) -> None:
+        conn.execute(
+            delete(model_revisions).where(
+                model_revisions.c.namespace == model.metadata.namespace,
+                model_revisions.c.model == model.name,
+                model_revisions.c.generation >= generation,
+            )
+        )  # a model deleted and created again starts its generations anew
+        conn.execute(
+            insert(model_revisions).values(
+                namespace=model.metadata.namespace,
+                model=model.name,
+                generation=generation,
+                document=doc,
+                status="new",
+                reason="",
+                created_at=now,
+            )
+        )
+
+    def revisions(self, name: str, namespace: str = "default") -> list[Revision]:
+        """The model's generations, oldest first."""
+        query = (
+            select(model_revisions)
+            .where(model_revisions.c.namespace == namespace, model_revisions.c.model == name)
+            .order_by(model_revisions.c.generation)
+        )
+        with self._connect() as conn:
+            return [
+                Revision(int(r.generation), parse_document(r.document), r.status, r.reason)
+                for r in conn.execute(query)
+            ]
+
+    def set_revision_status(
+        self, name: str, generation: int, status: str, reason: str = "", namespace: str = "default"
+    ) -> None:
+        with self._write() as conn:
+            conn.execute(
+                update(model_revisions)
+                .where(
+                    model_revisions.c.namespace == namespace,
+                    model_revisions.c.model == name,
+                    model_revisions.c.generation == generation,
+                )
+                .values(status=status, reason=reason)
+            )
 
     # -- the autoscaler's state -------------------------------------------------------------
 

@@ -24,6 +24,7 @@ __all__ = [
     "api_keys",
     "events",
     "metadata",
+    "model_revisions",
     "models",
     "scale_state",
     "tenants",
@@ -154,4 +155,20 @@ scale_state = Table(
     Column("last_active", Float, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     PrimaryKeyConstraint("namespace", "model", name="pk_scale_state"),
+)
+
+# Every generation of every model's spec, kept for rollouts: a canary runs beside the last
+# promoted generation, and a rolled-back generation hands the model back to it — after a
+# restart too. status: new, active (promoted), rolled-back.
+model_revisions = Table(
+    "model_revisions",
+    metadata,
+    Column("namespace", String(63), nullable=False),
+    Column("model", String(63), nullable=False),
+    Column("generation", Integer, nullable=False),
+    Column("document", JSON, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("namespace", "model", "generation", name="pk_model_revisions"),
 )

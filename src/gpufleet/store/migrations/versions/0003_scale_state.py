@@ -1,4 +1,4 @@
-"""The autoscaler's persisted state.
+"""The autoscaler's persisted state, and every generation of a model's spec (rollouts).
 
 Revision ID: 0003
 Revises: 0002
@@ -25,7 +25,25 @@ def upgrade() -> None:
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("namespace", "model", name="pk_scale_state"),
     )
+    op.create_table(
+        "model_revisions",
+        sa.Column("namespace", sa.String(63), nullable=False),
+        sa.Column("model", sa.String(63), nullable=False),
+        sa.Column("generation", sa.Integer, nullable=False),
+        sa.Column("document", sa.JSON, nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("reason", sa.Text, nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("namespace", "model", "generation", name="pk_model_revisions"),
+    )
+    # Models applied before revisions existed: their current generation is the active one.
+    op.execute(
+        "INSERT INTO model_revisions (namespace, model, generation, document, status, reason,"
+        " created_at) SELECT namespace, name, generation, document, 'active', '', updated_at"
+        " FROM models"
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("model_revisions")
     op.drop_table("scale_state")
