@@ -161,7 +161,10 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
     app = build_app(
         controller,
         settings=GatewaySettings(
-            max_body_bytes=cfg.max_body_bytes, hold_s=cfg.hold_s, redis_url=cfg.redis_url
+            max_body_bytes=cfg.max_body_bytes,
+            hold_s=cfg.hold_s,
+            redis_url=cfg.redis_url,
+            batch_take_over=True,
         ),
         keyring=keyring if cfg.auth else None,
         quotas=quotas,
@@ -190,6 +193,7 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
         ledger.start()
         await controller.start()
         scraper.start()
+        app.state.batches.start()
         models = cfg.models
         if not models and not controller.directory.entries():
             models = [DEFAULT_MODEL]

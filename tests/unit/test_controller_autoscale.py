@@ -275,3 +275,16 @@ async def test_batch_yields_the_gpu_to_interactive_demand_and_gets_it_back(
     finally:
         await stop(runtime, controller)
         store.close()
+
+
+def test_what_the_capacity_bound_sizes() -> None:
+    from gpufleet.controller.capacity import size_model
+
+    smol = model().spec
+    dep = size_model("smol", smol)
+    assert dep is not None and list(dep.memory_per_gpu) == [0]  # a CPU replica, by node memory
+    assert 100 << 20 < dep.memory_per_gpu[0] < 2 << 30
+    assert size_model("e", model(engine="emulator").spec) is None  # emulates, takes no GPU
+    assert size_model("v", model(engine="vllm").spec) is None  # vLLM's CPU build: not sized
+    gpu = size_model("g", gpu_model("g").spec)
+    assert gpu is not None and gpu.memory_per_gpu == {1: 30 << 30}

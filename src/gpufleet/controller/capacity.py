@@ -32,8 +32,12 @@ Sizer = Callable[[str, ModelSpec], Deployment | None]
 
 def size_model(name: str, spec: ModelSpec) -> Deployment | None:
     """The planner's view of a model, or None when it takes no fleet capacity (the engine
-    emulator stands in for a GPU it does not use) or cannot be sized here."""
+    emulator stands in for a GPU it does not use) or is not sized here."""
     if spec.engine == "emulator":
+        return None
+    if spec.resources.gpus == 0 and spec.engine != "llamacpp":
+        # No GPU asked for: under the local runtime such an engine runs on the CPU (vLLM's CPU
+        # build), which the planner only sizes for llama.cpp; it is not bounded.
         return None
     arch = None
     source = spec.parsed_source

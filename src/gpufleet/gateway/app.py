@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import random
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,9 +28,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gpufleet.controller import Controller, Directory, ModelEntry
-from gpufleet.gateway import admin
+from gpufleet.gateway import admin, batch_api
 from gpufleet.gateway.asgi import Gateway, read_body
 from gpufleet.gateway.auth import ANONYMOUS, Keyring, Principal
+from gpufleet.gateway.batch_runner import BatchRunner
 from gpufleet.gateway.demand import DemandMeter
 from gpufleet.gateway.errors import (
     ApiError,
@@ -80,6 +82,11 @@ class GatewaySettings:
     queue_max_wait_s: float = 30.0
     #: Output tokens reserved for a request without max_tokens (capped by the context left).
     default_max_tokens: int = 4096
+    #: Batch lines this gateway keeps in flight at once (they queue behind interactive ones).
+    batch_concurrency: int = 16
+    #: The only gateway (``gpufleet up``): resume batches a previous process had claimed
+    #: without waiting for its claims to expire.
+    batch_take_over: bool = False
 
 
 class _Series:
@@ -100,6 +107,14 @@ class _Series:
         if child is None:
             child = self._requests[status] = self._metrics.requests.labels(*self._key, str(status))
         return child
+
+
+#: The inference routes: how each body is checked, and whether it asks for embeddings.
+_ROUTES: dict[str, tuple[Callable[[dict[str, Any]], str], bool]] = {
+    "/v1/chat/completions": (check_chat, False),
+    "/v1/completions": (check_completion, False),
+    "/v1/embeddings": (check_embeddings, True),
+}
 
 
 def _nothing() -> None:
@@ -159,101 +174,121 @@ def build_app(
             metrics.rejections.labels("", "unauthorized").inc()
             raise
 
-    def inference(
-        route: str, check: Callable[[dict[str, Any]], str], *, embeddings: bool = False
-    ) -> Callable[[Request], Awaitable[Response]]:
+    def inference(route: str) -> Callable[[Request], Awaitable[Response]]:
         async def handler(request: Request) -> Response:
             principal = await authenticate(request)
             raw = await read_body(request, limit)
-            data = parse_body(raw)
-            name = check(data)
-            entry = directory.get(name)
-            if entry is None or not principal.may_use(entry.spec):
-                raise model_not_found(name)  # a private model is not even said to exist
-            demand.arrived(name)
-            if embeddings and not entry.spec.embeddings:
-                raise bad_request(
-                    f"The model '{name}' does not serve embeddings (its spec has "
-                    "'embeddings: false'); use a model with 'spec.embeddings: true'",
-                    param="model",
-                    code="model_not_supported",
-                )
-            request_id: str = request.scope["state"]["request_id"]
-            gateway_id: str = request.scope["state"]["gateway_id"]
-            session = request.headers.get(entry.spec.routing.session_header)
-            chain = _chain(entry, _split_key(entry, principal, session))
-            features = features_of(data, session)
-            stream = data.get("stream") is True
-            strip_usage = False
-            if stream and not embeddings:
-                # Ask the engine for usage so the ledger counts real tokens; the extra event is
-                # taken out again unless the client asked for it.
-                options = data.get("stream_options")
-                if not (isinstance(options, dict) and options.get("include_usage") is True):
-                    extra = options if isinstance(options, dict) else {}
-                    data = {**data, "stream_options": {**extra, "include_usage": True}}
-                    raw = json.dumps(data).encode()
-                    strip_usage = True
-            output = data.get("max_tokens") or data.get("max_completion_tokens")
-            if not isinstance(output, int) or embeddings:
-                room = entry.spec.context_length - features.prompt_tokens
-                output = 0 if embeddings else max(1, min(settings.default_max_tokens, room))
-            tokens = features.prompt_tokens + output
-            priority = principal.priority
-            if request.headers.get("x-gpufleet-priority") == "batch":
-                priority = max(priority, 1)  # a caller may lower its priority, never raise it
-            ticket = await admit(principal, gateway_id, entry, tokens)
-            answered = False
-            try:
-                for i, target in enumerate(chain):
-                    last = i == len(chain) - 1
-                    if not target.endpoints and not target.problem:
-                        if not last:
-                            continue  # a fallback is ready now: no need to wait for this one
-                        target = await hold(target.name)
-                        queues.get(target.name).poke()
-                    body = raw if target.name == name else _renamed(data, target.name)
-                    release = await take_slot(target, principal, priority, tokens)
-                    done = _finisher(
-                        principal,
-                        ticket,
-                        target,
-                        route,
-                        (gateway_id, request_id if request_id != gateway_id else None),
-                        features.prompt_tokens,
-                        release,
-                    )
-                    try:
-                        response = await upstream.forward(
-                            target,
-                            route,
-                            body,
-                            stream=stream,
-                            request_id=request_id,
-                            features=features,
-                            tenant=principal.tenant,
-                            weight=float(tokens),
-                            strip_usage=strip_usage,
-                            done=done,
-                        )
-                    except ApiError as exc:
-                        release()
-                        if last or exc.status not in (502, 503):
-                            raise
-                        metrics.fallbacks.labels(name, chain[i + 1].name).inc()
-                        continue
-                    answered = True
-                    response.headers["x-gpufleet-model"] = target.name
-                    return response
-                raise AssertionError("unreachable: the last model of a chain answers or raises")
-            except ApiError as exc:
-                metrics.requests.labels(name, principal.tenant, route, str(exc.status)).inc()
-                raise
-            finally:
-                if not answered:
-                    settle(ticket, 0, 0.0)
+            state = request.scope["state"]
+            return await execute(
+                route,
+                principal,
+                raw,
+                request.headers.get,
+                state["request_id"],
+                state["gateway_id"],
+            )
 
         return handler
+
+    async def execute(
+        route: str,
+        principal: Principal,
+        raw: bytes,
+        header: Callable[[str], str | None],
+        request_id: str,
+        gateway_id: str,
+    ) -> Response:
+        """One inference request of ``principal`` on ``route``, from validation to the answer:
+        the HTTP routes and the batch runner (``x-gpufleet-priority: batch``) both go here."""
+        check, embeddings = _ROUTES[route]
+        data = parse_body(raw)
+        name = check(data)
+        entry = directory.get(name)
+        if entry is None or not principal.may_use(entry.spec):
+            raise model_not_found(name)  # a private model is not even said to exist
+        demand.arrived(name)
+        if embeddings and not entry.spec.embeddings:
+            raise bad_request(
+                f"The model '{name}' does not serve embeddings (its spec has "
+                "'embeddings: false'); use a model with 'spec.embeddings: true'",
+                param="model",
+                code="model_not_supported",
+            )
+        session = header(entry.spec.routing.session_header)
+        chain = _chain(entry, _split_key(entry, principal, session))
+        features = features_of(data, session)
+        stream = data.get("stream") is True
+        strip_usage = False
+        if stream and not embeddings:
+            # Ask the engine for usage so the ledger counts real tokens; the extra event is
+            # taken out again unless the client asked for it.
+            options = data.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage") is True):
+                extra = options if isinstance(options, dict) else {}
+                data = {**data, "stream_options": {**extra, "include_usage": True}}
+                raw = json.dumps(data).encode()
+                strip_usage = True
+        output = data.get("max_tokens") or data.get("max_completion_tokens")
+        if not isinstance(output, int) or embeddings:
+            room = entry.spec.context_length - features.prompt_tokens
+            output = 0 if embeddings else max(1, min(settings.default_max_tokens, room))
+        tokens = features.prompt_tokens + output
+        priority = principal.priority
+        if header("x-gpufleet-priority") == "batch":
+            priority = max(priority, 1)  # a caller may lower its priority, never raise it
+        ticket = await admit(principal, gateway_id, entry, tokens)
+        answered = False
+        try:
+            for i, target in enumerate(chain):
+                last = i == len(chain) - 1
+                if not target.endpoints and not target.problem:
+                    if not last:
+                        continue  # a fallback is ready now: no need to wait for this one
+                    target = await hold(target.name)
+                    queues.get(target.name).poke()
+                body = raw if target.name == name else _renamed(data, target.name)
+                release = await take_slot(target, principal, priority, tokens)
+                done = _finisher(
+                    principal,
+                    ticket,
+                    target,
+                    route,
+                    (gateway_id, request_id if request_id != gateway_id else None),
+                    features.prompt_tokens,
+                    release,
+                )
+                try:
+                    response = await upstream.forward(
+                        target,
+                        route,
+                        body,
+                        stream=stream,
+                        request_id=request_id,
+                        features=features,
+                        tenant=principal.tenant,
+                        weight=float(tokens),
+                        strip_usage=strip_usage,
+                        done=done,
+                    )
+                except ApiError as exc:
+                    release()
+                    if last or exc.status not in (502, 503):
+                        raise
+                    metrics.fallbacks.labels(name, chain[i + 1].name).inc()
+                    continue
+                except BaseException:
+                    release()  # cancelled (a batch runner stopping): give the slot back
+                    raise
+                answered = True
+                response.headers["x-gpufleet-model"] = target.name
+                return response
+            raise AssertionError("unreachable: the last model of a chain answers or raises")
+        except ApiError as exc:
+            metrics.requests.labels(name, principal.tenant, route, str(exc.status)).inc()
+            raise
+        finally:
+            if not answered:
+                settle(ticket, 0, 0.0)
 
     async def take_slot(
         target: ModelEntry, principal: Principal, priority: int, tokens: int
@@ -495,11 +530,19 @@ def build_app(
             )
         )
 
-    hot = {
-        "/v1/chat/completions": inference("/v1/chat/completions", check_chat),
-        "/v1/completions": inference("/v1/completions", check_completion),
-        "/v1/embeddings": inference("/v1/embeddings", check_embeddings, embeddings=True),
-    }
+    def principal_for(prefix: str) -> Principal | None:
+        return keyring.principal_for(prefix) if keyring is not None else ANONYMOUS
+
+    batches = BatchRunner(
+        controller.store,
+        execute,
+        principal_for,
+        gateway_id=f"gw-{secrets.token_hex(6)}",
+        concurrency=settings.batch_concurrency,
+        take_over=settings.batch_take_over,
+    )
+
+    hot = {route: inference(route) for route in _ROUTES}
     routes = [
         *(Route(path, handler, methods=["POST"]) for path, handler in hot.items()),
         Route("/v1/models", list_models, methods=["GET"]),
@@ -508,6 +551,7 @@ def build_app(
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
         *admin.routes(controller, authenticate, keyring=keyring, quotas=quotas, ledger=ledger),
+        *batch_api.routes(controller.store, authenticate, _ROUTES, wake=batches.wake),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
     app = Starlette(
@@ -523,8 +567,11 @@ def build_app(
     app.state.queues = queues
     app.state.demand = demand
     app.state.quotas = quotas
+    app.state.execute = execute
+    app.state.batches = batches
 
     async def close() -> None:
+        await batches.close()
         if background:
             await asyncio.gather(*background, return_exceptions=True)
 

@@ -248,6 +248,21 @@ class Keyring:
             raise unauthorized(f"The tenant '{record.tenant}' of this API key no longer exists")
         return entry.principal
 
+    def principal_for(self, prefix: str) -> Principal | None:
+        """The caller a key stands for, without its secret (work the key started earlier,
+        such as a batch); None once the key is revoked, expired or its tenant gone."""
+        if not self.enabled:
+            return ANONYMOUS
+        entry = self._keys.get(prefix)
+        if entry is None or entry.record.tenant not in self._tenants:
+            return None
+        record = entry.record
+        if record.revoked_at is not None:
+            return None
+        if record.expires_at is not None and record.expires_at <= dt.datetime.now(dt.UTC):
+            return None
+        return entry.principal
+
     async def _lookup(self, prefix: str) -> _Entry | None:
         """A key made through another gateway since the last refresh (misses cached 1 s)."""
         now = time.monotonic()

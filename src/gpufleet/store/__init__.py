@@ -1,6 +1,7 @@
 """Persistent state: model specs, tenants, API keys, the usage ledger and events; SQLite by
 default, or PostgreSQL."""
 
+from gpufleet.store.batches import BatchLine, BatchRecord, FileRecord
 from gpufleet.store.db import (
     ApplyResult,
     Event,
@@ -15,7 +16,10 @@ from gpufleet.store.db import (
 
 __all__ = [
     "ApplyResult",
+    "BatchLine",
+    "BatchRecord",
     "Event",
+    "FileRecord",
     "KeyRecord",
     "Revision",
     "Store",

@@ -37,6 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from gpufleet.errors import StoreError
 from gpufleet.spec import Model, Tenant, parse_document, parse_tenant
+from gpufleet.store.batches import BatchStore
 from gpufleet.store.tables import (
     HEAD_REVISION,
     api_keys,
@@ -160,7 +161,7 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-class Store:
+class Store(BatchStore):
     def __init__(self, url: str) -> None:
         self.url = url
         try:

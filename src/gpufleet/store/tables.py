@@ -11,6 +11,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
     String,
@@ -22,7 +23,10 @@ from sqlalchemy import (
 __all__ = [
     "HEAD_REVISION",
     "api_keys",
+    "batch_lines",
+    "batches",
     "events",
+    "files",
     "metadata",
     "model_revisions",
     "models",
@@ -33,7 +37,7 @@ __all__ = [
 ]
 
 #: The newest migration; a test checks it against the migration scripts.
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
 
 metadata = MetaData()
 
@@ -171,4 +175,65 @@ model_revisions = Table(
     Column("reason", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     PrimaryKeyConstraint("namespace", "model", "generation", name="pk_model_revisions"),
+)
+
+# The Files and Batches API (OpenAI-compatible). A file's content lives in the store, so that
+# every gateway replica can read what another was sent.
+files = Table(
+    "files",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("tenant", String(63), nullable=False),
+    Column("purpose", String(32), nullable=False),
+    Column("filename", String(255), nullable=False),
+    Column("bytes", Integer, nullable=False),
+    Column("content", LargeBinary, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_files_tenant", "tenant", "created_at"),
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("tenant", String(63), nullable=False),
+    Column("key_prefix", String(16), nullable=False),
+    Column("endpoint", String(64), nullable=False),
+    Column("input_file_id", String(40), nullable=False),
+    Column("completion_window", String(8), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("output_file_id", String(40), nullable=True),
+    Column("error_file_id", String(40), nullable=True),
+    Column("total", Integer, nullable=False),
+    Column("completed", Integer, nullable=False),
+    Column("failed", Integer, nullable=False),
+    Column("meta", JSON, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("in_progress_at", DateTime(timezone=True), nullable=True),
+    Column("finalizing_at", DateTime(timezone=True), nullable=True),
+    Column("completed_at", DateTime(timezone=True), nullable=True),
+    Column("cancelling_at", DateTime(timezone=True), nullable=True),
+    Column("cancelled_at", DateTime(timezone=True), nullable=True),
+    Column("expired_at", DateTime(timezone=True), nullable=True),
+    #: The gateway running the batch, and until when its claim holds (renewed while it runs).
+    Column("owner", String(64), nullable=True),
+    Column("lease_until", DateTime(timezone=True), nullable=True),
+    Index("ix_batches_tenant", "tenant", "created_at"),
+    Index("ix_batches_status", "status"),
+)
+
+# One row per input line; its answer is written once (pending → done | failed), which is what
+# makes the output hold every line exactly once across restarts and retries.
+batch_lines = Table(
+    "batch_lines",
+    metadata,
+    Column("batch_id", String(40), nullable=False),
+    Column("line", Integer, nullable=False),
+    Column("custom_id", String(512), nullable=False),
+    Column("body", JSON, nullable=False),
+    Column("status", String(8), nullable=False),
+    Column("result", JSON, nullable=True),
+    PrimaryKeyConstraint("batch_id", "line", name="pk_batch_lines"),
+    Index("ix_batch_lines_status", "batch_id", "status"),
 )
