@@ -137,3 +137,16 @@ async def test_replica_phase_changes_become_events(env) -> None:  # type: ignore
         controller, lambda: any(e.reason == "ReplicaCrashed" for e in controller.store.events("m"))
     )
     assert controller.directory.get("m").endpoints == ()
+
+
+async def test_a_change_outside_the_engine_template_restarts_nothing(env) -> None:  # type: ignore[no-untyped-def]
+    controller, runtime = env
+    await controller.apply([model(replicas=2)])
+    await settle(controller, lambda: len(controller.directory.get("m").endpoints) == 2)
+    await controller.apply([model(replicas=2, most=4)])  # generation 2: replicas.max only
+    await asyncio.sleep(0.1)
+    assert controller.directory.get("m").generation == 2
+    assert len(runtime.started) == 2  # the same two engines serve generation 2
+    await controller.apply([model(replicas=2, most=4, ctx=4096)])  # the engine changes
+    await settle(controller, lambda: {r.generation for r in runtime.replicas("m")} == {3})
+    assert len(runtime.started) == 4

@@ -34,6 +34,11 @@ class Demand:
 
     load: dict[str, float] = field(default_factory=dict)
     arrivals: dict[str, int] = field(default_factory=dict)
+    #: Requests in flight per replica (the controller drains a replica by it).
+    busy: dict[str, int] = field(default_factory=dict)
+
+    def in_flight_on(self, replica_id: str) -> int:
+        return self.busy.get(replica_id, 0)
 
     def sample(self, model: str, now: float) -> Sample:
         return Sample(now, self.load.get(model, 0.0), self.arrivals.pop(model, 0))
@@ -288,3 +293,29 @@ def test_what_the_capacity_bound_sizes() -> None:
     assert size_model("v", model(engine="vllm").spec) is None  # vLLM's CPU build: not sized
     gpu = size_model("g", gpu_model("g").spec)
     assert gpu is not None and gpu.memory_per_gpu == {1: 30 << 30}
+
+
+async def test_a_replica_being_stopped_drains_its_requests_first(env: Env) -> None:
+    await env.controller.apply([model(replicas={"min": 2, "max": 2}, drain="1m")])
+    await env.settle(lambda: len(env.controller.directory.get("m").endpoints) == 2)  # type: ignore[union-attr]
+    for r in env.runtime.replicas("m"):
+        env.demand.busy[r.id] = 3
+    await env.controller.apply([model(replicas={"min": 1, "max": 1}, drain="1m")])
+    # Out of routing at once, still running while its requests finish.
+    await env.settle(lambda: len(env.controller.directory.get("m").endpoints) == 1)  # type: ignore[union-attr]
+    await asyncio.sleep(0.2)
+    assert env.running() == 2
+    env.demand.busy.clear()
+    await env.settle(lambda: env.running() == 1)
+    assert "DrainTimeout" not in env.reasons()
+
+
+async def test_a_drain_that_outlasts_its_grace_period_stops_the_replica(env: Env) -> None:
+    await env.controller.apply([model(replicas={"min": 2, "max": 2}, drain="300ms")])
+    await env.settle(lambda: env.running() == 2)
+    for r in env.runtime.replicas("m"):
+        env.demand.busy[r.id] = 1
+    await env.controller.apply([model(replicas={"min": 1, "max": 1}, drain="300ms")])
+    await env.settle(lambda: env.running() == 1, timeout=3)
+    (event,) = [e for e in env.store.events("m") if e.reason == "DrainTimeout"]
+    assert "1 request(s) still running after 0.3 s" in event.message

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 import math
 import time
+from collections.abc import Callable
 
 from gpufleet.controller.autoscaler import Autoscaler, ScaleChange
 from gpufleet.controller.directory import Directory
@@ -66,6 +69,8 @@ class Controller:
         #: Canary rollouts under way: when each began, and when its first replica served.
         self._canary_since: dict[tuple[str, int], float] = {}
         self._canary_ready: dict[tuple[str, int], float] = {}
+        #: Replicas out of routing, finishing their requests before they stop.
+        self._draining: dict[str, asyncio.Task[None]] = {}
         self._stopped = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -87,7 +92,7 @@ class Controller:
     async def stop(self) -> None:
         """Stop reconciling. Replicas keep running; closing the runtime stops them."""
         self._stopped = True
-        tasks = [*self._tasks, *self._workers.values()]
+        tasks = [*self._tasks, *self._workers.values(), *self._draining.values()]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -170,7 +175,11 @@ class Controller:
     async def reconcile(self, name: str) -> float | None:
         """One pass for one model. Returns seconds until the next pass is needed, if any."""
         stored = await asyncio.to_thread(self.store.get_model, name)
-        replicas = [r for r in self.runtime.replicas(name) if r.phase not in _GONE]
+        replicas = [
+            r
+            for r in self.runtime.replicas(name)
+            if r.phase not in _GONE and r.id not in self._draining
+        ]
         if stored is None:
             self.directory.remove(name)
             await asyncio.gather(*(self._stop(r) for r in replicas))
@@ -182,8 +191,16 @@ class Controller:
         self.directory.set_desired(name, want)
 
         # Which generation runs: the newest, unless it is a canary under analysis or was
-        # rolled back (then the last promoted one, whose spec the store keeps).
+        # rolled back (then the last promoted one, whose spec the store keeps). Replicas of
+        # any generation with the same engine template count as current: changing replicas,
+        # routing or quotas restarts no engine.
         revisions = {r.generation: r for r in await asyncio.to_thread(self.store.revisions, name)}
+        templates = {g: _template(r.model.spec) for g, r in revisions.items()}
+        templates[generation] = _template(spec)
+
+        def like(g: int) -> set[int]:
+            return {other for other, t in templates.items() if t == templates[g]}
+
         target = revisions.get(generation)
         stable = max(
             (r for r in revisions.values() if r.status == "active" and r.generation < generation),
@@ -191,8 +208,14 @@ class Controller:
             default=None,
         )
         if target is not None and target.status == "new":
-            if spec.rollout.strategy == "canary" and stable is not None:
-                return await self._canary(name, generation, spec, stable, replicas, want)
+            if (
+                spec.rollout.strategy == "canary"
+                and stable is not None
+                and generation not in like(stable.generation)
+            ):
+                return await self._canary(
+                    name, generation, spec, stable, replicas, want, like(stable.generation)
+                )
             await asyncio.to_thread(self.store.set_revision_status, name, generation, "active")
         elif target is not None and target.status == "rolled-back":
             if stable is None:
@@ -205,14 +228,21 @@ class Controller:
             generation, spec = stable.generation, stable.model.spec
         else:
             self.directory.set_rollout(name, None, "")
-        return await self._converge(name, generation, spec, replicas, want)
+        return await self._converge(name, generation, spec, replicas, want, like(generation))
 
     async def _converge(
-        self, name: str, generation: int, spec: ModelSpec, replicas: list[Replica], want: int
+        self,
+        name: str,
+        generation: int,
+        spec: ModelSpec,
+        replicas: list[Replica],
+        want: int,
+        same: set[int],
     ) -> float | None:
-        """Run ``want`` replicas of ``generation``; stop the others once those are ready."""
-        current = [r for r in replicas if r.generation == generation]
-        old = [r for r in replicas if r.generation != generation]
+        """Run ``want`` replicas like ``generation`` (any of ``same``); stop the others once
+        those are ready."""
+        current = [r for r in replicas if r.generation in same]
+        old = [r for r in replicas if r.generation not in same]
 
         failed = [r for r in current if r.phase is Phase.FAILED]
         if failed:
@@ -255,14 +285,15 @@ class Controller:
         stable: Revision,
         replicas: list[Replica],
         want: int,
+        stable_like: set[int],
     ) -> float | None:
         """A canary pass: the stable generation at full count, the canary beside it, judged."""
         now = self.autoscaler.clock()
         key = (name, generation)
         pct = spec.rollout.canary_percent
         canary = [r for r in replicas if r.generation == generation]
-        base = [r for r in replicas if r.generation == stable.generation]
-        others = [r for r in replicas if r.generation not in (generation, stable.generation)]
+        base = [r for r in replicas if r.generation in stable_like]
+        others = [r for r in replicas if r.generation != generation and r not in base]
         await asyncio.gather(*(self._stop(r) for r in others))
         if key not in self._canary_since:
             self._canary_since[key] = now
@@ -335,7 +366,40 @@ class Controller:
         return stats
 
     async def _stop(self, replica: Replica) -> None:
-        await self.runtime.stop(replica.id)
+        """Stop a replica gracefully: out of routing at once, stopped once the requests it
+        is serving are done or the model's ``drain`` period is over (what is still running
+        then fails over: a request with no byte sent is retried elsewhere, a batch line goes
+        back to pending)."""
+        if replica.id in self._draining:
+            return
+        entry = self.directory.get(replica.model)
+        grace = entry.spec.drain if entry is not None else 0.0
+        source = self.autoscaler.source
+        in_flight = getattr(source, "in_flight_on", None)
+        if not replica.routable or grace <= 0 or in_flight is None or not in_flight(replica.id):
+            await self.runtime.stop(replica.id)
+            return
+        self.directory.observe(dataclasses.replace(replica, phase=Phase.STOPPING))
+        self._draining[replica.id] = asyncio.create_task(
+            self._drain(replica, grace, in_flight), name=f"drain:{replica.id}"
+        )
+
+    async def _drain(self, replica: Replica, grace: float, in_flight: Callable[[str], int]) -> None:
+        deadline = time.monotonic() + grace
+        try:
+            while in_flight(replica.id) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            left = in_flight(replica.id)
+            if left:
+                await self._event(
+                    replica.model,
+                    "Warning",
+                    "DrainTimeout",
+                    f"replica {replica.id}: {left} request(s) still running after {grace:g} s",
+                )
+            await self.runtime.stop(replica.id)
+        finally:
+            self._draining.pop(replica.id, None)
 
     async def _event_once(self, name: str, generation: int, reason: str, message: str) -> None:
         key = (generation, reason)
@@ -400,3 +464,13 @@ class Controller:
             names |= {r.model for r in self.runtime.replicas()}
             for name in names:
                 self.trigger(name)
+
+
+#: The spec fields that shape an engine process: a change to any of them needs new replicas.
+_TEMPLATE = frozenset(
+    {"source", "engine", "context_length", "resources", "placement", "embeddings", "engine_args"}
+)
+
+
+def _template(spec: ModelSpec) -> str:
+    return json.dumps(spec.model_dump(include=set(_TEMPLATE), mode="json"), sort_keys=True)

@@ -89,6 +89,10 @@ class DemandMeter:
             return GenerationStats()
         return GenerationStats(counts.requests, counts.errors, _p90(counts.ttfts))
 
+    def in_flight_on(self, replica_id: str) -> int:
+        """Requests this gateway has on one replica now (the controller drains by it)."""
+        return self.upstream.in_flight(replica_id)
+
     def sample(self, model: str, now: float) -> Sample:
         stats = self.queues.get(model).stats()
         arrivals = self._arrivals.pop(model, 0)

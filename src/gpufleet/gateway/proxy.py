@@ -138,6 +138,9 @@ class Upstream:
         for policy in self._policies.values():
             policy.forget(replica_id)
 
+    def in_flight(self, replica_id: str) -> int:
+        return self._in_flight.get(replica_id, 0)
+
     def pick(
         self,
         entry: ModelEntry,

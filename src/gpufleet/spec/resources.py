@@ -276,6 +276,9 @@ class ModelSpec(_Resource):
     replicas: Replicas = Field(default_factory=Replicas)
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    #: A replica being stopped (scale-down, rollout, preemption by a higher priority) gets no
+    #: new requests and this long to finish the ones it serves.
+    drain: Seconds = Field(default=30.0, ge=0, le=3600)
     priority_class: DnsName = "interactive"
     placement: PlacementPolicy = Field(default_factory=PlacementPolicy)
     routing: RoutingSpec = Field(default_factory=RoutingSpec)
