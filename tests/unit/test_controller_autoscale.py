@@ -6,6 +6,7 @@ called by the test (the background loop's interval is an hour)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -319,3 +320,57 @@ async def test_a_drain_that_outlasts_its_grace_period_stops_the_replica(env: Env
     await env.settle(lambda: env.running() == 1, timeout=3)
     (event,) = [e for e in env.store.events("m") if e.reason == "DrainTimeout"]
     assert "1 request(s) still running after 0.3 s" in event.message
+
+
+async def test_a_scheduled_model_runs_only_inside_its_window(env: Env) -> None:
+    import datetime as dt
+
+    env.clock.t = dt.datetime(2026, 11, 26, 21, 0, tzinfo=dt.UTC).timestamp()
+    await env.controller.apply([model(schedule={"windows": ["20:00-06:00"]})])
+    await env.settle(lambda: env.running() == 1)
+    env.clock.t = dt.datetime(2026, 11, 27, 6, 0, 30, tzinfo=dt.UTC).timestamp()
+    await env.seconds(1, m=2)  # busy or not, the window has closed
+    await env.settle(lambda: env.running() == 0)
+    entry = env.controller.directory.get("m")
+    assert entry is not None and entry.status == "OffSchedule"
+    assert entry.problem.endswith("it opens at 2026-11-27 20:00 UTC")
+    await env.controller.wake("m")  # a request outside the window does not start it
+    await asyncio.sleep(0.05)
+    assert env.running() == 0
+    env.clock.t = dt.datetime(2026, 11, 27, 20, 0, 1, tzinfo=dt.UTC).timestamp()
+    await env.seconds(1, m=0)
+    await env.settle(lambda: env.running() == 1)
+
+
+async def test_a_rollout_on_a_full_fleet_replaces_in_place(tmp_path: Path) -> None:
+    store = Store.open(sqlite_url(tmp_path))
+    clock = Clock()
+    demand, runtime, controller = await start(store, clock, PlannerCapacity(one_gpu()))
+    env = Env(store, clock, demand, runtime, controller)
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, env.running())
+            await asyncio.sleep(0.001)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await controller.apply([gpu_model("m", replicas={"min": 2, "max": 2})])
+        await env.seconds(1)
+        await env.settle(lambda: env.running() == 2)
+        await controller.apply(
+            [gpu_model("m", replicas={"min": 2, "max": 2}, engineArgs=["--seed", "1"])]
+        )
+        await env.settle(
+            lambda: sorted(r.generation for r in runtime.replicas("m")) == [2, 2], timeout=10
+        )
+        assert peak == 2  # never three 30 GiB replicas on a GPU that holds two
+        assert env.reasons().count("ReplacingInPlace") == 2
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await stop(runtime, controller)
+        store.close()

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from gpufleet.autoscale.concurrency import ConcurrencyPolicy
 from gpufleet.autoscale.model import Sample, ScaleDecision, ScaleState, ScalingPolicy
+from gpufleet.autoscale.schedule import is_open, next_opening
 from gpufleet.spec import ModelSpec
 
 __all__ = [
@@ -23,6 +24,8 @@ __all__ = [
     "ScalingPolicy",
     "decide",
     "initial_state",
+    "is_open",
+    "next_opening",
 ]
 
 POLICIES: dict[str, ScalingPolicy] = {p.name: p for p in (ConcurrencyPolicy(),)}

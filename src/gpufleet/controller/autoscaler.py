@@ -24,7 +24,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from gpufleet.autoscale import Sample, ScaleDecision, ScaleState, decide, initial_state
+from gpufleet.autoscale import (
+    Sample,
+    ScaleDecision,
+    ScaleState,
+    decide,
+    initial_state,
+    is_open,
+    next_opening,
+)
 from gpufleet.spec import ModelSpec
 from gpufleet.store import Store
 
@@ -75,6 +83,10 @@ class Autoscaler:
         self._states: dict[str, ScaleState] = {}
         self._persisted: dict[str, tuple[int, float]] = {}
         self._samples: dict[str, deque[Sample]] = {}
+        #: What each model was given at the last pass (for ``placeable``).
+        self._wants: dict[str, tuple[ModelSpec, int]] = {}
+        #: Whether each model's schedule was open at the last pass.
+        self._open: dict[str, bool] = {}
         #: Why a model has fewer replicas than its policy asks for (the planner's reason).
         self.unschedulable: dict[str, str] = {}
 
@@ -95,20 +107,49 @@ class Autoscaler:
     def desired(self, name: str, spec: ModelSpec) -> int:
         """Replicas the model should run now: within its spec's bounds, unless the fleet cannot
         place ``replicas.min`` (then what it can)."""
+        if not is_open(spec.schedule, self.clock()):
+            return 0
+        return self._held(name, spec)
+
+    def _held(self, name: str, spec: ModelSpec) -> int:
         state = self.state(name, spec)
         floor = 0 if name in self.unschedulable else spec.replicas.min
         return min(max(state.desired, floor), spec.replicas.max)
+
+    def placeable(self, name: str, spec: ModelSpec, count: int) -> int:
+        """How many of ``count`` replicas of ``name`` the fleet could hold beside what the
+        other models were last given (all of them without a capacity bound)."""
+        if self.capacity is None:
+            return count
+        wants = {n: w for n, w in self._wants.items() if n != name}
+        wants[name] = (spec, count)
+        bound = self.capacity.bound(wants).get(name)
+        return count if bound is None else bound[0]
+
+    def closed(self, spec: ModelSpec) -> str:
+        """Why the model may not run now (outside its schedule), or ""."""
+        now = self.clock()
+        if spec.schedule is None or is_open(spec.schedule, now):
+            return ""
+        opening = next_opening(spec.schedule, now)
+        when = f"; it opens at {opening:%Y-%m-%d %H:%M %Z}" if opening is not None else ""
+        windows = ", ".join(spec.schedule.windows)
+        return f"outside its schedule ({windows} {spec.schedule.timezone}){when}"
 
     def forget(self, name: str) -> None:
         self._states.pop(name, None)
         self._samples.pop(name, None)
         self._persisted.pop(name, None)
         self.unschedulable.pop(name, None)
+        self._open.pop(name, None)
+        self._wants.pop(name, None)
 
     async def wake(self, name: str, spec: ModelSpec) -> ScaleChange | None:
         """A request waits for a model with no replica: ask for one now, not at the next tick."""
         state = self.state(name, spec)
         now = self.clock()
+        if self.closed(spec):
+            return None
         if state.desired >= 1:
             if now - state.last_active > 1.0:
                 self._states[name] = dataclasses.replace(state, last_active=now)
@@ -128,13 +169,20 @@ class Autoscaler:
         decided: dict[str, ScaleDecision] = {}
         before: dict[str, int] = {}
         for name, (spec, ready) in models.items():
-            before[name] = self.desired(name, spec)
+            # What the model ran with since the last pass (zero while its schedule was shut).
+            opened = is_open(spec.schedule, now)
+            before[name] = self._held(name, spec) if self._open.get(name, True) else 0
+            self._open[name] = opened
             window = self._samples.setdefault(name, deque())
             window.append(self.source.sample(name, now))
             horizon = now - max(spec.autoscaling.stable_window, spec.autoscaling.panic_window)
             while window and window[0].t <= horizon:
                 window.popleft()
             decided[name] = decide(window, spec, self.state(name, spec), ready, now)
+            closed = self.closed(spec)
+            if closed and decided[name].desired:
+                state = dataclasses.replace(decided[name].state, desired=0)
+                decided[name] = ScaleDecision(0, closed, state)
             wants[name] = (spec, decided[name].desired)
         bounds = self.capacity.bound(wants) if self.capacity is not None and wants else {}
         # States change all at once, with no await in between: a reconcile running meanwhile
@@ -156,6 +204,7 @@ class Autoscaler:
             else:
                 self.unschedulable.pop(name, None)
             self._states[name] = state
+            self._wants[name] = (wants[name][0], after)
             if after != before[name] and not reported:
                 changes.append(ScaleChange(name, before[name], after, decision.reason))
         for name in decided:

@@ -54,7 +54,9 @@ class ModelEntry:
         if self.endpoints:
             return "Ready"
         if self.problem:
-            return "Failed"
+            if self.problem.startswith("outside its schedule"):
+                return "OffSchedule"
+            return "Unschedulable" if self.desired == 0 else "Failed"
         if self.desired == 0 and not self.replicas:
             return "ScaledToZero"
         if any(r.phase is Phase.BACKOFF for r in self.replicas):

@@ -71,6 +71,7 @@ class Controller:
         self._canary_ready: dict[tuple[str, int], float] = {}
         #: Replicas out of routing, finishing their requests before they stop.
         self._draining: dict[str, asyncio.Task[None]] = {}
+        self._drain_model: dict[str, str] = {}
         self._stopped = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -251,7 +252,24 @@ class Controller:
             return None
 
         if len(current) < want:
-            if not await self._start(name, generation, spec, want - len(current)):
+            missing = want - len(current)
+            if old:
+                # A rollout: surge beside the old replicas where the fleet has room, else
+                # replace in place — drain an old replica first, start its successor after.
+                held = len(current) + len(old) + self._draining_of(name)
+                room = self.autoscaler.placeable(name, spec, held + missing) - held
+                if room <= 0:
+                    victim = sorted(old, key=lambda r: r.phase is Phase.READY)[0]
+                    await self._event(
+                        name,
+                        "Normal",
+                        "ReplacingInPlace",
+                        f"no room beside the old replicas: stopping {victim.id} first",
+                    )
+                    await self._stop(victim)
+                    return 1.0
+                missing = min(missing, room)
+            if not await self._start(name, generation, spec, missing):
                 return None
         elif len(current) > want:
             extra = sorted(current, key=lambda r: r.phase is Phase.READY)[: len(current) - want]
@@ -260,9 +278,14 @@ class Controller:
         ready_now = sum(1 for r in current if r.phase is Phase.READY)
         if old and ready_now >= want:
             await asyncio.gather(*(self._stop(r) for r in old))
-        unschedulable = self.autoscaler.unschedulable.get(name, "")
-        self.directory.set_problem(name, unschedulable if want == 0 else "")
-        return None
+        problem = ""
+        if want == 0:
+            problem = self.autoscaler.closed(spec) or self.autoscaler.unschedulable.get(name, "")
+        self.directory.set_problem(name, problem)
+        return 60.0 if spec.schedule is not None else None  # windows open and close by the clock
+
+    def _draining_of(self, name: str) -> int:
+        return sum(1 for model in self._drain_model.values() if model == name)
 
     async def _start(self, name: str, generation: int, spec: ModelSpec, count: int) -> bool:
         for _ in range(count):
@@ -380,6 +403,7 @@ class Controller:
             await self.runtime.stop(replica.id)
             return
         self.directory.observe(dataclasses.replace(replica, phase=Phase.STOPPING))
+        self._drain_model[replica.id] = replica.model
         self._draining[replica.id] = asyncio.create_task(
             self._drain(replica, grace, in_flight), name=f"drain:{replica.id}"
         )
@@ -400,6 +424,8 @@ class Controller:
             await self.runtime.stop(replica.id)
         finally:
             self._draining.pop(replica.id, None)
+            self._drain_model.pop(replica.id, None)
+            self.trigger(replica.model)
 
     async def _event_once(self, name: str, generation: int, reason: str, message: str) -> None:
         key = (generation, reason)

@@ -43,6 +43,7 @@ __all__ = [
     "RolloutSpec",
     "RoutingPolicyName",
     "RoutingSpec",
+    "ScheduleSpec",
     "Tenant",
     "TenantSpec",
     "TrafficSplit",
@@ -185,6 +186,50 @@ class AutoscalingSpec(_Resource):
         return self
 
 
+_WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)$")
+
+
+def _window(value: str) -> str:
+    value = value.strip()
+    if not _WINDOW.match(value):
+        raise PydanticCustomError(
+            "gpufleet_value",
+            "must be a daily window 'HH:MM-HH:MM' (e.g. '20:00-06:00'; it may cross midnight); "
+            "got {value}",
+            {"value": repr(value)},
+        )
+    return value
+
+
+class ScheduleSpec(_Resource):
+    """When a model may run: outside every window it is scaled to zero (its replicas drained)
+    and requests to it are refused with the next opening. Night-only batch deployments, or
+    office-hours-only interactive ones."""
+
+    #: Daily windows in ``timezone``, e.g. ["20:00-06:00"]; a window may cross midnight.
+    windows: list[Annotated[str, AfterValidator(_window)]] = Field(min_length=1)
+    #: Days a window may open on (its start day); empty: every day.
+    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = Field(
+        default_factory=list
+    )
+    #: IANA time zone of the windows, e.g. "Europe/Berlin".
+    timezone: str = "UTC"
+
+    @model_validator(mode="after")
+    def _zone(self) -> ScheduleSpec:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(self.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+            raise PydanticCustomError(
+                "gpufleet_path",
+                "{path}.timezone {zone} is not a known time zone; write e.g. 'Europe/Berlin'",
+                {"zone": repr(self.timezone)},
+            ) from exc
+        return self
+
+
 class RolloutSpec(_Resource):
     """How a new generation of the spec replaces the running one.
 
@@ -276,6 +321,8 @@ class ModelSpec(_Resource):
     replicas: Replicas = Field(default_factory=Replicas)
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    #: Time windows the model runs in; absent: always.
+    schedule: ScheduleSpec | None = None
     #: A replica being stopped (scale-down, rollout, preemption by a higher priority) gets no
     #: new requests and this long to finish the ones it serves.
     drain: Seconds = Field(default=30.0, ge=0, le=3600)
