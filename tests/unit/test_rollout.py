@@ -105,8 +105,8 @@ async def test_a_healthy_canary_is_promoted_after_the_analysis(env: Env) -> None
     await env.settle(lambda: env.generations() == [1, 1])
     await env.controller.apply([model(ctx=4096)])
     await env.settle(lambda: env.generations() == [1, 1, 2])  # old at full count, one canary
-    entry = env.controller.directory.get("m")
-    assert entry is not None and entry.canary == (2, 25)
+    directory = env.controller.directory
+    await env.settle(lambda: directory.get("m").canary == (2, 25))  # type: ignore[union-attr]
     env.gateway.stats[2] = GenerationStats(requests=40, errors=1, ttft_p90=0.4)
     await env.later(20)
     assert env.generations() == [1, 1, 2]  # 40 good answers, but the analysis is not over
@@ -213,3 +213,103 @@ def test_judge_waits_for_enough_answers_before_rolling_back() -> None:
     assert judge(spec, few, 10.0, 10.0) == ("wait", "")
     assert judge(spec, few, 30.0, 30.0)[0] == "rollback"  # the analysis is over: judge on 5
     assert judge(spec, GenerationStats(), 30.0, 30.0)[0] == "promote"  # no traffic, no harm
+
+
+async def test_through_the_gateway_a_canary_whose_engine_fails_is_rolled_back(
+    tmp_path: Path,
+) -> None:
+    """End to end: the gateway splits traffic, counts the canary's engine errors per
+    generation, and the controller rolls it back; the clients then see only good answers."""
+    from openai import AsyncOpenAI, InternalServerError
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from gpufleet.emulator import EmulatedEngine, ReplicaServer
+    from gpufleet.gateway import build_app
+    from gpufleet.hardware import CATALOG
+    from gpufleet.sizing import load_architecture
+    from gpufleet.sizing.performance import PerfModel
+    from tests.conftest import free_port, serving
+
+    config = Path(__file__).parents[1] / "data" / "configs" / "llama-3-8b.json"
+    perf = PerfModel(load_architecture(config), CATALOG["H100"])
+    good = ReplicaServer(EmulatedEngine(perf, 400_000, time_scale=0.01), "m")
+    port = free_port()
+    await good.start("127.0.0.1", port)
+
+    async def broken_chat(_: Request) -> JSONResponse:
+        return JSONResponse({"error": {"message": "CUDA error: an illegal memory access"}}, 500)
+
+    broken = Starlette(routes=[Route("/v1/chat/completions", broken_chat, methods=["POST"])])
+    store = Store.open(sqlite_url(tmp_path))
+    async with serving(broken) as broken_url:
+        runtime = FakeRuntime(
+            lambda r, _i: broken_url if r.generation == 2 else f"http://127.0.0.1:{port}"
+        )
+        controller = Controller(store, runtime, resync_s=3600)
+        await controller.start()
+        app = build_app(controller)
+        spec = {
+            "source": f"file:{config}",
+            "engine": "emulator",
+            "replicas": {"min": 2, "max": 2},
+            "rollout": {"strategy": "canary", "canaryPercent": 30, "analysis": "1m"},
+        }
+
+        def doc(ctx: int) -> Model:
+            return parse_document(
+                {
+                    "apiVersion": API_VERSION,
+                    "kind": "Model",
+                    "metadata": {"name": "m"},
+                    "spec": {**spec, "contextLength": ctx},
+                }
+            )
+
+        try:
+            async with serving(app) as url:
+                client = AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+                await controller.apply([doc(2048)])
+                await _wait(lambda: len(runtime.replicas("m")) == 2)
+                await controller.apply([doc(4096)])
+                entry = controller.directory
+                await _wait(lambda: entry.get("m").canary is not None)  # type: ignore[union-attr]
+                failures = total = 0
+                deadline = asyncio.get_running_loop().time() + 15
+                while asyncio.get_running_loop().time() < deadline:
+                    total += 1
+                    try:
+                        await client.chat.completions.create(
+                            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+                        )
+                    except InternalServerError:
+                        failures += 1
+                    if "RolledBack" in [e.reason for e in store.events("m")]:
+                        break
+                # The canary's share failed (30 % ± noise) until it had 20 answers and the next
+                # judgement (each second); the stable generation answered the rest.
+                assert failures >= 20
+                assert 0.15 < failures / total < 0.45, (failures, total)
+                (event,) = [e for e in store.events("m") if e.reason == "RolledBack"]
+                assert "error rate 100%" in event.message
+                await _wait(lambda: {r.generation for r in runtime.replicas("m")} == {1})
+                for _ in range(20):  # everything on the previous generation again
+                    await client.chat.completions.create(
+                        model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+                    )
+                await client.close()
+        finally:
+            await app.state.close()
+            await controller.stop()
+            await runtime.close()
+            await app.state.upstream.close()
+            await good.stop()
+            store.close()
+
+
+async def _wait(check: Any, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.01)

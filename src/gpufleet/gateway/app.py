@@ -162,6 +162,13 @@ def build_app(
         capacity, max_length=settings.queue_max_length, max_wait_s=settings.queue_max_wait_s
     )
     demand = DemandMeter(directory, queues, upstream)
+
+    def engine_error(model: str, replica_id: str, status: int) -> None:
+        entry = directory.get(model)
+        if entry is not None and entry.canary is not None:
+            demand.outcome(model, replica_id, status, None)
+
+    upstream.on_engine_error = engine_error
     if controller.autoscaler.source is None:
         controller.autoscaler.source = demand
 

@@ -99,6 +99,9 @@ class Upstream:
         self._ejected_until: dict[str, float] = {}
         self._policies: dict[tuple[str, str], RoutingPolicy] = {}
         self.meter = BusyMeter()
+        #: Told of every engine failure (model, replica id, HTTP status; 502 for a connection
+        #: that failed): the canary analysis counts them per generation.
+        self.on_engine_error: Callable[[str, str, int], None] | None = None
         #: Draws that split a model's requests between a canary and the stable generation.
         self._draw = random.Random().random
         #: Prefill rate per model, learnt from streamed requests' time to first token.
@@ -227,12 +230,14 @@ class Upstream:
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
                 self._release(replica, entry.name, prefill)
                 self.meter.stop(metered)
+                self._engine_error(entry, replica, 502)
                 last_error = f"{type(exc).__name__}: {exc}"
                 self._metrics.upstream_errors.labels(entry.name, "connect").inc()
                 self._failed(replica.id)
                 continue
             try:
                 if resp.status in _RETRYABLE_STATUS:
+                    self._engine_error(entry, replica, resp.status)
                     last_error = f"engine answered {resp.status}"
                     self._metrics.upstream_errors.labels(entry.name, f"http_{resp.status}").inc()
                     self._failed(replica.id)
@@ -255,6 +260,8 @@ class Upstream:
                         ahead,
                     )
                 payload = await resp.read()
+                if resp.status >= 500:
+                    self._engine_error(entry, replica, resp.status)
                 self._failures.pop(replica.id, None)
                 response = self._finish(entry, resp, payload, outcome)
                 outcome.duration_s = time.perf_counter() - started
@@ -282,6 +289,10 @@ class Upstream:
             "replicas are starting" if entry.replicas else "no replica is running"
         )
         raise no_replica(entry.name, detail, retry_after=30 if entry.problem else 2)
+
+    def _engine_error(self, entry: ModelEntry, replica: Replica, status: int) -> None:
+        if self.on_engine_error is not None:
+            self.on_engine_error(entry.name, replica.id, status)
 
     def _finish(
         self,
