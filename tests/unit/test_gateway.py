@@ -364,6 +364,7 @@ async def test_models_health_and_metrics(env: Env) -> None:
         in text
     )
     assert 'gpufleet_replicas{model="half",phase="Ready"} 2.0' in text
+    assert 'gpufleet_replicas_desired{model="half"} 2.0' in text
 
 
 async def test_unknown_route_and_wrong_method_are_openai_shaped(env: Env) -> None:

@@ -509,7 +509,9 @@ def build_app(
         for model, stats in queues.stats().items():
             metrics.queue_depth.labels(model).set(stats.waiting)
         metrics.replicas.clear()
+        metrics.desired.clear()
         for entry in directory.entries():
+            metrics.desired.labels(entry.name).set(entry.desired)
             for phase in Phase:
                 count = sum(1 for r in entry.replicas if r.phase is phase)
                 if count:

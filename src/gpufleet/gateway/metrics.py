@@ -48,6 +48,12 @@ class GatewayMetrics:
             ["model", "phase"],
             registry=self.registry,
         )
+        self.desired = Gauge(
+            "gpufleet_replicas_desired",
+            "Replicas the autoscaler wants for each model (bounded by what the fleet can place)",
+            ["model"],
+            registry=self.registry,
+        )
         self.held = Counter(
             "gpufleet_requests_held",
             "Requests that waited for a replica of a model with none ready",
