@@ -56,7 +56,7 @@ from gpufleet.gateway.quotas import (
     Ticket,
 )
 from gpufleet.gateway.validate import check_chat, check_completion, check_embeddings, parse_body
-from gpufleet.routing import choose_split, features_of
+from gpufleet.routing import CostOption, choose_split, features_of, rank_by_cost
 from gpufleet.runtime import Phase
 from gpufleet.store import UsageRow
 
@@ -435,6 +435,13 @@ def build_app(
             return f"key:{principal.key_prefix}"
         return session if by == "session" else None
 
+    def has_room(entry: ModelEntry) -> bool:
+        """Ready replicas and a free slot now: a request there would not wait in the queue."""
+        if not entry.endpoints:
+            return False
+        stats = queues.get(entry.name).stats()
+        return stats.waiting == 0 and stats.in_flight < capacity(entry.name)
+
     def _chain(entry: ModelEntry, sticky: str | None) -> list[ModelEntry]:
         """The deployment the split picks, then the fallbacks that exist, in order."""
         routing = entry.spec.routing
@@ -445,6 +452,26 @@ def build_app(
             first = directory.get(chosen) or entry
             metrics.split.labels(entry.name, first.name).inc()
         chain = [first]
+        cost = first.spec.routing.cost
+        if cost is not None:
+            options = {first.name: first}
+            for name in cost.alternatives:
+                alternative = directory.get(name)
+                if alternative is not None:
+                    options[alternative.name] = alternative
+            order = rank_by_cost(
+                [
+                    CostOption(
+                        e.name,
+                        pricing.per_token(e),
+                        demand.recent_ttft_p90(e.name),
+                        has_room(e),
+                    )
+                    for e in options.values()
+                ],
+                cost.ttft_objective,
+            )
+            chain = [options[n] for n in order]
         for name in routing.fallbacks:
             fallback = directory.get(name)
             if fallback is not None and fallback.name not in {c.name for c in chain}:

@@ -11,7 +11,8 @@ Counting is O(1) on the hot path (a dict increment); the sample is taken once a 
 
 from __future__ import annotations
 
-from collections import defaultdict
+import time
+from collections import defaultdict, deque
 
 from gpufleet.autoscale import Sample
 from gpufleet.controller import Directory, GenerationStats
@@ -22,6 +23,8 @@ __all__ = ["DemandMeter"]
 
 #: TTFTs kept per model between two samples (a reservoir large enough for a p90).
 _TTFT_KEEP = 512
+#: How far back cost-aware routing looks at a deployment's TTFTs.
+_RECENT_S = 30.0
 
 
 #: (model, generation) pairs counted at most; generations only grow, so old ones are dropped.
@@ -53,6 +56,7 @@ class DemandMeter:
         self._held: defaultdict[str, int] = defaultdict(int)
         self._ttfts: defaultdict[str, list[float]] = defaultdict(list)
         self._generations: dict[tuple[str, int], _Counts] = {}
+        self._recent: dict[str, deque[tuple[float, float]]] = {}
 
     def arrived(self, model: str) -> None:
         self._arrivals[model] += 1
@@ -64,6 +68,18 @@ class DemandMeter:
         ttfts = self._ttfts[model]
         if len(ttfts) < _TTFT_KEEP:
             ttfts.append(seconds)
+        recent = self._recent.get(model)
+        if recent is None:
+            recent = self._recent[model] = deque(maxlen=_TTFT_KEEP)
+        recent.append((time.monotonic(), seconds))
+
+    def recent_ttft_p90(self, model: str, window_s: float = _RECENT_S) -> float | None:
+        """TTFT p90 of the model's requests over the last ``window_s`` (None: none)."""
+        recent = self._recent.get(model)
+        if not recent:
+            return None
+        since = time.monotonic() - window_s
+        return _p90([ttft for at, ttft in recent if at >= since])
 
     def outcome(self, model: str, replica_id: str, status: int, ttft_s: float | None) -> None:
         """An answered request, counted for its replica's generation (canary analysis)."""

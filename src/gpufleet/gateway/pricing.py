@@ -47,6 +47,12 @@ class Pricing:
         learnt = 2.0 * self._seconds_per_token.get(entry.name, 0.0)
         return tokens * max(learnt, 1.0 / FLOOR_TOKENS_PER_S) * price
 
+    def per_token(self, entry: ModelEntry) -> float:
+        """What a token costs on this deployment: its price × the replica-seconds a token has
+        taken there (before any is measured, a slow single stream's pace)."""
+        learnt = self._seconds_per_token.get(entry.name, 1.0 / FLOOR_TOKENS_PER_S)
+        return self.per_second(entry) * learnt
+
     def observe(self, entry: ModelEntry, replica_seconds: float, tokens: int) -> None:
         if tokens <= 0:
             return

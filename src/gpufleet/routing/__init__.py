@@ -14,6 +14,7 @@ from gpufleet.routing.base import (
     make_policy,
     register,
 )
+from gpufleet.routing.cost import CostOption, rank_by_cost
 from gpufleet.routing.features import features_of, prompt_blocks, render
 from gpufleet.routing.split import choose_split
 
@@ -21,6 +22,7 @@ __all__ = [
     "DEFAULT_POLICY",
     "POLICIES",
     "Choice",
+    "CostOption",
     "Endpoint",
     "RequestFeatures",
     "RoutingPolicy",
@@ -28,6 +30,7 @@ __all__ = [
     "features_of",
     "make_policy",
     "prompt_blocks",
+    "rank_by_cost",
     "register",
     "render",
 ]

@@ -31,6 +31,7 @@ __all__ = [
     "AccessSpec",
     "AutoscalingSpec",
     "BudgetSpec",
+    "CostRoutingSpec",
     "EngineName",
     "LimitsSpec",
     "Metadata",
@@ -271,6 +272,15 @@ class TrafficSplit(_Resource):
     weight: int = Field(ge=0, le=100)
 
 
+class CostRoutingSpec(_Resource):
+    """Serve this model from the cheapest of several deployments that meets the objective."""
+
+    #: Other deployments serving the same model (e.g. an L4 pool beside this H100 one).
+    alternatives: list[DnsName] = Field(min_length=1)
+    #: TTFT p90 a cheaper deployment must keep (over the last 30 s) to be preferred.
+    ttft_objective: Seconds = Field(gt=0, le=3600)
+
+
 class RoutingSpec(_Resource):
     #: Which ready replica serves a request; "prefix" (cache-aware, spills when saturated) by default.
     policy: RoutingPolicyName = "prefix"
@@ -289,6 +299,8 @@ class RoutingSpec(_Resource):
     split_by: Literal["session", "tenant", "key", "request"] = "session"
     #: Models tried in order when this one has no ready replica or its engines fail.
     fallbacks: list[DnsName] = Field(default_factory=list)
+    #: Cost-aware routing between deployments of one model (after any split).
+    cost: CostRoutingSpec | None = None
 
     @model_validator(mode="after")
     def _weights(self) -> RoutingSpec:
