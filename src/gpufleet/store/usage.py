@@ -1,0 +1,236 @@
+"""The usage ledger in the store: one row per request, and the daily rollups reports read.
+
+A mixin of ``Store`` (same engine, same write lock). Rows arrive in batches from the gateway's
+ledger writer; each batch is inserted with its rollups in one transaction, skipping request ids
+already recorded (at most once per request). Reports over whole days read the rollups, the
+partial first day the raw rows — so a month's report reads thousands of rollup rows, not
+millions of requests.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import Connection, Engine, case, func, insert, select
+
+from gpufleet.store.tables import usage, usage_daily
+
+__all__ = ["UsageRow", "UsageStore"]
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """One request in the usage ledger."""
+
+    request_id: str  # the gateway's own, unique
+    at: dt.datetime
+    tenant: str
+    key_prefix: str
+    model: str
+    replica: str
+    route: str
+    status: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    ttft_ms: float | None
+    duration_ms: float
+    gpu_seconds: float
+    cost_usd: float
+    #: The client's ``x-request-id``, when it sent one (for finding its row; not unique).
+    client_request_id: str | None = None
+
+    def values(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__slots__}
+
+    @classmethod
+    def from_row(cls, row: Any) -> UsageRow:
+        values = {f: getattr(row, f) for f in cls.__slots__}
+        values["at"] = _aware(values["at"])
+        return cls(**values)
+
+
+class UsageStore:
+    # Provided by Store.
+    _engine: Engine
+
+    def _connect(self) -> AbstractContextManager[Connection]:
+        raise NotImplementedError
+
+    def _write(self) -> AbstractContextManager[Connection]:
+        raise NotImplementedError
+
+    def record_usage(self, rows: Sequence[UsageRow]) -> int:
+        """Insert ledger rows and fold them into the daily rollups, in one transaction.
+
+        A row whose request id is already in the ledger is skipped, and so are its rollup
+        counts (at most once, even when a batch is retried). Returns the rows inserted.
+        """
+        if not rows:
+            return 0
+        unique: dict[str, UsageRow] = {}
+        for r in rows:
+            unique.setdefault(r.request_id, r)
+        with self._write() as conn:
+            # Rows already in the ledger (a batch retried after its commit was lost on the
+            # way back) are skipped, and so are their rollup counts.
+            seen = set(
+                conn.execute(select(usage.c.request_id).where(usage.c.request_id.in_(unique)))
+                .scalars()
+                .all()
+            )
+            fresh = {rid: r for rid, r in unique.items() if rid not in seen}
+            if not fresh:
+                return 0
+            conn.execute(insert(usage), [r.values() for r in fresh.values()])
+            rollup: dict[tuple[dt.date, str, str, str], list[float]] = {}
+            for r in fresh.values():
+                k = (r.at.astimezone(dt.UTC).date(), r.tenant, r.key_prefix, r.model)
+                acc = rollup.setdefault(k, [0, 0, 0, 0, 0, 0.0, 0.0])
+                acc[0] += 1
+                acc[1] += 1 if r.status >= 400 else 0
+                acc[2] += r.prompt_tokens
+                acc[3] += r.cached_tokens
+                acc[4] += r.completion_tokens
+                acc[5] += r.gpu_seconds
+                acc[6] += r.cost_usd
+            self._add_rollups(conn, rollup)
+            return len(fresh)
+
+    def _add_rollups(
+        self, conn: Connection, rollup: dict[tuple[dt.date, str, str, str], list[float]]
+    ) -> None:
+        """Add to the daily rollups in one statement (an upsert: both dialects have one)."""
+        if self._engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as upsert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as upsert  # type: ignore[assignment]
+        stmt = upsert(usage_daily)
+        added = stmt.excluded
+        c = usage_daily.c
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[c.day, c.tenant, c.key_prefix, c.model],
+            set_={
+                "requests": c.requests + added.requests,
+                "errors": c.errors + added.errors,
+                "prompt_tokens": c.prompt_tokens + added.prompt_tokens,
+                "cached_tokens": c.cached_tokens + added.cached_tokens,
+                "completion_tokens": c.completion_tokens + added.completion_tokens,
+                "gpu_seconds": c.gpu_seconds + added.gpu_seconds,
+                "cost_usd": c.cost_usd + added.cost_usd,
+            },
+        )
+        conn.execute(
+            stmt,
+            [
+                {
+                    "day": day,
+                    "tenant": tenant,
+                    "key_prefix": key,
+                    "model": model,
+                    "requests": int(acc[0]),
+                    "errors": int(acc[1]),
+                    "prompt_tokens": int(acc[2]),
+                    "cached_tokens": int(acc[3]),
+                    "completion_tokens": int(acc[4]),
+                    "gpu_seconds": acc[5],
+                    "cost_usd": acc[6],
+                }
+                for (day, tenant, key, model), acc in sorted(rollup.items())
+            ],
+        )
+
+    def usage_rows(
+        self,
+        *,
+        since: dt.datetime | None = None,
+        tenant: str | None = None,
+        limit: int = 1000,
+    ) -> list[UsageRow]:
+        query = select(usage).order_by(usage.c.id.desc()).limit(limit)
+        if since is not None:
+            query = query.where(usage.c.at >= since)
+        if tenant is not None:
+            query = query.where(usage.c.tenant == tenant)
+        with self._connect() as conn:
+            rows = list(conn.execute(query))
+        return [UsageRow.from_row(r) for r in reversed(rows)]
+
+    def usage_report(
+        self,
+        by: Literal["tenant", "model", "key"],
+        *,
+        since: dt.datetime,
+        tenant: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Totals grouped by tenant, model or key from ``since`` until now.
+
+        Whole days come from the daily rollups; the part of the first day after ``since`` is
+        summed from the ledger itself (its time index keeps that to one day's rows), so a
+        report stays exact and fast at millions of rows.
+        """
+        since = since.astimezone(dt.UTC)
+        first_full_day = since.date() + dt.timedelta(days=1)
+        if since.time() == dt.time(0, 0):
+            first_full_day = since.date()
+        d, u = usage_daily.c, usage.c
+        dim_d = {"tenant": d.tenant, "model": d.model, "key": d.key_prefix}[by]
+        dim_u = {"tenant": u.tenant, "model": u.model, "key": u.key_prefix}[by]
+        q_daily = select(
+            dim_d.label("name"),
+            func.sum(d.requests),
+            func.sum(d.errors),
+            func.sum(d.prompt_tokens),
+            func.sum(d.cached_tokens),
+            func.sum(d.completion_tokens),
+            func.sum(d.gpu_seconds),
+            func.sum(d.cost_usd),
+        ).where(d.day >= first_full_day)
+        q_raw = select(
+            dim_u.label("name"),
+            func.count(),
+            func.sum(case((u.status >= 400, 1), else_=0)),
+            func.sum(u.prompt_tokens),
+            func.sum(u.cached_tokens),
+            func.sum(u.completion_tokens),
+            func.sum(u.gpu_seconds),
+            func.sum(u.cost_usd),
+        ).where(
+            u.at >= since,
+            u.at < dt.datetime.combine(first_full_day, dt.time(0, 0), dt.UTC),
+        )
+        if tenant is not None:
+            q_daily = q_daily.where(d.tenant == tenant)
+            q_raw = q_raw.where(u.tenant == tenant)
+        totals: dict[str, list[float]] = {}
+        with self._connect() as conn:
+            for query in (q_daily.group_by(dim_d), q_raw.group_by(dim_u)):
+                for row in conn.execute(query):
+                    acc = totals.setdefault(str(row[0]), [0, 0, 0, 0, 0, 0.0, 0.0])
+                    for i in range(7):
+                        acc[i] += row[i + 1] or 0
+        fields = (
+            "requests",
+            "errors",
+            "prompt_tokens",
+            "cached_tokens",
+            "completion_tokens",
+            "gpu_seconds",
+            "cost_usd",
+        )
+        out = []
+        for name in sorted(totals):
+            acc = totals[name]
+            item: dict[str, Any] = {by: name}
+            for i, f in enumerate(fields):
+                item[f] = round(acc[i], 6) if i >= 5 else int(acc[i])
+            out.append(item)
+        return out
