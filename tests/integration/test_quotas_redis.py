@@ -14,31 +14,37 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from gpufleet.gateway import quotas
+from gpufleet.gateway import quotas, quotas_redis
 from gpufleet.gateway.quotas import (
-    _LUA_PERIOD,
     Demand,
     Limits,
     Period,
     QuotaExceeded,
     QuotaStoreUnavailable,
-    RedisQuotas,
     Ticket,
     budget_period,
 )
+from gpufleet.gateway.quotas_redis import _LUA_PERIOD, RedisQuotas
 
 REDIS = "redis://127.0.0.1:6379/0"
 FREE = Demand(tokens=0, cost_usd=0.0)
 
 # One gateway process: connect, say ready, wait for "go", fire 100 admissions at once. It loads
-# the module by path: importing the gateway package (the whole app) would triple the test's time.
+# the modules by path, registered under their names: importing the gateway package (the whole
+# app) would triple the test's time.
 CHILD = """
 import asyncio, importlib.util, sys
-spec = importlib.util.spec_from_file_location("quotas", sys.argv[2])
-quotas = sys.modules["quotas"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(quotas)
+
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+quotas = load("gpufleet.gateway.quotas", sys.argv[2])
+backend = load("gpufleet.gateway.quotas_redis", sys.argv[3])
 Demand, Limits, QuotaExceeded, RedisQuotas = (
-    quotas.Demand, quotas.Limits, quotas.QuotaExceeded, quotas.RedisQuotas
+    quotas.Demand, quotas.Limits, quotas.QuotaExceeded, backend.RedisQuotas
 )
 
 async def main(namespace: str) -> None:
@@ -288,7 +294,7 @@ return out
 def test_admission_is_exact_across_processes(namespace: str) -> None:
     children = [
         subprocess.Popen(
-            [sys.executable, "-c", CHILD, namespace, quotas.__file__],
+            [sys.executable, "-c", CHILD, namespace, quotas.__file__, quotas_redis.__file__],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

@@ -8,18 +8,18 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from gpufleet.gateway import quotas
+from gpufleet.gateway import quotas, quotas_redis
 from gpufleet.gateway.quotas import (
     Demand,
     Limits,
     LocalQuotas,
     QuotaExceeded,
-    RedisQuotas,
     Ticket,
     budget_period,
     make_quotas,
     window_retry_after,
 )
+from gpufleet.gateway.quotas_redis import RedisQuotas
 
 FREE = Demand(tokens=0, cost_usd=0.0)
 
@@ -64,13 +64,13 @@ def test_public_surface() -> None:
         "QuotaExceeded",
         "QuotaStoreUnavailable",
         "Quotas",
-        "RedisQuotas",
         "Ticket",
         "budget_period",
         "make_quotas",
         "window_retry_after",
     ]
     assert all(hasattr(quotas, name) for name in quotas.__all__)
+    assert quotas_redis.__all__ == ["RedisQuotas"]
 
 
 async def test_make_quotas_picks_the_backend() -> None:

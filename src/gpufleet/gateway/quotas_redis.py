@@ -1,0 +1,368 @@
+"""The Redis backend of the quotas: one Lua script per admission and per settle.
+
+Several gateway replicas share the counters: an admission checks every scope and then
+increments all of them in one script, so replicas never overshoot a limit between them; the
+scripts read Redis's clock (``TIME``) so replicas agree on seconds and budget periods.
+Concurrency slots are members of a sorted set scored by a lease expiry, so a dead gateway's
+slots free themselves; settle corrections apply at most once per admission. Unreachable Redis
+fails closed (``QuotaStoreUnavailable``). The semantics are ``gpufleet.gateway.quotas``'s.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import secrets
+from collections.abc import Sequence
+
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from gpufleet.gateway.quotas import (
+    DEFAULT_LEASE_S,
+    NANO,
+    SETTLE_WINDOW_S,
+    Demand,
+    LimitName,
+    Limits,
+    QuotaStoreUnavailable,
+    Ticket,
+    _counted,
+    _exceeded,
+    _nano,
+    _needs_marker,
+    window_retry_after,
+)
+
+__all__ = ["RedisQuotas"]
+
+# Redis backend. The Lua below mirrors the Python above: ``period`` is ``budget_period`` (a test
+# compares them over many dates) and the checks run in the same order.
+
+_LUA_PERIOD = """
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = (m + 9) % 12
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+local function period(sec, kind)
+  local day = math.floor(sec / 86400)
+  if kind == 'day' then return 'd' .. day, day * 86400, (day + 1) * 86400 end
+  if kind == 'week' then
+    local monday = day - (day + 3) % 7
+    return 'w' .. monday, monday * 86400, (monday + 7) * 86400
+  end
+  local z = day + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  local ny, nm = y, m + 1
+  if m == 12 then ny, nm = y + 1, 1 end
+  return 'm' .. (y * 12 + m - 1), days_from_civil(y, m, 1) * 86400,
+    days_from_civil(ny, nm, 1) * 86400
+end
+"""
+
+_LUA_WINDOW = """
+local WINDOW = 60
+
+local function window(key, sec, prune)
+  local flat = redis.call('HGETALL', key)
+  local used, live, dead = 0, {}, {}
+  for j = 1, #flat, 2 do
+    local s = tonumber(flat[j])
+    if s > sec - WINDOW then
+      local v = tonumber(flat[j + 1])
+      used = used + v
+      live[#live + 1] = s
+      live[#live + 1] = v
+    else
+      dead[#dead + 1] = flat[j]
+    end
+  end
+  if prune and #dead > 0 then redis.call('HDEL', key, unpack(dead)) end
+  return used, live
+end
+"""
+
+# KEYS: settle marker, then per scope: requests hash, tokens hash, in-flight zset, budget hash.
+# ARGV: lease, lease_s, lease_ttl, tokens, cost, settle_ttl, n, whether to set the marker (0/1),
+# then per scope: rpm, tpm, concurrency, budget (-1 when unset), period ('' when no budget).
+_ADMIT = (
+    _LUA_PERIOD
+    + _LUA_WINDOW
+    + """
+local t = redis.call('TIME')
+local sec = tonumber(t[1])
+local now = sec + tonumber(t[2]) / 1000000
+local lease, tokens, cost = ARGV[1], tonumber(ARGV[4]), tonumber(ARGV[5])
+local n = tonumber(ARGV[7])
+local budgets = {}
+for i = 1, n do
+  local a, k = 8 + (i - 1) * 5, 1 + (i - 1) * 4
+  local rpm, tpm = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local conc, budget = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  if conc >= 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[k + 3], '-inf', now)
+    local used = redis.call('ZCARD', KEYS[k + 3])
+    if used + 1 > conc then return {0, i, 'concurrency', used, t[1], t[2], {}} end
+  end
+  if rpm >= 0 then
+    local used, live = window(KEYS[k + 1], sec, true)
+    if used + 1 > rpm then return {0, i, 'rpm', used, t[1], t[2], live} end
+  end
+  if tpm >= 0 then
+    local used, live = window(KEYS[k + 2], sec, true)
+    if used + tokens > tpm then return {0, i, 'tpm', used, t[1], t[2], live} end
+  end
+  if budget >= 0 then
+    local key, start, stop = period(sec, ARGV[a + 5])
+    local got = redis.call('HMGET', KEYS[k + 4], key .. ':s', key .. ':r')
+    if not got[1] and not got[2] then
+      local keep = period(start - 1, ARGV[a + 5])
+      local stale = {}
+      for _, f in ipairs(redis.call('HKEYS', KEYS[k + 4])) do
+        local p = string.match(f, '^(.*):[sr]$')
+        if p ~= key and p ~= keep then stale[#stale + 1] = f end
+      end
+      if #stale > 0 then redis.call('HDEL', KEYS[k + 4], unpack(stale)) end
+    end
+    local used = (tonumber(got[1]) or 0) + (tonumber(got[2]) or 0)
+    if used + cost > budget then return {0, i, 'budget', used, t[1], t[2], {stop}} end
+    budgets[i] = {key, stop}
+  end
+end
+for i = 1, n do
+  local a, k = 8 + (i - 1) * 5, 1 + (i - 1) * 4
+  if ARGV[a + 1] ~= '-1' then
+    redis.call('HINCRBY', KEYS[k + 1], t[1], 1)
+    redis.call('EXPIRE', KEYS[k + 1], WINDOW + 2)
+  end
+  if ARGV[a + 2] ~= '-1' then
+    redis.call('HINCRBY', KEYS[k + 2], t[1], ARGV[4])
+    redis.call('EXPIRE', KEYS[k + 2], WINDOW + 2)
+  end
+  if ARGV[a + 3] ~= '-1' then
+    redis.call('ZADD', KEYS[k + 3], now + tonumber(ARGV[2]), lease)
+    redis.call('EXPIRE', KEYS[k + 3], ARGV[3])
+  end
+  if budgets[i] then
+    local key, stop = budgets[i][1], budgets[i][2]
+    redis.call('HINCRBY', KEYS[k + 4], key .. ':r', ARGV[5])
+    redis.call('HSETNX', KEYS[k + 4], key .. ':s', 0)
+    redis.call('EXPIRE', KEYS[k + 4], stop - sec + tonumber(ARGV[6]))
+  end
+end
+if ARGV[8] == '1' then redis.call('SET', KEYS[1], 1, 'EX', ARGV[6]) end
+return {1, t[1]}
+"""
+)
+
+# KEYS as for admission. ARGV: lease, ticket second, token correction, -reserved cost, actual
+# cost, n, whether there is a marker (0/1), then per scope: has tpm, has concurrency (0/1),
+# budget period ('' when no budget).
+_SETTLE = (
+    _LUA_PERIOD
+    + _LUA_WINDOW
+    + """
+local sec = tonumber(redis.call('TIME')[1])
+local first = ARGV[7] == '1' and redis.call('DEL', KEYS[1]) == 1
+local tsec = tonumber(ARGV[2])
+for i = 1, tonumber(ARGV[6]) do
+  local a, k = 7 + (i - 1) * 3, 1 + (i - 1) * 4
+  if ARGV[a + 2] == '1' then redis.call('ZREM', KEYS[k + 3], ARGV[1]) end
+  if first and ARGV[a + 1] == '1' and tsec > sec - WINDOW
+      and redis.call('HEXISTS', KEYS[k + 2], ARGV[2]) == 1 then
+    redis.call('HINCRBY', KEYS[k + 2], ARGV[2], ARGV[3])
+  end
+  if first and ARGV[a + 3] ~= '' then
+    local key = period(tsec, ARGV[a + 3])
+    if redis.call('HEXISTS', KEYS[k + 4], key .. ':r') == 1 then
+      redis.call('HINCRBY', KEYS[k + 4], key .. ':r', ARGV[4])
+      redis.call('HINCRBY', KEYS[k + 4], key .. ':s', ARGV[5])
+    end
+  end
+end
+return first and 1 or 0
+"""
+)
+
+# KEYS: requests hash, tokens hash, in-flight zset, budget hash. ARGV: budget period.
+_SNAPSHOT = (
+    _LUA_PERIOD
+    + _LUA_WINDOW
+    + """
+local t = redis.call('TIME')
+local sec = tonumber(t[1])
+local now = sec + tonumber(t[2]) / 1000000
+local requests = window(KEYS[1], sec, false)
+local tokens = window(KEYS[2], sec, false)
+local in_flight = redis.call('ZCOUNT', KEYS[3], '(' .. now, '+inf')
+local key = period(sec, ARGV[1])
+local got = redis.call('HMGET', KEYS[4], key .. ':s', key .. ':r')
+return {requests, tokens, in_flight, tonumber(got[1]) or 0, tonumber(got[2]) or 0}
+"""
+)
+
+
+def _opt(value: float | None) -> int:
+    return -1 if value is None else int(value)
+
+
+class RedisQuotas:
+    """Quotas shared by gateway replicas through Redis; fails closed when Redis is unreachable."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str = "gpufleet:quota",
+        lease_s: float = DEFAULT_LEASE_S,
+        timeout_s: float = 1.0,
+        max_connections: int = 64,
+    ) -> None:
+        # A burst of admissions waits (up to ``timeout_s``) for one of ``max_connections``
+        # instead of failing when the pool is exhausted, which a plain pool does. One quick retry
+        # covers a pooled connection Redis closed; a dead Redis then fails within about
+        # ``timeout_s`` instead of stalling every request behind backoff. Timeouts are not
+        # retried: the script may have run, and running it again would count the request twice.
+        pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout_s,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )
+        self._redis = redis.Redis.from_pool(pool)
+        self._where = _redact(url)
+        self.namespace = namespace
+        self._lease_s = lease_s
+        self._tag = secrets.token_hex(4)
+        self._ids = itertools.count()
+        self._admit = self._redis.register_script(_ADMIT)
+        self._settle = self._redis.register_script(_SETTLE)
+        self._snapshot = self._redis.register_script(_SNAPSHOT)
+
+    def _keys(self, scope: str) -> list[str]:
+        base = f"{self.namespace}:s:{scope}"
+        return [f"{base}:r", f"{base}:t", f"{base}:c", f"{base}:b"]
+
+    def _unavailable(self, exc: Exception) -> QuotaStoreUnavailable:
+        return QuotaStoreUnavailable(
+            f"the quota store {self._where} is unavailable ({exc.__class__.__name__}: {exc}); "
+            "requests are refused until it is back"
+        )
+
+    async def admit(
+        self, request_id: str, scopes: Sequence[tuple[str, Limits]], demand: Demand
+    ) -> Ticket:
+        counted = _counted(scopes)
+        cost = _nano(demand.cost_usd)
+        if not counted:
+            return Ticket(request_id, request_id, (), 0, demand.tokens, cost)
+        lease = f"{request_id}#{self._tag}{next(self._ids)}"
+        marker = _needs_marker(counted)
+        keys = [f"{self.namespace}:t:{lease}"]
+        args: list[str | int] = [
+            lease,
+            repr(self._lease_s),
+            math.ceil(self._lease_s) + 1,
+            demand.tokens,
+            cost,
+            SETTLE_WINDOW_S,
+            len(counted),
+            int(marker),
+        ]
+        for scope, limits in counted:
+            keys += self._keys(scope)
+            budget = None if limits.budget_usd is None else _nano(limits.budget_usd)
+            args += [_opt(limits.rpm), _opt(limits.tpm), _opt(limits.concurrency), _opt(budget)]
+            args.append(limits.budget_period if budget is not None else "")
+        try:
+            reply = await self._admit(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(exc) from exc
+        if reply[0] == 1:
+            return Ticket(request_id, lease, counted, int(reply[1]), demand.tokens, cost)
+        _, index, name, used, secs, micros, extra = reply
+        scope, limits = counted[int(index) - 1]
+        limit: LimitName = name.decode()
+        now = int(secs) + int(micros) / 1_000_000
+        need = {"concurrency": 1, "rpm": 1, "tpm": demand.tokens, "budget": cost}[limit]
+        if limit == "concurrency":
+            retry = 1.0
+        elif limit == "budget":
+            retry = int(extra[0]) - now
+        else:
+            cap = limits.rpm if limit == "rpm" else limits.tpm
+            buckets = zip(extra[::2], extra[1::2], strict=True)
+            retry = window_retry_after(buckets, int(used), need, cap or 0, now)
+        raise _exceeded(scope, limits, limit, int(used), need, retry)
+
+    async def settle(self, ticket: Ticket, *, tokens: int, cost_usd: float) -> None:
+        if not ticket.scopes:
+            return
+        marker = _needs_marker(ticket.scopes)
+        if not marker and all(lim.concurrency is None for _, lim in ticket.scopes):
+            return  # requests per minute only: nothing to release or correct
+        keys = [f"{self.namespace}:t:{ticket.lease}"]
+        args: list[str | int] = [
+            ticket.lease,
+            ticket.second,
+            tokens - ticket.tokens,
+            -ticket.cost_nano,
+            _nano(cost_usd),
+            len(ticket.scopes),
+            int(marker),
+        ]
+        for scope, limits in ticket.scopes:
+            keys += self._keys(scope)
+            args += [
+                int(limits.tpm is not None),
+                int(limits.concurrency is not None),
+                limits.budget_period if limits.budget_usd is not None else "",
+            ]
+        try:
+            await self._settle(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(exc) from exc
+
+    async def snapshot(self, scope: str, limits: Limits) -> dict[str, float]:
+        try:
+            reply = await self._snapshot(keys=self._keys(scope), args=[limits.budget_period])
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(exc) from exc
+        requests, tokens, in_flight, spent, reserved = (int(v) for v in reply)
+        return {
+            "rpm": requests,
+            "tpm": tokens,
+            "concurrency": in_flight,
+            "spent_usd": spent / NANO,
+            "reserved_usd": reserved / NANO,
+        }
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a Redis URL before it reaches a message."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
