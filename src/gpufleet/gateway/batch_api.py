@@ -24,8 +24,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gpufleet.gateway.asgi import read_body
 from gpufleet.gateway.auth import Principal
 from gpufleet.gateway.errors import ApiError, bad_request
+from gpufleet.gateway.validate import parse_body
 from gpufleet.store import BatchLine, BatchRecord, FileRecord, Store
 
 __all__ = ["MAX_LINES", "batch_view", "file_view", "routes"]
@@ -215,12 +217,7 @@ def routes(
 
     async def create_batch(request: Request) -> Response:
         principal = await authenticate(request)
-        try:
-            data = json.loads(await request.body())
-        except json.JSONDecodeError as exc:
-            raise bad_request(f"The body is not JSON: {exc.msg}") from exc
-        if not isinstance(data, dict):
-            raise bad_request("The body must be a JSON object")
+        data = parse_body(await read_body(request, 1 << 20))
         endpoint = data.get("endpoint")
         if not isinstance(endpoint, str) or endpoint not in endpoints:
             raise bad_request(

@@ -302,6 +302,7 @@ def openapi_document(models: list[str] | None = None) -> dict[str, Any]:
             ],
         ),
     }
+    paths.update(_batch_paths())
     return {
         "openapi": "3.1.0",
         "info": {
@@ -312,4 +313,70 @@ def openapi_document(models: list[str] | None = None) -> dict[str, Any]:
         "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "security": [{"bearer": []}],
         "paths": paths,
+    }
+
+
+def _batch_paths() -> dict[str, Any]:
+    """The OpenAI Files and Batches API."""
+    upload = {
+        "type": "object",
+        "required": ["file", "purpose"],
+        "properties": {
+            "file": {"type": "string", "format": "binary"},
+            "purpose": {"type": "string", "enum": ["batch", "user_data"]},
+        },
+    }
+    batch = {
+        "type": "object",
+        "required": ["input_file_id", "endpoint", "completion_window"],
+        "properties": {
+            "input_file_id": {"type": "string", "maxLength": 40},
+            "endpoint": {
+                "type": "string",
+                "enum": ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"],
+            },
+            "completion_window": {"type": "string", "enum": ["24h"]},
+            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    }
+    return {
+        "/v1/files": {
+            "post": {
+                "summary": "Upload a file (JSONL of requests for a batch)",
+                "requestBody": {
+                    "required": True,
+                    "content": {"multipart/form-data": {"schema": upload}},
+                },
+                "responses": {"200": {"description": "The file", **_ANY_JSON}, **_ERRORS},
+            },
+            **_admin(
+                "get",
+                "Files of the caller's tenant",
+                params=[_query("purpose", {"type": "string"})],
+            ),
+        },
+        "/v1/files/{id}": {
+            **_admin("get", "A file", params=[_path_param("id")]),
+            **_admin("delete", "Delete a file", params=[_path_param("id")]),
+        },
+        "/v1/files/{id}/content": {
+            "get": {
+                "summary": "A file's content",
+                "parameters": [_path_param("id")],
+                "responses": {"200": {"description": "The bytes"}, **_ERRORS},
+            }
+        },
+        "/v1/batches": {
+            **_admin("post", "Create a batch from an uploaded file", body=batch),
+            **_admin(
+                "get",
+                "Batches of the caller's tenant, newest first",
+                params=[
+                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 100}),
+                    _query("after", {"type": "string"}),
+                ],
+            ),
+        },
+        "/v1/batches/{id}": _admin("get", "A batch and its progress", params=[_path_param("id")]),
+        "/v1/batches/{id}/cancel": _admin("post", "Cancel a batch", params=[_path_param("id")]),
     }
