@@ -134,6 +134,11 @@ async def stream_ttft(
     return first, "".join(answer)
 
 
+#: (a)'s TTFTs by turn, per policy: turn 0 carries the tenant's uncached system prompt.
+BY_TURN: dict[str, dict[int, list[float]]] = {}
+_POLICY = [""]
+
+
 async def chats(url: str) -> list[float]:
     rng = random.Random(1)
     systems = [f"Tenant {t} policy. " + text(rng, 1500) for t in range(8)]
@@ -145,6 +150,7 @@ async def chats(url: str) -> list[float]:
             messages.append({"role": "user", "content": f"user {u} turn {turn}: " + text(rng, 40)})
             ttft, answer = await stream_ttft(http, url, messages)
             ttfts.append(ttft)
+            BY_TURN.setdefault(_POLICY[0], {}).setdefault(turn, []).append(ttft)
             messages.append({"role": "assistant", "content": answer})
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=AUTH) as http:
@@ -203,6 +209,7 @@ def cache_counters(base_port: int) -> tuple[float, float]:
 
 
 def run_policy(policy: str) -> list[list[str]]:
+    _POLICY[0] = policy
     engine_port, gw_port = 21000, free_port()
     emulator = subprocess.Popen(
         [sys.executable, "-m", "gpufleet.emulator", "--arch", str(CONFIG), "--name", "llama", "--gpu", "L40S",
@@ -244,11 +251,19 @@ def run_policy(policy: str) -> list[list[str]]:
 
 
 def main() -> None:
+    global TIME_SCALE
     parser = argparse.ArgumentParser()
     parser.add_argument(
         "--policies", default="prefix,chwbl,least-outstanding,power-of-two,round-robin"
     )
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=3.0,
+        help="how many times slower than the modelled GPU the emulators run",
+    )
     args = parser.parse_args()
+    TIME_SCALE = args.time_scale
     rows = [row for policy in args.policies.split(",") for row in run_policy(policy)]
     rows.sort(key=lambda r: (r[0], args.policies.split(",").index(r[1])))
     print(
@@ -264,6 +279,22 @@ def main() -> None:
                 "cache hit rate",
             ],
             rows,
+        )
+    )
+    print("\n(a) TTFT p50 / p90 ms by turn (turn 0: the tenant's system prompt is not cached yet)")
+    print(
+        table(
+            ["policy", *(f"turn {t}" for t in range(6))],
+            [
+                [
+                    policy,
+                    *(
+                        f"{pct(turns[t], 50) * 1000:.0f} / {pct(turns[t], 90) * 1000:.0f}"
+                        for t in range(6)
+                    ),
+                ]
+                for policy, turns in BY_TURN.items()
+            ],
         )
     )
     print(
