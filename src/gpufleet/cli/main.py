@@ -24,6 +24,7 @@ from gpufleet.cli.emulate import emulate
 from gpufleet.cli.estimate import estimate
 from gpufleet.cli.output import fail, out, spec_problems
 from gpufleet.cli.plan import plan_command
+from gpufleet.cli.render import render_command
 from gpufleet.errors import GpufleetError, SpecError
 
 __all__ = ["app", "main"]
@@ -270,6 +271,7 @@ app.add_typer(keys_app, name="keys")
 app.command()(usage)
 app.command()(estimate)
 app.command("plan")(plan_command)
+app.command("render")(render_command)
 app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(emulate)
 
 

@@ -17,6 +17,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    WithJsonSchema,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
@@ -87,8 +88,20 @@ def _quantity(value: Any) -> int | None:
         raise PydanticCustomError("gpufleet_value", str(exc)) from exc
 
 
-DnsName = Annotated[str, AfterValidator(_dns_name)]
-ByteQuantity = Annotated[int | None, BeforeValidator(_quantity)]
+# The JSON schemas below are what the CRDs carry (gpufleet.spec.crd): Kubernetes validates the
+# same fields before gpufleet sees them, so "16Gi" and "30s" must be allowed there too.
+_INT_OR_STRING: dict[str, Any] = {
+    "anyOf": [{"type": "integer"}, {"type": "string"}],
+    "x-kubernetes-int-or-string": True,
+}
+DnsName = Annotated[
+    str,
+    AfterValidator(_dns_name),
+    WithJsonSchema({"type": "string", "maxLength": 63, "pattern": _DNS_LABEL.pattern}),
+]
+ByteQuantity = Annotated[
+    int | None, BeforeValidator(_quantity), WithJsonSchema({**_INT_OR_STRING, "nullable": True})
+]
 
 
 def _duration(value: Any) -> float:
@@ -100,7 +113,7 @@ def _duration(value: Any) -> float:
         raise PydanticCustomError("gpufleet_value", str(exc)) from exc
 
 
-Seconds = Annotated[float, BeforeValidator(_duration)]
+Seconds = Annotated[float, BeforeValidator(_duration), WithJsonSchema(_INT_OR_STRING)]
 
 
 class _Resource(BaseModel):

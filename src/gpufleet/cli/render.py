@@ -1,0 +1,54 @@
+"""``gpufleet render``: the Kubernetes objects for a models file, for GitOps (Argo CD, Flux)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gpufleet.cli.output import fail, spec_problems
+from gpufleet.errors import GpufleetError, SpecError
+
+__all__ = ["render_command"]
+
+
+def render_command(
+    file: Annotated[list[Path], typer.Option("--file", "-f", help="models YAML; repeatable")],
+    namespace: Annotated[str, typer.Option(help="namespace of the engines")] = "gpufleet",
+    target: Annotated[str, typer.Option(help="what to render for (kubernetes)")] = "kubernetes",
+    inventory: Annotated[
+        Path | None,
+        typer.Option("--inventory", "-i", help="kind: Inventory YAML: pin replicas to nodes"),
+    ] = None,
+    crds: Annotated[bool, typer.Option("--crds", help="also print the CRDs")] = False,
+    model_cache: Annotated[
+        str, typer.Option(help="PersistentVolumeClaim holding the weights")
+    ] = "gpufleet-model-cache",
+) -> None:
+    """Print plain manifests for the models and tenants in FILE (deterministic output)."""
+    from gpufleet.hardware import load_inventory
+    from gpufleet.planner import deployment_for
+    from gpufleet.runtime.kubernetes import RenderSettings, render, to_yaml
+    from gpufleet.spec import load_file_resources
+    from gpufleet.spec.crd import crds as crd_documents
+
+    if target != "kubernetes":
+        raise fail(f"unknown --target {target!r}; the one there is: kubernetes")
+    try:
+        models, tenants = [], []
+        for f in file:
+            m, t = load_file_resources(f)
+            models += m
+            tenants += t
+        fleet = load_inventory(inventory) if inventory is not None else None
+        deployments = {m.name: deployment_for(m, None) for m in models} if fleet else None
+        settings = RenderSettings(namespace=namespace, model_cache_claim=model_cache)
+        objects = render(models, tenants, settings, inventory=fleet, deployments=deployments)
+    except SpecError as exc:
+        spec_problems(exc.problems)
+        raise typer.Exit(1) from exc
+    except GpufleetError as exc:
+        raise fail(str(exc)) from exc
+    sys.stdout.write(to_yaml([*(crd_documents() if crds else []), *objects]))

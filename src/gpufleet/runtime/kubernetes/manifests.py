@@ -1,0 +1,540 @@
+"""Plain Kubernetes objects for models and tenants: deterministic, reviewable, secure by default.
+
+For each model: one Deployment per placement group (replicas the planner put on the same node
+and GPU shape; without an inventory, one Deployment asking for the model's GPUs on its GPU
+types), a Service selecting all of them, and a PodDisruptionBudget when it runs more than one
+replica. The engine container runs the official image of its engine with the arguments the
+engine adapter derives from the plan (vLLM's ``--tensor-parallel-size`` and
+``--gpu-memory-utilization``, SGLang's ``--tp-size`` / ``--mem-fraction-static``; llama.cpp's
+own server for GGUF models), weights read-only from the shared model-cache volume, so scaling
+up never downloads again. For each tenant: a Namespace, a ResourceQuota on GPUs, a default-deny
+NetworkPolicy that lets only the gateway reach engines, and a Role/RoleBinding for its people.
+
+Every pod: non-root, no privilege escalation, all capabilities dropped, seccomp RuntimeDefault,
+read-only root filesystem (writable ``/tmp`` and cache as emptyDir), no service-account token.
+Output order is fixed (kind, namespace, name) and every mapping is built in a fixed order, so
+rendering the same input twice gives the same bytes — what GitOps diffs need.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+
+from gpufleet.engines import ADAPTERS
+from gpufleet.engines.base import Placement as EnginePlacement
+from gpufleet.errors import SpecError
+from gpufleet.hardware import CATALOG
+from gpufleet.planner import DEFAULT_PRIORITIES, Deployment, Placement, plan
+from gpufleet.spec import Inventory, Model, Tenant
+
+__all__ = ["DEFAULT_IMAGES", "RenderError", "RenderSettings", "render", "to_yaml"]
+
+#: Official engine images (pinned; override with ``RenderSettings.images``).
+DEFAULT_IMAGES: Mapping[str, str] = {
+    "vllm": "vllm/vllm-openai:v0.11.0",
+    "sglang": "lmsysorg/sglang:v0.5.3-cu126",
+    "llamacpp": "ghcr.io/ggml-org/llama.cpp:server-b6800",
+}
+PORT = 8000
+LABEL_MODEL = "gpufleet.io/model"
+LABEL_GROUP = "gpufleet.io/placement"
+LABEL_TENANT = "gpufleet.io/tenant"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+MANAGED = {"app.kubernetes.io/managed-by": "gpufleet", "app.kubernetes.io/part-of": "gpufleet"}
+_ORDER = (
+    "Namespace",
+    "PriorityClass",
+    "ResourceQuota",
+    "NetworkPolicy",
+    "Role",
+    "RoleBinding",
+    "Service",
+    "Deployment",
+    "PodDisruptionBudget",
+)
+
+
+class RenderError(SpecError):
+    """A model that cannot run on Kubernetes as written; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    namespace: str = "gpufleet"
+    images: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_IMAGES))
+    #: The PersistentVolumeClaim holding model weights, mounted read-only at ``/models``.
+    model_cache_claim: str = "gpufleet-model-cache"
+    #: Pods the gateway runs as (the only ones allowed to reach engines).
+    gateway_labels: Mapping[str, str] = field(
+        default_factory=lambda: {"app.kubernetes.io/name": "gpufleet-gateway"}
+    )
+    #: Group bound to each tenant's Role (``{tenant}`` is replaced by the tenant's name).
+    tenant_group: str = "gpufleet:tenant:{tenant}"
+
+
+def render(
+    models: Sequence[Model],
+    tenants: Sequence[Tenant] = (),
+    settings: RenderSettings | None = None,
+    *,
+    inventory: Inventory | None = None,
+    deployments: Mapping[str, Deployment] | None = None,
+) -> list[dict[str, Any]]:
+    """Every object, in apply order. With an ``inventory`` (and the models' sized
+    ``deployments``) replicas are pinned to the nodes and GPU shapes the planner chose."""
+    settings = settings or RenderSettings()
+    problems = [p for m in models for p in _problems(m, settings)]
+    if problems:
+        raise RenderError(problems)
+    objects: list[dict[str, Any]] = [_namespace(settings.namespace, {})]
+    objects += [_priority_class(name, value) for name, value in DEFAULT_PRIORITIES.items()]
+    groups = _groups(models, inventory, deployments)
+    for model in sorted(models, key=lambda m: m.name):
+        objects += _model_objects(model, groups[model.name], settings)
+    for tenant in sorted(tenants, key=lambda t: t.name):
+        objects += _tenant_objects(tenant, settings)
+    return sorted(objects, key=_sort_key)
+
+
+def to_yaml(objects: Iterable[Mapping[str, Any]]) -> str:
+    return "".join(
+        "---\n" + yaml.safe_dump(dict(o), sort_keys=False, default_flow_style=False)
+        for o in objects
+    )
+
+
+def _sort_key(o: Mapping[str, Any]) -> tuple[int, str, str]:
+    meta = o["metadata"]
+    return (_ORDER.index(o["kind"]), meta.get("namespace", ""), meta["name"])
+
+
+# -- checks -----------------------------------------------------------------------------------
+
+
+def _problems(model: Model, settings: RenderSettings) -> list[str]:
+    spec, where = model.spec, f"{model.name}: spec"
+    out = []
+    if spec.engine == "emulator":
+        out.append(
+            f"{where}.engine 'emulator' runs only under 'gpufleet up' (it stands in for a GPU); "
+            "use vllm, sglang or llamacpp on Kubernetes"
+        )
+    elif spec.engine not in settings.images:
+        out.append(f"{where}.engine {spec.engine!r} has no image; pass one in the settings")
+    scheme = spec.parsed_source.scheme
+    if scheme in ("file", "pypi"):
+        out.append(
+            f"{where}.source {spec.source!r} is local to one machine; on Kubernetes use "
+            "hf:// or s3:// (weights are read from the shared model cache)"
+        )
+    elif spec.engine == "llamacpp" and not spec.parsed_source.location.endswith(".gguf"):
+        out.append(
+            f"{where}.source {spec.source!r}: llama.cpp loads one GGUF file; point the source "
+            "at it, e.g. 's3://models/smollm2/smollm2-135m-instruct-q8_0.gguf'"
+        )
+    if spec.engine in ("vllm", "sglang") and spec.resources.gpus == 0:
+        out.append(
+            f"{where}.resources.gpus is 0; {spec.engine} needs GPUs on Kubernetes "
+            "(set resources.gpus, or use engine llamacpp for CPU)"
+        )
+    return out
+
+
+# -- models -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Replicas of one model that share a node and a GPU shape (one Deployment)."""
+
+    key: str
+    replicas: int
+    node: str | None = None
+    gpu_type: str | None = None
+    gpus: int = 0
+    memory_fraction: float | None = None
+    mig_profile: str | None = None
+
+
+def _groups(
+    models: Sequence[Model],
+    inventory: Inventory | None,
+    deployments: Mapping[str, Deployment] | None,
+) -> dict[str, list[_Group]]:
+    plain = {
+        m.name: [_Group("main", max(m.spec.replicas.min, 1), gpus=m.spec.resources.gpus)]
+        for m in models
+    }
+    if inventory is None or not deployments:
+        return plain
+    result = plan(inventory, [deployments[m.name] for m in models if m.name in deployments])
+    unplaced = sorted({str(u.replica) + ": " + u.reason for u in result.unplaced})
+    if unplaced:
+        raise RenderError([f"cannot place {line}" for line in unplaced])
+    by_model: dict[str, dict[tuple[Any, ...], list[Placement]]] = defaultdict(dict)
+    for p in result.placements:
+        shape = (p.node, p.gpu_type, len(p.gpus), round(p.memory_fraction, 3), p.mig_profile)
+        by_model[p.replica.deployment].setdefault(shape, []).append(p)
+    for name, shapes in by_model.items():
+        groups = []
+        for shape, placed in sorted(shapes.items(), key=lambda kv: str(kv[0])):
+            node, gpu_type, tp, fraction, mig = shape
+            key = node if tp <= 1 and mig is None else f"{node}-tp{tp}{mig or ''}"
+            groups.append(
+                _Group(
+                    _dns(str(key).lower()),
+                    len(placed),
+                    node,
+                    gpu_type,
+                    tp,
+                    fraction if gpu_type is not None and not mig else None,
+                    mig,
+                )
+            )
+        plain[name] = groups
+    return plain
+
+
+def _model_objects(
+    model: Model, groups: list[_Group], settings: RenderSettings
+) -> list[dict[str, Any]]:
+    ns = settings.namespace
+    selector = {LABEL_MODEL: model.name}
+    objects = [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _meta(f"engine-{model.name}", ns, {**selector, LABEL_COMPONENT: "engine"}),
+            "spec": {
+                "selector": selector,
+                "ports": [{"name": "http", "port": PORT, "targetPort": "http"}],
+            },
+        }
+    ]
+    for group in groups:
+        objects.append(_deployment(model, group, settings, single=len(groups) == 1))
+    total = sum(g.replicas for g in groups)
+    if total > 1:
+        objects.append(
+            {
+                "apiVersion": "policy/v1",
+                "kind": "PodDisruptionBudget",
+                "metadata": _meta(f"engine-{model.name}", ns, selector),
+                "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector}},
+            }
+        )
+    return objects
+
+
+def _deployment(
+    model: Model, group: _Group, settings: RenderSettings, *, single: bool
+) -> dict[str, Any]:
+    spec = model.spec
+    name = f"engine-{model.name}" if single else f"engine-{model.name}-{group.key}"
+    labels = {LABEL_MODEL: model.name, LABEL_GROUP: group.key, LABEL_COMPONENT: "engine"}
+    weights = _weights_path(model)
+    args = _engine_args(model, group, weights)
+    resources: dict[str, Any] = {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {}}
+    if group.mig_profile:
+        resources["limits"][f"nvidia.com/mig-{group.mig_profile}"] = 1
+    elif group.gpus:
+        resources["limits"]["nvidia.com/gpu"] = group.gpus
+    if not resources["limits"]:
+        del resources["limits"]
+    engine: dict[str, Any] = {"name": "engine", "image": settings.images[spec.engine]}
+    if spec.engine in ("vllm", "sglang"):
+        engine["command"] = ["python3", "-m", _MODULES[spec.engine]]
+    engine |= {
+        "args": args,
+        "ports": [{"name": "http", "containerPort": PORT}],
+        "env": [
+            # Weights come from the cache volume; nothing phones home.
+            {"name": "HF_HUB_OFFLINE", "value": "1"},
+            {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+            {"name": "DO_NOT_TRACK", "value": "1"},
+            # The root filesystem is read-only: caches go to the writable volume.
+            {"name": "HOME", "value": "/home/engine"},
+            {"name": "XDG_CACHE_HOME", "value": "/home/engine/.cache"},
+        ],
+        "resources": resources,
+        "readinessProbe": {
+            "httpGet": {"path": "/health", "port": "http"},
+            "periodSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "startupProbe": {
+            "httpGet": {"path": "/health", "port": "http"},
+            "periodSeconds": 10,
+            "failureThreshold": 90,  # 15 minutes to load weights and warm up
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/health", "port": "http"},
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+        },
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": "models", "mountPath": "/models", "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "cache", "mountPath": "/home/engine/.cache"},
+            {"name": "shm", "mountPath": "/dev/shm"},
+        ],
+    }
+    pod: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "priorityClassName": f"gpufleet-{spec.priority_class}",
+        "terminationGracePeriodSeconds": math.ceil(spec.drain) + 10,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 1000,
+            "fsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [engine],
+        "volumes": [
+            {
+                "name": "models",
+                "persistentVolumeClaim": {
+                    "claimName": settings.model_cache_claim,
+                    "readOnly": True,
+                },
+            },
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "cache", "emptyDir": {}},
+            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
+        ],
+    }
+    affinity = _affinity(model, group)
+    if affinity:
+        pod["affinity"] = affinity
+    if group.gpus or group.mig_profile:
+        pod["tolerations"] = [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+        ]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(name, settings.namespace, labels),
+        "spec": {
+            "replicas": group.replicas,
+            "selector": {"matchLabels": {LABEL_MODEL: model.name, LABEL_GROUP: group.key}},
+            # A new engine loads weights for minutes: keep the old one serving meanwhile.
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "template": {"metadata": {"labels": labels}, "spec": pod},
+        },
+    }
+
+
+_MODULES = {"vllm": "vllm.entrypoints.openai.api_server", "sglang": "sglang.launch_server"}
+
+
+def _engine_args(model: Model, group: _Group, weights: PurePosixPath) -> list[str]:
+    spec = model.spec
+    if spec.engine == "llamacpp":
+        args = [
+            "--model", str(weights), "--alias", model.name,
+            "--host", "0.0.0.0", "--port", str(PORT),
+            "--ctx-size", str(spec.context_length), "--metrics",
+        ]  # fmt: skip
+        if group.gpus:
+            args += ["--n-gpu-layers", "999"]
+        return args + list(spec.engine_args)
+    placement = EnginePlacement(
+        node=group.node or "any",
+        gpu_type=group.gpu_type,
+        gpu_indices=tuple(range(group.gpus)),
+        memory_fraction=group.memory_fraction,
+        mig_profile=group.mig_profile,
+    )
+    launch = ADAPTERS[spec.engine].launch(
+        spec,
+        weights=Path(str(weights)),
+        served_name=model.name,
+        host="0.0.0.0",
+        port=PORT,
+        placement=placement,
+    )
+    # argv is [python, -m, module, ...]: the image's python runs the module (``command``).
+    return list(launch.argv[3:])
+
+
+def _weights_path(model: Model) -> PurePosixPath:
+    """Where the weights sit in the model cache: /models/<scheme>/<location>."""
+    source = model.spec.parsed_source
+    return PurePosixPath("/models") / source.scheme / source.location.strip("/")
+
+
+def _affinity(model: Model, group: _Group) -> dict[str, Any]:
+    terms: list[dict[str, Any]] = []
+    if group.node is not None:
+        terms.append({"key": "kubernetes.io/hostname", "operator": "In", "values": [group.node]})
+    types = [group.gpu_type] if group.gpu_type else list(model.spec.resources.gpu_types)
+    products = sorted({p for t in types for p in _gfd_products(t)})
+    if products and (group.gpus or group.mig_profile):
+        terms.append({"key": "nvidia.com/gpu.product", "operator": "In", "values": products})
+    if not terms:
+        return {}
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": terms}]
+            }
+        }
+    }
+
+
+def _gfd_products(gpu_type: str) -> list[str]:
+    """GPU Feature Discovery's ``nvidia.com/gpu.product`` values for a catalog GPU type."""
+    accelerator = CATALOG.get(gpu_type)
+    if accelerator is None:
+        return [gpu_type.replace(" ", "-")]
+    names = [a for a in accelerator.aliases if a.startswith(("NVIDIA ", "Tesla "))]
+    return [n.replace(" ", "-") for n in names] or [accelerator.name]
+
+
+# -- tenants ----------------------------------------------------------------------------------
+
+
+def _tenant_objects(tenant: Tenant, settings: RenderSettings) -> list[dict[str, Any]]:
+    ns = f"tenant-{tenant.name}"
+    labels = {LABEL_TENANT: tenant.name}
+    gateway = dict(settings.gateway_labels)
+    return [
+        _namespace(ns, labels),
+        {
+            "apiVersion": "v1",
+            "kind": "ResourceQuota",
+            "metadata": _meta("gpus", ns, labels),
+            "spec": {"hard": {"requests.nvidia.com/gpu": str(_gpu_quota(tenant))}},
+        },
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _meta("default-deny", ns, labels),
+            "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]},
+        },
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _meta("gateway-to-engines", ns, labels),
+            "spec": {
+                "podSelector": {"matchLabels": {LABEL_COMPONENT: "engine"}},
+                "policyTypes": ["Ingress"],
+                "ingress": [
+                    {
+                        "from": [
+                            {
+                                "namespaceSelector": {
+                                    "matchLabels": {
+                                        "kubernetes.io/metadata.name": settings.namespace
+                                    }
+                                },
+                                "podSelector": {"matchLabels": gateway},
+                            }
+                        ],
+                        "ports": [{"protocol": "TCP", "port": PORT}],
+                    }
+                ],
+            },
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": _meta("gpufleet-tenant", ns, labels),
+            "rules": [
+                {
+                    "apiGroups": ["gpufleet.io"],
+                    "resources": ["models"],
+                    "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"],
+                },
+                {
+                    "apiGroups": ["gpufleet.io"],
+                    "resources": ["models/status"],
+                    "verbs": ["get"],
+                },
+                {"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list"]},
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _meta("gpufleet-tenant", ns, labels),
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Role",
+                "name": "gpufleet-tenant",
+            },
+            "subjects": [
+                {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "Group",
+                    "name": settings.tenant_group.format(tenant=tenant.name),
+                }
+            ],
+        },
+    ]
+
+
+def _gpu_quota(tenant: Tenant) -> int:
+    """GPUs a tenant's namespace may request (its ``gpus`` label, else none: engines of shared
+    models run in gpufleet's namespace; a tenant's own engines need a quota to be set)."""
+    value = tenant.metadata.labels.get("gpufleet.io/gpus", "0")
+    return int(value) if value.isdigit() else 0
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _namespace(name: str, labels: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {
+            "name": name,
+            "labels": {
+                **MANAGED,
+                **labels,
+                # Pod Security Admission: the restricted profile, which every pod here meets.
+                "pod-security.kubernetes.io/enforce": "restricted",
+            },
+        },
+    }
+
+
+def _priority_class(name: str, value: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "scheduling.k8s.io/v1",
+        "kind": "PriorityClass",
+        "metadata": {"name": f"gpufleet-{name}", "labels": dict(MANAGED)},
+        "value": value * 1000,
+        "preemptionPolicy": "PreemptLowerPriority" if name == "interactive" else "Never",
+        "globalDefault": False,
+        "description": f"gpufleet {name} models",
+    }
+
+
+def _meta(name: str, namespace: str, labels: Mapping[str, str]) -> dict[str, Any]:
+    return {"name": name, "namespace": namespace, "labels": {**MANAGED, **labels}}
+
+
+def _dns(value: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c == "-" else "-" for c in value).strip("-")
+    return cleaned[:40] or "x"

