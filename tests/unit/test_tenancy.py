@@ -385,7 +385,7 @@ async def test_three_gateways_sharing_redis_admit_a_quota_exactly(site: Site) ->
     allowed 10 requests a minute: 30 concurrent requests spread over them, 10 admitted."""
     import secrets
 
-    from gpufleet.gateway.quotas import RedisQuotas
+    from gpufleet.gateway.quotas_redis import RedisQuotas
 
     name = f"shared-{secrets.token_hex(3)}"
     site.store.apply_tenant(tenant(name, requestsPerMinute=10))

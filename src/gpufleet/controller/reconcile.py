@@ -86,6 +86,10 @@ class Controller:
                 int(stored.created_at.timestamp()),
             )
             self.trigger(stored.model.name)
+        # Replicas the runtime already runs (pods adopted by a restarted operator).
+        for replica in self.runtime.replicas():
+            self.directory.observe(replica)
+            self._phases[replica.id] = replica.phase
         self._tasks.append(asyncio.create_task(self._watch(), name="controller:watch"))
         self._tasks.append(asyncio.create_task(self._resync(), name="controller:resync"))
         self._tasks.append(asyncio.create_task(self._autoscale(), name="controller:autoscale"))

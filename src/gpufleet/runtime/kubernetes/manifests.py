@@ -34,7 +34,16 @@ from gpufleet.hardware import CATALOG
 from gpufleet.planner import DEFAULT_PRIORITIES, Deployment, Placement, plan
 from gpufleet.spec import Inventory, Model, Tenant
 
-__all__ = ["DEFAULT_IMAGES", "RenderError", "RenderSettings", "render", "to_yaml"]
+__all__ = [
+    "DEFAULT_IMAGES",
+    "EngineGroup",
+    "RenderError",
+    "RenderSettings",
+    "check",
+    "engine_pod",
+    "render",
+    "to_yaml",
+]
 
 #: Official engine images (pinned; override with ``RenderSettings.images``).
 DEFAULT_IMAGES: Mapping[str, str] = {
@@ -90,7 +99,7 @@ def render(
     """Every object, in apply order. With an ``inventory`` (and the models' sized
     ``deployments``) replicas are pinned to the nodes and GPU shapes the planner chose."""
     settings = settings or RenderSettings()
-    problems = [p for m in models for p in _problems(m, settings)]
+    problems = [p for m in models for p in check(m, settings)]
     if problems:
         raise RenderError(problems)
     objects: list[dict[str, Any]] = [_namespace(settings.namespace, {})]
@@ -118,7 +127,8 @@ def _sort_key(o: Mapping[str, Any]) -> tuple[int, str, str]:
 # -- checks -----------------------------------------------------------------------------------
 
 
-def _problems(model: Model, settings: RenderSettings) -> list[str]:
+def check(model: Model, settings: RenderSettings) -> list[str]:
+    """Why ``model`` cannot run on Kubernetes as written (empty: it can)."""
     spec, where = model.spec, f"{model.name}: spec"
     out = []
     if spec.engine == "emulator":
@@ -151,7 +161,7 @@ def _problems(model: Model, settings: RenderSettings) -> list[str]:
 
 
 @dataclass(frozen=True)
-class _Group:
+class EngineGroup:
     """Replicas of one model that share a node and a GPU shape (one Deployment)."""
 
     key: str
@@ -167,9 +177,9 @@ def _groups(
     models: Sequence[Model],
     inventory: Inventory | None,
     deployments: Mapping[str, Deployment] | None,
-) -> dict[str, list[_Group]]:
+) -> dict[str, list[EngineGroup]]:
     plain = {
-        m.name: [_Group("main", max(m.spec.replicas.min, 1), gpus=m.spec.resources.gpus)]
+        m.name: [EngineGroup("main", max(m.spec.replicas.min, 1), gpus=m.spec.resources.gpus)]
         for m in models
     }
     if inventory is None or not deployments:
@@ -188,7 +198,7 @@ def _groups(
             node, gpu_type, tp, fraction, mig = shape
             key = node if tp <= 1 and mig is None else f"{node}-tp{tp}{mig or ''}"
             groups.append(
-                _Group(
+                EngineGroup(
                     _dns(str(key).lower()),
                     len(placed),
                     node,
@@ -203,7 +213,7 @@ def _groups(
 
 
 def _model_objects(
-    model: Model, groups: list[_Group], settings: RenderSettings
+    model: Model, groups: list[EngineGroup], settings: RenderSettings
 ) -> list[dict[str, Any]]:
     ns = settings.namespace
     selector = {LABEL_MODEL: model.name}
@@ -233,12 +243,9 @@ def _model_objects(
     return objects
 
 
-def _deployment(
-    model: Model, group: _Group, settings: RenderSettings, *, single: bool
-) -> dict[str, Any]:
+def engine_pod(model: Model, group: EngineGroup, settings: RenderSettings) -> dict[str, Any]:
+    """The pod spec of one engine replica of ``model`` placed as ``group`` says."""
     spec = model.spec
-    name = f"engine-{model.name}" if single else f"engine-{model.name}-{group.key}"
-    labels = {LABEL_MODEL: model.name, LABEL_GROUP: group.key, LABEL_COMPONENT: "engine"}
     weights = _weights_path(model)
     args = _engine_args(model, group, weights)
     resources: dict[str, Any] = {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {}}
@@ -326,6 +333,15 @@ def _deployment(
         pod["tolerations"] = [
             {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
         ]
+    return pod
+
+
+def _deployment(
+    model: Model, group: EngineGroup, settings: RenderSettings, *, single: bool
+) -> dict[str, Any]:
+    name = f"engine-{model.name}" if single else f"engine-{model.name}-{group.key}"
+    labels = {LABEL_MODEL: model.name, LABEL_GROUP: group.key, LABEL_COMPONENT: "engine"}
+    pod = engine_pod(model, group, settings)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -346,7 +362,7 @@ def _deployment(
 _MODULES = {"vllm": "vllm.entrypoints.openai.api_server", "sglang": "sglang.launch_server"}
 
 
-def _engine_args(model: Model, group: _Group, weights: PurePosixPath) -> list[str]:
+def _engine_args(model: Model, group: EngineGroup, weights: PurePosixPath) -> list[str]:
     spec = model.spec
     if spec.engine == "llamacpp":
         args = [
@@ -382,7 +398,7 @@ def _weights_path(model: Model) -> PurePosixPath:
     return PurePosixPath("/models") / source.scheme / source.location.strip("/")
 
 
-def _affinity(model: Model, group: _Group) -> dict[str, Any]:
+def _affinity(model: Model, group: EngineGroup) -> dict[str, Any]:
     terms: list[dict[str, Any]] = []
     if group.node is not None:
         terms.append({"key": "kubernetes.io/hostname", "operator": "In", "values": [group.node]})

@@ -1,0 +1,237 @@
+"""``KubernetesRuntime``: engine replicas as pods, driven by the same controller as locally.
+
+One pod per replica — created from the pod spec ``render`` writes — so the controller keeps
+what it does everywhere: start and stop single replicas, drain one before it goes, run a
+canary beside the stable generation, replace in place. The kubelet restarts crashed
+containers; this runtime reports what the pods say:
+
+- Ready condition true → ``Ready`` (URL = pod IP, engine port); ready before, not now →
+  ``Unready`` (no traffic);
+- a container waiting in ``CrashLoopBackOff`` → ``BackOff`` with its message and restarts;
+- not schedulable → ``Starting`` with the scheduler's reason;
+- deleted by someone else (a node gone, an eviction) or ``Failed`` → ``Stopped``, and the
+  controller starts a replacement.
+
+Pods carry their model and generation as labels, so an operator that restarts adopts the pods
+it finds instead of starting them again. Closing the runtime stops watching; the pods outlive
+the operator (unlike ``gpufleet up``'s child processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from gpufleet.errors import PermanentError
+from gpufleet.runtime.base import Capabilities, Phase, Replica, ReplicaRequest
+from gpufleet.runtime.kubernetes.api import KubeApi, WatchEvent
+from gpufleet.runtime.kubernetes.manifests import (
+    LABEL_COMPONENT,
+    LABEL_MODEL,
+    MANAGED,
+    PORT,
+    EngineGroup,
+    RenderSettings,
+    check,
+    engine_pod,
+)
+from gpufleet.spec import API_VERSION, Metadata, Model
+
+__all__ = ["LABEL_GENERATION", "KubernetesRuntime"]
+
+log = logging.getLogger("gpufleet.runtime.kubernetes")
+
+LABEL_GENERATION = "gpufleet.io/generation"
+_SELECTOR = {"app.kubernetes.io/managed-by": "gpufleet", LABEL_COMPONENT: "engine"}
+
+
+class KubernetesRuntime:
+    capabilities = Capabilities(mig=True)
+
+    def __init__(
+        self,
+        api: KubeApi,
+        settings: RenderSettings | None = None,
+        *,
+        place: Callable[[ReplicaRequest], EngineGroup] | None = None,
+    ) -> None:
+        self.api = api
+        self.settings = settings or RenderSettings()
+        self.namespace = self.settings.namespace
+        #: Where a new replica goes (the planner's choice); default: the model's GPUs anywhere.
+        self._place = place or (lambda r: EngineGroup("main", 1, gpus=r.spec.resources.gpus))
+        self._replicas: dict[str, Replica] = {}
+        self._subscribers: set[asyncio.Queue[Replica]] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start_watching(self) -> None:
+        """Adopt the pods already there, then follow every change."""
+        for pod in await self.api.list("Pod", self.namespace, _SELECTOR):
+            self._observe(pod)
+        ready = asyncio.Event()
+        self._task = asyncio.create_task(self._watch(ready), name="kubernetes:watch-pods")
+        await ready.wait()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    # -- Runtime ----------------------------------------------------------------------------
+
+    async def start(self, request: ReplicaRequest) -> Replica:
+        model = Model(
+            api_version=API_VERSION,
+            metadata=Metadata(name=request.model, namespace=self.namespace),
+            spec=request.spec,
+        )
+        problems = check(model, self.settings)
+        if problems:
+            raise PermanentError("; ".join(problems))
+        name = f"{request.model}-g{request.generation}-{secrets.token_hex(3)}"
+        labels = {
+            **MANAGED,
+            LABEL_MODEL: request.model,
+            LABEL_GENERATION: str(request.generation),
+            LABEL_COMPONENT: "engine",
+        }
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": self.namespace, "labels": labels},
+            "spec": engine_pod(model, self._place(request), self.settings),
+        }
+        await self.api.create(pod)
+        replica = Replica(
+            id=name,
+            model=request.model,
+            generation=request.generation,
+            phase=Phase.STARTING,
+            started_at=time.time(),
+            embeddings=request.spec.embeddings,
+        )
+        self._set(replica)
+        return replica
+
+    async def stop(self, replica_id: str) -> None:
+        replica = self._replicas.pop(replica_id, None)
+        await self.api.delete("Pod", self.namespace, replica_id)
+        if replica is not None:
+            self._publish(dataclasses.replace(replica, phase=Phase.STOPPED, url=None))
+
+    def replicas(self, model: str | None = None) -> list[Replica]:
+        return [r for r in self._replicas.values() if model is None or r.model == model]
+
+    async def watch(self) -> AsyncIterator[Replica]:
+        queue: asyncio.Queue[Replica] = asyncio.Queue()
+        self._subscribers.add(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._subscribers.discard(queue)
+
+    async def logs(self, replica_id: str, tail: int = 200) -> str:
+        return f"kubectl logs -n {self.namespace} {replica_id} --tail {tail}\n"
+
+    # -- pods → replicas --------------------------------------------------------------------
+
+    async def _watch(self, ready: asyncio.Event) -> None:
+        stream = self.api.watch("Pod", self.namespace, _SELECTOR)
+        ready.set()
+        async for event in stream:
+            self._on(event)
+
+    def _on(self, event: WatchEvent) -> None:
+        name = event.object["metadata"]["name"]
+        if event.type == "DELETED":
+            replica = self._replicas.pop(name, None)
+            if replica is not None:
+                message = "the pod was deleted (node gone, evicted or removed by hand)"
+                self._publish(
+                    dataclasses.replace(replica, phase=Phase.STOPPED, url=None, message=message)
+                )
+            return
+        self._observe(event.object)
+
+    def _observe(self, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        labels = meta.get("labels", {})
+        name = meta["name"]
+        try:
+            generation = int(labels.get(LABEL_GENERATION, "0"))
+        except ValueError:
+            return
+        current = self._replicas.get(name) or Replica(
+            id=name,
+            model=labels.get(LABEL_MODEL, ""),
+            generation=generation,
+            phase=Phase.STARTING,
+            started_at=time.time(),
+        )
+        status = pod.get("status", {}) or {}
+        if status.get("phase") in ("Failed", "Succeeded"):
+            self._replicas.pop(name, None)
+            message = status.get("message") or status.get("reason") or "the pod ended"
+            self._publish(
+                dataclasses.replace(current, phase=Phase.STOPPED, url=None, message=message)
+            )
+            return
+        conditions = {c.get("type"): c for c in status.get("conditions", []) or []}
+        containers = status.get("containerStatuses", []) or []
+        restarts = sum(int(c.get("restartCount", 0)) for c in containers)
+        waiting = next(
+            (
+                c["state"]["waiting"]
+                for c in containers
+                if (c.get("state") or {}).get("waiting", {}).get("reason") == "CrashLoopBackOff"
+            ),
+            None,
+        )
+        ready = conditions.get("Ready", {}).get("status") == "True" and status.get("podIP")
+        if ready:
+            url = f"http://{status['podIP']}:{PORT}"
+            replica = dataclasses.replace(
+                current,
+                phase=Phase.READY,
+                url=url,
+                restarts=restarts,
+                message="",
+                ready_at=current.ready_at or time.time(),
+            )
+        elif waiting is not None:
+            replica = dataclasses.replace(
+                current,
+                phase=Phase.BACKOFF,
+                url=None,
+                restarts=restarts,
+                message=f"CrashLoopBackOff: {waiting.get('message', '')}".strip(),
+            )
+        elif current.phase is Phase.READY:
+            replica = dataclasses.replace(
+                current, phase=Phase.UNREADY, url=None, message="readiness probe failing"
+            )
+        else:
+            scheduled = conditions.get("PodScheduled", {})
+            message = ""
+            if scheduled.get("status") == "False":
+                message = f"{scheduled.get('reason', '')}: {scheduled.get('message', '')}"
+            replica = dataclasses.replace(current, restarts=restarts, message=message)
+        if replica != self._replicas.get(name):
+            self._set(replica)
+
+    def _set(self, replica: Replica) -> None:
+        self._replicas[replica.id] = replica
+        self._publish(replica)
+
+    def _publish(self, replica: Replica) -> None:
+        for queue in self._subscribers:
+            queue.put_nowait(replica)

