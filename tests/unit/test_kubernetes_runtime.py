@@ -170,7 +170,7 @@ async def test_a_new_generation_and_a_deleted_model_change_the_pods(op: Operator
     await op.settle(lambda: len(op.pods()) == 2)
     new = next(p["metadata"]["name"] for p in op.pods() if p["metadata"]["name"] != old)
     assert "--max-model-len" in (
-        args := op.kube.get("Pod", NS, new)["spec"]["containers"][0]["args"]
+        args := op.kube.peek("Pod", NS, new)["spec"]["containers"][0]["args"]
     )  # type: ignore[index]
     assert args[args.index("--max-model-len") + 1] == "4096"
     op.kube.pod_ready(NS, new, "10.0.0.2")

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-__all__ = ["FakeKube", "KubeApi", "WatchEvent"]
+__all__ = ["Conflict", "FakeKube", "KubeApi", "WatchEvent"]
 
 EventType = Literal["ADDED", "MODIFIED", "DELETED"]
 
@@ -45,10 +45,23 @@ class KubeApi(Protocol):
     ) -> AsyncIterator[WatchEvent]:
         """Changes from now on (the runtime lists first, then watches)."""
 
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+    async def replace(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Write a whole object; ``Conflict`` when its resourceVersion is not the latest."""
+
+    async def patch_status(
+        self, kind: str, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> None: ...
+
 
 def _matches(obj: Mapping[str, Any], selector: Mapping[str, str] | None) -> bool:
     labels = obj.get("metadata", {}).get("labels", {}) or {}
     return all(labels.get(k) == v for k, v in (selector or {}).items())
+
+
+class Conflict(Exception):
+    """The object changed since it was read (HTTP 409): read it again and retry."""
 
 
 class FakeKube:
@@ -73,6 +86,7 @@ class FakeKube:
         if key in self.objects:
             raise FileExistsError(f"{key[0]} {key[1]}/{key[2]} already exists")
         meta["uid"] = f"uid-{next(self._uids)}"
+        meta.setdefault("generation", 1)
         meta["resourceVersion"] = str(next(self._version))
         stored.setdefault("status", {})
         self.objects[key] = stored
@@ -109,10 +123,44 @@ class FakeKube:
         finally:
             self._watchers.remove(entry)
 
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        stored = self.objects.get((kind, namespace, name))
+        return copy.deepcopy(stored) if stored is not None else None
+
+    async def replace(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        meta = obj["metadata"]
+        key = (obj["kind"], meta.get("namespace", ""), meta["name"])
+        stored = self.objects.get(key)
+        if stored is None:
+            raise KeyError(f"{key[0]} {key[1]}/{key[2]} does not exist")
+        if meta.get("resourceVersion") != stored["metadata"]["resourceVersion"]:
+            raise Conflict(f"{key[0]} {key[1]}/{key[2]} changed since it was read")
+        fresh = copy.deepcopy(dict(obj))
+        fresh["metadata"]["resourceVersion"] = str(next(self._version))
+        fresh["metadata"]["uid"] = stored["metadata"]["uid"]
+        self.objects[key] = fresh
+        self.writes.append(("replace", key[0], meta["name"]))
+        self._emit("MODIFIED", fresh)
+        return copy.deepcopy(fresh)
+
+    async def patch_status(
+        self, kind: str, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> None:
+        self.writes.append(("status", kind, name))
+        self.set_status(kind, namespace, name, **status)
+
     # -- the cluster's part -----------------------------------------------------------------
 
-    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+    def peek(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         return self.objects.get((kind, namespace, name))
+
+    def update_spec(self, kind: str, namespace: str, name: str, spec: Mapping[str, Any]) -> None:
+        """Someone edits the object's spec (``kubectl apply``): its generation moves."""
+        stored = self.objects[(kind, namespace, name)]
+        stored["spec"] = copy.deepcopy(dict(spec))
+        stored["metadata"]["generation"] = stored["metadata"].get("generation", 1) + 1
+        stored["metadata"]["resourceVersion"] = str(next(self._version))
+        self._emit("MODIFIED", stored)
 
     def set_status(self, kind: str, namespace: str, name: str, **status: Any) -> None:
         stored = self.objects[(kind, namespace, name)]

@@ -1,0 +1,276 @@
+"""The Kubernetes operator: Model custom resources in, the controller in the middle, status out.
+
+One operator at a time acts (leader election on a ``coordination.k8s.io`` Lease: the holder
+renews it every few seconds; another replica takes over once it has not been renewed for
+``lease_s``). The leader mirrors the Model resources of its namespace into the controller —
+``kubectl apply`` of a Model is ``gpufleet apply`` — and writes back each Model's status:
+replica counts, endpoints and the conditions a person reads first (Ready, Progressing,
+Degraded, Unschedulable with the planner's reason). Status is patched only when it changed,
+so a steady fleet makes no writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from gpufleet.controller import Controller, ModelEntry
+from gpufleet.errors import SpecError
+from gpufleet.runtime.base import Phase
+from gpufleet.runtime.kubernetes.api import Conflict, KubeApi
+from gpufleet.runtime.kubernetes.manifests import LABEL_MODEL
+from gpufleet.spec import Model, parse_document
+
+__all__ = ["LeaderElection", "Operator", "model_status"]
+
+log = logging.getLogger("gpufleet.operator")
+
+
+def _stamp(at: float) -> str:
+    return dt.datetime.fromtimestamp(at, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def model_status(
+    entry: ModelEntry,
+    *,
+    observed_generation: int,
+    unschedulable: str,
+    previous: Mapping[str, Any] | None,
+    now: float,
+) -> dict[str, Any]:
+    """A Model's ``status``: counts, endpoints, conditions (transition times kept while the
+    condition's status stays the same)."""
+    ready = len(entry.endpoints)
+    starting = [r for r in entry.replicas if r.phase in (Phase.STARTING, Phase.UNREADY)]
+    crashing = [r for r in entry.replicas if r.phase in (Phase.BACKOFF, Phase.FAILED)]
+    wanted: list[tuple[str, bool, str, str]] = [
+        (
+            "Ready",
+            ready > 0 or entry.desired == 0,
+            entry.status,
+            f"{ready} of {entry.desired} replicas ready"
+            + (" (scaled to zero; a request wakes it)" if entry.desired == 0 else ""),
+        ),
+        (
+            "Progressing",
+            bool(starting) or ready < entry.desired or entry.canary is not None,
+            "Rollout" if entry.canary is not None else "Scaling",
+            entry.rollout or f"{len(starting)} starting",
+        ),
+        (
+            "Degraded",
+            bool(crashing) or bool(entry.problem and not unschedulable),
+            "ReplicaCrashing" if crashing else ("Failed" if entry.problem else "AsExpected"),
+            crashing[0].message if crashing else entry.problem,
+        ),
+        (
+            "Unschedulable",
+            bool(unschedulable),
+            "InsufficientCapacity" if unschedulable else "Placed",
+            unschedulable,
+        ),
+    ]
+    before = {c["type"]: c for c in (previous or {}).get("conditions", [])}
+    conditions = []
+    for kind, ok, reason, message in wanted:
+        status = "True" if ok else "False"
+        old = before.get(kind)
+        since = old["lastTransitionTime"] if old and old.get("status") == status else _stamp(now)
+        conditions.append(
+            {
+                "type": kind,
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": since,
+                "observedGeneration": observed_generation,
+            }
+        )
+    return {
+        "observedGeneration": observed_generation,
+        "replicas": len(entry.replicas),
+        "readyReplicas": ready,
+        "desiredReplicas": entry.desired,
+        "selector": f"{LABEL_MODEL}={entry.name}",
+        "endpoints": sorted(r.url for r in entry.endpoints if r.url),
+        "conditions": conditions,
+    }
+
+
+def model_from_resource(obj: Mapping[str, Any]) -> Model:
+    """A Model custom resource as the spec layer reads it (server-side metadata dropped)."""
+    meta = obj.get("metadata", {})
+    return parse_document(
+        {
+            "apiVersion": obj.get("apiVersion"),
+            "kind": obj.get("kind"),
+            "metadata": {
+                "name": meta.get("name"),
+                "labels": meta.get("labels", {}) or {},
+            },
+            "spec": obj.get("spec", {}),
+        }
+    )
+
+
+class LeaderElection:
+    """A Lease held by one identity at a time, renewed while it lives."""
+
+    def __init__(
+        self,
+        api: KubeApi,
+        namespace: str,
+        identity: str,
+        *,
+        name: str = "gpufleet-operator",
+        lease_s: float = 15.0,
+        clock: Callable[[], float],
+    ) -> None:
+        self.api, self.namespace, self.identity, self.name = api, namespace, identity, name
+        self.lease_s = lease_s
+        self.clock = clock
+
+    async def try_acquire(self) -> bool:
+        """Take or renew the lease; True while this identity holds it."""
+        now = self.clock()
+        lease = await self.api.get("Lease", self.namespace, self.name)
+        spec = {
+            "holderIdentity": self.identity,
+            "leaseDurationSeconds": int(self.lease_s),
+            "renewTime": _micro(now),
+        }
+        if lease is None:
+            try:
+                await self.api.create(
+                    {
+                        "apiVersion": "coordination.k8s.io/v1",
+                        "kind": "Lease",
+                        "metadata": {"name": self.name, "namespace": self.namespace},
+                        "spec": {**spec, "acquireTime": _micro(now)},
+                    }
+                )
+            except FileExistsError:
+                return False
+            return True
+        held = lease.get("spec", {})
+        renewed = _parse_micro(held.get("renewTime"))
+        expired = renewed is None or now - renewed > float(
+            held.get("leaseDurationSeconds", self.lease_s)
+        )
+        if held.get("holderIdentity") != self.identity and not expired:
+            return False
+        if held.get("holderIdentity") != self.identity:
+            spec["acquireTime"] = _micro(now)
+            log.info("taking over the operator lease from %s", held.get("holderIdentity"))
+        lease["spec"] = {**held, **spec}
+        try:
+            await self.api.replace(lease)
+        except Conflict:
+            return False  # someone else renewed or took it in between
+        return True
+
+
+def _micro(at: float) -> str:
+    return dt.datetime.fromtimestamp(at, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_micro(value: Any) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return (
+            dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC).timestamp()
+        )
+    except ValueError:
+        return None
+
+
+class Operator:
+    def __init__(
+        self,
+        api: KubeApi,
+        controller: Controller,
+        namespace: str,
+        election: LeaderElection,
+        *,
+        interval_s: float = 2.0,
+    ) -> None:
+        self.api = api
+        self.controller = controller
+        self.namespace = namespace
+        self.election = election
+        self.interval_s = interval_s
+        self.leading = False
+        self._generations: dict[str, int] = {}
+
+    async def step(self) -> None:
+        """One pass: hold the lease, mirror the Models, write their status."""
+        self.leading = await self.election.try_acquire()
+        if not self.leading:
+            return
+        await self.sync_models()
+        await self.publish_status()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.step()
+            except Exception:
+                log.exception("operator pass failed; trying again")
+            await asyncio.sleep(self.interval_s)
+
+    async def sync_models(self) -> None:
+        resources = await self.api.list("Model", self.namespace)
+        wanted: list[Model] = []
+        for obj in resources:
+            name = obj["metadata"]["name"]
+            try:
+                wanted.append(model_from_resource(obj))
+            except SpecError as exc:
+                # The CRD schema admits it but the spec does not (a rule across fields).
+                await self.api.patch_status(
+                    "Model",
+                    self.namespace,
+                    name,
+                    {"conditions": [_invalid(exc, obj)]},
+                )
+                continue
+            self._generations[name] = int(obj["metadata"].get("generation", 1))
+        if wanted:
+            await self.controller.apply(wanted)
+        present = {m.name for m in wanted} | {o["metadata"]["name"] for o in resources}
+        for entry in self.controller.directory.entries():
+            if entry.name not in present:
+                await self.controller.delete(entry.name)
+                self._generations.pop(entry.name, None)
+
+    async def publish_status(self) -> None:
+        now = self.election.clock()
+        for entry in self.controller.directory.entries():
+            obj = await self.api.get("Model", self.namespace, entry.name)
+            if obj is None:
+                continue
+            previous = obj.get("status") or {}
+            status = model_status(
+                entry,
+                observed_generation=self._generations.get(entry.name, 1),
+                unschedulable=self.controller.autoscaler.unschedulable.get(entry.name, ""),
+                previous=previous,
+                now=now,
+            )
+            if status != previous:
+                await self.api.patch_status("Model", self.namespace, entry.name, status)
+
+
+def _invalid(exc: SpecError, obj: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "Ready",
+        "status": "False",
+        "reason": "InvalidSpec",
+        "message": "; ".join(exc.problems),
+        "lastTransitionTime": _stamp(dt.datetime.now(dt.UTC).timestamp()),
+        "observedGeneration": int(obj["metadata"].get("generation", 1)),
+    }

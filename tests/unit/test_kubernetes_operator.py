@@ -1,0 +1,174 @@
+"""The operator against the stateful fake API: Model resources in, pods and status out, one
+leader at a time."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gpufleet.controller import Autoscaler, Controller, ModelEntry
+from gpufleet.operator import LeaderElection, Operator, model_status
+from gpufleet.runtime import Phase, Replica
+from gpufleet.runtime.kubernetes import FakeKube, KubernetesRuntime
+from gpufleet.spec import ModelSpec
+from gpufleet.store import Store, sqlite_url
+
+NS = "gpufleet"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def resource(name: str = "llama", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "gpufleet.io/v1alpha1",
+        "kind": "Model",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "source": "hf://meta-llama/Meta-Llama-3-8B-Instruct",
+            "engine": "vllm",
+            "resources": {"gpus": 1, "gpuTypes": ["H100"]},
+            **spec,
+        },
+    }
+
+
+async def settle(check: Callable[[], Any], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.005)
+
+
+def pods(kube: FakeKube) -> list[str]:
+    return sorted(name for (kind, _, name) in kube.objects if kind == "Pod")
+
+
+async def test_models_in_pods_and_status_out(tmp_path: Path) -> None:
+    kube, clock = FakeKube(), Clock()
+    store = Store.open(sqlite_url(tmp_path))
+    runtime = KubernetesRuntime(kube)
+    await runtime.start_watching()
+    controller = Controller(store, runtime, autoscaler=Autoscaler(store), resync_s=3600)
+    await controller.start()
+    operator = Operator(kube, controller, NS, LeaderElection(kube, NS, "op-a", clock=clock))
+    try:
+        await kube.create(resource(replicas={"min": 2, "max": 2}))
+        await operator.step()
+        assert operator.leading
+        await settle(lambda: len(pods(kube)) == 2)
+        for i, name in enumerate(pods(kube)):
+            kube.pod_ready(NS, name, f"10.0.0.{i + 1}")
+        await settle(lambda: len(controller.directory.get("llama").endpoints) == 2)  # type: ignore[union-attr]
+        await operator.step()
+        status = kube.peek("Model", NS, "llama")["status"]  # type: ignore[index]
+        assert (status["readyReplicas"], status["desiredReplicas"]) == (2, 2)
+        assert status["endpoints"] == ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]
+        ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+        assert ready["status"] == "True" and ready["message"] == "2 of 2 replicas ready"
+        writes = list(kube.writes)
+        clock.t += 5
+        await operator.step()  # nothing changed: no write but the lease renewal
+        assert [w for w in kube.writes[len(writes) :] if w[1] != "Lease"] == []
+        # kubectl apply of a changed spec: a new generation rolls the engines.
+        kube.update_spec(
+            "Model",
+            NS,
+            "llama",
+            resource(contextLength=4096, replicas={"min": 2, "max": 2})["spec"],
+        )
+        await operator.step()
+        await settle(lambda: len(pods(kube)) == 4)
+        await operator.step()  # the new engines are starting beside the old ones
+        status = kube.peek("Model", NS, "llama")["status"]  # type: ignore[index]
+        assert status["observedGeneration"] == 2
+        progressing = next(c for c in status["conditions"] if c["type"] == "Progressing")
+        assert progressing["status"] == "True"
+        # kubectl delete: the pods go.
+        await kube.delete("Model", NS, "llama")
+        await operator.step()
+        await settle(lambda: pods(kube) == [])
+    finally:
+        await controller.stop()
+        await runtime.close()
+        store.close()
+
+
+async def test_a_spec_the_crd_admits_but_gpufleet_does_not_is_reported(tmp_path: Path) -> None:
+    kube, clock = FakeKube(), Clock()
+    store = Store.open(sqlite_url(tmp_path))
+    runtime = KubernetesRuntime(kube)
+    await runtime.start_watching()
+    controller = Controller(store, runtime, autoscaler=Autoscaler(store), resync_s=3600)
+    await controller.start()
+    operator = Operator(kube, controller, NS, LeaderElection(kube, NS, "op-a", clock=clock))
+    try:
+        await kube.create(resource("bad", replicas={"min": 3, "max": 1}))
+        await operator.step()
+        (condition,) = kube.peek("Model", NS, "bad")["status"]["conditions"]  # type: ignore[index]
+        assert condition["reason"] == "InvalidSpec"
+        assert "spec.replicas.max must be ≥ spec.replicas.min" in condition["message"]
+        assert pods(kube) == []
+    finally:
+        await controller.stop()
+        await runtime.close()
+        store.close()
+
+
+async def test_one_leader_at_a_time_and_a_takeover_when_it_stops_renewing() -> None:
+    kube, clock = FakeKube(), Clock()
+    a = LeaderElection(kube, NS, "op-a", lease_s=15, clock=clock)
+    b = LeaderElection(kube, NS, "op-b", lease_s=15, clock=clock)
+    assert await a.try_acquire()
+    assert not await b.try_acquire()
+    clock.t += 10
+    assert await a.try_acquire()  # renewed
+    clock.t += 10
+    assert not await b.try_acquire()  # 10 s since the renewal: still a's
+    clock.t += 6
+    assert await b.try_acquire()  # 16 s: a is gone, b takes over
+    assert not await a.try_acquire()
+    lease = kube.peek("Lease", NS, "gpufleet-operator")
+    assert lease is not None and lease["spec"]["holderIdentity"] == "op-b"
+
+
+def test_status_conditions_keep_their_transition_time_while_unchanged() -> None:
+    spec = ModelSpec.model_validate({"source": "hf://org/name"})
+    ready = Replica("r1", "m", 1, Phase.READY, url="http://10.0.0.1:8000")
+    crashing = Replica("r2", "m", 1, Phase.BACKOFF, message="exited with code 1")
+    entry = ModelEntry("m", 1, spec, 0, (ready, crashing), desired=2)
+    first = model_status(entry, observed_generation=1, unschedulable="", previous=None, now=100.0)
+    by_type = {c["type"]: c for c in first["conditions"]}
+    assert by_type["Ready"]["status"] == "True"
+    assert by_type["Degraded"]["status"] == "True"
+    assert by_type["Degraded"]["message"] == "exited with code 1"
+    assert by_type["Unschedulable"]["status"] == "False"
+    later = model_status(
+        entry,
+        observed_generation=1,
+        unschedulable="needs 30.0 GiB per GPU at TP 1; largest free is 7.1 GiB",
+        previous=first,
+        now=200.0,
+    )
+    after = {c["type"]: c for c in later["conditions"]}
+    assert after["Ready"]["lastTransitionTime"] == by_type["Ready"]["lastTransitionTime"]
+    assert after["Unschedulable"]["status"] == "True"
+    assert (
+        after["Unschedulable"]["lastTransitionTime"]
+        != by_type["Unschedulable"]["lastTransitionTime"]
+    )
+    zero = model_status(
+        ModelEntry("m", 1, spec, 0, (), desired=0),
+        observed_generation=1,
+        unschedulable="",
+        previous=None,
+        now=0.0,
+    )
+    assert zero["conditions"][0]["status"] == "True"
+    assert "scaled to zero" in zero["conditions"][0]["message"]
