@@ -279,3 +279,21 @@ def test_the_validator_catches_what_the_api_server_would_reject() -> None:
     wrong["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "http"
     with pytest.raises(kubernetes_validate.ValidationError):
         validate(wrong)
+
+
+def test_with_keda_the_replica_count_is_left_to_it() -> None:
+    models, _ = load_file_resources(DATA / "models.yaml")
+    settings = RenderSettings(keda_prometheus="http://prometheus.monitoring:9090")
+    objects = render(models, settings=settings)
+    scaled = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ScaledObject"}
+    assert sorted(scaled) == ["engine-llama-3-8b", "engine-smol"]
+    llama = scaled["engine-llama-3-8b"]["spec"]
+    assert llama["scaleTargetRef"]["name"] == "engine-llama-3-8b"
+    assert (llama["minReplicaCount"], llama["maxReplicaCount"]) == (2, 4)
+    trigger = llama["triggers"][0]["metadata"]
+    assert 'gpufleet_requests_in_flight{model="llama-3-8b"}' in trigger["query"]
+    assert trigger["threshold"] == "8"
+    for deployment in (o for o in objects if o["kind"] == "Deployment"):
+        assert "replicas" not in deployment["spec"]  # never two autoscalers on one workload
+        validate(deployment)
+    assert [o["kind"] for o in objects][-2:] == ["ScaledObject", "ScaledObject"]

@@ -26,6 +26,12 @@ def render_command(
     model_cache: Annotated[
         str, typer.Option(help="PersistentVolumeClaim holding the weights")
     ] = "gpufleet-model-cache",
+    keda: Annotated[
+        str | None,
+        typer.Option(
+            help="scale with KEDA instead: the Prometheus URL it reads gpufleet's metrics from"
+        ),
+    ] = None,
 ) -> None:
     """Print plain manifests for the models and tenants in FILE (deterministic output)."""
     from gpufleet.hardware import load_inventory
@@ -44,7 +50,9 @@ def render_command(
             tenants += t
         fleet = load_inventory(inventory) if inventory is not None else None
         deployments = {m.name: deployment_for(m, None) for m in models} if fleet else None
-        settings = RenderSettings(namespace=namespace, model_cache_claim=model_cache)
+        settings = RenderSettings(
+            namespace=namespace, model_cache_claim=model_cache, keda_prometheus=keda
+        )
         objects = render(models, tenants, settings, inventory=fleet, deployments=deployments)
     except SpecError as exc:
         spec_problems(exc.problems)

@@ -67,6 +67,7 @@ _ORDER = (
     "Service",
     "Deployment",
     "PodDisruptionBudget",
+    "ScaledObject",
 )
 
 
@@ -86,6 +87,9 @@ class RenderSettings:
     )
     #: Group bound to each tenant's Role (``{tenant}`` is replaced by the tenant's name).
     tenant_group: str = "gpufleet:tenant:{tenant}"
+    #: Scale engines with KEDA (a ScaledObject per model on gpufleet's own metrics) instead of
+    #: gpufleet's autoscaler; the Deployments then leave ``replicas`` to KEDA.
+    keda_prometheus: str | None = None
 
 
 def render(
@@ -230,6 +234,12 @@ def _model_objects(
     ]
     for group in groups:
         objects.append(_deployment(model, group, settings, single=len(groups) == 1))
+    if settings.keda_prometheus is not None:
+        if len(groups) != 1:
+            raise RenderError(
+                [f"{model.name}: KEDA scales one Deployment; render it without --inventory"]
+            )
+        objects.append(_scaled_object(model, settings))
     total = sum(g.replicas for g in groups)
     if total > 1:
         objects.append(
@@ -347,7 +357,8 @@ def _deployment(
         "kind": "Deployment",
         "metadata": _meta(name, settings.namespace, labels),
         "spec": {
-            "replicas": group.replicas,
+            # With KEDA the replica count is KEDA's (never two autoscalers on one workload).
+            **({} if settings.keda_prometheus is not None else {"replicas": group.replicas}),
             "selector": {"matchLabels": {LABEL_MODEL: model.name, LABEL_GROUP: group.key}},
             # A new engine loads weights for minutes: keep the old one serving meanwhile.
             "strategy": {
@@ -424,6 +435,51 @@ def _gfd_products(gpu_type: str) -> list[str]:
         return [gpu_type.replace(" ", "-")]
     names = [a for a in accelerator.aliases if a.startswith(("NVIDIA ", "Tesla "))]
     return [n.replace(" ", "-") for n in names] or [accelerator.name]
+
+
+def _scaled_object(model: Model, settings: RenderSettings) -> dict[str, Any]:
+    """KEDA on the gateway's metrics: requests in flight and queued, per replica."""
+    spec = model.spec
+    name = model.name
+    query = (
+        f'sum(gpufleet_requests_in_flight{{model="{name}"}}) + '
+        f'sum(gpufleet_queue_depth{{model="{name}"}} or vector(0))'
+    )
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": _meta(f"engine-{name}", settings.namespace, {LABEL_MODEL: name}),
+        "spec": {
+            "scaleTargetRef": {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "name": f"engine-{name}",
+            },
+            "minReplicaCount": spec.replicas.min,
+            "maxReplicaCount": spec.replicas.max,
+            "cooldownPeriod": int(spec.autoscaling.scale_to_zero_after),
+            "pollingInterval": 15,
+            "advanced": {
+                "horizontalPodAutoscalerConfig": {
+                    "behavior": {
+                        "scaleDown": {
+                            "stabilizationWindowSeconds": int(spec.autoscaling.scale_down_delay)
+                        }
+                    }
+                }
+            },
+            "triggers": [
+                {
+                    "type": "prometheus",
+                    "metadata": {
+                        "serverAddress": settings.keda_prometheus,
+                        "query": query,
+                        "threshold": f"{spec.autoscaling.target_in_flight:g}",
+                    },
+                }
+            ],
+        },
+    }
 
 
 # -- tenants ----------------------------------------------------------------------------------
