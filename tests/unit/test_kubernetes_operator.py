@@ -4,16 +4,21 @@ leader at a time."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from gpufleet.controller import Autoscaler, Controller, ModelEntry
 from gpufleet.operator import LeaderElection, Operator, model_status
 from gpufleet.runtime import Phase, Replica
 from gpufleet.runtime.kubernetes import FakeKube, KubernetesRuntime
+from gpufleet.runtime.kubernetes.client import ClientKube
 from gpufleet.spec import ModelSpec
 from gpufleet.store import Store, sqlite_url
+from tests import kube_server
 
 NS = "gpufleet"
 
@@ -50,14 +55,27 @@ def pods(kube: FakeKube) -> list[str]:
     return sorted(name for (kind, _, name) in kube.objects if kind == "Pod")
 
 
-async def test_models_in_pods_and_status_out(tmp_path: Path) -> None:
+@pytest.mark.parametrize("over", ["fake", "http"])
+async def test_models_in_pods_and_status_out(tmp_path: Path, over: str) -> None:
+    """Directly on the fake, and through ClientKube over HTTP (the real adapter's REST calls,
+    watches included, against a server backed by the same fake)."""
     kube, clock = FakeKube(), Clock()
+    async with contextlib.AsyncExitStack() as stack:
+        api: Any = kube
+        if over == "http":
+            url = await stack.enter_async_context(kube_server.serving(kube))
+            api = ClientKube(url, ssl_context=False)
+            stack.push_async_callback(api.close)
+        await _lifecycle(tmp_path, kube, api, clock)
+
+
+async def _lifecycle(tmp_path: Path, kube: FakeKube, api: Any, clock: Clock) -> None:
     store = Store.open(sqlite_url(tmp_path))
-    runtime = KubernetesRuntime(kube)
+    runtime = KubernetesRuntime(api)
     await runtime.start_watching()
     controller = Controller(store, runtime, autoscaler=Autoscaler(store), resync_s=3600)
     await controller.start()
-    operator = Operator(kube, controller, NS, LeaderElection(kube, NS, "op-a", clock=clock))
+    operator = Operator(api, controller, NS, LeaderElection(api, NS, "op-a", clock=clock))
     try:
         await kube.create(resource(replicas={"min": 2, "max": 2}))
         await operator.step()
