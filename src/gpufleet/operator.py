@@ -12,19 +12,26 @@ so a steady fleet makes no writes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
+import signal
+import socket
+import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from gpufleet.controller import Controller, ModelEntry
+from gpufleet.controller import Autoscaler, Controller, ModelEntry, PlannerCapacity
 from gpufleet.errors import SpecError
 from gpufleet.runtime.base import Phase
+from gpufleet.runtime.kubernetes import KubernetesRuntime, RenderSettings, inventory_from_nodes
 from gpufleet.runtime.kubernetes.api import Conflict, KubeApi
 from gpufleet.runtime.kubernetes.manifests import LABEL_MODEL
 from gpufleet.spec import Model, parse_document
+from gpufleet.store import Store
 
-__all__ = ["LeaderElection", "Operator", "model_status"]
+__all__ = ["LeaderElection", "Operator", "OperatorConfig", "model_status", "run_operator"]
 
 log = logging.getLogger("gpufleet.operator")
 
@@ -274,3 +281,59 @@ def _invalid(exc: SpecError, obj: Mapping[str, Any]) -> dict[str, Any]:
         "lastTransitionTime": _stamp(dt.datetime.now(dt.UTC).timestamp()),
         "observedGeneration": int(obj["metadata"].get("generation", 1)),
     }
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    namespace: str
+    store_url: str
+    identity: str = ""
+    interval_s: float = 2.0
+    #: How often the node inventory (the planner's view of the cluster) is read again.
+    inventory_s: float = 30.0
+
+
+async def run_operator(cfg: OperatorConfig, api: KubeApi) -> None:
+    """The operator process: store, runtime on pods, controller, the Model loop; until SIGTERM."""
+    identity = cfg.identity or f"{socket.gethostname()}-{int(time.time())}"
+    store = await asyncio.to_thread(Store.open, cfg.store_url)
+    runtime = KubernetesRuntime(api, RenderSettings(namespace=cfg.namespace))
+    capacity = PlannerCapacity(
+        inventory_from_nodes(await api.list("Node", None), await api.list("Pod", None))
+    )
+    controller = Controller(store, runtime, autoscaler=Autoscaler(store, capacity=capacity))
+    election = LeaderElection(api, cfg.namespace, identity, clock=time.time)
+    operator = Operator(api, controller, cfg.namespace, election, interval_s=cfg.interval_s)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def refresh_inventory() -> None:
+        while True:
+            await asyncio.sleep(cfg.inventory_s)
+            try:
+                capacity.set_inventory(
+                    inventory_from_nodes(await api.list("Node", None), await api.list("Pod", None))
+                )
+            except Exception as exc:  # noqa: BLE001 - the API is away: keep the last view
+                log.warning("cannot read the node inventory: %s", exc)
+
+    await runtime.start_watching()
+    await controller.start()
+    tasks = [
+        asyncio.create_task(operator.run(), name="operator:models"),
+        asyncio.create_task(refresh_inventory(), name="operator:inventory"),
+    ]
+    log.info("gpufleet operator %s watching namespace %s", identity, cfg.namespace)
+    try:
+        await stop.wait()
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await controller.stop()
+        await runtime.close()  # the pods keep serving; the next leader adopts them
+        store.close()

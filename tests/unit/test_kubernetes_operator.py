@@ -190,3 +190,46 @@ def test_status_conditions_keep_their_transition_time_while_unchanged() -> None:
     )
     assert zero["conditions"][0]["status"] == "True"
     assert "scaled to zero" in zero["conditions"][0]["message"]
+
+
+async def test_the_operator_command_runs_against_an_api_server(tmp_path: Path) -> None:
+    """`gpufleet operator` as a process, configured by a kubeconfig, against the HTTP fake."""
+    import os
+    import signal
+    import sys
+
+    kube = FakeKube()
+    async with kube_server.serving(kube) as url:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            "apiVersion: v1\nkind: Config\n"
+            f"clusters: [{{name: fake, cluster: {{server: '{url}'}}}}]\n"
+            "users: [{name: fake, user: {token: not-a-secret}}]\n"
+            "contexts: [{name: fake, context: {cluster: fake, user: fake}}]\n"
+            "current-context: fake\n"
+        )
+        await kube.create(resource())
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gpufleet", "operator", "--namespace", NS,
+            "--store", f"sqlite:///{tmp_path / 'operator.db'}", "--identity", "op-test",
+            env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            await settle(lambda: len(pods(kube)) == 1, timeout=30)
+            kube.pod_ready(NS, pods(kube)[0], "10.0.0.7")
+            await settle(
+                lambda: (
+                    (kube.peek("Model", NS, "llama") or {}).get("status", {}).get("readyReplicas")
+                    == 1
+                ),
+                timeout=30,
+            )
+            lease = kube.peek("Lease", NS, "gpufleet-operator")
+            assert lease is not None and lease["spec"]["holderIdentity"] == "op-test"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = await asyncio.wait_for(proc.communicate(), timeout=30)
+        assert proc.returncode == 0, stderr.decode()[-2000:]
+        assert "Traceback" not in stderr.decode()
+        assert len(pods(kube)) == 1  # the engines outlive the operator

@@ -223,6 +223,49 @@ def get(kind: Kind, output: OutputOpt = Output.table, server: ServerOpt = DEFAUL
 
 
 @app.command()
+def operator(
+    namespace: Annotated[
+        str, typer.Option(help="namespace of the Model resources and engines")
+    ] = "gpufleet",
+    store: Annotated[
+        str,
+        typer.Option(
+            help="database URL (PostgreSQL when several replicas may lead)", envvar="GPUFLEET_STORE"
+        ),
+    ] = "sqlite:////tmp/gpufleet-operator.db",
+    identity: Annotated[
+        str, typer.Option(help="leader-election identity (default: host name)")
+    ] = "",
+) -> None:
+    """Run the Kubernetes operator: Model resources into engine pods, status back."""
+    import asyncio
+    import logging
+
+    from gpufleet.operator import OperatorConfig, run_operator
+    from gpufleet.runtime.kubernetes.client import ClientKube
+
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+    async def main() -> None:
+        api = ClientKube.from_environment()
+        try:
+            await run_operator(
+                OperatorConfig(namespace=namespace, store_url=store, identity=identity), api
+            )
+        finally:
+            await api.close()
+
+    try:
+        asyncio.run(main())
+    except GpufleetError as exc:
+        raise fail(str(exc)) from exc
+
+
+@app.command()
 def events(
     model: Annotated[str | None, typer.Argument(help="only this model's events")] = None,
     output: OutputOpt = Output.table,

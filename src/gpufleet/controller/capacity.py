@@ -63,6 +63,12 @@ class PlannerCapacity:
         self._last: tuple[tuple[str, int], ...] | None = None
         self._answer: dict[str, tuple[int, str]] = {}
 
+    def set_inventory(self, inventory: Inventory) -> None:
+        """The fleet changed (nodes came or went): answer from the new one."""
+        if inventory != self.inventory:
+            self.inventory = inventory
+            self._last = None
+
     def bound(self, wants: Mapping[str, tuple[ModelSpec, int]]) -> Mapping[str, tuple[int, str]]:
         deployments: list[Deployment] = []
         for name, (spec, count) in sorted(wants.items()):
