@@ -26,7 +26,7 @@ def _route(path: str) -> tuple[str, str, str | None, bool]:
     else:
         version, rest = f"{parts[1]}/{parts[2]}", parts[3:]
     namespace = ""
-    if rest and rest[0] == "namespaces":
+    if len(rest) >= 3 and rest[0] == "namespaces":  # namespaces/{ns}/{plural}[/{name}]
         namespace, rest = rest[1], rest[2:]
     kind = _BY_PLURAL[(version, rest[0])]
     name = rest[1] if len(rest) > 1 else None

@@ -27,8 +27,8 @@ from gpufleet.errors import SpecError
 from gpufleet.runtime.base import Phase
 from gpufleet.runtime.kubernetes import KubernetesRuntime, RenderSettings, inventory_from_nodes
 from gpufleet.runtime.kubernetes.api import Conflict, KubeApi
-from gpufleet.runtime.kubernetes.manifests import LABEL_MODEL
-from gpufleet.spec import Model, parse_document
+from gpufleet.runtime.kubernetes.manifests import LABEL_MODEL, tenant_objects
+from gpufleet.spec import Model, Tenant, parse_document, parse_tenant
 from gpufleet.store import Store
 
 __all__ = ["LeaderElection", "Operator", "OperatorConfig", "model_status", "run_operator"]
@@ -204,12 +204,14 @@ class Operator:
         election: LeaderElection,
         *,
         interval_s: float = 2.0,
+        settings: RenderSettings | None = None,
     ) -> None:
         self.api = api
         self.controller = controller
         self.namespace = namespace
         self.election = election
         self.interval_s = interval_s
+        self.settings = settings or RenderSettings(namespace=namespace)
         self.leading = False
         self._generations: dict[str, int] = {}
 
@@ -218,6 +220,7 @@ class Operator:
         self.leading = await self.election.try_acquire()
         if not self.leading:
             return
+        await self.sync_tenants()
         await self.sync_models()
         await self.publish_status()
 
@@ -254,6 +257,39 @@ class Operator:
                 await self.controller.delete(entry.name)
                 self._generations.pop(entry.name, None)
 
+    async def sync_tenants(self) -> None:
+        """Tenant resources into the store (keys, quotas) and into the cluster: each tenant's
+        namespace, GPU quota, network policies and RBAC, created or corrected; those of a
+        tenant that is gone are deleted."""
+        wanted: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for obj in await self.api.list("Tenant", None):
+            try:
+                tenant = tenant_from_resource(obj)
+            except SpecError as exc:
+                log.warning("tenant %s is invalid: %s", obj["metadata"]["name"], exc)
+                continue
+            await asyncio.to_thread(self.controller.store.apply_tenant, tenant)
+            for child in tenant_objects(tenant, self.settings):
+                meta = child["metadata"]
+                wanted[(child["kind"], meta.get("namespace", ""), meta["name"])] = child
+        for (kind, namespace, name), child in sorted(wanted.items()):
+            existing = await self.api.get(kind, namespace, name)
+            if existing is None:
+                await self.api.create(child)
+            elif _differs(child, existing):
+                fresh = {**existing, **{k: v for k, v in child.items() if k != "metadata"}}
+                fresh["metadata"] = {**existing["metadata"], "labels": child["metadata"]["labels"]}
+                with contextlib.suppress(Conflict):  # changed meanwhile: corrected next pass
+                    await self.api.replace(fresh)
+        for kind in _TENANT_KINDS:
+            for obj in await self.api.list(
+                kind, None, {"app.kubernetes.io/managed-by": "gpufleet"}
+            ):
+                meta = obj["metadata"]
+                key = (kind, meta.get("namespace", ""), meta["name"])
+                if "gpufleet.io/tenant" in meta.get("labels", {}) and key not in wanted:
+                    await self.api.delete(kind, key[1], key[2])
+
     async def publish_status(self) -> None:
         now = self.election.clock()
         for entry in self.controller.directory.entries():
@@ -270,6 +306,30 @@ class Operator:
             )
             if status != previous:
                 await self.api.patch_status("Model", self.namespace, entry.name, status)
+
+
+#: What a tenant owns in the cluster, deleted with it (its namespace last).
+_TENANT_KINDS = ("RoleBinding", "Role", "NetworkPolicy", "ResourceQuota", "Namespace")
+
+
+def _differs(want: Mapping[str, Any], have: Mapping[str, Any]) -> bool:
+    """Whether what gpufleet manages in an object (labels, spec, rules, roleRef, subjects)
+    differs from what is there; fields the cluster adds are ignored."""
+    if want["metadata"].get("labels") != have.get("metadata", {}).get("labels"):
+        return True
+    return any(want.get(k) != have.get(k) for k in want if k not in ("metadata", "status"))
+
+
+def tenant_from_resource(obj: Mapping[str, Any]) -> Tenant:
+    meta = obj.get("metadata", {})
+    return parse_tenant(
+        {
+            "apiVersion": obj.get("apiVersion"),
+            "kind": obj.get("kind"),
+            "metadata": {"name": meta.get("name"), "labels": meta.get("labels", {}) or {}},
+            "spec": obj.get("spec", {}) or {},
+        }
+    )
 
 
 def _invalid(exc: SpecError, obj: Mapping[str, Any]) -> dict[str, Any]:

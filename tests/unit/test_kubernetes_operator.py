@@ -233,3 +233,58 @@ async def test_the_operator_command_runs_against_an_api_server(tmp_path: Path) -
         assert proc.returncode == 0, stderr.decode()[-2000:]
         assert "Traceback" not in stderr.decode()
         assert len(pods(kube)) == 1  # the engines outlive the operator
+
+
+async def test_tenants_get_their_namespace_quota_policies_and_rbac(tmp_path: Path) -> None:
+    kube, clock = FakeKube(), Clock()
+    store = Store.open(sqlite_url(tmp_path))
+    runtime = KubernetesRuntime(kube)
+    await runtime.start_watching()
+    controller = Controller(store, runtime, autoscaler=Autoscaler(store), resync_s=3600)
+    await controller.start()
+    operator = Operator(kube, controller, NS, LeaderElection(kube, NS, "op-a", clock=clock))
+    tenant = {
+        "apiVersion": "gpufleet.io/v1alpha1",
+        "kind": "Tenant",
+        "metadata": {"name": "acme", "labels": {"gpufleet.io/gpus": "4"}},
+        "spec": {"priority": "batch", "limits": {"requestsPerMinute": 600}},
+    }
+    try:
+        await kube.create(tenant)
+        await operator.step()
+        owned = sorted(
+            (k, ns, n) for (k, ns, n) in kube.objects if ns == "tenant-acme" or n == "tenant-acme"
+        )
+        assert owned == [
+            ("Namespace", "", "tenant-acme"),
+            ("NetworkPolicy", "tenant-acme", "default-deny"),
+            ("NetworkPolicy", "tenant-acme", "gateway-to-engines"),
+            ("ResourceQuota", "tenant-acme", "gpus"),
+            ("Role", "tenant-acme", "gpufleet-tenant"),
+            ("RoleBinding", "tenant-acme", "gpufleet-tenant"),
+        ]
+        quota = kube.peek("ResourceQuota", "tenant-acme", "gpus")
+        assert quota is not None and quota["spec"]["hard"] == {"requests.nvidia.com/gpu": "4"}
+        stored = {t.tenant.name: t.tenant for t in store.list_tenants()}
+        assert stored["acme"].spec.priority == "batch"
+        assert stored["acme"].spec.limits.requests_per_minute == 600
+        # A second pass writes nothing; someone editing the quota by hand is corrected.
+        writes = len([w for w in kube.writes if w[1] != "Lease"])
+        await operator.step()
+        assert len([w for w in kube.writes if w[1] != "Lease"]) == writes
+        kube.objects[("ResourceQuota", "tenant-acme", "gpus")]["spec"]["hard"] = {
+            "requests.nvidia.com/gpu": "64"
+        }
+        await operator.step()
+        quota = kube.peek("ResourceQuota", "tenant-acme", "gpus")
+        assert quota is not None and quota["spec"]["hard"] == {"requests.nvidia.com/gpu": "4"}
+        # The tenant goes: so does everything it owned.
+        await kube.delete("Tenant", "", "acme")
+        await operator.step()
+        assert not [
+            key for key in kube.objects if key[1] == "tenant-acme" or key[2] == "tenant-acme"
+        ]
+    finally:
+        await controller.stop()
+        await runtime.close()
+        store.close()

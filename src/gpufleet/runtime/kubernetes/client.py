@@ -42,6 +42,11 @@ KINDS: dict[str, Kind] = {
     "Lease": Kind("coordination.k8s.io/v1", "leases"),
     "Model": Kind("gpufleet.io/v1alpha1", "models"),
     "Tenant": Kind("gpufleet.io/v1alpha1", "tenants", namespaced=False),
+    "Namespace": Kind("v1", "namespaces", namespaced=False),
+    "ResourceQuota": Kind("v1", "resourcequotas"),
+    "NetworkPolicy": Kind("networking.k8s.io/v1", "networkpolicies"),
+    "Role": Kind("rbac.authorization.k8s.io/v1", "roles"),
+    "RoleBinding": Kind("rbac.authorization.k8s.io/v1", "rolebindings"),
 }
 
 
@@ -121,7 +126,10 @@ class ClientKube:
             timeout=self._timeout,
         ) as resp:
             text = await resp.read()
-            payload = json.loads(text) if text else None
+            try:
+                payload = json.loads(text) if text else None
+            except json.JSONDecodeError:
+                payload = None
             if resp.status >= 400 and resp.status not in (404, 409):
                 detail = payload.get("message") if isinstance(payload, dict) else None
                 message = detail or text[:200].decode("utf-8", "replace")

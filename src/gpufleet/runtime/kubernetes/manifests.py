@@ -42,6 +42,7 @@ __all__ = [
     "check",
     "engine_pod",
     "render",
+    "tenant_objects",
     "to_yaml",
 ]
 
@@ -112,7 +113,7 @@ def render(
     for model in sorted(models, key=lambda m: m.name):
         objects += _model_objects(model, groups[model.name], settings)
     for tenant in sorted(tenants, key=lambda t: t.name):
-        objects += _tenant_objects(tenant, settings)
+        objects += tenant_objects(tenant, settings)
     return sorted(objects, key=_sort_key)
 
 
@@ -485,7 +486,8 @@ def _scaled_object(model: Model, settings: RenderSettings) -> dict[str, Any]:
 # -- tenants ----------------------------------------------------------------------------------
 
 
-def _tenant_objects(tenant: Tenant, settings: RenderSettings) -> list[dict[str, Any]]:
+def tenant_objects(tenant: Tenant, settings: RenderSettings) -> list[dict[str, Any]]:
+    """A tenant's namespace and what guards it (quota, network policies, RBAC)."""
     ns = f"tenant-{tenant.name}"
     labels = {LABEL_TENANT: tenant.name}
     gateway = dict(settings.gateway_labels)
