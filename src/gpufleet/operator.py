@@ -27,11 +27,23 @@ from gpufleet.errors import SpecError
 from gpufleet.runtime.base import Phase
 from gpufleet.runtime.kubernetes import KubernetesRuntime, RenderSettings, inventory_from_nodes
 from gpufleet.runtime.kubernetes.api import Conflict, KubeApi
+from gpufleet.runtime.kubernetes.demand import RedisDemand
 from gpufleet.runtime.kubernetes.manifests import LABEL_MODEL, tenant_objects
-from gpufleet.spec import Model, Tenant, parse_document, parse_tenant
+from gpufleet.runtime.kubernetes.resources import model_from_resource, tenant_from_resource
+from gpufleet.spec import Model
 from gpufleet.store import Store
 
-__all__ = ["LeaderElection", "Operator", "OperatorConfig", "model_status", "run_operator"]
+__all__ = [
+    "WAKE_ANNOTATION",
+    "LeaderElection",
+    "Operator",
+    "OperatorConfig",
+    "model_status",
+    "run_operator",
+]
+
+#: Set by a gateway (gpufleet.cluster) on a Model it holds a request for.
+WAKE_ANNOTATION = "gpufleet.io/wake-at"
 
 log = logging.getLogger("gpufleet.operator")
 
@@ -105,22 +117,6 @@ def model_status(
         "endpoints": sorted(r.url for r in entry.endpoints if r.url),
         "conditions": conditions,
     }
-
-
-def model_from_resource(obj: Mapping[str, Any]) -> Model:
-    """A Model custom resource as the spec layer reads it (server-side metadata dropped)."""
-    meta = obj.get("metadata", {})
-    return parse_document(
-        {
-            "apiVersion": obj.get("apiVersion"),
-            "kind": obj.get("kind"),
-            "metadata": {
-                "name": meta.get("name"),
-                "labels": meta.get("labels", {}) or {},
-            },
-            "spec": obj.get("spec", {}),
-        }
-    )
 
 
 class LeaderElection:
@@ -214,6 +210,7 @@ class Operator:
         self.settings = settings or RenderSettings(namespace=namespace)
         self.leading = False
         self._generations: dict[str, int] = {}
+        self._woken: dict[str, str] = {}
 
     async def step(self) -> None:
         """One pass: hold the lease, mirror the Models, write their status."""
@@ -251,6 +248,13 @@ class Operator:
             self._generations[name] = int(obj["metadata"].get("generation", 1))
         if wanted:
             await self.controller.apply(wanted)
+        for obj in resources:
+            # A gateway holding a request for a model with no ready replica stamps it.
+            stamp = (obj["metadata"].get("annotations") or {}).get(WAKE_ANNOTATION)
+            name = obj["metadata"]["name"]
+            if stamp and stamp != self._woken.get(name):
+                self._woken[name] = stamp
+                await self.controller.wake(name)
         present = {m.name for m in wanted} | {o["metadata"]["name"] for o in resources}
         for entry in self.controller.directory.entries():
             if entry.name not in present:
@@ -320,18 +324,6 @@ def _differs(want: Mapping[str, Any], have: Mapping[str, Any]) -> bool:
     return any(want.get(k) != have.get(k) for k in want if k not in ("metadata", "status"))
 
 
-def tenant_from_resource(obj: Mapping[str, Any]) -> Tenant:
-    meta = obj.get("metadata", {})
-    return parse_tenant(
-        {
-            "apiVersion": obj.get("apiVersion"),
-            "kind": obj.get("kind"),
-            "metadata": {"name": meta.get("name"), "labels": meta.get("labels", {}) or {}},
-            "spec": obj.get("spec", {}) or {},
-        }
-    )
-
-
 def _invalid(exc: SpecError, obj: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "type": "Ready",
@@ -351,6 +343,8 @@ class OperatorConfig:
     interval_s: float = 2.0
     #: How often the node inventory (the planner's view of the cluster) is read again.
     inventory_s: float = 30.0
+    #: Redis the gateways publish their demand to (None: replicas stay as the specs say).
+    redis_url: str | None = None
 
 
 async def run_operator(cfg: OperatorConfig, api: KubeApi) -> None:
@@ -362,6 +356,13 @@ async def run_operator(cfg: OperatorConfig, api: KubeApi) -> None:
         inventory_from_nodes(await api.list("Node", None), await api.list("Pod", None))
     )
     controller = Controller(store, runtime, autoscaler=Autoscaler(store, capacity=capacity))
+    demand = None
+    if cfg.redis_url is not None:
+        demand = RedisDemand(
+            cfg.redis_url, lambda: [e.name for e in controller.directory.entries()]
+        )
+        controller.attach_demand(demand)
+        demand.start()
     election = LeaderElection(api, cfg.namespace, identity, clock=time.time)
     operator = Operator(api, controller, cfg.namespace, election, interval_s=cfg.interval_s)
     stop = asyncio.Event()
@@ -396,4 +397,6 @@ async def run_operator(cfg: OperatorConfig, api: KubeApi) -> None:
                 await task
         await controller.stop()
         await runtime.close()  # the pods keep serving; the next leader adopts them
+        if demand is not None:
+            await demand.close()
         store.close()

@@ -288,3 +288,33 @@ async def test_tenants_get_their_namespace_quota_policies_and_rbac(tmp_path: Pat
         await controller.stop()
         await runtime.close()
         store.close()
+
+
+async def test_a_wake_stamp_from_a_gateway_starts_a_model_at_zero(tmp_path: Path) -> None:
+    from gpufleet.operator import WAKE_ANNOTATION
+
+    kube, clock = FakeKube(), Clock()
+    store = Store.open(sqlite_url(tmp_path))
+    runtime = KubernetesRuntime(kube)
+    await runtime.start_watching()
+    controller = Controller(store, runtime, autoscaler=Autoscaler(store), resync_s=3600)
+    await controller.start()
+    operator = Operator(kube, controller, NS, LeaderElection(kube, NS, "op-a", clock=clock))
+    try:
+        await kube.create(resource(replicas={"min": 0, "max": 2}))
+        await operator.step()
+        await asyncio.sleep(0.05)
+        assert pods(kube) == []  # at zero: nothing runs
+        obj = await kube.get("Model", NS, "llama")
+        assert obj is not None
+        obj["metadata"]["annotations"] = {WAKE_ANNOTATION: "2026-11-26T09:00:00+00:00"}
+        await kube.replace(obj)
+        await operator.step()
+        await settle(lambda: len(pods(kube)) == 1)
+        assert "Woken" in [e.reason for e in store.events("llama")]
+        await operator.step()  # the same stamp again wakes nothing twice
+        assert [e.reason for e in store.events("llama")].count("Woken") == 1
+    finally:
+        await controller.stop()
+        await runtime.close()
+        store.close()

@@ -236,6 +236,12 @@ def operator(
     identity: Annotated[
         str, typer.Option(help="leader-election identity (default: host name)")
     ] = "",
+    redis: Annotated[
+        str | None,
+        typer.Option(
+            help="Redis the gateways publish demand to (autoscaling)", envvar="GPUFLEET_REDIS"
+        ),
+    ] = None,
 ) -> None:
     """Run the Kubernetes operator: Model resources into engine pods, status back."""
     import asyncio
@@ -254,7 +260,56 @@ def operator(
         api = ClientKube.from_environment()
         try:
             await run_operator(
-                OperatorConfig(namespace=namespace, store_url=store, identity=identity), api
+                OperatorConfig(
+                    namespace=namespace, store_url=store, identity=identity, redis_url=redis
+                ),
+                api,
+            )
+        finally:
+            await api.close()
+
+    try:
+        asyncio.run(main())
+    except GpufleetError as exc:
+        raise fail(str(exc)) from exc
+
+
+@app.command()
+def gateway(
+    namespace: Annotated[
+        str, typer.Option(help="namespace of the Model resources and engines")
+    ] = "gpufleet",
+    store: Annotated[
+        str, typer.Option(help="database URL (shared with the operator)", envvar="GPUFLEET_STORE")
+    ] = "sqlite:////tmp/gpufleet-gateway.db",
+    redis: Annotated[
+        str | None,
+        typer.Option(help="Redis shared by gateways and the operator", envvar="GPUFLEET_REDIS"),
+    ] = None,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+) -> None:
+    """Run a gateway replica on Kubernetes: Models and engine pods read from the API."""
+    import asyncio
+    import logging
+
+    from gpufleet.cluster import GatewayConfig, serve_cluster_gateway
+    from gpufleet.runtime.kubernetes.client import ClientKube
+
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+    async def main() -> None:
+        api = ClientKube.from_environment()
+        try:
+            await serve_cluster_gateway(
+                GatewayConfig(
+                    namespace=namespace, store_url=store, redis_url=redis, host=host, port=port
+                ),
+                api,
             )
         finally:
             await api.close()

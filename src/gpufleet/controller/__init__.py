@@ -3,12 +3,14 @@
 from gpufleet.controller.autoscaler import Autoscaler, Capacity, DemandSource, ScaleChange
 from gpufleet.controller.capacity import PlannerCapacity
 from gpufleet.controller.directory import Directory, ModelEntry
+from gpufleet.controller.plane import ControlPlane
 from gpufleet.controller.reconcile import Controller
 from gpufleet.controller.rollout import GenerationStats, RolloutStats, judge
 
 __all__ = [
     "Autoscaler",
     "Capacity",
+    "ControlPlane",
     "Controller",
     "DemandSource",
     "Directory",

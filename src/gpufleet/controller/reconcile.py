@@ -23,7 +23,7 @@ import math
 import time
 from collections.abc import Callable
 
-from gpufleet.controller.autoscaler import Autoscaler, ScaleChange
+from gpufleet.controller.autoscaler import Autoscaler, DemandSource, ScaleChange
 from gpufleet.controller.directory import Directory
 from gpufleet.controller.rollout import GenerationStats, Verdict, judge
 from gpufleet.errors import PermanentError, TemporaryError
@@ -137,6 +137,10 @@ class Controller:
             await self._event(name, "Normal", "Deleted", "model deleted; stopping its replicas")
             self.trigger(name)
         return deleted
+
+    def attach_demand(self, source: DemandSource) -> None:
+        if self.autoscaler.source is None:
+            self.autoscaler.source = source
 
     async def wake(self, name: str) -> None:
         """A request is waiting for ``name``, which has no ready replica: make sure one comes."""

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from gpufleet.controller import Controller, ModelEntry
+from gpufleet.controller import ControlPlane, ModelEntry
 from gpufleet.errors import SpecError
 from gpufleet.gateway.auth import ROLES, Keyring, Principal, forbidden, limits_of
 from gpufleet.gateway.errors import ApiError, bad_request
@@ -115,7 +115,7 @@ def _since(value: str | None) -> dt.datetime:
 
 
 def routes(
-    controller: Controller,
+    controller: ControlPlane,
     authenticate: Authenticate,
     *,
     keyring: Keyring | None = None,

@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gpufleet.controller import Controller, Directory, ModelEntry
+from gpufleet.controller import ControlPlane, Directory, ModelEntry
 from gpufleet.gateway import admin, batch_api
 from gpufleet.gateway.asgi import Gateway, read_body
 from gpufleet.gateway.auth import ANONYMOUS, Keyring, Principal
@@ -127,7 +127,7 @@ def _renamed(data: dict[str, Any], model: str) -> bytes:
 
 
 def build_app(
-    controller: Controller,
+    controller: ControlPlane,
     *,
     settings: GatewaySettings | None = None,
     metrics: GatewayMetrics | None = None,
@@ -169,8 +169,7 @@ def build_app(
             demand.outcome(model, replica_id, status, None)
 
     upstream.on_engine_error = engine_error
-    if controller.autoscaler.source is None:
-        controller.autoscaler.source = demand
+    controller.attach_demand(demand)
 
     async def authenticate(request: Request) -> Principal:
         if keyring is None:

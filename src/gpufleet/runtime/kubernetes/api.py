@@ -138,6 +138,11 @@ class FakeKube:
         fresh = copy.deepcopy(dict(obj))
         fresh["metadata"]["resourceVersion"] = str(next(self._version))
         fresh["metadata"]["uid"] = stored["metadata"]["uid"]
+        generation = stored["metadata"].get("generation", 1)
+        if fresh.get("spec") != stored.get("spec"):
+            generation += 1  # as the API server does for a changed spec
+        fresh["metadata"]["generation"] = generation
+        fresh["status"] = stored.get("status", {})  # status only through its subresource
         self.objects[key] = fresh
         self.writes.append(("replace", key[0], meta["name"]))
         self._emit("MODIFIED", fresh)

@@ -60,8 +60,11 @@ class KubernetesRuntime:
         settings: RenderSettings | None = None,
         *,
         place: Callable[[ReplicaRequest], EngineGroup] | None = None,
+        engine_port: int = PORT,
     ) -> None:
         self.api = api
+        #: Where engines listen in their pods (tests point it at a local emulator).
+        self.engine_port = engine_port
         self.settings = settings or RenderSettings()
         self.namespace = self.settings.namespace
         #: Where a new replica goes (the planner's choice); default: the model's GPUs anywhere.
@@ -198,7 +201,7 @@ class KubernetesRuntime:
         )
         ready = conditions.get("Ready", {}).get("status") == "True" and status.get("podIP")
         if ready:
-            url = f"http://{status['podIP']}:{PORT}"
+            url = f"http://{status['podIP']}:{self.engine_port}"
             replica = dataclasses.replace(
                 current,
                 phase=Phase.READY,

@@ -1,0 +1,251 @@
+"""The gateway on Kubernetes: its ``ControlPlane`` is a view of the cluster.
+
+Model resources give the specs (and, from their status, the replicas the operator wants and
+why a model cannot serve); engine pods give the endpoints, read with the same
+``KubernetesRuntime`` the operator runs pods with, in read-only use. What the gateway asks of
+the control plane goes through the API for the operator to carry out: ``apply`` and ``delete``
+write Model resources (the admin API and ``gpufleet apply`` work as with ``gpufleet up``),
+``wake`` stamps the Model with ``gpufleet.io/wake-at`` so the operator scales it up from zero
+at once, and the gateway's demand is published to Redis for the operator's autoscaler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gpufleet.controller import DemandSource, Directory
+from gpufleet.errors import SpecError
+from gpufleet.runtime import Runtime
+from gpufleet.runtime.kubernetes import KubernetesRuntime, RenderSettings
+from gpufleet.runtime.kubernetes.api import Conflict, KubeApi
+from gpufleet.runtime.kubernetes.demand import DemandPublisher
+from gpufleet.runtime.kubernetes.manifests import PORT
+from gpufleet.runtime.kubernetes.resources import model_from_resource
+from gpufleet.spec import API_VERSION, Model
+from gpufleet.store import ApplyResult, Store
+
+__all__ = ["WAKE_ANNOTATION", "ClusterPlane", "GatewayConfig", "serve_cluster_gateway"]
+
+log = logging.getLogger("gpufleet.cluster")
+
+WAKE_ANNOTATION = "gpufleet.io/wake-at"
+
+
+class ClusterPlane:
+    def __init__(
+        self,
+        api: KubeApi,
+        store: Store,
+        namespace: str,
+        *,
+        gateway_id: str,
+        redis_url: str | None = None,
+        engine_port: int = PORT,
+    ) -> None:
+        self.api = api
+        self.store = store
+        self.namespace = namespace
+        self.gateway_id = gateway_id
+        self.redis_url = redis_url
+        self.directory = Directory()
+        self.pods = KubernetesRuntime(
+            api, RenderSettings(namespace=namespace), engine_port=engine_port
+        )
+        #: For the admin API's replica listings (the gateway never starts or stops pods).
+        self.runtime: Runtime = self.pods
+        self._tasks: list[asyncio.Task[None]] = []
+        self._publisher: DemandPublisher | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for obj in await self.api.list("Model", self.namespace):
+            self._model(obj)
+        await self.pods.start_watching()
+        for replica in self.pods.replicas():
+            self.directory.observe(replica)
+        self._tasks.append(asyncio.create_task(self._follow_models(), name="cluster:models"))
+        self._tasks.append(asyncio.create_task(self._follow_pods(), name="cluster:pods"))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self._publisher is not None:
+            await self._publisher.close()
+        await self.pods.close()
+
+    async def _follow_models(self) -> None:
+        async for event in self.api.watch("Model", self.namespace):
+            if event.type == "DELETED":
+                self.directory.remove(event.object["metadata"]["name"])
+            else:
+                self._model(event.object)
+
+    async def _follow_pods(self) -> None:
+        async for replica in self.pods.watch():
+            self.directory.observe(replica)
+
+    def _model(self, obj: Mapping[str, Any]) -> None:
+        meta = obj["metadata"]
+        try:
+            model = model_from_resource(obj)
+        except SpecError:
+            return  # the operator reports it in the Model's status
+        created = meta.get("creationTimestamp")
+        when = (
+            int(dt.datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp())
+            if isinstance(created, str)
+            else 0
+        )
+        name = model.name
+        self.directory.put_spec(name, int(meta.get("generation", 1)), model.spec, when)
+        status = obj.get("status") or {}
+        desired = status.get("desiredReplicas")
+        self.directory.set_desired(
+            name, int(desired) if desired is not None else model.spec.replicas.min
+        )
+        conditions = {c.get("type"): c for c in status.get("conditions", []) or []}
+        problem = ""
+        unschedulable = conditions.get("Unschedulable", {})
+        if unschedulable.get("status") == "True" and desired == 0:
+            problem = unschedulable.get("message", "")
+        ready = conditions.get("Ready", {})
+        if ready.get("reason") == "InvalidSpec":
+            problem = ready.get("message", "")
+        self.directory.set_problem(name, problem)
+
+    # -- ControlPlane -----------------------------------------------------------------------
+
+    async def apply(self, models: list[Model]) -> list[tuple[str, ApplyResult, int]]:
+        results: list[tuple[str, ApplyResult, int]] = []
+        for model in models:
+            spec = model.document()["spec"]
+            existing = await self.api.get("Model", self.namespace, model.name)
+            if existing is None:
+                created = await self.api.create(
+                    {
+                        "apiVersion": API_VERSION,
+                        "kind": "Model",
+                        "metadata": {
+                            "name": model.name,
+                            "namespace": self.namespace,
+                            "labels": dict(model.metadata.labels),
+                        },
+                        "spec": spec,
+                    }
+                )
+                results.append((model.name, "created", int(created["metadata"]["generation"])))
+                continue
+            if existing.get("spec") == spec:
+                results.append(
+                    (model.name, "unchanged", int(existing["metadata"].get("generation", 1)))
+                )
+                continue
+            existing["spec"] = spec
+            replaced = await self.api.replace(existing)
+            results.append(
+                (model.name, "configured", int(replaced["metadata"].get("generation", 1)))
+            )
+        return results
+
+    async def delete(self, name: str) -> bool:
+        if await self.api.get("Model", self.namespace, name) is None:
+            return False
+        await self.api.delete("Model", self.namespace, name)
+        return True
+
+    async def wake(self, name: str) -> None:
+        for _ in range(3):
+            obj = await self.api.get("Model", self.namespace, name)
+            if obj is None:
+                return
+            annotations = obj["metadata"].setdefault("annotations", {}) or {}
+            annotations[WAKE_ANNOTATION] = dt.datetime.now(dt.UTC).isoformat()
+            obj["metadata"]["annotations"] = annotations
+            try:
+                await self.api.replace(obj)
+                return
+            except Conflict:
+                continue
+
+    def attach_demand(self, source: DemandSource) -> None:
+        if self.redis_url is None or self._publisher is not None:
+            return
+        self._publisher = DemandPublisher(
+            self.redis_url,
+            self.gateway_id,
+            source.sample,
+            lambda: [e.name for e in self.directory.entries()],
+        )
+        self._publisher.start()
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    namespace: str
+    store_url: str
+    redis_url: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 8000
+
+
+async def serve_cluster_gateway(cfg: GatewayConfig, api: KubeApi) -> None:
+    """One gateway replica: keys, quotas (shared through Redis), ledger, the cluster's view."""
+    import uvicorn
+
+    from gpufleet.embedded import bind_socket, raise_open_files_limit
+    from gpufleet.gateway import GatewaySettings, build_app
+    from gpufleet.gateway.auth import Keyring
+    from gpufleet.gateway.ledger import Ledger
+    from gpufleet.gateway.quotas import make_quotas
+    from gpufleet.gateway.scraper import EngineScraper
+
+    raise_open_files_limit()
+    sock = bind_socket(cfg.host, cfg.port)
+    store = await asyncio.to_thread(Store.open, cfg.store_url)
+    plane = ClusterPlane(
+        api, store, cfg.namespace, gateway_id=f"gw-{secrets.token_hex(4)}", redis_url=cfg.redis_url
+    )
+    keyring = Keyring(store)
+    quotas = make_quotas(cfg.redis_url)
+    ledger = Ledger(store)
+    app = build_app(
+        plane,
+        settings=GatewaySettings(redis_url=cfg.redis_url),
+        keyring=keyring,
+        quotas=quotas,
+        ledger=ledger,
+    )
+    scraper = EngineScraper(plane.directory, app.state.upstream, on_tick=app.state.queues.poke_all)
+    server = uvicorn.Server(
+        uvicorn.Config(app, http="httptools", lifespan="off", log_level="warning", access_log=False)
+    )
+    try:
+        await plane.start()
+        await keyring.start()
+        ledger.start()
+        scraper.start()
+        app.state.batches.start()
+        log.info("gateway serving namespace %s on %s:%d", cfg.namespace, cfg.host, cfg.port)
+        await server.serve(sockets=[sock])
+    finally:
+        await scraper.close()
+        await app.state.close()
+        await ledger.close()
+        await keyring.close()
+        await quotas.close()
+        await plane.close()
+        await app.state.upstream.close()
+        store.close()
+        sock.close()

@@ -1,0 +1,147 @@
+"""Demand shared through Redis: every gateway publishes its samples, the operator sums them.
+
+On Kubernetes several gateway replicas see parts of the traffic and the operator, which
+scales, sees none. Each gateway writes its latest sample per model into one Redis hash per
+model (a field per gateway, the hash expiring unless refreshed), once a second; the operator's
+``RedisDemand`` reads them all once a second and answers the autoscaler from that: requests in
+flight and arrivals summed, engine queues summed, KV use averaged, TTFT p90 the worst. A
+gateway that dies stops counting within ``ttl_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+import redis.asyncio as redis
+
+from gpufleet.autoscale import Sample
+
+__all__ = ["DemandPublisher", "RedisDemand"]
+
+log = logging.getLogger("gpufleet.kubernetes.demand")
+
+_PREFIX = "gpufleet:demand:"
+
+
+class DemandPublisher:
+    """A gateway's side: ``sample(model, now)`` of its meter, written for every model."""
+
+    def __init__(
+        self,
+        url: str,
+        gateway_id: str,
+        sample: Callable[[str, float], Sample],
+        models: Callable[[], Iterable[str]],
+        *,
+        interval_s: float = 1.0,
+        ttl_s: float = 5.0,
+    ) -> None:
+        self._redis = redis.Redis.from_url(url)
+        self.gateway_id = gateway_id
+        self._sample = sample
+        self._models = models
+        self.interval_s = interval_s
+        self.ttl_s = ttl_s
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="gateway:publish-demand")
+
+    async def publish_once(self) -> None:
+        now = time.time()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for model in self._models():
+                s = self._sample(model, now)
+                value = json.dumps(
+                    [now, s.in_flight, s.arrivals, s.kv_usage, s.engine_waiting, s.ttft_p90]
+                )
+                pipe.hset(_PREFIX + model, self.gateway_id, value)
+                pipe.expire(_PREFIX + model, int(self.ttl_s) + 1)
+            await pipe.execute()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.publish_once()
+            except Exception as exc:  # noqa: BLE001 - Redis away: the operator sees stale data
+                log.warning("cannot publish demand: %s", exc)
+            await asyncio.sleep(self.interval_s)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._redis.aclose()
+
+
+class RedisDemand:
+    """The operator's side: a ``DemandSource`` over what every gateway published."""
+
+    def __init__(
+        self,
+        url: str,
+        models: Callable[[], Iterable[str]],
+        *,
+        interval_s: float = 1.0,
+        ttl_s: float = 5.0,
+    ) -> None:
+        self._redis = redis.Redis.from_url(url)
+        self._models = models
+        self.interval_s = interval_s
+        self.ttl_s = ttl_s
+        self._latest: dict[str, list[list[float | None]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="operator:read-demand")
+
+    async def refresh(self) -> None:
+        models = sorted(self._models())
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for model in models:
+                pipe.hgetall(_PREFIX + model)
+            answers = await pipe.execute()
+        now = time.time()
+        latest: dict[str, list[list[float | None]]] = {}
+        for model, fields in zip(models, answers, strict=True):
+            rows = [json.loads(v) for v in fields.values()]
+            latest[model] = [r for r in rows if now - float(r[0]) <= self.ttl_s]
+        self._latest = latest
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception as exc:  # noqa: BLE001 - keep the last view; scaling holds
+                log.warning("cannot read demand: %s", exc)
+            await asyncio.sleep(self.interval_s)
+
+    def sample(self, model: str, now: float) -> Sample:
+        rows = self._latest.get(model, [])
+        kv = [float(r[3]) for r in rows if r[3] is not None]
+        ttfts = [float(r[5]) for r in rows if r[5] is not None]
+        return Sample(
+            t=now,
+            in_flight=sum(float(r[1] or 0) for r in rows),
+            arrivals=int(sum(float(r[2] or 0) for r in rows)),
+            kv_usage=sum(kv) / len(kv) if kv else None,
+            engine_waiting=sum(float(r[4] or 0) for r in rows),
+            ttft_p90=max(ttfts) if ttfts else None,
+        )
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._redis.aclose()

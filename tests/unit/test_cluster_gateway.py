@@ -1,0 +1,192 @@
+"""The gateway on Kubernetes: Models and engine pods read from the API (the stateful fake),
+requests served by an emulated engine (the engine emulator stands in for a GPU pod), changes and
+wake-ups written back for the operator, demand shared through a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from openai import AsyncOpenAI
+
+from gpufleet.autoscale import Sample
+from gpufleet.cluster import WAKE_ANNOTATION, ClusterPlane
+from gpufleet.emulator import EmulatedEngine, ReplicaServer
+from gpufleet.gateway import GatewaySettings, build_app
+from gpufleet.hardware import CATALOG
+from gpufleet.operator import WAKE_ANNOTATION as OPERATOR_WAKE
+from gpufleet.runtime.kubernetes import FakeKube
+from gpufleet.runtime.kubernetes.demand import DemandPublisher, RedisDemand
+from gpufleet.sizing import load_architecture
+from gpufleet.sizing.performance import PerfModel
+from gpufleet.store import Store, sqlite_url
+from tests.conftest import free_port, serving
+
+NS = "gpufleet"
+REDIS = "redis://127.0.0.1:6379/0"
+CONFIG = Path(__file__).parents[1] / "data" / "configs" / "llama-3-8b.json"
+
+
+def model_resource(desired: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "gpufleet.io/v1alpha1",
+        "kind": "Model",
+        "metadata": {"name": "llama", "namespace": NS, "creationTimestamp": "2026-11-26T08:00:00Z"},
+        "spec": {
+            "source": "hf://meta-llama/Meta-Llama-3-8B-Instruct",
+            "engine": "vllm",
+            "resources": {"gpus": 1},
+            "replicas": {"min": 0, "max": 2},
+        },
+        "status": {"desiredReplicas": desired},
+    }
+
+
+async def engine_pod(kube: FakeKube, name: str) -> None:
+    """What the operator and the kubelet would do: a pod of the model, running and ready."""
+    await kube.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": NS,
+                "labels": {
+                    "app.kubernetes.io/managed-by": "gpufleet",
+                    "app.kubernetes.io/component": "engine",
+                    "gpufleet.io/model": "llama",
+                    "gpufleet.io/generation": "1",
+                },
+            },
+            "spec": {"containers": [{"name": "engine", "image": "vllm/vllm-openai"}]},
+        }
+    )
+    kube.pod_ready(NS, name, "127.0.0.1")
+
+
+@dataclass
+class Site:
+    kube: FakeKube
+    plane: ClusterPlane
+    url: str
+
+    async def settle(self, check: Callable[[], Any], timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not check():
+                await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def site(tmp_path: Path) -> AsyncIterator[Site]:
+    perf = PerfModel(load_architecture(CONFIG), CATALOG["H100"])
+    engine = ReplicaServer(EmulatedEngine(perf, 400_000, time_scale=0.01), "llama")
+    port = free_port()
+    await engine.start("127.0.0.1", port)
+    kube = FakeKube()
+    store = Store.open(sqlite_url(tmp_path))
+    plane = ClusterPlane(kube, store, NS, gateway_id="gw-test", engine_port=port)
+    app = build_app(plane, settings=GatewaySettings(hold_s=10))
+    try:
+        await plane.start()
+        async with serving(app) as url:
+            yield Site(kube, plane, url)
+    finally:
+        await app.state.close()
+        await plane.close()
+        await app.state.upstream.close()
+        await engine.stop()
+        store.close()
+
+
+async def test_requests_reach_the_engine_pods_the_api_lists(site: Site) -> None:
+    await site.kube.create(model_resource(desired=1))
+    await engine_pod(site.kube, "llama-g1-abc")
+    await site.settle(lambda: site.plane.directory.get("llama") is not None)
+    await site.settle(lambda: site.plane.directory.get("llama").endpoints)  # type: ignore[union-attr]
+    client = AsyncOpenAI(base_url=site.url + "/v1", api_key="none", max_retries=0)
+    reply = await client.chat.completions.create(
+        model="llama", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+    )
+    assert reply.system_fingerprint == "gpufleet-emulator"
+    await client.close()
+    # The pod goes (node lost): the gateway stops routing there at once.
+    await site.kube.delete("Pod", NS, "llama-g1-abc")
+    await site.settle(lambda: not site.plane.directory.get("llama").endpoints)  # type: ignore[union-attr]
+
+
+async def test_a_request_at_zero_stamps_the_model_for_the_operator_and_is_served(
+    site: Site,
+) -> None:
+    assert WAKE_ANNOTATION == OPERATOR_WAKE
+    await site.kube.create(model_resource(desired=0))
+    await site.settle(lambda: site.plane.directory.get("llama") is not None)
+    client = AsyncOpenAI(base_url=site.url + "/v1", api_key="none", max_retries=0)
+    request = asyncio.create_task(
+        client.chat.completions.create(
+            model="llama", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+    )
+
+    def stamped() -> bool:
+        obj = site.kube.peek("Model", NS, "llama") or {}
+        return WAKE_ANNOTATION in (obj["metadata"].get("annotations") or {})
+
+    await site.settle(stamped)
+    assert not request.done()  # held, within its bound
+    await engine_pod(site.kube, "llama-g1-woken")  # the operator scales up, the pod is ready
+    reply = await asyncio.wait_for(request, 10)
+    assert reply.choices[0].message.content
+    await client.close()
+
+
+async def test_gpufleet_apply_through_the_gateway_writes_model_resources(site: Site) -> None:
+    doc = {k: v for k, v in model_resource(1).items() if k != "status"}
+    doc["metadata"] = {"name": "llama"}
+
+    async def apply() -> tuple[int, Any]:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(site.url + "/admin/v1/models", json={"documents": [doc]}) as resp,
+        ):
+            return resp.status, await resp.json()
+
+    status, body = await apply()
+    assert status == 200, body
+    (result,) = body["results"]
+    assert result["result"] == "created"
+    stored = site.kube.peek("Model", NS, "llama")
+    assert stored is not None and stored["spec"]["engine"] == "vllm"
+    assert (await apply())[1]["results"][0]["result"] == "unchanged"
+
+
+async def test_gateways_share_their_demand_with_the_operator_through_redis() -> None:
+    model = f"m-{secrets.token_hex(3)}"
+    loads = {"gw-a": Sample(0, 7.0, 3, 0.5, 1.0, 0.2), "gw-b": Sample(0, 5.0, 2, 0.7, 0.0, 0.9)}
+    publishers = [
+        DemandPublisher(REDIS, gw, lambda _m, now, gw=gw: loads[gw], lambda: [model])
+        for gw in loads
+    ]
+    reader = RedisDemand(REDIS, lambda: [model])
+    try:
+        for p in publishers:
+            await p.publish_once()
+        await reader.refresh()
+        total = reader.sample(model, 1.0)
+        assert (total.in_flight, total.arrivals, total.engine_waiting) == (12.0, 5, 1.0)
+        assert total.kv_usage == pytest.approx(0.6)
+        assert total.ttft_p90 == 0.9  # the worst gateway's
+        assert reader.sample("unknown", 1.0).in_flight == 0
+        raw = await reader._redis.hgetall(f"gpufleet:demand:{model}")
+        assert sorted(k.decode() for k in raw) == ["gw-a", "gw-b"]
+        assert json.loads(raw[b"gw-a"])[1] == 7.0
+    finally:
+        for p in publishers:
+            await p.close()
+        await reader.close()
