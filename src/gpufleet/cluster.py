@@ -204,12 +204,12 @@ async def serve_cluster_gateway(cfg: GatewayConfig, api: KubeApi) -> None:
     """One gateway replica: keys, quotas (shared through Redis), ledger, the cluster's view."""
     import uvicorn
 
-    from gpufleet.embedded import bind_socket, raise_open_files_limit
     from gpufleet.gateway import GatewaySettings, build_app
     from gpufleet.gateway.auth import Keyring
     from gpufleet.gateway.ledger import Ledger
     from gpufleet.gateway.quotas import make_quotas
     from gpufleet.gateway.scraper import EngineScraper
+    from gpufleet.gateway.serving import bind_socket, raise_open_files_limit
 
     raise_open_files_limit()
     sock = bind_socket(cfg.host, cfg.port)

@@ -14,7 +14,6 @@ import ipaddress
 import logging
 import os
 import signal
-import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from gpufleet.gateway.auth import Keyring
 from gpufleet.gateway.ledger import Ledger
 from gpufleet.gateway.quotas import make_quotas
 from gpufleet.gateway.scraper import EngineScraper
+from gpufleet.gateway.serving import PortInUseError, bind_socket, raise_open_files_limit
 from gpufleet.hardware import discover
 from gpufleet.runtime.local import LocalRuntime
 from gpufleet.spec import API_VERSION, Model, Tenant, parse_document
@@ -55,10 +55,6 @@ DEFAULT_MODEL: Model = parse_document(
 )
 
 
-class PortInUseError(PermanentError):
-    pass
-
-
 @dataclass(frozen=True)
 class UpConfig:
     data_dir: Path
@@ -73,45 +69,6 @@ class UpConfig:
     redis_url: str | None = None
     #: API keys required (the default); False only by an explicit ``--no-auth``.
     auth: bool = True
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # Accepted connections inherit it. Without it, asyncio's own loop (no uvloop) leaves Nagle
-    # on for a pre-bound socket and every response waits ~40 ms for a delayed ACK (measured).
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise PortInUseError(
-            f"cannot listen on {host}:{port}: {exc.strerror} "
-            f"(is another gpufleet running? choose another with --port)"
-        ) from exc
-    sock.listen(2048)
-    sock.set_inheritable(False)
-    return sock
-
-
-def raise_open_files_limit() -> int:
-    """Lift the soft limit on open files to the hard one and return it.
-
-    Every stream holds two descriptors in the gateway (client and engine); the usual soft limit
-    of 1,024 would cap a gateway near 500 concurrent streams while the hard limit (often
-    524,288) allows far more. Servers such as nginx raise it the same way."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open-files limit from %d: %s", soft, exc)
-    return soft
 
 
 async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None) -> None:
