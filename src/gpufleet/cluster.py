@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -218,6 +219,10 @@ async def serve_cluster_gateway(cfg: GatewayConfig, api: KubeApi) -> None:
         api, store, cfg.namespace, gateway_id=f"gw-{secrets.token_hex(4)}", redis_url=cfg.redis_url
     )
     keyring = Keyring(store)
+    admin = await asyncio.to_thread(keyring.bootstrap_admin, os.environ.get("GPUFLEET_ADMIN_KEY"))
+    if admin:
+        # Printed once, by the first gateway to start against an empty store.
+        log.warning("gpufleet admin key (shown once, keep it): %s", admin)
     quotas = make_quotas(cfg.redis_url)
     ledger = Ledger(store)
     app = build_app(

@@ -1,0 +1,115 @@
+"""The Helm chart, rendered by Helm itself (helm-python-sdk embeds Helm's Go library; offline)
+and every object validated against Kubernetes 1.34's schemas; the chart's CRDs are the ones
+generated from the spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+
+from gpufleet.spec.crd import crds
+
+CHART = Path(__file__).parents[2] / "deploy" / "helm" / "gpufleet"
+KUBERNETES = "1.34.0"
+STORE = {"store": {"url": "postgresql+psycopg://gpufleet:secret@postgres:5432/gpufleet"}}
+
+
+def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+    chart = helm_python.Chart.load(CHART)
+    out = chart.render(values, name="gf", namespace="gpufleet", is_install=True)
+    docs = []
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def validate_all(docs: list[dict[str, Any]]) -> None:
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # the Prometheus Operator's CRD, not in Kubernetes' schemas
+        kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+
+
+def test_the_chart_lints_clean() -> None:
+    report = helm_python.lint(CHART, STORE, strict=True)
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_default_install_renders_valid_objects() -> None:
+    docs = render(STORE)
+    validate_all(docs)
+    kinds = sorted({d["kind"] for d in docs})
+    assert kinds == [
+        "ClusterRole", "ClusterRoleBinding", "Deployment", "NetworkPolicy",
+        "PersistentVolumeClaim", "PodDisruptionBudget", "PriorityClass", "Role",
+        "RoleBinding", "Secret", "Service", "ServiceAccount",
+    ]  # fmt: skip
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    operator = deployments["gf-operator"]["spec"]["template"]["spec"]["containers"][0]
+    assert operator["args"] == ["operator", "--namespace", "gpufleet"]
+    assert operator["image"] == "ghcr.io/gpufleet/gpufleet:0.1.0"
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in operator["env"]}
+    assert env == {"GPUFLEET_STORE": {"name": "gf-store", "key": "url"}}  # no Redis configured
+    for deployment in deployments.values():
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in pod["containers"]:
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True
+            assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_every_option_renders_valid_objects() -> None:
+    docs = render(
+        {
+            "store": {"existingSecret": "pg-credentials", "secretKey": "dsn"},
+            "redis": {"url": "redis://redis:6379/0"},
+            "image": {"tag": "0.1.1"},
+            "gateway": {
+                "replicas": 3,
+                "ingress": {"enabled": True, "className": "nginx", "tlsSecret": "llm-tls"},
+                "allowFromNamespaces": ["apps", "notebooks"],
+            },
+            "modelCache": {"storageClass": "cephfs"},
+            "serviceMonitor": {"enabled": True},
+        }
+    )
+    validate_all(docs)
+    by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    assert ("Secret", "gf-store") not in by  # the existing one is used
+    gateway = by[("Deployment", "gf-gateway")]
+    assert gateway["spec"]["replicas"] == 3
+    env = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["GPUFLEET_STORE"] == {"name": "pg-credentials", "key": "dsn"}
+    assert env["GPUFLEET_REDIS"] == {"name": "gf-redis", "key": "url"}
+    assert by[("Ingress", "gf-gateway")]["spec"]["tls"][0]["secretName"] == "llm-tls"
+    allowed = by[("NetworkPolicy", "gf-gateway")]["spec"]["ingress"][0]["from"]
+    assert [
+        a["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for a in allowed
+    ] == ["apps", "notebooks"]
+    assert by[("ServiceMonitor", "gf-gateway")]["spec"]["endpoints"][0]["path"] == "/metrics"
+
+
+def test_an_install_without_a_store_fails_with_the_fix() -> None:
+    with pytest.raises(helm_python.HelmError) as err:
+        render({})
+    assert "set store.url or store.existingSecret" in str(err.value)
+
+
+def test_the_charts_crds_are_the_generated_ones() -> None:
+    shipped = {p.name: yaml.safe_load(p.read_text()) for p in (CHART / "crds").glob("*.yaml")}
+    generated = {f"{c['metadata']['name']}.yaml": c for c in crds()}
+    assert shipped == generated, "run scripts/generate-crds"
+    for crd in shipped.values():
+        kubernetes_validate.validate(crd, KUBERNETES, strict=True)
