@@ -142,7 +142,7 @@ def test_every_rendered_object_is_valid_kubernetes() -> None:
     kinds = [o["kind"] for o in objects]
     assert kinds == sorted(kinds, key=lambda k: [
         "Namespace", "PriorityClass", "ResourceQuota", "NetworkPolicy", "Role", "RoleBinding",
-        "Service", "Deployment", "PodDisruptionBudget",
+        "Service", "Job", "Deployment", "PodDisruptionBudget",
     ].index(k))  # fmt: skip
     assert {"Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"} <= set(kinds)
 
@@ -297,3 +297,26 @@ def test_with_keda_the_replica_count_is_left_to_it() -> None:
         assert "replicas" not in deployment["spec"]  # never two autoscalers on one workload
         validate(deployment)
     assert [o["kind"] for o in objects][-2:] == ["ScaledObject", "ScaledObject"]
+
+
+def test_weights_are_fetched_once_and_engines_wait_for_them() -> None:
+    objects = rendered()
+    jobs = [o for o in objects if o["kind"] == "Job"]
+    assert len(jobs) == 2  # one per source
+    hf = next(
+        j
+        for j in jobs
+        if "huggingface-cli" in j["spec"]["template"]["spec"]["containers"][0]["command"][2]
+    )
+    script = hf["spec"]["template"]["spec"]["containers"][0]["command"][2]
+    marker = "/models/hf/meta-llama/Meta-Llama-3-8B-Instruct.gpufleet-complete"
+    assert script.startswith(f'[ -f "{marker}" ] && exit 0;')  # a re-run does nothing
+    assert script.endswith(f'touch "{marker}"')
+    s3 = next(j for j in jobs if j is not hf)
+    assert (
+        "aws s3 cp s3://models/smollm2/smollm2-135m-instruct-q8_0.gguf"
+        in (s3["spec"]["template"]["spec"]["containers"][0]["command"][2])
+    )
+    for pod in pods(objects):
+        (wait,) = pod["initContainers"]
+        assert wait["name"] == "wait-for-weights" and ".gpufleet-complete" in wait["command"][2]

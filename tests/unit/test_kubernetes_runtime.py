@@ -87,6 +87,8 @@ async def test_a_model_becomes_pods_that_serve_once_ready(op: Operator) -> None:
     assert container["resources"]["limits"] == {"nvidia.com/gpu": 1}
     assert pod["spec"]["automountServiceAccountToken"] is False
     assert op.controller.directory.get("llama").endpoints == ()  # type: ignore[union-attr]
+    jobs = [key for key in op.kube.objects if key[0] == "Job"]
+    assert len(jobs) == 1  # the weights are fetched once for both replicas
     for i, p in enumerate(op.pods()):
         op.kube.pod_ready(NS, p["metadata"]["name"], f"10.0.0.{i + 1}")
     await op.settle(lambda: len(op.controller.directory.get("llama").endpoints) == 2)  # type: ignore[union-attr]

@@ -38,6 +38,7 @@ class Kind:
 
 KINDS: dict[str, Kind] = {
     "Pod": Kind("v1", "pods"),
+    "Job": Kind("batch/v1", "jobs"),
     "Node": Kind("v1", "nodes", namespaced=False),
     "Lease": Kind("coordination.k8s.io/v1", "leases"),
     "Model": Kind("gpufleet.io/v1alpha1", "models"),

@@ -41,6 +41,8 @@ __all__ = [
     "RenderSettings",
     "check",
     "engine_pod",
+    "loader_job",
+    "loader_name",
     "render",
     "tenant_objects",
     "to_yaml",
@@ -66,6 +68,7 @@ _ORDER = (
     "Role",
     "RoleBinding",
     "Service",
+    "Job",
     "Deployment",
     "PodDisruptionBudget",
     "ScaledObject",
@@ -110,8 +113,11 @@ def render(
     objects: list[dict[str, Any]] = [_namespace(settings.namespace, {})]
     objects += [_priority_class(name, value) for name, value in DEFAULT_PRIORITIES.items()]
     groups = _groups(models, inventory, deployments)
+    loaders: dict[str, dict[str, Any]] = {}
     for model in sorted(models, key=lambda m: m.name):
         objects += _model_objects(model, groups[model.name], settings)
+        loaders.setdefault(loader_name(model), loader_job(model, settings))
+    objects += loaders.values()
     for tenant in sorted(tenants, key=lambda t: t.name):
         objects += tenant_objects(tenant, settings)
     return sorted(objects, key=_sort_key)
@@ -323,6 +329,8 @@ def engine_pod(model: Model, group: EngineGroup, settings: RenderSettings) -> di
             "fsGroup": 1000,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
+        # The loader Job fills the cache once; replicas wait for its completion mark.
+        "initContainers": [_wait_for_weights(settings.images[spec.engine], weights)],
         "containers": [engine],
         "volumes": [
             {
@@ -371,6 +379,21 @@ def _deployment(
     }
 
 
+_CONTAINER_SECURITY: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "capabilities": {"drop": ["ALL"]},
+}
+_POD_SECURITY: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "runAsGroup": 1000,
+    "fsGroup": 1000,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
 _MODULES = {"vllm": "vllm.entrypoints.openai.api_server", "sglang": "sglang.launch_server"}
 
 
@@ -402,6 +425,105 @@ def _engine_args(model: Model, group: EngineGroup, weights: PurePosixPath) -> li
     )
     # argv is [python, -m, module, ...]: the image's python runs the module (``command``).
     return list(launch.argv[3:])
+
+
+#: Images that fetch weights into the model cache.
+LOADER_IMAGES: Mapping[str, str] = {
+    "hf": "vllm/vllm-openai:v0.11.0",  # has the huggingface_hub CLI
+    "s3": "amazon/aws-cli:2.31.0",
+}
+
+
+def _marker(weights: PurePosixPath) -> str:
+    return f"{weights}.gpufleet-complete"
+
+
+def _wait_for_weights(image: str, weights: PurePosixPath) -> dict[str, Any]:
+    return {
+        "name": "wait-for-weights",
+        "image": image,
+        "command": ["sh", "-c", f'until [ -f "{_marker(weights)}" ]; do sleep 5; done'],
+        "securityContext": _CONTAINER_SECURITY,
+        "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}],
+    }
+
+
+def loader_name(model: Model) -> str:
+    """One loader Job per source: models sharing weights share it."""
+    import hashlib
+
+    digest = hashlib.sha256(str(model.spec.parsed_source).encode()).hexdigest()[:10]
+    return f"fetch-weights-{digest}"
+
+
+def loader_job(model: Model, settings: RenderSettings) -> dict[str, Any]:
+    """A Job that fetches the model's weights into the cache once, then marks them complete
+    (re-running it after completion does nothing). Credentials come from optional Secrets:
+    ``hf-token`` (key ``token``) for Hugging Face, ``s3-credentials`` for S3."""
+    source = model.spec.parsed_source
+    weights = _weights_path(model)
+    marker = _marker(weights)
+    if source.scheme == "hf":
+        revision = f" --revision {source.revision}" if source.revision else ""
+        fetch = f"huggingface-cli download {source.location}{revision} --local-dir {weights}"
+        env: list[dict[str, Any]] = [
+            {"name": "HOME", "value": "/tmp"},
+            {
+                "name": "HF_TOKEN",
+                "valueFrom": {
+                    "secretKeyRef": {"name": "hf-token", "key": "token", "optional": True}
+                },
+            },
+        ]
+        env_from: list[dict[str, Any]] = []
+    else:
+        fetch = (
+            f"aws s3 cp s3://{source.location} {weights}"
+            if source.location.endswith(".gguf")
+            else f"aws s3 sync s3://{source.location} {weights}"
+        )
+        env = [{"name": "HOME", "value": "/tmp"}]
+        env_from = [{"secretRef": {"name": "s3-credentials", "optional": True}}]
+    script = f'[ -f "{marker}" ] && exit 0; mkdir -p "$(dirname {weights})" && {fetch} && touch "{marker}"'
+    container: dict[str, Any] = {
+        "name": "fetch",
+        "image": LOADER_IMAGES[source.scheme],
+        "command": ["sh", "-c", script],
+        "env": env,
+        "securityContext": _CONTAINER_SECURITY,
+        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}},
+        "volumeMounts": [
+            {"name": "models", "mountPath": "/models"},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    if env_from:
+        container["envFrom"] = env_from
+    labels = {LABEL_COMPONENT: "loader"}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(loader_name(model), settings.namespace, labels),
+        "spec": {
+            "backoffLimit": 3,
+            "template": {
+                "metadata": {"labels": {**MANAGED, **labels}},
+                "spec": {
+                    "restartPolicy": "OnFailure",
+                    "automountServiceAccountToken": False,
+                    "securityContext": _POD_SECURITY,
+                    "containers": [container],
+                    "volumes": [
+                        {
+                            "name": "models",
+                            "persistentVolumeClaim": {"claimName": settings.model_cache_claim},
+                        },
+                        {"name": "tmp", "emptyDir": {}},
+                    ],
+                },
+            },
+        },
+    }
 
 
 def _weights_path(model: Model) -> PurePosixPath:

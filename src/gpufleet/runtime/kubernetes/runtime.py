@@ -40,6 +40,7 @@ from gpufleet.runtime.kubernetes.manifests import (
     RenderSettings,
     check,
     engine_pod,
+    loader_job,
 )
 from gpufleet.spec import API_VERSION, Metadata, Model
 
@@ -112,6 +113,9 @@ class KubernetesRuntime:
             "metadata": {"name": name, "namespace": self.namespace, "labels": labels},
             "spec": engine_pod(model, self._place(request), self.settings),
         }
+        # The weights: fetched once into the cache, whichever replica asks first.
+        with contextlib.suppress(FileExistsError):
+            await self.api.create(loader_job(model, self.settings))
         await self.api.create(pod)
         replica = Replica(
             id=name,
