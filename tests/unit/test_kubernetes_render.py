@@ -320,3 +320,29 @@ def test_weights_are_fetched_once_and_engines_wait_for_them() -> None:
     for pod in pods(objects):
         (wait,) = pod["initContainers"]
         assert wait["name"] == "wait-for-weights" and ".gpufleet-complete" in wait["command"][2]
+
+
+def test_one_gguf_file_of_a_hugging_face_repository() -> None:
+    (model,) = load_text((Path(__file__).parents[2] / "deploy" / "e2e" / "model.yaml").read_text())
+    objects = render([model])
+    for obj in objects:
+        validate(obj)
+    (job,) = [o for o in objects if o["kind"] == "Job"]
+    script = job["spec"]["template"]["spec"]["containers"][0]["command"][2]
+    assert (
+        "huggingface-cli download bartowski/SmolLM2-135M-Instruct-GGUF "
+        "SmolLM2-135M-Instruct-Q4_K_M.gguf --local-dir /models/hf/bartowski/SmolLM2-135M-Instruct-GGUF"
+    ) in script
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:2] == [
+        "--model",
+        "/models/hf/bartowski/SmolLM2-135M-Instruct-GGUF/SmolLM2-135M-Instruct-Q4_K_M.gguf",
+    ]
+
+
+def test_the_end_to_end_datastores_are_valid() -> None:
+    for doc in yaml.safe_load_all(
+        (Path(__file__).parents[2] / "deploy" / "e2e" / "datastores.yaml").read_text()
+    ):
+        validate(doc)

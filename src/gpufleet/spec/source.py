@@ -59,9 +59,12 @@ def parse_source(text: str) -> Source:
         return Source("pypi", package)
     if text.startswith("hf://"):
         repo, _, revision = text[len("hf://") :].partition("@")
-        if not _HF_REPO.match(repo):
+        org_name = "/".join(repo.split("/")[:2])
+        file = repo.split("/", 2)[2] if repo.count("/") >= 2 else ""
+        if not _HF_REPO.match(org_name) or (repo.count("/") >= 2 and not file.endswith(".gguf")):
             raise ValueError(
-                f"hf:// needs 'organisation/name' (got {repo!r}), "
+                f"hf:// needs 'organisation/name', or 'organisation/name/file.gguf' for one "
+                f"GGUF file of the repository (got {repo!r}), "
                 "e.g. 'hf://meta-llama/Llama-3.1-8B-Instruct@main'"
             )
         return Source("hf", repo, revision or None)

@@ -465,7 +465,15 @@ def loader_job(model: Model, settings: RenderSettings) -> dict[str, Any]:
     marker = _marker(weights)
     if source.scheme == "hf":
         revision = f" --revision {source.revision}" if source.revision else ""
-        fetch = f"huggingface-cli download {source.location}{revision} --local-dir {weights}"
+        parts = source.location.split("/", 2)
+        if len(parts) == 3:  # one GGUF file of the repository
+            repo_dir = PurePosixPath("/models/hf") / parts[0] / parts[1]
+            fetch = (
+                f"huggingface-cli download {parts[0]}/{parts[1]} {parts[2]}{revision} "
+                f"--local-dir {repo_dir}"
+            )
+        else:
+            fetch = f"huggingface-cli download {source.location}{revision} --local-dir {weights}"
         env: list[dict[str, Any]] = [
             {"name": "HOME", "value": "/tmp"},
             {
