@@ -346,3 +346,37 @@ def test_the_end_to_end_datastores_are_valid() -> None:
         (Path(__file__).parents[2] / "deploy" / "e2e" / "datastores.yaml").read_text()
     ):
         validate(doc)
+
+
+def test_a_model_bigger_than_a_node_becomes_a_leader_worker_set() -> None:
+    (model,) = load_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: llama-405b}\n"
+        "spec: {source: 'hf://meta-llama/Llama-3.1-405B-Instruct', engine: vllm, "
+        "resources: {gpus: 16, gpuTypes: [H100]}, replicas: {min: 1, max: 1}}\n"
+    )
+    objects = render([model])
+    (lws,) = [o for o in objects if o["kind"] == "LeaderWorkerSet"]
+    assert not [o for o in objects if o["kind"] == "Deployment"]
+    template = lws["spec"]["leaderWorkerTemplate"]
+    assert template["size"] == 2  # two 8-GPU nodes
+    leader = template["leaderTemplate"]["spec"]["containers"][0]
+    script = leader["command"][2]
+    assert script.startswith("ray start --head --port=6379 && exec python3 -m vllm")
+    assert "--tensor-parallel-size 8" in script and "--pipeline-parallel-size 2" in script
+    assert leader["resources"]["limits"] == {"nvidia.com/gpu": 8}
+    worker = template["workerTemplate"]["spec"]["containers"][0]
+    assert worker["command"][2] == "ray start --address=$(LWS_LEADER_ADDRESS):6379 --block"
+    for role in ("leaderTemplate", "workerTemplate"):  # each pod template is a valid Pod
+        validate(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "x"},
+                **{"spec": template[role]["spec"]},
+            }
+        )
+    (service,) = [o for o in objects if o["kind"] == "Service"]
+    assert service["spec"]["selector"]["leaderworkerset.sigs.k8s.io/worker-index"] == "0"
+    for obj in objects:
+        if obj["kind"] != "LeaderWorkerSet":
+            validate(obj)

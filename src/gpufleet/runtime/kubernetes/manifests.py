@@ -19,6 +19,7 @@ rendering the same input twice gives the same bytes — what GitOps diffs need.
 from __future__ import annotations
 
 import math
+import shlex
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ _ORDER = (
     "Deployment",
     "PodDisruptionBudget",
     "ScaledObject",
+    "LeaderWorkerSet",
 )
 
 
@@ -91,6 +93,8 @@ class RenderSettings:
     )
     #: Group bound to each tenant's Role (``{tenant}`` is replaced by the tenant's name).
     tenant_group: str = "gpufleet:tenant:{tenant}"
+    #: GPUs one node has: a model asking for more runs as a LeaderWorkerSet across nodes.
+    gpus_per_node: int = 8
     #: Scale engines with KEDA (a ScaledObject per model on gpufleet's own metrics) instead of
     #: gpufleet's autoscaler; the Deployments then leave ``replicas`` to KEDA.
     keda_prometheus: str | None = None
@@ -228,7 +232,7 @@ def _model_objects(
 ) -> list[dict[str, Any]]:
     ns = settings.namespace
     selector = {LABEL_MODEL: model.name}
-    objects = [
+    objects: list[dict[str, Any]] = [
         {
             "apiVersion": "v1",
             "kind": "Service",
@@ -239,6 +243,11 @@ def _model_objects(
             },
         }
     ]
+    if model.spec.resources.gpus > settings.gpus_per_node:
+        # One replica needs more GPUs than a node has: a group of pods across nodes.
+        lws = _leader_worker_set(model, settings)
+        objects[0]["spec"]["selector"] = {**selector, _LWS_INDEX: "0"}  # leaders serve
+        return [*objects, lws]
     for group in groups:
         objects.append(_deployment(model, group, settings, single=len(groups) == 1))
     if settings.keda_prometheus is not None:
@@ -566,6 +575,73 @@ def _gfd_products(gpu_type: str) -> list[str]:
         return [gpu_type.replace(" ", "-")]
     names = [a for a in accelerator.aliases if a.startswith(("NVIDIA ", "Tesla "))]
     return [n.replace(" ", "-") for n in names] or [accelerator.name]
+
+
+_LWS_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"
+_RAY_PORT = 6379
+
+
+def _leader_worker_set(model: Model, settings: RenderSettings) -> dict[str, Any]:
+    """vLLM across nodes: tensor parallel within a node, pipeline parallel across the group's
+    nodes, over Ray — the leader starts the Ray head and serves, the workers join it
+    (LeaderWorkerSet, sigs.k8s.io/lws: the group is scheduled, restarted and scaled as one)."""
+    spec = model.spec
+    if spec.engine != "vllm":
+        raise RenderError(
+            [
+                f"{model.name}: spec.resources.gpus {spec.resources.gpus} is more than a node's "
+                f"{settings.gpus_per_node}; only vLLM spans nodes here (engine: vllm)"
+            ]
+        )
+    per_node = settings.gpus_per_node
+    size = math.ceil(spec.resources.gpus / per_node)
+    group = EngineGroup("main", 1, gpus=per_node)
+    leader = engine_pod(model, group, settings)
+    engine = leader["containers"][0]
+    args = engine.pop("args")
+    serve = shlex.join(
+        [
+            "python3",
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            *args,
+            "--pipeline-parallel-size",
+            str(size),
+            "--distributed-executor-backend",
+            "ray",
+        ]
+    )
+    engine.pop("command", None)
+    engine["command"] = [
+        "sh",
+        "-c",
+        f"ray start --head --port={_RAY_PORT} && exec {serve}",
+    ]
+    worker = engine_pod(model, group, settings)
+    worker_engine = worker["containers"][0]
+    for key in ("args", "command", "readinessProbe", "startupProbe", "livenessProbe", "ports"):
+        worker_engine.pop(key, None)
+    worker_engine["command"] = [
+        "sh",
+        "-c",
+        f"ray start --address=$(LWS_LEADER_ADDRESS):{_RAY_PORT} --block",
+    ]
+    labels = {LABEL_MODEL: model.name, LABEL_COMPONENT: "engine"}
+    return {
+        "apiVersion": "leaderworkerset.x-k8s.io/v1",
+        "kind": "LeaderWorkerSet",
+        "metadata": _meta(f"engine-{model.name}", settings.namespace, labels),
+        "spec": {
+            "replicas": max(spec.replicas.min, 1),
+            "startupPolicy": "LeaderReady",
+            "leaderWorkerTemplate": {
+                "size": size,
+                "restartPolicy": "RecreateGroupOnPodRestart",
+                "leaderTemplate": {"metadata": {"labels": labels}, "spec": leader},
+                "workerTemplate": {"metadata": {"labels": labels}, "spec": worker},
+            },
+        },
+    }
 
 
 def _scaled_object(model: Model, settings: RenderSettings) -> dict[str, Any]:

@@ -98,6 +98,12 @@ class KubernetesRuntime:
             spec=request.spec,
         )
         problems = check(model, self.settings)
+        if request.spec.resources.gpus > self.settings.gpus_per_node:
+            problems.append(
+                f"{request.model}: {request.spec.resources.gpus} GPUs span nodes; the operator "
+                "runs single-node replicas so far — deploy it with 'gpufleet render' "
+                "(a LeaderWorkerSet)"
+            )
         if problems:
             raise PermanentError("; ".join(problems))
         name = f"{request.model}-g{request.generation}-{secrets.token_hex(3)}"
