@@ -380,3 +380,32 @@ def test_a_model_bigger_than_a_node_becomes_a_leader_worker_set() -> None:
     for obj in objects:
         if obj["kind"] != "LeaderWorkerSet":
             validate(obj)
+
+
+def test_weights_from_an_oci_registry_or_an_existing_claim() -> None:
+    models = load_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: packed}\n"
+        "spec: {source: 'oci://registry.internal/models/llama-3-8b:v1', engine: vllm, "
+        "resources: {gpus: 1}}\n---\n"
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: mounted}\n"
+        "spec: {source: 'pvc://team-models/llama/3-8b', engine: vllm, resources: {gpus: 1}}\n"
+    )
+    objects = render(models)
+    for obj in objects:
+        validate(obj)
+    (job,) = [o for o in objects if o["kind"] == "Job"]  # none for the claim
+    fetch = job["spec"]["template"]["spec"]
+    assert fetch["containers"][0]["image"].startswith("ghcr.io/oras-project/oras")
+    assert (
+        "oras pull registry.internal/models/llama-3-8b:v1 --output /models/oci/"
+        in (fetch["containers"][0]["command"][2])
+    )
+    assert fetch["volumes"][-1]["secret"]["secretName"] == "oci-credentials"
+    by = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
+    mounted = by["engine-mounted"]["spec"]["template"]["spec"]
+    assert mounted["initContainers"] == []  # already there: nothing to wait for
+    assert mounted["volumes"][0]["persistentVolumeClaim"] == {
+        "claimName": "team-models",
+        "readOnly": True,
+    }
+    assert mounted["containers"][0]["args"][:2] == ["--model", "/models/llama/3-8b"]

@@ -100,6 +100,9 @@ def test_all_problems_of_a_file_are_reported_together() -> None:
     ("source", "message"),
     [
         ("hf://only-name", "hf:// needs 'organisation/name'"),
+        ("oci://registry.internal/models/llama", "oci:// needs 'registry/repository:tag'"),
+        ("pvc://Bad_Claim/x", "pvc:// needs a PersistentVolumeClaim name"),
+        ("pvc://models", "pvc:// needs the weights' path in the claim"),
         ("s3://bucket", "s3:// needs a key prefix"),
         ("pypi:numpy", "unknown bundled model package 'numpy'"),
         ("file:", "file: needs a path"),

