@@ -28,7 +28,12 @@ from gpufleet.runtime.base import Phase
 from gpufleet.runtime.kubernetes import KubernetesRuntime, RenderSettings, inventory_from_nodes
 from gpufleet.runtime.kubernetes.api import Conflict, KubeApi
 from gpufleet.runtime.kubernetes.demand import RedisDemand
-from gpufleet.runtime.kubernetes.manifests import LABEL_MODEL, tenant_objects
+from gpufleet.runtime.kubernetes.manifests import (
+    LABEL_MODEL,
+    model_disruption_budget,
+    model_service,
+    tenant_objects,
+)
 from gpufleet.runtime.kubernetes.resources import model_from_resource, tenant_from_resource
 from gpufleet.spec import Model
 from gpufleet.store import Store
@@ -248,6 +253,16 @@ class Operator:
             self._generations[name] = int(obj["metadata"].get("generation", 1))
         if wanted:
             await self.controller.apply(wanted)
+        # A Service in front of each model's engines, and a disruption budget when it may run
+        # more than one replica.
+        fronts: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for model in wanted:
+            children = [model_service(model, self.settings)]
+            if model.spec.replicas.max > 1:
+                children.append(model_disruption_budget(model, self.settings))
+            for child in children:
+                fronts[(child["kind"], self.namespace, child["metadata"]["name"])] = child
+        await self._ensure(fronts, ("Service", "PodDisruptionBudget"), self.namespace, LABEL_MODEL)
         for obj in resources:
             # A gateway holding a request for a model with no ready replica stamps it.
             stamp = (obj["metadata"].get("annotations") or {}).get(WAKE_ANNOTATION)
@@ -276,8 +291,19 @@ class Operator:
             for child in tenant_objects(tenant, self.settings):
                 meta = child["metadata"]
                 wanted[(child["kind"], meta.get("namespace", ""), meta["name"])] = child
-        for (kind, namespace, name), child in sorted(wanted.items()):
-            existing = await self.api.get(kind, namespace, name)
+        await self._ensure(wanted, _TENANT_KINDS, None, "gpufleet.io/tenant")
+
+    async def _ensure(
+        self,
+        wanted: Mapping[tuple[str, str, str], dict[str, Any]],
+        kinds: tuple[str, ...],
+        namespace: str | None,
+        owner_label: str,
+    ) -> None:
+        """Make the objects in ``wanted`` exist as written; delete the managed ones of
+        ``kinds`` carrying ``owner_label`` that are not wanted any more."""
+        for (kind, ns, name), child in sorted(wanted.items()):
+            existing = await self.api.get(kind, ns, name)
             if existing is None:
                 await self.api.create(child)
             elif _differs(child, existing):
@@ -285,13 +311,12 @@ class Operator:
                 fresh["metadata"] = {**existing["metadata"], "labels": child["metadata"]["labels"]}
                 with contextlib.suppress(Conflict):  # changed meanwhile: corrected next pass
                     await self.api.replace(fresh)
-        for kind in _TENANT_KINDS:
-            for obj in await self.api.list(
-                kind, None, {"app.kubernetes.io/managed-by": "gpufleet"}
-            ):
+        managed = {"app.kubernetes.io/managed-by": "gpufleet"}
+        for kind in kinds:
+            for obj in await self.api.list(kind, namespace, managed):
                 meta = obj["metadata"]
                 key = (kind, meta.get("namespace", ""), meta["name"])
-                if "gpufleet.io/tenant" in meta.get("labels", {}) and key not in wanted:
+                if owner_label in meta.get("labels", {}) and key not in wanted:
                     await self.api.delete(kind, key[1], key[2])
 
     async def publish_status(self) -> None:

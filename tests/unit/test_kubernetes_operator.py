@@ -81,6 +81,9 @@ async def _lifecycle(tmp_path: Path, kube: FakeKube, api: Any, clock: Clock) -> 
         await operator.step()
         assert operator.leading
         await settle(lambda: len(pods(kube)) == 2)
+        service = kube.peek("Service", NS, "engine-llama")
+        assert service is not None and service["spec"]["selector"] == {"gpufleet.io/model": "llama"}
+        assert kube.peek("PodDisruptionBudget", NS, "engine-llama") is not None
         for i, name in enumerate(pods(kube)):
             kube.pod_ready(NS, name, f"10.0.0.{i + 1}")
         await settle(lambda: len(controller.directory.get("llama").endpoints) == 2)  # type: ignore[union-attr]
@@ -112,6 +115,8 @@ async def _lifecycle(tmp_path: Path, kube: FakeKube, api: Any, clock: Clock) -> 
         await kube.delete("Model", NS, "llama")
         await operator.step()
         await settle(lambda: pods(kube) == [])
+        assert kube.peek("Service", NS, "engine-llama") is None
+        assert kube.peek("PodDisruptionBudget", NS, "engine-llama") is None
     finally:
         await controller.stop()
         await runtime.close()

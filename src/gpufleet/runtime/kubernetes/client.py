@@ -39,6 +39,8 @@ class Kind:
 KINDS: dict[str, Kind] = {
     "Pod": Kind("v1", "pods"),
     "Job": Kind("batch/v1", "jobs"),
+    "Service": Kind("v1", "services"),
+    "PodDisruptionBudget": Kind("policy/v1", "poddisruptionbudgets"),
     "Node": Kind("v1", "nodes", namespaced=False),
     "Lease": Kind("coordination.k8s.io/v1", "leases"),
     "Model": Kind("gpufleet.io/v1alpha1", "models"),

@@ -44,6 +44,8 @@ __all__ = [
     "engine_pod",
     "loader_job",
     "loader_name",
+    "model_disruption_budget",
+    "model_service",
     "render",
     "tenant_objects",
     "to_yaml",
@@ -228,22 +230,38 @@ def _groups(
     return plain
 
 
+def model_service(model: Model, settings: RenderSettings) -> dict[str, Any]:
+    """The Service in front of a model's engines (all generations, ready ones only)."""
+    selector = {LABEL_MODEL: model.name}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(
+            f"engine-{model.name}", settings.namespace, {**selector, LABEL_COMPONENT: "engine"}
+        ),
+        "spec": {
+            "selector": selector,
+            "ports": [{"name": "http", "port": PORT, "targetPort": "http"}],
+        },
+    }
+
+
+def model_disruption_budget(model: Model, settings: RenderSettings) -> dict[str, Any]:
+    """Voluntary disruptions (node drains) take one engine of the model at a time."""
+    selector = {LABEL_MODEL: model.name}
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(f"engine-{model.name}", settings.namespace, selector),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector}},
+    }
+
+
 def _model_objects(
     model: Model, groups: list[EngineGroup], settings: RenderSettings
 ) -> list[dict[str, Any]]:
-    ns = settings.namespace
     selector = {LABEL_MODEL: model.name}
-    objects: list[dict[str, Any]] = [
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": _meta(f"engine-{model.name}", ns, {**selector, LABEL_COMPONENT: "engine"}),
-            "spec": {
-                "selector": selector,
-                "ports": [{"name": "http", "port": PORT, "targetPort": "http"}],
-            },
-        }
-    ]
+    objects: list[dict[str, Any]] = [model_service(model, settings)]
     if model.spec.resources.gpus > settings.gpus_per_node:
         # One replica needs more GPUs than a node has: a group of pods across nodes.
         lws = _leader_worker_set(model, settings)
@@ -259,14 +277,7 @@ def _model_objects(
         objects.append(_scaled_object(model, settings))
     total = sum(g.replicas for g in groups)
     if total > 1:
-        objects.append(
-            {
-                "apiVersion": "policy/v1",
-                "kind": "PodDisruptionBudget",
-                "metadata": _meta(f"engine-{model.name}", ns, selector),
-                "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector}},
-            }
-        )
+        objects.append(model_disruption_budget(model, settings))
     return objects
 
 
