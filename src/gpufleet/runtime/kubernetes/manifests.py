@@ -22,7 +22,7 @@ import math
 import shlex
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -30,13 +30,39 @@ import yaml
 
 from gpufleet.engines import ADAPTERS
 from gpufleet.engines.base import Placement as EnginePlacement
-from gpufleet.errors import SpecError
 from gpufleet.hardware import CATALOG
 from gpufleet.planner import DEFAULT_PRIORITIES, Deployment, Placement, plan
+from gpufleet.runtime.kubernetes.common import (
+    DEFAULT_IMAGES,
+    LABEL_COMPONENT,
+    LABEL_GROUP,
+    LABEL_MODEL,
+    LABEL_TENANT,
+    MANAGED,
+    PORT,
+    RenderError,
+    RenderSettings,
+    meta,
+    namespace_object,
+)
+from gpufleet.runtime.kubernetes.loader import (
+    claim_of,
+    loader_job,
+    loader_name,
+    wait_for_weights,
+    weights_path,
+)
+from gpufleet.runtime.kubernetes.tenants import tenant_objects
 from gpufleet.spec import Inventory, Model, Tenant
 
 __all__ = [
     "DEFAULT_IMAGES",
+    "LABEL_COMPONENT",
+    "LABEL_GROUP",
+    "LABEL_MODEL",
+    "LABEL_TENANT",
+    "MANAGED",
+    "PORT",
     "EngineGroup",
     "RenderError",
     "RenderSettings",
@@ -51,18 +77,6 @@ __all__ = [
     "to_yaml",
 ]
 
-#: Official engine images (pinned; override with ``RenderSettings.images``).
-DEFAULT_IMAGES: Mapping[str, str] = {
-    "vllm": "vllm/vllm-openai:v0.11.0",
-    "sglang": "lmsysorg/sglang:v0.5.3-cu126",
-    "llamacpp": "ghcr.io/ggml-org/llama.cpp:server-b6800",
-}
-PORT = 8000
-LABEL_MODEL = "gpufleet.io/model"
-LABEL_GROUP = "gpufleet.io/placement"
-LABEL_TENANT = "gpufleet.io/tenant"
-LABEL_COMPONENT = "app.kubernetes.io/component"
-MANAGED = {"app.kubernetes.io/managed-by": "gpufleet", "app.kubernetes.io/part-of": "gpufleet"}
 _ORDER = (
     "Namespace",
     "PriorityClass",
@@ -79,29 +93,6 @@ _ORDER = (
 )
 
 
-class RenderError(SpecError):
-    """A model that cannot run on Kubernetes as written; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class RenderSettings:
-    namespace: str = "gpufleet"
-    images: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_IMAGES))
-    #: The PersistentVolumeClaim holding model weights, mounted read-only at ``/models``.
-    model_cache_claim: str = "gpufleet-model-cache"
-    #: Pods the gateway runs as (the only ones allowed to reach engines).
-    gateway_labels: Mapping[str, str] = field(
-        default_factory=lambda: {"app.kubernetes.io/name": "gpufleet-gateway"}
-    )
-    #: Group bound to each tenant's Role (``{tenant}`` is replaced by the tenant's name).
-    tenant_group: str = "gpufleet:tenant:{tenant}"
-    #: GPUs one node has: a model asking for more runs as a LeaderWorkerSet across nodes.
-    gpus_per_node: int = 8
-    #: Scale engines with KEDA (a ScaledObject per model on gpufleet's own metrics) instead of
-    #: gpufleet's autoscaler; the Deployments then leave ``replicas`` to KEDA.
-    keda_prometheus: str | None = None
-
-
 def render(
     models: Sequence[Model],
     tenants: Sequence[Tenant] = (),
@@ -116,7 +107,7 @@ def render(
     problems = [p for m in models for p in check(m, settings)]
     if problems:
         raise RenderError(problems)
-    objects: list[dict[str, Any]] = [_namespace(settings.namespace, {})]
+    objects: list[dict[str, Any]] = [namespace_object(settings.namespace, {})]
     objects += [_priority_class(name, value) for name, value in DEFAULT_PRIORITIES.items()]
     groups = _groups(models, inventory, deployments)
     loaders: dict[str, dict[str, Any]] = {}
@@ -236,7 +227,7 @@ def model_service(model: Model, settings: RenderSettings) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(
+        "metadata": meta(
             f"engine-{model.name}", settings.namespace, {**selector, LABEL_COMPONENT: "engine"}
         ),
         "spec": {
@@ -252,7 +243,7 @@ def model_disruption_budget(model: Model, settings: RenderSettings) -> dict[str,
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": _meta(f"engine-{model.name}", settings.namespace, selector),
+        "metadata": meta(f"engine-{model.name}", settings.namespace, selector),
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector}},
     }
 
@@ -284,7 +275,7 @@ def _model_objects(
 def engine_pod(model: Model, group: EngineGroup, settings: RenderSettings) -> dict[str, Any]:
     """The pod spec of one engine replica of ``model`` placed as ``group`` says."""
     spec = model.spec
-    weights = _weights_path(model)
+    weights = weights_path(model)
     args = _engine_args(model, group, weights)
     resources: dict[str, Any] = {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {}}
     if group.mig_profile:
@@ -352,7 +343,7 @@ def engine_pod(model: Model, group: EngineGroup, settings: RenderSettings) -> di
         },
         # The loader Job fills the cache once; replicas wait for its completion mark.
         "initContainers": (
-            [_wait_for_weights(settings.images[spec.engine], weights)]
+            [wait_for_weights(settings.images[spec.engine], weights)]
             if spec.parsed_source.scheme != "pvc"
             else []
         ),
@@ -361,7 +352,7 @@ def engine_pod(model: Model, group: EngineGroup, settings: RenderSettings) -> di
             {
                 "name": "models",
                 "persistentVolumeClaim": {
-                    "claimName": _claim(model, settings),
+                    "claimName": claim_of(model, settings),
                     "readOnly": True,
                 },
             },
@@ -389,7 +380,7 @@ def _deployment(
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _meta(name, settings.namespace, labels),
+        "metadata": meta(name, settings.namespace, labels),
         "spec": {
             # With KEDA the replica count is KEDA's (never two autoscalers on one workload).
             **({} if settings.keda_prometheus is not None else {"replicas": group.replicas}),
@@ -403,21 +394,6 @@ def _deployment(
         },
     }
 
-
-_CONTAINER_SECURITY: dict[str, Any] = {
-    "allowPrivilegeEscalation": False,
-    "readOnlyRootFilesystem": True,
-    "runAsNonRoot": True,
-    "runAsUser": 1000,
-    "capabilities": {"drop": ["ALL"]},
-}
-_POD_SECURITY: dict[str, Any] = {
-    "runAsNonRoot": True,
-    "runAsUser": 1000,
-    "runAsGroup": 1000,
-    "fsGroup": 1000,
-    "seccompProfile": {"type": "RuntimeDefault"},
-}
 
 _MODULES = {"vllm": "vllm.entrypoints.openai.api_server", "sglang": "sglang.launch_server"}
 
@@ -450,151 +426,6 @@ def _engine_args(model: Model, group: EngineGroup, weights: PurePosixPath) -> li
     )
     # argv is [python, -m, module, ...]: the image's python runs the module (``command``).
     return list(launch.argv[3:])
-
-
-#: Images that fetch weights into the model cache.
-LOADER_IMAGES: Mapping[str, str] = {
-    "hf": "vllm/vllm-openai:v0.11.0",  # has the huggingface_hub CLI
-    "s3": "amazon/aws-cli:2.31.0",
-    "oci": "ghcr.io/oras-project/oras:v1.2.3",
-}
-
-
-def _marker(weights: PurePosixPath) -> str:
-    return f"{weights}.gpufleet-complete"
-
-
-def _wait_for_weights(image: str, weights: PurePosixPath) -> dict[str, Any]:
-    return {
-        "name": "wait-for-weights",
-        "image": image,
-        "command": ["sh", "-c", f'until [ -f "{_marker(weights)}" ]; do sleep 5; done'],
-        "securityContext": _CONTAINER_SECURITY,
-        "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}],
-    }
-
-
-def loader_name(model: Model) -> str:
-    """One loader Job per source: models sharing weights share it."""
-    import hashlib
-
-    digest = hashlib.sha256(str(model.spec.parsed_source).encode()).hexdigest()[:10]
-    return f"fetch-weights-{digest}"
-
-
-def loader_job(model: Model, settings: RenderSettings) -> dict[str, Any]:
-    """A Job that fetches the model's weights into the cache once, then marks them complete
-    (re-running it after completion does nothing). Credentials come from optional Secrets:
-    ``hf-token`` (key ``token``) for Hugging Face, ``s3-credentials`` for S3."""
-    source = model.spec.parsed_source
-    weights = _weights_path(model)
-    marker = _marker(weights)
-    env_from: list[dict[str, Any]] = []
-    if source.scheme == "oci":
-        fetch = f"oras pull {source.location} --output {weights}"
-        env: list[dict[str, Any]] = [
-            {"name": "HOME", "value": "/tmp"},
-            # A docker config.json with the registry's credentials, when it needs them.
-            {"name": "DOCKER_CONFIG", "value": "/tmp/registry"},
-        ]
-    elif source.scheme == "hf":
-        revision = f" --revision {source.revision}" if source.revision else ""
-        parts = source.location.split("/", 2)
-        if len(parts) == 3:  # one GGUF file of the repository
-            repo_dir = PurePosixPath("/models/hf") / parts[0] / parts[1]
-            fetch = (
-                f"huggingface-cli download {parts[0]}/{parts[1]} {parts[2]}{revision} "
-                f"--local-dir {repo_dir}"
-            )
-        else:
-            fetch = f"huggingface-cli download {source.location}{revision} --local-dir {weights}"
-        env = [
-            {"name": "HOME", "value": "/tmp"},
-            {
-                "name": "HF_TOKEN",
-                "valueFrom": {
-                    "secretKeyRef": {"name": "hf-token", "key": "token", "optional": True}
-                },
-            },
-        ]
-    else:
-        fetch = (
-            f"aws s3 cp s3://{source.location} {weights}"
-            if source.location.endswith(".gguf")
-            else f"aws s3 sync s3://{source.location} {weights}"
-        )
-        env = [{"name": "HOME", "value": "/tmp"}]
-        env_from = [{"secretRef": {"name": "s3-credentials", "optional": True}}]
-    script = f'[ -f "{marker}" ] && exit 0; mkdir -p "$(dirname {weights})" && {fetch} && touch "{marker}"'
-    container: dict[str, Any] = {
-        "name": "fetch",
-        "image": LOADER_IMAGES[source.scheme],
-        "command": ["sh", "-c", script],
-        "env": env,
-        "securityContext": _CONTAINER_SECURITY,
-        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}},
-        "volumeMounts": [
-            {"name": "models", "mountPath": "/models"},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
-    }
-    if env_from:
-        container["envFrom"] = env_from
-    volumes: list[dict[str, Any]] = [
-        {"name": "models", "persistentVolumeClaim": {"claimName": settings.model_cache_claim}},
-        {"name": "tmp", "emptyDir": {}},
-    ]
-    if source.scheme == "oci":
-        # Registry credentials: a dockerconfigjson Secret 'oci-credentials', when there is one.
-        container["volumeMounts"].append(
-            {"name": "registry", "mountPath": "/tmp/registry", "readOnly": True}
-        )
-        volumes.append(
-            {
-                "name": "registry",
-                "secret": {
-                    "secretName": "oci-credentials",
-                    "optional": True,
-                    "items": [{"key": ".dockerconfigjson", "path": "config.json"}],
-                },
-            }
-        )
-    labels = {LABEL_COMPONENT: "loader"}
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": _meta(loader_name(model), settings.namespace, labels),
-        "spec": {
-            "backoffLimit": 3,
-            "template": {
-                "metadata": {"labels": {**MANAGED, **labels}},
-                "spec": {
-                    "restartPolicy": "OnFailure",
-                    "automountServiceAccountToken": False,
-                    "securityContext": _POD_SECURITY,
-                    "containers": [container],
-                    "volumes": volumes,
-                },
-            },
-        },
-    }
-
-
-def _weights_path(model: Model) -> PurePosixPath:
-    """Where the weights are, mounted at /models: the cache's /models/<scheme>/<location>, or
-    the path inside a ``pvc://`` claim."""
-    source = model.spec.parsed_source
-    if source.scheme == "pvc":
-        return PurePosixPath("/models") / source.location.partition("/")[2]
-    location = source.location.replace("@", "_").replace(":", "_")
-    return PurePosixPath("/models") / source.scheme / location.strip("/")
-
-
-def _claim(model: Model, settings: RenderSettings) -> str:
-    source = model.spec.parsed_source
-    return (
-        source.location.partition("/")[0] if source.scheme == "pvc" else settings.model_cache_claim
-    )
 
 
 def _affinity(model: Model, group: EngineGroup) -> dict[str, Any]:
@@ -678,7 +509,7 @@ def _leader_worker_set(model: Model, settings: RenderSettings) -> dict[str, Any]
     return {
         "apiVersion": "leaderworkerset.x-k8s.io/v1",
         "kind": "LeaderWorkerSet",
-        "metadata": _meta(f"engine-{model.name}", settings.namespace, labels),
+        "metadata": meta(f"engine-{model.name}", settings.namespace, labels),
         "spec": {
             "replicas": max(spec.replicas.min, 1),
             "startupPolicy": "LeaderReady",
@@ -703,7 +534,7 @@ def _scaled_object(model: Model, settings: RenderSettings) -> dict[str, Any]:
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
-        "metadata": _meta(f"engine-{name}", settings.namespace, {LABEL_MODEL: name}),
+        "metadata": meta(f"engine-{name}", settings.namespace, {LABEL_MODEL: name}),
         "spec": {
             "scaleTargetRef": {
                 "apiVersion": "apps/v1",
@@ -737,114 +568,7 @@ def _scaled_object(model: Model, settings: RenderSettings) -> dict[str, Any]:
     }
 
 
-# -- tenants ----------------------------------------------------------------------------------
-
-
-def tenant_objects(tenant: Tenant, settings: RenderSettings) -> list[dict[str, Any]]:
-    """A tenant's namespace and what guards it (quota, network policies, RBAC)."""
-    ns = f"tenant-{tenant.name}"
-    labels = {LABEL_TENANT: tenant.name}
-    gateway = dict(settings.gateway_labels)
-    return [
-        _namespace(ns, labels),
-        {
-            "apiVersion": "v1",
-            "kind": "ResourceQuota",
-            "metadata": _meta("gpus", ns, labels),
-            "spec": {"hard": {"requests.nvidia.com/gpu": str(_gpu_quota(tenant))}},
-        },
-        {
-            "apiVersion": "networking.k8s.io/v1",
-            "kind": "NetworkPolicy",
-            "metadata": _meta("default-deny", ns, labels),
-            "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]},
-        },
-        {
-            "apiVersion": "networking.k8s.io/v1",
-            "kind": "NetworkPolicy",
-            "metadata": _meta("gateway-to-engines", ns, labels),
-            "spec": {
-                "podSelector": {"matchLabels": {LABEL_COMPONENT: "engine"}},
-                "policyTypes": ["Ingress"],
-                "ingress": [
-                    {
-                        "from": [
-                            {
-                                "namespaceSelector": {
-                                    "matchLabels": {
-                                        "kubernetes.io/metadata.name": settings.namespace
-                                    }
-                                },
-                                "podSelector": {"matchLabels": gateway},
-                            }
-                        ],
-                        "ports": [{"protocol": "TCP", "port": PORT}],
-                    }
-                ],
-            },
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": _meta("gpufleet-tenant", ns, labels),
-            "rules": [
-                {
-                    "apiGroups": ["gpufleet.io"],
-                    "resources": ["models"],
-                    "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"],
-                },
-                {
-                    "apiGroups": ["gpufleet.io"],
-                    "resources": ["models/status"],
-                    "verbs": ["get"],
-                },
-                {"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list"]},
-            ],
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": _meta("gpufleet-tenant", ns, labels),
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "Role",
-                "name": "gpufleet-tenant",
-            },
-            "subjects": [
-                {
-                    "apiGroup": "rbac.authorization.k8s.io",
-                    "kind": "Group",
-                    "name": settings.tenant_group.format(tenant=tenant.name),
-                }
-            ],
-        },
-    ]
-
-
-def _gpu_quota(tenant: Tenant) -> int:
-    """GPUs a tenant's namespace may request (its ``gpus`` label, else none: engines of shared
-    models run in gpufleet's namespace; a tenant's own engines need a quota to be set)."""
-    value = tenant.metadata.labels.get("gpufleet.io/gpus", "0")
-    return int(value) if value.isdigit() else 0
-
-
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def _namespace(name: str, labels: Mapping[str, str]) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Namespace",
-        "metadata": {
-            "name": name,
-            "labels": {
-                **MANAGED,
-                **labels,
-                # Pod Security Admission: the restricted profile, which every pod here meets.
-                "pod-security.kubernetes.io/enforce": "restricted",
-            },
-        },
-    }
 
 
 def _priority_class(name: str, value: int) -> dict[str, Any]:
@@ -857,10 +581,6 @@ def _priority_class(name: str, value: int) -> dict[str, Any]:
         "globalDefault": False,
         "description": f"gpufleet {name} models",
     }
-
-
-def _meta(name: str, namespace: str, labels: Mapping[str, str]) -> dict[str, Any]:
-    return {"name": name, "namespace": namespace, "labels": {**MANAGED, **labels}}
 
 
 def _dns(value: str) -> str:

@@ -1,0 +1,97 @@
+"""What every Kubernetes object gpufleet writes shares: labels, ports, settings, security."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpufleet.errors import SpecError
+
+__all__ = [
+    "CONTAINER_SECURITY",
+    "DEFAULT_IMAGES",
+    "LABEL_COMPONENT",
+    "LABEL_GROUP",
+    "LABEL_MODEL",
+    "LABEL_TENANT",
+    "MANAGED",
+    "POD_SECURITY",
+    "PORT",
+    "RenderError",
+    "RenderSettings",
+    "meta",
+    "namespace_object",
+]
+
+#: Official engine images (pinned; override with ``RenderSettings.images``).
+DEFAULT_IMAGES: Mapping[str, str] = {
+    "vllm": "vllm/vllm-openai:v0.11.0",
+    "sglang": "lmsysorg/sglang:v0.5.3-cu126",
+    "llamacpp": "ghcr.io/ggml-org/llama.cpp:server-b6800",
+}
+PORT = 8000
+LABEL_MODEL = "gpufleet.io/model"
+LABEL_GROUP = "gpufleet.io/placement"
+LABEL_TENANT = "gpufleet.io/tenant"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+MANAGED = {"app.kubernetes.io/managed-by": "gpufleet", "app.kubernetes.io/part-of": "gpufleet"}
+
+
+class RenderError(SpecError):
+    """A model that cannot run on Kubernetes as written; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    namespace: str = "gpufleet"
+    images: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_IMAGES))
+    #: The PersistentVolumeClaim holding model weights, mounted read-only at ``/models``.
+    model_cache_claim: str = "gpufleet-model-cache"
+    #: Pods the gateway runs as (the only ones allowed to reach engines).
+    gateway_labels: Mapping[str, str] = field(
+        default_factory=lambda: {"app.kubernetes.io/name": "gpufleet-gateway"}
+    )
+    #: Group bound to each tenant's Role (``{tenant}`` is replaced by the tenant's name).
+    tenant_group: str = "gpufleet:tenant:{tenant}"
+    #: GPUs one node has: a model asking for more runs as a LeaderWorkerSet across nodes.
+    gpus_per_node: int = 8
+    #: Scale engines with KEDA (a ScaledObject per model on gpufleet's own metrics) instead of
+    #: gpufleet's autoscaler; the Deployments then leave ``replicas`` to KEDA.
+    keda_prometheus: str | None = None
+
+
+CONTAINER_SECURITY: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "capabilities": {"drop": ["ALL"]},
+}
+POD_SECURITY: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "runAsGroup": 1000,
+    "fsGroup": 1000,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def namespace_object(name: str, labels: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {
+            "name": name,
+            "labels": {
+                **MANAGED,
+                **labels,
+                # Pod Security Admission: the restricted profile, which every pod here meets.
+                "pod-security.kubernetes.io/enforce": "restricted",
+            },
+        },
+    }
+
+
+def meta(name: str, namespace: str, labels: Mapping[str, str]) -> dict[str, Any]:
+    return {"name": name, "namespace": namespace, "labels": {**MANAGED, **labels}}
