@@ -23,10 +23,10 @@ from typing import Any
 
 from gpufleet.controller import DemandSource, Directory
 from gpufleet.errors import SpecError
+from gpufleet.gateway.shared_demand import DemandPublisher
 from gpufleet.runtime import Runtime
 from gpufleet.runtime.kubernetes import KubernetesRuntime, RenderSettings
 from gpufleet.runtime.kubernetes.api import Conflict, KubeApi
-from gpufleet.runtime.kubernetes.demand import DemandPublisher
 from gpufleet.runtime.kubernetes.manifests import PORT
 from gpufleet.runtime.kubernetes.resources import model_from_resource
 from gpufleet.spec import API_VERSION, Model
@@ -125,6 +125,12 @@ class ClusterPlane:
         if ready.get("reason") == "InvalidSpec":
             problem = ready.get("message", "")
         self.directory.set_problem(name, problem)
+        canary = status.get("canary") or {}
+        if canary.get("generation") and canary.get("percent"):
+            split = (int(canary["generation"]), int(canary["percent"]))
+            self.directory.set_rollout(name, split, f"canary generation {split[0]} at {split[1]} %")
+        else:
+            self.directory.set_rollout(name, None, "")
 
     # -- ControlPlane -----------------------------------------------------------------------
 
@@ -183,11 +189,17 @@ class ClusterPlane:
     def attach_demand(self, source: DemandSource) -> None:
         if self.redis_url is None or self._publisher is not None:
             return
+        directory = self.directory
         self._publisher = DemandPublisher(
             self.redis_url,
             self.gateway_id,
             source.sample,
-            lambda: [e.name for e in self.directory.entries()],
+            lambda: [e.name for e in directory.entries()],
+            # Canaries' answers by generation, for the operator's verdict.
+            canaries=lambda: [
+                (e.name, e.canary[0]) for e in directory.entries() if e.canary is not None
+            ],
+            generation_stats=getattr(source, "generation_stats", None),
         )
         self._publisher.start()
 

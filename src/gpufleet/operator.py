@@ -24,10 +24,10 @@ from typing import Any
 
 from gpufleet.controller import Autoscaler, Controller, ModelEntry, PlannerCapacity
 from gpufleet.errors import SpecError
+from gpufleet.gateway.shared_demand import RedisDemand
 from gpufleet.runtime.base import Phase
 from gpufleet.runtime.kubernetes import KubernetesRuntime, RenderSettings, inventory_from_nodes
 from gpufleet.runtime.kubernetes.api import Conflict, KubeApi
-from gpufleet.runtime.kubernetes.demand import RedisDemand
 from gpufleet.runtime.kubernetes.manifests import (
     LABEL_MODEL,
     model_disruption_budget,
@@ -113,7 +113,7 @@ def model_status(
                 "observedGeneration": observed_generation,
             }
         )
-    return {
+    result: dict[str, Any] = {
         "observedGeneration": observed_generation,
         "replicas": len(entry.replicas),
         "readyReplicas": ready,
@@ -122,6 +122,9 @@ def model_status(
         "endpoints": sorted(r.url for r in entry.endpoints if r.url),
         "conditions": conditions,
     }
+    if entry.canary is not None:
+        result["canary"] = {"generation": entry.canary[0], "percent": entry.canary[1]}
+    return result
 
 
 class LeaderElection:

@@ -18,12 +18,13 @@ from openai import AsyncOpenAI
 
 from gpufleet.autoscale import Sample
 from gpufleet.cluster import WAKE_ANNOTATION, ClusterPlane
+from gpufleet.controller import GenerationStats
 from gpufleet.emulator import EmulatedEngine, ReplicaServer
 from gpufleet.gateway import GatewaySettings, build_app
+from gpufleet.gateway.shared_demand import DemandPublisher, RedisDemand
 from gpufleet.hardware import CATALOG
 from gpufleet.operator import WAKE_ANNOTATION as OPERATOR_WAKE
 from gpufleet.runtime.kubernetes import FakeKube
-from gpufleet.runtime.kubernetes.demand import DemandPublisher, RedisDemand
 from gpufleet.sizing import load_architecture
 from gpufleet.sizing.performance import PerfModel
 from gpufleet.store import Store, sqlite_url
@@ -169,8 +170,16 @@ async def test_gpufleet_apply_through_the_gateway_writes_model_resources(site: S
 async def test_gateways_share_their_demand_with_the_operator_through_redis() -> None:
     model = f"m-{secrets.token_hex(3)}"
     loads = {"gw-a": Sample(0, 7.0, 3, 0.5, 1.0, 0.2), "gw-b": Sample(0, 5.0, 2, 0.7, 0.0, 0.9)}
+    canary = {"gw-a": GenerationStats(30, 3, 0.4), "gw-b": GenerationStats(10, 5, 1.2)}
     publishers = [
-        DemandPublisher(REDIS, gw, lambda _m, now, gw=gw: loads[gw], lambda: [model])
+        DemandPublisher(
+            REDIS,
+            gw,
+            lambda _m, now, gw=gw: loads[gw],
+            lambda: [model],
+            canaries=lambda: [(model, 2)],
+            generation_stats=lambda _m, _g, gw=gw: canary[gw],
+        )
         for gw in loads
     ]
     reader = RedisDemand(REDIS, lambda: [model])
@@ -183,6 +192,9 @@ async def test_gateways_share_their_demand_with_the_operator_through_redis() -> 
         assert total.kv_usage == pytest.approx(0.6)
         assert total.ttft_p90 == 0.9  # the worst gateway's
         assert reader.sample("unknown", 1.0).in_flight == 0
+        # The canary's answers over both gateways, for the operator's verdict.
+        assert reader.generation_stats(model, 2) == GenerationStats(40, 8, 1.2)
+        assert reader.generation_stats(model, 1) == GenerationStats()
         raw = await reader._redis.hgetall(f"gpufleet:demand:{model}")
         assert sorted(k.decode() for k in raw) == ["gw-a", "gw-b"]
         assert json.loads(raw[b"gw-a"])[1] == 7.0
@@ -190,3 +202,12 @@ async def test_gateways_share_their_demand_with_the_operator_through_redis() -> 
         for p in publishers:
             await p.close()
         await reader.close()
+
+
+async def test_a_canary_in_the_model_status_splits_the_gateways_requests(site: Site) -> None:
+    resource = model_resource(desired=2)
+    resource["status"]["canary"] = {"generation": 2, "percent": 30}
+    await site.kube.create(resource)
+    await site.settle(lambda: site.plane.directory.get("llama") is not None)
+    entry = site.plane.directory.get("llama")
+    assert entry is not None and entry.canary == (2, 30)

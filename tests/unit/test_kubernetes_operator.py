@@ -172,6 +172,12 @@ def test_status_conditions_keep_their_transition_time_while_unchanged() -> None:
     assert by_type["Degraded"]["status"] == "True"
     assert by_type["Degraded"]["message"] == "exited with code 1"
     assert by_type["Unschedulable"]["status"] == "False"
+    assert "canary" not in first
+    canary = ModelEntry("m", 2, spec, 0, (ready,), desired=1, canary=(2, 10))
+    with_canary = model_status(
+        canary, observed_generation=2, unschedulable="", previous=None, now=100.0
+    )
+    assert with_canary["canary"] == {"generation": 2, "percent": 10}
     later = model_status(
         entry,
         observed_generation=1,

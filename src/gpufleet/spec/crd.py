@@ -70,6 +70,14 @@ _MODEL_STATUS = {
         "selector": {"type": "string"},
         "endpoints": {"type": "array", "items": {"type": "string"}},
         "conditions": {"type": "array", "items": _CONDITION},
+        # A canary under analysis: gateways split requests and count its answers by it.
+        "canary": {
+            "type": "object",
+            "properties": {
+                "generation": {"type": "integer"},
+                "percent": {"type": "integer"},
+            },
+        },
     },
 }
 

@@ -1,4 +1,5 @@
-"""Demand shared through Redis: every gateway publishes its samples, the operator sums them.
+"""Demand shared through Redis: every gateway publishes its samples, the operator sums them
+(and a canary's answers by generation, for its verdict).
 
 On Kubernetes several gateway replicas see parts of the traffic and the operator, which
 scales, sees none. Each gateway writes its latest sample per model into one Redis hash per
@@ -20,12 +21,15 @@ from collections.abc import Callable, Iterable
 import redis.asyncio as redis
 
 from gpufleet.autoscale import Sample
+from gpufleet.controller import GenerationStats
 
 __all__ = ["DemandPublisher", "RedisDemand"]
 
-log = logging.getLogger("gpufleet.kubernetes.demand")
+log = logging.getLogger("gpufleet.gateway.shared_demand")
 
 _PREFIX = "gpufleet:demand:"
+#: Per model: "<gateway>:<generation>" → the canary's answers counted by that gateway.
+_GENERATIONS = "gpufleet:generations:"
 
 
 class DemandPublisher:
@@ -40,9 +44,13 @@ class DemandPublisher:
         *,
         interval_s: float = 1.0,
         ttl_s: float = 5.0,
+        canaries: Callable[[], Iterable[tuple[str, int]]] = tuple,
+        generation_stats: Callable[[str, int], GenerationStats] | None = None,
     ) -> None:
         self._redis = redis.Redis.from_url(url)
         self.gateway_id = gateway_id
+        self._canaries = canaries
+        self._generation_stats = generation_stats
         self._sample = sample
         self._models = models
         self.interval_s = interval_s
@@ -63,6 +71,14 @@ class DemandPublisher:
                 )
                 pipe.hset(_PREFIX + model, self.gateway_id, value)
                 pipe.expire(_PREFIX + model, int(self.ttl_s) + 1)
+            if self._generation_stats is not None:
+                for model, generation in self._canaries():
+                    g = self._generation_stats(model, generation)
+                    field = f"{self.gateway_id}:{generation}"
+                    pipe.hset(
+                        _GENERATIONS + model, field, json.dumps([g.requests, g.errors, g.ttft_p90])
+                    )
+                    pipe.expire(_GENERATIONS + model, 3600)
             await pipe.execute()
 
     async def _run(self) -> None:
@@ -98,6 +114,7 @@ class RedisDemand:
         self.interval_s = interval_s
         self.ttl_s = ttl_s
         self._latest: dict[str, list[list[float | None]]] = {}
+        self._generations: dict[tuple[str, int], list[GenerationStats]] = {}
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -109,7 +126,19 @@ class RedisDemand:
         async with self._redis.pipeline(transaction=False) as pipe:
             for model in models:
                 pipe.hgetall(_PREFIX + model)
-            answers = await pipe.execute()
+            for model in models:
+                pipe.hgetall(_GENERATIONS + model)
+            everything = await pipe.execute()
+        answers, generations = everything[: len(models)], everything[len(models) :]
+        counts: dict[tuple[str, int], list[GenerationStats]] = {}
+        for model, fields in zip(models, generations, strict=True):
+            for key, value in fields.items():
+                generation = int(key.decode().rsplit(":", 1)[1])
+                requests, errors, ttft = json.loads(value)
+                counts.setdefault((model, generation), []).append(
+                    GenerationStats(int(requests), int(errors), ttft)
+                )
+        self._generations = counts
         now = time.time()
         latest: dict[str, list[list[float | None]]] = {}
         for model, fields in zip(models, answers, strict=True):
@@ -136,6 +165,16 @@ class RedisDemand:
             kv_usage=sum(kv) / len(kv) if kv else None,
             engine_waiting=sum(float(r[4] or 0) for r in rows),
             ttft_p90=max(ttfts) if ttfts else None,
+        )
+
+    def generation_stats(self, model: str, generation: int) -> GenerationStats:
+        """A canary's answers over every gateway (the worst TTFT p90 of them)."""
+        parts = self._generations.get((model, generation), [])
+        ttfts = [p.ttft_p90 for p in parts if p.ttft_p90 is not None]
+        return GenerationStats(
+            sum(p.requests for p in parts),
+            sum(p.errors for p in parts),
+            max(ttfts) if ttfts else None,
         )
 
     async def close(self) -> None:
