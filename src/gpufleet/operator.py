@@ -13,20 +13,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
+import json
 import logging
 import signal
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gpufleet.controller import Autoscaler, Controller, ModelEntry, PlannerCapacity
-from gpufleet.errors import SpecError
+from gpufleet.controller import Autoscaler, Controller, Directory, ModelEntry, PlannerCapacity
+from gpufleet.controller.capacity import size_model
+from gpufleet.errors import GpufleetError, SpecError
 from gpufleet.gateway.shared_demand import RedisDemand
+from gpufleet.planner import Deployment, Placement, PlanSettings, ReplicaKey, plan
+from gpufleet.runtime import ReplicaRequest
 from gpufleet.runtime.base import Phase
-from gpufleet.runtime.kubernetes import KubernetesRuntime, RenderSettings, inventory_from_nodes
+from gpufleet.runtime.kubernetes import (
+    EngineGroup,
+    KubernetesRuntime,
+    RenderSettings,
+    inventory_from_nodes,
+)
 from gpufleet.runtime.kubernetes.api import Conflict, KubeApi
 from gpufleet.runtime.kubernetes.manifests import (
     LABEL_MODEL,
@@ -35,11 +46,13 @@ from gpufleet.runtime.kubernetes.manifests import (
     tenant_objects,
 )
 from gpufleet.runtime.kubernetes.resources import model_from_resource, tenant_from_resource
-from gpufleet.spec import Model
+from gpufleet.spec import Inventory, Model, ModelSpec
 from gpufleet.store import Store
 
 __all__ = [
+    "CLUSTER_PLANNING",
     "WAKE_ANNOTATION",
+    "ClusterPlacer",
     "LeaderElection",
     "Operator",
     "OperatorConfig",
@@ -363,6 +376,84 @@ def _invalid(exc: SpecError, obj: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+#: On Kubernetes a whole GPU goes to one pod unless the node time-slices it (or it is split
+#: into MIG instances): the planner must not share it by memory.
+CLUSTER_PLANNING = PlanSettings(max_replicas_per_gpu=1, defragment=False, optimise_max_replicas=0)
+
+
+class ClusterPlacer:
+    """Where a new replica goes: the planner's answer on the cluster's inventory, planned
+    around the replicas already running (their placements are kept on their pods)."""
+
+    def __init__(
+        self,
+        inventory: Callable[[], Inventory],
+        directory: Directory,
+        runtime: KubernetesRuntime,
+        *,
+        size: Callable[[str, ModelSpec], Deployment | None] = size_model,
+    ) -> None:
+        self._inventory = inventory
+        self._directory = directory
+        self._runtime = runtime
+        self._size = size
+
+    def __call__(self, request: ReplicaRequest) -> EngineGroup:
+        fallback = EngineGroup("main", 1, gpus=request.spec.resources.gpus)
+        try:
+            mine = self._size(request.model, request.spec)
+        except (GpufleetError, OSError, ValueError):
+            mine = None
+        if mine is None:
+            return fallback
+        current: list[Placement] = []
+        for text in self._runtime.placements().values():
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                current.append(_placement_from_json(text))
+        counts = Counter(p.replica.deployment for p in current)
+        used = {p.replica.index for p in current if p.replica.deployment == request.model}
+        index = next(i for i in range(len(used) + 1) if i not in used)
+        top = max(max(used, default=-1), index)
+        deployments = {request.model: dataclasses.replace(mine, replicas=top + 1)}
+        for entry in self._directory.entries():
+            if entry.name == request.model or not counts.get(entry.name):
+                continue
+            try:
+                dep = self._size(entry.name, entry.spec)
+            except (GpufleetError, OSError, ValueError):
+                dep = None
+            if dep is not None:
+                top = max(p.replica.index for p in current if p.replica.deployment == entry.name)
+                deployments[entry.name] = dataclasses.replace(dep, replicas=top + 1)
+        known = [p for p in current if p.replica.deployment in deployments]
+        result = plan(
+            self._inventory(), deployments.values(), current=known, settings=CLUSTER_PLANNING
+        )
+        key = ReplicaKey(request.model, index)
+        chosen = next((p for p in result.placements if p.replica == key), None)
+        if chosen is None:
+            return fallback
+        return EngineGroup(
+            f"{chosen.node}",
+            1,
+            node=chosen.node,
+            gpu_type=chosen.gpu_type,
+            gpus=len(chosen.gpus),
+            memory_fraction=chosen.memory_fraction
+            if chosen.gpus and not chosen.mig_profile
+            else None,
+            mig_profile=chosen.mig_profile,
+            placement=json.dumps(dataclasses.asdict(chosen), sort_keys=True),
+        )
+
+
+def _placement_from_json(text: str) -> Placement:
+    data = json.loads(text)
+    data["replica"] = ReplicaKey(**data["replica"])
+    data["gpus"] = tuple(data["gpus"])
+    return Placement(**data)
+
+
 @dataclass(frozen=True)
 class OperatorConfig:
     namespace: str
@@ -379,11 +470,13 @@ async def run_operator(cfg: OperatorConfig, api: KubeApi) -> None:
     """The operator process: store, runtime on pods, controller, the Model loop; until SIGTERM."""
     identity = cfg.identity or f"{socket.gethostname()}-{int(time.time())}"
     store = await asyncio.to_thread(Store.open, cfg.store_url)
-    runtime = KubernetesRuntime(api, RenderSettings(namespace=cfg.namespace))
     capacity = PlannerCapacity(
-        inventory_from_nodes(await api.list("Node", None), await api.list("Pod", None))
+        inventory_from_nodes(await api.list("Node", None), await api.list("Pod", None)),
+        settings=CLUSTER_PLANNING,
     )
+    runtime = KubernetesRuntime(api, RenderSettings(namespace=cfg.namespace))
     controller = Controller(store, runtime, autoscaler=Autoscaler(store, capacity=capacity))
+    runtime.set_placer(ClusterPlacer(lambda: capacity.inventory, controller.directory, runtime))
     demand = None
     if cfg.redis_url is not None:
         demand = RedisDemand(

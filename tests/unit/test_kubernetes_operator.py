@@ -329,3 +329,79 @@ async def test_a_wake_stamp_from_a_gateway_starts_a_model_at_zero(tmp_path: Path
         await controller.stop()
         await runtime.close()
         store.close()
+
+
+async def test_replicas_are_pinned_where_the_planner_puts_them(tmp_path: Path) -> None:
+    """Two nodes of one H100 each, no time-slicing: one engine per GPU, so the replicas land on
+    different nodes, and a third is reported unschedulable instead of sharing a GPU."""
+    from gpufleet.controller import PlannerCapacity
+    from gpufleet.operator import CLUSTER_PLANNING, ClusterPlacer
+    from gpufleet.runtime.kubernetes import inventory_from_nodes
+
+    nodes = [
+        {
+            "kind": "Node",
+            "metadata": {
+                "name": name,
+                "labels": {
+                    "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+                    "nvidia.com/gpu.count": "1",
+                },
+            },
+            "status": {"allocatable": {"cpu": "32", "memory": "256Gi", "nvidia.com/gpu": "1"}},
+        }
+        for name in ("gpu-a", "gpu-b")
+    ]
+    kube = FakeKube()
+    store = Store.open(sqlite_url(tmp_path))
+    capacity = PlannerCapacity(inventory_from_nodes(nodes), settings=CLUSTER_PLANNING)
+    runtime = KubernetesRuntime(kube)
+    await runtime.start_watching()
+    demand = Demand3()
+    autoscaler = Autoscaler(store, demand, capacity=capacity, clock=Clock(), interval_s=3600)
+    controller = Controller(store, runtime, autoscaler=autoscaler, resync_s=3600)
+    runtime.set_placer(ClusterPlacer(lambda: capacity.inventory, controller.directory, runtime))
+    await controller.start()
+    try:
+        spec = resource(replicas={"min": 2, "max": 3})["spec"]
+        spec["resources"]["memory"] = "30Gi"  # two would fit one GPU by memory
+        from gpufleet.spec import parse_document
+
+        await controller.apply(
+            [parse_document({"apiVersion": "gpufleet.io/v1alpha1", "kind": "Model",
+                             "metadata": {"name": "llama"}, "spec": spec})]
+        )  # fmt: skip
+        await settle(lambda: len(pods(kube)) == 2)
+        hosts = []
+        for name in pods(kube):
+            pod = kube.peek("Pod", NS, name)
+            assert pod is not None
+            terms = pod["spec"]["affinity"]["nodeAffinity"][
+                "requiredDuringSchedulingIgnoredDuringExecution"
+            ]
+            expressions = terms["nodeSelectorTerms"][0]["matchExpressions"]
+            hosts += [e["values"][0] for e in expressions if e["key"] == "kubernetes.io/hostname"]
+            assert "gpufleet.io/placement" in pod["metadata"]["annotations"]
+        assert sorted(hosts) == ["gpu-a", "gpu-b"]
+        # Demand for three: the third has no GPU of its own, and is not put on a busy one.
+        demand.load = 24.0
+        for _ in range(10):
+            autoscaler.clock.t += 1  # type: ignore[attr-defined]
+            await controller.autoscale_once()
+        await asyncio.sleep(0.05)
+        assert len(pods(kube)) == 2
+        assert "Unschedulable" in [e.reason for e in store.events("llama")]
+    finally:
+        await controller.stop()
+        await runtime.close()
+        store.close()
+
+
+class Demand3:
+    def __init__(self) -> None:
+        self.load = 0.0
+
+    def sample(self, model: str, now: float) -> Any:
+        from gpufleet.autoscale import Sample
+
+        return Sample(now, self.load)

@@ -180,6 +180,9 @@ class EngineGroup:
     gpus: int = 0
     memory_fraction: float | None = None
     mig_profile: str | None = None
+    #: The planner's placement of the replica, as JSON, kept on its pod (the operator plans the
+    #: next replicas around the ones running).
+    placement: str = ""
 
 
 def _groups(

@@ -44,11 +44,13 @@ from gpufleet.runtime.kubernetes.manifests import (
 )
 from gpufleet.spec import API_VERSION, Metadata, Model
 
-__all__ = ["LABEL_GENERATION", "KubernetesRuntime"]
+__all__ = ["LABEL_GENERATION", "LABEL_PLACEMENT", "KubernetesRuntime"]
 
 log = logging.getLogger("gpufleet.runtime.kubernetes")
 
 LABEL_GENERATION = "gpufleet.io/generation"
+#: Annotation: where the planner put the replica (JSON of its Placement).
+LABEL_PLACEMENT = "gpufleet.io/placement"
 _SELECTOR = {"app.kubernetes.io/managed-by": "gpufleet", LABEL_COMPONENT: "engine"}
 
 
@@ -71,8 +73,13 @@ class KubernetesRuntime:
         #: Where a new replica goes (the planner's choice); default: the model's GPUs anywhere.
         self._place = place or (lambda r: EngineGroup("main", 1, gpus=r.spec.resources.gpus))
         self._replicas: dict[str, Replica] = {}
+        self._placements: dict[str, str] = {}
         self._subscribers: set[asyncio.Queue[Replica]] = set()
         self._task: asyncio.Task[None] | None = None
+
+    def set_placer(self, place: Callable[[ReplicaRequest], EngineGroup]) -> None:
+        """Where new replicas go from now on (the operator's planner)."""
+        self._place = place
 
     async def start_watching(self) -> None:
         """Adopt the pods already there, then follow every change."""
@@ -113,11 +120,15 @@ class KubernetesRuntime:
             LABEL_GENERATION: str(request.generation),
             LABEL_COMPONENT: "engine",
         }
+        group = self._place(request)
+        metadata: dict[str, Any] = {"name": name, "namespace": self.namespace, "labels": labels}
+        if group.placement:
+            metadata["annotations"] = {LABEL_PLACEMENT: group.placement}
         pod = {
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {"name": name, "namespace": self.namespace, "labels": labels},
-            "spec": engine_pod(model, self._place(request), self.settings),
+            "metadata": metadata,
+            "spec": engine_pod(model, group, self.settings),
         }
         # The weights: fetched once into the cache, whichever replica asks first.
         if request.spec.parsed_source.scheme != "pvc":
@@ -132,6 +143,8 @@ class KubernetesRuntime:
             started_at=time.time(),
             embeddings=request.spec.embeddings,
         )
+        if group.placement:
+            self._placements[name] = group.placement
         self._set(replica)
         return replica
 
@@ -140,6 +153,10 @@ class KubernetesRuntime:
         await self.api.delete("Pod", self.namespace, replica_id)
         if replica is not None:
             self._publish(dataclasses.replace(replica, phase=Phase.STOPPED, url=None))
+
+    def placements(self) -> dict[str, str]:
+        """The planner's placement (JSON) of every replica that has one, by replica id."""
+        return {rid: p for rid, p in self._placements.items() if rid in self._replicas}
 
     def replicas(self, model: str | None = None) -> list[Replica]:
         return [r for r in self._replicas.values() if model is None or r.model == model]
@@ -180,6 +197,9 @@ class KubernetesRuntime:
         meta = pod["metadata"]
         labels = meta.get("labels", {})
         name = meta["name"]
+        placement = (meta.get("annotations") or {}).get(LABEL_PLACEMENT)
+        if placement:
+            self._placements[name] = placement
         try:
             generation = int(labels.get(LABEL_GENERATION, "0"))
         except ValueError:
