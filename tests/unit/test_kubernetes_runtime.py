@@ -262,3 +262,65 @@ def test_the_inventory_comes_from_nodes_and_the_pods_on_them() -> None:
     assert (l4.type, l4.count, l4.time_slicing) == ("L4", 2, 4)
     assert by_name["cpu-only"].gpus == [] and by_name["cpu-only"].cpus == 63
     assert by_name["h100-a"].memory == 515000 * (1 << 20)
+
+
+async def test_a_model_bigger_than_a_node_runs_as_leader_worker_sets(op: Operator) -> None:
+    (big,) = load_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: big}\n"
+        "spec: {source: 'hf://meta-llama/Llama-3.1-405B-Instruct', engine: vllm, "
+        "resources: {gpus: 16}, replicas: {min: 1, max: 1}}\n"
+    )
+    await op.controller.apply([big])
+    await op.settle(lambda: [k for k in op.kube.objects if k[0] == "LeaderWorkerSet"])
+    ((_, _, group),) = [k for k in op.kube.objects if k[0] == "LeaderWorkerSet"]
+    lws = op.kube.peek("LeaderWorkerSet", NS, group)
+    assert lws is not None and lws["spec"]["replicas"] == 1
+    assert lws["spec"]["leaderWorkerTemplate"]["size"] == 2
+    assert op.pods("big") == []  # the LeaderWorkerSet controller makes the pods
+    # What the LWS controller and the kubelet do: a leader and a worker pod, the leader ready.
+    for index in ("0", "1"):
+        labels = {
+            **lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["metadata"]["labels"],
+            "leaderworkerset.sigs.k8s.io/worker-index": index,
+        }
+        await op.kube.create(
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{group}-0-{index}", "namespace": NS, "labels": labels}, "spec": {}}
+        )  # fmt: skip
+    op.kube.pod_ready(NS, f"{group}-0-1", "10.0.1.2")  # a worker's readiness serves nothing
+    await asyncio.sleep(0.05)
+    assert op.controller.directory.get("big").endpoints == ()  # type: ignore[union-attr]
+    op.kube.pod_ready(NS, f"{group}-0-0", "10.0.1.1")
+    await op.settle(lambda: op.controller.directory.get("big").endpoints)  # type: ignore[union-attr]
+    (endpoint,) = op.controller.directory.get("big").endpoints  # type: ignore[union-attr]
+    assert (endpoint.id, endpoint.url) == (group, "http://10.0.1.1:8000")
+    # The group restarts (a pod failed): starting again, not gone, nothing new created.
+    await op.kube.delete("Pod", NS, f"{group}-0-0")
+    await op.settle(lambda: not op.controller.directory.get("big").endpoints)  # type: ignore[union-attr]
+    assert [k for k in op.kube.objects if k[0] == "LeaderWorkerSet"] == [
+        ("LeaderWorkerSet", NS, group)
+    ]
+    await op.controller.delete("big")
+    await op.settle(lambda: not [k for k in op.kube.objects if k[0] == "LeaderWorkerSet"])
+
+
+async def test_a_restarted_operator_adopts_its_leader_worker_sets(tmp_path: Path) -> None:
+    (big,) = load_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: big}\n"
+        "spec: {source: 'hf://meta-llama/Llama-3.1-405B-Instruct', engine: vllm, "
+        "resources: {gpus: 16}, replicas: {min: 1, max: 1}}\n"
+    )
+    store = Store.open(sqlite_url(tmp_path))
+    kube = FakeKube()
+    first = await start(kube, store)
+    await first.controller.apply([big])
+    await first.settle(lambda: [k for k in kube.objects if k[0] == "LeaderWorkerSet"])
+    await first.stop()
+    writes = len(kube.writes)
+    second = await start(kube, store)
+    try:
+        await asyncio.sleep(0.1)
+        assert len(kube.writes) == writes  # the group is adopted, not created again
+        assert len(second.runtime.replicas("big")) == 1
+    finally:
+        await second.stop()
+        store.close()

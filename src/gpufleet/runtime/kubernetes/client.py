@@ -39,6 +39,7 @@ class Kind:
 KINDS: dict[str, Kind] = {
     "Pod": Kind("v1", "pods"),
     "Job": Kind("batch/v1", "jobs"),
+    "LeaderWorkerSet": Kind("leaderworkerset.x-k8s.io/v1", "leaderworkersets"),
     "Service": Kind("v1", "services"),
     "PodDisruptionBudget": Kind("policy/v1", "poddisruptionbudgets"),
     "Node": Kind("v1", "nodes", namespaced=False),

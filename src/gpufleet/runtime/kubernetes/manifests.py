@@ -61,6 +61,7 @@ __all__ = [
     "LABEL_GROUP",
     "LABEL_MODEL",
     "LABEL_TENANT",
+    "LWS_INDEX",
     "MANAGED",
     "PORT",
     "EngineGroup",
@@ -68,6 +69,7 @@ __all__ = [
     "RenderSettings",
     "check",
     "engine_pod",
+    "leader_worker_set",
     "loader_job",
     "loader_name",
     "model_disruption_budget",
@@ -258,8 +260,8 @@ def _model_objects(
     objects: list[dict[str, Any]] = [model_service(model, settings)]
     if model.spec.resources.gpus > settings.gpus_per_node:
         # One replica needs more GPUs than a node has: a group of pods across nodes.
-        lws = _leader_worker_set(model, settings)
-        objects[0]["spec"]["selector"] = {**selector, _LWS_INDEX: "0"}  # leaders serve
+        lws = leader_worker_set(model, settings)
+        objects[0]["spec"]["selector"] = {**selector, LWS_INDEX: "0"}  # leaders serve
         return [*objects, lws]
     for group in groups:
         objects.append(_deployment(model, group, settings, single=len(groups) == 1))
@@ -459,11 +461,11 @@ def _gfd_products(gpu_type: str) -> list[str]:
     return [n.replace(" ", "-") for n in names] or [accelerator.name]
 
 
-_LWS_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"
+LWS_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"
 _RAY_PORT = 6379
 
 
-def _leader_worker_set(model: Model, settings: RenderSettings) -> dict[str, Any]:
+def leader_worker_set(model: Model, settings: RenderSettings) -> dict[str, Any]:
     """vLLM across nodes: tensor parallel within a node, pipeline parallel across the group's
     nodes, over Ray — the leader starts the Ray head and serves, the workers join it
     (LeaderWorkerSet, sigs.k8s.io/lws: the group is scheduled, restarted and scaled as one)."""

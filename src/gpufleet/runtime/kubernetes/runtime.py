@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import logging
 import secrets
@@ -34,23 +35,28 @@ from gpufleet.runtime.kubernetes.api import KubeApi, WatchEvent
 from gpufleet.runtime.kubernetes.manifests import (
     LABEL_COMPONENT,
     LABEL_MODEL,
+    LWS_INDEX,
     MANAGED,
     PORT,
     EngineGroup,
+    RenderError,
     RenderSettings,
     check,
     engine_pod,
+    leader_worker_set,
     loader_job,
 )
 from gpufleet.spec import API_VERSION, Metadata, Model
 
-__all__ = ["LABEL_GENERATION", "LABEL_PLACEMENT", "KubernetesRuntime"]
+__all__ = ["LABEL_GENERATION", "LABEL_PLACEMENT", "LABEL_REPLICA", "KubernetesRuntime"]
 
 log = logging.getLogger("gpufleet.runtime.kubernetes")
 
 LABEL_GENERATION = "gpufleet.io/generation"
 #: Annotation: where the planner put the replica (JSON of its Placement).
 LABEL_PLACEMENT = "gpufleet.io/placement"
+#: On the pods of a multi-node replica: the LeaderWorkerSet (= replica) they belong to.
+LABEL_REPLICA = "gpufleet.io/replica"
 _SELECTOR = {"app.kubernetes.io/managed-by": "gpufleet", LABEL_COMPONENT: "engine"}
 
 
@@ -73,6 +79,8 @@ class KubernetesRuntime:
         #: Where a new replica goes (the planner's choice); default: the model's GPUs anywhere.
         self._place = place or (lambda r: EngineGroup("main", 1, gpus=r.spec.resources.gpus))
         self._replicas: dict[str, Replica] = {}
+        #: Replicas that are LeaderWorkerSets (multi-node), by name.
+        self._groups: set[str] = set()
         self._placements: dict[str, str] = {}
         self._subscribers: set[asyncio.Queue[Replica]] = set()
         self._task: asyncio.Task[None] | None = None
@@ -82,9 +90,12 @@ class KubernetesRuntime:
         self._place = place
 
     async def start_watching(self) -> None:
-        """Adopt the pods already there, then follow every change."""
+        """Adopt the pods (and multi-node groups) already there, then follow every change."""
+        for group in await self.api.list("LeaderWorkerSet", self.namespace, _SELECTOR):
+            self._groups.add(group["metadata"]["name"])
+            self._observe({"metadata": group["metadata"], "status": {}})
         for pod in await self.api.list("Pod", self.namespace, _SELECTOR):
-            self._observe(pod)
+            self._on(WatchEvent("ADDED", pod))
         ready = asyncio.Event()
         self._task = asyncio.create_task(self._watch(ready), name="kubernetes:watch-pods")
         await ready.wait()
@@ -105,12 +116,6 @@ class KubernetesRuntime:
             spec=request.spec,
         )
         problems = check(model, self.settings)
-        if request.spec.resources.gpus > self.settings.gpus_per_node:
-            problems.append(
-                f"{request.model}: {request.spec.resources.gpus} GPUs span nodes; the operator "
-                "runs single-node replicas so far — deploy it with 'gpufleet render' "
-                "(a LeaderWorkerSet)"
-            )
         if problems:
             raise PermanentError("; ".join(problems))
         name = f"{request.model}-g{request.generation}-{secrets.token_hex(3)}"
@@ -120,6 +125,24 @@ class KubernetesRuntime:
             LABEL_GENERATION: str(request.generation),
             LABEL_COMPONENT: "engine",
         }
+        if request.spec.parsed_source.scheme != "pvc":
+            with contextlib.suppress(FileExistsError):
+                await self.api.create(loader_job(model, self.settings))
+        if request.spec.resources.gpus > self.settings.gpus_per_node:
+            # Bigger than a node: the replica is a LeaderWorkerSet of one group, served by its
+            # leader pod.
+            try:
+                lws = leader_worker_set(model, self.settings)
+            except RenderError as exc:
+                raise PermanentError("; ".join(exc.problems)) from exc
+            lws["metadata"] = {"name": name, "namespace": self.namespace, "labels": labels}
+            lws["spec"]["replicas"] = 1
+            for role in ("leaderTemplate", "workerTemplate"):
+                template = lws["spec"]["leaderWorkerTemplate"][role]
+                template["metadata"]["labels"] = {**labels, LABEL_REPLICA: name}
+            await self.api.create(lws)
+            self._groups.add(name)
+            return self._started(request, name)
         group = self._place(request)
         metadata: dict[str, Any] = {"name": name, "namespace": self.namespace, "labels": labels}
         if group.placement:
@@ -130,11 +153,12 @@ class KubernetesRuntime:
             "metadata": metadata,
             "spec": engine_pod(model, group, self.settings),
         }
-        # The weights: fetched once into the cache, whichever replica asks first.
-        if request.spec.parsed_source.scheme != "pvc":
-            with contextlib.suppress(FileExistsError):
-                await self.api.create(loader_job(model, self.settings))
         await self.api.create(pod)
+        if group.placement:
+            self._placements[name] = group.placement
+        return self._started(request, name)
+
+    def _started(self, request: ReplicaRequest, name: str) -> Replica:
         replica = Replica(
             id=name,
             model=request.model,
@@ -143,14 +167,16 @@ class KubernetesRuntime:
             started_at=time.time(),
             embeddings=request.spec.embeddings,
         )
-        if group.placement:
-            self._placements[name] = group.placement
         self._set(replica)
         return replica
 
     async def stop(self, replica_id: str) -> None:
         replica = self._replicas.pop(replica_id, None)
-        await self.api.delete("Pod", self.namespace, replica_id)
+        if replica_id in self._groups:
+            self._groups.discard(replica_id)
+            await self.api.delete("LeaderWorkerSet", self.namespace, replica_id)
+        else:
+            await self.api.delete("Pod", self.namespace, replica_id)
         if replica is not None:
             self._publish(dataclasses.replace(replica, phase=Phase.STOPPED, url=None))
 
@@ -182,6 +208,20 @@ class KubernetesRuntime:
             self._on(event)
 
     def _on(self, event: WatchEvent) -> None:
+        labels = event.object["metadata"].get("labels", {}) or {}
+        group = labels.get(LABEL_REPLICA)
+        if group is not None:
+            # A pod of a multi-node replica: its leader speaks for the group.
+            if labels.get(LWS_INDEX) != "0" or group not in self._replicas:
+                return
+            if event.type == "DELETED":  # the group is being recreated, not gone
+                current = self._replicas[group]
+                self._set(dataclasses.replace(current, phase=Phase.STARTING, url=None))
+                return
+            pod = copy.deepcopy(event.object)
+            pod["metadata"]["name"] = group
+            self._observe(pod)
+            return
         name = event.object["metadata"]["name"]
         if event.type == "DELETED":
             replica = self._replicas.pop(name, None)
