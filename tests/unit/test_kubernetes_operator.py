@@ -405,3 +405,47 @@ class Demand3:
         from gpufleet.autoscale import Sample
 
         return Sample(now, self.load)
+
+
+async def test_a_node_joining_lifts_the_bound_and_the_replica_starts(tmp_path: Path) -> None:
+    from gpufleet.controller import PlannerCapacity
+    from gpufleet.operator import CLUSTER_PLANNING, ClusterPlacer
+    from gpufleet.runtime.kubernetes import inventory_from_nodes
+    from gpufleet.spec import parse_document
+
+    def gpu_node(name: str) -> dict[str, Any]:
+        return {
+            "kind": "Node",
+            "metadata": {
+                "name": name,
+                "labels": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+            },
+            "status": {"allocatable": {"cpu": "32", "memory": "256Gi", "nvidia.com/gpu": "1"}},
+        }
+
+    kube = FakeKube()
+    store = Store.open(sqlite_url(tmp_path))
+    capacity = PlannerCapacity(inventory_from_nodes([gpu_node("gpu-a")]), settings=CLUSTER_PLANNING)
+    runtime = KubernetesRuntime(kube)
+    await runtime.start_watching()
+    autoscaler = Autoscaler(store, Demand3(), capacity=capacity, clock=Clock(), interval_s=3600)
+    controller = Controller(store, runtime, autoscaler=autoscaler, resync_s=3600)
+    runtime.set_placer(ClusterPlacer(lambda: capacity.inventory, controller.directory, runtime))
+    await controller.start()
+    try:
+        spec = resource(replicas={"min": 2, "max": 2})["spec"]
+        spec["resources"]["memory"] = "30Gi"
+        doc = {"apiVersion": "gpufleet.io/v1alpha1", "kind": "Model", "metadata": {"name": "llama"}}
+        await controller.apply([parse_document({**doc, "spec": spec})])
+        await controller.autoscale_once()
+        await settle(lambda: len(pods(kube)) == 1)  # one GPU: one replica, the other reported
+        assert "Unschedulable" in [e.reason for e in store.events("llama")]
+        # The operator reads the nodes again: a second GPU node has joined.
+        capacity.set_inventory(inventory_from_nodes([gpu_node("gpu-a"), gpu_node("gpu-b")]))
+        autoscaler.clock.t += 1  # type: ignore[attr-defined]
+        await controller.autoscale_once()
+        await settle(lambda: len(pods(kube)) == 2)
+    finally:
+        await controller.stop()
+        await runtime.close()
+        store.close()
