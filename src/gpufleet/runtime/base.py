@@ -7,6 +7,7 @@ and change notifications, so it cannot tell them apart — which is the point.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Protocol
 
 from gpufleet.spec import ModelSpec
 
-__all__ = ["Capabilities", "Phase", "Replica", "ReplicaRequest", "Runtime"]
+__all__ = ["Capabilities", "Phase", "Replica", "ReplicaFeed", "ReplicaRequest", "Runtime"]
 
 
 class Phase(enum.StrEnum):
@@ -60,6 +61,27 @@ class Replica:
     @property
     def routable(self) -> bool:
         return self.phase is Phase.READY and self.url is not None
+
+
+class ReplicaFeed:
+    """Every change of any replica, fanned out to each watcher: what ``Runtime.watch`` yields,
+    shared by the runtimes."""
+
+    def __init__(self) -> None:
+        self._subscribers: set[asyncio.Queue[Replica]] = set()
+
+    def publish(self, replica: Replica) -> None:
+        for queue in self._subscribers:
+            queue.put_nowait(replica)
+
+    async def watch(self) -> AsyncIterator[Replica]:
+        queue: asyncio.Queue[Replica] = asyncio.Queue()
+        self._subscribers.add(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._subscribers.discard(queue)
 
 
 class Runtime(Protocol):

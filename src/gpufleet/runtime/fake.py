@@ -7,12 +7,11 @@ off. ``fail_with`` makes ``start`` raise, as a runtime does for missing weights 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import itertools
 from collections.abc import AsyncIterator, Callable
 
-from gpufleet.runtime.base import Capabilities, Phase, Replica, ReplicaRequest
+from gpufleet.runtime.base import Capabilities, Phase, Replica, ReplicaFeed, ReplicaRequest
 
 __all__ = ["FakeRuntime"]
 
@@ -30,7 +29,7 @@ class FakeRuntime:
         self.auto_ready = auto_ready
         self.fail_with: Exception | None = None
         self._replicas: dict[str, Replica] = {}
-        self._subscribers: set[asyncio.Queue[Replica]] = set()
+        self._feed = ReplicaFeed()
         self._ids = itertools.count(1)
         self.started: list[ReplicaRequest] = []
 
@@ -60,14 +59,8 @@ class FakeRuntime:
     def replicas(self, model: str | None = None) -> list[Replica]:
         return [r for r in self._replicas.values() if model is None or r.model == model]
 
-    async def watch(self) -> AsyncIterator[Replica]:
-        queue: asyncio.Queue[Replica] = asyncio.Queue()
-        self._subscribers.add(queue)
-        try:
-            while True:
-                yield await queue.get()
-        finally:
-            self._subscribers.discard(queue)
+    def watch(self) -> AsyncIterator[Replica]:
+        return self._feed.watch()
 
     async def logs(self, replica_id: str, tail: int = 200) -> str:
         return f"fake replica {replica_id}\n" if replica_id in self._replicas else ""
@@ -86,5 +79,4 @@ class FakeRuntime:
         self._publish(replica)
 
     def _publish(self, replica: Replica) -> None:
-        for queue in self._subscribers:
-            queue.put_nowait(replica)
+        self._feed.publish(replica)

@@ -29,7 +29,7 @@ from pathlib import Path
 import aiohttp
 
 from gpufleet.engines import EngineAdapter, Launch, adapter_for
-from gpufleet.runtime.base import Capabilities, Phase, Replica, ReplicaRequest
+from gpufleet.runtime.base import Capabilities, Phase, Replica, ReplicaFeed, ReplicaRequest
 from gpufleet.runtime.weights import resolve_weights
 
 __all__ = ["LocalRuntime"]
@@ -94,7 +94,7 @@ class LocalRuntime:
         self._liveness_failures = liveness_failures
         self._backoff = (backoff_initial_s, backoff_max_s, backoff_reset_after_s)
         self._handles: dict[str, _Handle] = {}
-        self._subscribers: set[asyncio.Queue[Replica]] = set()
+        self._feed = ReplicaFeed()
         self._http: aiohttp.ClientSession | None = None
         self._death_hook = _parent_death_hook()
 
@@ -137,14 +137,8 @@ class LocalRuntime:
             h.replica for h in self._handles.values() if model is None or h.replica.model == model
         ]
 
-    async def watch(self) -> AsyncIterator[Replica]:
-        queue: asyncio.Queue[Replica] = asyncio.Queue()
-        self._subscribers.add(queue)
-        try:
-            while True:
-                yield await queue.get()
-        finally:
-            self._subscribers.discard(queue)
+    def watch(self) -> AsyncIterator[Replica]:
+        return self._feed.watch()
 
     async def logs(self, replica_id: str, tail: int = 200) -> str:
         handle = self._handles.get(replica_id)
@@ -327,8 +321,7 @@ class LocalRuntime:
         self._publish(h)
 
     def _publish(self, h: _Handle) -> None:
-        for queue in self._subscribers:
-            queue.put_nowait(h.replica)
+        self._feed.publish(h.replica)
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

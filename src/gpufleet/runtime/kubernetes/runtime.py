@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from gpufleet.errors import PermanentError
-from gpufleet.runtime.base import Capabilities, Phase, Replica, ReplicaRequest
+from gpufleet.runtime.base import Capabilities, Phase, Replica, ReplicaFeed, ReplicaRequest
 from gpufleet.runtime.kubernetes.api import KubeApi, WatchEvent
 from gpufleet.runtime.kubernetes.manifests import (
     LABEL_COMPONENT,
@@ -82,7 +82,7 @@ class KubernetesRuntime:
         #: Replicas that are LeaderWorkerSets (multi-node), by name.
         self._groups: set[str] = set()
         self._placements: dict[str, str] = {}
-        self._subscribers: set[asyncio.Queue[Replica]] = set()
+        self._feed = ReplicaFeed()
         self._task: asyncio.Task[None] | None = None
 
     def set_placer(self, place: Callable[[ReplicaRequest], EngineGroup]) -> None:
@@ -187,14 +187,8 @@ class KubernetesRuntime:
     def replicas(self, model: str | None = None) -> list[Replica]:
         return [r for r in self._replicas.values() if model is None or r.model == model]
 
-    async def watch(self) -> AsyncIterator[Replica]:
-        queue: asyncio.Queue[Replica] = asyncio.Queue()
-        self._subscribers.add(queue)
-        try:
-            while True:
-                yield await queue.get()
-        finally:
-            self._subscribers.discard(queue)
+    def watch(self) -> AsyncIterator[Replica]:
+        return self._feed.watch()
 
     async def logs(self, replica_id: str, tail: int = 200) -> str:
         return f"kubectl logs -n {self.namespace} {replica_id} --tail {tail}\n"
@@ -307,5 +301,4 @@ class KubernetesRuntime:
         self._publish(replica)
 
     def _publish(self, replica: Replica) -> None:
-        for queue in self._subscribers:
-            queue.put_nowait(replica)
+        self._feed.publish(replica)
