@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, and_, delete, insert, or_, select, update
 
-from gpufleet.store.tables import batch_lines, batches, files
+from gpufleet.store.tables import aware, batch_lines, batches, files
 
 __all__ = ["BatchLine", "BatchRecord", "BatchStore", "FileRecord"]
 
@@ -72,24 +72,18 @@ class BatchLine:
 _BATCH_FIELDS = tuple(BatchRecord.__dataclass_fields__)
 
 
-def _aware(value: dt.datetime | None) -> dt.datetime | None:
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=dt.UTC)
-
-
 def _batch(row: Any) -> BatchRecord:
     values = {f: getattr(row, f) for f in _BATCH_FIELDS}
     for key, value in values.items():
         if isinstance(value, dt.datetime):
-            values[key] = _aware(value)
+            values[key] = aware(value)
     return BatchRecord(**values)
 
 
 def _file(row: Any) -> FileRecord:
-    created = _aware(row.created_at)
-    assert created is not None
-    return FileRecord(row.id, row.tenant, row.purpose, row.filename, row.bytes, created)
+    return FileRecord(
+        row.id, row.tenant, row.purpose, row.filename, row.bytes, aware(row.created_at)
+    )
 
 
 class BatchStore:

@@ -40,6 +40,7 @@ from gpufleet.store.batches import BatchStore
 from gpufleet.store.tables import (
     HEAD_REVISION,
     api_keys,
+    aware,
     events,
     metadata,
     model_revisions,
@@ -343,7 +344,7 @@ class Store(BatchStore, UsageStore):
         query = query.order_by(events.c.id.desc()).limit(limit)
         with self._connect() as conn:
             rows = list(conn.execute(query))
-        return [Event(_aware(r.at), r.model, r.type, r.reason, r.message) for r in reversed(rows)]
+        return [Event(aware(r.at), r.model, r.type, r.reason, r.message) for r in reversed(rows)]
 
     def count_events(self, model: str) -> int:
         with self._connect() as conn:
@@ -380,7 +381,7 @@ class Store(BatchStore, UsageStore):
         with self._connect() as conn:
             rows = list(conn.execute(select(tenants).order_by(tenants.c.name)))
         return [
-            StoredTenant(parse_tenant(r.document), _aware(r.created_at), _aware(r.updated_at))
+            StoredTenant(parse_tenant(r.document), aware(r.created_at), aware(r.updated_at))
             for r in rows
         ]
 
@@ -487,10 +488,10 @@ def _key(row: Any) -> KeyRecord:
         name=row.name,
         role=row.role,
         limits=row.limits,
-        created_at=_aware(row.created_at),
-        expires_at=_aware(row.expires_at) if row.expires_at is not None else None,
-        revoked_at=_aware(row.revoked_at) if row.revoked_at is not None else None,
-        updated_at=_aware(row.updated_at),
+        created_at=aware(row.created_at),
+        expires_at=aware(row.expires_at) if row.expires_at is not None else None,
+        revoked_at=aware(row.revoked_at) if row.revoked_at is not None else None,
+        updated_at=aware(row.updated_at),
     )
 
 
@@ -498,13 +499,9 @@ def _stored(row: Any) -> StoredModel:
     return StoredModel(
         model=parse_document(row.document),
         generation=int(row.generation),
-        created_at=_aware(row.created_at),
-        updated_at=_aware(row.updated_at),
+        created_at=aware(row.created_at),
+        updated_at=aware(row.updated_at),
     )
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

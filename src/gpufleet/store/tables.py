@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -23,6 +25,7 @@ from sqlalchemy import (
 __all__ = [
     "HEAD_REVISION",
     "api_keys",
+    "aware",
     "batch_lines",
     "batches",
     "events",
@@ -35,6 +38,12 @@ __all__ = [
     "usage",
     "usage_daily",
 ]
+
+
+def aware(value: dt.datetime) -> dt.datetime:
+    """A ``DateTime(timezone=True)`` value as read back: SQLite returns it without its zone."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
 
 #: The newest migration; a test checks it against the migration scripts.
 HEAD_REVISION = "0004"

@@ -17,13 +17,9 @@ from typing import Any, Literal
 
 from sqlalchemy import Connection, Engine, case, func, insert, select
 
-from gpufleet.store.tables import usage, usage_daily
+from gpufleet.store.tables import aware, usage, usage_daily
 
 __all__ = ["UsageRow", "UsageStore"]
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +50,7 @@ class UsageRow:
     @classmethod
     def from_row(cls, row: Any) -> UsageRow:
         values = {f: getattr(row, f) for f in cls.__slots__}
-        values["at"] = _aware(values["at"])
+        values["at"] = aware(values["at"])
         return cls(**values)
 
 
