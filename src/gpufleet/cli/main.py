@@ -11,9 +11,10 @@ import json
 import os
 import sys
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -26,6 +27,9 @@ from gpufleet.cli.output import fail, out, spec_problems
 from gpufleet.cli.plan import plan_command
 from gpufleet.cli.render import render_command
 from gpufleet.errors import GpufleetError, SpecError
+
+if TYPE_CHECKING:
+    from gpufleet.runtime.kubernetes import KubeApi
 
 __all__ = ["app", "main"]
 
@@ -113,15 +117,10 @@ def up(
     """Run gateway, controller and engines here; serve SmolLM2 when no file is given."""
     models, tenants = _load_all(file)
     import asyncio
-    import logging
 
     from gpufleet.embedded import UpConfig, serve
 
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    _log_to_stderr()
     cfg = UpConfig(
         data_dir=data_dir or default_data_dir(),
         host=host,
@@ -244,34 +243,10 @@ def operator(
     ] = None,
 ) -> None:
     """Run the Kubernetes operator: Model resources into engine pods, status back."""
-    import asyncio
-    import logging
-
     from gpufleet.operator import OperatorConfig, run_operator
-    from gpufleet.runtime.kubernetes.client import ClientKube
 
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-
-    async def main() -> None:
-        api = ClientKube.from_environment()
-        try:
-            await run_operator(
-                OperatorConfig(
-                    namespace=namespace, store_url=store, identity=identity, redis_url=redis
-                ),
-                api,
-            )
-        finally:
-            await api.close()
-
-    try:
-        asyncio.run(main())
-    except GpufleetError as exc:
-        raise fail(str(exc)) from exc
+    cfg = OperatorConfig(namespace=namespace, store_url=store, identity=identity, redis_url=redis)
+    _run_on_cluster(lambda api: run_operator(cfg, api))
 
 
 @app.command()
@@ -290,34 +265,10 @@ def gateway(
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
 ) -> None:
     """Run a gateway replica on Kubernetes: Models and engine pods read from the API."""
-    import asyncio
-    import logging
-
     from gpufleet.cluster import GatewayConfig, serve_cluster_gateway
-    from gpufleet.runtime.kubernetes.client import ClientKube
 
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-
-    async def main() -> None:
-        api = ClientKube.from_environment()
-        try:
-            await serve_cluster_gateway(
-                GatewayConfig(
-                    namespace=namespace, store_url=store, redis_url=redis, host=host, port=port
-                ),
-                api,
-            )
-        finally:
-            await api.close()
-
-    try:
-        asyncio.run(main())
-    except GpufleetError as exc:
-        raise fail(str(exc)) from exc
+    cfg = GatewayConfig(namespace=namespace, store_url=store, redis_url=redis, host=host, port=port)
+    _run_on_cluster(lambda api: serve_cluster_gateway(cfg, api))
 
 
 @app.command()
@@ -371,6 +322,37 @@ app.command()(estimate)
 app.command("plan")(plan_command)
 app.command("render")(render_command)
 app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(emulate)
+
+
+def _log_to_stderr() -> None:
+    import logging
+
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run_on_cluster(serve: Callable[[KubeApi], Awaitable[None]]) -> None:
+    """Run ``serve`` with the cluster found in the environment (in-cluster or kubeconfig)."""
+    import asyncio
+
+    from gpufleet.runtime.kubernetes.client import ClientKube
+
+    _log_to_stderr()
+
+    async def main() -> None:
+        api = ClientKube.from_environment()
+        try:
+            await serve(api)
+        finally:
+            await api.close()
+
+    try:
+        asyncio.run(main())
+    except GpufleetError as exc:
+        raise fail(str(exc)) from exc
 
 
 def _call(server: str, method: str, path: str, body: Any = None) -> Any:
