@@ -215,14 +215,12 @@ class GatewayConfig:
 
 async def serve_cluster_gateway(cfg: GatewayConfig, api: KubeApi) -> None:
     """One gateway replica: keys, quotas (shared through Redis), ledger, the cluster's view."""
-    import uvicorn
-
     from gpufleet.gateway import GatewaySettings, build_app
     from gpufleet.gateway.auth import Keyring
     from gpufleet.gateway.ledger import Ledger
     from gpufleet.gateway.quotas import make_quotas
     from gpufleet.gateway.scraper import EngineScraper
-    from gpufleet.gateway.serving import bind_socket, raise_open_files_limit
+    from gpufleet.gateway.serving import bind_socket, gateway_server, raise_open_files_limit
 
     raise_open_files_limit()
     sock = bind_socket(cfg.host, cfg.port)
@@ -245,9 +243,7 @@ async def serve_cluster_gateway(cfg: GatewayConfig, api: KubeApi) -> None:
         ledger=ledger,
     )
     scraper = EngineScraper(plane.directory, app.state.upstream, on_tick=app.state.queues.poke_all)
-    server = uvicorn.Server(
-        uvicorn.Config(app, http="httptools", lifespan="off", log_level="warning", access_log=False)
-    )
+    server = gateway_server(app)
     try:
         await plane.start()
         await keyring.start()

@@ -28,7 +28,12 @@ from gpufleet.gateway.auth import Keyring
 from gpufleet.gateway.ledger import Ledger
 from gpufleet.gateway.quotas import make_quotas
 from gpufleet.gateway.scraper import EngineScraper
-from gpufleet.gateway.serving import PortInUseError, bind_socket, raise_open_files_limit
+from gpufleet.gateway.serving import (
+    PortInUseError,
+    bind_socket,
+    gateway_server,
+    raise_open_files_limit,
+)
 from gpufleet.hardware import discover
 from gpufleet.runtime.local import LocalRuntime
 from gpufleet.spec import API_VERSION, Model, Tenant, parse_document
@@ -127,18 +132,7 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
         quotas=quotas,
         ledger=ledger,
     )
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            http="httptools",
-            lifespan="off",
-            log_level="warning",
-            access_log=False,
-            # No client addresses are used: skip uvicorn's X-Forwarded-For rewriting.
-            proxy_headers=False,
-            timeout_graceful_shutdown=5,
-        )
-    )
+    server = gateway_server(app)
     scraper = EngineScraper(
         controller.directory, app.state.upstream, on_tick=app.state.queues.poke_all
     )

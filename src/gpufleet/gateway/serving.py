@@ -1,4 +1,4 @@
-"""Serving a gateway: the listening socket and the process's open-files limit.
+"""Serving a gateway: the listening socket, the HTTP server and the process's open-files limit.
 
 Shared by ``gpufleet up`` and ``gpufleet gateway`` (Kubernetes)."""
 
@@ -7,9 +7,12 @@ from __future__ import annotations
 import logging
 import socket
 
+import uvicorn
+from starlette.types import ASGIApp
+
 from gpufleet.errors import PermanentError
 
-__all__ = ["PortInUseError", "bind_socket", "raise_open_files_limit"]
+__all__ = ["PortInUseError", "bind_socket", "gateway_server", "raise_open_files_limit"]
 
 log = logging.getLogger("gpufleet")
 
@@ -55,3 +58,19 @@ def raise_open_files_limit() -> int:
         except (ValueError, OSError) as exc:
             log.warning("cannot raise the open-files limit from %d: %s", soft, exc)
     return soft
+
+
+def gateway_server(app: ASGIApp) -> uvicorn.Server:
+    """The HTTP server a gateway runs on (``serve(sockets=[bind_socket(…)])``)."""
+    return uvicorn.Server(
+        uvicorn.Config(
+            app,
+            http="httptools",
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            # No client addresses are used: skip uvicorn's X-Forwarded-For rewriting.
+            proxy_headers=False,
+            timeout_graceful_shutdown=5,
+        )
+    )
