@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
-from gpufleet.controller import Autoscaler, Controller, ModelEntry
-from gpufleet.operator import LeaderElection, Operator, model_status
+from gpufleet.controller import Autoscaler, Controller, ModelEntry, PlannerCapacity
+from gpufleet.operator import ClusterPlacer, LeaderElection, Operator, model_status
 from gpufleet.runtime import Phase, Replica
 from gpufleet.runtime.kubernetes import FakeKube, KubernetesRuntime
 from gpufleet.runtime.kubernetes.client import ClientKube
@@ -51,6 +51,42 @@ async def settle(check: Callable[[], Any], timeout: float = 5.0) -> None:
             await asyncio.sleep(0.005)
 
 
+class Operating(NamedTuple):
+    store: Store
+    controller: Controller
+    operator: Operator
+    clock: Clock
+
+
+@contextlib.asynccontextmanager
+async def operating(
+    tmp_path: Path,
+    api: Any,
+    *,
+    capacity: PlannerCapacity | None = None,
+    source: Any = None,
+) -> AsyncIterator[Operating]:
+    """An operator's parts over ``api`` (the fake, or ClientKube); with ``capacity`` the
+    planner bounds and places replicas."""
+    clock = Clock()
+    store = Store.open(sqlite_url(tmp_path))
+    runtime = KubernetesRuntime(api)
+    await runtime.start_watching()
+    autoscaler = Autoscaler(store, source, capacity=capacity, clock=clock, interval_s=3600)
+    controller = Controller(store, runtime, autoscaler=autoscaler, resync_s=3600)
+    if capacity is not None:
+        bound = capacity  # read at each placement: the inventory may change
+        runtime.set_placer(ClusterPlacer(lambda: bound.inventory, controller.directory, runtime))
+    await controller.start()
+    operator = Operator(api, controller, NS, LeaderElection(api, NS, "op-a", clock=clock))
+    try:
+        yield Operating(store, controller, operator, clock)
+    finally:
+        await controller.stop()
+        await runtime.close()
+        store.close()
+
+
 def pods(kube: FakeKube) -> list[str]:
     return sorted(name for (kind, _, name) in kube.objects if kind == "Pod")
 
@@ -59,24 +95,18 @@ def pods(kube: FakeKube) -> list[str]:
 async def test_models_in_pods_and_status_out(tmp_path: Path, over: str) -> None:
     """Directly on the fake, and through ClientKube over HTTP (the real adapter's REST calls,
     watches included, against a server backed by the same fake)."""
-    kube, clock = FakeKube(), Clock()
+    kube = FakeKube()
     async with contextlib.AsyncExitStack() as stack:
         api: Any = kube
         if over == "http":
             url = await stack.enter_async_context(kube_server.serving(kube))
             api = ClientKube(url, ssl_context=False)
             stack.push_async_callback(api.close)
-        await _lifecycle(tmp_path, kube, api, clock)
+        await _lifecycle(tmp_path, kube, api)
 
 
-async def _lifecycle(tmp_path: Path, kube: FakeKube, api: Any, clock: Clock) -> None:
-    store = Store.open(sqlite_url(tmp_path))
-    runtime = KubernetesRuntime(api)
-    await runtime.start_watching()
-    controller = Controller(store, runtime, autoscaler=Autoscaler(store), resync_s=3600)
-    await controller.start()
-    operator = Operator(api, controller, NS, LeaderElection(api, NS, "op-a", clock=clock))
-    try:
+async def _lifecycle(tmp_path: Path, kube: FakeKube, api: Any) -> None:
+    async with operating(tmp_path, api) as (_store, controller, operator, clock):
         await kube.create(resource(replicas={"min": 2, "max": 2}))
         await operator.step()
         assert operator.leading
@@ -117,31 +147,17 @@ async def _lifecycle(tmp_path: Path, kube: FakeKube, api: Any, clock: Clock) -> 
         await settle(lambda: pods(kube) == [])
         assert kube.peek("Service", NS, "engine-llama") is None
         assert kube.peek("PodDisruptionBudget", NS, "engine-llama") is None
-    finally:
-        await controller.stop()
-        await runtime.close()
-        store.close()
 
 
 async def test_a_spec_the_crd_admits_but_gpufleet_does_not_is_reported(tmp_path: Path) -> None:
-    kube, clock = FakeKube(), Clock()
-    store = Store.open(sqlite_url(tmp_path))
-    runtime = KubernetesRuntime(kube)
-    await runtime.start_watching()
-    controller = Controller(store, runtime, autoscaler=Autoscaler(store), resync_s=3600)
-    await controller.start()
-    operator = Operator(kube, controller, NS, LeaderElection(kube, NS, "op-a", clock=clock))
-    try:
+    kube = FakeKube()
+    async with operating(tmp_path, kube) as (_store, _controller, operator, _clock):
         await kube.create(resource("bad", replicas={"min": 3, "max": 1}))
         await operator.step()
         (condition,) = kube.peek("Model", NS, "bad")["status"]["conditions"]  # type: ignore[index]
         assert condition["reason"] == "InvalidSpec"
         assert "spec.replicas.max must be ≥ spec.replicas.min" in condition["message"]
         assert pods(kube) == []
-    finally:
-        await controller.stop()
-        await runtime.close()
-        store.close()
 
 
 async def test_one_leader_at_a_time_and_a_takeover_when_it_stops_renewing() -> None:
@@ -247,20 +263,14 @@ async def test_the_operator_command_runs_against_an_api_server(tmp_path: Path) -
 
 
 async def test_tenants_get_their_namespace_quota_policies_and_rbac(tmp_path: Path) -> None:
-    kube, clock = FakeKube(), Clock()
-    store = Store.open(sqlite_url(tmp_path))
-    runtime = KubernetesRuntime(kube)
-    await runtime.start_watching()
-    controller = Controller(store, runtime, autoscaler=Autoscaler(store), resync_s=3600)
-    await controller.start()
-    operator = Operator(kube, controller, NS, LeaderElection(kube, NS, "op-a", clock=clock))
+    kube = FakeKube()
     tenant = {
         "apiVersion": "gpufleet.io/v1alpha1",
         "kind": "Tenant",
         "metadata": {"name": "acme", "labels": {"gpufleet.io/gpus": "4"}},
         "spec": {"priority": "batch", "limits": {"requestsPerMinute": 600}},
     }
-    try:
+    async with operating(tmp_path, kube) as (store, _controller, operator, _clock):
         await kube.create(tenant)
         await operator.step()
         owned = sorted(
@@ -295,23 +305,13 @@ async def test_tenants_get_their_namespace_quota_policies_and_rbac(tmp_path: Pat
         assert not [
             key for key in kube.objects if key[1] == "tenant-acme" or key[2] == "tenant-acme"
         ]
-    finally:
-        await controller.stop()
-        await runtime.close()
-        store.close()
 
 
 async def test_a_wake_stamp_from_a_gateway_starts_a_model_at_zero(tmp_path: Path) -> None:
     from gpufleet.operator import WAKE_ANNOTATION
 
-    kube, clock = FakeKube(), Clock()
-    store = Store.open(sqlite_url(tmp_path))
-    runtime = KubernetesRuntime(kube)
-    await runtime.start_watching()
-    controller = Controller(store, runtime, autoscaler=Autoscaler(store), resync_s=3600)
-    await controller.start()
-    operator = Operator(kube, controller, NS, LeaderElection(kube, NS, "op-a", clock=clock))
-    try:
+    kube = FakeKube()
+    async with operating(tmp_path, kube) as (store, _controller, operator, _clock):
         await kube.create(resource(replicas={"min": 0, "max": 2}))
         await operator.step()
         await asyncio.sleep(0.05)
@@ -325,17 +325,13 @@ async def test_a_wake_stamp_from_a_gateway_starts_a_model_at_zero(tmp_path: Path
         assert "Woken" in [e.reason for e in store.events("llama")]
         await operator.step()  # the same stamp again wakes nothing twice
         assert [e.reason for e in store.events("llama")].count("Woken") == 1
-    finally:
-        await controller.stop()
-        await runtime.close()
-        store.close()
 
 
 async def test_replicas_are_pinned_where_the_planner_puts_them(tmp_path: Path) -> None:
     """Two nodes of one H100 each, no time-slicing: one engine per GPU, so the replicas land on
     different nodes, and a third is reported unschedulable instead of sharing a GPU."""
     from gpufleet.controller import PlannerCapacity
-    from gpufleet.operator import CLUSTER_PLANNING, ClusterPlacer
+    from gpufleet.operator import CLUSTER_PLANNING
     from gpufleet.runtime.kubernetes import inventory_from_nodes
 
     nodes = [
@@ -352,17 +348,14 @@ async def test_replicas_are_pinned_where_the_planner_puts_them(tmp_path: Path) -
         }
         for name in ("gpu-a", "gpu-b")
     ]
-    kube = FakeKube()
-    store = Store.open(sqlite_url(tmp_path))
+    kube, demand = FakeKube(), Demand3()
     capacity = PlannerCapacity(inventory_from_nodes(nodes), settings=CLUSTER_PLANNING)
-    runtime = KubernetesRuntime(kube)
-    await runtime.start_watching()
-    demand = Demand3()
-    autoscaler = Autoscaler(store, demand, capacity=capacity, clock=Clock(), interval_s=3600)
-    controller = Controller(store, runtime, autoscaler=autoscaler, resync_s=3600)
-    runtime.set_placer(ClusterPlacer(lambda: capacity.inventory, controller.directory, runtime))
-    await controller.start()
-    try:
+    async with operating(tmp_path, kube, capacity=capacity, source=demand) as (
+        store,
+        controller,
+        _operator,
+        clock,
+    ):
         spec = resource(replicas={"min": 2, "max": 3})["spec"]
         spec["resources"]["memory"] = "30Gi"  # two would fit one GPU by memory
         from gpufleet.spec import parse_document
@@ -386,15 +379,11 @@ async def test_replicas_are_pinned_where_the_planner_puts_them(tmp_path: Path) -
         # Demand for three: the third has no GPU of its own, and is not put on a busy one.
         demand.load = 24.0
         for _ in range(10):
-            autoscaler.clock.t += 1  # type: ignore[attr-defined]
+            clock.t += 1
             await controller.autoscale_once()
         await asyncio.sleep(0.05)
         assert len(pods(kube)) == 2
         assert "Unschedulable" in [e.reason for e in store.events("llama")]
-    finally:
-        await controller.stop()
-        await runtime.close()
-        store.close()
 
 
 class Demand3:
@@ -409,7 +398,7 @@ class Demand3:
 
 async def test_a_node_joining_lifts_the_bound_and_the_replica_starts(tmp_path: Path) -> None:
     from gpufleet.controller import PlannerCapacity
-    from gpufleet.operator import CLUSTER_PLANNING, ClusterPlacer
+    from gpufleet.operator import CLUSTER_PLANNING
     from gpufleet.runtime.kubernetes import inventory_from_nodes
     from gpufleet.spec import parse_document
 
@@ -424,15 +413,13 @@ async def test_a_node_joining_lifts_the_bound_and_the_replica_starts(tmp_path: P
         }
 
     kube = FakeKube()
-    store = Store.open(sqlite_url(tmp_path))
     capacity = PlannerCapacity(inventory_from_nodes([gpu_node("gpu-a")]), settings=CLUSTER_PLANNING)
-    runtime = KubernetesRuntime(kube)
-    await runtime.start_watching()
-    autoscaler = Autoscaler(store, Demand3(), capacity=capacity, clock=Clock(), interval_s=3600)
-    controller = Controller(store, runtime, autoscaler=autoscaler, resync_s=3600)
-    runtime.set_placer(ClusterPlacer(lambda: capacity.inventory, controller.directory, runtime))
-    await controller.start()
-    try:
+    async with operating(tmp_path, kube, capacity=capacity, source=Demand3()) as (
+        store,
+        controller,
+        _operator,
+        clock,
+    ):
         spec = resource(replicas={"min": 2, "max": 2})["spec"]
         spec["resources"]["memory"] = "30Gi"
         doc = {"apiVersion": "gpufleet.io/v1alpha1", "kind": "Model", "metadata": {"name": "llama"}}
@@ -442,10 +429,6 @@ async def test_a_node_joining_lifts_the_bound_and_the_replica_starts(tmp_path: P
         assert "Unschedulable" in [e.reason for e in store.events("llama")]
         # The operator reads the nodes again: a second GPU node has joined.
         capacity.set_inventory(inventory_from_nodes([gpu_node("gpu-a"), gpu_node("gpu-b")]))
-        autoscaler.clock.t += 1  # type: ignore[attr-defined]
+        clock.t += 1
         await controller.autoscale_once()
         await settle(lambda: len(pods(kube)) == 2)
-    finally:
-        await controller.stop()
-        await runtime.close()
-        store.close()
