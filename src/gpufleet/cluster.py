@@ -117,14 +117,14 @@ class ClusterPlane:
             name, int(desired) if desired is not None else model.spec.replicas.min
         )
         conditions = {c.get("type"): c for c in status.get("conditions", []) or []}
-        problem = ""
+        problem, kind = "", "Failed"
         unschedulable = conditions.get("Unschedulable", {})
         if unschedulable.get("status") == "True" and desired == 0:
-            problem = unschedulable.get("message", "")
+            problem, kind = unschedulable.get("message", ""), "Unschedulable"
         ready = conditions.get("Ready", {})
         if ready.get("reason") == "InvalidSpec":
-            problem = ready.get("message", "")
-        self.directory.set_problem(name, problem)
+            problem, kind = ready.get("message", ""), "Failed"
+        self.directory.set_problem(name, problem, kind)
         canary = status.get("canary") or {}
         if canary.get("generation") and canary.get("percent"):
             split = (int(canary["generation"]), int(canary["percent"]))

@@ -25,6 +25,9 @@ class ModelEntry:
     replicas: tuple[Replica, ...] = ()
     #: Why the model cannot serve, when a person must act (bad weights, missing engine).
     problem: str = ""
+    #: What kind of problem: Failed (a person must act), Unschedulable (no room in the fleet),
+    #: OffSchedule (outside the model's time windows).
+    problem_kind: str = "Failed"
     #: Replicas the controller wants now (the autoscaler's bounded decision); 0: scaled to zero.
     desired: int = 1
     #: A canary under analysis: (its generation, percent of requests it gets).
@@ -54,9 +57,7 @@ class ModelEntry:
         if self.endpoints:
             return "Ready"
         if self.problem:
-            if self.problem.startswith("outside its schedule"):
-                return "OffSchedule"
-            return "Unschedulable" if self.desired == 0 else "Failed"
+            return self.problem_kind
         if self.desired == 0 and not self.replicas:
             return "ScaledToZero"
         if any(r.phase is Phase.BACKOFF for r in self.replicas):
@@ -101,10 +102,10 @@ class Directory:
         if entry is not None and (entry.canary, entry.rollout) != (canary, text):
             self._entries[name] = dataclasses.replace(entry, canary=canary, rollout=text)
 
-    def set_problem(self, name: str, problem: str) -> None:
+    def set_problem(self, name: str, problem: str, kind: str = "Failed") -> None:
         entry = self._entries.get(name)
         if entry is not None:
-            self._entries[name] = dataclasses.replace(entry, problem=problem)
+            self._entries[name] = dataclasses.replace(entry, problem=problem, problem_kind=kind)
 
     def observe(self, replica: Replica) -> None:
         entry = self._entries.get(replica.model)

@@ -286,10 +286,12 @@ class Controller:
         ready_now = sum(1 for r in current if r.phase is Phase.READY)
         if old and ready_now >= want:
             await asyncio.gather(*(self._stop(r) for r in old))
-        problem = ""
-        if want == 0:
-            problem = self.autoscaler.closed(spec) or self.autoscaler.unschedulable.get(name, "")
-        self.directory.set_problem(name, problem)
+        closed = self.autoscaler.closed(spec) if want == 0 else ""
+        unschedulable = self.autoscaler.unschedulable.get(name, "") if want == 0 else ""
+        if closed:
+            self.directory.set_problem(name, closed, "OffSchedule")
+        else:
+            self.directory.set_problem(name, unschedulable, "Unschedulable")
         return 60.0 if spec.schedule is not None else None  # windows open and close by the clock
 
     def _draining_of(self, name: str) -> int:
