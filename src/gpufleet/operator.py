@@ -239,8 +239,9 @@ class Operator:
         if not self.leading:
             return
         await self.sync_tenants()
-        await self.sync_models()
-        await self.publish_status()
+        resources = await self.api.list("Model", self.namespace)
+        await self.sync_models(resources)
+        await self.publish_status(resources)
 
     async def run(self) -> None:
         while True:
@@ -250,8 +251,7 @@ class Operator:
                 log.exception("operator pass failed; trying again")
             await asyncio.sleep(self.interval_s)
 
-    async def sync_models(self) -> None:
-        resources = await self.api.list("Model", self.namespace)
+    async def sync_models(self, resources: list[dict[str, Any]]) -> None:
         wanted: list[Model] = []
         for obj in resources:
             name = obj["metadata"]["name"]
@@ -317,28 +317,39 @@ class Operator:
         owner_label: str,
     ) -> None:
         """Make the objects in ``wanted`` exist as written; delete the managed ones of
-        ``kinds`` carrying ``owner_label`` that are not wanted any more."""
-        for (kind, ns, name), child in sorted(wanted.items()):
-            existing = await self.api.get(kind, ns, name)
-            if existing is None:
-                await self.api.create(child)
-            elif _differs(child, existing):
-                fresh = {**existing, **{k: v for k, v in child.items() if k != "metadata"}}
-                fresh["metadata"] = {**existing["metadata"], "labels": child["metadata"]["labels"]}
-                with contextlib.suppress(Conflict):  # changed meanwhile: corrected next pass
-                    await self.api.replace(fresh)
+        ``kinds`` carrying ``owner_label`` that are not wanted any more. One list per kind
+        reads what is there (no read per object: this runs every pass)."""
         managed = {"app.kubernetes.io/managed-by": "gpufleet"}
+        existing: dict[tuple[str, str, str], dict[str, Any]] = {}
         for kind in kinds:
             for obj in await self.api.list(kind, namespace, managed):
                 meta = obj["metadata"]
-                key = (kind, meta.get("namespace", ""), meta["name"])
-                if owner_label in meta.get("labels", {}) and key not in wanted:
-                    await self.api.delete(kind, key[1], key[2])
+                existing[(kind, meta.get("namespace", ""), meta["name"])] = obj
+        for key, child in sorted(wanted.items()):
+            have = existing.get(key)
+            if have is None:
+                try:
+                    await self.api.create(child)
+                    continue
+                except FileExistsError:  # there, but not labelled as ours: take it over
+                    have = await self.api.get(*key)
+                    if have is None:
+                        continue
+            if _differs(child, have):
+                fresh = {**have, **{k: v for k, v in child.items() if k != "metadata"}}
+                fresh["metadata"] = {**have["metadata"], "labels": child["metadata"]["labels"]}
+                with contextlib.suppress(Conflict):  # changed meanwhile: corrected next pass
+                    await self.api.replace(fresh)
+        for key, obj in existing.items():
+            if owner_label in obj["metadata"].get("labels", {}) and key not in wanted:
+                await self.api.delete(*key)
 
-    async def publish_status(self) -> None:
+    async def publish_status(self, resources: list[dict[str, Any]]) -> None:
+        """Each Model's status, written where it changed (``resources``: as listed this pass)."""
         now = self.election.clock()
+        listed = {obj["metadata"]["name"]: obj for obj in resources}
         for entry in self.controller.directory.entries():
-            obj = await self.api.get("Model", self.namespace, entry.name)
+            obj = listed.get(entry.name)
             if obj is None:
                 continue
             previous = obj.get("status") or {}
