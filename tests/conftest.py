@@ -94,3 +94,21 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     assert s._engine.dialect.name == request.param
     yield s
     s.close()
+
+
+_TIER_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Add each test's set-up, call and tear-down time to its tier (tests/<tier>/...)."""
+    parts = Path(report.fspath).parts
+    if "tests" in parts and parts.index("tests") + 1 < len(parts) - 1:
+        tier = parts[parts.index("tests") + 1]
+        _TIER_SECONDS[tier] = _TIER_SECONDS.get(tier, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _TIER_SECONDS:
+        terminalreporter.write_sep("-", "time per tier")
+        for tier, seconds in sorted(_TIER_SECONDS.items(), key=lambda kv: kv[0]):
+            terminalreporter.write_line(f"{tier:12} {seconds:8.1f} s")
