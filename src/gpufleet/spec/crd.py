@@ -6,7 +6,10 @@ validate a YAML file for ``gpufleet up``, rewritten into the *structural* form K
 requires: references inlined, ``null`` alternatives turned into ``nullable``, JSON Schema 2020
 bounds (``exclusiveMinimum: 0``) into OpenAPI 3.0 ones, quantities and durations as
 int-or-string, ``additionalProperties: false`` dropped (the API server prunes unknown fields,
-and rejects them with ``kubectl apply --validate=strict``, the default). Pure: dicts out.
+and rejects them with ``kubectl apply --validate=strict``, the default). What the schema cannot
+say (formats, bounds of durations, cross-field rules) is added as CEL rules by
+``gpufleet.spec.cel``; of ``metadata`` only the name's format (a CRD may restrict no other
+field of it). Pure: dicts out.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from gpufleet.spec.cel import add_rules
 from gpufleet.spec.resources import API_VERSION, Model, Tenant
 
 __all__ = ["GROUP", "crds", "structural_schema"]
@@ -45,6 +49,7 @@ _KEEP = {
     "format",
     "x-kubernetes-int-or-string",
     "x-kubernetes-preserve-unknown-fields",
+    "x-kubernetes-validations",
 }
 
 _CONDITION = {
@@ -95,8 +100,14 @@ def structural_schema(model: type[BaseModel]) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")
     defs = raw.pop("$defs", {})
     schema = _rewrite(raw, defs)
-    schema["properties"]["metadata"] = {"type": "object"}
+    name = schema["properties"]["metadata"]["properties"]["name"]
+    schema["properties"]["metadata"] = {"type": "object", "properties": {"name": name}}
+    # The API server forbids defaults (and any other constraint but type and description) on
+    # the top-level apiVersion and kind: they name the resource, and it sets them itself.
+    for top in ("apiVersion", "kind"):
+        schema["properties"][top] = {"type": "string"}
     schema["required"] = [r for r in schema.get("required", []) if r != "metadata"]
+    add_rules(schema, model)
     return schema
 
 

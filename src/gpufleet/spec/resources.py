@@ -32,7 +32,10 @@ __all__ = [
     "AccessSpec",
     "AutoscalingSpec",
     "BudgetSpec",
+    "ByteQuantity",
     "CostRoutingSpec",
+    "DailyWindow",
+    "DnsName",
     "EngineName",
     "LimitsSpec",
     "Metadata",
@@ -46,6 +49,8 @@ __all__ = [
     "RoutingPolicyName",
     "RoutingSpec",
     "ScheduleSpec",
+    "Seconds",
+    "SourceText",
     "Tenant",
     "TenantSpec",
     "TrafficSplit",
@@ -89,7 +94,9 @@ def _quantity(value: Any) -> int | None:
 
 
 # The JSON schemas below are what the CRDs carry (gpufleet.spec.crd): Kubernetes validates the
-# same fields before gpufleet sees them, so "16Gi" and "30s" must be allowed there too.
+# same fields before gpufleet sees them, so "16Gi" and "30s" must be allowed there too. What a
+# schema cannot say (a duration's format and bounds, a quantity's, a source's) gpufleet.spec.cel
+# turns into the CRDs' CEL rules, by the alias a field is annotated with.
 _INT_OR_STRING: dict[str, Any] = {
     "anyOf": [{"type": "integer"}, {"type": "string"}],
     "x-kubernetes-int-or-string": True,
@@ -114,6 +121,7 @@ def _duration(value: Any) -> float:
 
 
 Seconds = Annotated[float, BeforeValidator(_duration), WithJsonSchema(_INT_OR_STRING)]
+SourceText = Annotated[str, AfterValidator(_source)]
 
 
 class _Resource(BaseModel):
@@ -215,13 +223,21 @@ def _window(value: str) -> str:
     return value
 
 
+#: The window's format, allowing the whitespace the validator strips, as the CRD's pattern.
+DailyWindow = Annotated[
+    str,
+    AfterValidator(_window),
+    WithJsonSchema({"type": "string", "pattern": rf"^\s*{_WINDOW.pattern[1:-1]}\s*$"}),
+]
+
+
 class ScheduleSpec(_Resource):
     """When a model may run: outside every window it is scaled to zero (its replicas drained)
     and requests to it are refused with the next opening. Night-only batch deployments, or
     office-hours-only interactive ones."""
 
     #: Daily windows in ``timezone``, e.g. ["20:00-06:00"]; a window may cross midnight.
-    windows: list[Annotated[str, AfterValidator(_window)]] = Field(min_length=1)
+    windows: list[DailyWindow] = Field(min_length=1)
     #: Days a window may open on (its start day); empty: every day.
     days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = Field(
         default_factory=list
@@ -301,7 +317,9 @@ class RoutingSpec(_Resource):
     #: side of a split.
     session_header: str = "x-session-id"
     #: Canary / A-B: shares of this model's requests sent to other deployments; the rest stays.
-    split: list[TrafficSplit] = Field(default_factory=list)
+    #: (At most 100: the CRD's rule on their sum needs a bound to pass the API server's cost
+    #: estimate, and the spec keeps the same one.)
+    split: list[TrafficSplit] = Field(default_factory=list, max_length=100)
     #: Requests a gateway lets through to one replica at once; more wait in the model's fair
     #: queue (priority, then tenants' weighted shares). Set it near the engine's batch size
     #: (vLLM's max_num_seqs) so that the gateway, not the engine's FIFO queue, decides who goes
@@ -339,7 +357,7 @@ class PricingSpec(_Resource):
 
 
 class ModelSpec(_Resource):
-    source: Annotated[str, AfterValidator(_source)]
+    source: SourceText
     engine: EngineName = "llamacpp"
     context_length: int = Field(default=2048, ge=128, le=1_048_576)
     resources: Resources = Field(default_factory=Resources)
