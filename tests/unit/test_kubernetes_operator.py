@@ -154,8 +154,9 @@ async def test_a_spec_the_crd_admits_but_gpufleet_does_not_is_reported(tmp_path:
     async with operating(tmp_path, kube) as (_store, _controller, operator, _clock):
         await kube.create(resource("bad", replicas={"min": 3, "max": 1}))
         await operator.step()
-        (condition,) = kube.peek("Model", NS, "bad")["status"]["conditions"]  # type: ignore[index]
-        assert condition["reason"] == "InvalidSpec"
+        conditions = kube.peek("Model", NS, "bad")["status"]["conditions"]  # type: ignore[index]
+        condition = next(c for c in conditions if c["type"] == "Ready")
+        assert (condition["status"], condition["reason"]) == ("False", "InvalidSpec")
         assert "spec.replicas.max must be ≥ spec.replicas.min" in condition["message"]
         assert pods(kube) == []
 

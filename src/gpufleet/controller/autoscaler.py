@@ -109,7 +109,12 @@ class Autoscaler:
         place ``replicas.min`` (then what it can)."""
         if not is_open(spec.schedule, self.clock()):
             return 0
-        return self._held(name, spec)
+        held = self._held(name, spec)
+        if name not in self._wants and self.capacity is not None:
+            # Not bounded by a pass yet (just applied): start no more than the fleet can
+            # place beside what the other models were given; the next pass reports the rest.
+            return min(held, max(self.placeable(name, spec, held), 0))
+        return held
 
     def _held(self, name: str, spec: ModelSpec) -> int:
         state = self.state(name, spec)
@@ -161,8 +166,11 @@ class Autoscaler:
     async def tick(self, models: Mapping[str, tuple[ModelSpec, int]]) -> list[ScaleChange]:
         """One sampling and decision pass over ``models`` (name → (spec, ready replicas)).
 
-        Without a demand source nothing is decided: every model keeps its count."""
-        if self.source is None:
+        Without a demand source nothing is decided from load: every model keeps the count it
+        holds (its spec's, or what a wake-up or ``kubectl scale`` asked for) — but that count
+        still goes through the capacity bound, so a model the fleet cannot place is reported
+        unschedulable instead of leaving pods no node can take."""
+        if self.source is None and self.capacity is None:
             return []
         now = self.clock()
         wants: dict[str, tuple[ModelSpec, int]] = {}
@@ -173,12 +181,17 @@ class Autoscaler:
             opened = is_open(spec.schedule, now)
             before[name] = self._held(name, spec) if self._open.get(name, True) else 0
             self._open[name] = opened
-            window = self._samples.setdefault(name, deque())
-            window.append(self.source.sample(name, now))
-            horizon = now - max(spec.autoscaling.stable_window, spec.autoscaling.panic_window)
-            while window and window[0].t <= horizon:
-                window.popleft()
-            decided[name] = decide(window, spec, self.state(name, spec), ready, now)
+            if self.source is None:
+                state = self.state(name, spec)
+                held = min(max(state.desired, spec.replicas.min), spec.replicas.max)
+                decided[name] = ScaleDecision(held, "as its spec says", state)
+            else:
+                window = self._samples.setdefault(name, deque())
+                window.append(self.source.sample(name, now))
+                horizon = now - max(spec.autoscaling.stable_window, spec.autoscaling.panic_window)
+                while window and window[0].t <= horizon:
+                    window.popleft()
+                decided[name] = decide(window, spec, self.state(name, spec), ready, now)
             closed = self.closed(spec)
             if closed and decided[name].desired:
                 state = dataclasses.replace(decided[name].state, desired=0)

@@ -8,7 +8,10 @@ from typing import Any
 
 from gpufleet.spec import Model, Tenant, parse_document, parse_tenant
 
-__all__ = ["model_from_resource", "tenant_from_resource"]
+__all__ = ["MIRRORED_LABEL", "MIRRORED_VALUE", "model_from_resource", "tenant_from_resource"]
+
+#: On a tenant in the store: it was mirrored from a Tenant resource (and goes with it).
+MIRRORED_LABEL, MIRRORED_VALUE = "gpufleet.io/source", "kubernetes"
 
 
 def model_from_resource(obj: Mapping[str, Any]) -> Model:
@@ -33,7 +36,10 @@ def tenant_from_resource(obj: Mapping[str, Any]) -> Tenant:
         {
             "apiVersion": obj.get("apiVersion"),
             "kind": obj.get("kind"),
-            "metadata": {"name": meta.get("name"), "labels": meta.get("labels", {}) or {}},
+            "metadata": {
+                "name": meta.get("name"),
+                "labels": {**(meta.get("labels", {}) or {}), MIRRORED_LABEL: MIRRORED_VALUE},
+            },
             "spec": obj.get("spec", {}) or {},
         }
     )

@@ -1,0 +1,176 @@
+"""The operator process, wired in one place: store, leadership, and — only while it leads —
+the pod runtime, the controller, the planner's bound and the mirrors.
+
+A stand-by operator holds nothing but its store connection: it neither watches pods nor
+reconciles, so two replicas of the operator never both create pods. When it wins the Lease it
+adopts the pods it finds (labels say their model and generation), starts the controller, and
+runs a pass every ``interval_s``: tenants, then models, then status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from gpufleet.controller import Autoscaler, Controller, PlannerCapacity
+from gpufleet.gateway.shared_demand import RedisDemand
+from gpufleet.operator.leadership import LeaderElection, Leadership
+from gpufleet.operator.models import ModelMirror
+from gpufleet.operator.placement import CLUSTER_PLANNING, ClusterPlacer
+from gpufleet.operator.tenants import TenantMirror
+from gpufleet.runtime.kubernetes import KubernetesRuntime, RenderSettings, inventory_from_nodes
+from gpufleet.runtime.kubernetes.api import KubeApi
+from gpufleet.store import Store
+
+__all__ = ["Operator", "OperatorConfig", "acting", "run_operator"]
+
+log = logging.getLogger("gpufleet.operator")
+
+
+class Operator:
+    """The leader's pass: tenants, models, status. ``election``: when given, each ``step``
+    first takes or renews the lease and does nothing without it."""
+
+    def __init__(
+        self,
+        api: KubeApi,
+        controller: Controller,
+        namespace: str,
+        election: LeaderElection | None = None,
+        *,
+        settings: RenderSettings | None = None,
+    ) -> None:
+        self.api = api
+        self.controller = controller
+        self.namespace = namespace
+        self.election = election
+        self.settings = settings or RenderSettings(namespace=namespace)
+        clock = election.clock if election is not None else time.time
+        self.models = ModelMirror(api, controller, self.settings, clock=clock)
+        self.tenants = TenantMirror(api, controller.store, self.settings, clock=clock)
+        self.leading = election is None
+
+    @property
+    def writes(self) -> int:
+        """Writes the last pass made (0 in a steady state; the lease renewal not counted)."""
+        return self.models.writes + self.tenants.writes
+
+    async def step(self) -> None:
+        if self.election is not None:
+            self.leading = await self.election.try_acquire()
+            if not self.leading:
+                return
+        await self.sync()
+
+    async def sync(self) -> None:
+        await self.tenants.sync()
+        await self.models.sync()
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    namespace: str
+    store_url: str
+    identity: str = ""
+    interval_s: float = 2.0
+    #: How often the node inventory (the planner's view of the cluster) is read again.
+    inventory_s: float = 30.0
+    #: Redis the gateways publish their demand to (None: replicas stay as the specs say).
+    redis_url: str | None = None
+    #: How long a leader's Lease lasts without renewal before a stand-by takes over.
+    lease_s: float = 15.0
+    settings: RenderSettings | None = None
+
+
+@contextlib.asynccontextmanager
+async def acting(cfg: OperatorConfig, api: KubeApi, store: Store) -> AsyncIterator[Operator]:
+    """What runs while this operator leads; torn down (pods left running) when it stops."""
+    settings = cfg.settings or RenderSettings(namespace=cfg.namespace)
+    capacity = PlannerCapacity(
+        inventory_from_nodes(await api.list("Node", None), await api.list("Pod", None)),
+        settings=CLUSTER_PLANNING,
+    )
+    runtime = KubernetesRuntime(api, settings)
+    controller = Controller(store, runtime, autoscaler=Autoscaler(store, capacity=capacity))
+    runtime.set_placer(ClusterPlacer(lambda: capacity.inventory, controller.directory, runtime))
+    demand = None
+    if cfg.redis_url is not None:
+        demand = RedisDemand(
+            cfg.redis_url, lambda: [e.name for e in controller.directory.entries()]
+        )
+        controller.attach_demand(demand)
+        demand.start()
+
+    async def refresh_inventory() -> None:
+        while True:
+            await asyncio.sleep(cfg.inventory_s)
+            try:
+                capacity.set_inventory(
+                    inventory_from_nodes(await api.list("Node", None), await api.list("Pod", None))
+                )
+            except Exception as exc:  # noqa: BLE001 - the API is away: keep the last view
+                log.warning("cannot read the node inventory: %s", exc)
+
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        await runtime.start_watching()
+        await controller.start()
+        tasks.append(asyncio.create_task(refresh_inventory(), name="operator:inventory"))
+        yield Operator(api, controller, cfg.namespace, settings=settings)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await controller.stop()
+        await runtime.close()  # the pods keep serving; the next leader adopts them
+        if demand is not None:
+            await demand.close()
+
+
+async def run_operator(
+    cfg: OperatorConfig,
+    api: KubeApi,
+    *,
+    stop: asyncio.Event | None = None,
+    release_on_stop: bool = True,
+) -> None:
+    """The operator process until SIGTERM (or ``stop``); ``release_on_stop=False`` leaves the
+    Lease to expire, as a killed process would."""
+    identity = cfg.identity or f"{socket.gethostname()}-{int(time.time())}"
+    store = await asyncio.to_thread(Store.open, cfg.store_url)
+    election = LeaderElection(api, cfg.namespace, identity, lease_s=cfg.lease_s, clock=time.time)
+    leadership = Leadership(
+        election, retry_s=min(2.0, cfg.lease_s / 5), release_on_stop=release_on_stop
+    )
+
+    async def lead() -> None:
+        async with acting(cfg, api, store) as operator:
+            while True:
+                try:
+                    await operator.sync()
+                except Exception:
+                    log.exception("operator pass failed; trying again")
+                await asyncio.sleep(cfg.interval_s)
+
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+    task = asyncio.create_task(leadership.run(lead), name=f"operator:{identity}")
+    log.info("gpufleet operator %s watching namespace %s", identity, cfg.namespace)
+    try:
+        await stop.wait()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        store.close()
