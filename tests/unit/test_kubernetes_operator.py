@@ -149,7 +149,7 @@ async def _lifecycle(tmp_path: Path, kube: FakeKube, api: Any) -> None:
         assert kube.peek("PodDisruptionBudget", NS, "engine-llama") is None
 
 
-async def test_a_spec_the_crd_admits_but_gpufleet_does_not_is_reported(tmp_path: Path) -> None:
+async def test_a_stored_spec_gpufleet_refuses_is_reported(tmp_path: Path) -> None:
     kube = FakeKube()
     async with operating(tmp_path, kube) as (_store, _controller, operator, _clock):
         await kube.create(resource("bad", replicas={"min": 3, "max": 1}))
@@ -159,6 +159,34 @@ async def test_a_spec_the_crd_admits_but_gpufleet_does_not_is_reported(tmp_path:
         assert (condition["status"], condition["reason"]) == ("False", "InvalidSpec")
         assert "spec.replicas.max must be ≥ spec.replicas.min" in condition["message"]
         assert pods(kube) == []
+
+
+async def test_an_edit_gpufleet_refuses_keeps_the_last_good_generation_and_a_stable_status(
+    tmp_path: Path,
+) -> None:
+    """Objects stored before the CRD's rules (or edited around them): the model keeps running
+    its last good spec, its Service and budget stay, and the status says InvalidSpec once —
+    it does not flip back every pass."""
+    kube = FakeKube()
+    async with operating(tmp_path, kube) as (_store, _controller, operator, clock):
+        await kube.create(resource(replicas={"min": 2, "max": 2}))
+        await operator.step()
+        await settle(lambda: len(pods(kube)) == 2)
+        service = kube.peek("Service", NS, "engine-llama")
+        assert service is not None
+        kube.update_spec("Model", NS, "llama", resource(replicas={"min": 3, "max": 1})["spec"])
+        await operator.step()
+        status = kube.peek("Model", NS, "llama")["status"]  # type: ignore[index]
+        ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+        assert (ready["status"], ready["reason"]) == ("False", "InvalidSpec")
+        writes = len(kube.writes)
+        for _ in range(3):
+            clock.t += 2
+            await operator.step()
+        assert [w for w in kube.writes[writes:] if w[1] != "Lease"] == []
+        assert len(pods(kube)) == 2
+        assert kube.peek("Service", NS, "engine-llama") is not None
+        assert kube.peek("PodDisruptionBudget", NS, "engine-llama") is not None
 
 
 async def test_one_leader_at_a_time_and_a_takeover_when_it_stops_renewing() -> None:

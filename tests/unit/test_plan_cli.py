@@ -50,3 +50,29 @@ def test_plan_table_and_errors(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "spec.nodes[0].gpus[0].type: unknown GPU type 'H1000'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_plan_shows_a_replica_across_nodes(tmp_path: Path) -> None:
+    models = tmp_path / "models.yaml"
+    models.write_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: huge}\nspec:\n"
+        f"  source: file:{ROOT}/tests/data/configs/llama-3-70b.json\n  engine: vllm\n"
+        "  resources: {gpus: 16, memory: 640Gi}\n"
+    )
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Inventory\nmetadata: {name: two}\nspec:\n"
+        "  nodes:\n"
+        "    - {name: gpu-a, gpus: [{type: H100, count: 8}]}\n"
+        "    - {name: gpu-b, gpus: [{type: H100, count: 8}]}\n"
+    )
+    result = gpufleet("plan", "-f", str(models), "--inventory", str(inventory), "-o", "json")
+    assert result.returncode == 0, result.stderr
+    (placement,) = json.loads(result.stdout)["placements"]
+    assert placement["node"] == "gpu-a" and placement["gpus"] == list(range(8))
+    assert placement["workers"] == [["gpu-b", list(range(8))]]
+    table = gpufleet("plan", "-f", str(models), "--inventory", str(inventory))
+    assert table.returncode == 0, table.stderr
+    assert "gpu-a/gpu-0,1,2,3,4,5,6,7" in table.stdout
+    assert "gpu-b/gpu-0,1,2,3,4,5,6,7" in table.stdout
+    assert "unplaced" not in table.stdout

@@ -59,7 +59,8 @@ def deployment_sets(draw: st.DrawFn) -> list[Deployment]:
     out = []
     for i in range(draw(st.integers(1, 6))):
         gib = draw(st.integers(2, 60))
-        degrees = draw(st.sampled_from([[1], [1, 2], [2], [1, 2, 4]]))
+        # 8 GPUs is more than many drawn nodes hold: TP within nodes × PP across them.
+        degrees = draw(st.sampled_from([[1], [1, 2], [2], [1, 2, 4], [8], [4, 8]]))
         out.append(
             Deployment(
                 name=f"d{i}",
@@ -77,6 +78,16 @@ def deployment_sets(draw: st.DrawFn) -> list[Deployment]:
 def check_capacity(inventory: Inventory, result: Plan) -> None:
     fleet = Fleet(apply_relayouts(inventory, result), SETTINGS)
     for p in result.placements:
+        if p.workers:
+            # Across nodes only when no node of the type could hold it; equal stages, one type.
+            assert len(set(p.nodes)) == p.pp and all(len(g) == p.tp for _, g in p.workers)
+            assert p.gpu_type is not None and p.mig_instance is None
+            assert p.gpu_count > max(fleet.node_sizes(p.gpu_type).values())
+            for node, gpus in p.stages:
+                assert len(set(gpus)) == len(gpus)
+                for index in gpus:
+                    gpu = fleet.gpu(node, index)
+                    assert gpu is not None and gpu.type == p.gpu_type and gpu.layout is None
         if p.mig_instance is not None:
             gpu = fleet.gpu(p.node, p.gpus[0])
             assert gpu is not None and gpu.layout is not None

@@ -1,4 +1,8 @@
-"""``gpufleet plan``: where the models of a spec file would run on an inventory, and why."""
+"""``gpufleet plan``: where the models of a spec file would run on an inventory, and why.
+
+A replica bigger than a node shows its pipeline stages (PP nodes of TP GPUs each), one per line;
+the JSON output carries them as ``workers`` beside the leader's ``node`` and ``gpus``.
+"""
 
 from __future__ import annotations
 
@@ -56,14 +60,16 @@ def plan_command(
         typer.echo(json.dumps(_jsonable(dataclasses.asdict(result)), indent=2))
         return
     table = Table(box=None, header_style="bold")
-    for col in ("REPLICA", "WHERE", "GPU", "TP", "MEMORY/GPU", "SHARE"):
+    for col in ("REPLICA", "WHERE", "GPU", "TP", "PP", "MEMORY/GPU", "SHARE"):
         table.add_column(col)
     for placement in result.placements:
         table.add_row(
             str(placement.replica),
-            placement.where(),
+            # A replica across nodes: one pipeline stage per line, the leader's first.
+            placement.where().replace(" + ", "\n"),
             placement.gpu_type or "cpu",
             str(placement.tp),
+            str(placement.pp),
             f"{placement.memory_per_gpu / GiB:.1f} GiB",
             f"{placement.memory_fraction:.2f}" if placement.gpus else "-",
         )

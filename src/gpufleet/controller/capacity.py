@@ -6,8 +6,14 @@ them preempt lower ones, so when interactive demand grows on a full fleet it is 
 models whose bound shrinks: the controller stops their surplus replicas (gracefully — the
 runtime drains a replica before it exits) and they grow back when the capacity returns.
 
-The plan is only recomputed when what is wanted changes (the answer is the same otherwise) and
-without the optimising pass: a bound needs feasibility, not the fewest GPUs.
+Replicas that run keep their places: the plan starts from where they are (``running``, the
+runtime's placements, when it knows them; else where the previous bound put them), so a new
+model of the same priority — even a bigger one, which the planner would otherwise place first —
+gets only what is left, and is reported unschedulable rather than taking a Ready model's GPUs.
+Only strictly higher priority preempts.
+
+The plan is only recomputed when what is wanted or what runs changes (the answer is the same
+otherwise) and without the optimising pass: a bound needs feasibility, not the fewest GPUs.
 """
 
 from __future__ import annotations
@@ -15,19 +21,28 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from gpufleet.errors import GpufleetError
-from gpufleet.planner import Deployment, PlanSettings, deployment_for, plan
+from gpufleet.planner import (
+    Deployment,
+    Placement,
+    PlanSettings,
+    ReplicaKey,
+    deployment_for,
+    plan,
+)
 from gpufleet.runtime.weights import resolve_weights
 from gpufleet.sizing import load_architecture
 from gpufleet.spec import API_VERSION, Inventory, Metadata, Model, ModelSpec
 
-__all__ = ["PlannerCapacity", "size_model"]
+__all__ = ["PlannerCapacity", "Running", "size_model"]
 
 log = logging.getLogger("gpufleet.controller.capacity")
 
 Sizer = Callable[[str, ModelSpec], Deployment | None]
+#: Where the replicas that run now are (on Kubernetes: the placements kept on their pods).
+Running = Callable[[], Iterable[Placement]]
 
 
 def size_model(name: str, spec: ModelSpec) -> Deployment | None:
@@ -55,13 +70,18 @@ class PlannerCapacity:
         inventory: Inventory,
         size: Sizer = size_model,
         settings: PlanSettings | None = None,
+        *,
+        running: Running | None = None,
     ) -> None:
         self.inventory = inventory
         self._size = size
         self._settings = settings or PlanSettings(defragment=False, optimise_max_replicas=0)
+        self._running = running
         self._sized: dict[tuple[str, str], Deployment | None] = {}
-        self._last: tuple[tuple[str, int], ...] | None = None
+        self._last: tuple[tuple[tuple[str, int], ...], tuple[Placement, ...]] | None = None
         self._answer: dict[str, tuple[int, str]] = {}
+        #: Where the last plan put every replica it placed (what runs, without ``running``).
+        self._placed: tuple[Placement, ...] = ()
 
     def set_inventory(self, inventory: Inventory) -> None:
         """The fleet changed (nodes came or went): answer from the new one."""
@@ -75,17 +95,33 @@ class PlannerCapacity:
             dep = self._deployment(name, spec)
             if dep is not None and count > 0:
                 deployments.append(dataclasses.replace(dep, replicas=count))
-        key = tuple((d.name, d.replicas) for d in deployments)
+        current = self._current({d.name for d in deployments})
+        key = (tuple((d.name, d.replicas) for d in deployments), current)
         if key == self._last:
             return self._answer
-        result = plan(self.inventory, deployments, settings=self._settings)
+        result = plan(self.inventory, deployments, current=current, settings=self._settings)
         placed = Counter(p.replica.deployment for p in result.placements)
         answer: dict[str, tuple[int, str]] = {}
         for unplaced in result.unplaced:
             name = unplaced.replica.deployment
             answer.setdefault(name, (placed[name], unplaced.reason))
-        self._last, self._answer = key, answer
+        self._last, self._answer, self._placed = key, answer, result.placements
         return answer
+
+    def _current(self, wanted: set[str]) -> tuple[Placement, ...]:
+        """The placements the plan starts from. The runtime's are numbered 0, 1, … per model
+        (its replicas' indices may have gaps; the plan keeps the first ``count``)."""
+        if self._running is None:
+            return tuple(p for p in self._placed if p.replica.deployment in wanted)
+        by_model: dict[str, list[Placement]] = {}
+        for p in sorted(self._running(), key=lambda p: p.replica):
+            if p.replica.deployment in wanted:
+                by_model.setdefault(p.replica.deployment, []).append(p)
+        return tuple(
+            dataclasses.replace(p, replica=ReplicaKey(name, i))
+            for name, ps in sorted(by_model.items())
+            for i, p in enumerate(ps)
+        )
 
     def _deployment(self, name: str, spec: ModelSpec) -> Deployment | None:
         key = (name, spec.model_dump_json())

@@ -22,7 +22,7 @@ from gpufleet.runtime import ReplicaRequest
 from gpufleet.runtime.kubernetes import EngineGroup, KubernetesRuntime
 from gpufleet.spec import Inventory, ModelSpec
 
-__all__ = ["CLUSTER_PLANNING", "ClusterPlacer", "placement_from_json"]
+__all__ = ["CLUSTER_PLANNING", "ClusterPlacer", "placement_from_json", "running_placements"]
 
 
 #: On Kubernetes a whole GPU goes to one pod unless the node time-slices it (or it is split
@@ -55,10 +55,7 @@ class ClusterPlacer:
             mine = None
         if mine is None:
             return fallback
-        current: list[Placement] = []
-        for text in self._runtime.placements().values():
-            with contextlib.suppress(KeyError, TypeError, ValueError):
-                current.append(placement_from_json(text))
+        current = running_placements(self._runtime)
         counts = Counter(p.replica.deployment for p in current)
         used = {p.replica.index for p in current if p.replica.deployment == request.model}
         index = next(i for i in range(len(used) + 1) if i not in used)
@@ -94,6 +91,15 @@ class ClusterPlacer:
             mig_profile=chosen.mig_profile,
             placement=json.dumps(dataclasses.asdict(chosen), sort_keys=True),
         )
+
+
+def running_placements(runtime: KubernetesRuntime) -> list[Placement]:
+    """Where the runtime's replicas are, as the planner put them (kept on their pods)."""
+    current: list[Placement] = []
+    for text in runtime.placements().values():
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            current.append(placement_from_json(text))
+    return current
 
 
 def placement_from_json(text: str) -> Placement:

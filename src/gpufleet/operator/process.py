@@ -22,7 +22,7 @@ from gpufleet.controller import Autoscaler, Controller, PlannerCapacity
 from gpufleet.gateway.shared_demand import RedisDemand
 from gpufleet.operator.leadership import LeaderElection, Leadership
 from gpufleet.operator.models import ModelMirror
-from gpufleet.operator.placement import CLUSTER_PLANNING, ClusterPlacer
+from gpufleet.operator.placement import CLUSTER_PLANNING, ClusterPlacer, running_placements
 from gpufleet.operator.tenants import TenantMirror
 from gpufleet.runtime.kubernetes import KubernetesRuntime, RenderSettings, inventory_from_nodes
 from gpufleet.runtime.kubernetes.api import KubeApi
@@ -92,11 +92,13 @@ class OperatorConfig:
 async def acting(cfg: OperatorConfig, api: KubeApi, store: Store) -> AsyncIterator[Operator]:
     """What runs while this operator leads; torn down (pods left running) when it stops."""
     settings = cfg.settings or RenderSettings(namespace=cfg.namespace)
+    runtime = KubernetesRuntime(api, settings)
+    # Running replicas keep their places: a newcomer of the same priority gets what is left.
     capacity = PlannerCapacity(
         inventory_from_nodes(await api.list("Node", None), await api.list("Pod", None)),
         settings=CLUSTER_PLANNING,
+        running=lambda: running_placements(runtime),
     )
-    runtime = KubernetesRuntime(api, settings)
     controller = Controller(store, runtime, autoscaler=Autoscaler(store, capacity=capacity))
     runtime.set_placer(ClusterPlacer(lambda: capacity.inventory, controller.directory, runtime))
     demand = None

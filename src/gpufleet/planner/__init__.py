@@ -16,6 +16,7 @@ from gpufleet.planner.model import (
     Plan,
     PlanSettings,
     ReplicaKey,
+    Stage,
     Unplaced,
 )
 from gpufleet.planner.plan import plan
@@ -30,6 +31,7 @@ __all__ = [
     "Plan",
     "PlanSettings",
     "ReplicaKey",
+    "Stage",
     "Unplaced",
     "apply_relayouts",
     "deployment_for",

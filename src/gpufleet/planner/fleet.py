@@ -137,6 +137,16 @@ class Fleet:
             self._shapes[node] = shape
         return shape
 
+    def node_sizes(self, gpu_type: str) -> dict[str, int]:
+        """Whole GPUs of ``gpu_type`` on each node that has any: what one pipeline stage of a
+        replica bigger than a node can hold there."""
+        sizes: dict[str, int] = {}
+        for node, gpus in self.by_node.items():
+            count = sum(1 for g in gpus if g.type == gpu_type and g.layout is None)
+            if count:
+                sizes[node] = count
+        return sizes
+
     def gpus_used(self) -> int:
         return sum(1 for g in self.gpus if g.in_use)
 
@@ -167,8 +177,7 @@ class Fleet:
     def add(self, placement: Placement, *, exclusive: bool = False) -> None:
         key = placement.replica
         if placement.gpus:
-            for index in placement.gpus:
-                gpu = self._lookup[(placement.node, index)]
+            for gpu in self._gpus_of(placement):
                 if placement.mig_instance is not None:
                     gpu.instance_owner[placement.mig_instance] = key
                     continue
@@ -181,17 +190,17 @@ class Fleet:
             free = self.node_memory_free[placement.node]
             if free is not None:
                 self.node_memory_free[placement.node] = free - placement.memory_per_gpu
-        counts = self.node_replicas[placement.node]
-        if not counts:
-            self._set_busy(placement.node, busy=True)
-        counts[key.deployment] = counts.get(key.deployment, 0) + 1
+        for node in placement.nodes:
+            counts = self.node_replicas[node]
+            if not counts:
+                self._set_busy(node, busy=True)
+            counts[key.deployment] = counts.get(key.deployment, 0) + 1
         self.placements[key] = placement
 
     def remove(self, key: ReplicaKey) -> Placement:
         placement = self.placements.pop(key)
         if placement.gpus:
-            for index in placement.gpus:
-                gpu = self._lookup[(placement.node, index)]
+            for gpu in self._gpus_of(placement):
                 if placement.mig_instance is not None:
                     gpu.instance_owner[placement.mig_instance] = None
                     continue
@@ -204,13 +213,17 @@ class Fleet:
             free = self.node_memory_free[placement.node]
             if free is not None:
                 self.node_memory_free[placement.node] = free + placement.memory_per_gpu
-        counts = self.node_replicas[placement.node]
-        counts[key.deployment] -= 1
-        if not counts[key.deployment]:
-            del counts[key.deployment]
-        if not counts:
-            self._set_busy(placement.node, busy=False)
+        for node in placement.nodes:
+            counts = self.node_replicas[node]
+            counts[key.deployment] -= 1
+            if not counts[key.deployment]:
+                del counts[key.deployment]
+            if not counts:
+                self._set_busy(node, busy=False)
         return placement
+
+    def _gpus_of(self, placement: Placement) -> list[Gpu]:
+        return [self._lookup[(node, i)] for node, gpus in placement.stages for i in gpus]
 
     def empty_nodes(self) -> dict[tuple[tuple[str, int, int, bool], ...], list[str]]:
         """Empty nodes grouped by what they offer, each group sorted by name."""

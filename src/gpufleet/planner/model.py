@@ -16,6 +16,7 @@ __all__ = [
     "Plan",
     "PlanSettings",
     "ReplicaKey",
+    "Stage",
     "Unplaced",
 ]
 
@@ -29,8 +30,10 @@ DEFAULT_PRIORITIES: Mapping[str, int] = {"interactive": 100, "batch": 50, "best-
 class Deployment:
     """A model to place: how many replicas, and what one needs per GPU at each TP degree.
 
-    ``memory_per_gpu`` maps a tensor-parallel degree to the bytes each of its GPUs must give
-    (from ``gpufleet.sizing``); a degree of 0 means a CPU replica needing that much node memory.
+    ``memory_per_gpu`` maps a degree — the GPUs one replica holds — to the bytes each of them
+    must give (from ``gpufleet.sizing``); a degree of 0 means a CPU replica needing that much
+    node memory. A degree no node can hold runs tensor parallel within nodes and pipeline
+    parallel across them (TP × PP = the degree).
     """
 
     name: str
@@ -55,8 +58,19 @@ class ReplicaKey:
         return f"{self.deployment}#{self.index}"
 
 
+Stage = tuple[str, tuple[int, ...]]
+
+
 @dataclass(frozen=True, slots=True)
 class Placement:
+    """Where one replica runs: GPUs on one node, or — for a model bigger than a node — tensor
+    parallel within each of ``pp`` nodes and pipeline parallel across them.
+
+    The first pipeline stage (the leader's) is ``node``/``gpus``; ``workers`` holds the others,
+    in stage order, each on a node of its own with as many GPUs of the same type. A replica on
+    one node has no workers, so placements written before multi-node ones read back unchanged.
+    """
+
     replica: ReplicaKey
     node: str
     gpus: tuple[int, ...]  # GPU indices on the node; () for a CPU replica
@@ -67,14 +81,49 @@ class Placement:
     mig_profile: str | None = None
     mig_instance: int | None = None
     time_slice: int | None = None
+    #: Pipeline stages after the leader's: (node, GPU indices on it) each; () on one node.
+    workers: tuple[Stage, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Read back from JSON (``dataclasses.asdict`` writes lists): tuples again, so
+        # placements compare equal and hash as they did before they were written.
+        object.__setattr__(self, "gpus", tuple(self.gpus))
+        object.__setattr__(
+            self, "workers", tuple((str(node), tuple(gpus)) for node, gpus in self.workers)
+        )
 
     @property
     def tp(self) -> int:
+        """Tensor-parallel degree: GPUs per pipeline stage."""
         return len(self.gpus)
 
+    @property
+    def pp(self) -> int:
+        """Pipeline-parallel degree: nodes the replica spans (1 on one node)."""
+        return 1 + len(self.workers)
+
+    @property
+    def gpu_count(self) -> int:
+        """GPUs the replica holds in all (TP × PP)."""
+        return len(self.gpus) * self.pp
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """The leader's node, then the workers', in stage order."""
+        return (self.node, *(node for node, _ in self.workers))
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        """(node, GPU indices) of every pipeline stage, the leader's first."""
+        return ((self.node, self.gpus), *self.workers)
+
     def where(self) -> str:
-        gpus = ",".join(str(g) for g in self.gpus)
-        base = f"{self.node}/gpu-{gpus}" if self.gpus else f"{self.node}/cpu"
+        if not self.gpus:
+            base = f"{self.node}/cpu"
+        else:
+            base = " + ".join(
+                f"{node}/gpu-{','.join(str(g) for g in gpus)}" for node, gpus in self.stages
+            )
         if self.mig_profile is not None:
             base += f"/mig-{self.mig_instance}:{self.mig_profile}"
         if self.time_slice is not None:

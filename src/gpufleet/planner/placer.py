@@ -1,4 +1,5 @@
-"""Where one replica can go: best fit on shared GPUs, TP groups on one node, MIG instances.
+"""Where one replica can go: best fit on shared GPUs, TP groups on one node, TP × PP groups
+across nodes for a replica bigger than any node, MIG instances.
 
 Scores rank candidates by the planner's objectives in order: never two replicas of one model on
 one GPU when avoidable (no redundancy in that), a GPU already in use before an empty one
@@ -51,6 +52,10 @@ class Placer:
                 found = self._single(key, dep, need, allow_empty=allow_empty, exclude=exclude)
             else:
                 found = self._group(key, dep, tp, need, allow_empty=allow_empty, exclude=exclude)
+                if found is None:
+                    found = self._across(
+                        key, dep, tp, need, allow_empty=allow_empty, exclude=exclude
+                    )
             if found is not None:
                 return found
         return None
@@ -62,8 +67,40 @@ class Placer:
             return not gpu.in_use and gpu.usable >= need
         return gpu.free >= need and len(gpu.replicas) < gpu.max_replicas
 
+    def shapes(self, dep: Deployment, degree: int) -> list[tuple[str, int, int]]:
+        """(GPU type, TP, PP) a replica of ``degree`` GPUs can take across nodes, best first.
+
+        Only for a degree no node of the type can hold: splitting what fits one node over
+        several would trade NVLink for the network. TP is a node size of the type that divides
+        the degree (the largest first: fewest nodes, fewest pipeline bubbles); preferred types
+        first.
+        """
+        if degree < 2:
+            return []
+        shapes: list[tuple[str, int, int]] = []
+        for gpu_type in self.types_for(dep):
+            sizes = set(self.fleet.node_sizes(gpu_type).values())
+            if not sizes or degree <= max(sizes):
+                continue
+            for tp in sorted(sizes, reverse=True):
+                if degree % tp == 0:
+                    shapes.append((gpu_type, tp, degree // tp))
+        return shapes
+
+    def types_for(self, dep: Deployment) -> list[str]:
+        """Whole-GPU types ``dep`` may use, most preferred first."""
+        present = self.fleet.types()
+        if dep.gpu_types:
+            return [t for t in dep.gpu_types if t in present]
+        return present
+
     def make(self, key: ReplicaKey, gpus: list[Gpu], need: int, *, exclusive: bool) -> Placement:
+        """A placement on ``gpus``: those on the first one's node are the leader's stage, each
+        further node's a worker's (in the order given)."""
         first = gpus[0]
+        stages: dict[str, list[int]] = {}
+        for gpu in gpus:
+            stages.setdefault(gpu.node, []).append(gpu.index)
         slice_ = None
         sliced = [g for g in gpus if g.time_slicing > 1]
         if sliced:
@@ -73,11 +110,12 @@ class Placer:
         return Placement(
             replica=key,
             node=first.node,
-            gpus=tuple(g.index for g in gpus),
+            gpus=tuple(stages.pop(first.node)),
             gpu_type=first.type,
             memory_per_gpu=first.usable if exclusive else need,
             memory_fraction=round((first.usable if exclusive else need) / first.memory, 4),
             time_slice=slice_,
+            workers=tuple((node, tuple(indices)) for node, indices in stages.items()),
         )
 
     # -- kinds of placement -----------------------------------------------------------------
@@ -178,6 +216,57 @@ class Placer:
             return None
         gpus = sorted(best[1], key=lambda g: g.index)
         return self.make(key, gpus, need, exclusive=dep.sharing == "exclusive")
+
+    def _across(
+        self,
+        key: ReplicaKey,
+        dep: Deployment,
+        degree: int,
+        need: int,
+        *,
+        allow_empty: bool,
+        exclude: frozenset[tuple[str, int]],
+    ) -> Placement | None:
+        """Bigger than a node: TP GPUs on each of PP nodes of one type (see ``shapes``). Nodes
+        rank as TP groups do; the chosen ones become stages in name order."""
+        for gpu_type, tp, pp in self.shapes(dep, degree):
+            ranked: list[tuple[tuple[int, int, int, int, str], list[Gpu]]] = []
+            for node, gpus in self.fleet.by_node.items():
+                on_node = self.fleet.on_node(node, dep.name)
+                if dep.spread == "required" and on_node:
+                    continue
+                candidates = [
+                    g
+                    for g in gpus
+                    if g.type == gpu_type
+                    and (g.node, g.index) not in exclude
+                    and self.fits(g, dep, need)
+                    and (allow_empty or g.in_use)
+                ]
+                if len(candidates) < tp:
+                    continue
+                chosen = sorted(candidates, key=lambda g: (0 if g.in_use else 1, g.free, g.index))[
+                    :tp
+                ]
+                score = (
+                    sum(0 if g.in_use else 1 for g in chosen),
+                    on_node if dep.spread == "preferred" else 0,
+                    self._uncached(node, dep),
+                    sum(g.free for g in chosen),
+                    node,
+                )
+                ranked.append((score, sorted(chosen, key=lambda g: g.index)))
+            if len(ranked) < pp:
+                continue
+            ranked.sort(key=lambda entry: entry[0])
+            stages = sorted((gpus for _, gpus in ranked[:pp]), key=lambda gpus: gpus[0].node)
+            return self.make(
+                key,
+                [g for gpus in stages for g in gpus],
+                need,
+                exclusive=dep.sharing == "exclusive",
+            )
+        return None
 
     def _group_candidates(self, dep: Deployment, *, allow_empty: bool) -> list[str]:
         """Nodes in use, plus the first empty node of each kind: an empty node identical to an

@@ -1,5 +1,9 @@
 """``plan()``: where every replica runs, what must be preempted or moved, and why.
 
+A replica bigger than any node runs tensor parallel within nodes and pipeline parallel
+across them: TP = GPUs per node, PP = nodes, all of one GPU type (vLLM's multi-node layout —
+tensor parallelism needs NVLink, pipeline stages only pass activations over the network).
+
 The order follows the objectives. Running replicas whose placement is still valid stay put
 (stability). The rest are placed highest priority first, largest first (best-fit decreasing);
 a replica that finds no room may preempt strictly lower-priority ones, which go back in the
@@ -178,10 +182,10 @@ class _Planning:
 
     def _still_valid(self, p: Placement) -> bool:
         dep = self.deps[p.replica.deployment]
-        tp = len(p.gpus)
-        if tp not in dep.memory_per_gpu:
+        degree = p.gpu_count
+        if degree not in dep.memory_per_gpu:
             return False
-        need = dep.memory_per_gpu[tp]
+        need = dep.memory_per_gpu[degree]
         if not p.gpus:
             free = self.fleet.node_memory_free.get(p.node, 0)
             return (
@@ -189,7 +193,13 @@ class _Planning:
                 and p.memory_per_gpu == need
                 and (free is None or free >= need)
             )
-        gpus = [self.fleet.gpu(p.node, i) for i in p.gpus]
+        if p.workers and (
+            p.mig_instance is not None
+            or len(set(p.nodes)) != p.pp
+            or any(len(gpus) != p.tp for _, gpus in p.workers)
+        ):
+            return False
+        gpus = [self.fleet.gpu(node, i) for node, indices in p.stages for i in indices]
         if any(g is None for g in gpus):
             return False
         real = [g for g in gpus if g is not None]
@@ -241,9 +251,45 @@ class _Planning:
                         worst = max(self.priority(v) for v in victims)
                         freed = sum(self.fleet.placements[v].memory_per_gpu for v in victims)
                         options.append((worst, len(victims), freed, node, victims))
+            if not options:
+                options += self._across_victims(dep, tp, need)
             if options:
                 break  # the smallest TP degree that can make room wins
         return min(options)[-1] if options else []
+
+    def _across_victims(
+        self, dep: Deployment, degree: int, need: int
+    ) -> list[tuple[int, int, int, str, list[ReplicaKey]]]:
+        """For a replica bigger than a node: the cheapest PP nodes to clear TP GPUs on."""
+        options: list[tuple[int, int, int, str, list[ReplicaKey]]] = []
+        for gpu_type, tp, pp in self.placer.shapes(dep, degree):
+            per_node: list[tuple[tuple[int, int], str, list[ReplicaKey]]] = []
+            for node, gpus in self.fleet.by_node.items():
+                if dep.spread == "required" and self.fleet.on_node(node, dep.name):
+                    continue
+                usable = [
+                    (g, v)
+                    for g in gpus
+                    if g.type == gpu_type
+                    for v in (self._victims_on(g, dep, need),)
+                    if v is not None
+                ]
+                if len(usable) < tp:
+                    continue
+                usable.sort(key=lambda gv: (self._cost(gv[1]), gv[0].index))
+                victims = sorted({v for _, vs in usable[:tp] for v in vs})
+                per_node.append((self._cost(victims), node, victims))
+            if len(per_node) < pp:
+                continue
+            per_node.sort(key=lambda entry: (entry[0], entry[1]))
+            chosen = per_node[:pp]
+            victims = sorted({v for _, _, vs in chosen for v in vs})
+            if victims:
+                worst = max(self.priority(v) for v in victims)
+                freed = sum(self.fleet.placements[v].memory_per_gpu for v in victims)
+                nodes = ",".join(sorted(node for _, node, _ in chosen))
+                options.append((worst, len(victims), freed, nodes, victims))
+        return options
 
     def _mig_victims(
         self, dep: Deployment, need: int
@@ -327,7 +373,7 @@ class _Planning:
         moving = sorted(gpu.replicas, key=lambda r: (-gpu.replicas[r], r))
         for r in moving:
             p = self.fleet.placements[r]
-            if len(p.gpus) != 1 or self.deps[r.deployment].sharing != "memory":
+            if p.gpu_count != 1 or self.deps[r.deployment].sharing != "memory":
                 return False
         before = {r: self.fleet.remove(r) for r in moving}
         after: dict[ReplicaKey, Placement] = {}
@@ -336,7 +382,7 @@ class _Planning:
             placement = self.placer.place(r, allow_empty=False, exclude=here)
             if (
                 placement is None
-                or len(placement.gpus) != 1
+                or placement.gpu_count != 1
                 or self._worse_spread(r, before[r], placement)
             ):
                 for done in after:
@@ -388,24 +434,61 @@ class _Planning:
             if not whole:
                 parts.append(f"TP {tp}: no whole GPU available{types}")
                 continue
-            best = max(whole, key=lambda g: (g.free, g.node, -g.index))
-            if tp == 1:
+            # Free memory on a GPU that may take no further engine is no room: leave it out.
+            open_ = [g for g in whole if len(g.replicas) < g.max_replicas]
+            if tp > 1:
+                parts += self._group_reasons(dep, tp, need, open_)
+            elif open_:
+                best = max(open_, key=lambda g: (g.free, g.node, -g.index))
                 parts.append(
                     f"needs {need / GiB:.1f} GiB per GPU at TP 1; largest free is {best.free / GiB:.1f} GiB on {best.name}{types}"
                 )
             else:
-                counts = {
-                    node: sum(1 for g in gs if g in whole and g.free >= need)
-                    for node, gs in self.fleet.by_node.items()
-                }
-                node, have = max(counts.items(), key=lambda kv: (kv[1], kv[0]))
+                limit = max(g.max_replicas for g in whole)
+                rule = "one engine per GPU" if limit == 1 else f"at most {limit} engines per GPU"
                 parts.append(
-                    f"TP {tp} needs {tp} GPUs with {need / GiB:.1f} GiB free each on one node; the best, {node}, has {have}"
+                    f"needs {need / GiB:.1f} GiB per GPU at TP 1; none of the {len(whole)} allowed GPUs can take another engine ({rule}){types}"
                 )
         if key in self.preempted_by:
             by = self.preempted_by[key]
             parts.insert(0, f"preempted by {by} (priority {self.priority(by)} > {dep.priority})")
         return "; ".join(parts) or "no GPU or node in the inventory"
+
+    def _group_reasons(self, dep: Deployment, tp: int, need: int, open_: list[Gpu]) -> list[str]:
+        """Why no group of ``tp`` GPUs was found (``open_``: the allowed whole GPUs that may take
+        another engine): on one node, or across nodes when no node is that big."""
+        room = set(open_)
+        sizes = {t: self.fleet.node_sizes(t) for t in self.placer.types_for(dep)}
+        largest = max((n for by_node in sizes.values() for n in by_node.values()), default=0)
+        reasons: list[str] = []
+        if largest >= tp:
+            counts = {
+                node: sum(1 for g in gs if g in room and g.free >= need)
+                for node, gs in self.fleet.by_node.items()
+            }
+            node, have = max(counts.items(), key=lambda kv: (kv[1], kv[0]))
+            reasons.append(
+                f"TP {tp} needs {tp} GPUs with {need / GiB:.1f} GiB free each on one node; the best, {node}, has {have}"
+            )
+        shapes = self.placer.shapes(dep, tp)
+        for gpu_type, per_node, pp in shapes:
+            have = sum(
+                1
+                for node, gs in self.fleet.by_node.items()
+                if not (dep.spread == "required" and self.fleet.on_node(node, dep.name))
+                and sum(1 for g in gs if g.type == gpu_type and self.placer.fits(g, dep, need))
+                >= per_node
+            )
+            reasons.append(
+                f"TP {per_node} × PP {pp} needs {pp} nodes with {per_node} free {gpu_type} each "
+                f"({need / GiB:.1f} GiB per GPU); have {have}"
+            )
+        if largest < tp and not shapes:
+            reasons.append(
+                f"{tp} GPUs: more than any node has (the largest has {largest}), and no node's "
+                f"GPU count divides {tp} to run it pipeline parallel across nodes"
+            )
+        return reasons
 
     def _result(self) -> Plan:
         given, total = self.fleet.memory_in_use()
