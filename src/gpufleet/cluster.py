@@ -7,12 +7,16 @@ the control plane goes through the API for the operator to carry out: ``apply`` 
 write Model resources (the admin API and ``gpufleet apply`` work as with ``gpufleet up``),
 ``wake`` stamps the Model with ``gpufleet.io/wake-at`` so the operator scales it up from zero
 at once, and the gateway's demand is published to Redis for the operator's autoscaler.
+
+The view is followed by supervised loops (``gpufleet.supervise``): a loop that fails starts
+again from a fresh list (models deleted meanwhile leave the directory), and ``unhealthy()``
+names the loops that are down, for the gateway's readiness. Pods that are terminating are not
+routed to: the runtime reports them ``Stopping`` as soon as their ``deletionTimestamp`` is set.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import os
@@ -31,6 +35,7 @@ from gpufleet.runtime.kubernetes.manifests import PORT
 from gpufleet.runtime.kubernetes.resources import model_from_resource
 from gpufleet.spec import API_VERSION, Model
 from gpufleet.store import ApplyResult, Store
+from gpufleet.supervise import Supervisor
 
 __all__ = ["WAKE_ANNOTATION", "ClusterPlane", "GatewayConfig", "serve_cluster_gateway"]
 
@@ -49,6 +54,7 @@ class ClusterPlane:
         gateway_id: str,
         redis_url: str | None = None,
         engine_port: int = PORT,
+        loops: Supervisor | None = None,
     ) -> None:
         self.api = api
         self.store = store
@@ -61,40 +67,66 @@ class ClusterPlane:
         )
         #: For the admin API's replica listings (the gateway never starts or stops pods).
         self.runtime: Runtime = self.pods
-        self._tasks: list[asyncio.Task[None]] = []
+        #: The view's loops (tests inject a supervisor with a fast clock).
+        self._loops = loops or Supervisor()
         self._publisher: DemandPublisher | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        for obj in await self.api.list("Model", self.namespace):
-            self._model(obj)
-        await self.pods.start_watching()
-        for replica in self.pods.replicas():
-            self.directory.observe(replica)
-        self._tasks.append(asyncio.create_task(self._follow_models(), name="cluster:models"))
-        self._tasks.append(asyncio.create_task(self._follow_pods(), name="cluster:pods"))
+        """Read the models and the engine pods, then follow them. Fails if the first read
+        fails (the gateway cannot serve a cluster it cannot see)."""
+        synced = asyncio.Event()
+        try:
+            await self._loops.spawn("cluster:models", lambda: self._follow_models(synced)).wait(
+                synced
+            )
+            await self.pods.start_watching()
+        except BaseException:
+            await self._loops.close()
+            raise
+        self._loops.spawn("cluster:pods", self._follow_pods)
+
+    def unhealthy(self) -> list[str]:
+        """The background loops of this view that are down: the gateway is not ready."""
+        return sorted([*self._loops.unhealthy(), *self.pods.unhealthy()])
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+        await self._loops.close()
         if self._publisher is not None:
             await self._publisher.close()
         await self.pods.close()
 
-    async def _follow_models(self) -> None:
-        async for event in self.api.watch("Model", self.namespace):
+    async def _follow_models(self, synced: asyncio.Event) -> None:
+        """Model resources → the directory. A (re)start lists them first: models the directory
+        had that are not in that list were deleted while nobody watched."""
+        before = {entry.name for entry in self.directory.entries()}
+        seen: set[str] = set()
+        done = False  # this run's list is through (``synced`` stays set across restarts)
+
+        def listed() -> None:
+            nonlocal done
+            done = True
+            for name in before - seen:
+                self.directory.remove(name)
+            synced.set()
+
+        async for event in self.api.watch("Model", self.namespace, synced=listed):
+            name = event.object["metadata"]["name"]
+            if not done:
+                seen.add(name)
             if event.type == "DELETED":
-                self.directory.remove(event.object["metadata"]["name"])
+                self.directory.remove(name)
             else:
                 self._model(event.object)
 
     async def _follow_pods(self) -> None:
-        async for replica in self.pods.watch():
+        stream = self.pods.watch()
+        # What the runtime knows now, then its changes: the feed subscribes on the first
+        # iteration, with no await in between, so nothing falls into a gap.
+        for replica in self.pods.replicas():
+            self.directory.observe(replica)
+        async for replica in stream:
             self.directory.observe(replica)
 
     def _model(self, obj: Mapping[str, Any]) -> None:

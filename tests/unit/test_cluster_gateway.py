@@ -28,6 +28,7 @@ from gpufleet.runtime.kubernetes import FakeKube
 from gpufleet.sizing import load_architecture
 from gpufleet.sizing.performance import PerfModel
 from gpufleet.store import Store, sqlite_url
+from gpufleet.supervise import Supervisor
 from tests.conftest import free_port, serving
 
 NS = "gpufleet"
@@ -211,3 +212,79 @@ async def test_a_canary_in_the_model_status_splits_the_gateways_requests(site: S
     await site.settle(lambda: site.plane.directory.get("llama") is not None)
     entry = site.plane.directory.get("llama")
     assert entry is not None and entry.canary == (2, 30)
+
+
+async def test_a_terminating_pod_is_not_routed_to(site: Site) -> None:
+    await site.kube.create(model_resource(desired=1))
+    await engine_pod(site.kube, "llama-g1-abc")
+    await site.settle(lambda: site.plane.directory.get("llama") is not None)
+    await site.settle(lambda: site.plane.directory.get("llama").endpoints)  # type: ignore[union-attr]
+    site.kube.terminate(NS, "llama-g1-abc")  # evicted: the kubelet still says Ready
+    await site.settle(lambda: not site.plane.directory.get("llama").endpoints)  # type: ignore[union-attr]
+    assert site.kube.peek("Pod", NS, "llama-g1-abc") is not None
+
+
+async def test_gpufleet_logs_on_a_cluster_reads_the_pods_log_api(site: Site) -> None:
+    await site.kube.create(model_resource(desired=1))
+    await engine_pod(site.kube, "llama-g1-abc")
+    site.kube.pod_logs[(NS, "llama-g1-abc")] = "INFO engine started\nINFO serving llama\n"
+    await site.settle(lambda: site.plane.runtime.replicas("llama"))
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(site.url + "/admin/v1/models/llama/logs?tail=1") as resp,
+    ):
+        text = await resp.text()
+    assert resp.status == 200, text
+    assert "INFO serving llama" in text and "engine started" not in text
+    assert "kubectl logs" not in text
+
+
+async def test_the_view_reads_models_again_after_its_watch_fails(tmp_path: Path) -> None:
+    """A Model deleted while the view's watch was down leaves the directory when the watch
+    starts again; while it is down, ``unhealthy`` names it (the gateway is not ready)."""
+
+    class Flaky(FakeKube):
+        broken = False
+
+        async def watch(
+            self, kind: str, namespace: str | None, selector: Any = None, *, synced: Any = None
+        ) -> AsyncIterator[Any]:
+            async for event in super().watch(kind, namespace, selector, synced=synced):
+                if self.broken and kind == "Model":
+                    self.broken = False
+                    raise ConnectionResetError("lost")
+                yield event
+
+    kube = Flaky()
+    gate = asyncio.Event()
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        await gate.wait()
+
+    store = Store.open(sqlite_url(tmp_path))
+    plane = ClusterPlane(
+        kube, store, NS, gateway_id="gw-test", loops=Supervisor(sleep=sleep, stable_s=0.0)
+    )
+    await kube.create(model_resource(desired=1))
+    other = model_resource(desired=1)
+    other["metadata"]["name"] = "other"
+    await kube.create(other)
+    try:
+        await plane.start()
+        assert [e.name for e in plane.directory.entries()] == ["llama", "other"]
+        kube.broken = True
+        await kube.delete("Model", NS, "llama")  # lost with the connection
+        async with asyncio.timeout(5):
+            while not waits:
+                await asyncio.sleep(0.001)
+        assert plane.unhealthy() == ["cluster:models"]
+        gate.set()
+        await Site(kube, plane, "").settle(
+            lambda: [e.name for e in plane.directory.entries()] == ["other"]
+        )
+        assert plane.unhealthy() == []
+    finally:
+        await plane.close()
+        store.close()

@@ -17,8 +17,10 @@ import pytest
 from gpufleet.controller import Autoscaler, Controller
 from gpufleet.runtime import Phase
 from gpufleet.runtime.kubernetes import FakeKube, KubernetesRuntime, inventory_from_nodes
+from gpufleet.runtime.kubernetes.api import KubeError, NotServed, WatchEvent
 from gpufleet.spec import load_text
 from gpufleet.store import Store, sqlite_url
+from gpufleet.supervise import Supervisor
 
 NS = "gpufleet"
 
@@ -172,8 +174,8 @@ async def test_a_new_generation_and_a_deleted_model_change_the_pods(op: Operator
     await op.settle(lambda: len(op.pods()) == 2)
     new = next(p["metadata"]["name"] for p in op.pods() if p["metadata"]["name"] != old)
     assert "--max-model-len" in (
-        args := op.kube.peek("Pod", NS, new)["spec"]["containers"][0]["args"]
-    )  # type: ignore[index]
+        args := op.kube.peek("Pod", NS, new)["spec"]["containers"][0]["args"]  # type: ignore[index]
+    )
     assert args[args.index("--max-model-len") + 1] == "4096"
     op.kube.pod_ready(NS, new, "10.0.0.2")
     await op.settle(lambda: [p["metadata"]["name"] for p in op.pods()] == [new])
@@ -324,3 +326,134 @@ async def test_a_restarted_operator_adopts_its_leader_worker_sets(tmp_path: Path
     finally:
         await second.stop()
         store.close()
+
+
+async def test_a_terminating_pod_serves_nothing_from_the_moment_it_terminates(
+    op: Operator,
+) -> None:
+    await op.controller.apply([model(replicas=2)])
+    await op.settle(lambda: len(op.pods()) == 2)
+    first, second = (p["metadata"]["name"] for p in op.pods())
+    op.kube.pod_ready(NS, first, "10.0.0.1")
+    op.kube.pod_ready(NS, second, "10.0.0.2")
+    await op.settle(lambda: len(op.controller.directory.get("llama").endpoints) == 2)  # type: ignore[union-attr]
+    op.kube.terminate(NS, first)  # evicted: still Ready until its containers stop
+    await op.settle(
+        lambda: [r.id for r in op.controller.directory.get("llama").endpoints] == [second]  # type: ignore[union-attr]
+    )
+    (terminating,) = [r for r in op.runtime.replicas() if r.id == first]
+    assert terminating.phase is Phase.STOPPING and terminating.url is None
+    # The controller replaces it at once, without waiting for the kubelet to finish.
+    await op.controller.reconcile("llama")
+    await op.settle(lambda: len(op.pods()) == 3)
+    await op.kube.delete("Pod", NS, first)
+    await op.settle(lambda: first not in [r.id for r in op.runtime.replicas()])
+
+
+async def test_a_pod_this_runtime_stops_is_not_adopted_again_while_it_terminates(
+    op: Operator,
+) -> None:
+    await op.controller.apply([model()])
+    await op.settle(lambda: len(op.pods()) == 1)
+    name = op.pods()[0]["metadata"]["name"]
+    op.kube.pod_ready(NS, name, "10.0.0.1")
+    await op.settle(lambda: op.runtime.replicas() and op.runtime.replicas()[0].url)
+    op.kube.finish_deletions = False  # the pod stays terminating, still Ready
+    await op.runtime.stop(name)
+    assert op.kube.peek("Pod", NS, name)["metadata"]["deletionTimestamp"]  # type: ignore[index]
+    op.kube.pod_ready(NS, name, "10.0.0.1")  # the kubelet still reports it Ready
+    await asyncio.sleep(0.05)
+    assert name not in [r.id for r in op.runtime.replicas()]
+
+
+async def test_without_leader_worker_sets_the_runtime_starts_and_refuses_only_multi_node(
+    tmp_path: Path,
+) -> None:
+    (big,) = load_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: big}\n"
+        "spec: {source: 'hf://meta-llama/Llama-3.1-405B-Instruct', engine: vllm, "
+        "resources: {gpus: 16}, replicas: {min: 1, max: 1}}\n"
+    )
+    kube = FakeKube()
+    kube.unserved.add("LeaderWorkerSet")
+    store = Store.open(sqlite_url(tmp_path))
+    op = await start(kube, store)  # no crash at start
+    try:
+        assert op.runtime.lws_served is False
+        await op.controller.apply([big, model()])
+        await op.settle(lambda: op.controller.directory.get("big").problem)  # type: ignore[union-attr]
+        problem = op.controller.directory.get("big").problem  # type: ignore[union-attr]
+        assert "LeaderWorkerSet is not installed" in problem
+        assert "kubectl apply --server-side -f https://github.com/kubernetes-sigs/lws" in problem
+        await op.settle(lambda: len(op.pods("llama")) == 1)  # the rest runs
+        with pytest.raises(NotServed):
+            await kube.create({"apiVersion": "x/v1", "kind": "LeaderWorkerSet", "metadata": {"name": "x", "namespace": NS}})  # fmt: skip
+    finally:
+        await op.stop()
+        store.close()
+
+
+async def test_logs_come_from_the_pods_log_api(op: Operator) -> None:
+    await op.controller.apply([model()])
+    await op.settle(lambda: len(op.pods()) == 1)
+    name = op.pods()[0]["metadata"]["name"]
+    op.kube.pod_logs[(NS, name)] = "".join(f"line {i}\n" for i in range(10))
+    assert await op.runtime.logs(name, tail=3) == "line 7\nline 8\nline 9\n"
+    with pytest.raises(KubeError, match="not found"):
+        await op.runtime.logs("gone-pod")
+
+
+class FlakyKube(FakeKube):
+    """A FakeKube whose watches can lose their connection once (``break_watches``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken = False
+
+    async def watch(
+        self, kind: str, namespace: str | None, selector: Any = None, *, synced: Any = None
+    ) -> AsyncIterator[WatchEvent]:
+        async for event in super().watch(kind, namespace, selector, synced=synced):
+            if self.broken:
+                self.broken = False
+                raise ConnectionResetError("the watch's connection was lost")
+            yield event
+
+
+async def test_a_pod_watch_that_fails_restarts_and_reports_pods_gone_meanwhile() -> None:
+    kube = FlakyKube()
+    gate = asyncio.Event()
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        await gate.wait()
+
+    runtime = KubernetesRuntime(kube, loops=Supervisor(sleep=sleep, stable_s=0.0))
+    for name in ("llama-g1-a", "llama-g1-b"):
+        await kube.create(
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS, "labels": {
+                "app.kubernetes.io/managed-by": "gpufleet", "app.kubernetes.io/component": "engine",
+                "gpufleet.io/model": "llama", "gpufleet.io/generation": "1"}}, "spec": {}}
+        )  # fmt: skip
+        kube.pod_ready(NS, name, "10.0.0.1")
+    await runtime.start_watching()
+    try:
+        assert sorted(r.id for r in runtime.replicas()) == ["llama-g1-a", "llama-g1-b"]
+        feed = runtime.watch()
+        published = asyncio.ensure_future(anext(feed))
+        await asyncio.sleep(0)  # subscribed
+        kube.broken = True
+        await kube.delete("Pod", NS, "llama-g1-a")  # its event is lost with the connection
+        async with asyncio.timeout(5):
+            while not waits:
+                await asyncio.sleep(0.001)
+        assert runtime.unhealthy() == ["kubernetes:watch-pods"]
+        gate.set()  # the back-off is over: the watch starts again from a fresh list
+        stopped = await asyncio.wait_for(published, 5)
+        assert (stopped.id, stopped.phase) == ("llama-g1-a", Phase.STOPPED)
+        assert [r.id for r in runtime.replicas()] == ["llama-g1-b"]
+        assert runtime.unhealthy() == []
+        await feed.aclose()  # type: ignore[attr-defined]
+    finally:
+        await runtime.close()

@@ -30,6 +30,7 @@ from gpufleet.errors import PermanentError, TemporaryError
 from gpufleet.runtime import Phase, Replica, ReplicaRequest, Runtime
 from gpufleet.spec import Model, ModelSpec
 from gpufleet.store import ApplyResult, Revision, Store
+from gpufleet.supervise import Supervisor
 
 __all__ = ["Controller"]
 
@@ -64,6 +65,8 @@ class Controller:
         self._dirty: dict[str, asyncio.Event] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        #: Supervised loops (restarted after an error; ``unhealthy`` while one is down).
+        self._loops = Supervisor()
         self._reported: dict[str, tuple[int, str]] = {}
         self._phases: dict[str, Phase] = {}
         #: Canary rollouts under way: when each began, and when its first replica served.
@@ -90,13 +93,14 @@ class Controller:
         for replica in self.runtime.replicas():
             self.directory.observe(replica)
             self._phases[replica.id] = replica.phase
-        self._tasks.append(asyncio.create_task(self._watch(), name="controller:watch"))
+        self._loops.spawn("controller:watch", self._watch)
         self._tasks.append(asyncio.create_task(self._resync(), name="controller:resync"))
         self._tasks.append(asyncio.create_task(self._autoscale(), name="controller:autoscale"))
 
     async def stop(self) -> None:
         """Stop reconciling. Replicas keep running; closing the runtime stops them."""
         self._stopped = True
+        await self._loops.close()
         tasks = [*self._tasks, *self._workers.values(), *self._draining.values()]
         for task in tasks:
             task.cancel()
@@ -105,6 +109,10 @@ class Controller:
                 await task
         self._tasks.clear()
         self._workers.clear()
+
+    def unhealthy(self) -> list[str]:
+        """The controller's critical background loops that are down (readiness fails)."""
+        return self._loops.unhealthy()
 
     def trigger(self, name: str) -> None:
         if self._stopped:
@@ -469,7 +477,12 @@ class Controller:
                 loop.call_later(delay, self.trigger, name)
 
     async def _watch(self) -> None:
-        async for replica in self.runtime.watch():
+        stream = self.runtime.watch()
+        # A restart after an error: what runs now, then every change (the feed subscribes on
+        # the first iteration, with no await in between).
+        for replica in self.runtime.replicas():
+            self.directory.observe(replica)
+        async for replica in stream:
             self.directory.observe(replica)
             previous = self._phases.get(replica.id)
             if replica.phase is previous:

@@ -9,12 +9,19 @@ containers; this runtime reports what the pods say:
   ``Unready`` (no traffic);
 - a container waiting in ``CrashLoopBackOff`` → ``BackOff`` with its message and restarts;
 - not schedulable → ``Starting`` with the scheduler's reason;
+- terminating (``deletionTimestamp`` set: deleted with a grace period, evicted, its node
+  drained) → ``Stopping`` at once, no URL: a terminating pod gets no new request, although the
+  kubelet may keep it Ready until its containers stop;
 - deleted by someone else (a node gone, an eviction) or ``Failed`` → ``Stopped``, and the
   controller starts a replacement.
 
 Pods carry their model and generation as labels, so an operator that restarts adopts the pods
-it finds instead of starting them again. Closing the runtime stops watching; the pods outlive
-the operator (unlike ``gpufleet up``'s child processes).
+it finds instead of starting them again. The pod watch runs supervised (``gpufleet.supervise``):
+after an error it starts again from a fresh list, and replicas whose pods went meanwhile are
+reported stopped. LeaderWorkerSet is optional: without its CRD the runtime runs every model
+that fits a node and refuses, with the way to install it, those that do not. Logs come from the
+pods/log API (a multi-node replica's: its leader's). Closing the runtime stops watching; the
+pods outlive the operator (unlike ``gpufleet up``'s child processes).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from typing import Any
 
 from gpufleet.errors import PermanentError
 from gpufleet.runtime.base import Capabilities, Phase, Replica, ReplicaFeed, ReplicaRequest
-from gpufleet.runtime.kubernetes.api import KubeApi, WatchEvent
+from gpufleet.runtime.kubernetes.api import KubeApi, KubeError, NotServed, WatchEvent
 from gpufleet.runtime.kubernetes.manifests import (
     LABEL_COMPONENT,
     LABEL_MODEL,
@@ -47,8 +54,15 @@ from gpufleet.runtime.kubernetes.manifests import (
     loader_job,
 )
 from gpufleet.spec import API_VERSION, Metadata, Model
+from gpufleet.supervise import Supervisor
 
-__all__ = ["LABEL_GENERATION", "LABEL_PLACEMENT", "LABEL_REPLICA", "KubernetesRuntime"]
+__all__ = [
+    "LABEL_GENERATION",
+    "LABEL_PLACEMENT",
+    "LABEL_REPLICA",
+    "LWS_INSTALL",
+    "KubernetesRuntime",
+]
 
 log = logging.getLogger("gpufleet.runtime.kubernetes")
 
@@ -58,6 +72,12 @@ LABEL_PLACEMENT = "gpufleet.io/placement"
 #: On the pods of a multi-node replica: the LeaderWorkerSet (= replica) they belong to.
 LABEL_REPLICA = "gpufleet.io/replica"
 _SELECTOR = {"app.kubernetes.io/managed-by": "gpufleet", LABEL_COMPONENT: "engine"}
+_WATCH = "kubernetes:watch-pods"
+#: How to install the LeaderWorkerSet controller and CRD (https://lws.sigs.k8s.io/docs/installation/).
+LWS_INSTALL = (
+    "kubectl apply --server-side -f "
+    "https://github.com/kubernetes-sigs/lws/releases/download/v0.7.0/manifests.yaml"
+)
 
 
 class KubernetesRuntime:
@@ -70,6 +90,7 @@ class KubernetesRuntime:
         *,
         place: Callable[[ReplicaRequest], EngineGroup] | None = None,
         engine_port: int = PORT,
+        loops: Supervisor | None = None,
     ) -> None:
         self.api = api
         #: Where engines listen in their pods (tests point it at a local emulator).
@@ -83,29 +104,43 @@ class KubernetesRuntime:
         self._groups: set[str] = set()
         self._placements: dict[str, str] = {}
         self._feed = ReplicaFeed()
-        self._task: asyncio.Task[None] | None = None
+        #: The pod watch's supervisor (tests inject one with a fast clock).
+        self._loops = loops or Supervisor()
+        #: Whether the cluster serves LeaderWorkerSet (known after ``start_watching``).
+        self.lws_served = False
 
     def set_placer(self, place: Callable[[ReplicaRequest], EngineGroup]) -> None:
         """Where new replicas go from now on (the operator's planner)."""
         self._place = place
 
     async def start_watching(self) -> None:
-        """Adopt the pods (and multi-node groups) already there, then follow every change."""
-        for group in await self.api.list("LeaderWorkerSet", self.namespace, _SELECTOR):
-            self._groups.add(group["metadata"]["name"])
-            self._observe({"metadata": group["metadata"], "status": {}})
-        for pod in await self.api.list("Pod", self.namespace, _SELECTOR):
-            self._on(WatchEvent("ADDED", pod))
-        ready = asyncio.Event()
-        self._task = asyncio.create_task(self._watch(ready), name="kubernetes:watch-pods")
-        await ready.wait()
+        """Adopt the pods (and multi-node groups) already there, then follow every change.
+        Fails if the first list fails (a process that cannot see its pods says so at once)."""
+        self.lws_served = await self.api.served("LeaderWorkerSet")
+        if self.lws_served:
+            for group in await self.api.list("LeaderWorkerSet", self.namespace, _SELECTOR):
+                self._groups.add(group["metadata"]["name"])
+                self._observe({"metadata": group["metadata"], "status": {}})
+        else:
+            log.warning(
+                "LeaderWorkerSet is not installed: models bigger than one node cannot run "
+                "(install it: %s)",
+                LWS_INSTALL,
+            )
+        synced = asyncio.Event()
+        loop = self._loops.spawn(_WATCH, lambda: self._watch(synced))
+        try:
+            await loop.wait(synced)
+        except BaseException:
+            await self._loops.close()
+            raise
+
+    def unhealthy(self) -> list[str]:
+        """The runtime's background loops that are down (readiness fails on them)."""
+        return self._loops.unhealthy()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._loops.close()
 
     # -- Runtime ----------------------------------------------------------------------------
 
@@ -125,10 +160,13 @@ class KubernetesRuntime:
             LABEL_GENERATION: str(request.generation),
             LABEL_COMPONENT: "engine",
         }
+        multi_node = request.spec.resources.gpus > self.settings.gpus_per_node
+        if multi_node:
+            await self._need_lws(request)  # before anything is created for it
         if request.spec.parsed_source.scheme != "pvc":
             with contextlib.suppress(FileExistsError):
                 await self.api.create(loader_job(model, self.settings))
-        if request.spec.resources.gpus > self.settings.gpus_per_node:
+        if multi_node:
             # Bigger than a node: the replica is a LeaderWorkerSet of one group, served by its
             # leader pod.
             try:
@@ -157,6 +195,18 @@ class KubernetesRuntime:
         if group.placement:
             self._placements[name] = group.placement
         return self._started(request, name)
+
+    async def _need_lws(self, request: ReplicaRequest) -> None:
+        if not self.lws_served:  # asked again: it may have been installed since
+            self.lws_served = await self.api.served("LeaderWorkerSet")
+        if not self.lws_served:
+            raise NotServed(
+                "LeaderWorkerSet",
+                f"LeaderWorkerSet is not installed in this cluster: {request.model} needs "
+                f"{request.spec.resources.gpus} GPUs, more than one node's "
+                f"{self.settings.gpus_per_node}, and runs as a LeaderWorkerSet across nodes. "
+                f"Install it: {LWS_INSTALL}",
+            )
 
     def _started(self, request: ReplicaRequest, name: str) -> Replica:
         replica = Replica(
@@ -191,15 +241,45 @@ class KubernetesRuntime:
         return self._feed.watch()
 
     async def logs(self, replica_id: str, tail: int = 200) -> str:
-        return f"kubectl logs -n {self.namespace} {replica_id} --tail {tail}\n"
+        """The engine container's last ``tail`` lines (a multi-node replica: its leader's).
+        ``KubeError`` when the cluster cannot give them (no kubelet answers, no such pod)."""
+        pod = replica_id
+        if replica_id in self._groups:
+            selector = {LABEL_REPLICA: replica_id, LWS_INDEX: "0"}
+            leaders = await self.api.list("Pod", self.namespace, selector)
+            if not leaders:
+                raise KubeError(f"replica {replica_id} has no leader pod (yet)", 404)
+            pod = leaders[0]["metadata"]["name"]
+        return await self.api.logs(self.namespace, pod, container="engine", tail=tail)
 
     # -- pods → replicas --------------------------------------------------------------------
 
-    async def _watch(self, ready: asyncio.Event) -> None:
-        stream = self.api.watch("Pod", self.namespace, _SELECTOR)
-        ready.set()
-        async for event in stream:
+    async def _watch(self, synced: asyncio.Event) -> None:
+        """Follow the engine pods. A (re)start lists them first: replicas known before whose
+        pods are not in that list went while nobody watched, and are reported stopped."""
+        before = {rid for rid in self._replicas if rid not in self._groups}
+        seen: set[str] = set()
+        done = False  # this run's list is through (``synced`` stays set across restarts)
+
+        def listed() -> None:
+            nonlocal done
+            done = True
+            for rid in before - seen:
+                if rid in self._replicas and rid not in self._groups:
+                    self._gone(rid, "the pod was deleted while its watch was down")
+            synced.set()
+
+        async for event in self.api.watch("Pod", self.namespace, _SELECTOR, synced=listed):
+            if not done:
+                seen.add(event.object["metadata"]["name"])
             self._on(event)
+
+    def _gone(self, name: str, message: str) -> None:
+        replica = self._replicas.pop(name, None)
+        if replica is not None:
+            self._publish(
+                dataclasses.replace(replica, phase=Phase.STOPPED, url=None, message=message)
+            )
 
     def _on(self, event: WatchEvent) -> None:
         labels = event.object["metadata"].get("labels", {}) or {}
@@ -208,7 +288,8 @@ class KubernetesRuntime:
             # A pod of a multi-node replica: its leader speaks for the group.
             if labels.get(LWS_INDEX) != "0" or group not in self._replicas:
                 return
-            if event.type == "DELETED":  # the group is being recreated, not gone
+            terminating = event.object["metadata"].get("deletionTimestamp")
+            if event.type == "DELETED" or terminating:  # the group is being recreated, not gone
                 current = self._replicas[group]
                 self._set(dataclasses.replace(current, phase=Phase.STARTING, url=None))
                 return
@@ -218,11 +299,16 @@ class KubernetesRuntime:
             return
         name = event.object["metadata"]["name"]
         if event.type == "DELETED":
-            replica = self._replicas.pop(name, None)
-            if replica is not None:
-                message = "the pod was deleted (node gone, evicted or removed by hand)"
-                self._publish(
-                    dataclasses.replace(replica, phase=Phase.STOPPED, url=None, message=message)
+            self._gone(name, "the pod was deleted (node gone, evicted or removed by hand)")
+            return
+        if event.object["metadata"].get("deletionTimestamp"):
+            # Terminating: no new request goes there, whatever its Ready condition still says.
+            # A pod this runtime stopped (or never knew) is not adopted again.
+            known = self._replicas.get(name)
+            if known is not None and known.phase is not Phase.STOPPING:
+                message = "the pod is terminating (deleted, evicted or its node drained)"
+                self._set(
+                    dataclasses.replace(known, phase=Phase.STOPPING, url=None, message=message)
                 )
             return
         self._observe(event.object)
