@@ -56,8 +56,14 @@ def test_default_install_renders_valid_objects() -> None:
     operator = deployments["gf-operator"]["spec"]["template"]["spec"]["containers"][0]
     assert operator["args"] == ["operator", "--namespace", "gpufleet"]
     assert operator["image"] == "ghcr.io/gpufleet/gpufleet:0.1.0"
-    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in operator["env"]}
-    assert env == {"GPUFLEET_STORE": {"name": "gf-store", "key": "url"}}  # no Redis configured
+    env = {
+        e["name"]: e.get("valueFrom", {}).get("secretKeyRef", e.get("value"))
+        for e in operator["env"]
+    }
+    assert env == {
+        "GPUFLEET_STORE": {"name": "gf-store", "key": "url"},  # no Redis configured
+        "GPUFLEET_ENGINE_PORT": "8000",
+    }
     for deployment in deployments.values():
         pod = deployment["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
@@ -88,7 +94,7 @@ def test_every_option_renders_valid_objects() -> None:
     gateway = by[("Deployment", "gf-gateway")]
     assert gateway["spec"]["replicas"] == 3
     env = {
-        e["name"]: e["valueFrom"]["secretKeyRef"]
+        e["name"]: e.get("valueFrom", {}).get("secretKeyRef", e.get("value"))
         for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]
     }
     assert env["GPUFLEET_STORE"] == {"name": "pg-credentials", "key": "dsn"}
@@ -113,3 +119,55 @@ def test_the_charts_crds_are_the_generated_ones() -> None:
     assert shipped == generated, "run scripts/generate-crds"
     for crd in shipped.values():
         kubernetes_validate.validate(crd, KUBERNETES, strict=True)
+
+
+def rules(doc: dict[str, Any]) -> set[tuple[str, str, str]]:
+    """(group, resource, verb) triples a Role or ClusterRole grants."""
+    return {
+        (group, resource, verb)
+        for rule in doc["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def test_the_gateway_may_follow_what_it_routes_to_and_nothing_more() -> None:
+    by = {(d["kind"], d["metadata"]["name"]): d for d in render(STORE)}
+    gateway = rules(by[("Role", "gf-gateway")])
+    for resource in ("models", "pods", "leaderworkersets"):
+        group = {
+            "models": "gpufleet.io",
+            "pods": "",
+            "leaderworkersets": "leaderworkerset.x-k8s.io",
+        }
+        assert {(group[resource], resource, v) for v in ("get", "list", "watch")} <= gateway
+    assert ("gpufleet.io", "models", "patch") in gateway  # the wake stamp
+    assert ("", "pods/log", "get") in gateway
+    assert not {r for r in gateway if r[2] in ("create", "delete") and r[1] != "models"}
+    operator = rules(by[("ClusterRole", "gf-operator")])
+    assert ("", "pods/log", "get") in operator
+    assert ("gpufleet.io", "tenants/status", "patch") in operator
+    assert ("batch", "jobs", "delete") in operator
+    # Leases only in its own namespace: it cannot take another component's lease.
+    assert not {r for r in operator if r[1] == "leases"}
+    assert ("coordination.k8s.io", "leases", "update") in rules(by[("Role", "gf-operator")])
+    assert by[("RoleBinding", "gf-operator")]["roleRef"]["name"] == "gf-operator"
+
+
+def test_the_engine_port_reaches_the_policy_the_operator_and_the_gateway() -> None:
+    docs = render({**STORE, "engine": {"port": 9000}, "gateway": {"port": 8080}})
+    validate_all(docs)
+    by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    engines = by[("NetworkPolicy", "gf-engines")]["spec"]["ingress"]
+    assert engines[0]["ports"] == [{"protocol": "TCP", "port": 9000}]
+    # The pods of one multi-node engine reach each other (Ray, NCCL) on any port.
+    assert engines[1] == {
+        "from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "engine"}}}]
+    }
+    for name in ("gf-operator", "gf-gateway"):
+        container = by[("Deployment", name)]["spec"]["template"]["spec"]["containers"][0]
+        assert {"name": "GPUFLEET_ENGINE_PORT", "value": "9000"} in container["env"]
+    gateway = by[("Deployment", "gf-gateway")]["spec"]["template"]["spec"]["containers"][0]
+    assert gateway["args"][-2:] == ["--port", "8080"]
+    assert gateway["ports"] == [{"name": "http", "containerPort": 8080}]

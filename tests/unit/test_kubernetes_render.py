@@ -142,9 +142,10 @@ def test_every_rendered_object_is_valid_kubernetes() -> None:
     kinds = [o["kind"] for o in objects]
     assert kinds == sorted(kinds, key=lambda k: [
         "Namespace", "PriorityClass", "ResourceQuota", "NetworkPolicy", "Role", "RoleBinding",
-        "Service", "Job", "Deployment", "PodDisruptionBudget",
+        "PersistentVolumeClaim", "Service", "Job", "Deployment", "PodDisruptionBudget",
     ].index(k))  # fmt: skip
     assert {"Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"} <= set(kinds)
+    assert "PersistentVolumeClaim" in kinds
 
 
 def test_rendering_is_deterministic_and_matches_the_golden_file() -> None:
@@ -212,11 +213,28 @@ def test_engines_get_their_plan_and_only_the_gateway_reaches_them() -> None:
     assert quota["spec"]["hard"] == {"requests.nvidia.com/gpu": "4"}
 
 
-def test_with_an_inventory_replicas_are_pinned_where_the_planner_put_them() -> None:
+def inventory(tmp_path: Path, h100: str) -> Any:
+    """tests/data/k8s/inventory.yaml with gpu-node-1's H100 group as ``h100`` says."""
+    text = (DATA / "inventory.yaml").read_text()
+    text = text.replace("gpus: [{type: H100, count: 2}]", f"gpus: [{h100}]")
+    path = tmp_path / "inventory.yaml"
+    path.write_text(text)
+    return load_inventory(path)
+
+
+def render_placed(fleet: Any) -> list[dict[str, Any]]:
     models, _ = load_file_resources(DATA / "placed.yaml")
-    inventory = load_inventory(DATA / "inventory.yaml")
     deployments = {m.name: deployment_for(m, None) for m in models}
-    objects = render(models, inventory=inventory, deployments=deployments)
+    return render(models, inventory=fleet, deployments=deployments)
+
+
+def engine_args(deployment: dict[str, Any]) -> list[str]:
+    args: list[str] = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    return args
+
+
+def test_with_an_inventory_replicas_are_pinned_where_the_planner_put_them(tmp_path: Path) -> None:
+    objects = render_placed(inventory(tmp_path, "{type: H100, count: 3}"))
     for obj in objects:
         validate(obj)
     engines = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
@@ -227,13 +245,43 @@ def test_with_an_inventory_replicas_are_pinned_where_the_planner_put_them() -> N
         hosts = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
             "nodeSelectorTerms"
         ][0]["matchExpressions"][0]
-        assert hosts["key"] == "kubernetes.io/hostname"
-        args = pod["containers"][0]["args"]
-        fraction = float(args[args.index("--gpu-memory-utilization") + 1])
-        assert 0 < fraction <= 0.9  # the plan's share: several engines may share a GPU
+        assert hosts == {
+            "key": "kubernetes.io/hostname",
+            "operator": "In",
+            "values": ["gpu-node-1"],
+        }
+        # A whole GPU of its own: vLLM's default share (0.9), not the plan's estimate (0.4).
+        assert "--gpu-memory-utilization" not in engine_args(o)
     (small,) = [o for name, o in engines.items() if name.startswith("engine-qwen-small")]
     limits = small["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert list(limits) == ["nvidia.com/mig-3g.40gb"]  # its own MIG instance
+    assert list(limits) == ["nvidia.com/mig-3g.40gb"]  # its own MIG instance ...
+    assert "--mem-fraction-static" not in engine_args(small)  # ... all of it
+
+
+def test_only_engines_on_a_time_sliced_gpu_are_given_a_share_of_it(tmp_path: Path) -> None:
+    objects = render_placed(inventory(tmp_path, "{type: H100, count: 2, timeSlicing: 2}"))
+    for obj in objects:
+        validate(obj)
+    llama = [
+        o
+        for o in objects
+        if o["kind"] == "Deployment" and o["metadata"]["name"].startswith("engine-llama-3-8b")
+    ]
+    assert sum(o["spec"]["replicas"] for o in llama) == 3  # 3 engines on 2 GPUs, 2 slices each
+    for o in llama:
+        args = engine_args(o)
+        fraction = float(args[args.index("--gpu-memory-utilization") + 1])
+        assert 0 < fraction <= 0.45  # the plan's share: another engine may use the rest
+
+
+def test_a_whole_gpu_goes_to_one_engine_pod(tmp_path: Path) -> None:
+    """The device plugin gives each pod whole GPUs: 3 replicas of one GPU each do not fit on
+    2 GPUs however little memory they need (pinned there, the third would stay Pending)."""
+    with pytest.raises(RenderError) as err:
+        render_placed(load_inventory(DATA / "inventory.yaml"))
+    assert any(
+        "cannot place llama-3-8b#2" in p and "one engine per GPU" in p for p in err.value.problems
+    )
 
 
 def test_what_cannot_run_on_kubernetes_is_refused_with_the_fix() -> None:
@@ -409,3 +457,98 @@ def test_weights_from_an_oci_registry_or_an_existing_claim() -> None:
         "readOnly": True,
     }
     assert mounted["containers"][0]["args"][:2] == ["--model", "/models/llama/3-8b"]
+
+
+def test_the_engine_port_is_carried_everywhere_engines_are_reached() -> None:
+    models, tenants = load_file_resources(DATA / "models.yaml")
+    (big,) = load_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: big}\n"
+        "spec: {source: 'hf://org/big', engine: vllm, resources: {gpus: 16}}\n"
+    )
+    objects = render([*models, big], tenants, RenderSettings(engine_port=9000))
+    for obj in objects:
+        if obj["kind"] != "LeaderWorkerSet":
+            validate(obj)
+    for deployment in (o for o in objects if o["kind"] == "Deployment"):
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        assert container["ports"] == [{"name": "http", "containerPort": 9000}]
+        args = container["args"]
+        assert args[args.index("--port") + 1] == "9000"
+        for probe in ("readinessProbe", "startupProbe", "livenessProbe"):
+            assert container[probe]["httpGet"]["port"] == "http"  # the port above, by name
+    (lws,) = [o for o in objects if o["kind"] == "LeaderWorkerSet"]
+    leader = lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]
+    assert leader["ports"] == [{"name": "http", "containerPort": 9000}]
+    assert "--port 9000" in leader["command"][2]
+    for service in (o for o in objects if o["kind"] == "Service"):
+        assert service["spec"]["ports"] == [{"name": "http", "port": 9000, "targetPort": "http"}]
+    policy = next(o for o in objects if o["metadata"]["name"] == "gateway-to-engines")
+    assert policy["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 9000}]
+    with pytest.raises(RenderError) as err:
+        render(models, settings=RenderSettings(engine_port=6379))
+    assert err.value.problems == ["engine port 6379 is Ray's on multi-node engines; pick another"]
+
+
+def test_the_model_cache_claim_is_rendered_unless_it_exists() -> None:
+    models, _ = load_file_resources(DATA / "models.yaml")
+    from gpufleet.runtime.kubernetes.common import ModelCache
+
+    cache = ModelCache(size="2Ti", storage_class="cephfs", access_mode="ReadWriteOnce")
+    objects = render(
+        models, settings=RenderSettings(model_cache_claim="weights", model_cache=cache)
+    )
+    (claim,) = [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
+    validate(claim)
+    assert claim["metadata"]["name"] == "weights"
+    assert claim["spec"] == {
+        "accessModes": ["ReadWriteOnce"],
+        "storageClassName": "cephfs",
+        "resources": {"requests": {"storage": "2Ti"}},
+    }
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for o in objects
+        if o["kind"] in ("Deployment", "Job")
+        for v in o["spec"]["template"]["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert claims == {"weights"}  # what engines and loaders mount is what is rendered
+    existing = render(models, settings=RenderSettings(model_cache=None))
+    assert not [o for o in existing if o["kind"] == "PersistentVolumeClaim"]
+    mounted = load_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: mounted}\n"
+        "spec: {source: 'pvc://team-models/llama/3-8b', engine: vllm, resources: {gpus: 1}}\n"
+    )
+    assert not [o for o in render(mounted) if o["kind"] == "PersistentVolumeClaim"]
+    with pytest.raises(RenderError) as err:
+        render(
+            models, settings=RenderSettings(model_cache=ModelCache(size="lots", access_mode="RWX"))
+        )
+    assert err.value.problems == [
+        "model cache access mode 'RWX': one of ReadWriteMany, ReadWriteOnce, ReadWriteOncePod, "
+        "ReadOnlyMany",
+        "model cache size 'lots' is not a quantity such as 500Gi",
+    ]
+
+
+def test_the_render_command_sets_the_port_and_the_claim() -> None:
+    def run(*options: str) -> list[dict[str, Any]]:
+        out = subprocess.run(
+            [sys.executable, "-m", "gpufleet", "render", "-f", str(DATA / "models.yaml"), *options],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return [d for d in yaml.safe_load_all(out) if d]
+
+    docs = run(
+        "--engine-port", "9000", "--model-cache", "weights", "--model-cache-size", "1Ti",
+        "--model-cache-storage-class", "fast", "--model-cache-access-mode", "ReadWriteOnce",
+    )  # fmt: skip
+    (claim,) = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    assert (claim["metadata"]["name"], claim["spec"]["storageClassName"]) == ("weights", "fast")
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1Ti"
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    service = next(d for d in docs if d["kind"] == "Service")
+    assert service["spec"]["ports"][0]["port"] == 9000
+    assert not [d for d in run("--no-model-cache-pvc") if d["kind"] == "PersistentVolumeClaim"]

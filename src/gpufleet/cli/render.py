@@ -26,6 +26,23 @@ def render_command(
     model_cache: Annotated[
         str, typer.Option(help="PersistentVolumeClaim holding the weights")
     ] = "gpufleet-model-cache",
+    model_cache_pvc: Annotated[
+        bool,
+        typer.Option(
+            help="emit that claim; --no-model-cache-pvc when it exists (the Helm chart's)"
+        ),
+    ] = True,
+    model_cache_size: Annotated[str, typer.Option(help="size of the claim")] = "500Gi",
+    model_cache_storage_class: Annotated[
+        str | None, typer.Option(help="StorageClass of the claim (default: the cluster's)")
+    ] = None,
+    model_cache_access_mode: Annotated[
+        str,
+        typer.Option(help="access mode of the claim; ReadWriteMany unless one node runs all"),
+    ] = "ReadWriteMany",
+    engine_port: Annotated[
+        int, typer.Option(help="port engines listen on in their pods", min=1, max=65535)
+    ] = 8000,
     keda: Annotated[
         str | None,
         typer.Option(
@@ -37,6 +54,7 @@ def render_command(
     from gpufleet.hardware import load_inventory
     from gpufleet.planner import deployment_for
     from gpufleet.runtime.kubernetes import RenderSettings, render, to_yaml
+    from gpufleet.runtime.kubernetes.common import ModelCache
     from gpufleet.spec import load_file_resources
     from gpufleet.spec.crd import crds as crd_documents
 
@@ -50,8 +68,21 @@ def render_command(
             tenants += t
         fleet = load_inventory(inventory) if inventory is not None else None
         deployments = {m.name: deployment_for(m, None) for m in models} if fleet else None
+        cache = (
+            ModelCache(
+                size=model_cache_size,
+                storage_class=model_cache_storage_class,
+                access_mode=model_cache_access_mode,
+            )
+            if model_cache_pvc
+            else None
+        )
         settings = RenderSettings(
-            namespace=namespace, model_cache_claim=model_cache, keda_prometheus=keda
+            namespace=namespace,
+            model_cache_claim=model_cache,
+            model_cache=cache,
+            engine_port=engine_port,
+            keda_prometheus=keda,
         )
         objects = render(models, tenants, settings, inventory=fleet, deployments=deployments)
     except SpecError as exc:

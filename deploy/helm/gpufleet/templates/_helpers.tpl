@@ -18,6 +18,8 @@ helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
 {{- end -}}
 
 {{- define "gpufleet.env" -}}
+- name: GPUFLEET_ENGINE_PORT
+  value: {{ .Values.engine.port | quote }}
 - name: GPUFLEET_STORE
   valueFrom:
     secretKeyRef:

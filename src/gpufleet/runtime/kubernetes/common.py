@@ -18,6 +18,8 @@ __all__ = [
     "MANAGED",
     "POD_SECURITY",
     "PORT",
+    "RAY_PORT",
+    "ModelCache",
     "RenderError",
     "RenderSettings",
     "meta",
@@ -30,7 +32,10 @@ DEFAULT_IMAGES: Mapping[str, str] = {
     "sglang": "lmsysorg/sglang:v0.5.3-cu126",
     "llamacpp": "ghcr.io/ggml-org/llama.cpp:server-b6800",
 }
+#: Where engines listen in their pods unless ``RenderSettings.engine_port`` says otherwise.
 PORT = 8000
+#: Ray's head port on the leader of a multi-node engine (LeaderWorkerSet).
+RAY_PORT = 6379
 LABEL_MODEL = "gpufleet.io/model"
 LABEL_GROUP = "gpufleet.io/placement"
 LABEL_TENANT = "gpufleet.io/tenant"
@@ -43,11 +48,29 @@ class RenderError(SpecError):
 
 
 @dataclass(frozen=True)
+class ModelCache:
+    """The model-cache PersistentVolumeClaim ``render`` emits (the Helm chart's defaults: one
+    claim every engine pod mounts, so it must be shared — ``ReadWriteMany`` — unless all
+    engines run on one node)."""
+
+    size: str = "500Gi"
+    #: None: the cluster's default StorageClass.
+    storage_class: str | None = None
+    access_mode: str = "ReadWriteMany"
+
+
+@dataclass(frozen=True)
 class RenderSettings:
     namespace: str = "gpufleet"
     images: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_IMAGES))
     #: The PersistentVolumeClaim holding model weights, mounted read-only at ``/models``.
     model_cache_claim: str = "gpufleet-model-cache"
+    #: How ``render`` creates that claim; None: it exists already (the Helm chart's, or one
+    #: made by hand), and ``render`` leaves it out.
+    model_cache: ModelCache | None = field(default_factory=ModelCache)
+    #: The port engines listen on in their pods: their arguments, container port (and so the
+    #: probes, which name it), the models' Services and the tenants' NetworkPolicies.
+    engine_port: int = PORT
     #: Pods the gateway runs as (the only ones allowed to reach engines).
     gateway_labels: Mapping[str, str] = field(
         default_factory=lambda: {"app.kubernetes.io/name": "gpufleet-gateway"}

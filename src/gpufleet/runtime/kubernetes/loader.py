@@ -3,6 +3,11 @@
 The Job writes the weights under ``/models/<scheme>/<location>`` of the cache claim and then a
 completion mark beside them, so running it again does nothing; engine pods wait for the mark in
 an init container. ``pvc://`` weights are already on a claim: no Job, the claim is mounted as is.
+
+The cache claim itself is rendered too (engines and Jobs that mount a missing claim stay
+Pending), unless the settings say it exists. It is marked to survive the deletion of what
+rendered it — Argo CD's ``Delete=false``, Flux's ``prune: disabled`` — as the Helm chart keeps its
+own: the weights take hours to fetch again and nothing else holds them.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from gpufleet.runtime.kubernetes.common import (
     LABEL_COMPONENT,
     MANAGED,
     POD_SECURITY,
+    ModelCache,
     RenderSettings,
     meta,
 )
@@ -24,6 +30,7 @@ from gpufleet.spec import Model
 
 __all__ = [
     "LOADER_IMAGES",
+    "cache_claim",
     "claim_of",
     "loader_job",
     "loader_name",
@@ -154,6 +161,27 @@ def loader_job(model: Model, settings: RenderSettings) -> dict[str, Any]:
                 },
             },
         },
+    }
+
+
+def cache_claim(settings: RenderSettings, cache: ModelCache) -> dict[str, Any]:
+    """The model-cache PersistentVolumeClaim: the loader Jobs write it, every engine reads it."""
+    spec: dict[str, Any] = {"accessModes": [cache.access_mode]}
+    if cache.storage_class is not None:
+        spec["storageClassName"] = cache.storage_class
+    spec["resources"] = {"requests": {"storage": cache.size}}
+    metadata = meta(
+        settings.model_cache_claim, settings.namespace, {LABEL_COMPONENT: "model-cache"}
+    )
+    metadata["annotations"] = {
+        "argocd.argoproj.io/sync-options": "Delete=false",
+        "kustomize.toolkit.fluxcd.io/prune": "disabled",
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": metadata,
+        "spec": spec,
     }
 
 

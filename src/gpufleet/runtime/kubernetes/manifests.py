@@ -4,11 +4,20 @@ For each model: one Deployment per placement group (replicas the planner put on 
 and GPU shape; without an inventory, one Deployment asking for the model's GPUs on its GPU
 types), a Service selecting all of them, and a PodDisruptionBudget when it runs more than one
 replica. The engine container runs the official image of its engine with the arguments the
-engine adapter derives from the plan (vLLM's ``--tensor-parallel-size`` and
-``--gpu-memory-utilization``, SGLang's ``--tp-size`` / ``--mem-fraction-static``; llama.cpp's
-own server for GGUF models), weights read-only from the shared model-cache volume, so scaling
-up never downloads again. For each tenant: a Namespace, a ResourceQuota on GPUs, a default-deny
-NetworkPolicy that lets only the gateway reach engines, and a Role/RoleBinding for its people.
+engine adapter derives from the plan (vLLM's ``--tensor-parallel-size``, SGLang's
+``--tp-size``; llama.cpp's own server for GGUF models), weights read-only from the shared
+model-cache claim (emitted too, unless it exists already), so scaling up never downloads again.
+
+On Kubernetes the NVIDIA device plugin hands a whole GPU to one pod unless the node
+time-slices it (or splits it into MIG instances), so the plan is made with one replica per
+whole GPU, and an engine is told its share of GPU memory (vLLM's ``--gpu-memory-utilization``,
+SGLang's ``--mem-fraction-static``) only on a time-sliced GPU, where other pods share it: on a
+GPU of its own the engine's default (vLLM: 0.9) applies, instead of the planner's estimate of
+what the model needs (a 0.40 that leaves half the card idle and starves the KV cache).
+
+For each tenant: a Namespace, a ResourceQuota on GPUs, a default-deny NetworkPolicy that lets
+only the gateway reach engines (on ``RenderSettings.engine_port``), and a Role/RoleBinding for
+its people.
 
 Every pod: non-root, no privilege escalation, all capabilities dropped, seccomp RuntimeDefault,
 read-only root filesystem (writable ``/tmp`` and cache as emptyDir), no service-account token.
@@ -31,7 +40,8 @@ import yaml
 from gpufleet.engines import ADAPTERS
 from gpufleet.engines.base import Placement as EnginePlacement
 from gpufleet.hardware import CATALOG
-from gpufleet.planner import DEFAULT_PRIORITIES, Deployment, Placement, plan
+from gpufleet.planner import DEFAULT_PRIORITIES, Deployment, Placement, PlanSettings, plan
+from gpufleet.runtime.kubernetes.checks import check, check_settings
 from gpufleet.runtime.kubernetes.common import (
     DEFAULT_IMAGES,
     LABEL_COMPONENT,
@@ -40,12 +50,16 @@ from gpufleet.runtime.kubernetes.common import (
     LABEL_TENANT,
     MANAGED,
     PORT,
+    RAY_PORT,
+    ModelCache,
     RenderError,
     RenderSettings,
     meta,
     namespace_object,
 )
+from gpufleet.runtime.kubernetes.keda import scaled_object
 from gpufleet.runtime.kubernetes.loader import (
+    cache_claim,
     claim_of,
     loader_job,
     loader_name,
@@ -56,6 +70,7 @@ from gpufleet.runtime.kubernetes.tenants import tenant_objects
 from gpufleet.spec import Inventory, Model, Tenant
 
 __all__ = [
+    "CLUSTER_PLANNING",
     "DEFAULT_IMAGES",
     "LABEL_COMPONENT",
     "LABEL_GROUP",
@@ -65,10 +80,12 @@ __all__ = [
     "MANAGED",
     "PORT",
     "EngineGroup",
+    "ModelCache",
     "RenderError",
     "RenderSettings",
     "check",
     "engine_pod",
+    "engine_share",
     "leader_worker_set",
     "loader_job",
     "loader_name",
@@ -79,6 +96,10 @@ __all__ = [
     "to_yaml",
 ]
 
+#: The planner's rules for a cluster: a whole GPU belongs to one pod unless its node
+#: time-slices it (then up to its time-slicing count) or splits it into MIG instances.
+CLUSTER_PLANNING = PlanSettings(max_replicas_per_gpu=1)
+
 _ORDER = (
     "Namespace",
     "PriorityClass",
@@ -86,6 +107,7 @@ _ORDER = (
     "NetworkPolicy",
     "Role",
     "RoleBinding",
+    "PersistentVolumeClaim",
     "Service",
     "Job",
     "Deployment",
@@ -106,11 +128,14 @@ def render(
     """Every object, in apply order. With an ``inventory`` (and the models' sized
     ``deployments``) replicas are pinned to the nodes and GPU shapes the planner chose."""
     settings = settings or RenderSettings()
-    problems = [p for m in models for p in check(m, settings)]
+    problems = check_settings(settings) + [p for m in models for p in check(m, settings)]
     if problems:
         raise RenderError(problems)
     objects: list[dict[str, Any]] = [namespace_object(settings.namespace, {})]
     objects += [_priority_class(name, value) for name, value in DEFAULT_PRIORITIES.items()]
+    cached = [m for m in models if claim_of(m, settings) == settings.model_cache_claim]
+    if cached and settings.model_cache is not None:
+        objects.append(cache_claim(settings, settings.model_cache))
     groups = _groups(models, inventory, deployments)
     loaders: dict[str, dict[str, Any]] = {}
     for model in sorted(models, key=lambda m: m.name):
@@ -133,39 +158,6 @@ def to_yaml(objects: Iterable[Mapping[str, Any]]) -> str:
 def _sort_key(o: Mapping[str, Any]) -> tuple[int, str, str]:
     meta = o["metadata"]
     return (_ORDER.index(o["kind"]), meta.get("namespace", ""), meta["name"])
-
-
-# -- checks -----------------------------------------------------------------------------------
-
-
-def check(model: Model, settings: RenderSettings) -> list[str]:
-    """Why ``model`` cannot run on Kubernetes as written (empty: it can)."""
-    spec, where = model.spec, f"{model.name}: spec"
-    out = []
-    if spec.engine == "emulator":
-        out.append(
-            f"{where}.engine 'emulator' runs only under 'gpufleet up' (it stands in for a GPU); "
-            "use vllm, sglang or llamacpp on Kubernetes"
-        )
-    elif spec.engine not in settings.images:
-        out.append(f"{where}.engine {spec.engine!r} has no image; pass one in the settings")
-    scheme = spec.parsed_source.scheme
-    if scheme in ("file", "pypi"):
-        out.append(
-            f"{where}.source {spec.source!r} is local to one machine; on Kubernetes use "
-            "hf://, s3://, oci:// (fetched once into the shared model cache) or pvc://"
-        )
-    elif spec.engine == "llamacpp" and not spec.parsed_source.location.endswith(".gguf"):
-        out.append(
-            f"{where}.source {spec.source!r}: llama.cpp loads one GGUF file; point the source "
-            "at it, e.g. 's3://models/smollm2/smollm2-135m-instruct-q8_0.gguf'"
-        )
-    if spec.engine in ("vllm", "sglang") and spec.resources.gpus == 0:
-        out.append(
-            f"{where}.resources.gpus is 0; {spec.engine} needs GPUs on Kubernetes "
-            "(set resources.gpus, or use engine llamacpp for CPU)"
-        )
-    return out
 
 
 # -- models -----------------------------------------------------------------------------------
@@ -198,32 +190,39 @@ def _groups(
     }
     if inventory is None or not deployments:
         return plain
-    result = plan(inventory, [deployments[m.name] for m in models if m.name in deployments])
+    result = plan(
+        inventory,
+        [deployments[m.name] for m in models if m.name in deployments],
+        settings=CLUSTER_PLANNING,
+    )
     unplaced = sorted({str(u.replica) + ": " + u.reason for u in result.unplaced})
     if unplaced:
         raise RenderError([f"cannot place {line}" for line in unplaced])
     by_model: dict[str, dict[tuple[Any, ...], list[Placement]]] = defaultdict(dict)
     for p in result.placements:
-        shape = (p.node, p.gpu_type, len(p.gpus), round(p.memory_fraction, 3), p.mig_profile)
+        share = engine_share(p)
+        shape = (p.node, p.gpu_type, len(p.gpus), share, p.mig_profile)
         by_model[p.replica.deployment].setdefault(shape, []).append(p)
     for name, shapes in by_model.items():
         groups = []
         for shape, placed in sorted(shapes.items(), key=lambda kv: str(kv[0])):
-            node, gpu_type, tp, fraction, mig = shape
+            node, gpu_type, tp, share, mig = shape
             key = node if tp <= 1 and mig is None else f"{node}-tp{tp}{mig or ''}"
+            if share is not None:
+                key = f"{key}-shared"  # beside the same model on whole GPUs of that node
             groups.append(
-                EngineGroup(
-                    _dns(str(key).lower()),
-                    len(placed),
-                    node,
-                    gpu_type,
-                    tp,
-                    fraction if gpu_type is not None and not mig else None,
-                    mig,
-                )
+                EngineGroup(_dns(str(key).lower()), len(placed), node, gpu_type, tp, share, mig)
             )
         plain[name] = groups
     return plain
+
+
+def engine_share(placement: Placement) -> float | None:
+    """The share of GPU memory to tell the engine: the plan's, on a time-sliced GPU that other
+    pods share; None (the engine's own default) on whole GPUs or a MIG instance of its own."""
+    if not placement.gpus or placement.mig_profile is not None or placement.time_slice is None:
+        return None
+    return round(placement.memory_fraction, 3)
 
 
 def model_service(model: Model, settings: RenderSettings) -> dict[str, Any]:
@@ -237,7 +236,7 @@ def model_service(model: Model, settings: RenderSettings) -> dict[str, Any]:
         ),
         "spec": {
             "selector": selector,
-            "ports": [{"name": "http", "port": PORT, "targetPort": "http"}],
+            "ports": [{"name": "http", "port": settings.engine_port, "targetPort": "http"}],
         },
     }
 
@@ -270,7 +269,7 @@ def _model_objects(
             raise RenderError(
                 [f"{model.name}: KEDA scales one Deployment; render it without --inventory"]
             )
-        objects.append(_scaled_object(model, settings))
+        objects.append(scaled_object(model, settings))
     total = sum(g.replicas for g in groups)
     if total > 1:
         objects.append(model_disruption_budget(model, settings))
@@ -281,7 +280,7 @@ def engine_pod(model: Model, group: EngineGroup, settings: RenderSettings) -> di
     """The pod spec of one engine replica of ``model`` placed as ``group`` says."""
     spec = model.spec
     weights = weights_path(model)
-    args = _engine_args(model, group, weights)
+    args = _engine_args(model, group, weights, settings.engine_port)
     resources: dict[str, Any] = {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {}}
     if group.mig_profile:
         resources["limits"][f"nvidia.com/mig-{group.mig_profile}"] = 1
@@ -294,7 +293,8 @@ def engine_pod(model: Model, group: EngineGroup, settings: RenderSettings) -> di
         engine["command"] = ["python3", "-m", _MODULES[spec.engine]]
     engine |= {
         "args": args,
-        "ports": [{"name": "http", "containerPort": PORT}],
+        # The probes name this port: they follow it.
+        "ports": [{"name": "http", "containerPort": settings.engine_port}],
         "env": [
             # Weights come from the cache volume; nothing phones home.
             {"name": "HF_HUB_OFFLINE", "value": "1"},
@@ -403,12 +403,12 @@ def _deployment(
 _MODULES = {"vllm": "vllm.entrypoints.openai.api_server", "sglang": "sglang.launch_server"}
 
 
-def _engine_args(model: Model, group: EngineGroup, weights: PurePosixPath) -> list[str]:
+def _engine_args(model: Model, group: EngineGroup, weights: PurePosixPath, port: int) -> list[str]:
     spec = model.spec
     if spec.engine == "llamacpp":
         args = [
             "--model", str(weights), "--alias", model.name,
-            "--host", "0.0.0.0", "--port", str(PORT),
+            "--host", "0.0.0.0", "--port", str(port),
             "--ctx-size", str(spec.context_length), "--metrics",
         ]  # fmt: skip
         if group.gpus:
@@ -426,7 +426,7 @@ def _engine_args(model: Model, group: EngineGroup, weights: PurePosixPath) -> li
         weights=Path(str(weights)),
         served_name=model.name,
         host="0.0.0.0",
-        port=PORT,
+        port=port,
         placement=placement,
     )
     # argv is [python, -m, module, ...]: the image's python runs the module (``command``).
@@ -462,7 +462,6 @@ def _gfd_products(gpu_type: str) -> list[str]:
 
 
 LWS_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"
-_RAY_PORT = 6379
 
 
 def leader_worker_set(model: Model, settings: RenderSettings) -> dict[str, Any]:
@@ -499,7 +498,7 @@ def leader_worker_set(model: Model, settings: RenderSettings) -> dict[str, Any]:
     engine["command"] = [
         "sh",
         "-c",
-        f"ray start --head --port={_RAY_PORT} && exec {serve}",
+        f"ray start --head --port={RAY_PORT} && exec {serve}",
     ]
     worker = engine_pod(model, group, settings)
     worker_engine = worker["containers"][0]
@@ -508,7 +507,7 @@ def leader_worker_set(model: Model, settings: RenderSettings) -> dict[str, Any]:
     worker_engine["command"] = [
         "sh",
         "-c",
-        f"ray start --address=$(LWS_LEADER_ADDRESS):{_RAY_PORT} --block",
+        f"ray start --address=$(LWS_LEADER_ADDRESS):{RAY_PORT} --block",
     ]
     labels = {LABEL_MODEL: model.name, LABEL_COMPONENT: "engine"}
     return {
@@ -524,51 +523,6 @@ def leader_worker_set(model: Model, settings: RenderSettings) -> dict[str, Any]:
                 "leaderTemplate": {"metadata": {"labels": labels}, "spec": leader},
                 "workerTemplate": {"metadata": {"labels": labels}, "spec": worker},
             },
-        },
-    }
-
-
-def _scaled_object(model: Model, settings: RenderSettings) -> dict[str, Any]:
-    """KEDA on the gateway's metrics: requests in flight and queued, per replica."""
-    spec = model.spec
-    name = model.name
-    query = (
-        f'sum(gpufleet_requests_in_flight{{model="{name}"}}) + '
-        f'sum(gpufleet_queue_depth{{model="{name}"}} or vector(0))'
-    )
-    return {
-        "apiVersion": "keda.sh/v1alpha1",
-        "kind": "ScaledObject",
-        "metadata": meta(f"engine-{name}", settings.namespace, {LABEL_MODEL: name}),
-        "spec": {
-            "scaleTargetRef": {
-                "apiVersion": "apps/v1",
-                "kind": "Deployment",
-                "name": f"engine-{name}",
-            },
-            "minReplicaCount": spec.replicas.min,
-            "maxReplicaCount": spec.replicas.max,
-            "cooldownPeriod": int(spec.autoscaling.scale_to_zero_after),
-            "pollingInterval": 15,
-            "advanced": {
-                "horizontalPodAutoscalerConfig": {
-                    "behavior": {
-                        "scaleDown": {
-                            "stabilizationWindowSeconds": int(spec.autoscaling.scale_down_delay)
-                        }
-                    }
-                }
-            },
-            "triggers": [
-                {
-                    "type": "prometheus",
-                    "metadata": {
-                        "serverAddress": settings.keda_prometheus,
-                        "query": query,
-                        "threshold": f"{spec.autoscaling.target_in_flight:g}",
-                    },
-                }
-            ],
         },
     }
 

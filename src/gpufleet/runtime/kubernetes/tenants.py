@@ -7,7 +7,6 @@ from typing import Any
 from gpufleet.runtime.kubernetes.common import (
     LABEL_COMPONENT,
     LABEL_TENANT,
-    PORT,
     RenderSettings,
     meta,
     namespace_object,
@@ -55,7 +54,7 @@ def tenant_objects(tenant: Tenant, settings: RenderSettings) -> list[dict[str, A
                                 "podSelector": {"matchLabels": gateway},
                             }
                         ],
-                        "ports": [{"protocol": "TCP", "port": PORT}],
+                        "ports": [{"protocol": "TCP", "port": settings.engine_port}],
                     }
                 ],
             },

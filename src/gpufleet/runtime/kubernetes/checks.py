@@ -1,0 +1,65 @@
+"""What cannot run on Kubernetes as written, said before anything is rendered or started.
+
+``check`` is a model's problems (an engine or a source that exists only on one machine, GPUs
+an engine needs); ``check_settings`` the render settings' (a port, the cache claim's shape).
+Each line names the field and the fix; ``render`` and the pod runtime refuse with all of them.
+"""
+
+from __future__ import annotations
+
+import re
+
+from gpufleet.runtime.kubernetes.common import RAY_PORT, RenderSettings
+from gpufleet.spec import Model
+
+__all__ = ["check", "check_settings"]
+
+_ACCESS_MODES = ("ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod", "ReadOnlyMany")
+_QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?([KMGTPE]i?|[kmun])?")
+
+
+def check_settings(settings: RenderSettings) -> list[str]:
+    out = []
+    if not 1 <= settings.engine_port <= 65535:
+        out.append(f"engine port {settings.engine_port} is not a TCP port (1-65535)")
+    elif settings.engine_port == RAY_PORT:
+        out.append(f"engine port {RAY_PORT} is Ray's on multi-node engines; pick another")
+    cache = settings.model_cache
+    if cache is not None:
+        if cache.access_mode not in _ACCESS_MODES:
+            out.append(
+                f"model cache access mode {cache.access_mode!r}: one of {', '.join(_ACCESS_MODES)}"
+            )
+        if not _QUANTITY.fullmatch(cache.size):
+            out.append(f"model cache size {cache.size!r} is not a quantity such as 500Gi")
+    return out
+
+
+def check(model: Model, settings: RenderSettings) -> list[str]:
+    """Why ``model`` cannot run on Kubernetes as written (empty: it can)."""
+    spec, where = model.spec, f"{model.name}: spec"
+    out = []
+    if spec.engine == "emulator":
+        out.append(
+            f"{where}.engine 'emulator' runs only under 'gpufleet up' (it stands in for a GPU); "
+            "use vllm, sglang or llamacpp on Kubernetes"
+        )
+    elif spec.engine not in settings.images:
+        out.append(f"{where}.engine {spec.engine!r} has no image; pass one in the settings")
+    scheme = spec.parsed_source.scheme
+    if scheme in ("file", "pypi"):
+        out.append(
+            f"{where}.source {spec.source!r} is local to one machine; on Kubernetes use "
+            "hf://, s3://, oci:// (fetched once into the shared model cache) or pvc://"
+        )
+    elif spec.engine == "llamacpp" and not spec.parsed_source.location.endswith(".gguf"):
+        out.append(
+            f"{where}.source {spec.source!r}: llama.cpp loads one GGUF file; point the source "
+            "at it, e.g. 's3://models/smollm2/smollm2-135m-instruct-q8_0.gguf'"
+        )
+    if spec.engine in ("vllm", "sglang") and spec.resources.gpus == 0:
+        out.append(
+            f"{where}.resources.gpus is 0; {spec.engine} needs GPUs on Kubernetes "
+            "(set resources.gpus, or use engine llamacpp for CPU)"
+        )
+    return out
