@@ -17,6 +17,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     WithJsonSchema,
     model_validator,
 )
@@ -120,7 +121,21 @@ def _duration(value: Any) -> float:
         raise PydanticCustomError("gpufleet_value", str(exc)) from exc
 
 
-Seconds = Annotated[float, BeforeValidator(_duration), WithJsonSchema(_INT_OR_STRING)]
+def _duration_text(value: float) -> int | str:
+    """A duration as a Kubernetes int-or-string accepts it: whole seconds as an integer, the
+    rest in milliseconds ("1500ms") — a float such as 60.0 is refused by the CRD's schema."""
+    if float(value).is_integer():
+        return int(value)
+    ms = value * 1000
+    return f"{round(ms)}ms" if abs(ms - round(ms)) < 1e-6 else f"{value}s"
+
+
+Seconds = Annotated[
+    float,
+    BeforeValidator(_duration),
+    PlainSerializer(_duration_text, when_used="json"),
+    WithJsonSchema(_INT_OR_STRING),
+]
 SourceText = Annotated[str, AfterValidator(_source)]
 
 
