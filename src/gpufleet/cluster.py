@@ -63,7 +63,9 @@ class ClusterPlane:
         self.redis_url = redis_url
         self.directory = Directory()
         self.pods = KubernetesRuntime(
-            api, RenderSettings(namespace=namespace), engine_port=engine_port
+            api,
+            RenderSettings(namespace=namespace, engine_port=engine_port),
+            engine_port=engine_port,
         )
         #: For the admin API's replica listings (the gateway never starts or stops pods).
         self.runtime: Runtime = self.pods
@@ -148,15 +150,7 @@ class ClusterPlane:
         self.directory.set_desired(
             name, int(desired) if desired is not None else model.spec.replicas.min
         )
-        conditions = {c.get("type"): c for c in status.get("conditions", []) or []}
-        problem, kind = "", "Failed"
-        unschedulable = conditions.get("Unschedulable", {})
-        if unschedulable.get("status") == "True" and desired == 0:
-            problem, kind = unschedulable.get("message", ""), "Unschedulable"
-        ready = conditions.get("Ready", {})
-        if ready.get("reason") == "InvalidSpec":
-            problem, kind = ready.get("message", ""), "Failed"
-        self.directory.set_problem(name, problem, kind)
+        self.directory.set_problem(name, *_problem(status))
         canary = status.get("canary") or {}
         if canary.get("generation") and canary.get("percent"):
             split = (int(canary["generation"]), int(canary["percent"]))
@@ -243,6 +237,8 @@ class GatewayConfig:
     redis_url: str | None = None
     host: str = "0.0.0.0"
     port: int = 8000
+    #: Where engines listen in their pods (the operator's ``--engine-port``).
+    engine_port: int = PORT
 
 
 async def serve_cluster_gateway(cfg: GatewayConfig, api: KubeApi) -> None:
@@ -258,7 +254,12 @@ async def serve_cluster_gateway(cfg: GatewayConfig, api: KubeApi) -> None:
     sock = bind_socket(cfg.host, cfg.port)
     store = await asyncio.to_thread(Store.open, cfg.store_url)
     plane = ClusterPlane(
-        api, store, cfg.namespace, gateway_id=f"gw-{secrets.token_hex(4)}", redis_url=cfg.redis_url
+        api,
+        store,
+        cfg.namespace,
+        gateway_id=f"gw-{secrets.token_hex(4)}",
+        redis_url=cfg.redis_url,
+        engine_port=cfg.engine_port,
     )
     keyring = Keyring(store)
     admin = await asyncio.to_thread(keyring.bootstrap_admin, os.environ.get("GPUFLEET_ADMIN_KEY"))
@@ -294,3 +295,23 @@ async def serve_cluster_gateway(cfg: GatewayConfig, api: KubeApi) -> None:
         await app.state.upstream.close()
         store.close()
         sock.close()
+
+
+#: A Model's Ready reason (written by the operator) → the kind of problem the directory
+#: reports (``gpufleet get models``' STATUS and PROBLEM, and the gateway's answers).
+_PROBLEM_KINDS = {
+    "InvalidSpec": "Failed",
+    "Failed": "Failed",
+    "Unschedulable": "Unschedulable",
+    "OffSchedule": "OffSchedule",
+}
+
+
+def _problem(status: Mapping[str, Any]) -> tuple[str, str]:
+    """What stops the model serving, as the operator reported it: (message, kind)."""
+    conditions = {c.get("type"): c for c in status.get("conditions", []) or []}
+    ready = conditions.get("Ready", {})
+    kind = _PROBLEM_KINDS.get(str(ready.get("reason", "")))
+    if kind is None or (ready.get("status") == "True" and kind != "OffSchedule"):
+        return "", "Failed"
+    return str(ready.get("message", "")), kind

@@ -160,7 +160,8 @@ async def test_models_become_scheduled_pods_and_a_steady_fleet_writes_nothing(
 
         async def gone() -> bool:
             left = [
-                *(await engine_pods(kube, namespace)),
+                # Engines, and the loader Job's pods (the Job is deleted with propagation).
+                *(await kube.list("Pod", namespace)),
                 *(await kube.list("Service", namespace)),
                 *(await kube.list("PodDisruptionBudget", namespace)),
                 *[

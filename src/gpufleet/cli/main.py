@@ -221,6 +221,14 @@ def get(kind: Kind, output: OutputOpt = Output.table, server: ServerOpt = DEFAUL
     out.print(table)
 
 
+EnginePortOpt = Annotated[
+    int,
+    typer.Option(
+        help="port engines listen on in their pods", envvar="GPUFLEET_ENGINE_PORT", min=1, max=65535
+    ),
+]
+
+
 @app.command()
 def operator(
     namespace: Annotated[
@@ -241,11 +249,23 @@ def operator(
             help="Redis the gateways publish demand to (autoscaling)", envvar="GPUFLEET_REDIS"
         ),
     ] = None,
+    engine_port: EnginePortOpt = 8000,
+    lease: Annotated[
+        float, typer.Option(help="seconds a stand-by waits for a silent leader", min=3)
+    ] = 15.0,
 ) -> None:
     """Run the Kubernetes operator: Model resources into engine pods, status back."""
     from gpufleet.operator import OperatorConfig, run_operator
+    from gpufleet.runtime.kubernetes import RenderSettings
 
-    cfg = OperatorConfig(namespace=namespace, store_url=store, identity=identity, redis_url=redis)
+    cfg = OperatorConfig(
+        namespace=namespace,
+        store_url=store,
+        identity=identity,
+        redis_url=redis,
+        lease_s=lease,
+        settings=RenderSettings(namespace=namespace, engine_port=engine_port),
+    )
     _run_on_cluster(lambda api: run_operator(cfg, api))
 
 
@@ -263,11 +283,19 @@ def gateway(
     ] = None,
     host: Annotated[str, typer.Option(help="address to listen on")] = "0.0.0.0",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    engine_port: EnginePortOpt = 8000,
 ) -> None:
     """Run a gateway replica on Kubernetes: Models and engine pods read from the API."""
     from gpufleet.cluster import GatewayConfig, serve_cluster_gateway
 
-    cfg = GatewayConfig(namespace=namespace, store_url=store, redis_url=redis, host=host, port=port)
+    cfg = GatewayConfig(
+        namespace=namespace,
+        store_url=store,
+        redis_url=redis,
+        host=host,
+        port=port,
+        engine_port=engine_port,
+    )
     _run_on_cluster(lambda api: serve_cluster_gateway(cfg, api))
 
 

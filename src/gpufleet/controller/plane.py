@@ -30,5 +30,8 @@ class ControlPlane(Protocol):
     async def wake(self, name: str) -> None:
         """A request waits for ``name``, which has no ready replica: make one come."""
 
+    def unhealthy(self) -> list[str]:
+        """Critical background loops that are down (the gateway is not ready meanwhile)."""
+
     def attach_demand(self, source: DemandSource) -> None:
         """The gateway's demand, for the autoscaler (in process, or published for it)."""

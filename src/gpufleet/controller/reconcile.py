@@ -494,7 +494,7 @@ class Controller:
             if kind is not None:
                 text = f"replica {replica.id}: {replica.message or replica.phase.value}"
                 await self._event(replica.model, kind[0], kind[1], text)
-            if replica.phase in (Phase.READY, Phase.FAILED, Phase.STOPPED):
+            if replica.phase in (Phase.READY, Phase.FAILED, Phase.STOPPING, Phase.STOPPED):
                 self.trigger(replica.model)
 
     async def _autoscale(self) -> None:

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from gpufleet.controller import ControlPlane, ModelEntry
-from gpufleet.errors import SpecError
+from gpufleet.errors import GpufleetError, SpecError
 from gpufleet.gateway.auth import ROLES, Keyring, Principal, forbidden, limits_of
 from gpufleet.gateway.errors import ApiError, bad_request
 from gpufleet.gateway.ledger import Ledger
@@ -355,7 +355,10 @@ def routes(
             raise bad_request("'tail' must be an integer", param="tail") from exc
         parts = []
         for replica in replicas:
-            text = await runtime.logs(replica.id, tail=tail)
+            try:
+                text = await runtime.logs(replica.id, tail=tail)
+            except GpufleetError as exc:  # one replica's logs unavailable: say so, keep the rest
+                text = f"(no logs: {exc})"
             parts.append(f"==> replica {replica.id} ({replica.phase.value}) <==\n{text}\n")
         return PlainTextResponse("".join(parts) or f"model '{name}' has no replicas\n")
 

@@ -527,8 +527,14 @@ def build_app(
     async def readyz(_: Request) -> Response:
         # A model scaled to zero is ready: its first request wakes it.
         waiting = [e.name for e in directory.entries() if not e.endpoints and e.desired > 0]
-        body = {"status": "ready" if not waiting else "not ready", "waiting_for": waiting}
-        return JSONResponse(body, status_code=200 if not waiting else 503)
+        # A loop that follows the fleet is down (restarting with back-off): this gateway's
+        # view may be stale, so it leaves the Service until the loop is back (no restart).
+        down = controller.unhealthy()
+        ok = not waiting and not down
+        body: dict[str, object] = {"status": "ready" if ok else "not ready", "waiting_for": waiting}
+        if down:
+            body["loops_down"] = down
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     async def prometheus(_: Request) -> Response:
         metrics.queue_depth.clear()

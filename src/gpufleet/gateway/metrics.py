@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
+from gpufleet import supervise
+
 __all__ = ["GatewayMetrics"]
 
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
@@ -16,6 +18,9 @@ class GatewayMetrics:
         # process_open_fds / process_max_fds, RSS, CPU: every stream holds two descriptors,
         # and a gateway out of them refuses connections without an error of its own.
         ProcessCollector(registry=self.registry)
+        # Restarts of supervised background loops, and which are down (gpufleet.supervise).
+        for collector in supervise.collectors():
+            self.registry.register(collector)
         self.requests = Counter(
             "gpufleet_requests",
             "Requests answered, by model, tenant, API route and HTTP status",

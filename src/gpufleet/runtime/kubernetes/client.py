@@ -282,7 +282,11 @@ class ClientKube:
     async def delete(
         self, kind: str, namespace: str, name: str, *, grace_s: int | None = None
     ) -> None:
-        params = {"gracePeriodSeconds": str(grace_s)} if grace_s is not None else None
+        # What an object owns goes with it, as ``kubectl delete`` does: the API's own default
+        # for batch/v1 Jobs orphans their pods.
+        params = {"propagationPolicy": "Background"}
+        if grace_s is not None:
+            params["gracePeriodSeconds"] = str(grace_s)
         status, payload, text = await self._request(
             "DELETE", self._path(kind, namespace, name), params=params
         )
