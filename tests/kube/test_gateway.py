@@ -1,0 +1,136 @@
+"""A gateway (``ClusterPlane``, as ``gpufleet gateway`` builds it) and the operator on the real
+API server: a model applied through the gateway's admin API becomes a Model resource the API
+server accepts, the operator starts its pod, the test's kubelet points the pod at an engine
+emulator on 127.0.0.1, and a chat through the official SDK is answered; a model the fleet
+cannot place is refused at once with the planner's reason."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from openai import AsyncOpenAI
+
+from gpufleet.cluster import ClusterPlane
+from gpufleet.emulator import EmulatedEngine, ReplicaServer
+from gpufleet.gateway import GatewaySettings, build_app
+from gpufleet.hardware import CATALOG
+from gpufleet.operator import OperatorConfig
+from gpufleet.operator.process import acting
+from gpufleet.runtime.kubernetes import RenderSettings
+from gpufleet.runtime.kubernetes.client import ClientKube
+from gpufleet.sizing import load_architecture
+from gpufleet.sizing.performance import PerfModel
+from gpufleet.store import Store, sqlite_url
+from tests.conftest import free_port, serving
+from tests.kube.conftest import Nodes
+from tests.kube.kubelet import Kubelet
+from tests.kube.test_operator import eventually
+
+CONFIG = Path(__file__).parents[1] / "data" / "configs" / "llama-3-8b.json"
+
+
+def document(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "gpufleet.io/v1alpha1",
+        "kind": "Model",
+        "metadata": {"name": name},
+        "spec": {
+            "source": "hf://meta-llama/Meta-Llama-3-8B-Instruct",
+            "engine": "vllm",
+            "resources": {"gpus": 1, "gpuTypes": ["H100"], "memory": "20Gi"},
+            # Durations as the spec writes them back: must be what the CRD accepts.
+            "drain": "1.5s",
+            "autoscaling": {"scaleDownDelay": "2m"},
+            **spec,
+        },
+    }
+
+
+@contextlib.asynccontextmanager
+async def engine() -> AsyncIterator[int]:
+    perf = PerfModel(load_architecture(CONFIG), CATALOG["H100"])
+    server = ReplicaServer(EmulatedEngine(perf, 400_000, time_scale=0.01), "llama")
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    try:
+        yield port
+    finally:
+        await server.stop()
+
+
+@pytest.mark.usefixtures("model_cache", "priority_classes")
+async def test_apply_through_the_gateway_serve_and_refuse_what_cannot_be_placed(
+    kube: ClientKube,
+    namespace: str,
+    nodes: Nodes,
+    kubelet: Kubelet,
+    kubectl: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    await nodes.add(f"{namespace}-gpu-a", gpus=1)
+    async with contextlib.AsyncExitStack() as stack:
+        port = await stack.enter_async_context(engine())
+        settings = RenderSettings(namespace=namespace, engine_port=port)
+        store = Store.open(sqlite_url(tmp_path))
+        stack.callback(store.close)
+        cfg = OperatorConfig(namespace=namespace, store_url="", settings=settings)
+        operator = await stack.enter_async_context(acting(cfg, kube, store))
+        plane = ClusterPlane(kube, store, namespace, gateway_id="gw-test", engine_port=port)
+        app = build_app(plane, settings=GatewaySettings(hold_s=60))
+        await plane.start()
+        stack.push_async_callback(app.state.upstream.close)
+        stack.push_async_callback(plane.close)
+        stack.push_async_callback(app.state.close)
+        url = await stack.enter_async_context(serving(app))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+
+        async def post(path: str, body: Any) -> tuple[int, Any]:
+            async with http.post(url + path, json=body) as resp:
+                return resp.status, await resp.json()
+
+        status, body = await post("/admin/v1/models", {"documents": [document("llama")]})
+        assert status == 200, body
+        # The API server holds it as written (durations as int-or-string).
+        got = kubectl("get", "-n", namespace, "model", "llama", "-o", "jsonpath={.spec.drain}")
+        assert got.stdout == "1500ms"
+
+        async def served() -> bool:
+            await operator.sync()
+            entry = plane.directory.get("llama")
+            return entry is not None and bool(entry.endpoints)
+
+        await eventually(served, timeout=90)
+        client = AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        stack.push_async_callback(client.close)
+        reply = await client.chat.completions.create(
+            model="llama", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+        assert reply.system_fingerprint == "gpufleet-emulator"
+        # One GPU, taken: a second model of the same priority cannot be placed. The gateway
+        # learns it from the Model's status and refuses at once, with the planner's reason.
+        status, body = await post("/admin/v1/models", {"documents": [document("second")]})
+        assert status == 200, body
+
+        async def refused() -> bool:
+            await operator.sync()
+            entry = plane.directory.get("second")
+            return entry is not None and entry.status == "Unschedulable"
+
+        await eventually(refused, timeout=90)
+        async with http.post(
+            url + "/v1/chat/completions",
+            json={"model": "second", "messages": [{"role": "user", "content": "hi"}]},
+        ) as resp:
+            assert resp.status == 503
+            error = (await resp.json())["error"]
+        assert "H100" in error["message"] and "none became ready" not in error["message"]
+        # The first model still serves.
+        reply = await client.chat.completions.create(
+            model="llama", messages=[{"role": "user", "content": "again"}], max_tokens=3
+        )
+        assert reply.choices
