@@ -133,8 +133,10 @@ async def test_models_become_scheduled_pods_and_a_steady_fleet_writes_nothing(
         limits = pods[0]["spec"]["containers"][0]["resources"]["limits"]
         assert limits["nvidia.com/gpu"] in (1, "1")
         # A whole GPU is the pod's: vLLM is not told the planner's memory share.
-        args = " ".join(pods[0]["spec"]["containers"][0].get("args", []))
-        assert "--gpu-memory-utilization 0." not in args or "0.9" in args
+        container = pods[0]["spec"]["containers"][0]
+        argv = [*container.get("command", []), *container.get("args", [])]
+        assert "--tensor-parallel-size" in argv or "vllm" in " ".join(argv)
+        assert "--gpu-memory-utilization" not in argv
         assert condition(obj, "Ready")["status"] == "True"
         service = await kube.get("Service", namespace, "engine-llama")
         assert service is not None and service["spec"]["clusterIP"]
@@ -206,6 +208,10 @@ async def test_an_unschedulable_model_is_not_ready_and_does_not_evict_a_running_
         ready = condition(second, "Ready")
         assert ready["status"] == "False" and ready["reason"] == "Unschedulable"
         assert "scaled to zero" not in ready["message"]
+        # The reason counts the rule that a whole GPU is one engine's, instead of offering the
+        # memory free on a GPU another engine holds.
+        reason = condition(second, "Unschedulable")["message"]
+        assert "one engine per GPU" in reason, reason
         for _ in range(3):
             await operator.sync()
         first = await kube.get("Model", namespace, "first")
