@@ -484,3 +484,17 @@ async def test_a_model_the_fleet_cannot_place_is_refused_with_the_reason(env: En
     assert "none became ready" not in payload["error"]["message"]
     assert env.runtime.replicas("huge") == []
     assert "Unschedulable" in [e.reason for e in env.controller.store.events("huge")]
+
+
+async def test_a_loop_that_is_down_takes_the_gateway_out_of_service_not_its_liveness(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(env.controller, "unhealthy", lambda: ["controller:watch"])
+    async with env.http.get(env.url + "/healthz") as resp:
+        assert resp.status == 503
+        assert (await resp.json())["loops_down"] == ["controller:watch"]
+    async with env.http.get(env.url + "/livez") as resp:
+        assert resp.status == 200
+    monkeypatch.setattr(env.controller, "unhealthy", list)
+    async with env.http.get(env.url + "/healthz") as resp:
+        assert resp.status == 200

@@ -522,13 +522,21 @@ def build_app(
         )
 
     async def healthz(_: Request) -> Response:
+        # Serving health (the chart's readiness probe): a loop that follows the fleet is down
+        # and restarting, so this gateway's view may be stale — it leaves the Service until
+        # the loop is back, without a restart.
+        down = controller.unhealthy()
+        if down:
+            return JSONResponse({"status": "degraded", "loops_down": down}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def livez(_: Request) -> Response:
+        # The process answers (the liveness probe): never fails for a loop that is restarting.
         return JSONResponse({"status": "ok"})
 
     async def readyz(_: Request) -> Response:
         # A model scaled to zero is ready: its first request wakes it.
         waiting = [e.name for e in directory.entries() if not e.endpoints and e.desired > 0]
-        # A loop that follows the fleet is down (restarting with back-off): this gateway's
-        # view may be stale, so it leaves the Service until the loop is back (no restart).
         down = controller.unhealthy()
         ok = not waiting and not down
         body: dict[str, object] = {"status": "ready" if ok else "not ready", "waiting_for": waiting}
@@ -589,6 +597,7 @@ def build_app(
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{name:path}", get_model, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/livez", livez, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
         *admin.routes(controller, authenticate, keyring=keyring, quotas=quotas, ledger=ledger),

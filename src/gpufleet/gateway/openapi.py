@@ -184,7 +184,17 @@ def openapi_document(models: list[str] | None = None) -> dict[str, Any]:
         },
         "/healthz": {
             "get": {
-                "summary": "Liveness",
+                "summary": "Serving health: 503 while a loop that follows the fleet is down",
+                "security": [],
+                "responses": {
+                    "200": {"description": "OK"},
+                    "503": {"description": "A background loop is down (loops_down)"},
+                },
+            }
+        },
+        "/livez": {
+            "get": {
+                "summary": "Liveness: the process answers",
                 "security": [],
                 "responses": {"200": {"description": "OK"}},
             }
