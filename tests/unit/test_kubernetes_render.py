@@ -430,6 +430,82 @@ def test_a_model_bigger_than_a_node_becomes_a_leader_worker_set() -> None:
             validate(obj)
 
 
+def test_with_an_inventory_a_model_bigger_than_a_node_is_pinned_tp_within_pp_across(
+    tmp_path: Path,
+) -> None:
+    """Three 8-GPU nodes, two replicas of a 16-GPU model: each a LeaderWorkerSet of two pods
+    (TP 8 × PP 2), its leader and worker pinned to the nodes the planner gave that replica."""
+    (model,) = load_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: big}\n"
+        "spec: {source: 'hf://meta-llama/Llama-3.1-405B-Instruct', engine: vllm, "
+        "resources: {gpus: 16, gpuTypes: [H100], memory: 40Gi}, replicas: {min: 2, max: 2}}\n"
+    )
+    path = tmp_path / "inventory.yaml"
+    path.write_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Inventory\nmetadata: {name: rack}\nspec:\n"
+        "  nodes:\n"
+        + "".join(f"    - {{name: n{i}, gpus: [{{type: H100, count: 8}}]}}\n" for i in range(4))
+    )
+    objects = render(
+        [model], inventory=load_inventory(path), deployments={"big": deployment_for(model, None)}
+    )
+    groups = [o for o in objects if o["kind"] == "LeaderWorkerSet"]
+    assert not [o for o in objects if o["kind"] == "Deployment"]
+    assert len(groups) == 2
+    used: list[str] = []
+    for lws in groups:
+        template = lws["spec"]["leaderWorkerTemplate"]
+        assert (lws["spec"]["replicas"], template["size"]) == (1, 2)
+        leader, worker = (template[r]["spec"] for r in ("leaderTemplate", "workerTemplate"))
+        script = leader["containers"][0]["command"][2]
+        assert "--tensor-parallel-size 8" in script and "--pipeline-parallel-size 2" in script
+        pinned = []
+        for pod in (leader, worker):
+            validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": pod})
+            assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 8}
+            terms = pod["affinity"]["nodeAffinity"][
+                "requiredDuringSchedulingIgnoredDuringExecution"
+            ]
+            (hosts,) = [
+                e["values"]
+                for e in terms["nodeSelectorTerms"][0]["matchExpressions"]
+                if e["key"] == "kubernetes.io/hostname"
+            ]
+            pinned += hosts
+            (apart,) = pod["affinity"]["podAntiAffinity"][
+                "requiredDuringSchedulingIgnoredDuringExecution"
+            ]
+            assert apart["matchLabelKeys"] == ["leaderworkerset.sigs.k8s.io/group-key"]
+        assert len(pinned) == 2 and len(set(pinned)) == 2  # one node each, two nodes
+        used += pinned
+    assert sorted(used) == ["n0", "n1", "n2", "n3"]
+    assert len({g["metadata"]["name"] for g in groups}) == 2
+    (service,) = [o for o in objects if o["kind"] == "Service"]
+    assert service["spec"]["selector"]["leaderworkerset.sigs.k8s.io/worker-index"] == "0"
+
+
+def test_with_an_inventory_a_node_big_enough_runs_the_model_in_one_pod(tmp_path: Path) -> None:
+    """A 16-GPU node: the planner keeps a 16-GPU model on it, so one pod does (TP 16), however
+    many GPUs ``gpus_per_node`` guesses a node has."""
+    (model,) = load_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: big}\n"
+        "spec: {source: 'hf://meta-llama/Llama-3.1-405B-Instruct', engine: vllm, "
+        "resources: {gpus: 16, gpuTypes: [H100], memory: 40Gi}, replicas: {min: 1, max: 1}}\n"
+    )
+    path = tmp_path / "inventory.yaml"
+    path.write_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Inventory\nmetadata: {name: rack}\nspec:\n"
+        "  nodes: [{name: wide, gpus: [{type: H100, count: 16}]}]\n"
+    )
+    objects = render(
+        [model], inventory=load_inventory(path), deployments={"big": deployment_for(model, None)}
+    )
+    assert not [o for o in objects if o["kind"] == "LeaderWorkerSet"]
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    args = engine_args(deployment)
+    assert args[args.index("--tensor-parallel-size") + 1] == "16"
+
+
 def test_weights_from_an_oci_registry_or_an_existing_claim() -> None:
     models = load_text(
         "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: packed}\n"

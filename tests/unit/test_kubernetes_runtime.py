@@ -7,6 +7,7 @@ nothing; a restarted operator adopts the pods it finds; the node inventory feeds
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,17 @@ from typing import Any
 
 import pytest
 
-from gpufleet.controller import Autoscaler, Controller
-from gpufleet.runtime import Phase
-from gpufleet.runtime.kubernetes import FakeKube, KubernetesRuntime, inventory_from_nodes
+from gpufleet.controller import Autoscaler, Controller, Directory
+from gpufleet.errors import TemporaryError
+from gpufleet.operator.placement import ClusterPlacer, running_placements
+from gpufleet.runtime import Phase, ReplicaRequest
+from gpufleet.runtime.kubernetes import (
+    EngineGroup,
+    FakeKube,
+    KubernetesRuntime,
+    RenderSettings,
+    inventory_from_nodes,
+)
 from gpufleet.runtime.kubernetes.api import KubeError, NotServed, WatchEvent
 from gpufleet.spec import load_text
 from gpufleet.store import Store, sqlite_url
@@ -457,3 +466,137 @@ async def test_a_pod_watch_that_fails_restarts_and_reports_pods_gone_meanwhile()
         await feed.aclose()  # type: ignore[attr-defined]
     finally:
         await runtime.close()
+
+
+# -- multi-node replicas where the planner put them ---------------------------------------------
+
+
+def gpu_nodes(*names: str, gpus: int = 8) -> list[dict[str, Any]]:
+    return [
+        {
+            "kind": "Node",
+            "metadata": {
+                "name": name,
+                "labels": {
+                    "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+                    "nvidia.com/gpu.count": str(gpus),
+                },
+            },
+            "status": {
+                "allocatable": {"cpu": "64", "memory": "512Gi", "nvidia.com/gpu": str(gpus)}
+            },
+        }
+        for name in names
+    ]
+
+
+def big_model(name: str = "big", gpus: int = 16) -> Any:
+    (m,) = load_text(
+        f"apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {{name: {name}}}\n"
+        "spec: {source: 'hf://meta-llama/Llama-3.1-405B-Instruct', engine: vllm, "
+        f"resources: {{gpus: {gpus}, gpuTypes: [H100], memory: 40Gi}}, "
+        "replicas: {min: 1, max: 1}}\n"
+    )
+    return m
+
+
+def placer_over(inventory: Any, runtime: KubernetesRuntime) -> ClusterPlacer:
+    big = big_model()
+    directory = Directory()
+    directory.put_spec("big", 1, big.spec, 0)
+    return ClusterPlacer(lambda: inventory, directory, runtime)
+
+
+def hosts(pod: dict[str, Any]) -> list[str]:
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    expressions = terms["nodeSelectorTerms"][0]["matchExpressions"]
+    (term,) = [e for e in expressions if e["key"] == "kubernetes.io/hostname"]
+    values: list[str] = term["values"]
+    return values
+
+
+async def test_a_replica_planned_across_nodes_is_a_leader_worker_set_pinned_there() -> None:
+    """TP 8 within a node × PP 2 across two: the LeaderWorkerSet's size, the engine's
+    arguments and the pods' nodes come from the placement, which is kept on it (and read back
+    by a runtime that adopts it)."""
+    kube = FakeKube()
+    runtime = KubernetesRuntime(kube)
+    await runtime.start_watching()
+    runtime.set_placer(placer_over(inventory_from_nodes(gpu_nodes("gpu-a", "gpu-b")), runtime))
+    try:
+        replica = await runtime.start(ReplicaRequest("big", 1, big_model().spec))
+        lws = kube.peek("LeaderWorkerSet", NS, replica.id)
+        assert lws is not None
+        template = lws["spec"]["leaderWorkerTemplate"]
+        assert (lws["spec"]["replicas"], template["size"]) == (1, 2)
+        leader, worker = (template[r]["spec"] for r in ("leaderTemplate", "workerTemplate"))
+        script = leader["containers"][0]["command"][2]
+        assert "--tensor-parallel-size 8" in script and "--pipeline-parallel-size 2" in script
+        assert leader["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 8}
+        assert worker["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 8}
+        assert (hosts(leader), hosts(worker)) == (["gpu-a"], ["gpu-b"])
+        for pod in (leader, worker):  # never two pods of one group on one node
+            (apart,) = pod["affinity"]["podAntiAffinity"][
+                "requiredDuringSchedulingIgnoredDuringExecution"
+            ]
+            assert apart["topologyKey"] == "kubernetes.io/hostname"
+            assert apart["matchLabelKeys"] == ["leaderworkerset.sigs.k8s.io/group-key"]
+        placement = lws["metadata"]["annotations"]["gpufleet.io/placement"]
+        assert json.loads(placement)["workers"] == [["gpu-b", list(range(8))]]
+        assert runtime.placements() == {replica.id: placement}
+        assert running_placements(runtime)[0].nodes == ("gpu-a", "gpu-b")
+        # The next one has no two free nodes: refused for now, nothing made for it.
+        writes = len(kube.writes)
+        with pytest.raises(TemporaryError, match=r"TP 8 × PP 2 needs 2 nodes"):
+            await runtime.start(ReplicaRequest("big", 1, big_model().spec))
+        assert len(kube.writes) == writes
+    finally:
+        await runtime.close()
+    adopter = KubernetesRuntime(kube)
+    await adopter.start_watching()
+    try:
+        assert adopter.placements() == {replica.id: placement}
+    finally:
+        await adopter.close()
+
+
+async def test_the_placement_decides_between_one_pod_and_a_group_across_nodes() -> None:
+    """A 16-GPU node holds a 16-GPU model in one pod (whatever ``gpus_per_node`` guesses);
+    unplanned (no size known), the guess decides."""
+    kube = FakeKube()
+    runtime = KubernetesRuntime(kube)
+    await runtime.start_watching()
+    runtime.set_placer(placer_over(inventory_from_nodes(gpu_nodes("gpu-x", gpus=16)), runtime))
+    try:
+        replica = await runtime.start(ReplicaRequest("big", 1, big_model().spec))
+        pod = kube.peek("Pod", NS, replica.id)
+        assert pod is not None and kube.peek("LeaderWorkerSet", NS, replica.id) is None
+        assert pod["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 16}
+        assert hosts(pod["spec"]) == ["gpu-x"]
+        runtime.set_placer(lambda r: EngineGroup("main", 1, gpus=r.spec.resources.gpus))
+        unplanned = await runtime.start(ReplicaRequest("big", 1, big_model().spec))
+        lws = kube.peek("LeaderWorkerSet", NS, unplanned.id)
+        assert lws is not None and lws["spec"]["leaderWorkerTemplate"]["size"] == 2
+        assert "annotations" not in lws["metadata"]
+    finally:
+        await runtime.close()
+
+
+async def test_the_engine_port_comes_from_the_settings() -> None:
+    kube = FakeKube()
+    runtime = KubernetesRuntime(kube, RenderSettings(engine_port=9000))
+    await runtime.start_watching()
+    try:
+        replica = await runtime.start(ReplicaRequest("llama", 1, model().spec))
+        pod = kube.peek("Pod", NS, replica.id)
+        assert pod is not None
+        assert pod["spec"]["containers"][0]["ports"] == [{"name": "http", "containerPort": 9000}]
+        kube.pod_ready(NS, replica.id, "10.0.0.1")
+        async with asyncio.timeout(5):
+            while runtime.replicas()[0].url is None:
+                await asyncio.sleep(0.005)
+        assert runtime.replicas()[0].url == "http://10.0.0.1:9000"
+    finally:
+        await runtime.close()
+    # The older argument still says the same thing, through the settings.
+    assert KubernetesRuntime(kube, engine_port=9001).settings.engine_port == 9001

@@ -1,9 +1,19 @@
 """Where a new replica goes on a cluster: the planner's answer on the nodes' inventory.
 
 The pod runtime asks for a replica; this plans the replicas already running (their placements
-are kept on their pods as JSON) plus the new one with the same ``plan()`` as ``gpufleet up``
-and the simulator, under the cluster's rule that a whole GPU belongs to one pod unless the node
-time-slices it or splits it into MIG instances.
+are kept on their pods, and on the LeaderWorkerSets of multi-node ones, as JSON) plus the new
+one with the same ``plan()`` as ``gpufleet up``, ``render`` and the simulator, under the
+cluster's rule that a whole GPU belongs to one pod unless the node time-slices it or splits it
+into MIG instances (``CLUSTER_PLANNING``).
+
+A replica bigger than any node comes back as the planner put it — tensor parallel within each
+node, pipeline parallel across them (``EngineGroup.pp`` nodes, ``gpus`` each, the leader's node
+and the workers') — and the runtime pins a LeaderWorkerSet there. When the planner finds no
+room for such a replica this raises ``TemporaryError`` instead: a group left to the scheduler
+unpinned would hold GPUs the planner does not know of, or wait for nodes shaped as the
+``gpus_per_node`` guess says. The capacity bound normally keeps such a replica from being asked
+for at all (the model is reported Unschedulable); this covers the moments the two disagree
+(a node just gone), and the controller asks again later.
 """
 
 from __future__ import annotations
@@ -16,18 +26,17 @@ from collections.abc import Callable
 
 from gpufleet.controller import Directory
 from gpufleet.controller.capacity import size_model
-from gpufleet.errors import GpufleetError
-from gpufleet.planner import Deployment, Placement, PlanSettings, ReplicaKey, plan
+from gpufleet.errors import GpufleetError, TemporaryError
+from gpufleet.planner import Deployment, Placement, ReplicaKey, plan
 from gpufleet.runtime import ReplicaRequest
 from gpufleet.runtime.kubernetes import EngineGroup, KubernetesRuntime
+from gpufleet.runtime.kubernetes.manifests import CLUSTER_PLANNING, placed_group
 from gpufleet.spec import Inventory, ModelSpec
 
 __all__ = ["CLUSTER_PLANNING", "ClusterPlacer", "placement_from_json", "running_placements"]
 
-
-#: On Kubernetes a whole GPU goes to one pod unless the node time-slices it (or it is split
-#: into MIG instances): the planner must not share it by memory.
-CLUSTER_PLANNING = PlanSettings(max_replicas_per_gpu=1, defragment=False, optimise_max_replicas=0)
+#: How long the controller waits before asking again for a replica with no room across nodes.
+RETRY_S = 15.0
 
 
 class ClusterPlacer:
@@ -54,7 +63,7 @@ class ClusterPlacer:
         except (GpufleetError, OSError, ValueError):
             mine = None
         if mine is None:
-            return fallback
+            return fallback  # not sized: the runtime's own rule (gpus_per_node) decides
         current = running_placements(self._runtime)
         counts = Counter(p.replica.deployment for p in current)
         used = {p.replica.index for p in current if p.replica.deployment == request.model}
@@ -72,25 +81,18 @@ class ClusterPlacer:
                 top = max(p.replica.index for p in current if p.replica.deployment == entry.name)
                 deployments[entry.name] = dataclasses.replace(dep, replicas=top + 1)
         known = [p for p in current if p.replica.deployment in deployments]
-        result = plan(
-            self._inventory(), deployments.values(), current=known, settings=CLUSTER_PLANNING
-        )
+        inventory = self._inventory()
+        result = plan(inventory, deployments.values(), current=known, settings=CLUSTER_PLANNING)
         key = ReplicaKey(request.model, index)
         chosen = next((p for p in result.placements if p.replica == key), None)
-        if chosen is None:
-            return fallback
-        return EngineGroup(
-            f"{chosen.node}",
-            1,
-            node=chosen.node,
-            gpu_type=chosen.gpu_type,
-            gpus=len(chosen.gpus),
-            # A whole GPU (or MIG instance) is the pod's alone: the engine's own default share
-            # of its memory. Only a time-sliced GPU is shared, and gets the planner's share.
-            memory_fraction=chosen.memory_fraction if chosen.time_slice is not None else None,
-            mig_profile=chosen.mig_profile,
-            placement=json.dumps(dataclasses.asdict(chosen), sort_keys=True),
-        )
+        if chosen is not None:
+            return placed_group(chosen, key=chosen.node)
+        gpus = request.spec.resources.gpus
+        largest = max((node.gpu_count for node in inventory.nodes), default=0)
+        if gpus > 1 and (gpus > largest or gpus > self._runtime.settings.gpus_per_node):
+            reason = next((u.reason for u in result.unplaced if u.replica == key), "no room")
+            raise TemporaryError(f"cannot place {key} across nodes: {reason}", RETRY_S)
+        return fallback  # one node's worth: an unpinned pod, the scheduler's reason reported
 
 
 def running_placements(runtime: KubernetesRuntime) -> list[Placement]:
@@ -103,7 +105,7 @@ def running_placements(runtime: KubernetesRuntime) -> list[Placement]:
 
 
 def placement_from_json(text: str) -> Placement:
+    """A placement as ``placed_group`` wrote it (older ones, without ``workers``, too)."""
     data = json.loads(text)
     data["replica"] = ReplicaKey(**data["replica"])
-    data["gpus"] = tuple(data["gpus"])
     return Placement(**data)

@@ -27,6 +27,8 @@ rendering the same input twice gives the same bytes — what GitOps diffs need.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import shlex
 from collections import defaultdict
@@ -76,6 +78,7 @@ __all__ = [
     "LABEL_GROUP",
     "LABEL_MODEL",
     "LABEL_TENANT",
+    "LWS_GROUP_KEY",
     "LWS_INDEX",
     "MANAGED",
     "PORT",
@@ -91,14 +94,18 @@ __all__ = [
     "loader_name",
     "model_disruption_budget",
     "model_service",
+    "placed_group",
     "render",
     "tenant_objects",
     "to_yaml",
 ]
 
 #: The planner's rules for a cluster: a whole GPU belongs to one pod unless its node
-#: time-slices it (then up to its time-slicing count) or splits it into MIG instances.
-CLUSTER_PLANNING = PlanSettings(max_replicas_per_gpu=1)
+#: time-slices it (then up to its time-slicing count) or splits it into MIG instances. Running
+#: pods are never moved (no defragmentation: a plan must not count on GPUs a migration would
+#: free), and the heuristic alone places, so ``render``, the operator's bound and its placer
+#: give the same answer for the same fleet.
+CLUSTER_PLANNING = PlanSettings(max_replicas_per_gpu=1, defragment=False, optimise_max_replicas=0)
 
 _ORDER = (
     "Namespace",
@@ -165,18 +172,43 @@ def _sort_key(o: Mapping[str, Any]) -> tuple[int, str, str]:
 
 @dataclass(frozen=True)
 class EngineGroup:
-    """Replicas of one model that share a node and a GPU shape (one Deployment)."""
+    """Replicas of one model that share a node and a GPU shape (one Deployment) — or, for a
+    model bigger than a node, that share their nodes (one LeaderWorkerSet): ``pp`` pods of
+    ``gpus`` GPUs each, the leader's on ``node``, the workers' on ``workers``."""
 
     key: str
     replicas: int
     node: str | None = None
     gpu_type: str | None = None
+    #: GPUs per pod: the tensor-parallel degree.
     gpus: int = 0
     memory_fraction: float | None = None
     mig_profile: str | None = None
     #: The planner's placement of the replica, as JSON, kept on its pod (the operator plans the
     #: next replicas around the ones running).
     placement: str = ""
+    #: Pipeline stages, one pod (and node) each: 1 on one node.
+    pp: int = 1
+    #: The nodes of the stages after the leader's, in stage order (a LeaderWorkerSet's workers).
+    workers: tuple[str, ...] = ()
+
+
+def placed_group(placement: Placement, key: str = "main") -> EngineGroup:
+    """The engine group of one replica where the planner put it (its placement JSON kept)."""
+    return EngineGroup(
+        key,
+        1,
+        node=placement.node,
+        gpu_type=placement.gpu_type,
+        gpus=placement.tp,
+        # A whole GPU (or MIG instance) is the pod's alone: the engine's own default share of
+        # its memory. Only a time-sliced GPU is shared, and gets the planner's share.
+        memory_fraction=engine_share(placement),
+        mig_profile=placement.mig_profile,
+        placement=json.dumps(dataclasses.asdict(placement), sort_keys=True),
+        pp=placement.pp,
+        workers=tuple(node for node, _ in placement.workers),
+    )
 
 
 def _groups(
@@ -201,17 +233,30 @@ def _groups(
     by_model: dict[str, dict[tuple[Any, ...], list[Placement]]] = defaultdict(dict)
     for p in result.placements:
         share = engine_share(p)
-        shape = (p.node, p.gpu_type, len(p.gpus), share, p.mig_profile)
+        workers = tuple(node for node, _ in p.workers)
+        shape = (p.node, p.gpu_type, p.tp, share, p.mig_profile, workers)
         by_model[p.replica.deployment].setdefault(shape, []).append(p)
     for name, shapes in by_model.items():
         groups = []
         for shape, placed in sorted(shapes.items(), key=lambda kv: str(kv[0])):
-            node, gpu_type, tp, share, mig = shape
+            node, gpu_type, tp, share, mig, workers = shape
             key = node if tp <= 1 and mig is None else f"{node}-tp{tp}{mig or ''}"
+            if workers:
+                key = f"{key}-pp{1 + len(workers)}"  # a group across nodes, led from ``node``
             if share is not None:
                 key = f"{key}-shared"  # beside the same model on whole GPUs of that node
             groups.append(
-                EngineGroup(_dns(str(key).lower()), len(placed), node, gpu_type, tp, share, mig)
+                EngineGroup(
+                    _dns(str(key).lower()),
+                    len(placed),
+                    node,
+                    gpu_type,
+                    tp,
+                    share,
+                    mig,
+                    pp=1 + len(workers),
+                    workers=workers,
+                )
             )
         plain[name] = groups
     return plain
@@ -257,11 +302,28 @@ def _model_objects(
 ) -> list[dict[str, Any]]:
     selector = {LABEL_MODEL: model.name}
     objects: list[dict[str, Any]] = [model_service(model, settings)]
-    if model.spec.resources.gpus > settings.gpus_per_node:
-        # One replica needs more GPUs than a node has: a group of pods across nodes.
-        lws = leader_worker_set(model, settings)
+    across = [g for g in groups if g.pp > 1]
+    if across or (
+        all(g.node is None for g in groups) and model.spec.resources.gpus > settings.gpus_per_node
+    ):
+        # One replica needs more GPUs than a node has: a group of pods across nodes (where the
+        # planner put each, with an inventory; else of ``gpus_per_node`` GPUs a pod).
         objects[0]["spec"]["selector"] = {**selector, LWS_INDEX: "0"}  # leaders serve
-        return [*objects, lws]
+        if not across:
+            return [*objects, leader_worker_set(model, settings)]
+        if len(across) != len(groups):
+            raise RenderError(
+                [
+                    f"{model.name}: the planner put some replicas on one node and others "
+                    "across nodes; render it with an inventory whose nodes are alike"
+                ]
+            )
+        for group in across:
+            lws = leader_worker_set(model, settings, group)
+            if len(across) > 1:
+                lws["metadata"]["name"] = f"engine-{model.name}-{group.key}"
+            objects.append(lws)
+        return objects
     for group in groups:
         objects.append(_deployment(model, group, settings, single=len(groups) == 1))
     if settings.keda_prometheus is not None:
@@ -433,10 +495,17 @@ def _engine_args(model: Model, group: EngineGroup, weights: PurePosixPath, port:
     return list(launch.argv[3:])
 
 
-def _affinity(model: Model, group: EngineGroup) -> dict[str, Any]:
+def _affinity(
+    model: Model, group: EngineGroup, hosts: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Required node affinity: the planner's nodes (``hosts``; default the group's node), and
+    the GPU product of the group's type (else of the model's allowed types)."""
     terms: list[dict[str, Any]] = []
-    if group.node is not None:
-        terms.append({"key": "kubernetes.io/hostname", "operator": "In", "values": [group.node]})
+    if hosts is None:
+        hosts = [group.node] if group.node is not None else []
+    if hosts:
+        values = sorted(set(hosts))
+        terms.append({"key": "kubernetes.io/hostname", "operator": "In", "values": values})
     types = [group.gpu_type] if group.gpu_type else list(model.spec.resources.gpu_types)
     products = sorted({p for t in types for p in _gfd_products(t)})
     if products and (group.gpus or group.mig_profile):
@@ -461,13 +530,23 @@ def _gfd_products(gpu_type: str) -> list[str]:
     return [n.replace(" ", "-") for n in names] or [accelerator.name]
 
 
+#: Labels the LeaderWorkerSet controller puts on a group's pods: the index within the group
+#: (0: the leader), and a key shared by all pods of one group.
 LWS_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"
+LWS_GROUP_KEY = "leaderworkerset.sigs.k8s.io/group-key"
 
 
-def leader_worker_set(model: Model, settings: RenderSettings) -> dict[str, Any]:
+def leader_worker_set(
+    model: Model, settings: RenderSettings, group: EngineGroup | None = None
+) -> dict[str, Any]:
     """vLLM across nodes: tensor parallel within a node, pipeline parallel across the group's
     nodes, over Ray — the leader starts the Ray head and serves, the workers join it
-    (LeaderWorkerSet, sigs.k8s.io/lws: the group is scheduled, restarted and scaled as one)."""
+    (LeaderWorkerSet, sigs.k8s.io/lws: the group is scheduled, restarted and scaled as one).
+
+    ``group``: where the planner put the replica — TP = its GPUs per pod, PP = its nodes; the
+    leader is pinned to its node and the workers to theirs, one pod per node. Without it, pods
+    of ``settings.gpus_per_node`` GPUs, as many as the model's GPUs need, wherever they fit.
+    """
     spec = model.spec
     if spec.engine != "vllm":
         raise RenderError(
@@ -476,10 +555,16 @@ def leader_worker_set(model: Model, settings: RenderSettings) -> dict[str, Any]:
                 f"{settings.gpus_per_node}; only vLLM spans nodes here (engine: vllm)"
             ]
         )
-    per_node = settings.gpus_per_node
-    size = math.ceil(spec.resources.gpus / per_node)
-    group = EngineGroup("main", 1, gpus=per_node)
-    leader = engine_pod(model, group, settings)
+    if group is None or group.pp < 2:
+        per_node = settings.gpus_per_node
+        group = EngineGroup(
+            "main",
+            max(spec.replicas.min, 1),
+            gpus=per_node,
+            pp=math.ceil(spec.resources.gpus / per_node),
+        )
+    stage = dataclasses.replace(group, pp=1, workers=())
+    leader = engine_pod(model, stage, settings)
     engine = leader["containers"][0]
     args = engine.pop("args")
     serve = shlex.join(
@@ -489,7 +574,7 @@ def leader_worker_set(model: Model, settings: RenderSettings) -> dict[str, Any]:
             "vllm.entrypoints.openai.api_server",
             *args,
             "--pipeline-parallel-size",
-            str(size),
+            str(group.pp),
             "--distributed-executor-backend",
             "ray",
         ]
@@ -500,7 +585,7 @@ def leader_worker_set(model: Model, settings: RenderSettings) -> dict[str, Any]:
         "-c",
         f"ray start --head --port={RAY_PORT} && exec {serve}",
     ]
-    worker = engine_pod(model, group, settings)
+    worker = engine_pod(model, dataclasses.replace(stage, node=None), settings)
     worker_engine = worker["containers"][0]
     for key in ("args", "command", "readinessProbe", "startupProbe", "livenessProbe", "ports"):
         worker_engine.pop(key, None)
@@ -509,21 +594,41 @@ def leader_worker_set(model: Model, settings: RenderSettings) -> dict[str, Any]:
         "-c",
         f"ray start --address=$(LWS_LEADER_ADDRESS):{RAY_PORT} --block",
     ]
+    if group.node is not None:
+        _pin(model, group, leader, (group.node,))
+        _pin(model, group, worker, group.workers)
     labels = {LABEL_MODEL: model.name, LABEL_COMPONENT: "engine"}
     return {
         "apiVersion": "leaderworkerset.x-k8s.io/v1",
         "kind": "LeaderWorkerSet",
         "metadata": meta(f"engine-{model.name}", settings.namespace, labels),
         "spec": {
-            "replicas": max(spec.replicas.min, 1),
+            "replicas": group.replicas,
             "startupPolicy": "LeaderReady",
             "leaderWorkerTemplate": {
-                "size": size,
+                "size": group.pp,
                 "restartPolicy": "RecreateGroupOnPodRestart",
                 "leaderTemplate": {"metadata": {"labels": labels}, "spec": leader},
                 "workerTemplate": {"metadata": {"labels": labels}, "spec": worker},
             },
         },
+    }
+
+
+def _pin(model: Model, group: EngineGroup, pod: dict[str, Any], hosts: Sequence[str]) -> None:
+    """Pods of a group on the planner's nodes: the leader on its node, the workers on theirs,
+    never two pods of one group on one node (each holds its stage's GPUs of that node)."""
+    pod["affinity"] = _affinity(model, group, hosts) | {
+        "podAntiAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "labelSelector": {"matchLabels": {LABEL_MODEL: model.name}},
+                    # The pods of the same group only (the scheduler adds the pod's own key).
+                    "matchLabelKeys": [LWS_GROUP_KEY],
+                    "topologyKey": "kubernetes.io/hostname",
+                }
+            ]
+        }
     }
 
 

@@ -18,10 +18,16 @@ containers; this runtime reports what the pods say:
 Pods carry their model and generation as labels, so an operator that restarts adopts the pods
 it finds instead of starting them again. The pod watch runs supervised (``gpufleet.supervise``):
 after an error it starts again from a fresh list, and replicas whose pods went meanwhile are
-reported stopped. LeaderWorkerSet is optional: without its CRD the runtime runs every model
-that fits a node and refuses, with the way to install it, those that do not. Logs come from the
-pods/log API (a multi-node replica's: its leader's). Closing the runtime stops watching; the
-pods outlive the operator (unlike ``gpufleet up``'s child processes).
+reported stopped.
+
+A replica the placer (the operator's planner) puts across nodes — tensor parallel within each,
+pipeline parallel across them — is a LeaderWorkerSet of one group, its leader and workers
+pinned to the planned nodes, its leader's pod speaking for it. The placement (JSON) is kept on
+the pod, or on the LeaderWorkerSet, so the next plans — and an operator adopting them after a
+restart — count the GPUs they hold. LeaderWorkerSet is optional: without its CRD the runtime
+runs every model that fits a node and refuses, with the way to install it, those that do not.
+Logs come from the pods/log API (a multi-node replica's: its leader's). Closing the runtime
+stops watching; the pods outlive the operator (unlike ``gpufleet up``'s child processes).
 """
 
 from __future__ import annotations
@@ -44,7 +50,6 @@ from gpufleet.runtime.kubernetes.manifests import (
     LABEL_MODEL,
     LWS_INDEX,
     MANAGED,
-    PORT,
     EngineGroup,
     RenderError,
     RenderSettings,
@@ -89,13 +94,16 @@ class KubernetesRuntime:
         settings: RenderSettings | None = None,
         *,
         place: Callable[[ReplicaRequest], EngineGroup] | None = None,
-        engine_port: int = PORT,
+        engine_port: int | None = None,
         loops: Supervisor | None = None,
     ) -> None:
         self.api = api
-        #: Where engines listen in their pods (tests point it at a local emulator).
-        self.engine_port = engine_port
-        self.settings = settings or RenderSettings()
+        settings = settings or RenderSettings()
+        if engine_port is not None and engine_port != settings.engine_port:
+            # Kept for callers that still pass it: the port lives in the settings, which the
+            # pods' arguments, probes and Services follow too.
+            settings = dataclasses.replace(settings, engine_port=engine_port)
+        self.settings = settings
         self.namespace = self.settings.namespace
         #: Where a new replica goes (the planner's choice); default: the model's GPUs anywhere.
         self._place = place or (lambda r: EngineGroup("main", 1, gpus=r.spec.resources.gpus))
@@ -145,6 +153,10 @@ class KubernetesRuntime:
     # -- Runtime ----------------------------------------------------------------------------
 
     async def start(self, request: ReplicaRequest) -> Replica:
+        """One replica: a pod where the placer put it, or — when the placer planned it across
+        nodes (or, unplanned, it asks for more GPUs than ``gpus_per_node``) — a LeaderWorkerSet
+        of one group. The placer raises (``TemporaryError``) rather than leave a group that
+        spans nodes unpinned, and nothing is created for a replica refused."""
         model = Model(
             api_version=API_VERSION,
             metadata=Metadata(name=request.model, namespace=self.namespace),
@@ -160,52 +172,54 @@ class KubernetesRuntime:
             LABEL_GENERATION: str(request.generation),
             LABEL_COMPONENT: "engine",
         }
-        multi_node = request.spec.resources.gpus > self.settings.gpus_per_node
+        group = self._place(request)
+        multi_node = group.pp > 1 or (
+            group.node is None and request.spec.resources.gpus > self.settings.gpus_per_node
+        )
         if multi_node:
-            await self._need_lws(request)  # before anything is created for it
+            await self._need_lws(request, group)  # before anything is created for it
         if request.spec.parsed_source.scheme != "pvc":
             with contextlib.suppress(FileExistsError):
                 await self.api.create(loader_job(model, self.settings))
+        metadata: dict[str, Any] = {"name": name, "namespace": self.namespace, "labels": labels}
+        if group.placement:
+            metadata["annotations"] = {LABEL_PLACEMENT: group.placement}
         if multi_node:
             # Bigger than a node: the replica is a LeaderWorkerSet of one group, served by its
-            # leader pod.
+            # leader pod; the placement is kept on the LeaderWorkerSet (adopted from there).
             try:
-                lws = leader_worker_set(model, self.settings)
+                lws = leader_worker_set(model, self.settings, group if group.pp > 1 else None)
             except RenderError as exc:
                 raise PermanentError("; ".join(exc.problems)) from exc
-            lws["metadata"] = {"name": name, "namespace": self.namespace, "labels": labels}
+            lws["metadata"] = metadata
             lws["spec"]["replicas"] = 1
             for role in ("leaderTemplate", "workerTemplate"):
                 template = lws["spec"]["leaderWorkerTemplate"][role]
                 template["metadata"]["labels"] = {**labels, LABEL_REPLICA: name}
             await self.api.create(lws)
             self._groups.add(name)
-            return self._started(request, name)
-        group = self._place(request)
-        metadata: dict[str, Any] = {"name": name, "namespace": self.namespace, "labels": labels}
-        if group.placement:
-            metadata["annotations"] = {LABEL_PLACEMENT: group.placement}
-        pod = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": metadata,
-            "spec": engine_pod(model, group, self.settings),
-        }
-        await self.api.create(pod)
+        else:
+            pod = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": metadata,
+                "spec": engine_pod(model, group, self.settings),
+            }
+            await self.api.create(pod)
         if group.placement:
             self._placements[name] = group.placement
         return self._started(request, name)
 
-    async def _need_lws(self, request: ReplicaRequest) -> None:
+    async def _need_lws(self, request: ReplicaRequest, group: EngineGroup) -> None:
         if not self.lws_served:  # asked again: it may have been installed since
             self.lws_served = await self.api.served("LeaderWorkerSet")
         if not self.lws_served:
+            shape = f" (TP {group.gpus} × PP {group.pp})" if group.pp > 1 else ""
             raise NotServed(
                 "LeaderWorkerSet",
                 f"LeaderWorkerSet is not installed in this cluster: {request.model} needs "
-                f"{request.spec.resources.gpus} GPUs, more than one node's "
-                f"{self.settings.gpus_per_node}, and runs as a LeaderWorkerSet across nodes. "
-                f"Install it: {LWS_INSTALL}",
+                f"{request.spec.resources.gpus} GPUs, more than one node has, and runs as a "
+                f"LeaderWorkerSet across nodes{shape}. Install it: {LWS_INSTALL}",
             )
 
     def _started(self, request: ReplicaRequest, name: str) -> Replica:
@@ -352,7 +366,7 @@ class KubernetesRuntime:
         )
         ready = conditions.get("Ready", {}).get("status") == "True" and status.get("podIP")
         if ready:
-            url = f"http://{status['podIP']}:{self.engine_port}"
+            url = f"http://{status['podIP']}:{self.settings.engine_port}"
             replica = dataclasses.replace(
                 current,
                 phase=Phase.READY,
