@@ -17,6 +17,7 @@ from gpufleet.gateway.fairqueue import (
     QueueStats,
     Slot,
 )
+from gpufleet.policies import fair_order
 
 
 async def settle() -> None:
@@ -399,12 +400,12 @@ async def test_waiters_that_leave_early_do_not_grow_the_queue_state() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    cls = queue._classes[0]
+    cls = queue._order._classes[0]
     assert cls.live == 1
-    assert len(cls.heap) <= 2 * cls.live + fairqueue._SWEEP_MIN + 1
-    assert len(cls.tenants) <= 2 * fairqueue._SWEEP_MIN
+    assert len(cls.heap) <= 2 * cls.live + fair_order._SWEEP_MIN + 1
+    assert len(cls.tenants) <= 2 * fair_order._SWEEP_MIN
     await h.close()
-    assert queue._classes == {}
+    assert queue._order._classes == {}
 
 
 async def test_tenants_served_once_are_forgotten_as_virtual_time_passes() -> None:
@@ -415,8 +416,8 @@ async def test_tenants_served_once_are_forgotten_as_virtual_time_passes() -> Non
         await h.add(f"t{i}", f"t{i}")  # a one-off tenant, served within a round
         await h.serve(2)
     assert sum(label.startswith("t") for label in h.order) == 300
-    cls = h.queue._classes[0]
-    assert len(cls.tenants) <= 2 * fairqueue._SWEEP_MIN
+    cls = h.queue._order._classes[0]
+    assert len(cls.tenants) <= 2 * fair_order._SWEEP_MIN
     await h.close()
 
 

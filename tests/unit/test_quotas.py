@@ -223,7 +223,7 @@ async def test_scopes_without_limits_cost_nothing() -> None:
     ticket = await q.admit("a", [("tenant:acme", Limits()), ("key:k1", Limits())], FREE)
     assert ticket.scopes == ()
     await q.settle(ticket, tokens=10, cost_usd=1.0)
-    assert q._scopes == {}
+    assert q._counters._scopes == {}
 
 
 async def test_rpm_retry_after_waits_for_enough_of_the_window() -> None:

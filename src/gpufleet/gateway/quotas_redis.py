@@ -5,7 +5,12 @@ increments all of them in one script, so replicas never overshoot a limit betwee
 scripts read Redis's clock (``TIME``) so replicas agree on seconds and budget periods.
 Concurrency slots are members of a sorted set scored by a lease expiry, so a dead gateway's
 slots free themselves; settle corrections apply at most once per admission. Unreachable Redis
-fails closed (``QuotaStoreUnavailable``). The semantics are ``gpufleet.gateway.quotas``'s.
+fails closed (``QuotaStoreUnavailable``). The rules are ``gpufleet.policies.quota_rules``'s and
+the scripts do what ``gpufleet.policies.quota_counters`` does in memory.
+
+All keys a script touches are passed in ``KEYS``; with Redis Cluster, give a namespace with a hash
+tag (``"{gpufleet:quota}"``) so they share one slot. Scopes with no limits cost nothing: a request
+whose scopes are all unlimited is admitted without touching Redis.
 """
 
 from __future__ import annotations
@@ -21,26 +26,26 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from gpufleet.gateway.quotas import (
+from gpufleet.gateway.quotas import QuotaStoreUnavailable
+from gpufleet.policies.quota_rules import (
     DEFAULT_LEASE_S,
     NANO,
     SETTLE_WINDOW_S,
     Demand,
     LimitName,
     Limits,
-    QuotaStoreUnavailable,
     Ticket,
-    _counted,
-    _exceeded,
-    _nano,
-    _needs_marker,
+    counted_scopes,
+    needs_settle_marker,
+    quota_exceeded,
+    to_nano,
     window_retry_after,
 )
 
 __all__ = ["RedisQuotas"]
 
-# Redis backend. The Lua below mirrors the Python above: ``period`` is ``budget_period`` (a test
-# compares them over many dates) and the checks run in the same order.
+# The Lua below mirrors ``QuotaCounters``: ``period`` is ``budget_period`` (a test compares them
+# over many dates), the checks run in the same order and the same retry delays follow.
 
 _LUA_PERIOD = """
 local function days_from_civil(y, m, d)
@@ -271,12 +276,12 @@ class RedisQuotas:
     async def admit(
         self, request_id: str, scopes: Sequence[tuple[str, Limits]], demand: Demand
     ) -> Ticket:
-        counted = _counted(scopes)
-        cost = _nano(demand.cost_usd)
+        counted = counted_scopes(scopes)
+        cost = to_nano(demand.cost_usd)
         if not counted:
             return Ticket(request_id, request_id, (), 0, demand.tokens, cost)
         lease = f"{request_id}#{self._tag}{next(self._ids)}"
-        marker = _needs_marker(counted)
+        marker = needs_settle_marker(counted)
         keys = [f"{self.namespace}:t:{lease}"]
         args: list[str | int] = [
             lease,
@@ -290,7 +295,7 @@ class RedisQuotas:
         ]
         for scope, limits in counted:
             keys += self._keys(scope)
-            budget = None if limits.budget_usd is None else _nano(limits.budget_usd)
+            budget = None if limits.budget_usd is None else to_nano(limits.budget_usd)
             args += [_opt(limits.rpm), _opt(limits.tpm), _opt(limits.concurrency), _opt(budget)]
             args.append(limits.budget_period if budget is not None else "")
         try:
@@ -312,12 +317,12 @@ class RedisQuotas:
             cap = limits.rpm if limit == "rpm" else limits.tpm
             buckets = zip(extra[::2], extra[1::2], strict=True)
             retry = window_retry_after(buckets, int(used), need, cap or 0, now)
-        raise _exceeded(scope, limits, limit, int(used), need, retry)
+        raise quota_exceeded(scope, limits, limit, int(used), need, retry)
 
     async def settle(self, ticket: Ticket, *, tokens: int, cost_usd: float) -> None:
         if not ticket.scopes:
             return
-        marker = _needs_marker(ticket.scopes)
+        marker = needs_settle_marker(ticket.scopes)
         if not marker and all(lim.concurrency is None for _, lim in ticket.scopes):
             return  # requests per minute only: nothing to release or correct
         keys = [f"{self.namespace}:t:{ticket.lease}"]
@@ -326,7 +331,7 @@ class RedisQuotas:
             ticket.second,
             tokens - ticket.tokens,
             -ticket.cost_nano,
-            _nano(cost_usd),
+            to_nano(cost_usd),
             len(ticket.scopes),
             int(marker),
         ]
