@@ -1,11 +1,12 @@
 """The production gateway (uvloop + httptools) in front of one fixed upstream URL.
 
-The same ``build_app`` ``gpufleet up`` serves, with the in-memory runtime standing in for the
-engine processes, so the bench measures the gateway's code path and nothing else. As in
+The gateway ``gpufleet up`` serves, built by the same assembly (``gpufleet.gateway.assemble``) and
+served by the same HTTP server (``gateway_server``), with the in-memory runtime standing in for
+the engine processes, so the bench measures the gateway's code path and nothing else. As in
 production, every request is authenticated (``Authorization: Bearer`` + ``common.BENCH_KEY``),
 admitted against its tenant's and key's quotas (limits set, high enough never to refuse), and
 written to the usage ledger (SQLite in a temporary directory); ``--no-auth`` turns all three
-off, ``--redis URL`` keeps quota counters in Redis as several gateways would.
+off, ``--redis URL`` keeps quota counters (and prefix hints) in Redis as several gateways would.
 Run: python bench/gateway_only.py PORT UPSTREAM_URL [MODEL REPLICAS POLICY] [--no-auth] [--redis URL]
 """
 
@@ -16,17 +17,13 @@ import datetime as dt
 import tempfile
 from pathlib import Path
 
-import uvicorn
 import uvloop
 
 from common import BENCH_KEY
 from gpufleet.controller import Controller
-from gpufleet.embedded import bind_socket
-from gpufleet.gateway import build_app
-from gpufleet.gateway.auth import Keyring, hash_key
-from gpufleet.gateway.ledger import Ledger
-from gpufleet.gateway.quotas import make_quotas
-from gpufleet.gateway.scraper import EngineScraper
+from gpufleet.gateway import GatewaySettings, assemble
+from gpufleet.gateway.auth import hash_key
+from gpufleet.gateway.serving import bind_socket, gateway_server
 from gpufleet.runtime.fake import FakeRuntime
 from gpufleet.spec import API_VERSION, load_text, parse_tenant
 from gpufleet.store import KeyRecord, Store, sqlite_url
@@ -45,7 +42,7 @@ spec:
 LIMITS = {"requestsPerMinute": 10**9, "tokensPerMinute": 10**12, "concurrency": 10**6}
 
 
-def tenancy(store: Store) -> Keyring:
+def tenancy(store: Store) -> None:
     """Tenant ``bench`` with limits, and ``BENCH_KEY`` as a user key of it."""
     store.apply_tenant(
         parse_tenant(
@@ -72,9 +69,6 @@ def tenancy(store: Store) -> Keyring:
             now,
         )
     )
-    keyring = Keyring(store)
-    keyring.load()
-    return keyring
 
 
 async def main(
@@ -94,43 +88,20 @@ async def main(
         store = Store.open(sqlite_url(Path(tmp)))
         runtime = FakeRuntime(lambda _r, i: f"{host}:{int(base) + i - 1}")
         controller = Controller(store, runtime)
-        await controller.start()
-        await controller.apply(load_text(MODEL.format(name=name, replicas=replicas, policy=policy)))
-        keyring = tenancy(store) if auth else None
-        ledger = Ledger(store) if auth else None
-        quotas = make_quotas(redis)
-        if keyring is not None:
-            await keyring.start()
-        if ledger is not None:
-            ledger.start()
-        app = build_app(controller, keyring=keyring, quotas=quotas, ledger=ledger)
-        scraper = EngineScraper(
-            controller.directory, app.state.upstream, on_tick=app.state.queues.poke_all
-        )
-        scraper.start()
-        server = uvicorn.Server(
-            uvicorn.Config(
-                app,
-                http="httptools",
-                lifespan="off",
-                log_level="warning",
-                access_log=False,
-                # No client addresses are used: skip uvicorn's X-Forwarded-For rewriting.
-                proxy_headers=False,
-            )
-        )
+        if auth:
+            tenancy(store)
+        stack = assemble(controller, GatewaySettings(redis_url=redis), auth=auth, record_usage=auth)
+        server = gateway_server(stack.app)
         try:
+            await controller.start()
+            await controller.apply(
+                load_text(MODEL.format(name=name, replicas=replicas, policy=policy))
+            )
+            await stack.start()
             await server.serve(sockets=[sock])
         finally:
-            await scraper.close()
-            await app.state.close()
-            if ledger is not None:
-                await ledger.close()
-            if keyring is not None:
-                await keyring.close()
-            await quotas.close()
+            await stack.close()
             await controller.stop()
-            await app.state.upstream.close()
             store.close()
 
 
@@ -142,7 +113,7 @@ if __name__ == "__main__":
     parser.add_argument("replicas", nargs="?", type=int, default=1)
     parser.add_argument("policy", nargs="?", default="prefix")
     parser.add_argument("--no-auth", action="store_true", help="no keys, quotas or ledger")
-    parser.add_argument("--redis", help="quota counters in this Redis")
+    parser.add_argument("--redis", help="quota counters and prefix hints in this Redis")
     a = parser.parse_args()
     uvloop.run(
         main(a.port, a.upstream, a.model, a.replicas, a.policy, auth=not a.no_auth, redis=a.redis)

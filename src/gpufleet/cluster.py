@@ -243,11 +243,7 @@ class GatewayConfig:
 
 async def serve_cluster_gateway(cfg: GatewayConfig, api: KubeApi) -> None:
     """One gateway replica: keys, quotas (shared through Redis), ledger, the cluster's view."""
-    from gpufleet.gateway import GatewaySettings, build_app
-    from gpufleet.gateway.auth import Keyring
-    from gpufleet.gateway.ledger import Ledger
-    from gpufleet.gateway.quotas import make_quotas
-    from gpufleet.gateway.scraper import EngineScraper
+    from gpufleet.gateway import GatewaySettings, assemble
     from gpufleet.gateway.serving import bind_socket, gateway_server, raise_open_files_limit
 
     raise_open_files_limit()
@@ -261,38 +257,22 @@ async def serve_cluster_gateway(cfg: GatewayConfig, api: KubeApi) -> None:
         redis_url=cfg.redis_url,
         engine_port=cfg.engine_port,
     )
-    keyring = Keyring(store)
-    admin = await asyncio.to_thread(keyring.bootstrap_admin, os.environ.get("GPUFLEET_ADMIN_KEY"))
+    stack = assemble(plane, GatewaySettings(redis_url=cfg.redis_url))
+    admin = await asyncio.to_thread(
+        stack.keyring.bootstrap_admin, os.environ.get("GPUFLEET_ADMIN_KEY")
+    )
     if admin:
         # Printed once, by the first gateway to start against an empty store.
         log.warning("gpufleet admin key (shown once, keep it): %s", admin)
-    quotas = make_quotas(cfg.redis_url)
-    ledger = Ledger(store)
-    app = build_app(
-        plane,
-        settings=GatewaySettings(redis_url=cfg.redis_url),
-        keyring=keyring,
-        quotas=quotas,
-        ledger=ledger,
-    )
-    scraper = EngineScraper(plane.directory, app.state.upstream, on_tick=app.state.queues.poke_all)
-    server = gateway_server(app)
+    server = gateway_server(stack.app)
     try:
         await plane.start()
-        await keyring.start()
-        ledger.start()
-        scraper.start()
-        app.state.batches.start()
+        await stack.start()
         log.info("gateway serving namespace %s on %s:%d", cfg.namespace, cfg.host, cfg.port)
         await server.serve(sockets=[sock])
     finally:
-        await scraper.close()
-        await app.state.close()
-        await ledger.close()
-        await keyring.close()
-        await quotas.close()
+        await stack.close()
         await plane.close()
-        await app.state.upstream.close()
         store.close()
         sock.close()
 

@@ -23,11 +23,7 @@ import uvicorn
 
 from gpufleet.controller import Autoscaler, Controller, PlannerCapacity
 from gpufleet.errors import PermanentError
-from gpufleet.gateway import GatewaySettings, build_app
-from gpufleet.gateway.auth import Keyring
-from gpufleet.gateway.ledger import Ledger
-from gpufleet.gateway.quotas import make_quotas
-from gpufleet.gateway.scraper import EngineScraper
+from gpufleet.gateway import GatewaySettings, assemble
 from gpufleet.gateway.serving import (
     PortInUseError,
     bind_socket,
@@ -95,13 +91,28 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
         )
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     store = await asyncio.to_thread(Store.open, cfg.store_url or sqlite_url(cfg.data_dir))
-    keyring = Keyring(store, enabled=cfg.auth)
+    runtime = LocalRuntime(cfg.data_dir)
+    # Replicas are bounded by what this machine can hold (its GPUs, or its memory for CPU ones).
+    capacity = PlannerCapacity(await asyncio.to_thread(discover))
+    controller = Controller(store, runtime, autoscaler=Autoscaler(store, capacity=capacity))
+    stack = assemble(
+        controller,
+        GatewaySettings(
+            max_body_bytes=cfg.max_body_bytes,
+            hold_s=cfg.hold_s,
+            redis_url=cfg.redis_url,
+            batch_take_over=True,
+        ),
+        auth=cfg.auth,
+    )
+    keyring = stack.keyring
     if cfg.auth:
         try:
             admin_key = await asyncio.to_thread(
                 keyring.bootstrap_admin, os.environ.get("GPUFLEET_ADMIN_KEY")
             )
         except ValueError as exc:
+            await stack.close()
             store.close()
             sock.close()
             raise PermanentError(str(exc)) from exc
@@ -114,37 +125,12 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
         await asyncio.to_thread(store.apply_tenant, tenant)
     if cfg.tenants:
         await asyncio.to_thread(keyring.load)
-    quotas = make_quotas(cfg.redis_url)
-    ledger = Ledger(store)
-    runtime = LocalRuntime(cfg.data_dir)
-    # Replicas are bounded by what this machine can hold (its GPUs, or its memory for CPU ones).
-    capacity = PlannerCapacity(await asyncio.to_thread(discover))
-    controller = Controller(store, runtime, autoscaler=Autoscaler(store, capacity=capacity))
-    app = build_app(
-        controller,
-        settings=GatewaySettings(
-            max_body_bytes=cfg.max_body_bytes,
-            hold_s=cfg.hold_s,
-            redis_url=cfg.redis_url,
-            batch_take_over=True,
-        ),
-        keyring=keyring if cfg.auth else None,
-        quotas=quotas,
-        ledger=ledger,
-    )
-    server = gateway_server(app)
-    scraper = EngineScraper(
-        controller.directory, app.state.upstream, on_tick=app.state.queues.poke_all
-    )
+    server = gateway_server(stack.app)
     previous = _route_signals(server)
     announcer: asyncio.Task[None] | None = None
     try:
-        if cfg.auth:
-            await keyring.start()
-        ledger.start()
         await controller.start()
-        scraper.start()
-        app.state.batches.start()
+        await stack.start()
         models = cfg.models
         if not models and not controller.directory.entries():
             models = [DEFAULT_MODEL]
@@ -162,14 +148,9 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
             with contextlib.suppress(asyncio.CancelledError):
                 await announcer
         log.info("stopping: waiting for engines to exit")
-        await scraper.close()
-        await app.state.close()
-        await ledger.close()  # every served request is in the ledger before the store closes
-        await keyring.close()
-        await quotas.close()
-        await controller.stop()
+        await stack.close()  # every served request is in the ledger before the store closes
+        await controller.stop()  # engines stop after the gateway's last answer
         await runtime.close()
-        await app.state.upstream.close()
         store.close()
         sock.close()
         for sig, handler in previous.items():

@@ -18,7 +18,7 @@ from openai import AsyncOpenAI
 
 from gpufleet.cluster import ClusterPlane
 from gpufleet.emulator import EmulatedEngine, ReplicaServer
-from gpufleet.gateway import GatewaySettings, build_app
+from gpufleet.gateway import GatewaySettings
 from gpufleet.hardware import CATALOG
 from gpufleet.operator import Operator, OperatorConfig
 from gpufleet.operator.process import acting
@@ -27,7 +27,8 @@ from gpufleet.runtime.kubernetes.client import ClientKube
 from gpufleet.sizing import load_architecture
 from gpufleet.sizing.performance import PerfModel
 from gpufleet.store import Store, sqlite_url
-from tests.conftest import free_port, serving
+from tests import sites
+from tests.conftest import free_port
 from tests.kube.conftest import Nodes
 from tests.kube.kubelet import Kubelet
 from tests.kube.test_operator import eventually
@@ -94,14 +95,13 @@ async def fleet(
         cfg = OperatorConfig(namespace=namespace, store_url="", settings=settings)
         operator = await stack.enter_async_context(acting(cfg, kube, store))
         plane = ClusterPlane(kube, store, namespace, gateway_id="gw-test", engine_port=port)
-        app = build_app(plane, settings=GatewaySettings(hold_s=60))
         await plane.start()
-        stack.push_async_callback(app.state.upstream.close)
         stack.push_async_callback(plane.close)
-        stack.push_async_callback(app.state.close)
-        url = await stack.enter_async_context(serving(app))
+        gateway = await stack.enter_async_context(
+            sites.gateway(plane, GatewaySettings(hold_s=60), auth=False)
+        )
         http = await stack.enter_async_context(aiohttp.ClientSession())
-        yield Fleet(operator, plane, url, http)
+        yield Fleet(operator, plane, gateway.url, http)
 
 
 @pytest.mark.usefixtures("model_cache", "priority_classes")

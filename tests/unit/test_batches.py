@@ -16,21 +16,13 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from gpufleet.controller import Controller
-from gpufleet.emulator import EmulatedEngine, ReplicaServer
-from gpufleet.gateway import GatewaySettings, build_app
-from gpufleet.gateway.auth import Keyring
+from gpufleet.gateway import GatewaySettings, GatewayStack
 from gpufleet.gateway.batch_runner import BatchRunner
-from gpufleet.gateway.ledger import Ledger
-from gpufleet.hardware import CATALOG
-from gpufleet.runtime.fake import FakeRuntime
-from gpufleet.sizing import load_architecture
-from gpufleet.sizing.performance import PerfModel
-from gpufleet.spec import API_VERSION, load_text, parse_tenant
-from gpufleet.store import Store, sqlite_url
-from tests.conftest import free_port, serving
+from gpufleet.spec import API_VERSION, parse_tenant
+from gpufleet.store import Store
+from tests import sites
 
-CONFIG = Path(__file__).parents[1] / "data" / "configs" / "llama-3-8b.json"
+CONFIG = sites.CONFIG
 MODELS = f"""
 apiVersion: gpufleet.io/v1alpha1
 kind: Model
@@ -65,7 +57,7 @@ def jsonl(n: int, *, max_tokens: int = 8, prefix: str = "q") -> bytes:
 class Site:
     url: str
     store: Store
-    app: Any
+    stack: GatewayStack
     keys: dict[str, str]
     clients: list[AsyncOpenAI] = field(default_factory=list)
 
@@ -93,55 +85,40 @@ class Site:
 
 @pytest.fixture
 async def site(tmp_path: Path) -> AsyncIterator[Site]:
-    perf = PerfModel(load_architecture(CONFIG), CATALOG["H100"])
-    server = ReplicaServer(EmulatedEngine(perf, 400_000, time_scale=0.05), "llama")
-    port = free_port()
-    await server.start("127.0.0.1", port)
-    store = Store.open(sqlite_url(tmp_path))
-    keyring = Keyring(store, refresh_s=0.2)
-    keyring.bootstrap_admin(None)
-    for name in ("acme", "globex"):
-        store.apply_tenant(
-            parse_tenant({"apiVersion": API_VERSION, "kind": "Tenant", "metadata": {"name": name}})
-        )
-    keyring.load()
-    keys = {
-        "acme": keyring.create_key("acme", name="app", role="user")[0],
-        "globex": keyring.create_key("globex", name="app", role="user")[0],
-    }
-    runtime = FakeRuntime(lambda _r, _i: f"http://127.0.0.1:{port}")
-    controller = Controller(store, runtime)
-    await controller.start()
-    await controller.apply(load_text(MODELS))
-    ledger = Ledger(store, flush_s=0.05)
-    ledger.start()
-    await keyring.start()
-    app = build_app(
-        controller,
-        keyring=keyring,
-        ledger=ledger,
-        settings=GatewaySettings(batch_concurrency=6),
-    )
-    app.state.batches.interval_s = 0.05
-    app.state.batches.start()
-    try:
-        async with serving(app) as url:
-            for _ in range(200):
-                if all(e.endpoints for e in controller.directory.entries()):
-                    break
-                await asyncio.sleep(0.02)
-            here = Site(url, store, app, keys)
-            yield here
-            for client in here.clients:
-                await client.close()
-    finally:
-        await app.state.close()
-        await ledger.close()
-        await keyring.close()
-        await controller.stop()
-        await app.state.upstream.close()
-        await server.stop()
-        store.close()
+    keys: dict[str, str] = {}
+
+    def tenancy(stack: GatewayStack) -> None:
+        keyring = stack.keyring
+        keyring.bootstrap_admin(None)
+        for name in ("acme", "globex"):
+            keyring.store.apply_tenant(
+                parse_tenant(
+                    {"apiVersion": API_VERSION, "kind": "Tenant", "metadata": {"name": name}}
+                )
+            )
+        keyring.load()
+        for name in ("acme", "globex"):
+            keys[name] = keyring.create_key(name, name="app", role="user")[0]
+        stack.batches.interval_s = 0.05
+
+    engine = [("llama", sites.emulated(time_scale=0.05))]
+    async with (
+        sites.replica_servers(engine) as (url,),
+        sites.site(
+            tmp_path,
+            MODELS,
+            lambda _r, _i: url,
+            GatewaySettings(batch_concurrency=6),
+            auth=True,
+            prepare=tenancy,
+            key_refresh_s=0.2,
+            ledger_flush_s=0.05,
+        ) as s,
+    ):
+        here = Site(s.url, s.store, s.stack, keys)
+        yield here
+        for client in here.clients:
+            await client.close()
 
 
 async def test_a_batch_answers_every_line_once_in_its_output_file(site: Site) -> None:
@@ -263,14 +240,14 @@ async def test_a_restarted_runner_finishes_the_batch_without_losing_or_repeating
         input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
     await asyncio.sleep(0.4)
-    await site.app.state.batches.close()  # gpufleet stops mid-batch, lines in flight
+    await site.stack.batches.close()  # gpufleet stops mid-batch, lines in flight
     stopped = site.store.get_batch(batch.id)
     assert stopped is not None and stopped.status == "in_progress"
     assert 0 < stopped.completed < 30
     runner = BatchRunner(
         site.store,
-        site.app.state.execute,
-        site.app.state.batches.principal_for,
+        site.stack.gateway.execute,
+        site.stack.batches.principal_for,
         gateway_id="gw-next",
         interval_s=0.05,
         take_over=True,

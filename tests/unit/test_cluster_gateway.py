@@ -19,21 +19,16 @@ from openai import AsyncOpenAI
 from gpufleet.autoscale import Sample
 from gpufleet.cluster import WAKE_ANNOTATION, ClusterPlane
 from gpufleet.controller import GenerationStats
-from gpufleet.emulator import EmulatedEngine, ReplicaServer
-from gpufleet.gateway import GatewaySettings, build_app
+from gpufleet.gateway import GatewaySettings
 from gpufleet.gateway.shared_demand import DemandPublisher, RedisDemand
-from gpufleet.hardware import CATALOG
 from gpufleet.operator import WAKE_ANNOTATION as OPERATOR_WAKE
 from gpufleet.runtime.kubernetes import FakeKube
-from gpufleet.sizing import load_architecture
-from gpufleet.sizing.performance import PerfModel
 from gpufleet.store import Store, sqlite_url
 from gpufleet.supervise import Supervisor
-from tests.conftest import free_port, serving
+from tests import sites
 
 NS = "gpufleet"
 REDIS = "redis://127.0.0.1:6379/0"
-CONFIG = Path(__file__).parents[1] / "data" / "configs" / "llama-3-8b.json"
 
 
 def model_resource(desired: int) -> dict[str, Any]:
@@ -87,24 +82,18 @@ class Site:
 
 @pytest.fixture
 async def site(tmp_path: Path) -> AsyncIterator[Site]:
-    perf = PerfModel(load_architecture(CONFIG), CATALOG["H100"])
-    engine = ReplicaServer(EmulatedEngine(perf, 400_000, time_scale=0.01), "llama")
-    port = free_port()
-    await engine.start("127.0.0.1", port)
     kube = FakeKube()
     store = Store.open(sqlite_url(tmp_path))
-    plane = ClusterPlane(kube, store, NS, gateway_id="gw-test", engine_port=port)
-    app = build_app(plane, settings=GatewaySettings(hold_s=10))
-    try:
-        await plane.start()
-        async with serving(app) as url:
-            yield Site(kube, plane, url)
-    finally:
-        await app.state.close()
-        await plane.close()
-        await app.state.upstream.close()
-        await engine.stop()
-        store.close()
+    async with sites.replica_servers([("llama", sites.emulated(time_scale=0.01))]) as (url,):
+        port = int(url.rsplit(":", 1)[1])
+        plane = ClusterPlane(kube, store, NS, gateway_id="gw-test", engine_port=port)
+        try:
+            await plane.start()
+            async with sites.gateway(plane, GatewaySettings(hold_s=10), auth=False) as gateway:
+                yield Site(kube, plane, gateway.url)
+        finally:
+            await plane.close()
+            store.close()
 
 
 async def test_requests_reach_the_engine_pods_the_api_lists(site: Site) -> None:

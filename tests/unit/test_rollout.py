@@ -226,31 +226,21 @@ async def test_through_the_gateway_a_canary_whose_engine_fails_is_rolled_back(
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from gpufleet.emulator import EmulatedEngine, ReplicaServer
-    from gpufleet.gateway import build_app
-    from gpufleet.hardware import CATALOG
-    from gpufleet.sizing import load_architecture
-    from gpufleet.sizing.performance import PerfModel
-    from tests.conftest import free_port, serving
+    from tests import sites
+    from tests.conftest import serving
 
-    config = Path(__file__).parents[1] / "data" / "configs" / "llama-3-8b.json"
-    perf = PerfModel(load_architecture(config), CATALOG["H100"])
-    good = ReplicaServer(EmulatedEngine(perf, 400_000, time_scale=0.01), "m")
-    port = free_port()
-    await good.start("127.0.0.1", port)
+    config = sites.CONFIG
 
     async def broken_chat(_: Request) -> JSONResponse:
         return JSONResponse({"error": {"message": "CUDA error: an illegal memory access"}}, 500)
 
     broken = Starlette(routes=[Route("/v1/chat/completions", broken_chat, methods=["POST"])])
     store = Store.open(sqlite_url(tmp_path))
-    async with serving(broken) as broken_url:
-        runtime = FakeRuntime(
-            lambda r, _i: broken_url if r.generation == 2 else f"http://127.0.0.1:{port}"
-        )
+    good = [("m", sites.emulated(time_scale=0.01))]
+    async with sites.replica_servers(good) as (good_url,), serving(broken) as broken_url:
+        runtime = FakeRuntime(lambda r, _i: broken_url if r.generation == 2 else good_url)
         controller = Controller(store, runtime, resync_s=3600)
         await controller.start()
-        app = build_app(controller)
         spec = {
             "source": f"file:{config}",
             "engine": "emulator",
@@ -269,8 +259,8 @@ async def test_through_the_gateway_a_canary_whose_engine_fails_is_rolled_back(
             )
 
         try:
-            async with serving(app) as url:
-                client = AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+            async with sites.gateway(controller, auth=False) as gateway:
+                client = AsyncOpenAI(base_url=gateway.url + "/v1", api_key="none", max_retries=0)
                 await controller.apply([doc(2048)])
                 await _wait(lambda: len(runtime.replicas("m")) == 2)
                 await controller.apply([doc(4096)])
@@ -301,11 +291,8 @@ async def test_through_the_gateway_a_canary_whose_engine_fails_is_rolled_back(
                     )
                 await client.close()
         finally:
-            await app.state.close()
             await controller.stop()
             await runtime.close()
-            await app.state.upstream.close()
-            await good.stop()
             store.close()
 
 

@@ -7,6 +7,7 @@ client is the official ``openai`` SDK; the store is SQLite (PostgreSQL in test_l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import time
@@ -21,20 +22,16 @@ import pytest
 from openai import AsyncOpenAI
 
 from gpufleet.controller import Controller
-from gpufleet.emulator import EmulatedEngine, ReplicaServer
-from gpufleet.gateway import build_app
+from gpufleet.gateway import GatewayStack
 from gpufleet.gateway.auth import Keyring
 from gpufleet.gateway.ledger import Ledger
-from gpufleet.gateway.quotas import LocalQuotas
 from gpufleet.hardware import CATALOG
 from gpufleet.runtime.fake import FakeRuntime
-from gpufleet.sizing import load_architecture
-from gpufleet.sizing.performance import PerfModel
 from gpufleet.spec import API_VERSION, load_text, parse_tenant
-from gpufleet.store import Store, sqlite_url
-from tests.conftest import free_port, serving
+from gpufleet.store import Store
+from tests import sites
 
-CONFIG = Path(__file__).parents[1] / "data" / "configs" / "llama-3-8b.json"
+CONFIG = sites.CONFIG
 MODELS = f"""
 apiVersion: gpufleet.io/v1alpha1
 kind: Model
@@ -76,7 +73,6 @@ class Site:
     ledger: Ledger
     keys: dict[str, str]
     http: aiohttp.ClientSession
-    ports: dict[str, int]
     clients: list[AsyncOpenAI] = field(default_factory=list)
 
     def client(self, who: str | None) -> AsyncOpenAI:
@@ -98,64 +94,53 @@ class Site:
 
 @pytest.fixture
 async def site(tmp_path: Path) -> AsyncIterator[Site]:
-    perf = PerfModel(load_architecture(CONFIG), CATALOG["H100"])
-    servers = {
-        name: ReplicaServer(EmulatedEngine(perf, 400_000, time_scale=0.02), name)
-        for name in ("shared", "private", "metered")
-    }
-    ports = {name: free_port() for name in servers}
-    for name, server in servers.items():
-        await server.start("127.0.0.1", ports[name])
-    store = Store.open(sqlite_url(tmp_path))
-    keyring = Keyring(store, refresh_s=0.2)
-    keyring.bootstrap_admin(None)
-    store.apply_tenant(tenant("acme", requestsPerMinute=1000))
-    store.apply_tenant(tenant("globex", requestsPerMinute=3))
-    store.apply_tenant(tenant("thrifty", budget={"usd": 0.05, "period": "day"}))
-    keyring.load()
-    keys = {
-        "admin": keyring.create_key("default", name="admin2", role="admin")[0],
-        "operator": keyring.create_key("default", name="ops", role="operator")[0],
-        "acme": keyring.create_key("acme", name="app", role="user")[0],
-        "globex": keyring.create_key("globex", name="app", role="user")[0],
-        "thrifty": keyring.create_key("thrifty", name="app", role="user")[0],
-        "expired": keyring.create_key(
-            "acme",
-            name="old",
-            role="user",
-            expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1),
-        )[0],
-        "revoked": keyring.create_key("acme", name="gone", role="user")[0],
-    }
-    store.revoke_key(keys["revoked"][:12])
-    keyring.load()
-    runtime = FakeRuntime(lambda r, _i: f"http://127.0.0.1:{ports.get(r.model, ports['shared'])}")
-    controller = Controller(store, runtime)
-    await controller.start()
-    await controller.apply(load_text(MODELS))
-    ledger = Ledger(store, flush_s=0.05)
-    ledger.start()
-    await keyring.start()
-    app = build_app(controller, keyring=keyring, quotas=LocalQuotas(), ledger=ledger)
-    try:
-        async with serving(app) as url, aiohttp.ClientSession() as http:
-            for _ in range(200):
-                if all(e.endpoints for e in controller.directory.entries()):
-                    break
-                await asyncio.sleep(0.02)
-            here = Site(url, store, keyring, ledger, keys, http, ports)
+    keys: dict[str, str] = {}
+
+    def tenancy(stack: GatewayStack) -> None:
+        keyring, store = stack.keyring, stack.keyring.store
+        keyring.bootstrap_admin(None)
+        store.apply_tenant(tenant("acme", requestsPerMinute=1000))
+        store.apply_tenant(tenant("globex", requestsPerMinute=3))
+        store.apply_tenant(tenant("thrifty", budget={"usd": 0.05, "period": "day"}))
+        keyring.load()
+        keys.update(
+            admin=keyring.create_key("default", name="admin2", role="admin")[0],
+            operator=keyring.create_key("default", name="ops", role="operator")[0],
+            acme=keyring.create_key("acme", name="app", role="user")[0],
+            globex=keyring.create_key("globex", name="app", role="user")[0],
+            thrifty=keyring.create_key("thrifty", name="app", role="user")[0],
+            expired=keyring.create_key(
+                "acme",
+                name="old",
+                role="user",
+                expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1),
+            )[0],
+            revoked=keyring.create_key("acme", name="gone", role="user")[0],
+        )
+        store.revoke_key(keys["revoked"][:12])
+        keyring.load()
+
+    names = ("shared", "private", "metered")
+    engines = [(name, sites.emulated(time_scale=0.02)) for name in names]
+    async with sites.replica_servers(engines) as urls:
+        by_model = dict(zip(names, urls, strict=True))
+        async with (
+            sites.site(
+                tmp_path,
+                MODELS,
+                lambda r, _i: by_model.get(r.model, by_model["shared"]),
+                auth=True,
+                prepare=tenancy,
+                key_refresh_s=0.2,
+                ledger_flush_s=0.05,
+            ) as s,
+            aiohttp.ClientSession() as http,
+        ):
+            assert s.ledger is not None
+            here = Site(s.url, s.store, s.keyring, s.ledger, keys, http)
             yield here
             for client in here.clients:
                 await client.close()
-    finally:
-        await app.state.close()
-        await ledger.close()
-        await keyring.close()
-        await controller.stop()
-        await app.state.upstream.close()
-        for server in servers.values():
-            await server.stop()
-        store.close()
 
 
 async def test_requests_without_a_valid_key_get_401(site: Site) -> None:
@@ -232,13 +217,11 @@ async def test_revocation_reaches_another_gateway_within_a_second(
     site: Site, tmp_path: Path
 ) -> None:
     """A second gateway on the same store: a key made and revoked through the first."""
-    other_ring = Keyring(site.store, refresh_s=0.5)
-    await other_ring.start()
     controller = Controller(site.store, FakeRuntime(lambda _r, _i: "http://127.0.0.1:1"))
     await controller.start()
-    other = build_app(controller, keyring=other_ring)
     try:
-        async with serving(other) as other_url:
+        async with sites.gateway(controller, auth=True, key_refresh_s=0.5) as other:
+            other_url = other.url
             _, made, _ = await site.call(
                 "POST", "/admin/v1/keys", "admin", {"tenant": "acme", "name": "roaming"}
             )
@@ -255,10 +238,7 @@ async def test_revocation_reaches_another_gateway_within_a_second(
                 assert time.monotonic() - revoked_at < 1.0, "still accepted after 1 s"
                 await asyncio.sleep(0.02)
     finally:
-        await other.state.close()
-        await other_ring.close()
         await controller.stop()
-        await other.state.upstream.close()
 
 
 async def test_requests_per_minute_answer_429_with_retry_after(site: Site) -> None:
@@ -391,43 +371,31 @@ async def test_three_gateways_sharing_redis_admit_a_quota_exactly(site: Site) ->
     site.store.apply_tenant(tenant(name, requestsPerMinute=10))
     secret, _ = site.keyring.create_key(name, name="app", role="user")
     namespace = f"gpufleet-test:{secrets.token_hex(4)}"
-    stacks = []
-    for _ in range(3):
-        ring = Keyring(site.store)
-        await ring.start()
-        quotas = RedisQuotas("redis://127.0.0.1:6379/0", namespace=namespace)
-        controller = Controller(site.store, FakeRuntime(lambda _r, _i: "http://127.0.0.1:1"))
-        await controller.start()
-        stacks.append(
-            (ring, quotas, controller, build_app(controller, keyring=ring, quotas=quotas))
-        )
     headers = {"authorization": f"Bearer {secret}"}
-    try:
-        async with (
-            serving(stacks[0][3]) as a,
-            serving(stacks[1][3]) as b,
-            serving(stacks[2][3]) as c,
-        ):
+    async with contextlib.AsyncExitStack() as stack:
+        urls = []
+        for _ in range(3):
+            controller = Controller(site.store, FakeRuntime(lambda _r, _i: "http://127.0.0.1:1"))
+            await controller.start()
+            stack.push_async_callback(controller.stop)
+            quotas = RedisQuotas("redis://127.0.0.1:6379/0", namespace=namespace)
+            served = await stack.enter_async_context(
+                sites.gateway(controller, auth=True, quotas=quotas)
+            )
+            urls.append(served.url)
 
-            async def one(url: str) -> int:
-                # No engine behind these gateways: an admitted request is answered 503 after
-                # admission, a refused one 429 before it.
-                body = json.dumps({"model": "shared", "messages": HI}).encode()
-                async with site.http.post(
-                    url + "/v1/chat/completions", data=body, headers=headers
-                ) as resp:
-                    return resp.status
+        async def one(url: str) -> int:
+            # No engine behind these gateways: an admitted request is answered 503 after
+            # admission, a refused one 429 before it.
+            body = json.dumps({"model": "shared", "messages": HI}).encode()
+            async with site.http.post(
+                url + "/v1/chat/completions", data=body, headers=headers
+            ) as resp:
+                return resp.status
 
-            statuses = await asyncio.gather(*(one((a, b, c)[i % 3]) for i in range(30)))
-        assert statuses.count(429) == 20
-        assert len(statuses) - statuses.count(429) == 10
-    finally:
-        for ring, quotas, controller, app in stacks:
-            await app.state.close()
-            await ring.close()
-            await controller.stop()
-            await app.state.upstream.close()
-            await quotas.close()
+        statuses = await asyncio.gather(*(one(urls[i % 3]) for i in range(30)))
+    assert statuses.count(429) == 20
+    assert len(statuses) - statuses.count(429) == 10
 
 
 async def test_a_busy_model_serves_tenants_fairly_and_interactive_first(site: Site) -> None:
@@ -441,44 +409,39 @@ async def test_a_busy_model_serves_tenants_fairly_and_interactive_first(site: Si
         "routing: {maxInFlightPerReplica: 1}}\n"
     )
     site.store.apply_model(fair)
-    perf = PerfModel(load_architecture(CONFIG), CATALOG["H100"])
-    slow = ReplicaServer(EmulatedEngine(perf, 400_000, time_scale=1.0), "fair")
-    port = free_port()
-    await slow.start("127.0.0.1", port)
-    controller = Controller(site.store, FakeRuntime(lambda _r, _i: f"http://127.0.0.1:{port}"))
-    await controller.start()
-    app = build_app(controller, keyring=site.keyring)
     finished: list[str] = []
-    try:
-        async with serving(app) as url:
-            for _ in range(200):
-                if all(e.endpoints for e in controller.directory.entries()):
-                    break
-                await asyncio.sleep(0.02)
+    async with sites.replica_servers([("fair", sites.emulated(time_scale=1.0))]) as (engine,):
+        controller = Controller(site.store, FakeRuntime(lambda _r, _i: engine))
+        await controller.start()
+        try:
+            async with sites.gateway(controller, auth=True) as other:
+                url = other.url
+                async with asyncio.timeout(10):
+                    while not sites.all_ready(controller.directory):
+                        await asyncio.sleep(0.02)
 
-            async def one(who: str, tag: str, *, batch: bool = False) -> None:
-                headers = {"authorization": f"Bearer {site.keys[who]}"}
-                if batch:
-                    headers["x-gpufleet-priority"] = "batch"
-                body = {"model": "fair", "messages": HI, "max_tokens": 8}
-                async with site.http.post(
-                    url + "/v1/chat/completions", data=json.dumps(body).encode(), headers=headers
-                ) as resp:
-                    assert resp.status == 200, await resp.text()
-                finished.append(tag)
+                async def one(who: str, tag: str, *, batch: bool = False) -> None:
+                    headers = {"authorization": f"Bearer {site.keys[who]}"}
+                    if batch:
+                        headers["x-gpufleet-priority"] = "batch"
+                    body = {"model": "fair", "messages": HI, "max_tokens": 8}
+                    async with site.http.post(
+                        url + "/v1/chat/completions",
+                        data=json.dumps(body).encode(),
+                        headers=headers,
+                    ) as resp:
+                        assert resp.status == 200, await resp.text()
+                    finished.append(tag)
 
-            flood = [asyncio.create_task(one("acme", f"acme-{i}")) for i in range(8)]
-            await asyncio.sleep(0.1)  # acme's requests hold the slot and fill the queue
-            late = [
-                asyncio.create_task(one("acme", "acme-batch", batch=True)),
-                asyncio.create_task(one("globex", "globex")),
-            ]
-            await asyncio.gather(*flood, *late)
-    finally:
-        await app.state.close()
-        await controller.stop()
-        await app.state.upstream.close()
-        await slow.stop()
+                flood = [asyncio.create_task(one("acme", f"acme-{i}")) for i in range(8)]
+                await asyncio.sleep(0.1)  # acme's requests hold the slot and fill the queue
+                late = [
+                    asyncio.create_task(one("acme", "acme-batch", batch=True)),
+                    asyncio.create_task(one("globex", "globex")),
+                ]
+                await asyncio.gather(*flood, *late)
+        finally:
+            await controller.stop()
     assert finished.index("globex") <= 2  # not behind acme's backlog of 7
     assert finished[-1] == "acme-batch"
 

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpufleet.gateway.errors import ApiError, error_response
 
-__all__ = ["Gateway", "RequestIdMiddleware", "read_body"]
+__all__ = ["GatewayApp", "RequestIdMiddleware", "read_body"]
 
 log = logging.getLogger("gpufleet.gateway")
 
@@ -73,7 +73,7 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-class Gateway:
+class GatewayApp:
     """The ASGI app: inference requests go straight to their handlers; everything else goes
     through Starlette's router and middleware, which cost the hot path ~50 µs a request
     (measured) for matching ~30 routes and three exception-handling layers."""

@@ -1,0 +1,134 @@
+"""The gateway's request path: its parts, built once and wired here.
+
+An inference request is validated (``request``), resolved to the deployments that may serve it
+(``resolve``), admitted against its caller's quotas (``admission``), dispatched — held for a
+replica, queued for a slot, forwarded, falling back along the chain (``dispatch``) — and
+accounted for on every way out (``accounting``). The HTTP routes and the batch runner both call
+``Gateway.execute``; the HTTP surface (``routes``) and the process (``assembly``) are built
+around it.
+"""
+
+from __future__ import annotations
+
+from starlette.responses import Response
+
+from gpufleet.controller import ControlPlane
+from gpufleet.gateway.accounting import Accounting
+from gpufleet.gateway.admission import Admission
+from gpufleet.gateway.auth import Keyring, Principal
+from gpufleet.gateway.demand import DemandMeter
+from gpufleet.gateway.dispatch import Capacity, Dispatcher
+from gpufleet.gateway.errors import ApiError
+from gpufleet.gateway.fairqueue import AdmissionQueues
+from gpufleet.gateway.ledger import Ledger
+from gpufleet.gateway.metrics import GatewayMetrics
+from gpufleet.gateway.prefix_hints import RedisPrefixHints
+from gpufleet.gateway.pricing import Pricing
+from gpufleet.gateway.proxy import Upstream
+from gpufleet.gateway.quotas import LocalQuotas, Quotas
+from gpufleet.gateway.request import Header, parse, prepare
+from gpufleet.gateway.resolve import Resolver
+from gpufleet.gateway.settings import GatewaySettings
+
+__all__ = ["Gateway"]
+
+
+class Gateway:
+    """Without a ``keyring`` every caller is an admin of the default tenant (the explicit
+    ``--no-auth`` mode); without a ``ledger`` no usage rows are written."""
+
+    def __init__(
+        self,
+        plane: ControlPlane,
+        *,
+        settings: GatewaySettings | None = None,
+        metrics: GatewayMetrics | None = None,
+        keyring: Keyring | None = None,
+        quotas: Quotas | None = None,
+        ledger: Ledger | None = None,
+    ) -> None:
+        self.plane = plane
+        self.directory = plane.directory
+        self.settings = settings = settings or GatewaySettings()
+        self.metrics = metrics = metrics or GatewayMetrics()
+        self.quotas = quotas = quotas or LocalQuotas()
+        self.keyring, self.ledger = keyring, ledger
+        hints = RedisPrefixHints(settings.redis_url) if settings.redis_url else None
+        self.upstream = Upstream(metrics, hints=hints)
+        pricing = Pricing()
+        capacity = Capacity(self.directory, settings.slots_per_replica)
+        self.queues = AdmissionQueues(
+            capacity, max_length=settings.queue_max_length, max_wait_s=settings.queue_max_wait_s
+        )
+        self.demand = DemandMeter(self.directory, self.queues, self.upstream)
+        self.admission = Admission(keyring, quotas, pricing, metrics)
+        self.dispatcher = Dispatcher(
+            plane,
+            self.queues,
+            capacity,
+            self.upstream,
+            self.demand,
+            metrics,
+            hold_s=settings.hold_s,
+        )
+        self.resolver = Resolver(
+            self.directory,
+            pricing,
+            self.demand,
+            metrics,
+            self.dispatcher.has_room,
+            seed=settings.seed,
+        )
+        self.accounting = Accounting(
+            self.directory, metrics, pricing, self.demand, self.admission, ledger
+        )
+        self.upstream.on_engine_error = self.accounting.engine_error
+        plane.attach_demand(self.demand)
+
+    async def execute(
+        self,
+        route: str,
+        principal: Principal,
+        raw: bytes,
+        header: Header,
+        request_id: str,
+        gateway_id: str,
+    ) -> Response:
+        """One inference request of ``principal`` on ``route``, from validation to the answer:
+        the HTTP routes and the batch runner (``x-gpufleet-priority: batch``) both go here."""
+        parsed = parse(route, raw)
+        resolved = self.resolver.resolve(parsed, principal, header)
+        request = prepare(
+            parsed,
+            resolved.entry,
+            principal,
+            header,
+            resolved.session,
+            self.settings.default_max_tokens,
+        )
+        ticket = await self.admission.admit(principal, gateway_id, resolved.entry, request.tokens)
+        charge = self.accounting.open(
+            principal,
+            ticket,
+            route,
+            parsed.model,
+            (gateway_id, request_id if request_id != gateway_id else None),
+            request.features.prompt_tokens,
+        )
+        answered = False
+        try:
+            response = await self.dispatcher.dispatch(
+                resolved.chain, request, principal, route, request_id, charge.finisher
+            )
+            answered = True
+            return response
+        except ApiError as exc:
+            charge.refused(exc.status)
+            raise
+        finally:
+            if not answered:
+                charge.void()
+
+    async def close(self) -> None:
+        """Wait for what requests left running (quota settlements on their way)."""
+        await self.admission.close()

