@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gpufleet.engines import Placement, adapter_for
-from gpufleet.engines.emulator import EmulatorEngine
+from gpufleet.engines.emulator import COMMAND_ENV, EmulatorEngine
 from gpufleet.engines.llamacpp import LlamaCppEngine
 from gpufleet.engines.llamacpp_main import _take_pooling
 from gpufleet.engines.sglang import SglangEngine
@@ -125,6 +125,50 @@ def test_emulator_launch_pretends_to_be_the_planned_gpu() -> None:
     assert argv[argv.index("--tp") + 1] == "2"
     assert argv[argv.index("--arch") + 1] == "/configs/llama.json"
     assert launch.metrics_path == "/metrics"
+
+
+def test_emulator_command_hook_replaces_the_emulator_with_placeholders_filled() -> None:
+    engine = EmulatorEngine(
+        "taskset -c 0 /usr/bin/python3 'my bench/null.py' {port} --name={model}"
+    )
+    launch = engine.launch(
+        spec(engineArgs=["--ignored"]),
+        weights=Path("/configs/llama.json"),
+        served_name="null-model",
+        host="127.0.0.1",
+        port=7001,
+    )
+    assert launch.argv == (
+        "taskset", "-c", "0", "/usr/bin/python3", "my bench/null.py", "7001", "--name=null-model"
+    )  # fmt: skip
+    assert launch.readiness.path == "/v1/models"
+    assert launch.liveness_path == "/health"
+
+
+@pytest.mark.parametrize(
+    ("template", "problem"),
+    [("serve {gpu}", "not a valid"), ("serve {", "not a valid"), ("   ", "holds no command")],
+)
+def test_emulator_command_hook_with_a_bad_template_fails_the_replica_not_the_process(
+    template: str, problem: str
+) -> None:
+    engine = EmulatorEngine(template)  # constructing it (at import) never fails
+    with pytest.raises(ValueError, match=f"GPUFLEET_EMULATOR_COMMAND.*{problem}"):
+        engine.launch(spec(), weights=Path("/m"), served_name="m", host="h", port=1)
+
+
+def test_emulator_command_hook_is_read_from_the_environment_and_off_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(COMMAND_ENV, raising=False)
+    assert EmulatorEngine.from_env().command is None
+    monkeypatch.setenv(COMMAND_ENV, "")
+    assert EmulatorEngine.from_env().command is None
+    monkeypatch.setenv(COMMAND_ENV, "serve {host} {port}")
+    launch = EmulatorEngine.from_env().launch(
+        spec(), weights=Path("/m"), served_name="m", host="::1", port=9
+    )
+    assert launch.argv == ("serve", "::1", "9")
 
 
 def test_sglang_launch() -> None:

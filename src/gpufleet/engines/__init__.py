@@ -1,7 +1,8 @@
 """Engine adapters: how to launch each inference engine and how to tell it is ready.
 
 Adapters are registered by the ``engine`` name a Model spec uses; the emulator is one of them
-(for tests and benchmarks: it says so in every response).
+(for tests and benchmarks: it says so in every response). ``GPUFLEET_EMULATOR_COMMAND``, a
+benchmark hook, runs a command of the benchmark's in its place (see ``engines/emulator.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ __all__ = [
 ]
 
 ADAPTERS: dict[str, EngineAdapter] = {
-    a.name: a for a in (LlamaCppEngine(), VllmEngine(), SglangEngine(), EmulatorEngine())
+    a.name: a for a in (LlamaCppEngine(), VllmEngine(), SglangEngine(), EmulatorEngine.from_env())
 }
 
 
