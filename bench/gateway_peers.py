@@ -1,8 +1,8 @@
 """The gateway next to its peers — LiteLLM proxy and vllm-router — in front of one instant engine.
 
 Every path ends at ``bench/null_engine.py``, which answers at once, so what is measured is each
-proxy's own cost. The paths: direct to the engine, gpufleet (``bench/gateway_only.py``),
-LiteLLM proxy, and vllm-router with its default policy and with round robin (``peers.py`` says
+proxy's own cost. The paths: direct to the engine, gpufleet (``gpufleet up`` as a process, with
+keys, quotas and the ledger on, the null engine launched as its engine), LiteLLM proxy, and vllm-router with its default policy and with round robin (``peers.py`` says
 how each is configured and why). The peers come from ``.cache/bench-peers``, made by
 ``scripts/setup-bench-peers``; a peer that is missing, does not start or breaks during the run
 gets a "not available" row and the run goes on. Three measurements, in this order:
@@ -105,7 +105,7 @@ class Rounds:
         async with aiohttp.ClientSession() as http:
             for i in range(n + warmup):
                 if i == warmup:
-                    cpu0 = {p.name: peers.cpu_seconds(p.proc.pid) for p in self.paths if p.proc}
+                    cpu0 = {p.name: p.cpu_seconds() for p in self.paths if p.proc}
                 live = [p for p in self.paths if p.name not in self.broken]
                 k = i % max(1, len(live))
                 for peer in live[k:] + live[:k]:
@@ -118,7 +118,7 @@ class Rounds:
                         self.broken[peer.name] = f"{phase}: {type(exc).__name__}: {exc}"[:160]
         for p in self.paths:
             if p.proc is not None and p.name in cpu0 and p.name not in self.broken:
-                us = (peers.cpu_seconds(p.proc.pid) - cpu0[p.name]) / max(1, n) * 1e6
+                us = (p.cpu_seconds() - cpu0[p.name]) / max(1, n) * 1e6
                 if chunks:
                     self.results[p.name].cpu_stream_us = us
                 else:
@@ -164,11 +164,11 @@ def saturate(peer: Peer, seconds: float, connections: int) -> Measured:
     if peer.proc is None:
         out.load = run_load(peer.url, data, peer.headers, seconds, connections, LOAD_CPU)
         return out
-    cpu0, core0 = peers.cpu_seconds(peer.proc.pid), peers.core_times(PROXY_CPU)
+    cpu0, core0 = peer.cpu_seconds(), peers.core_times(PROXY_CPU)
     wall0 = time.perf_counter()
     out.load = run_load(peer.url, data, peer.headers, seconds, connections, LOAD_CPU)
     wall = time.perf_counter() - wall0
-    cpu = peers.cpu_seconds(peer.proc.pid) - cpu0
+    cpu = peer.cpu_seconds() - cpu0
     core = {k: (v - core0[k]) / wall for k, v in peers.core_times(PROXY_CPU).items()}
     others = max(0.0, core["tasks"] - cpu / wall) + core["steal"]
     out.core = Core(cpu / wall, core["softirq"], others, core["idle"])
@@ -366,7 +366,7 @@ def main() -> None:
     parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
     parser.add_argument("--peers", default=",".join(ALL), help=f"subset of {','.join(ALL)}")
     parser.add_argument(
-        "--gpufleet-arg", action="append", default=[], help="extra bench/gateway_only.py arg"
+        "--gpufleet-arg", action="append", default=[], help="appended to 'gpufleet up'"
     )
     parser.add_argument(
         "--gpufleet-header", action="append", default=[], help="'Name: value' on its requests"
@@ -374,6 +374,7 @@ def main() -> None:
     args = parser.parse_args()
     loadgen.PREFER = args.loadgen
     peers.GPUFLEET_ARGS.extend(args.gpufleet_arg)
+    peers.ENGINE_ARGS[:] = [str(args.chunk_gap_ms)]  # the engine gpufleet launches: the same
     for h in args.gpufleet_header:
         k, _, v = h.partition(":")
         peers.GPUFLEET_HEADERS[k.strip()] = v.strip()
@@ -425,8 +426,7 @@ def main() -> None:
                 if peer.name in broken:
                     continue
                 print(f"requests/s: {peer.name} ...", file=sys.stderr)
-                if peer.proc is not None:
-                    peers.pin(peer.proc.pid, PROXY_CPU)
+                peer.pin(PROXY_CPU)
                 try:
                     under_load = saturate(peer, args.seconds, args.connections)
                     if peer.proc is not None and peer.proc.poll() is not None:

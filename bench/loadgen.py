@@ -3,7 +3,8 @@
 wrk (C, epoll; ``apt-get install wrk``) when it is installed, else this file's own generator:
 aiohttp on uvloop, one process (the load generator has one core; more processes would only
 share it). A Python generator tops out far sooner than wrk, so the bench reports which one ran
-and whether the proxy's core was saturated at all.
+and whether the proxy's core was saturated at all. Either reports the requests' latency at
+``PERCENTILES`` (wrk from its histogram, through a ``done`` hook in its script).
 Run (the Python generator alone): python bench/loadgen.py URL SECONDS CONNECTIONS BODY_FILE
 """
 
@@ -17,10 +18,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Load", "run_load", "tool"]
+__all__ = ["PERCENTILES", "Load", "run_load", "tool"]
+
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,8 @@ class Load:
     requests: int
     errors: int
     seconds: float
+    #: Percentile → latency in ms, for ``PERCENTILES``.
+    latency_ms: dict[float, float] = field(default_factory=dict)
 
     @property
     def rps(self) -> float:
@@ -64,6 +69,13 @@ def _wrk(
     lines = ['wrk.method = "POST"', f"wrk.body = [[{body.decode()}]]"]
     for k, v in {"content-type": "application/json", **headers}.items():
         lines.append(f'wrk.headers["{k}"] = "{v}"')
+    lines += [
+        "function done(summary, latency, requests)",
+        f"  for _, p in ipairs({{{', '.join(map(str, PERCENTILES))}}}) do",
+        '    io.write(string.format("latency-us %g %.0f\\n", p, latency:percentile(p)))',
+        "  end",
+        "end",
+    ]
     script = tmp / "post.lua"
     script.write_text("\n".join(lines) + "\n")
     cmd = ["taskset", "-c", str(cpu), "wrk", "-t1", f"-c{connections}", f"-d{seconds:.0f}s"]
@@ -77,7 +89,8 @@ def _wrk(
     socket = re.search(r"connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if socket is not None:
         errors += sum(int(n) for n in socket.groups())
-    return Load(int(done.group(1)), errors, float(done.group(2)) * unit)
+    latency = {float(p): int(us) / 1000 for p, us in re.findall(r"latency-us ([\d.]+) (\d+)", out)}
+    return Load(int(done.group(1)), errors, float(done.group(2)) * unit, latency)
 
 
 def _python(
@@ -95,15 +108,17 @@ def _python(
     cmd += [str(connections), str(spec)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     result = json.loads(out)
-    return Load(result["requests"], result["errors"], result["seconds"])
+    latency = {float(p): ms for p, ms in result["latency_ms"].items()}
+    return Load(result["requests"], result["errors"], result["seconds"], latency)
 
 
 async def _drive(
     url: str, seconds: float, connections: int, body: bytes, headers: dict[str, str]
-) -> dict[str, float]:
+) -> dict[str, object]:
     import aiohttp
 
     counts = {"requests": 0, "errors": 0}
+    took: list[float] = []
     connector = aiohttp.TCPConnector(limit=connections)
     async with aiohttp.ClientSession(connector=connector) as http:
         start = time.perf_counter()
@@ -111,12 +126,20 @@ async def _drive(
 
         async def worker() -> None:
             while time.perf_counter() < deadline:
+                sent = time.perf_counter()
                 async with http.post(url, data=body, headers=headers) as resp:
                     await resp.read()
                     counts["requests" if resp.status == 200 else "errors"] += 1
+                took.append(time.perf_counter() - sent)
 
         await asyncio.gather(*(worker() for _ in range(connections)))
-        return {**counts, "seconds": time.perf_counter() - start}
+        seconds = time.perf_counter() - start
+    took.sort()
+    latency = {
+        p: took[min(len(took) - 1, round(p / 100 * (len(took) - 1)))] * 1000
+        for p in (PERCENTILES if took else ())
+    }
+    return {**counts, "seconds": seconds, "latency_ms": latency}
 
 
 if __name__ == "__main__":

@@ -3,9 +3,12 @@
 A request with ``"stream": true`` gets ``max_tokens`` content chunks (one SSE event, one write
 each, back to back), a finish chunk, a usage chunk when ``stream_options.include_usage`` asks
 for it, and ``[DONE]``. Non-streaming requests are not parsed, so that path costs what it
-always did. ``/health`` answers 200 for routers that probe their workers (vllm-router). With
-``GAP_MS`` the chunks of a stream are that far apart, as an engine's decode steps are.
-Run: python bench/null_engine.py PORT [GAP_MS]
+always did. ``/health`` answers 200 for routers that probe their workers (vllm-router), and
+``/metrics`` a few of vLLM's gauges, so a gateway that scrapes its engines (gpufleet, four times
+a second) does that work as it would in front of vLLM. With ``GAP_MS`` the chunks of a stream
+are that far apart, as an engine's decode steps are; with ``TOKENS`` a non-streaming answer is
+that many tokens ("ok" each) instead of one.
+Run: python bench/null_engine.py PORT [GAP_MS [TOKENS]]
 """
 
 from __future__ import annotations
@@ -16,10 +19,25 @@ import sys
 
 from aiohttp import web
 
-BODY = (
-    b'{"id":"x","object":"chat.completion","created":0,"model":"null","choices":[{"index":0,'
-    b'"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],'
-    b'"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}'
+
+def answer(tokens: int) -> bytes:
+    """A non-streaming chat completion of ``tokens`` tokens."""
+    content = " ".join(["ok"] * tokens)
+    return (
+        b'{"id":"x","object":"chat.completion","created":0,"model":"null","choices":[{"index":0,'
+        b'"message":{"role":"assistant","content":"%s"},"finish_reason":"stop"}],'
+        b'"usage":{"prompt_tokens":5,"completion_tokens":%d,"total_tokens":%d}}'
+    ) % (content.encode(), tokens, 5 + tokens)
+
+
+BODY = answer(1)
+METRICS = (
+    b"# TYPE vllm:num_requests_running gauge\n"
+    b'vllm:num_requests_running{model_name="null"} 0.0\n'
+    b"# TYPE vllm:num_requests_waiting gauge\n"
+    b'vllm:num_requests_waiting{model_name="null"} 0.0\n'
+    b"# TYPE vllm:kv_cache_usage_perc gauge\n"
+    b'vllm:kv_cache_usage_perc{model_name="null"} 0.0\n'
 )
 
 
@@ -79,11 +97,20 @@ async def health(_: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
+async def metrics(_: web.Request) -> web.Response:
+    return web.Response(body=METRICS, content_type="text/plain")
+
+
 def main() -> None:
+    # Read here, not at import: bench/gateway_soak.py imports the handlers with argv of its own.
+    global BODY
+    if len(sys.argv) > 3:
+        BODY = answer(int(sys.argv[3]))
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
     web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
 
 

@@ -6,9 +6,17 @@ comparison still runs without it. The peers live in their own virtualenv,
 ``.cache/bench-peers``, made by ``scripts/setup-bench-peers`` — LiteLLM pins dozens of packages
 that have no business in gpufleet's environment.
 
-- gpufleet: ``bench/gateway_only.py`` (the production ``build_app`` under uvloop + httptools,
-  with whatever auth, quotas and ledger it turns on); ``GPUFLEET_ARGS`` is appended to its
-  command line, ``GPUFLEET_HEADERS`` (its bench key) to every request.
+- gpufleet: ``gpufleet up`` as users run it, a process of its own with a temporary data dir:
+  API keys (``common.BENCH_KEY`` is its admin key), quotas (tenant ``bench`` and its user key
+  have limits, high enough never to refuse), the SQLite usage ledger, its controller and engine
+  scraper. Its one model, ``null-model``, is ``engine: emulator`` with the emulator replaced by
+  the null engine through ``GPUFLEET_EMULATOR_COMMAND``: gpufleet launches and supervises the
+  upstream as it would any engine, ``ENGINE_ARGS`` on its command line, pinned to
+  ``ENGINE_CPU``. Requests carry the user key, made through the admin API once it is ready.
+  ``GPUFLEET_ARGS`` is appended to its command line (``--no-auth``: no key is made),
+  ``GPUFLEET_HEADERS`` to every request. Rows ``gpufleet:LABEL`` run the same from another
+  source tree (``gpufleet_src``: its ``src`` folder goes first on ``PYTHONPATH``). Its CPU and
+  pinning are of the gateway process alone, not of the engine it launched.
 - LiteLLM proxy: one uvicorn worker (its docs: one worker per pod, scale out with pods),
   a master key (it refuses to start without one), no database, no callbacks,
   ``LITELLM_LOG=ERROR``; the model is ``openai/null`` with ``api_base`` the null engine.
@@ -20,21 +28,26 @@ that have no business in gpufleet's environment.
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import common
-from common import ROOT, free_port, stop
+from common import BENCH_KEY, ROOT, free_port, stop
 
 __all__ = [
+    "ENGINE_ARGS",
+    "ENGINE_CPU",
     "GPUFLEET_ARGS",
     "GPUFLEET_HEADERS",
+    "LIMITS",
     "VENV",
     "Peer",
     "Unavailable",
@@ -45,9 +58,33 @@ __all__ = [
 ]
 
 VENV = Path(os.environ.get("GPUFLEET_PEERS_VENV", ROOT / ".cache" / "bench-peers")).absolute()
+#: Appended to ``gpufleet up``'s command line.
 GPUFLEET_ARGS: list[str] = []
-# bench/gateway_only.py authenticates with common.AUTH unless given --no-auth
-GPUFLEET_HEADERS: dict[str, str] = dict(getattr(common, "AUTH", {}))
+#: Added to every request to gpufleet, after (and over) its user key's authorization header.
+GPUFLEET_HEADERS: dict[str, str] = {}
+#: The null engine's arguments after its port (GAP_MS, TOKENS), for the engine gpufleet launches.
+ENGINE_ARGS: list[str] = []
+#: The core gpufleet's engine is pinned to (``taskset``), None for no pinning.
+ENGINE_CPU: int | None = 0 if (os.cpu_count() or 1) >= 2 else None
+#: Checked on every request, high enough never to refuse one in a benchmark.
+LIMITS = {"requestsPerMinute": 10**9, "tokensPerMinute": 10**12, "concurrency": 10**6}
+FLEET = """apiVersion: gpufleet.io/v1alpha1
+kind: Tenant
+metadata: {{name: bench}}
+spec:
+  limits: {limits}
+---
+apiVersion: gpufleet.io/v1alpha1
+kind: Model
+metadata: {{name: null-model}}
+spec:
+  # the emulator's architecture, for a revision without the hook: it then answers, and the
+  # smoke request says so, instead of a replica that never becomes ready
+  source: "file:{config}"
+  engine: emulator
+  replicas: {{min: 1, max: 1}}
+"""
+EMULATED = "gpufleet-emulator"  # the emulator's system_fingerprint
 LITELLM_KEY = "sk-bench-5e0c3a1f9b2d4c6e8a7f1b3d5c9e2a4f"
 START_TIMEOUT_S = 180.0
 SETUP_HINT = "run scripts/setup-bench-peers"
@@ -64,10 +101,20 @@ class Peer:
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
     start_s: float = 0.0
+    #: CPU and pinning of the process alone: its children are engines, not the proxy.
+    alone: bool = False
 
     def close(self) -> None:
         if self.proc is not None:
             stop(self.proc)  # type: ignore[arg-type]
+
+    def cpu_seconds(self) -> float:
+        assert self.proc is not None
+        return cpu_seconds(self.proc.pid, family=not self.alone)
+
+    def pin(self, cpu: int) -> None:
+        if self.proc is not None:
+            pin(self.proc.pid, cpu, family=not self.alone)
 
 
 @dataclass(frozen=True)
@@ -76,19 +123,17 @@ class Unavailable:
     reason: str
 
 
-def start(name: str, upstream_port: int, tmp: Path) -> Peer | Unavailable:
+def start(
+    name: str, upstream_port: int, tmp: Path, *, gpufleet_src: Path | None = None
+) -> Peer | Unavailable:
+    """Start one path; ``gpufleet`` and ``gpufleet:LABEL`` run ``gpufleet up`` from
+    ``gpufleet_src`` (this checkout's ``src`` when None), the others in front of the engine at
+    ``upstream_port``."""
     upstream = f"http://127.0.0.1:{upstream_port}"
     if name == "direct":
         return Peer("direct", f"{upstream}/v1/chat/completions", "null")
-    if name == "gpufleet":
-        port = free_port()
-        cmd = [sys.executable, "bench/gateway_only.py", str(port), upstream, *GPUFLEET_ARGS]
-        return _launch(
-            Peer("gpufleet", _chat(port), "null-model", dict(GPUFLEET_HEADERS)),
-            cmd,
-            f"http://127.0.0.1:{port}/readyz",
-            tmp,
-        )
+    if name == "gpufleet" or name.startswith("gpufleet:"):
+        return _gpufleet(name, tmp, (gpufleet_src or ROOT / "src").absolute())
     if name == "litellm":
         exe = VENV / "bin" / "litellm"
         if not exe.exists():
@@ -135,6 +180,48 @@ def _chat(port: int) -> str:
     return f"http://127.0.0.1:{port}/v1/chat/completions"
 
 
+def _gpufleet(name: str, tmp: Path, src: Path) -> Peer | Unavailable:
+    if not (src / "gpufleet" / "__init__.py").exists():
+        return Unavailable(name, f"{src} holds no gpufleet package")
+    work = tmp / name.replace(":", "-")
+    work.mkdir()
+    fleet = work / "fleet.yaml"
+    config = ROOT / "tests" / "data" / "configs" / "llama-3-8b.json"
+    fleet.write_text(FLEET.format(limits=json.dumps(LIMITS), config=config))
+    engine = [sys.executable, str(ROOT / "bench" / "null_engine.py"), "{port}", *ENGINE_ARGS]
+    if ENGINE_CPU is not None:
+        engine = ["taskset", "-c", str(ENGINE_CPU), *engine]
+    port = free_port()
+    cmd = [sys.executable, "-m", "gpufleet", "up", "-f", str(fleet), "--port", str(port)]
+    cmd += ["--data-dir", str(work / "data"), *GPUFLEET_ARGS]
+    env = {
+        "PYTHONPATH": os.pathsep.join(p for p in (str(src), os.environ.get("PYTHONPATH")) if p),
+        "GPUFLEET_ADMIN_KEY": BENCH_KEY,
+        "GPUFLEET_EMULATOR_COMMAND": shlex.join(engine),
+    }
+    peer = Peer(name, _chat(port), "null-model", alone=True)
+
+    def user_key(peer: Peer) -> str | None:
+        """The requests' key: a user key of tenant ``bench``, so its quotas are checked."""
+        if "--no-auth" not in GPUFLEET_ARGS:
+            body = {"tenant": "bench", "name": "bench", "role": "user", "limits": LIMITS}
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/admin/v1/keys",
+                data=json.dumps(body).encode(),
+                headers={"authorization": f"Bearer {BENCH_KEY}"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=30) as resp:
+                    key = json.loads(resp.read())["key"]
+            except (OSError, KeyError, ValueError) as exc:
+                return f"cannot make its user key: {exc}"
+            peer.headers["authorization"] = f"Bearer {key}"
+        peer.headers.update(GPUFLEET_HEADERS)
+        return None
+
+    return _launch(peer, cmd, f"http://127.0.0.1:{port}/readyz", work, env, user_key)
+
+
 def _litellm_config(upstream: str) -> str:
     return f"""model_list:
   - model_name: null-model
@@ -151,9 +238,16 @@ general_settings:
 
 
 def _launch(
-    peer: Peer, cmd: list[str], ready: str, tmp: Path, env: dict[str, str] | None = None
+    peer: Peer,
+    cmd: list[str],
+    ready: str,
+    tmp: Path,
+    env: dict[str, str] | None = None,
+    prepare: Callable[[Peer], str | None] | None = None,
 ) -> Peer | Unavailable:
-    log = tmp / f"{peer.name}.log"
+    """Start ``cmd``, wait until ``ready`` answers 200, run ``prepare`` (None or why it
+    failed), and send one real request; any failure is an ``Unavailable`` with its log."""
+    log = tmp / f"{peer.name.replace(':', '-')}.log"
     started = time.perf_counter()
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -165,6 +259,8 @@ def _launch(
         )
     peer.proc, peer.log = proc, log
     why = _wait_ready(proc, ready)
+    if why is None and prepare is not None:
+        why = prepare(peer)
     if why is None:
         why = _smoke(peer)
     if why is not None:
@@ -205,11 +301,19 @@ def _smoke(peer: Peer) -> str | None:
         return f"smoke request answered {exc.code}: {exc.read()[:200]!r}"
     except OSError as exc:
         return f"smoke request failed: {exc}"
-    return None if b'"ok"' in text else f"unexpected answer {text[:200]!r}"
+    if EMULATED.encode() in text:
+        return (
+            "answered by the engine emulator, not the null engine: this gpufleet has no "
+            "GPUFLEET_EMULATOR_COMMAND (bench/gateway_process.py says how to add it)"
+        )
+    return None if b'"content":"ok' in text else f"unexpected answer {text[:200]!r}"
 
 
-def _family(pid: int) -> list[int]:
-    """The process and all its descendants (LiteLLM may fork workers)."""
+def _family(pid: int, family: bool = True) -> list[int]:
+    """The process and all its descendants (LiteLLM may fork workers); with ``family`` False,
+    the process alone."""
+    if not family:
+        return [pid]
     found, todo = [], [pid]
     while todo:
         p = todo.pop()
@@ -222,32 +326,34 @@ def _family(pid: int) -> list[int]:
     return found
 
 
-def pin(pid: int, cpu: int) -> None:
-    for p in _family(pid):
+def pin(pid: int, cpu: int, *, family: bool = True) -> None:
+    """All threads of the process (and its descendants, with ``family``) onto core ``cpu``."""
+    for p in _family(pid, family):
         subprocess.run(
             ["taskset", "-a", "-p", "-c", str(cpu), str(p)], check=True, capture_output=True
         )
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time of the process tree, all threads: nanosecond run times from schedstat, where
-    the kernel keeps them (clock ticks of 10 ms would blur a Rust proxy's ~70 µs requests)."""
+def cpu_seconds(pid: int, *, family: bool = True) -> float:
+    """CPU time of the process tree (the process alone without ``family``), all threads:
+    nanosecond run times from schedstat, where the kernel keeps them (clock ticks of 10 ms
+    would blur a Rust proxy's ~70 µs requests)."""
     total = 0.0
-    for p in _family(pid):
+    for p in _family(pid, family):
         for task in Path(f"/proc/{p}/task").glob("*"):
             try:
                 total += int((task / "schedstat").read_text().split()[0]) / 1e9
             except FileNotFoundError:
-                return _cpu_ticks(pid)
+                return _cpu_ticks(pid, family)
             except OSError:
                 continue
     return total
 
 
-def _cpu_ticks(pid: int) -> float:
+def _cpu_ticks(pid: int, family: bool) -> float:
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0
-    for p in _family(pid):
+    for p in _family(pid, family):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
