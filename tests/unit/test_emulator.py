@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from gpufleet.emulator import EmulatedEngine, Faults, ReplicaServer
+from gpufleet.emulator.engine import RequestStats
 from gpufleet.engines import parse_vllm
 from gpufleet.hardware import CATALOG
 from gpufleet.sizing import load_architecture
@@ -243,3 +245,30 @@ def test_emulator_refuses_a_model_that_does_not_fit() -> None:
     )  # fmt: skip
     assert result.returncode == 1
     assert "does not fit 1× L4" in result.stderr
+
+
+async def test_a_client_leaving_mid_stream_frees_its_slot_and_blocks() -> None:
+    e = engine(time_scale=0.01)
+    stats = RequestStats(prompt_tokens=100)
+    tokens = e.generate(list(range(100)), 500, stats)
+    async with contextlib.aclosing(tokens):
+        first = await anext(tokens)
+        assert first.index == 0 and e.running == 1 and e.cache.usage > 0
+    assert (e.running, e.waiting, e.cache.usage) == (0, 0, 0)
+    assert stats.completion_tokens == 1
+
+
+async def test_time_scale_can_change_while_a_request_runs() -> None:
+    e = engine(time_scale=1.0)  # 1,000 tokens: about 10 s
+    stats = RequestStats(prompt_tokens=100)
+
+    async def whole() -> int:
+        return len([t async for t in e.generate(list(range(100)), 1000, stats, stream=False)])
+
+    task = asyncio.create_task(whole())
+    while e.running == 0:
+        await asyncio.sleep(0.001)
+    e.time_scale = 0.001  # now about 10 ms
+    async with asyncio.timeout(5):
+        assert await task == 1000
+    assert stats.completion_tokens == 1000 and e.generation_tokens_total == 1000

@@ -107,6 +107,8 @@ def parse_args(argv: list[str]) -> EmulatorOptions:
         p.error(str(exc))
     if a.replicas < 1 or a.tp < 1:
         p.error("--replicas and --tp must be ≥ 1")
+    if a.time_scale <= 0:
+        p.error("--time-scale must be > 0")
     return EmulatorOptions(
         arch=arch,
         name=a.name or arch.name or "emulated",

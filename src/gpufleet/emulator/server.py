@@ -74,6 +74,7 @@ class _Gauges(Collector):
 
     def collect(self) -> Iterable[Metric]:
         e, labels = self.engine, ["0", self.model]
+        e.poll()
         for name, doc, value in (
             ("vllm:num_requests_running", "Requests running on the engine", e.running),
             ("vllm:num_requests_waiting", "Requests waiting to be scheduled", e.waiting),
@@ -264,8 +265,8 @@ class ReplicaServer:
         prompt = tokenize(text)
         stats = RequestStats(prompt_tokens=len(prompt))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        tokens = self.engine.generate(prompt, int(max_tokens), stats)
         stream = body.get("stream") is True
+        tokens = self.engine.generate(prompt, int(max_tokens), stats, stream=stream)
         m = self.metrics
         try:
             async with contextlib.aclosing(tokens):
