@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TypeVar, cast
 
 import pytest
 import sqlalchemy as sa
@@ -16,6 +18,27 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from gpufleet.store import Store, sqlite_url
+
+T = TypeVar("T")
+
+
+async def eventually(
+    check: Callable[[], T | Awaitable[T]], what: str, *, timeout: float = 30.0
+) -> T:
+    """The first truthy value of ``check()`` (sync or async), polled until ``timeout``.
+
+    Tests wait on the condition they need, not on a sleep: the timeout is generous because it
+    only catches a hang, and a fast machine does not wait for it.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        got = check()
+        value = cast(T, await got) if inspect.isawaitable(got) else got
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        await asyncio.sleep(0.01)
 
 
 def free_port() -> int:

@@ -21,6 +21,7 @@ from gpufleet.gateway.batch_runner import BatchRunner
 from gpufleet.spec import API_VERSION, parse_tenant
 from gpufleet.store import Store
 from tests import sites
+from tests.conftest import eventually
 
 CONFIG = sites.CONFIG
 MODELS = f"""
@@ -145,9 +146,18 @@ async def test_a_batch_answers_every_line_once_in_its_output_file(site: Site) ->
     listed = await client.batches.list()
     assert [b.id for b in listed.data] == [batch.id]
     # Each line is a request in the usage ledger, billed to the tenant that sent the batch.
-    await asyncio.sleep(0.2)
-    usage = site.store.usage_rows()
-    assert sum(1 for u in usage if u.tenant == "acme" and u.model == "llama") == 20
+    ledger = site.stack.ledger
+    assert ledger is not None
+
+    async def billed() -> int:
+        await ledger.flush()
+        return sum(1 for u in site.store.usage_rows() if u.tenant == "acme" and u.model == "llama")
+
+    async def all_billed() -> bool:
+        return await billed() >= 20
+
+    await eventually(all_billed, "20 rows in the ledger")
+    assert await billed() == 20
 
 
 async def test_bad_input_gets_a_clear_error_and_creates_nothing(site: Site) -> None:
@@ -205,7 +215,7 @@ async def test_cancel_stops_the_batch_with_what_was_answered(site: Site) -> None
     batch = await client.batches.create(
         input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
-    await asyncio.sleep(0.5)
+    await answered(site, batch.id)
     cancelling = await client.batches.cancel(batch.id)
     assert cancelling.status in ("cancelling", "cancelled")
     done = await site.finished("acme", batch.id)
@@ -217,6 +227,16 @@ async def test_cancel_stops_the_batch_with_what_was_answered(site: Site) -> None
     with pytest.raises(openai.ConflictError) as caught:
         await _cancel_completed(site)  # a completed batch cannot be cancelled
     assert "only a batch in progress can be cancelled" in caught.value.message
+
+
+async def answered(site: Site, batch_id: str) -> None:
+    """Wait until the batch has answered some of its lines (and is still running)."""
+
+    def some() -> bool:
+        batch = site.store.get_batch(batch_id)
+        return batch is not None and batch.completed > 0
+
+    await eventually(some, f"{batch_id} answered a line")
 
 
 async def _cancel_completed(site: Site) -> None:
@@ -239,7 +259,7 @@ async def test_a_restarted_runner_finishes_the_batch_without_losing_or_repeating
     batch = await client.batches.create(
         input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
-    await asyncio.sleep(0.4)
+    await answered(site, batch.id)
     await site.stack.batches.close()  # gpufleet stops mid-batch, lines in flight
     stopped = site.store.get_batch(batch.id)
     assert stopped is not None and stopped.status == "in_progress"
@@ -270,7 +290,9 @@ async def test_a_batch_yields_to_interactive_requests_and_then_finishes(site: Si
     batch = await client.batches.create(
         input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
-    await asyncio.sleep(0.3)  # the batch holds both slots of the replica, lines queue behind
+    # The batch holds both slots of the replica, its other lines queue behind.
+    queue = site.stack.gateway.queues.get("llama")
+    await eventually(lambda: queue.in_flight == 2 and queue.waiting > 0, "the batch queued")
     interactive = site.client("globex")
     started = time.monotonic()
     replies = await asyncio.gather(

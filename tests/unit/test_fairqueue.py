@@ -222,10 +222,8 @@ async def test_a_full_queue_refuses_at_once() -> None:
     h = await one_slot_held(max_length=2)
     await h.add("w0", "a")
     await h.add("w1", "b")
-    started = time.monotonic()
     with pytest.raises(QueueRejected) as rejected:
-        await h.queue.acquire("c")
-    assert time.monotonic() - started < 0.05
+        h.queue.acquire("c").__await__().send(None)  # refused without suspending: at once
     assert rejected.value.reason == "full"
     assert rejected.value.retry_after_s > 0
     assert str(rejected.value) == "the queue for model 'm' is full (2 waiting); retry later"
@@ -239,7 +237,7 @@ async def test_a_waiter_not_served_in_time_is_rejected_and_removed() -> None:
     with pytest.raises(QueueRejected) as rejected:
         await queue.acquire("a")
     waited = time.monotonic() - started
-    assert 0.04 <= waited < 1.0
+    assert 0.04 <= waited < 10.0  # the bound, not before; the upper one only catches a hang
     assert rejected.value.reason == "timeout"
     assert str(rejected.value) == "waited 0.05 s for model 'm' without a free slot"
     assert queue.stats() == QueueStats(in_flight=0, waiting=0, waiting_by_priority={}, capacity=0)

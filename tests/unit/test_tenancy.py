@@ -30,6 +30,7 @@ from gpufleet.runtime.fake import FakeRuntime
 from gpufleet.spec import API_VERSION, load_text, parse_tenant
 from gpufleet.store import Store
 from tests import sites
+from tests.conftest import eventually
 
 CONFIG = sites.CONFIG
 MODELS = f"""
@@ -434,7 +435,11 @@ async def test_a_busy_model_serves_tenants_fairly_and_interactive_first(site: Si
                     finished.append(tag)
 
                 flood = [asyncio.create_task(one("acme", f"acme-{i}")) for i in range(8)]
-                await asyncio.sleep(0.1)  # acme's requests hold the slot and fill the queue
+                # acme's requests hold the slot and fill the queue.
+                queue = other.stack.gateway.queues.get("fair")
+                await eventually(
+                    lambda: queue.in_flight == 1 and queue.waiting == 7, "acme's backlog queued"
+                )
                 late = [
                     asyncio.create_task(one("acme", "acme-batch", batch=True)),
                     asyncio.create_task(one("globex", "globex")),
