@@ -30,6 +30,7 @@ from starlette.responses import Response
 
 from gpufleet.gateway.auth import Principal
 from gpufleet.gateway.errors import ApiError
+from gpufleet.gateway.ids import new_request_id
 from gpufleet.store import BatchLine, BatchRecord, FileRecord, Store
 
 __all__ = ["BatchRunner"]
@@ -187,9 +188,11 @@ class BatchRunner:
     ) -> tuple[int, Any]:
         raw = json.dumps(line.body).encode()
         try:
-            # The request id is the ledger's key for the line's usage row: one per attempt.
+            # A gateway id per attempt: the ledger's key for the line's usage row and the id
+            # the engine sees (a UUID: engines may refuse ``batch_req_…``); the line's own id
+            # is kept beside it in the row, as a client's ``x-request-id`` is.
             response = await self.execute(
-                batch.endpoint, principal, raw, _BATCH_HEADERS.get, request_id, request_id
+                batch.endpoint, principal, raw, _BATCH_HEADERS.get, request_id, new_request_id()
             )
         except ApiError as exc:
             return exc.status, exc.body()

@@ -203,8 +203,10 @@ class Upstream:
     ) -> Response:
         """Send the request to a replica (retrying others before the first byte) and answer.
 
-        ``done`` receives the outcome once the response is complete — at the end of a stream.
-        When this raises, nothing reached the client and ``done`` is not called.
+        ``request_id`` is the gateway's own id (a UUID), sent as the engine's ``x-request-id``;
+        never the client's, which engines may refuse (see ``ids``). ``done`` receives the
+        outcome once the response is complete — at the end of a stream. When this raises,
+        nothing reached the client and ``done`` is not called.
         """
         features = features or RequestFeatures()
         shared = None

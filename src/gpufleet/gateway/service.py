@@ -95,7 +95,11 @@ class Gateway:
         gateway_id: str,
     ) -> Response:
         """One inference request of ``principal`` on ``route``, from validation to the answer:
-        the HTTP routes and the batch runner (``x-gpufleet-priority: batch``) both go here."""
+        the HTTP routes and the batch runner (``x-gpufleet-priority: batch``) both go here.
+
+        ``gateway_id`` is the gateway's own id (a UUID, ``ids.new_request_id``): the ledger's
+        key and the only id the engine is sent. ``request_id`` is the caller's (the client's
+        ``x-request-id``, a batch line's ``batch_req_…``), kept in the ledger beside it."""
         parsed = parse(route, raw)
         resolved = self.resolver.resolve(parsed, principal, header)
         request = prepare(
@@ -118,7 +122,7 @@ class Gateway:
         answered = False
         try:
             response = await self.dispatcher.dispatch(
-                resolved.chain, request, principal, route, request_id, charge.finisher
+                resolved.chain, request, principal, route, gateway_id, charge.finisher
             )
             answered = True
             return response
