@@ -14,6 +14,7 @@ from typing import Any
 
 from gpufleet.controller import ModelEntry
 from gpufleet.gateway.auth import Principal
+from gpufleet.gateway.errors import bad_request
 from gpufleet.gateway.validate import check_chat, check_completion, check_embeddings, parse_body
 from gpufleet.routing import RequestFeatures, features_of
 
@@ -78,8 +79,12 @@ def prepare(
 ) -> Outbound:
     """The request for ``entry`` (the model the client named): usage asked for on streams,
     the tokens to reserve, and the queue priority (a caller may lower its own, never raise
-    it)."""
+    it). A completion longer than the whole context is refused here (see ``_check_fits``),
+    and ``developer`` messages are sent as ``system`` ones (see ``_developer_as_system``)."""
     data, raw, embeddings = parsed.data, parsed.raw, parsed.embeddings
+    if not embeddings:
+        _check_fits(data, entry.spec.context_length)
+        data, raw = _developer_as_system(data, raw)
     features = features_of(data, session)
     stream = data.get("stream") is True
     strip_usage = False
@@ -109,3 +114,39 @@ def prepare(
         features.prompt_tokens + output,
         priority,
     )
+
+
+def _check_fits(data: dict[str, Any], context_length: int) -> None:
+    """Refuse a ``max_tokens`` (or ``max_completion_tokens``) larger than the model's context:
+    such a completion can never fit, whatever the prompt, and OpenAI answers it with a 400.
+
+    The prompt's size is not added in: ``features.prompt_tokens`` is a characters/4 estimate,
+    not the model's tokenizer, and a refusal on an estimate would turn away requests that fit.
+    A prompt that leaves too little room is the engine's to report, with its own token count.
+    """
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = data.get(field)
+        if isinstance(value, int) and value > context_length:
+            raise bad_request(
+                f"{field} is too large: {value}. This model's maximum context length is "
+                f"{context_length} tokens, so it supports at most {context_length} completion "
+                f"tokens, whereas you provided {value}.",
+                param=field,
+                code="invalid_value",
+            )
+
+
+def _developer_as_system(data: dict[str, Any], raw: bytes) -> tuple[dict[str, Any], bytes]:
+    """OpenAI's ``developer`` role is the ``system`` role renamed (for its o1 models and later);
+    open models' chat templates and llama-cpp-python know only ``system`` (llama-cpp-python
+    refuses the request), so the engines are sent ``system`` whatever the client called it."""
+    messages = data.get("messages")  # checked on the chat route, anything on the others
+    if not isinstance(messages, list) or not any(_developer(m) for m in messages):
+        return data, raw
+    renamed = [{**m, "role": "system"} if _developer(m) else m for m in messages]
+    data = {**data, "messages": renamed}
+    return data, json.dumps(data).encode()
+
+
+def _developer(message: object) -> bool:
+    return isinstance(message, dict) and message.get("role") == "developer"
