@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -26,7 +27,8 @@ from starlette.responses import Response, StreamingResponse
 
 from gpufleet.controller import ModelEntry
 from gpufleet.engines import EngineLoad
-from gpufleet.gateway.errors import ApiError, error_response, no_replica, sse_error, upstream_failed
+from gpufleet.gateway.engine_errors import engine_error
+from gpufleet.gateway.errors import error_response, no_replica, sse_error, upstream_failed
 from gpufleet.gateway.ledger import BusyMeter
 from gpufleet.gateway.metrics import GatewayMetrics
 from gpufleet.gateway.prefix_hints import RedisPrefixHints
@@ -37,10 +39,14 @@ from gpufleet.runtime import Replica
 
 __all__ = ["Outcome", "Upstream"]
 
+log = logging.getLogger("gpufleet.gateway.proxy")
+
 _RETRYABLE_STATUS = frozenset({502, 503})
 EJECT_AFTER = 3
 EJECT_FOR_S = 5.0
 _HOP_HEADERS = ("content-type",)
+#: How much of an engine's error body the log keeps (a traceback fits).
+_LOGGED_BODY = 16 * 1024
 
 
 @dataclass(slots=True)
@@ -233,7 +239,7 @@ class Upstream:
                 self._release(replica, entry.name, prefill)
                 self.meter.stop(metered)
                 self._engine_error(entry, replica, 502)
-                last_error = f"{type(exc).__name__}: {exc}"
+                last_error = _failure("connect", replica, exc)
                 self._metrics.upstream_errors.labels(entry.name, "connect").inc()
                 self._failed(replica.id)
                 continue
@@ -262,10 +268,8 @@ class Upstream:
                         ahead,
                     )
                 payload = await resp.read()
-                if resp.status >= 500:
-                    self._engine_error(entry, replica, resp.status)
                 self._failures.pop(replica.id, None)
-                response = self._finish(entry, resp, payload, outcome)
+                response = self._finish(entry, replica, route, request_id, resp, payload, outcome)
                 outcome.duration_s = time.perf_counter() - started
                 outcome.replica_seconds = self.meter.stop(metered)
                 released = True
@@ -276,7 +280,7 @@ class Upstream:
                 return response
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # Nothing has reached the client yet: another replica may still answer.
-                last_error = f"{type(exc).__name__}: {exc}"
+                last_error = _failure("read", replica, exc)
                 self._metrics.upstream_errors.labels(entry.name, "read").inc()
                 self._failed(replica.id)
                 continue
@@ -299,15 +303,32 @@ class Upstream:
     def _finish(
         self,
         entry: ModelEntry,
+        replica: Replica,
+        route: str,
+        request_id: str,
         resp: aiohttp.ClientResponse,
         payload: bytes,
         outcome: Outcome,
     ) -> Response:
+        """The client's response to a complete engine answer. An engine's error body is
+        logged whole for operators and never sent: ``engine_errors`` words what the client
+        sees; a failure of the engine itself raises, so the dispatcher may fall back."""
         status = resp.status
-        if status >= 500:
-            raise upstream_failed(entry.name, f"engine answered {status}: {_error_text(payload)}")
         if status >= 400:
-            return _as_openai_error(status, payload)
+            log.warning(
+                "engine %s answered %d to %s %s: %s",
+                replica.id,
+                status,
+                route,
+                request_id,
+                payload[:_LOGGED_BODY].decode("utf-8", "replace"),
+            )
+            error = engine_error(entry.name, status, payload, route)
+            if error.status >= 500:
+                self._engine_error(entry, replica, status)
+                raise error
+            outcome.status = error.status
+            return error_response(error)
         if b'"usage"' in payload:
             with contextlib.suppress(ValueError, AttributeError):
                 outcome.take_usage(json.loads(payload).get("usage"))
@@ -359,12 +380,18 @@ class Upstream:
                         yield out
                 if pending:
                     yield pending
+                elif first:
+                    # llama-cpp-python answers a streamed request it then refuses (a prompt
+                    # beyond the context) with a 200 and no event: not a silent success.
+                    outcome.status = 502
+                    log.warning("engine %s ended a stream without an event", replica.id)
+                    yield sse_error(
+                        upstream_failed(entry.name, "the engine ended the stream without an answer")
+                    )
             except (aiohttp.ClientError, TimeoutError) as exc:
                 outcome.status = 502
                 metrics.upstream_errors.labels(entry.name, "stream").inc()
-                yield sse_error(
-                    upstream_failed(entry.name, f"stream broke: {type(exc).__name__}: {exc}")
-                )
+                yield sse_error(upstream_failed(entry.name, _failure("stream", replica, exc)))
             finally:
                 resp.release()
                 self._release(replica, entry.name, None if not first else prefill)
@@ -431,32 +458,12 @@ class Upstream:
         self._metrics.in_flight.labels(model).dec()
 
 
-def _error_text(payload: bytes) -> str:
-    text = payload[:500].decode("utf-8", "replace").strip()
-    try:
-        data: Any = json.loads(payload)
-    except ValueError:
-        return text or "(empty body)"
-    if isinstance(data, dict):
-        err = data.get("error")
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
-            return str(err["message"])
-        if "detail" in data:
-            return str(data["detail"])[:500]
-    return text
-
-
-def _as_openai_error(status: int, payload: bytes) -> Response:
-    """Pass an engine's 4xx through, reshaped to OpenAI's error body when it is not already."""
-    try:
-        data: Any = json.loads(payload)
-    except ValueError:
-        data = None
-    if isinstance(data, dict) and isinstance(data.get("error"), dict):
-        return Response(payload, status_code=status, media_type="application/json")
-    return error_response(
-        ApiError(status, f"The engine rejected the request: {_error_text(payload)}")
-    )
+def _failure(stage: str, replica: Replica, exc: BaseException) -> str:
+    """What a client is told of a failed connection (its kind); the log gets the detail, which
+    names the engine's address."""
+    log.warning("engine %s: %s failed: %s: %s", replica.id, stage, type(exc).__name__, exc)
+    kind = {"connect": "could not connect", "read": "answer cut short", "stream": "stream broke"}
+    return f"{kind[stage]} ({type(exc).__name__})"
 
 
 def _take_stream_usage(out: bytes, outcome: Outcome, strip: bool) -> bytes:
