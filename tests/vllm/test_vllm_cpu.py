@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 from openai import OpenAI
 
@@ -168,3 +169,49 @@ def test_sizing_matches_the_real_checkpoint() -> None:
     on_disk = sum(p.stat().st_size for p in MODEL.glob("*.safetensors"))
     assert abs(arch.weights_bytes - on_disk) / on_disk < 0.01
     assert (arch.layers, arch.hidden_size, arch.attention_heads, arch.kv_heads) == (30, 576, 9, 3)
+
+
+INTERNALS = ("Traceback", ".py", "pydantic", "vllm/", "site-packages")
+
+
+def test_the_openai_contract_is_the_gateways_in_front_of_vllm_too(fleet: Fleet) -> None:
+    """Request ids, usage on streams and refusals behave as in front of llama.cpp
+    (tests/integration): the client's id echoed whatever its shape, a usage chunk when asked,
+    bad input and a prompt beyond the context refused with OpenAI's 400 and no engine
+    internals."""
+    client = OpenAI(base_url=fleet.base_url, api_key=ADMIN_KEY, max_retries=0, timeout=120)
+    raw = client.chat.completions.with_raw_response.create(
+        model="smol-vllm",
+        messages=[{"role": "user", "content": "Say hi."}],
+        max_tokens=4,
+        extra_headers={"x-request-id": "my-request-1"},
+    )
+    assert raw.headers["x-request-id"] == "my-request-1"
+    assert raw.parse().choices[0].message.content is not None
+    chunks = list(
+        client.chat.completions.create(
+            model="smol-vllm",
+            messages=[{"role": "user", "content": "Count to three."}],
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens > 0 and usage.prompt_tokens > 0
+    refusals = [
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": "word " * 3000}]}, "messages"),
+    ]
+    for body, param in refusals:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="smol-vllm", max_tokens=4, **body)
+        error = refused.value.body
+        assert isinstance(error, dict) and error.get("param") == param, error
+        text = refused.value.response.text
+        assert not any(marker in text for marker in INTERNALS), text
+    assert refused.value.body["code"] == "context_length_exceeded"  # type: ignore[index]
+    reply = client.chat.completions.create(
+        model="smol-vllm", messages=[{"role": "user", "content": "Still there?"}], max_tokens=4
+    )
+    assert reply.choices
