@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from gpufleet.cli.output import fail, out
+from gpufleet.cli.tables import print_table
 
 __all__ = ["keys_app", "tenants_app", "usage"]
 
@@ -105,7 +106,7 @@ def tenants_list(server: ServerOpt = DEFAULT_SERVER, json_out: JsonOpt = False) 
             str(lim.get("concurrency") or "-"),
             f"${budget['usd']:g}/{budget['period']}" if budget else "-",
         )
-    out.print(table)
+    print_table(table)
 
 
 @tenants_app.command("delete")
@@ -173,7 +174,7 @@ def keys_list(
             k["created_at"][:19],
             (k["expires_at"] or "-")[:19],
         )
-    out.print(table)
+    print_table(table)
 
 
 @keys_app.command("revoke")
@@ -220,4 +221,4 @@ def usage(
             f"{r['gpu_seconds']:.2f}",
             f"{r['cost_usd']:.4f}",
         )
-    out.print(table)
+    print_table(table)

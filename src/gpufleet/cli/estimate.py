@@ -18,6 +18,7 @@ import typer
 from rich.table import Table
 
 from gpufleet.cli.output import fail, out
+from gpufleet.cli.tables import print_table
 from gpufleet.errors import GpufleetError
 
 if TYPE_CHECKING:
@@ -191,4 +192,4 @@ def _print_table(
             fit,
             "-" if r.max_concurrency is None else str(r.max_concurrency),
         )
-    out.print(table)
+    print_table(table)

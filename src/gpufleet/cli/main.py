@@ -12,20 +12,19 @@ import os
 import sys
 import urllib.parse
 from collections.abc import Awaitable, Callable
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
 from gpufleet.cli.accounts import keys_app, tenants_app, usage
 from gpufleet.cli.client import AdminClient, ClientError
-from gpufleet.cli.emulate import emulate
+from gpufleet.cli.emulate import EMULATE_SETTINGS, emulate
 from gpufleet.cli.estimate import estimate
 from gpufleet.cli.output import fail, out, spec_problems
 from gpufleet.cli.plan import plan_command
 from gpufleet.cli.render import render_command
+from gpufleet.cli.tables import Kind, Output, event_table, print_table, resource_table
 from gpufleet.errors import GpufleetError, SpecError
 
 if TYPE_CHECKING:
@@ -44,15 +43,12 @@ app = typer.Typer(
 )
 
 
-class Output(StrEnum):
-    table = "table"
-    json = "json"
-
-
 ServerOpt = Annotated[
     str, typer.Option("--server", "-s", envvar="GPUFLEET_SERVER", help="gpufleet server URL")
 ]
-OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table or json")]
+OutputOpt = Annotated[
+    Output, typer.Option("--output", "-o", help="table, wide (every column, nothing cut) or json")
+]
 FilesOpt = Annotated[
     list[Path], typer.Option("--file", "-f", help="YAML file of resources; repeatable")
 ]
@@ -167,58 +163,34 @@ def apply(file: FilesOpt, server: ServerOpt = DEFAULT_SERVER) -> None:
         )
 
 
-class Kind(StrEnum):
-    models = "models"
-    replicas = "replicas"
-    events = "events"
+KindArg = Annotated[
+    str,
+    typer.Argument(
+        help="models, replicas or events (singular or plural, as kubectl accepts)",
+        show_default=False,
+    ),
+]
+
+
+def _kind(word: str) -> Kind:
+    kind = Kind.parse(word)
+    if kind is None:
+        raise fail(f"unknown kind {word!r}; try: model, replica or event (or their plurals)")
+    return kind
 
 
 @app.command()
-def get(kind: Kind, output: OutputOpt = Output.table, server: ServerOpt = DEFAULT_SERVER) -> None:
+def get(
+    kind: KindArg, output: OutputOpt = Output.table, server: ServerOpt = DEFAULT_SERVER
+) -> None:
     """List models, replicas or events."""
-    path = {
-        "models": "/admin/v1/models",
-        "replicas": "/admin/v1/replicas",
-        "events": "/admin/v1/events",
-    }[kind.value]
-    data = _call(server, "GET", path)
-    rows = data[kind.value]
+    what = _kind(kind)
+    rows = _call(server, "GET", f"/admin/v1/{what.value}")[what.value]
     if output is Output.json:
         out.print_json(json.dumps(rows))
         return
-    table = Table(box=None, header_style="bold")
-    if kind is Kind.models:
-        for col in ("NAME", "ENGINE", "STATUS", "READY", "GEN", "SOURCE", "PROBLEM"):
-            table.add_column(col)
-        for m in rows:
-            table.add_row(
-                m["name"],
-                m["engine"],
-                m["status"],
-                f"{m['ready']}/{m['desired']}",
-                str(m["generation"]),
-                m["source"],
-                m["problem"],
-            )
-    elif kind is Kind.replicas:
-        for col in ("ID", "MODEL", "PHASE", "RESTARTS", "PID", "URL", "MESSAGE"):
-            table.add_column(col)
-        for r in rows:
-            table.add_row(
-                r["id"],
-                r["model"],
-                r["phase"],
-                str(r["restarts"]),
-                str(r["pid"] or ""),
-                r["url"] or "",
-                r["message"],
-            )
-    else:
-        for col in ("TIME", "MODEL", "TYPE", "REASON", "MESSAGE"):
-            table.add_column(col)
-        for e in rows:
-            table.add_row(e["at"][:19], e["model"], e["type"], e["reason"], e["message"])
-    out.print(table)
+    wide = output is Output.wide
+    print_table(resource_table(what, rows, wide=wide), wide=wide)
 
 
 EnginePortOpt = Annotated[
@@ -311,22 +283,18 @@ def events(
     if output is Output.json:
         out.print_json(json.dumps(rows))
         return
-    table = Table(box=None, header_style="bold")
-    for col in ("TIME", "MODEL", "TYPE", "REASON", "MESSAGE"):
-        table.add_column(col)
-    for e in rows:
-        table.add_row(e["at"][:19], e["model"], e["type"], e["reason"], e["message"])
-    out.print(table)
+    wide = output is Output.wide
+    print_table(event_table(rows, wide=wide), wide=wide)
 
 
 @app.command()
 def delete(
-    kind: Annotated[str, typer.Argument(help="what to delete: model")],
+    kind: Annotated[str, typer.Argument(help="what to delete: model (or models)")],
     name: str,
     server: ServerOpt = DEFAULT_SERVER,
 ) -> None:
     """Delete a model and stop its replicas."""
-    if kind not in ("model", "models"):
+    if Kind.parse(kind) is not Kind.models:
         raise fail(f"cannot delete {kind!r}; try: gpufleet delete model NAME")
     _call(server, "DELETE", f"/admin/v1/models/{name}")
     out.print(f"model/{name} deleted", highlight=False)
@@ -349,7 +317,7 @@ app.command()(usage)
 app.command()(estimate)
 app.command("plan")(plan_command)
 app.command("render")(render_command)
-app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(emulate)
+app.command(context_settings=EMULATE_SETTINGS)(emulate)
 
 
 def _log_to_stderr() -> None:

@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from gpufleet.cli.output import fail, out, spec_problems
+from gpufleet.cli.tables import print_table
 from gpufleet.errors import GpufleetError, SpecError
 
 __all__ = ["plan_command"]
@@ -73,7 +74,7 @@ def plan_command(
             f"{placement.memory_per_gpu / GiB:.1f} GiB",
             f"{placement.memory_fraction:.2f}" if placement.gpus else "-",
         )
-    out.print(table)
+    print_table(table)
     for r in result.relayouts:
         out.print(
             f"[cyan]MIG re-layout[/] {r.node}/gpu-{r.gpu}: {' + '.join(r.layout)} — {r.reason}",
