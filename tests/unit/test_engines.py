@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
 from gpufleet.engines import Placement, adapter_for
+from gpufleet.engines.base import LIVENESS_PATH, EngineAdapter
 from gpufleet.engines.emulator import COMMAND_ENV, EmulatorEngine
 from gpufleet.engines.llamacpp import LlamaCppEngine
-from gpufleet.engines.llamacpp_main import _take_pooling
+from gpufleet.engines.llamacpp_main import QuietLiveness, _take_pooling
 from gpufleet.engines.sglang import SglangEngine
 from gpufleet.engines.vllm import VllmEngine
 from gpufleet.errors import EngineUnavailableError, SourceError
@@ -67,6 +69,33 @@ def test_llamacpp_embeddings_pool_by_mean() -> None:
     assert argv[argv.index("--pooling") + 1] == "mean"
     rest, pooling = _take_pooling(["--model", "x", "--pooling", "mean", "--port", "1"])
     assert (rest, pooling) == (["--model", "x", "--port", "1"], "mean")
+
+
+@pytest.mark.parametrize(
+    "engine",
+    [LlamaCppEngine(), VllmEngine(), SglangEngine(), EmulatorEngine()],
+    ids=lambda e: str(e.name),
+)
+def test_every_engine_is_probed_for_liveness_on_the_one_shared_path(engine: EngineAdapter) -> None:
+    launch = engine.launch(spec(), weights=Path("/m.gguf"), served_name="m", host="h", port=1)
+    assert launch.liveness_path == LIVENESS_PATH == "/health"
+
+
+def _access(method: str, path: str, status: int) -> logging.LogRecord:
+    """A record shaped as uvicorn's access logger writes one."""
+    args = ("127.0.0.1:5000", method, path, "1.1", status)
+    return logging.LogRecord("uvicorn.access", 20, "h11", 1, '%s - "%s %s HTTP/%s" %d', args, None)
+
+
+def test_llamacpp_successful_liveness_probes_stay_out_of_the_access_log() -> None:
+    quiet = QuietLiveness()
+    assert not quiet.filter(_access("GET", "/health", 200))
+    # A failing probe, another path or another method is still logged.
+    assert quiet.filter(_access("GET", "/health", 500))
+    assert quiet.filter(_access("GET", "/health?x=1", 200))
+    assert quiet.filter(_access("POST", "/health", 200))
+    assert quiet.filter(_access("GET", "/v1/models", 200))
+    assert quiet.filter(logging.LogRecord("uvicorn.access", 20, "f", 1, "plain", None, None))
 
 
 def test_llamacpp_picks_the_gguf_in_a_folder(tmp_path: Path) -> None:

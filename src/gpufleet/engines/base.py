@@ -13,7 +13,13 @@ from typing import Protocol
 from gpufleet.engines.metrics import EngineLoad
 from gpufleet.spec import ModelSpec
 
-__all__ = ["LOCAL", "EngineAdapter", "Launch", "Placement", "ReadinessProbe"]
+__all__ = ["LIVENESS_PATH", "LOCAL", "EngineAdapter", "Launch", "Placement", "ReadinessProbe"]
+
+#: The path every engine answers cheaply, without waiting for a generation to finish: vLLM's,
+#: SGLang's, llama.cpp's own server's and the emulator's ``/health``, and the one that
+#: ``llamacpp_main`` adds to llama-cpp-python's server, which has none. Local liveness probes
+#: and the Kubernetes pods' liveness probes both ask it.
+LIVENESS_PATH = "/health"
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +41,7 @@ class Launch:
     #: Path of Prometheus metrics, when the engine has them.
     metrics_path: str | None = None
     #: Path asked every few seconds once ready; any HTTP answer means the engine is alive.
-    liveness_path: str = "/health"
+    liveness_path: str = LIVENESS_PATH
     #: Seconds between SIGTERM and SIGKILL when stopping.
     stop_grace_s: float = 10.0
 

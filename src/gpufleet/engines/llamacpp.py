@@ -4,7 +4,8 @@ Replicas run ``gpufleet.engines.llamacpp_main``, which is the stock server plus 
 embeddings (see that module). Facts this rests on (llama-cpp-python 0.3.x): the server loads the model before it binds its
 port, so ``GET /v1/models`` answering is a true readiness signal; it serves one request at a time;
 ``interrupt_requests`` defaults to true, which would let a new request cut off a stream in flight
-behind a gateway, so it is switched off; it has no ``/metrics``.
+behind a gateway, so it is switched off; it has no ``/metrics``, and no ``/health`` but the one
+``llamacpp_main`` adds for liveness (the default ``Launch.liveness_path``).
 """
 
 from __future__ import annotations

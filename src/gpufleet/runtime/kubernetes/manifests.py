@@ -40,6 +40,7 @@ from typing import Any
 import yaml
 
 from gpufleet.engines import ADAPTERS
+from gpufleet.engines.base import LIVENESS_PATH
 from gpufleet.engines.base import Placement as EnginePlacement
 from gpufleet.hardware import CATALOG
 from gpufleet.planner import DEFAULT_PRIORITIES, Deployment, Placement, PlanSettings, plan
@@ -378,7 +379,7 @@ def engine_pod(model: Model, group: EngineGroup, settings: RenderSettings) -> di
             "failureThreshold": 90,  # 15 minutes to load weights and warm up
         },
         "livenessProbe": {
-            "httpGet": {"path": "/health", "port": "http"},
+            "httpGet": {"path": LIVENESS_PATH, "port": "http"},
             "periodSeconds": 10,
             "failureThreshold": 6,
         },
