@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpufleet.controller import DemandSource, Directory
-from gpufleet.errors import SpecError
+from gpufleet.errors import PermanentError, SpecError
 from gpufleet.gateway.shared_demand import DemandPublisher
 from gpufleet.runtime import Runtime
 from gpufleet.runtime.kubernetes import KubernetesRuntime, RenderSettings
@@ -258,9 +258,16 @@ async def serve_cluster_gateway(cfg: GatewayConfig, api: KubeApi) -> None:
         engine_port=cfg.engine_port,
     )
     stack = assemble(plane, GatewaySettings(redis_url=cfg.redis_url))
-    admin = await asyncio.to_thread(
-        stack.keyring.bootstrap_admin, os.environ.get("GPUFLEET_ADMIN_KEY")
-    )
+    try:
+        admin = await asyncio.to_thread(
+            stack.keyring.bootstrap_admin, os.environ.get("GPUFLEET_ADMIN_KEY")
+        )
+    except ValueError as exc:  # a malformed GPUFLEET_ADMIN_KEY: said as gpufleet up says it
+        await stack.close()
+        await plane.close()
+        store.close()
+        sock.close()
+        raise PermanentError(str(exc)) from exc
     if admin:
         # Printed once, by the first gateway to start against an empty store.
         log.warning("gpufleet admin key (shown once, keep it): %s", admin)

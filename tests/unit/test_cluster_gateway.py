@@ -277,3 +277,25 @@ async def test_the_view_reads_models_again_after_its_watch_fails(tmp_path: Path)
     finally:
         await plane.close()
         store.close()
+
+
+async def test_a_malformed_admin_key_is_refused_with_the_way_to_make_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``gpufleet gateway`` with a bad GPUFLEET_ADMIN_KEY: a clear error (the CLI prints it),
+    not a traceback, and its port and store are let go."""
+    from gpufleet.cluster import GatewayConfig, serve_cluster_gateway
+    from gpufleet.errors import PermanentError
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("GPUFLEET_ADMIN_KEY", "too-short")
+    port = free_port()
+    cfg = GatewayConfig(
+        namespace="gpufleet", store_url=sqlite_url(tmp_path), host="127.0.0.1", port=port
+    )
+    with pytest.raises(PermanentError, match="GPUFLEET_ADMIN_KEY must start with 'gpf_'"):
+        await serve_cluster_gateway(cfg, FakeKube())
+    # The port is free again: a corrected restart can bind it.
+    from gpufleet.gateway.serving import bind_socket
+
+    bind_socket("127.0.0.1", port).close()
