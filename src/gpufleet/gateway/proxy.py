@@ -32,6 +32,7 @@ from gpufleet.gateway.errors import error_response, no_replica, sse_error, upstr
 from gpufleet.gateway.ledger import BusyMeter
 from gpufleet.gateway.metrics import GatewayMetrics
 from gpufleet.gateway.prefix_hints import RedisPrefixHints
+from gpufleet.gateway.stream_usage import count_stream, streamed_text, usage_event
 from gpufleet.routing import Choice, Endpoint, RequestFeatures, RoutingPolicy, make_policy
 from gpufleet.routing.prefill import PrefillFit
 from gpufleet.routing.prefix import BLOCK_TOKENS as PREFIX_BLOCK_TOKENS
@@ -47,6 +48,7 @@ EJECT_FOR_S = 5.0
 _HOP_HEADERS = ("content-type",)
 #: How much of an engine's error body the log keeps (a traceback fits).
 _LOGGED_BODY = 16 * 1024
+_DONE = b"data: [DONE]\n\n"
 
 
 @dataclass(slots=True)
@@ -58,8 +60,11 @@ class Outcome:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
-    #: True when the engine reported usage; otherwise tokens are the gateway's estimate.
+    #: True when the tokens are counted, not estimated: the engine reported usage, or (a stream
+    #: without usage) the gateway counted with the engine's tokenizer (``stream_usage``).
     counted: bool = False
+    #: True when the gateway, not the engine's usage, counted (see ``stream_usage``).
+    tokenized: bool = False
     ttft_s: float | None = None
     duration_s: float = 0.0
     replica_seconds: float = 0.0
@@ -266,6 +271,7 @@ class Upstream:
                         functools.partial(self.meter.stop, metered),
                         done,
                         ahead,
+                        (route, body, request_id),
                     )
                 payload = await resp.read()
                 self._failures.pop(replica.id, None)
@@ -347,6 +353,7 @@ class Upstream:
         stop_meter: Callable[[], float],
         done: Done | None,
         ahead: int = 0,
+        request: tuple[str, bytes, str] = ("", b"", ""),
     ) -> Response:
         metrics = self._metrics
         itl = metrics.itl.labels(entry.name, tenant)
@@ -355,6 +362,8 @@ class Upstream:
             first = True
             pending = b""
             last = 0.0
+            #: The events of a stream that has shown no usage yet, counted at its end if none.
+            events: list[bytes] = []
             try:
                 async for chunk in resp.content.iter_any():
                     # Whole SSE events only, so a usage event is never split across yields.
@@ -376,6 +385,16 @@ class Upstream:
                         out = _take_stream_usage(out, outcome, strip_usage)
                     elif not outcome.counted:
                         outcome.completion_tokens += out.count(b'"delta"') or out.count(b'"text"')
+                        events.append(out)
+                        if out.endswith(_DONE) and request[0]:
+                            # The engine streamed no usage: count with it before the end
+                            # (a client may hang up at [DONE]), and give the client the usage
+                            # event if it asked.
+                            if len(out) > len(_DONE):
+                                yield out[: -len(_DONE)]
+                            extra = await self._count_stream(replica, outcome, events, request)
+                            yield _DONE if strip_usage else extra + _DONE
+                            continue
                     if out:
                         yield out
                 if pending:
@@ -405,6 +424,27 @@ class Upstream:
             media_type=resp.headers.get("content-type", "text/event-stream"),
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
         )
+
+    async def _count_stream(
+        self,
+        replica: Replica,
+        outcome: Outcome,
+        events: list[bytes],
+        request: tuple[str, bytes, str],
+    ) -> bytes:
+        """Count a stream that carried no usage with its engine (``stream_usage``); the usage
+        event for the client, or nothing when the engine could not count."""
+        route, body, request_id = request
+        if replica.url is None:
+            return b""
+        text, head = streamed_text(events)
+        count = await count_stream(self._http(), replica.url, route, body, text, request_id)
+        if count is None:
+            return b""
+        outcome.counted = outcome.tokenized = True
+        outcome.prompt_tokens = count.prompt_tokens
+        outcome.completion_tokens = count.completion_tokens
+        return usage_event(head, route, count)
 
     def _learn_prefill(self, entry: ModelEntry, tokens_ahead: int, ttft_s: float) -> None:
         fit = self.prefill.get(entry.name)

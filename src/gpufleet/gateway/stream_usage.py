@@ -1,0 +1,145 @@
+"""Usage for streams whose engine reports none, counted by the engine's own tokenizer.
+
+The gateway asks every engine for ``stream_options.include_usage``; vLLM answers with a usage
+event, llama-cpp-python (0.3) ignores the option and streams no usage at all. For such a stream
+the gateway counts after the engine's last event, with the engine itself, never with a
+characters-per-token guess:
+
+- prompt tokens: the same request sent again, not streamed and with ``max_tokens: 1``; the
+  engine applies its chat template and reports ``usage.prompt_tokens`` exactly. The prompt is
+  still in the engine's KV cache (llama.cpp reuses the longest common prefix), so this costs
+  about one token of decode;
+- completion tokens: the streamed text through the engine's tokenizer
+  (``POST /extras/tokenize/count``), less what the tokenizer adds to an empty text (a BOS).
+  Re-tokenising the text is how OpenAI-compatible engines count a completion they did not
+  count themselves; it can differ from the sampled tokens where the model chose a
+  non-canonical split, which a model rarely does.
+
+llama-cpp-python serialises these calls behind its model lock, which is why they are made only
+after the engine's last event (gpufleet runs it with ``interrupt_requests`` off, so a count
+never cuts another request short), and before the gateway passes ``[DONE]`` on: clients hang
+up at ``[DONE]``, which would cancel the count. Measured on SmolLM2 (llama.cpp, CPU): 21–31 ms
+between the last token and the usage event for a 621-token prompt. When a count fails the
+gateway keeps its estimate and says so in its log: the outcome stays uncounted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+__all__ = ["StreamCount", "count_stream", "streamed_text", "usage_event"]
+
+log = logging.getLogger("gpufleet.gateway.stream_usage")
+
+_TOKENIZE_COUNT = "/extras/tokenize/count"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamCount:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def streamed_text(events: Iterable[bytes]) -> tuple[str, dict[str, Any]]:
+    """The completion text of a stream's events (chat deltas or completion text), and the
+    first event's ``id``/``created``/``model`` for the usage event the gateway adds."""
+    parts: list[str] = []
+    head: dict[str, Any] = {}
+    for block in events:
+        for event in block.split(b"\n\n"):
+            if not event.startswith(b"data: {"):
+                continue
+            try:
+                data = json.loads(event[6:])
+            except ValueError:
+                continue
+            if not isinstance(data, dict):
+                continue
+            if not head:
+                head = {k: data[k] for k in ("id", "created", "model") if k in data}
+            for choice in data.get("choices") or ():
+                if not isinstance(choice, dict):
+                    continue
+                delta = choice.get("delta")
+                text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+                if isinstance(text, str):
+                    parts.append(text)
+    return "".join(parts), head
+
+
+def _counting_body(body: bytes) -> bytes | None:
+    """The request again, not streamed and one token long: its answer's usage counts the
+    prompt as the engine templated it."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    data = {k: v for k, v in data.items() if k not in ("stream_options", "n", "logprobs")}
+    data.update(stream=False, max_tokens=1)
+    data.pop("max_completion_tokens", None)
+    return json.dumps(data).encode()
+
+
+async def _tokens(http: aiohttp.ClientSession, base: str, text: str, headers: Any) -> int:
+    async with http.post(base + _TOKENIZE_COUNT, json={"input": text}, headers=headers) as r:
+        r.raise_for_status()
+        count = (await r.json()).get("count")
+    if not isinstance(count, int):
+        raise ValueError(f"tokenize count answered {count!r}")
+    return count
+
+
+async def count_stream(
+    http: aiohttp.ClientSession,
+    base: str,
+    route: str,
+    body: bytes,
+    text: str,
+    request_id: str,
+) -> StreamCount | None:
+    """Count a finished stream's tokens with the engine at ``base``; None when it cannot."""
+    counting = _counting_body(body)
+    if counting is None:
+        return None
+    headers = {"content-type": "application/json", "x-request-id": request_id}
+    try:
+        async with http.post(base + route, data=counting, headers=headers) as resp:
+            resp.raise_for_status()
+            usage = (await resp.json()).get("usage") or {}
+        prompt = usage.get("prompt_tokens")
+        if not isinstance(prompt, int):
+            raise ValueError(f"the engine's answer had no prompt_tokens: {usage!r}")
+        completion = 0
+        if text:
+            completion = await _tokens(http, base, text, headers) - await _tokens(
+                http, base, "", headers
+            )
+    except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as exc:
+        log.warning("could not count the stream %s: %s: %s", request_id, type(exc).__name__, exc)
+        return None
+    return StreamCount(prompt, max(0, completion))
+
+
+def usage_event(head: dict[str, Any], route: str, count: StreamCount) -> bytes:
+    """The OpenAI-shaped last chunk of a stream asked for usage: no choices, the usage."""
+    chunk = {
+        "id": head.get("id", ""),
+        "object": "chat.completion.chunk" if "chat" in route else "text_completion",
+        "created": head.get("created", 0),
+        "model": head.get("model", ""),
+        "choices": [],
+        "usage": {
+            "prompt_tokens": count.prompt_tokens,
+            "completion_tokens": count.completion_tokens,
+            "total_tokens": count.prompt_tokens + count.completion_tokens,
+        },
+    }
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
