@@ -82,6 +82,7 @@ class Autoscaler:
         self.interval_s = interval_s
         self._states: dict[str, ScaleState] = {}
         self._persisted: dict[str, tuple[int, float]] = {}
+        self._persist_lock = asyncio.Lock()
         self._samples: dict[str, deque[Sample]] = {}
         #: What each model was given at the last pass (for ``placeable``).
         self._wants: dict[str, tuple[ModelSpec, int]] = {}
@@ -235,9 +236,15 @@ class Autoscaler:
         )
 
     async def _persist(self, name: str) -> None:
-        state = self._states[name]
-        record = (state.desired, state.last_active)
-        if self._persisted.get(name) == record:
-            return
-        await asyncio.to_thread(self.store.put_scale_state, name, *record)
-        self._persisted[name] = record
+        # One write at a time, each of the state as it is when its turn comes: two writes in
+        # flight at once (a wake-up and a pass) could land the older one last, and a restart
+        # would then read a stale count or idle timer.
+        async with self._persist_lock:
+            state = self._states.get(name)
+            if state is None:
+                return
+            record = (state.desired, state.last_active)
+            if self._persisted.get(name) == record:
+                return
+            await asyncio.to_thread(self.store.put_scale_state, name, *record)
+            self._persisted[name] = record
