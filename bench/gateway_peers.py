@@ -50,7 +50,7 @@ import loadgen
 import peers
 from common import ROOT, free_port, pct, stop, table, wait_http
 from loadgen import Load, run_load, tool
-from peers import Peer, Unavailable
+from peers import Peer, Unavailable, drop_broken
 
 CHAT = {"messages": [{"role": "user", "content": "Say yes."}], "max_tokens": 1, "temperature": 0}
 ALL = ["direct", "gpufleet", "litellm", "vllm-router", "vllm-router-rr"]
@@ -447,14 +447,7 @@ def main() -> None:
         for peer in running:
             peer.close()
         stop(engine)  # type: ignore[arg-type]
-    for name, why in broken.items():
-        results.pop(name, None)
-        missing.append(Unavailable(name, why))
-        peer = next(p for p in running if p.name == name)
-        if peer.log is not None:
-            tail = peer.log.read_text(errors="replace").splitlines()[-25:]
-            print(f"--- {name} broke ({why}); last lines of {peer.log}:", file=sys.stderr)
-            print("\n".join(tail), file=sys.stderr)
+    drop_broken(broken, running, results, missing)
     report(results, missing, args)
     print(f"\npeer logs: {logs}")
 

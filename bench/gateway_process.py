@@ -63,7 +63,7 @@ import loadgen
 import peers
 from common import ROOT, free_port, pct, stop, table, wait_http
 from loadgen import PERCENTILES, Load, run_load, tool
-from peers import Peer, Unavailable
+from peers import Peer, Unavailable, drop_broken
 
 TOKENS = 8
 CHAT = {"messages": [{"role": "user", "content": "Say yes."}], "max_tokens": TOKENS}
@@ -408,14 +408,7 @@ def main() -> None:
         for peer in running:
             peer.close()
         stop(engine)  # type: ignore[arg-type]
-    for name, why in broken.items():
-        rows.pop(name, None)
-        missing.append(Unavailable(name, why))
-        peer = next(p for p in running if p.name == name)
-        if peer.log is not None:
-            tail = peer.log.read_text(errors="replace").splitlines()[-25:]
-            print(f"--- {name} broke ({why}); last lines of {peer.log}:", file=sys.stderr)
-            print("\n".join(tail), file=sys.stderr)
+    drop_broken(broken, running, rows, missing)
     report(rows, missing, args)
     print(f"\nlogs: {logs}")
 

@@ -39,6 +39,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from common import BENCH_KEY, ROOT, free_port, stop
 
@@ -121,6 +122,24 @@ class Peer:
 class Unavailable:
     name: str
     reason: str
+
+
+def drop_broken(
+    broken: dict[str, str],
+    running: list[Peer],
+    rows: dict[str, Any],
+    missing: list[Unavailable],
+) -> None:
+    """Peers that broke during a run: their rows out, a "not available" row in, and the end of
+    each one's log on stderr for whoever reads the run."""
+    for name, why in broken.items():
+        rows.pop(name, None)
+        missing.append(Unavailable(name, why))
+        peer = next(p for p in running if p.name == name)
+        if peer.log is not None:
+            tail = peer.log.read_text(errors="replace").splitlines()[-25:]
+            print(f"--- {name} broke ({why}); last lines of {peer.log}:", file=sys.stderr)
+            print("\n".join(tail), file=sys.stderr)
 
 
 def start(
