@@ -7,6 +7,7 @@ replica. The engine container runs the official image of its engine with the arg
 engine adapter derives from the plan (vLLM's ``--tensor-parallel-size``, SGLang's
 ``--tp-size``; llama.cpp's own server for GGUF models), weights read-only from the shared
 model-cache claim (emitted too, unless it exists already), so scaling up never downloads again.
+The engine's pod itself is built in ``pods.py``, shared with the operator.
 
 On Kubernetes the NVIDIA device plugin hands a whole GPU to one pod unless the node
 time-slices it (or splits it into MIG instances), so the plan is made with one replica per
@@ -27,22 +28,12 @@ rendering the same input twice gives the same bytes — what GitOps diffs need.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-import shlex
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
 
-from gpufleet.engines import ADAPTERS
-from gpufleet.engines.base import LIVENESS_PATH
-from gpufleet.engines.base import Placement as EnginePlacement
-from gpufleet.hardware import CATALOG
 from gpufleet.planner import DEFAULT_PRIORITIES, Deployment, Placement, PlanSettings, plan
 from gpufleet.runtime.kubernetes.checks import check, check_settings
 from gpufleet.runtime.kubernetes.common import (
@@ -53,7 +44,6 @@ from gpufleet.runtime.kubernetes.common import (
     LABEL_TENANT,
     MANAGED,
     PORT,
-    RAY_PORT,
     ModelCache,
     RenderError,
     RenderSettings,
@@ -61,13 +51,15 @@ from gpufleet.runtime.kubernetes.common import (
     namespace_object,
 )
 from gpufleet.runtime.kubernetes.keda import scaled_object
-from gpufleet.runtime.kubernetes.loader import (
-    cache_claim,
-    claim_of,
-    loader_job,
-    loader_name,
-    wait_for_weights,
-    weights_path,
+from gpufleet.runtime.kubernetes.loader import cache_claim, claim_of, loader_job, loader_name
+from gpufleet.runtime.kubernetes.pods import (
+    LWS_GROUP_KEY,
+    LWS_INDEX,
+    EngineGroup,
+    engine_pod,
+    engine_share,
+    leader_worker_set,
+    placed_group,
 )
 from gpufleet.runtime.kubernetes.tenants import tenant_objects
 from gpufleet.spec import Inventory, Model, Tenant
@@ -171,47 +163,6 @@ def _sort_key(o: Mapping[str, Any]) -> tuple[int, str, str]:
 # -- models -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class EngineGroup:
-    """Replicas of one model that share a node and a GPU shape (one Deployment) — or, for a
-    model bigger than a node, that share their nodes (one LeaderWorkerSet): ``pp`` pods of
-    ``gpus`` GPUs each, the leader's on ``node``, the workers' on ``workers``."""
-
-    key: str
-    replicas: int
-    node: str | None = None
-    gpu_type: str | None = None
-    #: GPUs per pod: the tensor-parallel degree.
-    gpus: int = 0
-    memory_fraction: float | None = None
-    mig_profile: str | None = None
-    #: The planner's placement of the replica, as JSON, kept on its pod (the operator plans the
-    #: next replicas around the ones running).
-    placement: str = ""
-    #: Pipeline stages, one pod (and node) each: 1 on one node.
-    pp: int = 1
-    #: The nodes of the stages after the leader's, in stage order (a LeaderWorkerSet's workers).
-    workers: tuple[str, ...] = ()
-
-
-def placed_group(placement: Placement, key: str = "main") -> EngineGroup:
-    """The engine group of one replica where the planner put it (its placement JSON kept)."""
-    return EngineGroup(
-        key,
-        1,
-        node=placement.node,
-        gpu_type=placement.gpu_type,
-        gpus=placement.tp,
-        # A whole GPU (or MIG instance) is the pod's alone: the engine's own default share of
-        # its memory. Only a time-sliced GPU is shared, and gets the planner's share.
-        memory_fraction=engine_share(placement),
-        mig_profile=placement.mig_profile,
-        placement=json.dumps(dataclasses.asdict(placement), sort_keys=True),
-        pp=placement.pp,
-        workers=tuple(node for node, _ in placement.workers),
-    )
-
-
 def _groups(
     models: Sequence[Model],
     inventory: Inventory | None,
@@ -261,14 +212,6 @@ def _groups(
             )
         plain[name] = groups
     return plain
-
-
-def engine_share(placement: Placement) -> float | None:
-    """The share of GPU memory to tell the engine: the plan's, on a time-sliced GPU that other
-    pods share; None (the engine's own default) on whole GPUs or a MIG instance of its own."""
-    if not placement.gpus or placement.mig_profile is not None or placement.time_slice is None:
-        return None
-    return round(placement.memory_fraction, 3)
 
 
 def model_service(model: Model, settings: RenderSettings) -> dict[str, Any]:
@@ -339,106 +282,6 @@ def _model_objects(
     return objects
 
 
-def engine_pod(model: Model, group: EngineGroup, settings: RenderSettings) -> dict[str, Any]:
-    """The pod spec of one engine replica of ``model`` placed as ``group`` says."""
-    spec = model.spec
-    weights = weights_path(model)
-    args = _engine_args(model, group, weights, settings.engine_port)
-    resources: dict[str, Any] = {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {}}
-    if group.mig_profile:
-        resources["limits"][f"nvidia.com/mig-{group.mig_profile}"] = 1
-    elif group.gpus:
-        resources["limits"]["nvidia.com/gpu"] = group.gpus
-    if not resources["limits"]:
-        del resources["limits"]
-    engine: dict[str, Any] = {"name": "engine", "image": settings.images[spec.engine]}
-    if spec.engine in ("vllm", "sglang"):
-        engine["command"] = ["python3", "-m", _MODULES[spec.engine]]
-    engine |= {
-        "args": args,
-        # The probes name this port: they follow it.
-        "ports": [{"name": "http", "containerPort": settings.engine_port}],
-        "env": [
-            # Weights come from the cache volume; nothing phones home.
-            {"name": "HF_HUB_OFFLINE", "value": "1"},
-            {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
-            {"name": "DO_NOT_TRACK", "value": "1"},
-            # The root filesystem is read-only: caches go to the writable volume.
-            {"name": "HOME", "value": "/home/engine"},
-            {"name": "XDG_CACHE_HOME", "value": "/home/engine/.cache"},
-        ],
-        "resources": resources,
-        "readinessProbe": {
-            "httpGet": {"path": "/health", "port": "http"},
-            "periodSeconds": 5,
-            "failureThreshold": 3,
-        },
-        "startupProbe": {
-            "httpGet": {"path": "/health", "port": "http"},
-            "periodSeconds": 10,
-            "failureThreshold": 90,  # 15 minutes to load weights and warm up
-        },
-        "livenessProbe": {
-            "httpGet": {"path": LIVENESS_PATH, "port": "http"},
-            "periodSeconds": 10,
-            "failureThreshold": 6,
-        },
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "runAsUser": 1000,
-            "capabilities": {"drop": ["ALL"]},
-        },
-        "volumeMounts": [
-            {"name": "models", "mountPath": "/models", "readOnly": True},
-            {"name": "tmp", "mountPath": "/tmp"},
-            {"name": "cache", "mountPath": "/home/engine/.cache"},
-            {"name": "shm", "mountPath": "/dev/shm"},
-        ],
-    }
-    pod: dict[str, Any] = {
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "priorityClassName": f"gpufleet-{spec.priority_class}",
-        "terminationGracePeriodSeconds": math.ceil(spec.drain) + 10,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": 1000,
-            "runAsGroup": 1000,
-            "fsGroup": 1000,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        # The loader Job fills the cache once; replicas wait for its completion mark.
-        "initContainers": (
-            [wait_for_weights(settings.images[spec.engine], weights)]
-            if spec.parsed_source.scheme != "pvc"
-            else []
-        ),
-        "containers": [engine],
-        "volumes": [
-            {
-                "name": "models",
-                "persistentVolumeClaim": {
-                    "claimName": claim_of(model, settings),
-                    "readOnly": True,
-                },
-            },
-            {"name": "tmp", "emptyDir": {}},
-            {"name": "cache", "emptyDir": {}},
-            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
-        ],
-    }
-    affinity = _affinity(model, group)
-    if affinity:
-        pod["affinity"] = affinity
-    if group.gpus or group.mig_profile:
-        pod["tolerations"] = [
-            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
-        ]
-    return pod
-
-
 def _deployment(
     model: Model, group: EngineGroup, settings: RenderSettings, *, single: bool
 ) -> dict[str, Any]:
@@ -460,176 +303,6 @@ def _deployment(
             },
             "template": {"metadata": {"labels": labels}, "spec": pod},
         },
-    }
-
-
-_MODULES = {"vllm": "vllm.entrypoints.openai.api_server", "sglang": "sglang.launch_server"}
-
-
-def _engine_args(model: Model, group: EngineGroup, weights: PurePosixPath, port: int) -> list[str]:
-    spec = model.spec
-    if spec.engine == "llamacpp":
-        args = [
-            "--model", str(weights), "--alias", model.name,
-            "--host", "0.0.0.0", "--port", str(port),
-            "--ctx-size", str(spec.context_length), "--metrics",
-        ]  # fmt: skip
-        if group.gpus:
-            args += ["--n-gpu-layers", "999"]
-        return args + list(spec.engine_args)
-    placement = EnginePlacement(
-        node=group.node or "any",
-        gpu_type=group.gpu_type,
-        gpu_indices=tuple(range(group.gpus)),
-        memory_fraction=group.memory_fraction,
-        mig_profile=group.mig_profile,
-    )
-    launch = ADAPTERS[spec.engine].launch(
-        spec,
-        weights=Path(str(weights)),
-        served_name=model.name,
-        host="0.0.0.0",
-        port=port,
-        placement=placement,
-    )
-    # argv is [python, -m, module, ...]: the image's python runs the module (``command``).
-    return list(launch.argv[3:])
-
-
-def _affinity(
-    model: Model, group: EngineGroup, hosts: Sequence[str] | None = None
-) -> dict[str, Any]:
-    """Required node affinity: the planner's nodes (``hosts``; default the group's node), and
-    the GPU product of the group's type (else of the model's allowed types)."""
-    terms: list[dict[str, Any]] = []
-    if hosts is None:
-        hosts = [group.node] if group.node is not None else []
-    if hosts:
-        values = sorted(set(hosts))
-        terms.append({"key": "kubernetes.io/hostname", "operator": "In", "values": values})
-    types = [group.gpu_type] if group.gpu_type else list(model.spec.resources.gpu_types)
-    products = sorted({p for t in types for p in _gfd_products(t)})
-    if products and (group.gpus or group.mig_profile):
-        terms.append({"key": "nvidia.com/gpu.product", "operator": "In", "values": products})
-    if not terms:
-        return {}
-    return {
-        "nodeAffinity": {
-            "requiredDuringSchedulingIgnoredDuringExecution": {
-                "nodeSelectorTerms": [{"matchExpressions": terms}]
-            }
-        }
-    }
-
-
-def _gfd_products(gpu_type: str) -> list[str]:
-    """GPU Feature Discovery's ``nvidia.com/gpu.product`` values for a catalog GPU type."""
-    accelerator = CATALOG.get(gpu_type)
-    if accelerator is None:
-        return [gpu_type.replace(" ", "-")]
-    names = [a for a in accelerator.aliases if a.startswith(("NVIDIA ", "Tesla "))]
-    return [n.replace(" ", "-") for n in names] or [accelerator.name]
-
-
-#: Labels the LeaderWorkerSet controller puts on a group's pods: the index within the group
-#: (0: the leader), and a key shared by all pods of one group.
-LWS_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"
-LWS_GROUP_KEY = "leaderworkerset.sigs.k8s.io/group-key"
-
-
-def leader_worker_set(
-    model: Model, settings: RenderSettings, group: EngineGroup | None = None
-) -> dict[str, Any]:
-    """vLLM across nodes: tensor parallel within a node, pipeline parallel across the group's
-    nodes, over Ray — the leader starts the Ray head and serves, the workers join it
-    (LeaderWorkerSet, sigs.k8s.io/lws: the group is scheduled, restarted and scaled as one).
-
-    ``group``: where the planner put the replica — TP = its GPUs per pod, PP = its nodes; the
-    leader is pinned to its node and the workers to theirs, one pod per node. Without it, pods
-    of ``settings.gpus_per_node`` GPUs, as many as the model's GPUs need, wherever they fit.
-    """
-    spec = model.spec
-    if spec.engine != "vllm":
-        raise RenderError(
-            [
-                f"{model.name}: spec.resources.gpus {spec.resources.gpus} is more than a node's "
-                f"{settings.gpus_per_node}; only vLLM spans nodes here (engine: vllm)"
-            ]
-        )
-    if group is None or group.pp < 2:
-        per_node = settings.gpus_per_node
-        group = EngineGroup(
-            "main",
-            max(spec.replicas.min, 1),
-            gpus=per_node,
-            pp=math.ceil(spec.resources.gpus / per_node),
-        )
-    stage = dataclasses.replace(group, pp=1, workers=())
-    leader = engine_pod(model, stage, settings)
-    engine = leader["containers"][0]
-    args = engine.pop("args")
-    serve = shlex.join(
-        [
-            "python3",
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            *args,
-            "--pipeline-parallel-size",
-            str(group.pp),
-            "--distributed-executor-backend",
-            "ray",
-        ]
-    )
-    engine.pop("command", None)
-    engine["command"] = [
-        "sh",
-        "-c",
-        f"ray start --head --port={RAY_PORT} && exec {serve}",
-    ]
-    worker = engine_pod(model, dataclasses.replace(stage, node=None), settings)
-    worker_engine = worker["containers"][0]
-    for key in ("args", "command", "readinessProbe", "startupProbe", "livenessProbe", "ports"):
-        worker_engine.pop(key, None)
-    worker_engine["command"] = [
-        "sh",
-        "-c",
-        f"ray start --address=$(LWS_LEADER_ADDRESS):{RAY_PORT} --block",
-    ]
-    if group.node is not None:
-        _pin(model, group, leader, (group.node,))
-        _pin(model, group, worker, group.workers)
-    labels = {LABEL_MODEL: model.name, LABEL_COMPONENT: "engine"}
-    return {
-        "apiVersion": "leaderworkerset.x-k8s.io/v1",
-        "kind": "LeaderWorkerSet",
-        "metadata": meta(f"engine-{model.name}", settings.namespace, labels),
-        "spec": {
-            "replicas": group.replicas,
-            "startupPolicy": "LeaderReady",
-            "leaderWorkerTemplate": {
-                "size": group.pp,
-                "restartPolicy": "RecreateGroupOnPodRestart",
-                "leaderTemplate": {"metadata": {"labels": labels}, "spec": leader},
-                "workerTemplate": {"metadata": {"labels": labels}, "spec": worker},
-            },
-        },
-    }
-
-
-def _pin(model: Model, group: EngineGroup, pod: dict[str, Any], hosts: Sequence[str]) -> None:
-    """Pods of a group on the planner's nodes: the leader on its node, the workers on theirs,
-    never two pods of one group on one node (each holds its stage's GPUs of that node)."""
-    pod["affinity"] = _affinity(model, group, hosts) | {
-        "podAntiAffinity": {
-            "requiredDuringSchedulingIgnoredDuringExecution": [
-                {
-                    "labelSelector": {"matchLabels": {LABEL_MODEL: model.name}},
-                    # The pods of the same group only (the scheduler adds the pod's own key).
-                    "matchLabelKeys": [LWS_GROUP_KEY],
-                    "topologyKey": "kubernetes.io/hostname",
-                }
-            ]
-        }
     }
 
 
