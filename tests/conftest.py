@@ -17,6 +17,7 @@ import sqlalchemy as sa
 import uvicorn
 from starlette.types import ASGIApp
 
+from gpufleet.controller import Controller
 from gpufleet.store import Store, sqlite_url
 
 T = TypeVar("T")
@@ -39,6 +40,17 @@ async def eventually(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"not within {timeout:g} s: {what}")
         await asyncio.sleep(0.01)
+
+
+async def passes(controller: Controller, name: str, n: int = 2, *, timeout: float = 30.0) -> None:
+    """``n`` whole reconcile passes of ``name``, each begun after the one before finished.
+
+    What a test waits for before asserting that nothing changed (no replica started, stopped
+    or written): the controller has looked at the current state, acted, and looked again.
+    """
+    async with asyncio.timeout(timeout):
+        for _ in range(n):
+            await controller.reconciled(name)
 
 
 def free_port() -> int:

@@ -14,6 +14,7 @@ from gpufleet.runtime import Phase
 from gpufleet.runtime.fake import FakeRuntime
 from gpufleet.spec import Model, load_text
 from gpufleet.store import Store, sqlite_url
+from tests.conftest import passes
 
 
 def model(name: str = "m", *, replicas: int = 1, ctx: int = 2048, most: int = 8) -> Model:
@@ -57,8 +58,8 @@ async def test_duplicate_triggers_do_not_double_start(env) -> None:  # type: ign
     for _ in range(20):
         controller.trigger("m")
     await settle(controller, lambda: len(controller.directory.get("m").endpoints) == 2)
-    await asyncio.sleep(0.05)
-    assert len(runtime.replicas("m")) == 2
+    await passes(controller, "m")
+    assert len(runtime.replicas("m")) == 2 and len(runtime.started) == 2
 
 
 async def test_scale_down_stops_extra_replicas(env) -> None:  # type: ignore[no-untyped-def]
@@ -77,7 +78,7 @@ async def test_new_generation_replaces_old_only_once_ready(env) -> None:  # type
     runtime.auto_ready = False
     await controller.apply([model(ctx=4096)])
     await settle(controller, lambda: {r.generation for r in runtime.replicas("m")} == {1, 2})
-    await asyncio.sleep(0.05)
+    await passes(controller, "m")
     # The new generation is not ready yet: the old one keeps serving.
     assert [r.generation for r in controller.directory.get("m").endpoints] == [1]
     new = next(r for r in runtime.replicas("m") if r.generation == 2)
@@ -103,7 +104,7 @@ async def test_permanent_error_is_reported_once_and_not_retried(env) -> None:  #
     await settle(controller, lambda: controller.directory.get("m").problem == "weights missing")
     for _ in range(5):
         controller.trigger("m")
-    await asyncio.sleep(0.1)
+    await passes(controller, "m")
     events = [e for e in controller.store.events("m") if e.reason == "FailedToStart"]
     assert len(events) == 1 and events[0].type == "Warning"
     assert controller.directory.get("m").status == "Failed"
@@ -144,7 +145,7 @@ async def test_a_change_outside_the_engine_template_restarts_nothing(env) -> Non
     await controller.apply([model(replicas=2)])
     await settle(controller, lambda: len(controller.directory.get("m").endpoints) == 2)
     await controller.apply([model(replicas=2, most=4)])  # generation 2: replicas.max only
-    await asyncio.sleep(0.1)
+    await passes(controller, "m")
     assert controller.directory.get("m").generation == 2
     assert len(runtime.started) == 2  # the same two engines serve generation 2
     await controller.apply([model(replicas=2, most=4, ctx=4096)])  # the engine changes

@@ -1,12 +1,12 @@
 """The controller with its autoscaler: the fake runtime, scripted demand, an injected clock.
 
 No test sleeps for a window: the clock is a number the test moves, and each autoscaler pass is
-called by the test (the background loop's interval is an hour)."""
+called by the test (the background loop's interval is an hour). "Nothing changed" is asserted
+after whole reconcile passes (``passes``), not after a sleep."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +16,11 @@ import pytest
 
 from gpufleet.autoscale import Sample
 from gpufleet.controller import Autoscaler, Controller, PlannerCapacity
+from gpufleet.runtime import Replica, ReplicaRequest
 from gpufleet.runtime.fake import FakeRuntime
 from gpufleet.spec import API_VERSION, Inventory, Model, parse_document
 from gpufleet.store import Store, sqlite_url
+from tests.conftest import passes
 
 
 class Clock:
@@ -37,8 +39,11 @@ class Demand:
     arrivals: dict[str, int] = field(default_factory=dict)
     #: Requests in flight per replica (the controller drains a replica by it).
     busy: dict[str, int] = field(default_factory=dict)
+    #: How often the controller asked, per replica (a drain asks until the replica is idle).
+    asked: dict[str, int] = field(default_factory=dict)
 
     def in_flight_on(self, replica_id: str) -> int:
+        self.asked[replica_id] = self.asked.get(replica_id, 0) + 1
         return self.busy.get(replica_id, 0)
 
     def sample(self, model: str, now: float) -> Sample:
@@ -62,7 +67,7 @@ class Env:
     store: Store
     clock: Clock
     demand: Demand
-    runtime: FakeRuntime
+    runtime: PeakRuntime
     controller: Controller
 
     def running(self, name: str = "m") -> int:
@@ -83,11 +88,25 @@ class Env:
         return [e.reason for e in self.store.events(name, limit=1000)]
 
 
+class PeakRuntime(FakeRuntime):
+    """The fake runtime, counting the most replicas of one model it ran at once."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda r, i: f"http://engine-{i}")
+        self.peak: dict[str, int] = {}
+
+    async def start(self, request: ReplicaRequest) -> Replica:
+        replica = await super().start(request)
+        running = len(self.replicas(request.model))
+        self.peak[request.model] = max(self.peak.get(request.model, 0), running)
+        return replica
+
+
 async def start(
     store: Store, clock: Clock, capacity: PlannerCapacity | None = None
-) -> tuple[Demand, FakeRuntime, Controller]:
+) -> tuple[Demand, PeakRuntime, Controller]:
     demand = Demand()
-    runtime = FakeRuntime(lambda r, i: f"http://engine-{i}")
+    runtime = PeakRuntime()
     autoscaler = Autoscaler(store, demand, capacity=capacity, clock=clock, interval_s=3600)
     controller = Controller(store, runtime, autoscaler=autoscaler, resync_s=3600)
     await controller.start()
@@ -206,7 +225,7 @@ async def test_restart_keeps_the_scale_to_zero_timer(tmp_path: Path) -> None:
     # And a model at zero stays at zero through a restart.
     demand, runtime, controller = await start(store, clock)
     try:
-        await asyncio.sleep(0.05)
+        await passes(controller, "m")
         assert runtime.started == []
     finally:
         await stop(runtime, controller)
@@ -243,7 +262,7 @@ async def test_desired_replicas_are_bounded_by_what_the_planner_places(tmp_path:
         await controller.apply([gpu_model("m")])
         await env.seconds(60, m=80)
         await env.settle(lambda: env.running() == 2)  # 2 × 30 GiB fit in 90 % of 80 GB
-        await asyncio.sleep(0.05)
+        await passes(controller, "m")
         assert env.running() == 2
         unschedulable = [e for e in store.events("m") if e.reason == "Unschedulable"]
         assert len(unschedulable) == 1  # reported once, not every second
@@ -302,9 +321,15 @@ async def test_a_replica_being_stopped_drains_its_requests_first(env: Env) -> No
     for r in env.runtime.replicas("m"):
         env.demand.busy[r.id] = 3
     await env.controller.apply([model(replicas={"min": 1, "max": 1}, drain="1m")])
-    # Out of routing at once, still running while its requests finish.
+    # Out of routing at once, still running while its requests finish: the drain has found
+    # it busy again and again, and has not stopped it.
     await env.settle(lambda: len(env.controller.directory.get("m").endpoints) == 1)  # type: ignore[union-attr]
-    await asyncio.sleep(0.2)
+    (draining,) = {r.id for r in env.runtime.replicas("m")} - {
+        r.id
+        for r in env.controller.directory.get("m").endpoints  # type: ignore[union-attr]
+    }
+    asked = env.demand.asked.get(draining, 0)
+    await env.settle(lambda: env.demand.asked.get(draining, 0) >= asked + 3)
     assert env.running() == 2
     env.demand.busy.clear()
     await env.settle(lambda: env.running() == 1)
@@ -335,7 +360,7 @@ async def test_a_scheduled_model_runs_only_inside_its_window(env: Env) -> None:
     assert entry is not None and entry.status == "OffSchedule"
     assert entry.problem.endswith("it opens at 2026-11-27 20:00 UTC")
     await env.controller.wake("m")  # a request outside the window does not start it
-    await asyncio.sleep(0.05)
+    await passes(env.controller, "m")
     assert env.running() == 0
     env.clock.t = dt.datetime(2026, 11, 27, 20, 0, 1, tzinfo=dt.UTC).timestamp()
     await env.seconds(1, m=0)
@@ -347,15 +372,6 @@ async def test_a_rollout_on_a_full_fleet_replaces_in_place(tmp_path: Path) -> No
     clock = Clock()
     demand, runtime, controller = await start(store, clock, PlannerCapacity(one_gpu()))
     env = Env(store, clock, demand, runtime, controller)
-    peak = 0
-
-    async def watch() -> None:
-        nonlocal peak
-        while True:
-            peak = max(peak, env.running())
-            await asyncio.sleep(0.001)
-
-    watcher = asyncio.create_task(watch())
     try:
         await controller.apply([gpu_model("m", replicas={"min": 2, "max": 2})])
         await env.seconds(1)
@@ -366,11 +382,8 @@ async def test_a_rollout_on_a_full_fleet_replaces_in_place(tmp_path: Path) -> No
         await env.settle(
             lambda: sorted(r.generation for r in runtime.replicas("m")) == [2, 2], timeout=10
         )
-        assert peak == 2  # never three 30 GiB replicas on a GPU that holds two
+        assert runtime.peak["m"] == 2  # never three 30 GiB replicas on a GPU that holds two
         assert env.reasons().count("ReplacingInPlace") == 2
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
         await stop(runtime, controller)
         store.close()

@@ -22,7 +22,7 @@ from gpufleet.engines import parse_vllm
 from gpufleet.hardware import CATALOG
 from gpufleet.sizing import load_architecture
 from gpufleet.sizing.performance import PerfModel
-from tests.conftest import free_port
+from tests.conftest import eventually, free_port
 
 LLAMA_8B = Path(__file__).parents[1] / "data" / "configs" / "llama-3-8b.json"
 LONG_SYSTEM = "You are a careful assistant who answers in full sentences. " * 120  # ~1,800 tokens
@@ -179,9 +179,12 @@ async def test_slow_start_is_unready_then_ready() -> None:
     ):
         async with http.get(f"{url}/v1/models") as resp:
             assert resp.status == 503
-        await asyncio.sleep(0.6)
-        async with http.get(f"{url}/v1/models") as resp:
-            assert resp.status == 200
+
+        async def ready() -> bool:
+            async with http.get(f"{url}/v1/models") as resp:
+                return resp.status == 200
+
+        await eventually(ready, "the replica is ready after its slow start")
 
 
 async def test_crash_stops_the_replica_answering() -> None:

@@ -372,11 +372,17 @@ async def test_a_slot_is_released_only_to_its_own_queue() -> None:
 
 
 async def test_waited_s_measures_the_time_queued() -> None:
+    loop = asyncio.get_running_loop()  # the queue's clock
     h = await one_slot_held()
+    before_add = loop.time()
     await h.add("w", "a")
+    queued = loop.time()
     await asyncio.sleep(0.02)
+    before_serve = loop.time()
     await h.serve(1)
-    assert 0.015 <= h.held[0].waited_s < 1.0
+    # Queued before ``queued`` and served after ``before_serve`` (the 20 ms between them
+    # included), both within the calls.
+    assert before_serve - queued <= h.held[0].waited_s <= loop.time() - before_add
     await h.close()
 
 

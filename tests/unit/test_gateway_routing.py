@@ -18,6 +18,7 @@ from gpufleet.runtime import ReplicaRequest
 from gpufleet.sizing import load_architecture
 from gpufleet.sizing.performance import PerfModel
 from tests import sites
+from tests.conftest import eventually
 
 CONFIG = sites.CONFIG
 SYSTEM = "You answer questions about the company's travel policy, precisely and briefly. " * 30
@@ -30,6 +31,8 @@ class Fleet:
     controller: Controller
     scraper: EngineScraper
     http: aiohttp.ClientSession
+    #: Where each of ``engines`` listens.
+    urls: list[str]
 
     async def chat(self, model: str, user: str, headers: dict[str, str] | None = None) -> None:
         body = {
@@ -44,6 +47,9 @@ class Fleet:
 
     def served(self) -> list[int]:
         return [e.prompt_tokens_total for e in self.engines]
+
+    def engine(self, url: str | None) -> EmulatedEngine:
+        return self.engines[self.urls.index(url or "")]
 
 
 @pytest.fixture
@@ -75,7 +81,7 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
             ) as site,
             aiohttp.ClientSession() as http,
         ):
-            yield Fleet(site.url, engines, site.controller, site.stack.scraper, http)
+            yield Fleet(site.url, engines, site.controller, site.stack.scraper, http, urls)
 
 
 async def test_prefix_policy_keeps_a_shared_prompt_on_one_replica(fleet: Fleet) -> None:
@@ -133,8 +139,8 @@ async def test_replica_killed_mid_load_loses_no_plain_request(fleet: Fleet) -> N
             return resp.status
 
     tasks = [asyncio.create_task(ask()) for _ in range(30)]
-    await asyncio.sleep(0.05)
     victim = fleet.controller.directory.get("lor").endpoints[0]  # type: ignore[union-attr]
+    await eventually(lambda: fleet.engine(victim.url).running, "the victim is serving")
     async with fleet.http.post(f"{victim.url}/emulator/v1/crash") as resp:
         assert resp.status == 202
     statuses = await asyncio.gather(*tasks)
@@ -154,21 +160,19 @@ async def test_stream_cut_by_a_dying_replica_ends_with_an_error_event(fleet: Fle
         "stream": True,
         "messages": [{"role": "user", "content": "tell me"}],
     }
-    first_chunk = asyncio.Event()
+    streaming: set[int] = set()
 
-    async def stream() -> str:
+    async def stream(i: int) -> str:
         async with fleet.http.post(f"{fleet.url}/v1/chat/completions", json=body) as resp:
             assert resp.status == 200
             out = b""
             async for chunk in resp.content.iter_any():
                 out += chunk
-                first_chunk.set()
+                streaming.add(i)
             return out.decode()
 
-    tasks = [asyncio.create_task(stream()) for _ in range(3)]
-    async with asyncio.timeout(10):
-        await first_chunk.wait()
-    await asyncio.sleep(0.2)
+    tasks = [asyncio.create_task(stream(i)) for i in range(3)]
+    await eventually(lambda: len(streaming) == 3, "every stream has its first chunk", timeout=10)
     victim = fleet.controller.directory.get("lor").endpoints[0]  # type: ignore[union-attr]
     async with fleet.http.post(f"{victim.url}/emulator/v1/crash") as resp:
         assert resp.status == 202

@@ -19,6 +19,7 @@ from gpufleet.runtime.kubernetes.client import ClientKube
 from gpufleet.spec import ModelSpec
 from gpufleet.store import Store, sqlite_url
 from tests import kube_server
+from tests.conftest import passes
 
 NS = "gpufleet"
 
@@ -340,10 +341,10 @@ async def test_a_wake_stamp_from_a_gateway_starts_a_model_at_zero(tmp_path: Path
     from gpufleet.operator import WAKE_ANNOTATION
 
     kube = FakeKube()
-    async with operating(tmp_path, kube) as (store, _controller, operator, _clock):
+    async with operating(tmp_path, kube) as (store, controller, operator, _clock):
         await kube.create(resource(replicas={"min": 0, "max": 2}))
         await operator.step()
-        await asyncio.sleep(0.05)
+        await passes(controller, "llama")
         assert pods(kube) == []  # at zero: nothing runs
         obj = await kube.get("Model", NS, "llama")
         assert obj is not None
@@ -410,7 +411,7 @@ async def test_replicas_are_pinned_where_the_planner_puts_them(tmp_path: Path) -
         for _ in range(10):
             clock.t += 1
             await controller.autoscale_once()
-        await asyncio.sleep(0.05)
+        await passes(controller, "llama")
         assert len(pods(kube)) == 2
         assert "Unschedulable" in [e.reason for e in store.events("llama")]
 

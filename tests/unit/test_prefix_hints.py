@@ -43,7 +43,10 @@ async def test_unreachable_redis_degrades_to_local_routing() -> None:
 
 
 @pytest.fixture
-async def two_gateways(tmp_path: Path) -> AsyncIterator[tuple[str, str, list[EmulatedEngine]]]:
+async def two_gateways(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[str, str, list[EmulatedEngine], RedisPrefixHints]]:
+    """Gateways A and B over the same three engines; A's hints, to wait for its writes."""
     engines = [sites.emulated(time_scale=0.01) for _ in range(3)]
     started: dict[str, int] = {}
     models = ("apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: m}\n"
@@ -71,13 +74,14 @@ async def two_gateways(tmp_path: Path) -> AsyncIterator[tuple[str, str, list[Emu
             for stack in (a.stack, b.stack):
                 assert stack.gateway.upstream.hints is not None
                 stack.gateway.upstream.hints.namespace = namespace
-            yield a.url, b.url, engines
+            assert isinstance(a.stack.gateway.upstream.hints, RedisPrefixHints)
+            yield a.url, b.url, engines, a.stack.gateway.upstream.hints
 
 
 async def test_a_second_gateway_follows_the_first_ones_prefix(
-    two_gateways: tuple[str, str, list[EmulatedEngine]],
+    two_gateways: tuple[str, str, list[EmulatedEngine], RedisPrefixHints],
 ) -> None:
-    a, b, engines = two_gateways
+    a, b, engines, hints = two_gateways
 
     def chat(user: str, tokens: int = 2) -> dict[str, object]:
         return {"model": "m", "max_tokens": tokens, "stream": True,
@@ -102,7 +106,7 @@ async def test_a_second_gateway_follows_the_first_ones_prefix(
         ]
         assert len(holder) == 1
         before = [e.prompt_tokens_total for e in engines]
-        await asyncio.sleep(0.1)  # the hint is written in the background
+        await asyncio.gather(*hints._pending)  # the hints are written in the background
         async with http.post(f"{b}/v1/chat/completions", json=chat("second")) as resp:
             assert resp.status == 200
             await resp.read()

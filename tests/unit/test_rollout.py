@@ -17,6 +17,7 @@ from gpufleet.runtime.base import Phase
 from gpufleet.runtime.fake import FakeRuntime
 from gpufleet.spec import API_VERSION, Model, ModelSpec, parse_document
 from gpufleet.store import Store, sqlite_url
+from tests.conftest import passes
 from tests.unit.test_controller_autoscale import Clock
 
 
@@ -72,10 +73,9 @@ class Env:
                 await asyncio.sleep(0.005)
 
     async def later(self, seconds: float) -> None:
-        """Move the clock and let the controller look again."""
+        """Move the clock and wait for the controller to have looked again."""
         self.clock.t += seconds
-        self.controller.trigger("m")
-        await asyncio.sleep(0.05)
+        await passes(self.controller, "m")
 
     def reasons(self) -> list[str]:
         return [e.reason for e in self.store.events("m", limit=1000)]

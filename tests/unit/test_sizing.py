@@ -142,9 +142,10 @@ def test_hf_config_problems_are_source_errors(change: dict[str, object], message
 
 
 def test_smollm2_gguf_is_read_from_its_header_fast() -> None:
-    started = time.perf_counter()
+    # CPU time, not wall-clock: the claim is little work, which a busy machine does not change.
+    started = time.thread_time()
     arch = from_gguf(smollm2_gguf())
-    assert time.perf_counter() - started < 1.0
+    assert time.thread_time() - started < 1.0
     assert (arch.layers, arch.hidden_size, arch.attention_heads, arch.kv_heads) == (30, 576, 9, 3)
     assert (arch.head_dim, arch.vocab_size, arch.intermediate_size) == (64, 49152, 1536)
     assert arch.family == "llama" and arch.max_context == 8192

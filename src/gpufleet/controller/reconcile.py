@@ -75,6 +75,11 @@ class Controller:
         #: Replicas out of routing, finishing their requests before they stop.
         self._draining: dict[str, asyncio.Task[None]] = {}
         self._drain_model: dict[str, str] = {}
+        #: Worker passes begun and finished per model, and a condition notified as each one
+        #: finishes: what ``reconciled`` waits on.
+        self._begun: dict[str, int] = {}
+        self._finished: dict[str, int] = {}
+        self._passed = asyncio.Condition()
         self._stopped = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -120,6 +125,18 @@ class Controller:
         self._dirty.setdefault(name, asyncio.Event()).set()
         if name not in self._workers:
             self._workers[name] = asyncio.create_task(self._worker(name), name=f"reconcile:{name}")
+
+    async def reconciled(self, name: str) -> None:
+        """Return once a pass for ``name`` that began after this call has finished.
+
+        A test that asserts nothing changed (no replica started or stopped) waits on this
+        instead of sleeping: the pass saw the state as of the call, and took every step it was
+        going to take. Waits for ever on a stopped controller; callers bound it.
+        """
+        target = self._begun.get(name, 0) + 1
+        self.trigger(name)
+        async with self._passed:
+            await self._passed.wait_for(lambda: self._finished.get(name, 0) >= target)
 
     # -- desired state ----------------------------------------------------------------------
 
@@ -464,6 +481,7 @@ class Controller:
         while True:
             await event.wait()
             event.clear()
+            self._begun[name] = self._begun.get(name, 0) + 1
             delay: float | None
             try:
                 delay = await self.reconcile(name)
@@ -475,6 +493,9 @@ class Controller:
                 delay = self._retry_s
             if delay is not None:
                 loop.call_later(delay, self.trigger, name)
+            self._finished[name] = self._begun[name]
+            async with self._passed:
+                self._passed.notify_all()
 
     async def _watch(self) -> None:
         stream = self.runtime.watch()
