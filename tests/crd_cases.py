@@ -22,6 +22,7 @@ API_VERSION = "gpufleet.io/v1alpha1"
 #: Files whose Model and Tenant documents are examples users copy.
 EXAMPLE_FILES = (
     "examples/models.yaml",
+    "examples/smollm2.yaml",
     "deploy/e2e/model.yaml",
     "tests/data/k8s/models.yaml",
     "tests/data/k8s/placed.yaml",

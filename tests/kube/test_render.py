@@ -6,11 +6,12 @@ and the GPUs the planner chose, whole GPUs being one pod's each."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import yaml
 
 from tests.kube.conftest import Nodes
 from tests.kube.controlplane import ROOT
+from tests.readme import kubernetes_commands
 
 Kubectl = Callable[..., subprocess.CompletedProcess[str]]
 DATA = ROOT / "tests" / "data" / "k8s"
@@ -242,3 +244,79 @@ async def test_with_an_inventory_each_engine_lands_where_the_planner_put_it(
         )
     assert sorted(by_model["llama-3-8b"]) == ["node-1"] * 3
     assert by_model["qwen-small"] == ["node-2"]  # its own MIG instance
+
+
+@contextlib.contextmanager
+def keda_crd(kubectl: Kubectl) -> Iterator[None]:
+    """KEDA's ScaledObject CRD (``tests/data/k8s/keda-crd.yaml``) for the block, removed after
+    it unless it was there before."""
+    name = "crd/scaledobjects.keda.sh"
+    there = kubectl("get", name, "--ignore-not-found", "-o", "name").stdout.strip() != ""
+    kubectl("apply", "--server-side", "-f", str(DATA / "keda-crd.yaml"))
+    kubectl("wait", "--for=condition=Established", name, "--timeout=60s")
+    try:
+        yield
+    finally:
+        if not there:
+            kubectl("delete", name, "--wait=true", "--timeout=120s")
+
+
+def in_namespace(words: Sequence[str], namespace: str) -> list[str]:
+    """A README ``gpufleet render`` line's arguments, in the test's namespace, printing to
+    stdout (its ``> FILE`` dropped)."""
+    args = list(words[2:])
+    if ">" in args:
+        del args[args.index(">") :]
+    if "--namespace" in args:
+        args[args.index("--namespace") + 1] = namespace
+    else:
+        args += ["--namespace", namespace]
+    return args
+
+
+async def test_the_readme_render_lines_apply_as_written(
+    kubectl: Kubectl, namespace: str, nodes: Nodes, cleanup: None
+) -> None:
+    """The README's Kubernetes block, from the repository root, on the files it names: each
+    output — alternatives, so each in a namespace of its own — applied server-side (strict
+    field validation, Pod Security ``restricted``); the loader Job's pod admitted; the pinned
+    output's engine bound by the real scheduler to the CPU node the planner chose."""
+    lines = kubernetes_commands("gpufleet")
+    assert len(lines) == 3 and all(words[1] == "render" for words in lines)
+    await nodes.add("cpu-1", gpus=0)  # the example inventory's CPU node ...
+    await nodes.add(f"{namespace}-elsewhere", gpus=0)  # ... and one the planner did not pick
+    extra = [f"{namespace}-{i}" for i in range(1, len(lines))]
+    with keda_crd(kubectl), contextlib.ExitStack() as stack:
+        # No kubelet finishes what the controllers delete: orphan the pods, then remove them,
+        # before the namespaces go (``cleanup`` waits for that).
+        for where in extra:
+            stack.callback(remove_pods, kubectl, where)
+            stack.callback(
+                kubectl, "delete", "deploy,rs,job", "--all", "-n", where, "--cascade=orphan"
+            )
+        for i, words in enumerate(lines):
+            where = namespace if i == 0 else extra[i - 1]
+            a_volume_for_the_cache(kubectl, f"cache-{where}")
+            docs = render(*in_namespace(words, where))
+            apply(kubectl, docs)
+            assert get_json(kubectl, "job", "-n", where)["items"]
+
+            def loading(where: str = where) -> Any:
+                selector = "app.kubernetes.io/component=loader"
+                return get_json(kubectl, "pods", "-n", where, "-l", selector)["items"]
+
+            wait_for(
+                f"the loader's pod in {where}", loading, explain=lambda w=where: scene(kubectl, w)
+            )
+            if "--keda" in words:
+                scaled = get_json(kubectl, "scaledobject", "engine-smollm2", "-n", where)
+                assert scaled["spec"]["scaleTargetRef"]["name"] == "engine-smollm2"
+            if "--inventory" in words:
+
+                def bound(where: str = where) -> list[dict[str, Any]]:
+                    return [p for p in engine_pods(kubectl, where) if p["spec"].get("nodeName")]
+
+                (pod,) = wait_for(
+                    "the pinned engine pod bound", bound, explain=lambda w=where: scene(kubectl, w)
+                )
+                assert pod["spec"]["nodeName"] == "cpu-1"

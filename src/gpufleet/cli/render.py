@@ -51,9 +51,10 @@ def render_command(
     ] = None,
 ) -> None:
     """Print plain manifests for the models and tenants in FILE (deterministic output)."""
+    from gpufleet.cli.sizing import size_here
     from gpufleet.hardware import load_inventory
-    from gpufleet.planner import deployment_for
     from gpufleet.runtime.kubernetes import RenderSettings, render, to_yaml
+    from gpufleet.runtime.kubernetes.checks import check
     from gpufleet.runtime.kubernetes.common import ModelCache
     from gpufleet.spec import load_file_resources
     from gpufleet.spec.crd import crds as crd_documents
@@ -67,7 +68,6 @@ def render_command(
             models += m
             tenants += t
         fleet = load_inventory(inventory) if inventory is not None else None
-        deployments = {m.name: deployment_for(m, None) for m in models} if fleet else None
         cache = (
             ModelCache(
                 size=model_cache_size,
@@ -84,6 +84,11 @@ def render_command(
             engine_port=engine_port,
             keda_prometheus=keda,
         )
+        deployments = None
+        if fleet is not None:
+            # Sized as ``plan`` sizes them; a model Kubernetes cannot run is left to ``render``,
+            # which says why.
+            deployments = {m.name: size_here(m) for m in models if not check(m, settings)}
         objects = render(models, tenants, settings, inventory=fleet, deployments=deployments)
     except SpecError as exc:
         spec_problems(exc.problems)

