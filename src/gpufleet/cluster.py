@@ -12,6 +12,10 @@ The view is followed by supervised loops (``gpufleet.supervise``): a loop that f
 again from a fresh list (models deleted meanwhile leave the directory), and ``unhealthy()``
 names the loops that are down, for the gateway's readiness. Pods that are terminating are not
 routed to: the runtime reports them ``Stopping`` as soon as their ``deletionTimestamp`` is set.
+
+Engines answer only bearers of the engine key (the Secret ``gpufleet-engine-key``, which the
+operator creates): the gateway reads it from ``GPUFLEET_ENGINE_KEY`` (the chart mounts it there)
+and sends it to every engine pod; NetworkPolicies stay as the second wall.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpufleet.controller import DemandSource, Directory
+from gpufleet.engines.base import ENGINE_KEY_ENV
 from gpufleet.errors import PermanentError, SpecError
 from gpufleet.gateway.shared_demand import DemandPublisher
 from gpufleet.runtime import Runtime
@@ -55,6 +60,7 @@ class ClusterPlane:
         redis_url: str | None = None,
         engine_port: int = PORT,
         loops: Supervisor | None = None,
+        engine_key: str | None = None,
     ) -> None:
         self.api = api
         self.store = store
@@ -66,6 +72,7 @@ class ClusterPlane:
             api,
             RenderSettings(namespace=namespace, engine_port=engine_port),
             engine_port=engine_port,
+            engine_key=engine_key,
         )
         #: For the admin API's replica listings (the gateway never starts or stops pods).
         self.runtime: Runtime = self.pods
@@ -247,6 +254,13 @@ async def serve_cluster_gateway(cfg: GatewayConfig, api: KubeApi) -> None:
     from gpufleet.gateway.serving import bind_socket, gateway_server, raise_open_files_limit
 
     raise_open_files_limit()
+    engine_key = os.environ.get(ENGINE_KEY_ENV) or None
+    if engine_key is None:
+        log.warning(
+            "%s is not set: engines refuse a gateway without their key (mount the Secret "
+            "gpufleet-engine-key, key 'key', as the Helm chart does)",
+            ENGINE_KEY_ENV,
+        )
     sock = bind_socket(cfg.host, cfg.port)
     store = await asyncio.to_thread(Store.open, cfg.store_url)
     plane = ClusterPlane(
@@ -256,6 +270,7 @@ async def serve_cluster_gateway(cfg: GatewayConfig, api: KubeApi) -> None:
         gateway_id=f"gw-{secrets.token_hex(4)}",
         redis_url=cfg.redis_url,
         engine_port=cfg.engine_port,
+        engine_key=engine_key,
     )
     stack = assemble(plane, GatewaySettings(redis_url=cfg.redis_url))
     try:

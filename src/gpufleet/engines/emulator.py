@@ -10,7 +10,9 @@ instead — e.g. ``python bench/null_engine.py {port}`` — so a benchmark can p
 of its own behind the real gateway, launched and supervised as any engine is, without a field
 in the Model schema that a user could set by mistake. ``{host}``, ``{port}`` and ``{model}``
 (the served name) are filled in; the command must serve ``/v1/models`` (readiness) and
-``/health`` (liveness). The variable is read once, when gpufleet imports its adapters, and
+``/health`` (liveness). Its secret, as the emulator's, comes in ``GPUFLEET_ENGINE_KEY`` (an
+environment variable, not a placeholder: arguments show in ``ps``); a command that enforces
+it answers 401 without it, one that ignores it still serves the gateway. The variable is read once, when gpufleet imports its adapters, and
 every launch it changes logs a warning, so a stray setting does not go unnoticed.
 """
 
@@ -22,7 +24,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from gpufleet.engines.base import LOCAL, Launch, Placement, ReadinessProbe
+from gpufleet.engines.base import ENGINE_KEY_ENV, LOCAL, Launch, Placement, ReadinessProbe
 from gpufleet.engines.metrics import EngineLoad, parse_vllm
 from gpufleet.spec import ModelSpec
 
@@ -37,6 +39,7 @@ COMMAND_ENV = "GPUFLEET_EMULATOR_COMMAND"
 class EmulatorEngine:
     name = "emulator"
     metrics_path: str | None = "/metrics"
+    api_key_env: str | None = ENGINE_KEY_ENV
 
     def __init__(self, command: str | None = None) -> None:
         #: A command template run instead of the emulator; None runs the emulator.
@@ -58,9 +61,11 @@ class EmulatorEngine:
         host: str,
         port: int,
         placement: Placement = LOCAL,
+        api_key: str | None = None,
     ) -> Launch:
+        env = {ENGINE_KEY_ENV: api_key} if api_key is not None else {}
         if self.command is not None:
-            return self._replaced(served_name, host, port)
+            return self._replaced(served_name, host, port, env)
         gpu = placement.gpu_type or (
             spec.resources.gpu_types[0] if spec.resources.gpu_types else "H100"
         )
@@ -79,12 +84,13 @@ class EmulatorEngine:
         argv += spec.engine_args
         return Launch(
             argv=tuple(argv),
+            env=env,
             readiness=ReadinessProbe("GET", "/v1/models", timeout_s=60.0),
             metrics_path="/metrics",
             stop_grace_s=5.0,
         )
 
-    def _replaced(self, served_name: str, host: str, port: int) -> Launch:
+    def _replaced(self, served_name: str, host: str, port: int, env: dict[str, str]) -> Launch:
         """The hook's command, its placeholders filled in; a bad template is the replica's
         failure (ValueError), never the process's."""
         assert self.command is not None
@@ -101,6 +107,7 @@ class EmulatorEngine:
         log.warning("replica of %s runs %s (from %s)", served_name, shlex.join(argv), COMMAND_ENV)
         return Launch(
             argv=argv,
+            env=env,
             readiness=ReadinessProbe("GET", "/v1/models", timeout_s=60.0),
             metrics_path="/metrics",
             stop_grace_s=5.0,

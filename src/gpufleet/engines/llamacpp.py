@@ -5,7 +5,9 @@ embeddings (see that module). Facts this rests on (llama-cpp-python 0.3.x): the 
 port, so ``GET /v1/models`` answering is a true readiness signal; it serves one request at a time;
 ``interrupt_requests`` defaults to true, which would let a new request cut off a stream in flight
 behind a gateway, so it is switched off; it has no ``/metrics``, and no ``/health`` but the one
-``llamacpp_main`` adds for liveness (the default ``Launch.liveness_path``).
+``llamacpp_main`` adds for liveness (the default ``Launch.liveness_path``). Its ``api_key``
+guards every other route (a 401 without it); ``llamacpp_main`` reads the key from
+``GPUFLEET_ENGINE_KEY`` rather than an argument anyone could read with ``ps``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from gpufleet.engines.base import LOCAL, Launch, Placement, ReadinessProbe
+from gpufleet.engines.base import ENGINE_KEY_ENV, LOCAL, Launch, Placement, ReadinessProbe
 from gpufleet.engines.metrics import EngineLoad
 from gpufleet.spec import ModelSpec
 
@@ -25,6 +27,7 @@ __all__ = ["LlamaCppEngine"]
 class LlamaCppEngine:
     name = "llamacpp"
     metrics_path: str | None = None
+    api_key_env: str | None = ENGINE_KEY_ENV
 
     def unavailable_reason(self) -> str | None:
         if importlib.util.find_spec("llama_cpp") is None:
@@ -40,6 +43,7 @@ class LlamaCppEngine:
         host: str,
         port: int,
         placement: Placement = LOCAL,
+        api_key: str | None = None,
     ) -> Launch:
         if weights.is_dir():
             ggufs = sorted(weights.glob("*.gguf"))
@@ -60,9 +64,12 @@ class LlamaCppEngine:
         if spec.embeddings:
             argv += ["--embedding", "true", "--pooling", "mean"]
         argv += spec.engine_args
+        env = placement.device_env()
+        if api_key is not None:
+            env[ENGINE_KEY_ENV] = api_key
         return Launch(
             argv=tuple(argv),
-            env=placement.device_env(),
+            env=env,
             readiness=ReadinessProbe("GET", "/v1/models", timeout_s=120.0),
             metrics_path=None,
             stop_grace_s=5.0,

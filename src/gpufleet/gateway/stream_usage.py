@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
-__all__ = ["StreamCount", "count_stream", "streamed_text", "usage_event"]
+__all__ = ["StreamCount", "ask_unstreamed", "count_stream", "streamed_text", "usage_event"]
 
 log = logging.getLogger("gpufleet.gateway.stream_usage")
 
@@ -104,12 +104,14 @@ async def count_stream(
     body: bytes,
     text: str,
     request_id: str,
+    auth: Mapping[str, str] | None = None,
 ) -> StreamCount | None:
-    """Count a finished stream's tokens with the engine at ``base``; None when it cannot."""
+    """Count a finished stream's tokens with the engine at ``base`` (``auth``: the headers
+    its secret needs); None when it cannot."""
     counting = _counting_body(body)
     if counting is None:
         return None
-    headers = {"content-type": "application/json", "x-request-id": request_id}
+    headers = {"content-type": "application/json", "x-request-id": request_id, **(auth or {})}
     try:
         async with http.post(base + route, data=counting, headers=headers) as resp:
             resp.raise_for_status()
@@ -143,3 +145,38 @@ def usage_event(head: dict[str, Any], route: str, count: StreamCount) -> bytes:
         },
     }
     return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+async def ask_unstreamed(
+    http: aiohttp.ClientSession,
+    base: str,
+    route: str,
+    body: bytes,
+    request_id: str,
+    auth: Mapping[str, str] | None = None,
+) -> tuple[int, bytes] | None:
+    """The engine's status and body for the request again, not streamed and one token long.
+
+    llama-cpp-python answers a streamed request it refuses (a prompt beyond the context) with a
+    200 and no event, its reason only in its log; asked this way it answers the refusal (made
+    before any decoding) as an error body. None when the engine cannot be asked."""
+    asking = _counting_body(body)
+    if asking is None:
+        return None
+    headers = {"content-type": "application/json", "x-request-id": request_id, **(auth or {})}
+    failure: Exception | None = None
+    for _ in range(2):
+        try:
+            async with http.post(base + route, data=asking, headers=headers) as resp:
+                return resp.status, await resp.read()
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+            # The engine closes the connection its failed stream came on just after the
+            # stream's end, which may have put it back in the pool first: once more, anew.
+            failure = exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            failure = exc
+            break
+    log.warning(
+        "could not ask the engine about %s: %s: %s", request_id, type(failure).__name__, failure
+    )
+    return None

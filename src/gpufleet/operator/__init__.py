@@ -9,6 +9,7 @@ engine pods and status out — by responsibility:
 - ``status``: the status written back;
 - ``placement``: where a new replica goes (the planner on the nodes' inventory);
 - ``objects``: owned objects kept as written, without rewriting what already is;
+- ``engine_key``: the Secret engines answer to, made when missing;
 - ``process``: the process, wired in one place.
 """
 

@@ -3,8 +3,9 @@ the pod runtime, the controller, the planner's bound and the mirrors.
 
 A stand-by operator holds nothing but its store connection: it neither watches pods nor
 reconciles, so two replicas of the operator never both create pods. When it wins the Lease it
-adopts the pods it finds (labels say their model and generation), starts the controller, and
-runs a pass every ``interval_s``: tenants, then models, then status.
+adopts the pods it finds (labels say their model and generation), makes the engine key's
+Secret if it is missing, starts the controller, and runs a pass every ``interval_s``: tenants,
+then models, then status.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 from gpufleet.controller import Autoscaler, Controller, PlannerCapacity
 from gpufleet.gateway.shared_demand import RedisDemand
+from gpufleet.operator.engine_key import ensure_engine_key
 from gpufleet.operator.leadership import LeaderElection, Leadership
 from gpufleet.operator.models import ModelMirror
 from gpufleet.operator.placement import CLUSTER_PLANNING, ClusterPlacer, running_placements
@@ -121,6 +123,7 @@ async def acting(cfg: OperatorConfig, api: KubeApi, store: Store) -> AsyncIterat
 
     tasks: list[asyncio.Task[None]] = []
     try:
+        await ensure_engine_key(api, cfg.namespace)
         await runtime.start_watching()
         await controller.start()
         tasks.append(asyncio.create_task(refresh_inventory(), name="operator:inventory"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from gpufleet.spec import ModelSpec
@@ -57,10 +57,17 @@ class Replica:
     started_at: float | None = None
     ready_at: float | None = None
     embeddings: bool = False
+    #: The engine's secret: it answers only requests bearing it, and only the gateway (and the
+    #: runtime's probes) hold it. Never shown: not in repr, listings, events or logs.
+    api_key: str | None = field(default=None, repr=False)
 
     @property
     def routable(self) -> bool:
         return self.phase is Phase.READY and self.url is not None
+
+    def auth_headers(self) -> dict[str, str]:
+        """The headers that let a request through to this replica's engine."""
+        return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
 class ReplicaFeed:

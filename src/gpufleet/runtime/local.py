@@ -8,6 +8,11 @@ No orphans, ever. Children run in their own session (so a terminal's Ctrl-C reac
 which stops them in order, rather than every engine at once) and are stopped by process group
 (SIGTERM, then SIGKILL after the engine's grace period). If gpufleet itself is killed outright,
 ``PR_SET_PDEATHSIG`` makes the kernel send SIGKILL to each engine.
+
+Engines listen on loopback and each replica gets a random secret of its own (the engine's API
+key, passed by environment where the engine allows it): only this process, its probes and its
+gateway hold it, so another local user cannot reach an engine around the gateway's keys, quotas
+and ledger. The secret is kept off the replica's log (the launch line shows ``***``).
 """
 
 from __future__ import annotations
@@ -112,6 +117,7 @@ class LocalRuntime:
             generation=request.generation,
             phase=Phase.STARTING,
             embeddings=request.spec.embeddings,
+            api_key=secrets.token_urlsafe(32),
         )
         handle = _Handle(replica, request, adapter, weights, log_path)
         self._handles[rid] = handle
@@ -148,7 +154,10 @@ class LocalRuntime:
             path = found[0] if found else None
         if path is None or not path.exists():
             return ""
-        return await asyncio.to_thread(_tail, path, tail)
+        text = await asyncio.to_thread(_tail, path, tail)
+        key = handle.replica.api_key if handle else None
+        # An engine that prints its own settings (SGLang's server arguments) prints its key.
+        return text.replace(key, "***") if key else text
 
     def log_path(self, replica_id: str) -> Path | None:
         handle = self._handles.get(replica_id)
@@ -199,6 +208,7 @@ class LocalRuntime:
                 served_name=h.request.model,
                 host=self._host,
                 port=port,
+                api_key=h.replica.api_key,
             )
         except ValueError as exc:
             self._update(h, phase=Phase.FAILED, message=str(exc))
@@ -206,7 +216,10 @@ class LocalRuntime:
             return None
         h.launch = launch
         with h.log_path.open("ab") as log:
-            log.write(f"--- gpufleet: attempt {attempt}: {' '.join(launch.argv)}\n".encode())
+            line = " ".join(launch.argv)
+            if h.replica.api_key:
+                line = line.replace(h.replica.api_key, "***")
+            log.write(f"--- gpufleet: attempt {attempt}: {line}\n".encode())
             log.flush()
             h.proc = await asyncio.create_subprocess_exec(
                 *launch.argv,
@@ -248,7 +261,9 @@ class LocalRuntime:
         while time.monotonic() < deadline and not h.stopping.is_set():
             if exited.done():
                 return False
-            status = await self._request(probe.method, url + probe.path, probe.body, timeout=5.0)
+            status = await self._request(
+                probe.method, url + probe.path, probe.body, h.replica, timeout=5.0
+            )
             if status is not None and 200 <= status < 300:
                 return True
             await asyncio.wait({exited}, timeout=0.05 if status is None else 0.2)
@@ -268,7 +283,7 @@ class LocalRuntime:
             if done:
                 return
             status = await self._request(
-                "GET", url + launch.liveness_path, None, timeout=self._probe_timeout
+                "GET", url + launch.liveness_path, None, h.replica, timeout=self._probe_timeout
             )
             if status is None:
                 failures += 1
@@ -282,11 +297,13 @@ class LocalRuntime:
                 failures = 0
 
     async def _request(
-        self, method: str, url: str, body: bytes | None, *, timeout: float
+        self, method: str, url: str, body: bytes | None, replica: Replica, *, timeout: float
     ) -> int | None:
         if self._http is None:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
-        headers = {"content-type": "application/json"} if body is not None else None
+        headers = replica.auth_headers()
+        if body is not None:
+            headers["content-type"] = "application/json"
         try:
             async with self._http.request(
                 method,

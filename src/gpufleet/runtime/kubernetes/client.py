@@ -62,6 +62,7 @@ class Kind:
 
 KINDS: dict[str, Kind] = {
     "Pod": Kind("v1", "pods"),
+    "Secret": Kind("v1", "secrets"),
     "Job": Kind("batch/v1", "jobs"),
     "LeaderWorkerSet": Kind("leaderworkerset.x-k8s.io/v1", "leaderworkersets", optional=True),
     "Service": Kind("v1", "services"),

@@ -4,6 +4,12 @@
 fleet and an operated one start the same engine the same way. A model bigger than a node runs
 as a ``leader_worker_set``: vLLM tensor parallel within a node, pipeline parallel across the
 group's nodes, over Ray.
+
+Engines answer only bearers of the fleet's engine key: the Secret ``gpufleet-engine-key`` (key
+``key``), which the operator creates in its namespace and the gateways read. Each engine gets it
+from the Secret in the environment variable it reads (vLLM's ``VLLM_API_KEY``, llama-server's
+``LLAMA_API_KEY``), never in the pod spec; SGLang reads none, so its ``--api-key`` argument names
+``$(GPUFLEET_ENGINE_KEY)``, which the kubelet expands. The probes' ``/health`` stays open.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from gpufleet.engines import ADAPTERS
-from gpufleet.engines.base import LIVENESS_PATH
+from gpufleet.engines.base import ENGINE_KEY_ENV, LIVENESS_PATH
 from gpufleet.engines.base import Placement as EnginePlacement
 from gpufleet.hardware import CATALOG
 from gpufleet.planner import Placement
@@ -34,6 +40,8 @@ from gpufleet.runtime.kubernetes.loader import claim_of, wait_for_weights, weigh
 from gpufleet.spec import Model
 
 __all__ = [
+    "ENGINE_KEY_SECRET",
+    "ENGINE_KEY_SECRET_KEY",
     "LWS_GROUP_KEY",
     "LWS_INDEX",
     "EngineGroup",
@@ -42,6 +50,13 @@ __all__ = [
     "leader_worker_set",
     "placed_group",
 ]
+
+
+#: The Secret holding the key engines answer to (the operator makes it; gateways mount it).
+ENGINE_KEY_SECRET = "gpufleet-engine-key"
+ENGINE_KEY_SECRET_KEY = "key"
+#: The llama.cpp server image's variable for ``--api-key``.
+_LLAMA_SERVER_KEY_ENV = "LLAMA_API_KEY"
 
 
 @dataclass(frozen=True)
@@ -120,6 +135,8 @@ def engine_pod(model: Model, group: EngineGroup, settings: RenderSettings) -> di
             # The root filesystem is read-only: caches go to the writable volume.
             {"name": "HOME", "value": "/home/engine"},
             {"name": "XDG_CACHE_HOME", "value": "/home/engine/.cache"},
+            # The key it answers to, from the Secret: only the gateways hold it too.
+            _key_env(spec.engine),
         ],
         "resources": resources,
         "readinessProbe": {
@@ -196,6 +213,17 @@ def engine_pod(model: Model, group: EngineGroup, settings: RenderSettings) -> di
 _MODULES = {"vllm": "vllm.entrypoints.openai.api_server", "sglang": "sglang.launch_server"}
 
 
+def _key_env(engine: str) -> dict[str, Any]:
+    """The engine key from its Secret, in the variable the engine reads (an engine that reads
+    none gets ``GPUFLEET_ENGINE_KEY``, which its arguments name)."""
+    if engine == "llamacpp":
+        name = _LLAMA_SERVER_KEY_ENV
+    else:
+        name = ADAPTERS[engine].api_key_env or ENGINE_KEY_ENV
+    ref = {"name": ENGINE_KEY_SECRET, "key": ENGINE_KEY_SECRET_KEY}
+    return {"name": name, "valueFrom": {"secretKeyRef": ref}}
+
+
 def _engine_args(model: Model, group: EngineGroup, weights: PurePosixPath, port: int) -> list[str]:
     spec = model.spec
     if spec.engine == "llamacpp":
@@ -214,13 +242,16 @@ def _engine_args(model: Model, group: EngineGroup, weights: PurePosixPath, port:
         memory_fraction=group.memory_fraction,
         mig_profile=group.mig_profile,
     )
-    launch = ADAPTERS[spec.engine].launch(
+    adapter = ADAPTERS[spec.engine]
+    launch = adapter.launch(
         spec,
         weights=Path(str(weights)),
         served_name=model.name,
         host="0.0.0.0",
         port=port,
         placement=placement,
+        # Only an engine with no variable for it takes the key as an argument: a reference.
+        api_key=f"$({ENGINE_KEY_ENV})" if adapter.api_key_env is None else None,
     )
     # argv is [python, -m, module, ...]: the image's python runs the module (``command``).
     return list(launch.argv[3:])

@@ -96,8 +96,12 @@ class KubernetesRuntime:
         place: Callable[[ReplicaRequest], EngineGroup] | None = None,
         engine_port: int | None = None,
         loops: Supervisor | None = None,
+        engine_key: str | None = None,
     ) -> None:
         self.api = api
+        #: The key engine pods answer to (their Secret's), carried by every replica for the
+        #: gateway; None where nobody calls the engines (the operator).
+        self._engine_key = engine_key
         settings = settings or RenderSettings()
         if engine_port is not None and engine_port != settings.engine_port:
             # Kept for callers that still pass it: the port lives in the settings, which the
@@ -230,6 +234,7 @@ class KubernetesRuntime:
             phase=Phase.STARTING,
             started_at=time.time(),
             embeddings=request.spec.embeddings,
+            api_key=self._engine_key,
         )
         self._set(replica)
         return replica
@@ -344,6 +349,7 @@ class KubernetesRuntime:
             generation=generation,
             phase=Phase.STARTING,
             started_at=time.time(),
+            api_key=self._engine_key,
         )
         status = pod.get("status", {}) or {}
         if status.get("phase") in ("Failed", "Succeeded"):
