@@ -13,13 +13,15 @@ import pytest
 
 from gpufleet.gateway.auth import ANONYMOUS
 from gpufleet.gateway.errors import ApiError
-from gpufleet.gateway.request import parse, prepare
+from gpufleet.gateway.known_fields import KNOWN_FIELDS
+from gpufleet.gateway.request import Parsed, parse, prepare
 from gpufleet.gateway.validate import (
     CONTENT_PART_TYPES,
     MAX_DEPTH,
     ROLES,
     check_chat,
     check_completion,
+    check_embeddings,
     parse_body,
 )
 from tests import sites
@@ -220,10 +222,20 @@ def test_a_completion_longer_than_the_context_is_refused_like_openai(
     assert error.param == field
 
 
+def unchecked(body: dict[str, Any], route: str) -> Any:
+    """``prepare`` on a body ``parse`` would refuse (a field unknown on its route)."""
+    with pytest.raises(ApiError, match="Unrecognized request argument"):
+        parse(route, json.dumps(body).encode())
+    parsed = Parsed(body, json.dumps(body).encode(), body["model"], route == "/v1/embeddings")
+    entry = sites.directory(MODELS).get(parsed.model)
+    assert entry is not None
+    return prepare(parsed, entry, ANONYMOUS, lambda _: None, None, 256)
+
+
 def test_a_completion_of_the_whole_context_is_left_to_the_engine() -> None:
     """The prompt's size is an estimate here, so only the certain case is refused."""
     assert prepared({**CHAT, "max_tokens": 4096}).tokens > 4096
-    assert prepared({"model": "e", "input": "x", "max_tokens": 10**6}, "/v1/embeddings")
+    assert unchecked({"model": "e", "input": "x", "max_tokens": 10**6}, "/v1/embeddings")
 
 
 def test_a_developer_message_reaches_the_engine_as_a_system_message() -> None:
@@ -234,4 +246,77 @@ def test_a_developer_message_reaches_the_engine_as_a_system_message() -> None:
     assert prepared(CHAT).raw == json.dumps(CHAT).encode()  # untouched without one
     # A completion body's stray "messages" went unchecked: whatever it holds, no failure.
     odd = {"model": "m", "prompt": "x", "messages": [1, "developer", None]}
-    assert prepared(odd, "/v1/completions").data == odd
+    assert unchecked(odd, "/v1/completions").data == odd
+
+
+# Top-level fields: OpenAI's and the engines' own pass, anything else is refused.
+
+
+@pytest.mark.parametrize(
+    ("check", "body", "field"),
+    [
+        (check_chat, CHAT, "max_token"),
+        (check_chat, CHAT, "temprature"),
+        (check_completion, {"model": "m", "prompt": "x"}, "messages_"),
+        (check_completion, {"model": "m", "prompt": "x"}, "tools"),  # chat only
+        (check_embeddings, {"model": "e", "input": "x"}, "max_tokens"),
+        (check_embeddings, {"model": "e", "input": "x"}, "stream"),
+    ],
+)
+def test_an_unknown_field_is_refused_as_openai_refuses_it(
+    check: Any, body: dict[str, Any], field: str
+) -> None:
+    error = refused(check, {**body, field: 1})
+    assert error.message.startswith(f"Unrecognized request argument supplied: {field} ")
+    assert "neither an OpenAI parameter nor one of the engines" in error.message
+    assert (error.param, error.code) == (field, "unknown_parameter")
+
+
+def test_the_first_unknown_field_is_named_and_a_long_name_cut() -> None:
+    error = refused(check_chat, {**CHAT, "a" * 500: 1, "zz": 2})
+    assert error.param == "a" * 100
+
+
+def test_every_field_the_openai_sdk_sends_is_known() -> None:
+    """The SDK's request types of the installed ``openai``: a new field it gains fails here
+    until ``known_fields`` has it, so an SDK user is never refused."""
+    from openai.types import completion_create_params, embedding_create_params
+    from openai.types.chat import completion_create_params as chat_params
+
+    sdk = {
+        "/v1/chat/completions": chat_params.CompletionCreateParamsStreaming,
+        "/v1/completions": completion_create_params.CompletionCreateParamsStreaming,
+        "/v1/embeddings": embedding_create_params.EmbeddingCreateParams,
+    }
+    for route, params in sdk.items():
+        fields = set()
+        for cls in params.__mro__:
+            fields |= set(getattr(cls, "__annotations__", {}))
+        assert fields and fields <= KNOWN_FIELDS[route], (route, fields - KNOWN_FIELDS[route])
+
+
+def test_llama_cpp_pythons_own_fields_are_known() -> None:
+    from llama_cpp.server import types
+
+    for route, model in (
+        ("/v1/chat/completions", types.CreateChatCompletionRequest),
+        ("/v1/completions", types.CreateCompletionRequest),
+        ("/v1/embeddings", types.CreateEmbeddingRequest),
+    ):
+        assert set(model.model_fields) <= KNOWN_FIELDS[route], route
+
+
+@pytest.mark.parametrize(
+    "extension",
+    [
+        {"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1},  # vLLM, SGLang
+        {"guided_json": {"type": "object"}, "structured_outputs": {"choice": ["a", "b"]}},
+        {"chat_template_kwargs": {"enable_thinking": False}, "skip_special_tokens": False},
+        {"repeat_penalty": 1.1, "mirostat_mode": 2, "grammar": 'root ::= "a"'},  # llama.cpp
+        {"regex": "[ab]", "ebnf": 'root ::= "a"', "separate_reasoning": True},  # SGLang
+    ],
+)
+def test_the_engines_documented_extensions_pass(extension: dict[str, Any]) -> None:
+    assert check_chat({**CHAT, **extension}) == "m"
+    completion = {k: v for k, v in extension.items() if k in KNOWN_FIELDS["/v1/completions"]}
+    assert check_completion({"model": "m", "prompt": "x", **completion}) == "m"

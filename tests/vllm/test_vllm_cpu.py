@@ -7,10 +7,12 @@ is also the reference the emulator is held to (its metric names must be vLLM's).
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ from openai import OpenAI
 
 from gpufleet.emulator import EmulatedEngine, ReplicaServer
 from gpufleet.engines import parse_vllm
+from gpufleet.gateway.known_fields import KNOWN_FIELDS
 from gpufleet.hardware import CATALOG
 from gpufleet.sizing import load_architecture
 from gpufleet.sizing.performance import PerfModel
@@ -211,7 +214,112 @@ def test_the_openai_contract_is_the_gateways_in_front_of_vllm_too(fleet: Fleet) 
         text = refused.value.response.text
         assert not any(marker in text for marker in INTERNALS), text
     assert refused.value.body["code"] == "context_length_exceeded"  # type: ignore[index]
+    # Streamed, the same 400 before any event; an unknown field is OpenAI's 400 too.
+    for body, param, code in (
+        (
+            {"messages": [{"role": "user", "content": "word " * 3000}], "stream": True},
+            "messages",
+            "context_length_exceeded",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "extra_body": {"temprature": 1}},
+            "temprature",
+            "unknown_parameter",
+        ),
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="smol-vllm", max_tokens=4, **body)
+        assert (refused.value.param, refused.value.code) == (param, code)
+    extended = client.chat.completions.create(  # vLLM's own sampling fields pass
+        model="smol-vllm",
+        messages=[{"role": "user", "content": "Say hi."}],
+        max_tokens=4,
+        extra_body={"top_k": 1, "min_p": 0.05, "repetition_penalty": 1.1},
+    )
+    assert extended.choices
     reply = client.chat.completions.create(
         model="smol-vllm", messages=[{"role": "user", "content": "Still there?"}], max_tokens=4
     )
     assert reply.choices
+
+
+def test_every_field_vllm_reads_is_one_the_gateway_passes() -> None:
+    """vLLM's request models (of the installed version) against ``known_fields``: a field vLLM
+    gains fails here until the gateway knows it, so no vLLM user is refused."""
+    script = (
+        "import json\n"
+        "from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest\n"
+        "from vllm.entrypoints.openai.completion.protocol import CompletionRequest\n"
+        "from vllm.entrypoints.pooling.embed import protocol as embed\n"
+        "print(json.dumps({\n"
+        "    '/v1/chat/completions': sorted(ChatCompletionRequest.model_fields),\n"
+        "    '/v1/completions': sorted(CompletionRequest.model_fields),\n"
+        "    '/v1/embeddings': sorted(set(embed.EmbeddingCompletionRequest.model_fields)\n"
+        "                             | set(embed.EmbeddingChatRequest.model_fields)),\n"
+        "}))\n"
+    )
+    done = subprocess.run(
+        [str(VENV / "bin" / "python"), "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    fields = json.loads(done.stdout.strip().splitlines()[-1])
+    for route, names in fields.items():
+        assert names and set(names) <= KNOWN_FIELDS[route], (
+            route,
+            set(names) - KNOWN_FIELDS[route],
+        )
+
+
+def test_vllm_answers_only_the_gateway_and_its_key_shows_nowhere(fleet: Fleet) -> None:
+    """vLLM is started with the replica's secret (``VLLM_API_KEY``, not ``--api-key``, which
+    ``ps`` would show): straight to its port without it is a 401; through the gateway it serves
+    (above); its ``/metrics`` and ``/health`` stay open for the scraper and the probes."""
+    (replica,) = fleet.replicas("smol-vllm")
+    url, pid = replica["url"], replica["pid"]
+    assert url.startswith("http://127.0.0.1:")
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    (key,) = [v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"VLLM_API_KEY=")]
+    assert len(key) >= 32
+
+    def status(path: str, body: bytes | None = None, token: str | None = None) -> int:
+        headers = {"content-type": "application/json"}
+        if token is not None:
+            headers["authorization"] = f"Bearer {token}"
+        request = urllib.request.Request(url + path, data=body, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=120) as resp:
+                resp.read()
+                return int(resp.status)
+        except urllib.error.HTTPError as err:
+            return int(err.code)
+
+    chat = (
+        b'{"model": "smol-vllm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}'
+    )
+    for wrong in (None, "guessed", ADMIN_KEY):
+        assert status("/v1/chat/completions", chat, wrong) == 401
+        assert status("/v1/models", token=wrong) == 401
+    assert status("/v1/models", token=key) == 200  # the key it holds is the one that opens it
+    assert status("/health") == 200 and status("/metrics") == 200
+    assert parse_vllm(metrics(fleet)) is not None  # what the scraper reads, keyless
+    # Probes carry the key (readiness is a real completion): Ready, never restarted.
+    (replica,) = fleet.replicas("smol-vllm")
+    assert (replica["phase"], replica["restarts"]) == ("Ready", 0)
+    request = urllib.request.Request(
+        f"{fleet.server}/admin/v1/models/smol-vllm/logs?tail=100000",
+        headers={"authorization": f"Bearer {ADMIN_KEY}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        engine_log = resp.read().decode()
+    places = {
+        "ps": Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"),
+        "replicas": json.dumps(fleet.admin("/admin/v1/replicas")),
+        "models": json.dumps(fleet.admin("/admin/v1/models")),
+        "events": json.dumps(fleet.admin("/admin/v1/events")),
+        "the engine's log": engine_log,
+        "gpufleet's log": fleet.stderr(),
+    }
+    assert [where for where, text in places.items() if key in text] == []

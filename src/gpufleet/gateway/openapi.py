@@ -54,7 +54,14 @@ _SAMPLING = {
 }
 
 
+_FIELDS_NOTE = (
+    "Top-level fields beyond those listed: OpenAI's and the documented extensions of vLLM, "
+    "SGLang and llama.cpp pass to the engine; any other is a 400 (code unknown_parameter)."
+)
+
+
 def _inference(summary: str, body: dict[str, Any]) -> dict[str, Any]:
+    body = {**body, "description": _FIELDS_NOTE}
     return {
         "post": {
             "summary": summary,

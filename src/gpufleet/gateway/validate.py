@@ -1,7 +1,9 @@
 """Checks on OpenAI request bodies, strict where a wrong value would fail deep in an engine.
 
-Only fields whose type we can state with certainty are checked; everything else passes to the
-engine unchanged (engines add their own fields, and the OpenAI API grows). Hand-written rather
+A top-level field neither OpenAI nor an engine the gateway runs defines is refused, as OpenAI
+refuses it (``known_fields``). Only fields whose type we can state with certainty are checked;
+the others pass to the engine unchanged (engines add their own, and the OpenAI API grows; a new
+field of the SDK's is added to ``known_fields``, which a test keeps in step). Hand-written rather
 than a pydantic model: it costs microseconds on the hot path and names the field in ``param``.
 
 What an engine would choke on is refused here, before it is sent: a role or a content part type
@@ -22,6 +24,7 @@ import json
 from typing import Any
 
 from gpufleet.gateway.errors import ApiError, bad_request
+from gpufleet.gateway.known_fields import KNOWN_FIELDS
 
 __all__ = [
     "CONTENT_PART_TYPES",
@@ -111,6 +114,23 @@ def _one_of(value: object, allowed: tuple[str, ...], param: str) -> ApiError:
         f"Invalid value: {value!r}. Supported values are: {listed}.",
         param=param,
         code="invalid_value",
+    )
+
+
+_CHAT_FIELDS = KNOWN_FIELDS["/v1/chat/completions"]
+_COMPLETION_FIELDS = KNOWN_FIELDS["/v1/completions"]
+_EMBEDDINGS_FIELDS = KNOWN_FIELDS["/v1/embeddings"]
+
+
+def _known(data: dict[str, Any], known: frozenset[str]) -> None:
+    if data.keys() <= known:
+        return
+    name = next(n for n in data if n not in known)
+    raise bad_request(
+        f"Unrecognized request argument supplied: {name[:100]} (neither an OpenAI parameter nor "
+        "one of the engines served here: vLLM, SGLang, llama.cpp)",
+        param=name[:100],
+        code="unknown_parameter",
     )
 
 
@@ -216,6 +236,7 @@ def _message(message: object, where: str) -> None:
 
 
 def check_chat(data: dict[str, Any]) -> str:
+    _known(data, _CHAT_FIELDS)
     model = _model(data)
     messages = data.get("messages")
     if messages is None:
@@ -233,6 +254,7 @@ def check_chat(data: dict[str, Any]) -> str:
 
 
 def check_completion(data: dict[str, Any]) -> str:
+    _known(data, _COMPLETION_FIELDS)
     model = _model(data)
     prompt = data.get("prompt")
     if prompt is None:
@@ -250,6 +272,7 @@ def check_completion(data: dict[str, Any]) -> str:
 
 
 def check_embeddings(data: dict[str, Any]) -> str:
+    _known(data, _EMBEDDINGS_FIELDS)
     model = _model(data)
     value = data.get("input")
     if value is None:
