@@ -89,7 +89,8 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
             "authentication is OFF (--no-auth): every caller%s is an admin",
             "" if loopback else f" that can reach {cfg.host}",
         )
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    # The store (key hashes, usage) and the engines' logs are the owner's alone: mode 0700.
+    cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     store = await asyncio.to_thread(Store.open, cfg.store_url or sqlite_url(cfg.data_dir))
     runtime = LocalRuntime(cfg.data_dir)
     # Replicas are bounded by what this machine can hold (its GPUs, or its memory for CPU ones).

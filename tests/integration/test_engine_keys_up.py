@@ -118,3 +118,6 @@ def test_the_secret_shows_nowhere(fleet: Fleet) -> None:
         "gpufleet's own log": fleet.stderr(),
     }
     assert [where for where, text in places.items() if key in text] == []
+    # The engines' logs (an engine may print its own settings) and the store live in a data
+    # directory that gpufleet made its owner's alone.
+    assert fleet.data_dir.stat().st_mode & 0o777 == 0o700
