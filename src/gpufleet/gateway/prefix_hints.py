@@ -6,6 +6,12 @@ gateway is scaled out). With Redis configured, every routing decision also recor
 block, which engine replica received it (a set per block hash, expiring after ``ttl_s``), and
 before a decision a gateway reads, in one pipelined round trip, which replicas hold the longest
 run of the prompt's leading blocks. The policy takes the larger of its own and the shared view.
+
+The lookup sits on the request path, so it fails open: every call is bounded by ``timeout_s``
+(socket reads, connecting, and the whole round trip), and after a failure the hints are skipped
+for ``down_s`` — routing goes on with the gateway's own index — rather than making every request
+wait out the timeout of a hung Redis. An outage is logged once when it begins and once when
+Redis answers again.
 """
 
 from __future__ import annotations
@@ -13,9 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 __all__ = ["RedisPrefixHints"]
@@ -27,27 +36,66 @@ MAX_BLOCKS = 1024
 
 
 class RedisPrefixHints:
-    def __init__(self, url: str, *, ttl_s: int = 600, namespace: str = "gpufleet:prefix") -> None:
-        self._redis = redis.Redis.from_url(url)
+    def __init__(
+        self,
+        url: str,
+        *,
+        ttl_s: int = 600,
+        namespace: str = "gpufleet:prefix",
+        timeout_s: float = 1.0,
+        down_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._redis = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
         self.ttl = ttl_s
         self.namespace = namespace
+        self.timeout_s = timeout_s
+        self.down_s = down_s
+        self._clock = clock
+        #: While Redis is taken for down: hints are skipped until then (None while up).
+        self._down_until: float | None = None
         self._pending: set[asyncio.Task[None]] = set()
+
+    def _available(self) -> bool:
+        return self._down_until is None or self._clock() >= self._down_until
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        if self._down_until is None:
+            log.warning(
+                "prefix hints unavailable (%s: %s: %s); routing without them until Redis answers",
+                what,
+                type(exc).__name__,
+                exc,
+            )
+        self._down_until = self._clock() + self.down_s
+
+    def _answered(self) -> None:
+        if self._down_until is not None:
+            log.warning("prefix hints are back: Redis answers again")
+            self._down_until = None
 
     def _key(self, model: str, block: int) -> str:
         return f"{self.namespace}:{model}:{block:016x}"
 
     async def lookup(self, model: str, blocks: Sequence[int]) -> dict[str, int]:
         """Replica id -> how many of the prompt's leading blocks were routed there."""
-        if not blocks:
+        if not blocks or not self._available():
             return {}
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for block in blocks[:MAX_BLOCKS]:
-                    pipe.smembers(self._key(model, block))
-                members: list[set[bytes]] = await pipe.execute()
-        except RedisError as exc:
-            log.warning("prefix hints unavailable: %s", exc)
+            async with asyncio.timeout(self.timeout_s):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for block in blocks[:MAX_BLOCKS]:
+                        pipe.smembers(self._key(model, block))
+                    members: list[set[bytes]] = await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed("lookup", exc)
             return {}
+        self._answered()
         matched: dict[str, int] = {}
         alive: set[bytes] | None = None
         for depth, holders in enumerate(members, start=1):
@@ -60,7 +108,7 @@ class RedisPrefixHints:
 
     def record(self, model: str, blocks: Sequence[int], replica: str) -> None:
         """Remember where this prompt went; written in the background, off the hot path."""
-        if not blocks:
+        if not blocks or not self._available():
             return
         task = asyncio.create_task(
             self._write(model, blocks[:MAX_BLOCKS], replica), name="gateway:prefix-hint"
@@ -70,14 +118,17 @@ class RedisPrefixHints:
 
     async def _write(self, model: str, blocks: Sequence[int], replica: str) -> None:
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for block in blocks:
-                    key = self._key(model, block)
-                    pipe.sadd(key, replica)
-                    pipe.expire(key, self.ttl)
-                await pipe.execute()
-        except RedisError as exc:
-            log.warning("could not record prefix hints: %s", exc)
+            async with asyncio.timeout(self.timeout_s):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for block in blocks:
+                        key = self._key(model, block)
+                        pipe.sadd(key, replica)
+                        pipe.expire(key, self.ttl)
+                    await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed("record", exc)
+            return
+        self._answered()
 
     async def close(self) -> None:
         if self._pending:

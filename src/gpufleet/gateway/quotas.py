@@ -65,7 +65,9 @@ class Quotas(Protocol):
         ...
 
     async def settle(self, ticket: Ticket, *, tokens: int, cost_usd: float) -> None:
-        """Replace the reservation by the actual use and free the slot; idempotent per ticket."""
+        """Replace the reservation by the actual use and free the slot; idempotent per ticket.
+        A shared store that cannot take it now gets it later: a settlement is never dropped
+        for an outage."""
         ...
 
     async def snapshot(self, scope: str, limits: Limits) -> dict[str, float]:
@@ -105,10 +107,10 @@ class LocalQuotas:
         return None
 
 
-def make_quotas(redis_url: str | None) -> Quotas:
+def make_quotas(redis_url: str | None, *, timeout_s: float = 1.0) -> Quotas:
     """Redis-backed quotas when several gateways share a Redis, in-process ones otherwise."""
     if not redis_url:
         return LocalQuotas()
     from gpufleet.gateway.quotas_redis import RedisQuotas
 
-    return RedisQuotas(redis_url)
+    return RedisQuotas(redis_url, timeout_s=timeout_s)

@@ -5,7 +5,9 @@ increments all of them in one script, so replicas never overshoot a limit betwee
 scripts read Redis's clock (``TIME``) so replicas agree on seconds and budget periods.
 Concurrency slots are members of a sorted set scored by a lease expiry, so a dead gateway's
 slots free themselves; settle corrections apply at most once per admission. Unreachable Redis
-fails closed (``QuotaStoreUnavailable``). The rules are ``gpufleet.policies.quota_rules``'s and
+fails closed (``QuotaStoreUnavailable``); a settlement it cannot take is kept and retried until
+it lands (``gateway.settlements``), so a Redis restarted from its append-only file gets the
+releases of the requests that finished while it was down. The rules are ``gpufleet.policies.quota_rules``'s and
 the scripts do what ``gpufleet.policies.quota_counters`` does in memory.
 
 All keys a script touches are passed in ``KEYS``; with Redis Cluster, give a namespace with a hash
@@ -19,14 +21,17 @@ import itertools
 import math
 import secrets
 from collections.abc import Sequence
+from typing import Any
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import ReadOnlyError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gpufleet.gateway.quotas import QuotaStoreUnavailable
+from gpufleet.gateway.settlements import PendingSettlements
 from gpufleet.policies.quota_rules import (
     DEFAULT_LEASE_S,
     NANO,
@@ -105,12 +110,14 @@ end
 """
 
 # KEYS: settle marker, then per scope: requests hash, tokens hash, in-flight zset, budget hash.
+# A marker already there is a void's tombstone: the admission answers 2 and takes nothing.
 # ARGV: lease, lease_s, lease_ttl, tokens, cost, settle_ttl, n, whether to set the marker (0/1),
 # then per scope: rpm, tpm, concurrency, budget (-1 when unset), period ('' when no budget).
 _ADMIT = (
     _LUA_PERIOD
     + _LUA_WINDOW
     + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {2} end
 local t = redis.call('TIME')
 local sec = tonumber(t[1])
 local now = sec + tonumber(t[2]) / 1000000
@@ -172,27 +179,42 @@ for i = 1, n do
     redis.call('EXPIRE', KEYS[k + 4], stop - sec + tonumber(ARGV[6]))
   end
 end
-if ARGV[8] == '1' then redis.call('SET', KEYS[1], 1, 'EX', ARGV[6]) end
+if ARGV[8] == '1' then redis.call('SET', KEYS[1], t[1], 'EX', ARGV[6]) end
 return {1, t[1]}
 """
 )
 
 # KEYS as for admission. ARGV: lease, ticket second, token correction, -reserved cost, actual
-# cost, n, whether there is a marker (0/1), then per scope: has tpm, has concurrency (0/1),
-# budget period ('' when no budget).
+# cost, n, marker ('0' none, '1' one, 'void' for an admission whose answer never came), the
+# void's tombstone TTL, then per scope: has tpm, has concurrency (0/1), budget period ('' when
+# no budget). The marker holds the admission second (a void does not know it; '1' from older
+# gateways means "the ticket's"). Applying it twice changes nothing: the lease is removed by
+# id and the corrections apply only while the marker is there. A void finding no marker leaves
+# a tombstone in its place, so an admission still on its way (a Redis that hung, then resumed)
+# is refused when it runs.
 _SETTLE = (
     _LUA_PERIOD
     + _LUA_WINDOW
     + """
 local sec = tonumber(redis.call('TIME')[1])
-local first = ARGV[7] == '1' and redis.call('DEL', KEYS[1]) == 1
-local tsec = tonumber(ARGV[2])
+local first, tfield = false, ARGV[2]
+if ARGV[7] ~= '0' then
+  local mark = redis.call('GET', KEYS[1])
+  if mark and mark ~= 'void' then
+    first = true
+    if mark ~= '1' then tfield = mark end
+    redis.call('DEL', KEYS[1])
+  elseif not mark and ARGV[7] == 'void' then
+    redis.call('SET', KEYS[1], 'void', 'EX', ARGV[8])
+  end
+end
+local tsec = tonumber(tfield)
 for i = 1, tonumber(ARGV[6]) do
-  local a, k = 7 + (i - 1) * 3, 1 + (i - 1) * 4
+  local a, k = 8 + (i - 1) * 3, 1 + (i - 1) * 4
   if ARGV[a + 2] == '1' then redis.call('ZREM', KEYS[k + 3], ARGV[1]) end
   if first and ARGV[a + 1] == '1' and tsec > sec - WINDOW
-      and redis.call('HEXISTS', KEYS[k + 2], ARGV[2]) == 1 then
-    redis.call('HINCRBY', KEYS[k + 2], ARGV[2], ARGV[3])
+      and redis.call('HEXISTS', KEYS[k + 2], tfield) == 1 then
+    redis.call('HINCRBY', KEYS[k + 2], tfield, ARGV[3])
   end
   if first and ARGV[a + 3] ~= '' then
     local key = period(tsec, ARGV[a + 3])
@@ -228,8 +250,17 @@ def _opt(value: float | None) -> int:
     return -1 if value is None else int(value)
 
 
+#: A settlement's script call: its keys and arguments.
+_Call = tuple[list[str], list[str | int]]
+
+
 class RedisQuotas:
-    """Quotas shared by gateway replicas through Redis; fails closed when Redis is unreachable."""
+    """Quotas shared by gateway replicas through Redis; fails closed when Redis is unreachable.
+
+    Settlements always land: one Redis cannot take now is kept and retried
+    (``gateway.settlements``) until it does, and an admission whose answer never came (a
+    timeout, a connection lost mid-call) is voided the same way, since the script may have run.
+    """
 
     def __init__(
         self,
@@ -239,6 +270,7 @@ class RedisQuotas:
         lease_s: float = DEFAULT_LEASE_S,
         timeout_s: float = 1.0,
         max_connections: int = 64,
+        max_pending: int = 10_000,
     ) -> None:
         # A burst of admissions waits (up to ``timeout_s``) for one of ``max_connections``
         # instead of failing when the pool is exhausted, which a plain pool does. One quick retry
@@ -262,6 +294,9 @@ class RedisQuotas:
         self._admit = self._redis.register_script(_ADMIT)
         self._settle = self._redis.register_script(_SETTLE)
         self._snapshot = self._redis.register_script(_SNAPSHOT)
+        self.pending: PendingSettlements[_Call] = PendingSettlements(
+            self._send_settlement, _temporary, where=self._where, max_items=max_pending
+        )
 
     def _keys(self, scope: str) -> list[str]:
         base = f"{self.namespace}:s:{scope}"
@@ -298,12 +333,18 @@ class RedisQuotas:
             budget = None if limits.budget_usd is None else to_nano(limits.budget_usd)
             args += [_opt(limits.rpm), _opt(limits.tpm), _opt(limits.concurrency), _opt(budget)]
             args.append(limits.budget_period if budget is not None else "")
-        try:
-            reply = await self._admit(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
-            raise self._unavailable(exc) from exc
+        # What voids this admission if its answer never comes (the marker has its second).
+        void = Ticket(request_id, lease, counted, 0, demand.tokens, cost)
+        reply = await self._try_admit(keys, args, void)
+        if reply[0] == 0 and self.pending:
+            # Refused while settlements are pending: they may be what holds the slots.
+            self.pending.wake()
+            await self.pending.flush()
+            reply = await self._try_admit(keys, args, void)
         if reply[0] == 1:
             return Ticket(request_id, lease, counted, int(reply[1]), demand.tokens, cost)
+        if reply[0] == 2:
+            raise self._unavailable(RuntimeError("the admission was voided before it ran"))
         _, index, name, used, secs, micros, extra = reply
         scope, limits = counted[int(index) - 1]
         limit: LimitName = name.decode()
@@ -319,12 +360,20 @@ class RedisQuotas:
             retry = window_retry_after(buckets, int(used), need, cap or 0, now)
         raise quota_exceeded(scope, limits, limit, int(used), need, retry)
 
-    async def settle(self, ticket: Ticket, *, tokens: int, cost_usd: float) -> None:
-        if not ticket.scopes:
-            return
+    async def _try_admit(self, keys: list[str], args: list[str | int], ticket: Ticket) -> Any:
+        """The admission script's reply; on an error, the admission is voided unless it surely
+        never reached Redis (``ticket`` names its lease and scopes), and the error raised."""
+        try:
+            reply = await self._admit(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            if not _never_sent(exc):
+                self.pending.keep(ticket.lease, self._settle_call(ticket, 0, 0.0, void=True), exc)
+            raise self._unavailable(exc) from exc
+        self.pending.wake()
+        return reply
+
+    def _settle_call(self, ticket: Ticket, tokens: int, cost_usd: float, *, void: bool) -> _Call:
         marker = needs_settle_marker(ticket.scopes)
-        if not marker and all(lim.concurrency is None for _, lim in ticket.scopes):
-            return  # requests per minute only: nothing to release or correct
         keys = [f"{self.namespace}:t:{ticket.lease}"]
         args: list[str | int] = [
             ticket.lease,
@@ -333,7 +382,8 @@ class RedisQuotas:
             -ticket.cost_nano,
             to_nano(cost_usd),
             len(ticket.scopes),
-            int(marker),
+            "void" if void else int(marker),
+            math.ceil(self._lease_s) + 1,
         ]
         for scope, limits in ticket.scopes:
             keys += self._keys(scope)
@@ -342,16 +392,35 @@ class RedisQuotas:
                 int(limits.concurrency is not None),
                 limits.budget_period if limits.budget_usd is not None else "",
             ]
+        return keys, args
+
+    async def _send_settlement(self, call: _Call) -> None:
+        await self._settle(keys=call[0], args=call[1])
+
+    async def settle(self, ticket: Ticket, *, tokens: int, cost_usd: float) -> None:
+        """Never raises for an unreachable Redis: the settlement is kept and retried."""
+        if not ticket.scopes:
+            return
+        if not needs_settle_marker(ticket.scopes) and all(
+            lim.concurrency is None for _, lim in ticket.scopes
+        ):
+            return  # requests per minute only: nothing to release or correct
+        call = self._settle_call(ticket, tokens, cost_usd, void=False)
         try:
-            await self._settle(keys=keys, args=args)
+            await self._send_settlement(call)
         except (RedisError, OSError) as exc:
-            raise self._unavailable(exc) from exc
+            if not _temporary(exc):
+                raise self._unavailable(exc) from exc
+            self.pending.keep(ticket.lease, call, exc)
+            return
+        self.pending.wake()
 
     async def snapshot(self, scope: str, limits: Limits) -> dict[str, float]:
         try:
             reply = await self._snapshot(keys=self._keys(scope), args=[limits.budget_period])
         except (RedisError, OSError) as exc:
             raise self._unavailable(exc) from exc
+        self.pending.wake()
         requests, tokens, in_flight, spent, reserved = (int(v) for v in reply)
         return {
             "rpm": requests,
@@ -362,7 +431,21 @@ class RedisQuotas:
         }
 
     async def close(self) -> None:
+        """Pending settlements get one last try, then the connections close."""
+        await self.pending.close()
         await self._redis.aclose()
+
+
+def _temporary(exc: Exception) -> bool:
+    """Errors of a Redis that is away, restarting or failing over: a retry may succeed."""
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError))
+
+
+def _never_sent(exc: Exception) -> bool:
+    """redis-py's errors for a connection that never opened (or none free in the pool): the
+    script cannot have run, so there is nothing to void."""
+    text = str(exc)
+    return "connecting to" in text or "No connection available" in text
 
 
 def _redact(url: str) -> str:

@@ -7,6 +7,9 @@ model (a field per gateway, the hash expiring unless refreshed), once a second; 
 ``RedisDemand`` reads them all once a second and answers the autoscaler from that: requests in
 flight and arrivals summed, engine queues summed, KV use averaged, TTFT p90 the worst. A
 gateway that dies stops counting within ``ttl_s``.
+
+Every Redis call is bounded by ``timeout_s`` (a hung Redis must not freeze the loop), and an
+outage is logged once when it begins and once when Redis answers again, not every second.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import time
 from collections.abc import Callable, Iterable
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from gpufleet.autoscale import Sample
 from gpufleet.controller import GenerationStats
@@ -46,8 +51,9 @@ class DemandPublisher:
         ttl_s: float = 5.0,
         canaries: Callable[[], Iterable[tuple[str, int]]] = tuple,
         generation_stats: Callable[[str, int], GenerationStats] | None = None,
+        timeout_s: float = 1.0,
     ) -> None:
-        self._redis = redis.Redis.from_url(url)
+        self._redis = _client(url, timeout_s)
         self.gateway_id = gateway_id
         self._canaries = canaries
         self._generation_stats = generation_stats
@@ -82,11 +88,14 @@ class DemandPublisher:
             await pipe.execute()
 
     async def _run(self) -> None:
+        outage = _Outage("cannot publish demand")
         while True:
             try:
                 await self.publish_once()
             except Exception as exc:  # noqa: BLE001 - Redis away: the operator sees stale data
-                log.warning("cannot publish demand: %s", exc)
+                outage.failed(exc)
+            else:
+                outage.answered()
             await asyncio.sleep(self.interval_s)
 
     async def close(self) -> None:
@@ -108,8 +117,9 @@ class RedisDemand:
         *,
         interval_s: float = 1.0,
         ttl_s: float = 5.0,
+        timeout_s: float = 1.0,
     ) -> None:
-        self._redis = redis.Redis.from_url(url)
+        self._redis = _client(url, timeout_s)
         self._models = models
         self.interval_s = interval_s
         self.ttl_s = ttl_s
@@ -147,11 +157,14 @@ class RedisDemand:
         self._latest = latest
 
     async def _run(self) -> None:
+        outage = _Outage("cannot read demand")
         while True:
             try:
                 await self.refresh()
             except Exception as exc:  # noqa: BLE001 - keep the last view; scaling holds
-                log.warning("cannot read demand: %s", exc)
+                outage.failed(exc)
+            else:
+                outage.answered()
             await asyncio.sleep(self.interval_s)
 
     def sample(self, model: str, now: float) -> Sample:
@@ -184,3 +197,32 @@ class RedisDemand:
                 await self._task
             self._task = None
         await self._redis.aclose()
+
+
+def _client(url: str, timeout_s: float) -> redis.Redis:
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+class _Outage:
+    """One log line when a loop's Redis calls start failing, one when they succeed again."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.down = False
+
+    def failed(self, exc: Exception) -> None:
+        if not self.down:
+            log.warning(
+                "%s: %s: %s (said once until Redis answers)", self.what, type(exc).__name__, exc
+            )
+            self.down = True
+
+    def answered(self) -> None:
+        if self.down:
+            log.warning("%s no more: Redis answers again", self.what)
+            self.down = False

@@ -1,0 +1,1 @@
+"""Fault-injection helpers: dependencies a test can start, kill, freeze and restart."""
