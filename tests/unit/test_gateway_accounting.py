@@ -35,6 +35,7 @@ TICKET: Any = object()  # what admission returned; accounting only hands it back
 class Books:
     settled: list[tuple[Any, int, float]] = field(default_factory=list)
     rows: list[UsageRow] = field(default_factory=list)
+    refusals: list[tuple[Any, ...]] = field(default_factory=list)
     ttfts: list[tuple[str, float]] = field(default_factory=list)
     outcomes: list[tuple[str, str, int, float | None]] = field(default_factory=list)
 
@@ -45,6 +46,9 @@ class Books:
     # Ledger
     def record(self, row: UsageRow) -> None:
         self.rows.append(row)
+
+    def refuse(self, key: tuple[Any, ...]) -> None:
+        self.refusals.append(key)
 
     # DemandMeter
     def first_token(self, model: str, seconds: float) -> None:
@@ -123,6 +127,35 @@ def test_a_request_nothing_answered_is_counted_and_settled_at_nothing(setup: Any
     # Only the refusal's series: no empty latency histogram for a request that never ran.
     assert sample(metrics, "gpufleet_request_duration_seconds_count", **labels) is None
     assert books.settled == [(TICKET, 0, 0.0)] and books.rows == []
+    # Refused before any engine had it: counted among the day's refusals, not a row.
+    assert [k[1:] for k in books.refusals] == [("default", "none", "m", 503, "http_503")]
+
+
+def test_a_request_an_engine_failed_gets_a_row_with_its_status(setup: Any) -> None:
+    accounting, books, directory, _ = setup
+    charge = accounting.open(ANONYMOUS, TICKET, "/v1/completions", "m", ("gw-4", "c-4"), 9)
+    charge.finisher(directory.get("m"), lambda: None)  # handed to the engine, which failed
+    charge.refused(502, "engine_error")
+    charge.void()
+    (row,) = books.rows
+    assert (row.request_id, row.client_request_id, row.model, row.status) == (
+        "gw-4",
+        "c-4",
+        "m",
+        502,
+    )
+    assert row.completion_tokens == 0 and books.refusals == []
+    assert books.settled == [(TICKET, 0, 0.0)]
+
+
+def test_refusals_name_only_models_served_here(setup: Any) -> None:
+    accounting, books, _, _ = setup
+    accounting.refused(None, "made-up-name", 401, "invalid_api_key")
+    accounting.refused(ANONYMOUS, "m", 429, "rpm_limit_exceeded")
+    assert [k[1:] for k in books.refusals] == [
+        ("", "", "", 401, "invalid_api_key"),
+        ("default", "none", "m", 429, "rpm_limit_exceeded"),
+    ]
 
 
 def test_engine_errors_count_for_a_canarys_analysis_only(setup: Any) -> None:

@@ -222,3 +222,12 @@ def usage(
             f"{r['cost_usd']:.4f}",
         )
     print_table(table)
+    refusals = data.get("refusals") or []
+    if refusals:
+        # Refused before any engine (401, 413, 429, 503, validation): counted per day, not rows.
+        refused = Table(box=None, header_style="bold", title="refused before an engine")
+        for col in (by.upper(), "STATUS", "REASON", "REFUSED"):
+            refused.add_column(col, justify="right" if col in ("STATUS", "REFUSED") else "left")
+        for r in refusals:
+            refused.add_row(r[by] or "-", str(r["status"]), r["reason"], str(r["refused"]))
+        print_table(refused)

@@ -13,15 +13,19 @@ from gpufleet.store.db import (
     UsageRow,
     sqlite_url,
 )
+from gpufleet.store.usage import DeadLetter, RefusalKey, RowsRejected
 
 __all__ = [
     "ApplyResult",
     "BatchLine",
     "BatchRecord",
+    "DeadLetter",
     "Event",
     "FileRecord",
     "KeyRecord",
+    "RefusalKey",
     "Revision",
+    "RowsRejected",
     "Store",
     "StoredModel",
     "StoredTenant",

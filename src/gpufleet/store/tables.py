@@ -37,6 +37,8 @@ __all__ = [
     "tenants",
     "usage",
     "usage_daily",
+    "usage_dead_letters",
+    "usage_refusals_daily",
 ]
 
 
@@ -46,7 +48,7 @@ def aware(value: dt.datetime) -> dt.datetime:
 
 
 #: The newest migration; a test checks it against the migration scripts.
-HEAD_REVISION = "0004"
+HEAD_REVISION = "0005"
 
 metadata = MetaData()
 
@@ -155,6 +157,37 @@ usage_daily = Table(
     Column("gpu_seconds", Float, nullable=False),
     Column("cost_usd", Float, nullable=False),
     PrimaryKeyConstraint("day", "tenant", "key_prefix", "model", name="pk_usage_daily"),
+)
+
+# Requests refused before they reached an engine (401, 429, 503, validation errors), counted
+# per day, not one row each: a row per refusal would let abuse grow the ledger. ``model`` and
+# ``key_prefix`` are empty where they were not known (a bad key, a model that does not exist).
+usage_refusals_daily = Table(
+    "usage_refusals_daily",
+    metadata,
+    Column("day", Date, nullable=False),
+    Column("tenant", String(63), nullable=False),
+    Column("key_prefix", String(16), nullable=False),
+    Column("model", String(63), nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("reason", String(64), nullable=False),
+    Column("refused", _BIGINT, nullable=False),
+    PrimaryKeyConstraint(
+        "day", "tenant", "key_prefix", "model", "status", "reason", name="pk_usage_refusals_daily"
+    ),
+)
+
+# Ledger rows the store rejected for a fixed reason (a value it cannot hold, an unreadable
+# spool line): set aside with the error, so they never block the rows behind them. ``key`` is
+# the request id, or a hash of the line without one (a replayed dead letter is kept once).
+usage_dead_letters = Table(
+    "usage_dead_letters",
+    metadata,
+    Column("id", _BIGINT, primary_key=True, autoincrement=True),
+    Column("key", String(128), nullable=False, unique=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("error", Text, nullable=False),
+    Column("line", Text, nullable=False),
 )
 
 # The autoscaler's decisions that must survive a restart: the replica count it last asked for

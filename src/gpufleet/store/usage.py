@@ -16,10 +16,36 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy import Connection, Engine, case, func, insert, select
+from sqlalchemy import exc as sa_exc
 
-from gpufleet.store.tables import aware, usage, usage_daily
+from gpufleet.errors import StoreError
+from gpufleet.store.tables import (
+    aware,
+    usage,
+    usage_daily,
+    usage_dead_letters,
+    usage_refusals_daily,
+)
 
-__all__ = ["UsageRow", "UsageStore"]
+__all__ = ["DeadLetter", "RefusalKey", "RowsRejected", "UsageRow", "UsageStore"]
+
+
+class RowsRejected(Exception):
+    """The store refused rows for a fixed reason (a value it cannot hold, a missing field):
+    writing them again fails again. Any other failure (an outage) may pass."""
+
+
+#: What a refusal is counted by: (day, tenant, key prefix, model, status, reason).
+RefusalKey = tuple[dt.date, str, str, str, int, str]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A ledger row set aside: its request id (or a hash of its line), the error, the line."""
+
+    key: str
+    error: str
+    line: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +80,13 @@ class UsageRow:
         return cls(**values)
 
 
+def _rejected(exc: BaseException | None) -> bool:
+    """The database refused the values themselves (or they could not be bound): fixed."""
+    if isinstance(exc, (sa_exc.DataError, sa_exc.IntegrityError, TypeError, ValueError)):
+        return True
+    return isinstance(exc, sa_exc.StatementError) and not isinstance(exc, sa_exc.DBAPIError)
+
+
 class UsageStore:
     # Provided by Store.
     _engine: Engine
@@ -72,6 +105,15 @@ class UsageStore:
         """
         if not rows:
             return 0
+        try:
+            return self._record_usage(rows)
+        except (StoreError, TypeError, ValueError) as exc:
+            cause = exc.__cause__ if isinstance(exc, StoreError) else exc
+            if not _rejected(cause):
+                raise  # the database (or the way to it) failed: may pass
+            raise RowsRejected(str(cause).splitlines()[0][:500]) from exc
+
+    def _record_usage(self, rows: Sequence[UsageRow]) -> int:
         unique: dict[str, UsageRow] = {}
         for r in rows:
             unique.setdefault(r.request_id, r)
@@ -143,6 +185,94 @@ class UsageStore:
                 for (day, tenant, key, model), acc in sorted(rollup.items())
             ],
         )
+
+    def record_refusals(self, counts: dict[RefusalKey, int]) -> None:
+        """Add refusal counts to the daily refusal rollup (an upsert, one statement)."""
+        if not counts:
+            return
+        if self._engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as upsert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as upsert  # type: ignore[assignment]
+        c = usage_refusals_daily.c
+        stmt = upsert(usage_refusals_daily)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[c.day, c.tenant, c.key_prefix, c.model, c.status, c.reason],
+            set_={"refused": c.refused + stmt.excluded.refused},
+        )
+        with self._write() as conn:
+            conn.execute(
+                stmt,
+                [
+                    {
+                        "day": day,
+                        "tenant": tenant[:63],
+                        "key_prefix": key[:16],
+                        "model": model[:63],
+                        "status": status,
+                        "reason": reason[:64],
+                        "refused": n,
+                    }
+                    for (day, tenant, key, model, status, reason), n in sorted(counts.items())
+                ],
+            )
+
+    def record_dead_letters(self, letters: Sequence[DeadLetter]) -> int:
+        """Set rows aside; one already set aside (a replayed spool) is kept once."""
+        unique = {d.key[:128]: d for d in letters}
+        if not unique:
+            return 0
+        with self._write() as conn:
+            seen = set(
+                conn.execute(
+                    select(usage_dead_letters.c.key).where(usage_dead_letters.c.key.in_(unique))
+                )
+                .scalars()
+                .all()
+            )
+            now = dt.datetime.now(dt.UTC)
+            fresh = [
+                {"key": k, "at": now, "error": d.error, "line": d.line}
+                for k, d in unique.items()
+                if k not in seen
+            ]
+            if fresh:
+                conn.execute(insert(usage_dead_letters), fresh)
+            return len(fresh)
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        t = usage_dead_letters.c
+        query = select(t.key, t.at, t.error, t.line).order_by(t.id.desc()).limit(limit)
+        with self._connect() as conn:
+            return [
+                {"key": r.key, "at": aware(r.at).isoformat(), "error": r.error, "line": r.line}
+                for r in conn.execute(query)
+            ]
+
+    def refusal_report(
+        self,
+        by: Literal["tenant", "model", "key"],
+        *,
+        since: dt.datetime,
+        tenant: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Refusals grouped by tenant, model or key, status and reason, over the days from
+        ``since``'s (refusals are counted per day)."""
+        c = usage_refusals_daily.c
+        dim = {"tenant": c.tenant, "model": c.model, "key": c.key_prefix}[by]
+        query = (
+            select(dim, c.status, c.reason, func.sum(c.refused))
+            .where(c.day >= since.astimezone(dt.UTC).date())
+            .group_by(dim, c.status, c.reason)
+            .order_by(dim, c.status, c.reason)
+        )
+        if tenant is not None:
+            query = query.where(c.tenant == tenant)
+        with self._connect() as conn:
+            return [
+                {by: str(r[0]), "status": int(r[1]), "reason": str(r[2]), "refused": int(r[3])}
+                for r in conn.execute(query)
+            ]
 
     def usage_rows(
         self,
