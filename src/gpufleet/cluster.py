@@ -27,6 +27,7 @@ import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from gpufleet.controller import DemandSource, Directory
@@ -246,6 +247,9 @@ class GatewayConfig:
     port: int = 8000
     #: Where engines listen in their pods (the operator's ``--engine-port``).
     engine_port: int = PORT
+    #: The ledger's spool: a volume of the pod's own (the chart's emptyDir survives a
+    #: container restart, not the pod's deletion). None: rows wait in memory only.
+    ledger_spool: Path | None = None
 
 
 async def serve_cluster_gateway(cfg: GatewayConfig, api: KubeApi) -> None:
@@ -272,7 +276,7 @@ async def serve_cluster_gateway(cfg: GatewayConfig, api: KubeApi) -> None:
         engine_port=cfg.engine_port,
         engine_key=engine_key,
     )
-    stack = assemble(plane, GatewaySettings(redis_url=cfg.redis_url))
+    stack = assemble(plane, GatewaySettings(redis_url=cfg.redis_url), ledger_spool=cfg.ledger_spool)
     try:
         admin = await asyncio.to_thread(
             stack.keyring.bootstrap_admin, os.environ.get("GPUFLEET_ADMIN_KEY")
@@ -286,7 +290,7 @@ async def serve_cluster_gateway(cfg: GatewayConfig, api: KubeApi) -> None:
     if admin:
         # Printed once, by the first gateway to start against an empty store.
         log.warning("gpufleet admin key (shown once, keep it): %s", admin)
-    server = gateway_server(stack.app)
+    server = gateway_server(stack.app, stack.gateway.settings, stack.gateway.metrics)
     try:
         await plane.start()
         await stack.start()

@@ -67,6 +67,8 @@ class UpConfig:
     tenants: list[Tenant] = field(default_factory=list)
     max_body_bytes: int = 8 * 1024 * 1024
     hold_s: float = 60.0
+    header_timeout_s: float = 30.0
+    body_idle_s: float = 30.0
     redis_url: str | None = None
     #: API keys required (the default); False only by an explicit ``--no-auth``.
     auth: bool = True
@@ -101,10 +103,14 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
         GatewaySettings(
             max_body_bytes=cfg.max_body_bytes,
             hold_s=cfg.hold_s,
+            header_timeout_s=cfg.header_timeout_s,
+            body_idle_s=cfg.body_idle_s,
             redis_url=cfg.redis_url,
             batch_take_over=True,
         ),
         auth=cfg.auth,
+        # Rows survive a SIGKILL of this process here, and are written at its next start.
+        ledger_spool=cfg.data_dir / "ledger-spool",
     )
     keyring = stack.keyring
     if cfg.auth:
@@ -126,7 +132,7 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
         await asyncio.to_thread(store.apply_tenant, tenant)
     if cfg.tenants:
         await asyncio.to_thread(keyring.load)
-    server = gateway_server(stack.app)
+    server = gateway_server(stack.app, stack.gateway.settings, stack.gateway.metrics)
     previous = _route_signals(server)
     announcer: asyncio.Task[None] | None = None
     try:

@@ -81,6 +81,7 @@ def start_fleet(
     port: int | None = None,
     env: dict[str, str] | None = None,
     timeout: float = READY_TIMEOUT_S,
+    options: tuple[str, ...] = (),
 ) -> Fleet:
     port = port or free_port()
     args = [
@@ -92,6 +93,7 @@ def start_fleet(
         str(port),
         "--data-dir",
         str(data_dir),
+        *options,
     ]
     for f in files:
         args += ["-f", str(f)]

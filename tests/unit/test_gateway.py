@@ -326,10 +326,14 @@ async def test_model_that_cannot_start_is_refused_at_once(env: Env) -> None:
     assert "weights missing" in payload["error"]["message"]
 
 
-async def test_unreachable_engine_is_502(env: Env) -> None:
-    status, _, payload = await env.post("/v1/chat/completions", {**CHAT, "model": "down"})
-    assert status == 502
-    assert_openai_error(payload, code="engine_error")
+async def test_an_engine_refusing_connections_is_held_for_then_503_not_502(env: Env) -> None:
+    # Nothing listens: as in the moment between an engine's crash and its restart
+    # (tests/unit/test_crash_window.py has the rest).
+    status, headers, payload = await env.post("/v1/chat/completions", {**CHAT, "model": "down"})
+    assert status == 503 and headers["Retry-After"] == "5"
+    assert_openai_error(payload, code="no_ready_replica")
+    assert "none became ready within 0.3 s" in payload["error"]["message"]
+    assert held(env, "down") == 1
 
 
 async def test_engine_500_is_502(env: Env) -> None:

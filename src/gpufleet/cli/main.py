@@ -98,6 +98,14 @@ def up(
         float,
         typer.Option(help="how long a request waits for a replica of a model with none ready"),
     ] = 60.0,
+    header_timeout: Annotated[
+        float,
+        typer.Option(help="seconds a client has to send a request's headers; then it is closed"),
+    ] = 30.0,
+    body_timeout: Annotated[
+        float,
+        typer.Option(help="seconds a request's body may make no progress; then 408 and closed"),
+    ] = 30.0,
     redis: Annotated[
         str | None,
         typer.Option(help="Redis URL shared with other gateways (quotas, prefix hints)"),
@@ -126,6 +134,8 @@ def up(
         tenants=tenants,
         max_body_bytes=max_body_bytes,
         hold_s=hold_seconds,
+        header_timeout_s=header_timeout,
+        body_idle_s=body_timeout,
         redis_url=redis,
         auth=not no_auth,
     )
@@ -256,6 +266,14 @@ def gateway(
     host: Annotated[str, typer.Option(help="address to listen on")] = "0.0.0.0",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
     engine_port: EnginePortOpt = 8000,
+    ledger_spool: Annotated[
+        Path | None,
+        typer.Option(
+            help="directory of the usage ledger's local spool (a volume of the pod's own): "
+            "rows there survive a crash of the process and are written when it starts again",
+            envvar="GPUFLEET_LEDGER_SPOOL",
+        ),
+    ] = None,
 ) -> None:
     """Run a gateway replica on Kubernetes: Models and engine pods read from the API."""
     from gpufleet.cluster import GatewayConfig, serve_cluster_gateway
@@ -267,6 +285,7 @@ def gateway(
         host=host,
         port=port,
         engine_port=engine_port,
+        ledger_spool=ledger_spool,
     )
     _run_on_cluster(lambda api: serve_cluster_gateway(cfg, api))
 

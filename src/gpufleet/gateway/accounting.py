@@ -5,14 +5,18 @@ the answer is complete (at the end of a stream): it gives the queue slot back, p
 replica time the request held, settles the quota reservation with what was used, counts the
 metrics, tells the demand meter (TTFT for cost routing, answers per generation for canary
 analysis) and writes the usage ledger row. If nothing answers (refused, failed, cancelled) the
-reservation is settled at nothing and the refusal counted. Metric children are looked up once
-per (model, tenant, route): ``labels()`` costs microseconds each time.
+reservation is settled at nothing; a request that reached an engine still gets its row (the
+engine failed: 502; the caller went away: 499), one refused before any engine took it is only
+counted in the ledger's daily refusals (a row each would let abuse grow the ledger). Metric
+children are looked up once per (model, tenant, route): ``labels()`` costs microseconds each
+time.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import functools
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -57,10 +61,12 @@ class Charge:
     __slots__ = (
         "_accounting",
         "ids",
+        "opened",
         "principal",
         "prompt_estimate",
         "requested",
         "route",
+        "target",
         "ticket",
     )
 
@@ -84,17 +90,27 @@ class Charge:
         self.ids = ids
         #: The gateway's count of prompt tokens, for an engine that reports no usage.
         self.prompt_estimate = prompt_estimate
+        #: The deployment last handed the request (None: no engine was asked).
+        self.target: ModelEntry | None = None
+        self.opened = time.perf_counter()
 
     def finisher(self, entry: ModelEntry, release: Release) -> Callable[[Outcome], None]:
         """What ``entry``'s answer, once complete, is charged by (``proxy.Done``)."""
+        self.target = entry
         return functools.partial(self._accounting.finish, self, entry, release)
 
-    def refused(self, status: int) -> None:
-        """No deployment answered: the error the client gets is counted."""
-        metrics = self._accounting.metrics
-        metrics.requests.labels(
+    def refused(self, status: int, reason: str | None = None) -> None:
+        """No deployment answered: the error the client gets is counted — in a ledger row
+        when an engine had the request (it failed, ``engine_error``; or the caller went away,
+        499), else among the day's refusals."""
+        accounting = self._accounting
+        accounting.metrics.requests.labels(
             self.requested, self.principal.tenant, self.route, str(status)
         ).inc()
+        if self.target is not None and (reason == "engine_error" or status == 499):
+            accounting.failed(self, self.target, status)
+        else:
+            accounting.refused(self.principal, self.requested, status, reason)
 
     def void(self) -> None:
         """Nothing was answered: the reservation is given back whole."""
@@ -130,6 +146,44 @@ class Accounting:
         prompt_estimate: int,
     ) -> Charge:
         return Charge(self, principal, ticket, route, requested, ids, prompt_estimate)
+
+    def refused(
+        self, principal: Principal | None, model: str, status: int, reason: str | None
+    ) -> None:
+        """A request refused before any engine had it: counted per day, tenant, key, model
+        (empty unless it is one served here: names a client made up would grow the counts),
+        status and reason."""
+        if self._ledger is None:
+            return
+        tenant, key = ("", "") if principal is None else (principal.tenant, principal.key_prefix)
+        known = model if self._directory.get(model) is not None else ""
+        day = dt.datetime.now(dt.UTC).date()
+        self._ledger.refuse((day, tenant, key, known, status, reason or f"http_{status}"))
+
+    def failed(self, charge: Charge, entry: ModelEntry, status: int) -> None:
+        """``entry`` had the request but gave no answer: its row, with the failure's status."""
+        if self._ledger is None:
+            return
+        self._ledger.record(
+            UsageRow(
+                request_id=charge.ids[0],
+                client_request_id=charge.ids[1],
+                at=dt.datetime.now(dt.UTC),
+                tenant=charge.principal.tenant,
+                key_prefix=charge.principal.key_prefix,
+                model=entry.name,
+                replica="",
+                route=charge.route.removeprefix("/v1/"),
+                status=status,
+                prompt_tokens=0,
+                cached_tokens=0,
+                completion_tokens=0,
+                ttft_ms=None,
+                duration_ms=(time.perf_counter() - charge.opened) * 1000,
+                gpu_seconds=0.0,
+                cost_usd=0.0,
+            )
+        )
 
     def engine_error(self, model: str, replica_id: str, status: int) -> None:
         """An engine failed (``Upstream.on_engine_error``): counted for a canary's analysis,

@@ -4,6 +4,9 @@
 Applying is all-or-nothing: every document is validated before any is stored, so a bad file
 changes nothing. Embedded mode serves the ``default`` namespace only. A ``user`` key gets 403
 on every route here.
+
+The store's routes answer OpenAI's shape of ``503 store_unavailable`` with Retry-After while the
+store cannot be reached (a ``StoreError``), and the outage is reported once, not per request.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from gpufleet.controller import ControlPlane, ModelEntry
-from gpufleet.errors import GpufleetError, SpecError
+from gpufleet.errors import GpufleetError, SpecError, StoreError
 from gpufleet.gateway.auth import ROLES, Keyring, Principal, forbidden, limits_of
 from gpufleet.gateway.errors import ApiError, bad_request
 from gpufleet.gateway.ledger import Ledger
 from gpufleet.gateway.quotas import Quotas
 from gpufleet.gateway.validate import parse_body
+from gpufleet.outages import OutageReporter
 from gpufleet.runtime import Replica
 from gpufleet.spec import API_VERSION, LimitsSpec, Model, Tenant, parse_document, parse_tenant
 from gpufleet.store import KeyRecord
@@ -114,6 +118,20 @@ def _since(value: str | None) -> dt.datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
+#: Seconds a client is asked to wait while the store is down.
+STORE_RETRY_AFTER_S = 5
+
+
+def store_unavailable() -> ApiError:
+    return ApiError(
+        503,
+        "The store cannot be reached right now; retry shortly",
+        type="service_unavailable",
+        code="store_unavailable",
+        headers={"retry-after": str(STORE_RETRY_AFTER_S)},
+    )
+
+
 def routes(
     controller: ControlPlane,
     authenticate: Authenticate,
@@ -121,18 +139,27 @@ def routes(
     keyring: Keyring | None = None,
     quotas: Quotas | None = None,
     ledger: Ledger | None = None,
+    outages: OutageReporter | None = None,
 ) -> list[Route]:
     directory = controller.directory
     runtime = controller.runtime
     store = controller.store
+    reporter = outages or OutageReporter()
 
-    def guarded(role: str, handler: Handler) -> Handler:
+    def guarded(role: str, handler: Handler, *, uses_store: bool = True) -> Handler:
         async def run(request: Request) -> Response:
-            principal = await authenticate(request)
-            allowed = principal.is_admin if role == "admin" else principal.is_operator
-            if not allowed:
-                raise forbidden(role)
-            return await handler(request)
+            try:
+                principal = await authenticate(request)
+                allowed = principal.is_admin if role == "admin" else principal.is_operator
+                if not allowed:
+                    raise forbidden(role)
+                response = await handler(request)
+            except StoreError as exc:
+                reporter.failed("store", exc, affected="admin API (503)")
+                raise store_unavailable() from exc
+            if uses_store:
+                reporter.recovered("store")
+            return response
 
         run.__name__ = handler.__name__
         return run
@@ -275,10 +302,13 @@ def routes(
         since = _since(request.query_params.get("since"))
         if ledger is not None:
             await ledger.flush()  # what was just served is in the report
-        rows = await asyncio.to_thread(
-            store.usage_report, by, since=since, tenant=request.query_params.get("tenant")
+        tenant = request.query_params.get("tenant")
+        rows = await asyncio.to_thread(store.usage_report, by, since=since, tenant=tenant)
+        # Requests refused before an engine had them: counted per day (whole days from since's).
+        refusals = await asyncio.to_thread(store.refusal_report, by, since=since, tenant=tenant)
+        return JSONResponse(
+            {"by": by, "since": since.isoformat(), "usage": rows, "refusals": refusals}
         )
-        return JSONResponse({"by": by, "since": since.isoformat(), "usage": rows})
 
     async def usage_requests(request: Request) -> Response:
         since = _since(request.query_params.get("since"))
@@ -382,12 +412,12 @@ def routes(
 
     op, ad = "operator", "admin"
     return [
-        Route("/admin/v1/models", guarded(op, list_models), methods=["GET"]),
+        Route("/admin/v1/models", guarded(op, list_models, uses_store=False), methods=["GET"]),
         Route("/admin/v1/models", guarded(op, apply_models), methods=["POST"]),
-        Route("/admin/v1/models/{name}", guarded(op, get_model), methods=["GET"]),
+        Route("/admin/v1/models/{name}", guarded(op, get_model, uses_store=False), methods=["GET"]),
         Route("/admin/v1/models/{name}", guarded(op, delete_model), methods=["DELETE"]),
-        Route("/admin/v1/models/{name}/logs", guarded(op, logs), methods=["GET"]),
-        Route("/admin/v1/replicas", guarded(op, list_replicas), methods=["GET"]),
+        Route("/admin/v1/models/{name}/logs", guarded(op, logs, uses_store=False), methods=["GET"]),
+        Route("/admin/v1/replicas", guarded(op, list_replicas, uses_store=False), methods=["GET"]),
         Route("/admin/v1/events", guarded(op, events), methods=["GET"]),
         Route("/admin/v1/tenants", guarded(ad, list_tenants), methods=["GET"]),
         Route("/admin/v1/tenants", guarded(ad, apply_tenant), methods=["POST"]),

@@ -11,7 +11,6 @@ their own, so an answer is never held back for a round trip — ``close`` waits 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable
 from typing import Any
 
@@ -30,10 +29,9 @@ from gpufleet.gateway.quotas import (
     QuotaStoreUnavailable,
     Ticket,
 )
+from gpufleet.outages import OutageReporter
 
 __all__ = ["Admission"]
-
-log = logging.getLogger("gpufleet.gateway")
 
 
 class Admission:
@@ -46,12 +44,15 @@ class Admission:
         quotas: Quotas,
         pricing: Pricing,
         metrics: GatewayMetrics,
+        *,
+        outages: OutageReporter | None = None,
     ) -> None:
         self.keyring = keyring
         self.quotas = quotas
         self._local = quotas if isinstance(quotas, LocalQuotas) else None
         self._pricing = pricing
         self._metrics = metrics
+        self._outages = outages or OutageReporter()
         self._background: set[asyncio.Task[Any]] = set()
 
     async def authenticate(self, request: Request) -> Principal:
@@ -77,8 +78,10 @@ class Admission:
         a limit, 503 when the shared quota store cannot be reached)."""
         demand = Demand(tokens=tokens, cost_usd=self._pricing.estimate(entry, tokens))
         try:
-            return await self.quotas.admit(request_id, principal.scopes(), demand)
+            ticket = await self.quotas.admit(request_id, principal.scopes(), demand)
         except QuotaExceeded as exc:
+            if self._local is None:
+                self._outages.recovered("redis")  # it answered
             self._metrics.rejections.labels(principal.tenant, exc.limit).inc()
             raise ApiError(
                 429,
@@ -88,7 +91,7 @@ class Admission:
                 headers={"retry-after": str(max(1, int(exc.retry_after_s + 0.999)))},
             ) from exc
         except QuotaStoreUnavailable as exc:
-            log.error("quota store unavailable: %s", exc)
+            self._outages.failed("redis", exc, affected="admission: requests refused with 503")
             raise ApiError(
                 503,
                 "Quotas cannot be checked right now (the shared quota store is unreachable); "
@@ -97,6 +100,9 @@ class Admission:
                 code="quota_store_unavailable",
                 headers={"retry-after": "2"},
             ) from exc
+        if self._local is None:
+            self._outages.recovered("redis")
+        return ticket
 
     def settle(self, ticket: Ticket, tokens: int, cost: float) -> None:
         """Replace the reservation by what the request used: inline in process, else in a
@@ -110,7 +116,7 @@ class Admission:
         try:
             await self.quotas.settle(ticket, tokens=tokens, cost_usd=cost)
         except QuotaStoreUnavailable as exc:
-            log.warning("cannot settle quota of request %s: %s", ticket.request_id, exc)
+            self._outages.failed("redis", exc, affected="quota settlements")
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)

@@ -60,6 +60,7 @@ def build_app(
         gateway_id=f"gw-{secrets.token_hex(6)}",
         concurrency=settings.batch_concurrency,
         take_over=settings.batch_take_over,
+        outages=gateway.outages,
     )
     hot, routes = route_table(gateway, batches)
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)

@@ -7,6 +7,7 @@ handlers while everything else goes through Starlette's router.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -103,14 +104,35 @@ class GatewayApp:
         await response(scope, receive, send)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(
+    request: Request,
+    limit: int,
+    idle_s: float = 30.0,
+    on_stall: Callable[[], None] | None = None,
+) -> bytes:
+    """The body, within ``limit`` bytes; a body that makes no progress for ``idle_s`` is 408
+    (``LingeringClose`` then closes the connection; ``on_stall`` counts it)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
+    stream = request.stream()
     try:
-        async for chunk in request.stream():
+        while True:
+            try:
+                async with asyncio.timeout(idle_s):
+                    chunk = await anext(stream)
+            except StopAsyncIteration:
+                break
+            except TimeoutError as exc:
+                if on_stall is not None:
+                    on_stall()
+                raise ApiError(
+                    408,
+                    f"The request body made no progress for {idle_s:g} s",
+                    code="request_timeout",
+                ) from exc
             size += len(chunk)
             if size > limit:
                 raise _too_large(limit)

@@ -11,6 +11,7 @@ closes the store last (``close`` writes the ledger's last rows into it).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from gpufleet.controller import ControlPlane
 from gpufleet.gateway.app import build_app
@@ -23,6 +24,7 @@ from gpufleet.gateway.quotas import Quotas, make_quotas
 from gpufleet.gateway.scraper import EngineScraper
 from gpufleet.gateway.service import Gateway
 from gpufleet.gateway.settings import GatewaySettings
+from gpufleet.gateway.spool import Spool
 
 __all__ = ["GatewayStack", "assemble"]
 
@@ -73,19 +75,23 @@ def assemble(
     metrics: GatewayMetrics | None = None,
     key_refresh_s: float = 0.5,
     ledger_flush_s: float = 0.5,
+    ledger_spool: Path | None = None,
     scrape_s: float = 0.25,
 ) -> GatewayStack:
     """The gateway in front of ``plane``, on the plane's store.
 
     ``auth=False`` is the explicit ``--no-auth`` mode (every caller an admin of the default
     tenant); ``record_usage=False`` writes no ledger rows (a benchmark's bare baseline).
+    ``ledger_spool``: the directory of the ledger's local spool (rows survive a SIGKILL of the
+    process there; None keeps them in memory until written).
     Quota counters live in ``settings.redis_url`` when set (as prefix hints do), in process
     otherwise; ``quotas`` replaces them (tests give a Redis namespace of their own)."""
     settings = settings or GatewaySettings()
     store = plane.store
     keyring = Keyring(store, enabled=auth, refresh_s=key_refresh_s)
-    quotas = quotas or make_quotas(settings.redis_url)
-    ledger = Ledger(store, flush_s=ledger_flush_s) if record_usage else None
+    quotas = quotas or make_quotas(settings.redis_url, timeout_s=settings.redis_timeout_s)
+    spool = Spool(ledger_spool) if ledger_spool is not None else None
+    ledger = Ledger(store, spool=spool, flush_s=ledger_flush_s) if record_usage else None
     app = build_app(
         plane,
         settings=settings,

@@ -21,7 +21,6 @@ import contextlib
 import datetime as dt
 import hashlib
 import hmac
-import logging
 import secrets
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Any, Literal
 
 from gpufleet.gateway.errors import ApiError
 from gpufleet.gateway.quotas import Limits
+from gpufleet.outages import OutageReporter
 from gpufleet.spec import API_VERSION, LimitsSpec, ModelSpec, Tenant, parse_tenant
 from gpufleet.store import KeyRecord, Store
 
@@ -43,7 +43,6 @@ __all__ = [
     "new_key",
 ]
 
-log = logging.getLogger("gpufleet.gateway.auth")
 
 Role = Literal["admin", "operator", "user"]
 ROLES: tuple[str, ...] = ("admin", "operator", "user")
@@ -144,6 +143,8 @@ class Keyring:
         self.store = store
         self.enabled = enabled
         self.refresh_s = refresh_s
+        #: The gateway's, once it is built (``service.Gateway``): a store outage is one line.
+        self.outages = OutageReporter()
         self._keys: dict[str, _Entry] = {}
         self._tenants: dict[str, Tenant] = {}
         self._misses: dict[str, float] = {}
@@ -192,7 +193,9 @@ class Keyring:
             try:
                 await asyncio.to_thread(self._refresh)
             except Exception as exc:  # noqa: BLE001 - the store is away: serve from memory
-                log.warning("cannot refresh keys from the store: %s", exc)
+                self.outages.failed("store", exc, affected="key refresh (keys served from memory)")
+            else:
+                self.outages.recovered("store")
 
     def _put(self, record: KeyRecord) -> None:
         tenant = self._tenants.get(record.tenant)

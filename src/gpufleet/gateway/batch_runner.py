@@ -28,9 +28,11 @@ from typing import Any
 
 from starlette.responses import Response
 
+from gpufleet.errors import StoreError
 from gpufleet.gateway.auth import Principal
 from gpufleet.gateway.errors import ApiError
 from gpufleet.gateway.ids import new_request_id
+from gpufleet.outages import OutageReporter
 from gpufleet.store import BatchLine, BatchRecord, FileRecord, Store
 
 __all__ = ["BatchRunner"]
@@ -62,6 +64,7 @@ class BatchRunner:
         interval_s: float = 0.5,
         lease_s: float = 15.0,
         take_over: bool = False,
+        outages: OutageReporter | None = None,
     ) -> None:
         self.store = store
         self.execute = execute
@@ -72,6 +75,10 @@ class BatchRunner:
         self.lease = dt.timedelta(seconds=lease_s)
         #: The only gateway (``gpufleet up``): take over claims left by a previous process.
         self.take_over = take_over
+        #: A store outage is one line down and one back, not a traceback a pass.
+        self.outages = outages or OutageReporter()
+        #: Passes run, failed or not (tests wait on it).
+        self.passes = 0
         self._in_flight: dict[str, dict[int, asyncio.Task[None]]] = {}
         self._backoff_until: dict[str, float] = {}
         self._wake = asyncio.Event()
@@ -103,8 +110,12 @@ class BatchRunner:
             try:
                 await self.step(take_over=self.take_over and first)
                 first = False
+                self.outages.recovered("store")
+            except StoreError as exc:
+                self.outages.failed("store", exc, affected="batches (lines wait)")
             except Exception:
                 log.exception("batch runner pass failed; trying again")
+            self.passes += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval_s)
             self._wake.clear()
@@ -179,6 +190,8 @@ class BatchRunner:
             await asyncio.to_thread(
                 self.store.finish_line, batch.id, line.line, 200 <= status < 300, result
             )
+        except StoreError as exc:  # the line stays pending and runs again once the store is back
+            self.outages.failed("store", exc, affected="batches (lines wait)")
         finally:
             self._in_flight.get(batch.id, {}).pop(line.line, None)
             self.wake()

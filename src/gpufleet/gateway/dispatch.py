@@ -7,9 +7,12 @@ Then a slot among the requests this gateway sends the deployment at once
 (``slots_per_replica`` per ready replica, or the spec's ``maxInFlightPerReplica``), waiting in
 its fair queue when all are taken, and the request goes to the engine through ``Upstream``
 (which picks the replica). An engine that cannot answer (502, 503) passes the request to the
-next deployment of the chain. The slot is given back on every path: when the answer is
-complete (by the accounting's finisher), when forwarding fails, and when the caller is
-cancelled.
+next deployment of the chain. A deployment whose every replica refused the connection (an
+engine crashed, and the runtime has not seen it yet) is held like one with none ready — within
+``hold_s`` in all, until a replica takes connections again — when no later deployment may serve,
+so the crash window is a wait, not a 502. The slot is given back on every path: when the answer
+is complete (by the accounting's finisher), when forwarding fails, while the request is held,
+and when the caller is cancelled.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from starlette.responses import Response
 from gpufleet.controller import ControlPlane, Directory, ModelEntry
 from gpufleet.gateway.auth import Principal
 from gpufleet.gateway.demand import DemandMeter
-from gpufleet.gateway.errors import ApiError, model_not_found, no_replica
+from gpufleet.gateway.errors import ApiError, Unreachable, model_not_found, no_replica
 from gpufleet.gateway.fairqueue import AdmissionQueues, QueueRejected
 from gpufleet.gateway.metrics import GatewayMetrics
 from gpufleet.gateway.proxy import Outcome, Upstream
@@ -40,6 +43,10 @@ Finisher = Callable[[ModelEntry, Release], Callable[[Outcome], None]]
 
 def _nothing() -> None:
     pass
+
+
+def _has_endpoints(entry: ModelEntry) -> bool:
+    return bool(entry.endpoints)
 
 
 class Capacity:
@@ -97,10 +104,39 @@ class Dispatcher:
                     continue  # a fallback is ready now: no need to wait for this one
                 target = await self.hold(target.name)
                 self.queues.get(target.name).poke()
-            body = request.body_for(target.name)
+            try:
+                response = await self._send(
+                    target, request, principal, route, request_id, finisher, held=last
+                )
+            except ApiError as exc:
+                if last or exc.status not in (502, 503):
+                    raise
+                self._metrics.fallbacks.labels(request.model, chain[i + 1].name).inc()
+                continue
+            response.headers["x-gpufleet-model"] = target.name
+            return response
+        raise AssertionError("unreachable: the last model of a chain answers or raises")
+
+    async def _send(
+        self,
+        target: ModelEntry,
+        request: Outbound,
+        principal: Principal,
+        route: str,
+        request_id: str,
+        finisher: Finisher,
+        *,
+        held: bool,
+    ) -> Response:
+        """Forward to ``target`` in a slot given back on every failure; when ``held``, a
+        crash window (``Unreachable``) waits, within ``hold_s`` in all, for a replica that
+        takes connections, and the request goes again."""
+        deadline = time.monotonic() + self.hold_s
+        body = request.body_for(target.name)
+        while True:
             release = await self.take_slot(target, principal, request.priority, request.tokens)
             try:
-                response = await self._upstream.forward(
+                return await self._upstream.forward(
                     target,
                     route,
                     body,
@@ -112,23 +148,26 @@ class Dispatcher:
                     strip_usage=request.strip_usage,
                     done=finisher(target, release),
                 )
-            except ApiError as exc:
+            except Unreachable:
                 release()
-                if last or exc.status not in (502, 503):
+                if not held:
                     raise
-                self._metrics.fallbacks.labels(request.model, chain[i + 1].name).inc()
-                continue
             except BaseException:
-                release()  # cancelled (a batch runner stopping): give the slot back
+                release()  # failed, or cancelled (a batch runner stopping)
                 raise
-            response.headers["x-gpufleet-model"] = target.name
-            return response
-        raise AssertionError("unreachable: the last model of a chain answers or raises")
+            target = await self.hold(target.name, deadline=deadline, ready=self._upstream.routable)
 
-    async def hold(self, name: str) -> ModelEntry:
-        """Wait, within the bound, for a ready replica; ask the control plane for one
-        meanwhile."""
-        deadline = time.monotonic() + self.hold_s
+    async def hold(
+        self,
+        name: str,
+        *,
+        deadline: float | None = None,
+        ready: Callable[[ModelEntry], bool] = _has_endpoints,
+    ) -> ModelEntry:
+        """Wait, until ``deadline`` (``hold_s`` from now by default), for a ready replica; ask
+        the control plane for one meanwhile."""
+        if deadline is None:
+            deadline = time.monotonic() + self.hold_s
         self._metrics.held.labels(name).inc()
         self._demand.hold(name, 1)
         try:
@@ -137,7 +176,7 @@ class Dispatcher:
                 entry = self._directory.get(name)
                 if entry is None:
                     raise model_not_found(name)
-                if entry.endpoints or entry.problem:
+                if entry.problem or ready(entry):
                     return entry
                 if time.monotonic() >= deadline:
                     raise no_replica(

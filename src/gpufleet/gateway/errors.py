@@ -11,7 +11,7 @@ import json
 
 from starlette.responses import Response
 
-__all__ = ["ApiError", "error_response", "sse_error"]
+__all__ = ["ApiError", "Unreachable", "error_response", "sse_error"]
 
 
 class ApiError(Exception):
@@ -90,4 +90,19 @@ def upstream_failed(model: str, detail: str) -> ApiError:
         f"The engine serving '{model}' failed: {detail}",
         type="upstream_error",
         code="engine_error",
+    )
+
+
+class Unreachable(ApiError):
+    """Every replica the gateway could try refused its connection (an engine crashed, not yet
+    seen so by the runtime): the dispatcher holds the request as for a model with none ready."""
+
+
+def unreachable(model: str) -> Unreachable:
+    return Unreachable(
+        503,
+        f"The model '{model}' has no ready replica: its engine is restarting",
+        type="service_unavailable",
+        code="no_ready_replica",
+        headers={"retry-after": "2"},
     )

@@ -116,6 +116,24 @@ class GatewayMetrics:
             ["model", "tenant"],
             registry=self.registry,
         )
+        self.slow_clients = Counter(
+            "gpufleet_slow_clients_closed",
+            "Client connections closed for sending too slowly, by what was late (headers, body)",
+            ["stage"],
+            registry=self.registry,
+        )
+        self.dependency_up = Gauge(
+            "gpufleet_dependency_up",
+            "1 while a dependency (store, redis) answers, 0 during an outage (gpufleet.outages)",
+            ["dependency"],
+            registry=self.registry,
+        )
+        self.dependency_failures = Counter(
+            "gpufleet_dependency_failures",
+            "Calls to a dependency (store, redis) that failed",
+            ["dependency"],
+            registry=self.registry,
+        )
         self.upstream_errors = Counter(
             "gpufleet_upstream_errors",
             "Failed attempts to reach an engine, by model and kind",

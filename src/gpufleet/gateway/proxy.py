@@ -8,11 +8,19 @@ are — and the engines' scraped metrics. A request that fails before any byte r
 replica; a stream that breaks after its first byte ends with an OpenAI-shaped error event and a
 clean close. A replica failing three times in a row sits out 5 s (outlier ejection); the next
 request routed to it afterwards is its probe.
+
+A replica that refuses a connection has no engine listening: it crashed, and the runtime has
+not seen it yet (~2 s for a local engine). It sits out at once, until the runtime reports it
+again (a restarted engine is a new ``Replica`` value) or, every second, a probe connects; when
+every replica of a model sits out, ``forward`` raises ``Unreachable`` and the dispatcher holds
+the request as it holds one for a model with none ready.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -28,7 +36,13 @@ from starlette.responses import Response, StreamingResponse
 from gpufleet.controller import ModelEntry
 from gpufleet.engines import EngineLoad
 from gpufleet.gateway.engine_errors import engine_error
-from gpufleet.gateway.errors import error_response, no_replica, sse_error, upstream_failed
+from gpufleet.gateway.errors import (
+    error_response,
+    no_replica,
+    sse_error,
+    unreachable,
+    upstream_failed,
+)
 from gpufleet.gateway.ledger import BusyMeter
 from gpufleet.gateway.metrics import GatewayMetrics
 from gpufleet.gateway.prefix_hints import RedisPrefixHints
@@ -50,10 +64,14 @@ log = logging.getLogger("gpufleet.gateway.proxy")
 _RETRYABLE_STATUS = frozenset({502, 503})
 EJECT_AFTER = 3
 EJECT_FOR_S = 5.0
+#: How often a replica that refused a connection gets a probe while the runtime has not
+#: reported it again.
+REFUSED_PROBE_S = 1.0
 _HOP_HEADERS = ("content-type",)
 #: How much of an engine's error body the log keeps (a traceback fits).
 _LOGGED_BODY = 16 * 1024
 _DONE = b"data: [DONE]\n\n"
+_GONE_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE})
 
 
 @dataclass(slots=True)
@@ -113,6 +131,8 @@ class Upstream:
         #: Outlier ejection: consecutive failures per replica, and until when it is left out.
         self._failures: dict[str, int] = {}
         self._ejected_until: dict[str, float] = {}
+        #: Replicas that refused a connection: the value that refused, and when a probe may go.
+        self._refused: dict[str, tuple[Replica, float]] = {}
         self._policies: dict[tuple[str, str], RoutingPolicy] = {}
         self.meter = BusyMeter()
         #: Told of every engine failure (model, replica id, HTTP status; 502 for a connection
@@ -154,11 +174,32 @@ class Upstream:
         self.loads.pop(replica_id, None)
         self._failures.pop(replica_id, None)
         self._ejected_until.pop(replica_id, None)
+        self._refused.pop(replica_id, None)
         for policy in self._policies.values():
             policy.forget(replica_id)
 
     def in_flight(self, replica_id: str) -> int:
         return self._in_flight.get(replica_id, 0)
+
+    def routable(self, entry: ModelEntry) -> bool:
+        """A ready replica of ``entry`` may take a request now (none sits out for refusing)."""
+        now = time.monotonic()
+        return any(self._answers(r, now) for r in entry.endpoints)
+
+    def _answers(self, replica: Replica, now: float) -> bool:
+        refused = self._refused.get(replica.id)
+        if refused is None:
+            return True
+        seen, probe_at = refused
+        if replica != seen:  # the runtime reported it again: restarted, or moved
+            self._refused.pop(replica.id, None)
+            self._failures.pop(replica.id, None)
+            self._ejected_until.pop(replica.id, None)
+            return True
+        return probe_at <= now
+
+    def _refuse(self, replica: Replica) -> None:
+        self._refused[replica.id] = (replica, time.monotonic() + REFUSED_PROBE_S)
 
     def pick(
         self,
@@ -168,10 +209,12 @@ class Upstream:
         hints: Mapping[str, int] | None = None,
     ) -> tuple[Replica, Choice] | None:
         pool = entry.pool(self._draw()) if entry.canary is not None else entry.endpoints
-        candidates = {r.id: r for r in pool if r.id not in exclude}
-        if not candidates:  # the canary's side has nothing left to try: the other side may
-            candidates = {r.id: r for r in entry.endpoints if r.id not in exclude}
         now = time.monotonic()
+        candidates = {r.id: r for r in pool if r.id not in exclude and self._answers(r, now)}
+        if not candidates:  # the canary's side has nothing left to try: the other side may
+            candidates = {
+                r.id: r for r in entry.endpoints if r.id not in exclude and self._answers(r, now)
+            }
         healthy = {
             rid: r for rid, r in candidates.items() if self._ejected_until.get(rid, 0.0) <= now
         }
@@ -199,6 +242,8 @@ class Upstream:
         if choice is None or choice.endpoint not in candidates:
             return None
         policy.record(features, choice)
+        if choice.endpoint in self._refused:  # this request is its probe: one at a time
+            self._refuse(candidates[choice.endpoint])
         if self.hints is not None:
             self.hints.record(entry.name, features.blocks, choice.endpoint)
         return candidates[choice.endpoint], choice
@@ -231,6 +276,7 @@ class Upstream:
         started = time.perf_counter()
         tried: set[str] = set()
         last_error = ""
+        refusals = 0
         headers = {"content-type": "application/json", "x-request-id": request_id}
         for _ in range(self._max_attempts):
             picked = self.pick(entry, features, tried, shared)
@@ -253,10 +299,14 @@ class Upstream:
                 self._release(replica, entry.name, prefill)
                 self.meter.stop(metered)
                 self._engine_error(entry, replica, 502)
+                if _gone(exc):
+                    self._refuse(replica)
+                    refusals += 1
                 last_error = _failure("connect", replica, exc)
                 self._metrics.upstream_errors.labels(entry.name, "connect").inc()
                 self._failed(replica.id)
                 continue
+            self._refused.pop(replica.id, None)
             try:
                 if resp.status in _RETRYABLE_STATUS:
                     self._engine_error(entry, replica, resp.status)
@@ -314,6 +364,10 @@ class Upstream:
                     resp.release()
                     self.meter.stop(metered)
                     self._release(replica, entry.name, prefill)
+        if refusals == len(tried) and not entry.problem:
+            sat_out = any(r.id in self._refused for r in entry.endpoints)
+            if refusals or (sat_out and not self.routable(entry)):
+                raise unreachable(entry.name)
         if last_error:
             raise upstream_failed(entry.name, f"{last_error} (tried {len(tried)} replica(s))")
         detail = entry.problem or (
@@ -384,6 +438,19 @@ class Upstream:
             last = 0.0
             #: The events of a stream that has shown no usage yet, counted at its end if none.
             events: list[bytes] = []
+            ended = False
+
+            def end() -> None:
+                """The outcome to ``done``, once, before the stream's last byte (``[DONE]`` or
+                an error event) leaves: its ledger row is spooled before the client has it all."""
+                nonlocal ended
+                if not ended:
+                    ended = True
+                    outcome.duration_s = time.perf_counter() - started
+                    outcome.replica_seconds = stop_meter()
+                    if done is not None:
+                        done(outcome)
+
             try:
                 async for chunk in _after(head, resp):
                     # Whole SSE events only, so a usage event is never split across yields.
@@ -413,31 +480,39 @@ class Upstream:
                             if len(out) > len(_DONE):
                                 yield out[: -len(_DONE)]
                             extra = await self._count_stream(replica, outcome, events, request)
+                            end()
                             yield _DONE if strip_usage else extra + _DONE
                             continue
+                    if out.endswith(_DONE):
+                        end()
                     if out:
                         yield out
                 if pending:
+                    end()
                     yield pending
                 elif first:
                     # llama-cpp-python answers a streamed request it then refuses (a prompt
                     # beyond the context) with a 200 and no event: not a silent success.
                     outcome.status = 502
                     log.warning("engine %s ended a stream without an event", replica.id)
+                    end()
                     yield sse_error(
                         upstream_failed(entry.name, "the engine ended the stream without an answer")
                     )
             except (aiohttp.ClientError, TimeoutError) as exc:
                 outcome.status = 502
                 metrics.upstream_errors.labels(entry.name, "stream").inc()
-                yield sse_error(upstream_failed(entry.name, _failure("stream", replica, exc)))
+                failure = sse_error(upstream_failed(entry.name, _failure("stream", replica, exc)))
+                end()
+                yield failure
+            except (GeneratorExit, asyncio.CancelledError):
+                if not ended:  # the client went away before the end
+                    outcome.status = 499
+                raise
             finally:
                 resp.release()
                 self._release(replica, entry.name, None if not first else prefill)
-                outcome.duration_s = time.perf_counter() - started
-                outcome.replica_seconds = stop_meter()
-                if done is not None:
-                    done(outcome)
+                end()
 
         return StreamingResponse(
             chunks(),
@@ -569,6 +644,14 @@ async def _after(head: bytes, resp: aiohttp.ClientResponse) -> AsyncIterator[byt
         yield head
     async for chunk in resp.content.iter_any():
         yield chunk
+
+
+def _gone(exc: BaseException) -> bool:
+    """No engine listens: refused, or reset as its process died (seen on llama.cpp SIGKILLed:
+    ``ClientOSError`` ECONNRESET while connecting)."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return True
+    return isinstance(exc, aiohttp.ClientOSError) and exc.errno in _GONE_ERRNOS
 
 
 def _failure(stage: str, replica: Replica, exc: BaseException) -> str:

@@ -44,11 +44,19 @@ class Surface:
 
     def inference(self, route: str) -> Handler:
         authenticate, execute = self._authenticate, self._gateway.execute
-        limit = self._gateway.settings.max_body_bytes
+        refused = self._gateway.accounting.refused
+        settings = self._gateway.settings
+        limit, idle_s = settings.max_body_bytes, settings.body_idle_s
+        stalled = self._gateway.metrics.slow_clients.labels("body").inc
 
         async def handler(request: Request) -> Response:
-            principal = await authenticate(request)
-            raw = await read_body(request, limit)
+            principal = None
+            try:
+                principal = await authenticate(request)
+                raw = await read_body(request, limit, idle_s, stalled)
+            except ApiError as exc:  # no key, or no body: counted among the day's refusals
+                refused(principal, "", exc.status, exc.code)
+                raise
             state = request.scope["state"]
             return await execute(
                 route,
@@ -142,6 +150,7 @@ def route_table(gateway: Gateway, batches: BatchRunner) -> tuple[dict[str, Handl
             keyring=gateway.keyring,
             quotas=gateway.quotas,
             ledger=gateway.ledger,
+            outages=gateway.outages,
         ),
         *batch_api.routes(plane.store, authenticate, INFERENCE_ROUTES, wake=batches.wake),
         Route("/openapi.json", surface.openapi, methods=["GET"]),

@@ -10,10 +10,12 @@ around it.
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.responses import Response
 
 from gpufleet.controller import ControlPlane
-from gpufleet.gateway.accounting import Accounting
+from gpufleet.gateway.accounting import Accounting, Charge
 from gpufleet.gateway.admission import Admission
 from gpufleet.gateway.auth import Keyring, Principal
 from gpufleet.gateway.demand import DemandMeter
@@ -29,6 +31,7 @@ from gpufleet.gateway.quotas import LocalQuotas, Quotas
 from gpufleet.gateway.request import Header, parse, prepare
 from gpufleet.gateway.resolve import Resolver
 from gpufleet.gateway.settings import GatewaySettings
+from gpufleet.outages import OutageReporter
 
 __all__ = ["Gateway"]
 
@@ -53,7 +56,11 @@ class Gateway:
         self.metrics = metrics = metrics or GatewayMetrics()
         self.quotas = quotas = quotas or LocalQuotas()
         self.keyring, self.ledger = keyring, ledger
-        hints = RedisPrefixHints(settings.redis_url) if settings.redis_url else None
+        hints = (
+            RedisPrefixHints(settings.redis_url, timeout_s=settings.redis_timeout_s)
+            if settings.redis_url
+            else None
+        )
         self.upstream = Upstream(metrics, hints=hints)
         pricing = Pricing()
         capacity = Capacity(self.directory, settings.slots_per_replica)
@@ -61,7 +68,15 @@ class Gateway:
             capacity, max_length=settings.queue_max_length, max_wait_s=settings.queue_max_wait_s
         )
         self.demand = DemandMeter(self.directory, self.queues, self.upstream)
-        self.admission = Admission(keyring, quotas, pricing, metrics)
+        #: Store and Redis outages, one line down and one back (admission, batches, admin).
+        self.outages = OutageReporter(
+            up=metrics.dependency_up,
+            failures=metrics.dependency_failures,
+            dependencies=("store", "redis") if settings.redis_url else ("store",),
+        )
+        if keyring is not None:
+            keyring.outages = self.outages
+        self.admission = Admission(keyring, quotas, pricing, metrics, outages=self.outages)
         self.dispatcher = Dispatcher(
             plane,
             self.queues,
@@ -83,6 +98,8 @@ class Gateway:
             self.directory, metrics, pricing, self.demand, self.admission, ledger
         )
         self.upstream.on_engine_error = self.accounting.engine_error
+        if ledger is not None:
+            metrics.registry.register(ledger.collector())
         plane.attach_demand(self.demand)
 
     async def execute(
@@ -100,37 +117,49 @@ class Gateway:
         ``gateway_id`` is the gateway's own id (a UUID, ``ids.new_request_id``): the ledger's
         key and the only id the engine is sent. ``request_id`` is the caller's (the client's
         ``x-request-id``, a batch line's ``batch_req_…``), kept in the ledger beside it."""
-        parsed = parse(route, raw)
-        resolved = self.resolver.resolve(parsed, principal, header)
-        request = prepare(
-            parsed,
-            resolved.entry,
-            principal,
-            header,
-            resolved.session,
-            self.settings.default_max_tokens,
-        )
-        ticket = await self.admission.admit(principal, gateway_id, resolved.entry, request.tokens)
-        charge = self.accounting.open(
-            principal,
-            ticket,
-            route,
-            parsed.model,
-            (gateway_id, request_id if request_id != gateway_id else None),
-            request.features.prompt_tokens,
-        )
+        charge: Charge | None = None
+        model = ""
         answered = False
         try:
+            parsed = parse(route, raw)
+            model = parsed.model
+            resolved = self.resolver.resolve(parsed, principal, header)
+            request = prepare(
+                parsed,
+                resolved.entry,
+                principal,
+                header,
+                resolved.session,
+                self.settings.default_max_tokens,
+            )
+            ticket = await self.admission.admit(
+                principal, gateway_id, resolved.entry, request.tokens
+            )
+            charge = self.accounting.open(
+                principal,
+                ticket,
+                route,
+                parsed.model,
+                (gateway_id, request_id if request_id != gateway_id else None),
+                request.features.prompt_tokens,
+            )
             response = await self.dispatcher.dispatch(
                 resolved.chain, request, principal, route, gateway_id, charge.finisher
             )
             answered = True
             return response
         except ApiError as exc:
-            charge.refused(exc.status)
+            if charge is None:
+                self.accounting.refused(principal, model, exc.status, exc.code)
+            else:
+                charge.refused(exc.status, exc.code)
+            raise
+        except asyncio.CancelledError:
+            if charge is not None:  # the caller went away (a batch runner stopping)
+                charge.refused(499, "client_gone")
             raise
         finally:
-            if not answered:
+            if not answered and charge is not None:
                 charge.void()
 
     async def close(self) -> None:

@@ -11,6 +11,9 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from gpufleet.errors import PermanentError
+from gpufleet.gateway.client_timeouts import HeaderDeadline, header_timeout_protocol
+from gpufleet.gateway.metrics import GatewayMetrics
+from gpufleet.gateway.settings import GatewaySettings
 
 __all__ = ["PortInUseError", "bind_socket", "gateway_server", "raise_open_files_limit"]
 
@@ -60,12 +63,26 @@ def raise_open_files_limit() -> int:
     return soft
 
 
-def gateway_server(app: ASGIApp) -> uvicorn.Server:
-    """The HTTP server a gateway runs on (``serve(sockets=[bind_socket(…)])``)."""
+def gateway_server(
+    app: ASGIApp,
+    settings: GatewaySettings | None = None,
+    metrics: GatewayMetrics | None = None,
+) -> uvicorn.Server:
+    """The HTTP server a gateway runs on (``serve(sockets=[bind_socket(…)])``): httptools, with
+    a deadline on each request's headers (``client_timeouts``); slow clients closed are counted
+    in ``metrics``."""
+    settings = settings or GatewaySettings()
+    on_slow = None
+    if metrics is not None:
+        counter = metrics.slow_clients
+
+        def on_slow(stage: str) -> None:
+            counter.labels(stage).inc()
+
     return uvicorn.Server(
         uvicorn.Config(
             app,
-            http="httptools",
+            http=header_timeout_protocol(HeaderDeadline(settings.header_timeout_s, on_slow)),
             lifespan="off",
             log_level="warning",
             access_log=False,

@@ -10,6 +10,10 @@ __all__ = ["GatewaySettings"]
 @dataclass(frozen=True, slots=True)
 class GatewaySettings:
     max_body_bytes: int = 8 * 1024 * 1024
+    #: Slow clients are closed (and counted): a request's headers must arrive within
+    #: ``header_timeout_s``, and its body make progress at least every ``body_idle_s``.
+    header_timeout_s: float = 30.0
+    body_idle_s: float = 30.0
     #: How long a request waits for a replica of a model that has none ready (starting, or
     #: scaled to zero) before it is answered 503 with Retry-After. Never unbounded.
     hold_s: float = 60.0
@@ -18,6 +22,9 @@ class GatewaySettings:
     #: Redis shared by gateway replicas: prefix hints, and (in ``assemble``) quota counters.
     #: None: each gateway routes and counts alone.
     redis_url: str | None = None
+    #: The longest a request waits on one Redis call (quotas fail closed past it, prefix
+    #: hints are skipped): a hung Redis must not hang the request path.
+    redis_timeout_s: float = 1.0
     #: Requests one replica gets from this gateway at once; more wait in the model's fair
     #: queue (priority first, then weighted fair share between tenants).
     slots_per_replica: int = 64
