@@ -157,7 +157,8 @@ async def test_a_node_that_disappears_takes_its_pods_and_they_are_replaced(op: O
         lambda: len(op.pods()) == 2 and first not in [p["metadata"]["name"] for p in op.pods()]
     )
     assert [r.id for r in op.controller.directory.get("llama").endpoints] == [second]  # type: ignore[union-attr]
-    assert "ReplicaStopped" in [e.reason for e in op.store.events("llama")]
+    # The event is written by the controller's pass after the pod went: wait for it.
+    await op.settle(lambda: "ReplicaStopped" in [e.reason for e in op.store.events("llama")])
 
 
 async def test_a_restarted_operator_adopts_the_pods_it_finds(tmp_path: Path) -> None:
