@@ -37,6 +37,7 @@ from gpufleet.controller import ModelEntry
 from gpufleet.engines import EngineLoad
 from gpufleet.gateway.engine_errors import engine_error
 from gpufleet.gateway.errors import (
+    ApiError,
     error_response,
     no_replica,
     sse_error,
@@ -394,18 +395,7 @@ class Upstream:
         sees; a failure of the engine itself raises, so the dispatcher may fall back."""
         status = resp.status
         if status >= 400:
-            log.warning(
-                "engine %s answered %d to %s %s: %s",
-                replica.id,
-                status,
-                route,
-                request_id,
-                payload[:_LOGGED_BODY].decode("utf-8", "replace"),
-            )
-            error = engine_error(entry.name, status, payload, route)
-            if error.status >= 500:
-                self._engine_error(entry, replica, status)
-                raise error
+            error = self._refusal(entry, replica, route, request_id, status, payload)
             outcome.status = error.status
             return error_response(error)
         if b'"usage"' in payload:
@@ -537,19 +527,36 @@ class Upstream:
             self._engine_error(entry, replica, 502)
             raise upstream_failed(entry.name, "the engine ended the stream without an answer")
         status, payload = answer
+        return error_response(
+            self._refusal(entry, replica, route, request_id, status, payload, " asked unstreamed")
+        )
+
+    def _refusal(
+        self,
+        entry: ModelEntry,
+        replica: Replica,
+        route: str,
+        request_id: str,
+        status: int,
+        payload: bytes,
+        asked: str = "",
+    ) -> ApiError:
+        """An engine's error answer, logged whole for the operator, as the client's error (no
+        engine internals); a server-side one (5xx) counts against the replica and raises."""
         log.warning(
-            "engine %s answered %d to %s %s asked unstreamed: %s",
+            "engine %s answered %d to %s %s%s: %s",
             replica.id,
             status,
             route,
             request_id,
+            asked,
             payload[:_LOGGED_BODY].decode("utf-8", "replace"),
         )
         error = engine_error(entry.name, status, payload, route)
         if error.status >= 500:
             self._engine_error(entry, replica, status)
             raise error
-        return error_response(error)
+        return error
 
     async def _count_stream(
         self,
