@@ -15,10 +15,12 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
-from types import TracebackType
 
-from tests.conftest import free_port
+import psycopg
+
+from tests.faults.server import FaultServer
 
 __all__ = ["PostgresServer"]
 
@@ -30,14 +32,15 @@ def _bin(name: str) -> str:
     return str(found[-1])
 
 
-class PostgresServer:
+class PostgresServer(FaultServer):
+    name = "PostgreSQL"
+
     def __init__(self, *, user: str = "postgres") -> None:
         self.user = user
-        self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix="gpufleet-pg-"))
         shutil.chown(self.root, user=user, group=user)
         self.data = self.root / "data"
-        self.log = self.root / "postgres.log"
+        super().__init__(self.root / "postgres.log")
         self._initialised = False
 
     @property
@@ -54,12 +57,11 @@ class PostgresServer:
             check=False,
         )
         if done.returncode != 0:
-            tail = self.log.read_text()[-2000:] if self.log.exists() else ""
-            raise RuntimeError(f"{args[0]} failed: {done.stdout}{done.stderr}{tail}")
+            raise RuntimeError(f"{args[0]} failed: {done.stdout}{done.stderr}{self.log_tail()}")
 
-    def start(self) -> None:
-        """Start (initialising the data directory the first time); returns once it accepts
-        connections (pg_ctl -w)."""
+    def _launch(self) -> None:
+        """Initialise the data directory the first time; pg_ctl -w returns once the server
+        accepts connections (or has failed to start: then it raises with the log's tail)."""
         if not self._initialised:
             self._run(_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
                       "--no-sync")  # fmt: skip
@@ -68,36 +70,44 @@ class PostgresServer:
         self._run(_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options,
                   "-w", "-t", "60", "start")  # fmt: skip
 
+    def _answers(self) -> bool:
+        try:
+            with psycopg.connect(
+                host="127.0.0.1",
+                port=self.port,
+                user="postgres",
+                dbname="postgres",
+                connect_timeout=2,
+            ):
+                return True
+        except psycopg.OperationalError:
+            return False
+
     def stop(self) -> None:
         """Fast shutdown: sessions are ended, the server is gone when this returns."""
         self._run(_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
 
     def kill(self) -> None:
-        """SIGKILL the postmaster (its backends follow); a start recovers from the WAL."""
+        """SIGKILL the postmaster (its backends follow); a start recovers from the WAL.
+
+        Returns once the postmaster is reaped: PostgreSQL refuses to start while the pid in
+        its stale lock file still exists, and a zombie does (init reaps it when it gets to it).
+        """
         pid = int((self.data / "postmaster.pid").read_text().splitlines()[0])
         os.kill(pid, signal.SIGKILL)
-
-    def restart(self) -> None:
-        self.start()
+        deadline = time.monotonic() + 30.0
+        while Path(f"/proc/{pid}").exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"PostgreSQL's postmaster {pid} not reaped in 30 s")
+            time.sleep(0.02)
 
     def running(self) -> bool:
         return (self.data / "postmaster.pid").exists()
 
-    def close(self) -> None:
-        if self.running():
-            # Already gone (killed): its pid file is stale and pg_ctl says so.
-            with contextlib.suppress(RuntimeError):
-                self._run(_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+    def _end(self) -> None:
+        # Already gone (killed): its pid file is stale and pg_ctl says so.
+        with contextlib.suppress(RuntimeError):
+            self._run(_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+    def _discard(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> PostgresServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -12,26 +12,26 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
-from types import TracebackType
 
 import redis
 
-from tests.conftest import free_port
+from tests.faults.server import FaultServer
 
 __all__ = ["RedisServer"]
 
 
-class RedisServer:
+class RedisServer(FaultServer):
+    name = "redis-server"
+
     def __init__(self, directory: Path, *, appendonly: bool) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed")
+        super().__init__(directory / "redis.log")
         self.binary = binary
         self.directory = directory
         self.appendonly = appendonly
-        self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.paused = False
 
@@ -39,48 +39,48 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, *, timeout: float = 30.0) -> None:
-        """Start (or start again, same port and dir) and wait until it answers PING."""
-        if self.proc is not None and self.proc.poll() is None:
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _launch(self) -> None:
+        if self.running():
             raise RuntimeError("redis-server is already running")
         self.directory.mkdir(parents=True, exist_ok=True)
-        log = (self.directory / "redis.log").open("ab")
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--dir", str(self.directory),
-                "--appendonly", "yes" if self.appendonly else "no",
-                "--save", "",
-                "--daemonize", "no",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        log.close()
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    self.binary,
+                    "--port", str(self.port),
+                    "--bind", "127.0.0.1",
+                    "--dir", str(self.directory),
+                    "--appendonly", "yes" if self.appendonly else "no",
+                    "--save", "",
+                    "--daemonize", "no",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
         self.paused = False
+
+    def _answers(self) -> bool:
         client = redis.Redis.from_url(self.url, socket_timeout=1.0, socket_connect_timeout=1.0)
-        deadline = time.monotonic() + timeout
         try:
-            while True:
-                if self.proc.poll() is not None:
-                    tail = (self.directory / "redis.log").read_text()[-2000:]
-                    raise RuntimeError(f"redis-server exited {self.proc.returncode}: {tail}")
-                try:
-                    if client.ping():
-                        return
-                except redis.RedisError:
-                    pass  # not listening yet, or still loading its AOF
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on {self.port} not ready in {timeout} s")
-                time.sleep(0.02)
+            return bool(client.ping())
+        except redis.RedisError:
+            return False  # not listening yet, or still loading its AOF
         finally:
             client.close()
 
+    def _exited(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def _discard(self) -> None:
+        pass  # the directory is the caller's (a test's tmp_path): its AOF may be looked at
+
     def _signal(self, sig: signal.Signals) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if not self.running():
             raise RuntimeError("redis-server is not running")
+        assert self.proc is not None
         self.proc.send_signal(sig)
 
     def stop(self) -> None:
@@ -106,23 +106,3 @@ class RedisServer:
         if self.paused:
             self._signal(signal.SIGCONT)
             self.paused = False
-
-    def restart(self) -> None:
-        """Start again after ``kill`` or ``stop``, on the same port and dir."""
-        self.start()
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.kill()
-
-    def __enter__(self) -> RedisServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
