@@ -4,23 +4,31 @@ Settlements always land (issue 16): requests that finish while Redis is down fre
 concurrency slots and have their reservations replaced by their actual cost once Redis is back
 — restarted from its append-only file — within the issue's 10 s, not when their 900 s leases
 expire. A hung Redis (SIGSTOP) fails admissions closed within the timeout, the admissions it
-ran late are voided, and prefix-routed requests go on without the shared hints.
+ran late are voided, and prefix-routed requests go on without the shared hints. A gateway
+SIGKILLed while its settlements wait leaves them in its journal, and the next one on the same
+directory sends them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
+import gpufleet
 from gpufleet.gateway import GatewaySettings
 from gpufleet.gateway.prefix_hints import RedisPrefixHints
 from gpufleet.gateway.quotas import Demand, Limits, QuotaExceeded, QuotaStoreUnavailable, Ticket
 from gpufleet.gateway.quotas_redis import RedisQuotas
+from gpufleet.gateway.settle_journal import FILENAME
 from gpufleet.runtime import ReplicaRequest
 from tests import sites
 from tests.conftest import eventually
@@ -59,6 +67,7 @@ async def test_slots_and_budget_settle_after_a_restart_from_the_aof(
         held = [await q.admit(f"r{i}", [TENANT], RESERVED) for i in range(2)]
         with pytest.raises(QuotaExceeded, match="2 requests in flight"):
             await q.admit("r2", [TENANT], RESERVED)
+        await eventually(lambda: in_the_aof(persistent), "the admissions written to the AOF")
         persistent.kill()
         for ticket in held:  # both finish while Redis is away: their releases cannot land
             await q.settle(ticket, tokens=300, cost_usd=0.25)
@@ -76,6 +85,86 @@ async def test_slots_and_budget_settle_after_a_restart_from_the_aof(
         assert [await admitted(q, f"n{i}") for i in range(2)] != [None, None]
     finally:
         await q.close()
+
+
+async def in_the_aof(server: RedisServer) -> bool:
+    """Everything Redis answered is written to its append-only file (with ``appendfsync
+    everysec`` a write is postponed while a background fsync runs, answers are not), so a
+    SIGKILL of Redis now loses none of it."""
+    client = aioredis.Redis.from_url(server.url)
+    try:
+        info = await client.info("persistence")
+    finally:
+        await client.aclose()
+    return int(info["aof_buffer_length"]) == 0 and int(info["aof_pending_bio_fsync"]) == 0
+
+
+#: A gateway that admits TENANT's two requests, settles them when told (Redis is down by then)
+#: and waits to be SIGKILLed.
+CRASHING_GATEWAY = """
+import asyncio, sys
+from pathlib import Path
+from gpufleet.gateway.quotas import Demand, Limits
+from gpufleet.gateway.quotas_redis import RedisQuotas
+
+async def main(url: str, journal: str) -> None:
+    q = RedisQuotas(url, timeout_s=1.0, journal=Path(journal))
+    await q.start()
+    tenant = ("tenant:acme", Limits(concurrency=2, budget_usd=100.0, tpm=100_000))
+    demand = Demand(tokens=1_000, cost_usd=1.0)
+    held = [await q.admit(f"r{i}", [tenant], demand) for i in range(2)]
+    print("admitted", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)
+    for ticket in held:
+        await q.settle(ticket, tokens=300, cost_usd=0.25)
+    print(len(q.pending), flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_settlements_of_a_gateway_killed_during_the_outage_land_after_its_restart(
+    persistent: RedisServer, tmp_path: Path
+) -> None:
+    """The journal (in the gateway's local directory) keeps what the dead process could not
+    land; the next process on that directory sends it at start."""
+    journal = tmp_path / "spool" / FILENAME
+    src = str(Path(gpufleet.__file__).parents[1])
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CRASHING_GATEWAY, persistent.url, str(journal),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": src},
+    )  # fmt: skip
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert (await child.stdout.readline()).strip() == b"admitted"
+        await eventually(lambda: in_the_aof(persistent), "the admissions written to the AOF")
+        persistent.kill()
+        child.stdin.write(b"settle\n")
+        await child.stdin.drain()
+        assert (await child.stdout.readline()).strip() == b"2"  # both kept, none landed
+    finally:
+        child.send_signal(signal.SIGKILL)  # no close, no last try: what a crash leaves
+        await child.wait()
+    await asyncio.to_thread(persistent.restart)
+    again = RedisQuotas(persistent.url, timeout_s=1.0, journal=journal)
+    try:
+        await again.start()
+
+        async def settled() -> bool:
+            used = await again.snapshot(*TENANT)
+            return used["concurrency"] == 0 and used["reserved_usd"] == 0
+
+        await eventually(settled, "the dead gateway's settlements landed", timeout=RECOVERY_S)
+        used = await again.snapshot(*TENANT)
+        assert used["spent_usd"] == pytest.approx(0.5)  # the actual cost replaced the reservation
+        assert used["tpm"] == 600
+        assert len([await again.admit(f"n{i}", [TENANT], RESERVED) for i in range(2)]) == 2
+        assert not again.pending and journal.stat().st_size == 0
+    finally:
+        await again.close()
 
 
 async def test_the_first_admission_after_the_restart_lands_the_releases(

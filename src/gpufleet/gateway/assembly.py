@@ -24,6 +24,7 @@ from gpufleet.gateway.quotas import Quotas, make_quotas
 from gpufleet.gateway.scraper import EngineScraper
 from gpufleet.gateway.service import Gateway
 from gpufleet.gateway.settings import GatewaySettings
+from gpufleet.gateway.settle_journal import FILENAME as SETTLE_JOURNAL
 from gpufleet.gateway.spool import Spool
 
 __all__ = ["GatewayStack", "assemble"]
@@ -44,11 +45,14 @@ class GatewayStack:
     batches: BatchRunner
 
     async def start(self) -> None:
-        """Keys read, then the ledger's writer, the engine scraper and the batch runner."""
+        """Keys read, then the ledger's writer, the quotas' settlements left by a previous
+        process (their journal is in the spool's directory, taken by the ledger), the engine
+        scraper and the batch runner."""
         if self.keyring.enabled:
             await self.keyring.start()
         if self.ledger is not None:
             self.ledger.start()
+        await self.quotas.start()
         self.scraper.start()
         self.batches.start()
 
@@ -83,13 +87,17 @@ def assemble(
     ``auth=False`` is the explicit ``--no-auth`` mode (every caller an admin of the default
     tenant); ``record_usage=False`` writes no ledger rows (a benchmark's bare baseline).
     ``ledger_spool``: the directory of the ledger's local spool (rows survive a SIGKILL of the
-    process there; None keeps them in memory until written).
+    process there; None keeps them in memory until written). Quota settlements Redis cannot
+    take are kept in the same directory until it does, across a restart too.
     Quota counters live in ``settings.redis_url`` when set (as prefix hints do), in process
     otherwise; ``quotas`` replaces them (tests give a Redis namespace of their own)."""
     settings = settings or GatewaySettings()
     store = plane.store
     keyring = Keyring(store, enabled=auth, refresh_s=key_refresh_s)
-    quotas = quotas or make_quotas(settings.redis_url, timeout_s=settings.redis_timeout_s)
+    journal = ledger_spool / SETTLE_JOURNAL if ledger_spool is not None else None
+    quotas = quotas or make_quotas(
+        settings.redis_url, timeout_s=settings.redis_timeout_s, journal=journal
+    )
     spool = Spool(ledger_spool) if ledger_spool is not None else None
     ledger = Ledger(store, spool=spool, flush_s=ledger_flush_s) if record_usage else None
     app = build_app(
@@ -101,6 +109,11 @@ def assemble(
         ledger=ledger,
     )
     gateway: Gateway = app.state.gateway
+    # Here, not at the top: quotas_redis is loaded on its own too (as make_quotas loads it).
+    from gpufleet.gateway.quotas_redis import RedisQuotas
+
+    if isinstance(quotas, RedisQuotas):  # one Redis outage report: admissions', settlements'
+        quotas.pending.outages = gateway.outages
     scraper = EngineScraper(
         plane.directory, gateway.upstream, interval_s=scrape_s, on_tick=gateway.queues.poke_all
     )

@@ -14,13 +14,16 @@ replicas: one Lua script per admission checks every scope and then increments al
 per settle; the scripts implement the same rules on Redis's clock (``TIME``) so replicas agree
 on seconds and periods. If Redis cannot be reached, admission fails closed with
 ``QuotaStoreUnavailable`` (the gateway answers 503): quotas that silently stop applying would be
-worse than a short outage. Scopes with no limits cost nothing in either backend.
+worse than a short outage. Scopes with no limits cost nothing in either backend. Settlements
+Redis cannot take are retried until it does, from memory and — given a journal in the gateway's
+local durable directory — from disk after a restart (``start`` resends them).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 from gpufleet.errors import TemporaryError
@@ -58,6 +61,10 @@ class QuotaStoreUnavailable(TemporaryError):
 
 
 class Quotas(Protocol):
+    async def start(self) -> None:
+        """Resume what a previous process left (settlements it could not land)."""
+        ...
+
     async def admit(
         self, request_id: str, scopes: Sequence[tuple[str, Limits]], demand: Demand
     ) -> Ticket:
@@ -87,6 +94,9 @@ class LocalQuotas:
         self._clock = clock
         self._counters = QuotaCounters(lease_s=lease_s)
 
+    async def start(self) -> None:
+        return None
+
     async def admit(
         self, request_id: str, scopes: Sequence[tuple[str, Limits]], demand: Demand
     ) -> Ticket:
@@ -107,10 +117,14 @@ class LocalQuotas:
         return None
 
 
-def make_quotas(redis_url: str | None, *, timeout_s: float = 1.0) -> Quotas:
-    """Redis-backed quotas when several gateways share a Redis, in-process ones otherwise."""
+def make_quotas(
+    redis_url: str | None, *, timeout_s: float = 1.0, journal: Path | None = None
+) -> Quotas:
+    """Redis-backed quotas when several gateways share a Redis, in-process ones otherwise.
+    ``journal``: where Redis's quotas keep settlements across a restart (a file in a directory
+    this process owns)."""
     if not redis_url:
         return LocalQuotas()
     from gpufleet.gateway.quotas_redis import RedisQuotas
 
-    return RedisQuotas(redis_url, timeout_s=timeout_s)
+    return RedisQuotas(redis_url, timeout_s=timeout_s, journal=journal)

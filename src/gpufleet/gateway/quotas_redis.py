@@ -7,8 +7,11 @@ Concurrency slots are members of a sorted set scored by a lease expiry, so a dea
 slots free themselves; settle corrections apply at most once per admission. Unreachable Redis
 fails closed (``QuotaStoreUnavailable``); a settlement it cannot take is kept and retried until
 it lands (``gateway.settlements``), so a Redis restarted from its append-only file gets the
-releases of the requests that finished while it was down. The rules are ``gpufleet.policies.quota_rules``'s and
-the scripts do what ``gpufleet.policies.quota_counters`` does in memory.
+releases of the requests that finished while it was down. With a ``journal`` path (the gateway's
+local durable directory) kept settlements are also on disk (``gateway.settle_journal``) and
+``start`` resends what a previous process left: a gateway restarted or SIGKILLed during the
+outage loses none. The rules are ``gpufleet.policies.quota_rules``'s and the scripts do what
+``gpufleet.policies.quota_counters`` does in memory.
 
 All keys a script touches are passed in ``KEYS``; with Redis Cluster, give a namespace with a hash
 tag (``"{gpufleet:quota}"``) so they share one slot. Scopes with no limits cost nothing: a request
@@ -21,6 +24,7 @@ import itertools
 import math
 import secrets
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as redis
@@ -31,7 +35,9 @@ from redis.exceptions import ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gpufleet.gateway.quotas import QuotaStoreUnavailable
+from gpufleet.gateway.settle_journal import SettleJournal
 from gpufleet.gateway.settlements import PendingSettlements
+from gpufleet.outages import OutageReporter
 from gpufleet.policies.quota_rules import (
     DEFAULT_LEASE_S,
     NANO,
@@ -254,12 +260,34 @@ def _opt(value: float | None) -> int:
 _Call = tuple[list[str], list[str | int]]
 
 
+def _encode_call(call: _Call) -> object:
+    return {"keys": call[0], "args": call[1]}
+
+
+def _decode_call(value: object) -> _Call:
+    """A journal's settlement back into a script call (``ValueError`` when it is not one)."""
+    if not isinstance(value, dict):
+        raise ValueError("not a settlement")
+    keys, args = value["keys"], value["args"]
+    if not (
+        isinstance(keys, list)
+        and keys
+        and all(isinstance(k, str) for k in keys)
+        and isinstance(args, list)
+        and all(isinstance(a, (str, int)) and not isinstance(a, bool) for a in args)
+    ):
+        raise ValueError("not a settlement script call")
+    return keys, args
+
+
 class RedisQuotas:
     """Quotas shared by gateway replicas through Redis; fails closed when Redis is unreachable.
 
     Settlements always land: one Redis cannot take now is kept and retried
     (``gateway.settlements``) until it does, and an admission whose answer never came (a
     timeout, a connection lost mid-call) is voided the same way, since the script may have run.
+    ``journal``: the file that keeps them across a restart (read by ``start``); ``outages``:
+    the gateway's reporter, so a Redis outage is one report for admissions and settlements.
     """
 
     def __init__(
@@ -271,6 +299,8 @@ class RedisQuotas:
         timeout_s: float = 1.0,
         max_connections: int = 64,
         max_pending: int = 10_000,
+        journal: Path | None = None,
+        outages: OutageReporter | None = None,
     ) -> None:
         # A burst of admissions waits (up to ``timeout_s``) for one of ``max_connections``
         # instead of failing when the pool is exhausted, which a plain pool does. One quick retry
@@ -295,8 +325,17 @@ class RedisQuotas:
         self._settle = self._redis.register_script(_SETTLE)
         self._snapshot = self._redis.register_script(_SNAPSHOT)
         self.pending: PendingSettlements[_Call] = PendingSettlements(
-            self._send_settlement, _temporary, where=self._where, max_items=max_pending
+            self._send_settlement,
+            _temporary,
+            where=self._where,
+            outages=outages,
+            journal=SettleJournal(journal, _encode_call, _decode_call) if journal else None,
+            max_items=max_pending,
         )
+
+    async def start(self) -> None:
+        """Settlements a previous process left in the journal are sent again, at once."""
+        self.pending.start()
 
     def _keys(self, scope: str) -> list[str]:
         base = f"{self.namespace}:s:{scope}"
@@ -341,6 +380,10 @@ class RedisQuotas:
             self.pending.wake()
             await self.pending.flush()
             reply = await self._try_admit(keys, args, void)
+        elif self.pending:
+            # Redis is back: the backlog lands before the gateway reports the outage over, so
+            # that report says what landed (a pass, not a wait: it stops at a failure).
+            await self.pending.flush()
         if reply[0] == 1:
             return Ticket(request_id, lease, counted, int(reply[1]), demand.tokens, cost)
         if reply[0] == 2:

@@ -65,6 +65,10 @@ class SettleBacklog(Generic[T]):
             return []
         return list(self._items.items())
 
+    def items(self) -> list[tuple[str, T]]:
+        """Every pending settlement, oldest first, due or not."""
+        return list(self._items.items())
+
     def next_attempt(self, now: float) -> float:
         """Seconds from ``now`` until the next attempt is due (0 when it is)."""
         return max(0.0, self._next_at - now)
