@@ -34,6 +34,7 @@ from gpufleet.controller import DemandSource, Directory
 from gpufleet.engines.base import ENGINE_KEY_ENV
 from gpufleet.errors import PermanentError, SpecError
 from gpufleet.gateway.shared_demand import DemandPublisher
+from gpufleet.outages import OutageReporter
 from gpufleet.runtime import Runtime
 from gpufleet.runtime.kubernetes import KubernetesRuntime, RenderSettings
 from gpufleet.runtime.kubernetes.api import Conflict, KubeApi
@@ -80,6 +81,8 @@ class ClusterPlane:
         #: The view's loops (tests inject a supervisor with a fast clock).
         self._loops = loops or Supervisor()
         self._publisher: DemandPublisher | None = None
+        #: Where the demand publisher's Redis outages are reported (``share_outages``).
+        self._outages: OutageReporter | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -96,6 +99,13 @@ class ClusterPlane:
             await self._loops.close()
             raise
         self._loops.spawn("cluster:pods", self._follow_pods)
+
+    def share_outages(self, outages: OutageReporter) -> None:
+        """Report the demand publisher's Redis outages with the gateway's: one outage of
+        Redis, whichever part meets it, and ``gpufleet_dependency_up`` on its /metrics."""
+        self._outages = outages
+        if self._publisher is not None:
+            self._publisher.outages = outages
 
     def unhealthy(self) -> list[str]:
         """The background loops of this view that are down: the gateway is not ready."""
@@ -234,6 +244,7 @@ class ClusterPlane:
                 (e.name, e.canary[0]) for e in directory.entries() if e.canary is not None
             ],
             generation_stats=getattr(source, "generation_stats", None),
+            outages=self._outages,
         )
         self._publisher.start()
 
@@ -277,6 +288,7 @@ async def serve_cluster_gateway(cfg: GatewayConfig, api: KubeApi) -> None:
         engine_key=engine_key,
     )
     stack = assemble(plane, GatewaySettings(redis_url=cfg.redis_url), ledger_spool=cfg.ledger_spool)
+    plane.share_outages(stack.gateway.outages)
     try:
         admin = await asyncio.to_thread(
             stack.keyring.bootstrap_admin, os.environ.get("GPUFLEET_ADMIN_KEY")

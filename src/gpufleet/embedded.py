@@ -112,6 +112,9 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
         # Rows survive a SIGKILL of this process here, and are written at its next start.
         ledger_spool=cfg.data_dir / "ledger-spool",
     )
+    # One process, one store: the controller's outages are reported with the gateway's (one
+    # line for the store, ``gpufleet_dependency_up`` on its /metrics).
+    controller.failures.outages = stack.gateway.outages
     keyring = stack.keyring
     if cfg.auth:
         try:

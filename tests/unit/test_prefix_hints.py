@@ -1,20 +1,31 @@
-"""Two gateways sharing prefix hints through the real Redis on 127.0.0.1:6379 route alike."""
+"""Two gateways sharing prefix hints through the real Redis on 127.0.0.1:6379 route alike; a
+Redis outage (a private ``redis-server`` stopped and started again) is one line through the
+gateway's ``OutageReporter``, and routing goes on without the hints."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from gpufleet.controller import Controller
 from gpufleet.emulator import EmulatedEngine
 from gpufleet.gateway import GatewaySettings
 from gpufleet.gateway.prefix_hints import RedisPrefixHints
+from gpufleet.gateway.service import Gateway
+from gpufleet.outages import OutageReporter
 from gpufleet.runtime import ReplicaRequest
+from gpufleet.runtime.fake import FakeRuntime
+from gpufleet.store import Store, sqlite_url
 from tests import sites
+from tests.conftest import eventually, free_port
+from tests.faults.redis_server import RedisServer
 
 REDIS = "redis://127.0.0.1:6379/0"
 SYSTEM = "Shared instructions of one tenant, long enough to fill many prompt blocks. " * 20
@@ -40,6 +51,71 @@ async def test_unreachable_redis_degrades_to_local_routing() -> None:
         hints.record("m", [1], "x")
     finally:
         await hints.close()
+
+
+async def test_a_redis_outage_is_one_line_down_and_one_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    registry = CollectorRegistry()
+    outages = OutageReporter(
+        up=Gauge("dep_up", "", ["dependency"], registry=registry),
+        failures=Counter("dep_failures", "", ["dependency"], registry=registry),
+        dependencies=("redis",),
+    )
+    with RedisServer(tmp_path / "redis", appendonly=False) as server:
+        # down_s=0: every lookup tries Redis again (no pause after a failure).
+        hints = RedisPrefixHints(server.url, timeout_s=0.5, down_s=0.0, outages=outages)
+        try:
+            hints.record("m", [1, 2], "replica-a")
+            await asyncio.gather(*hints._pending)
+            assert await hints.lookup("m", [1, 2]) == {"replica-a": 2}
+            server.stop()
+            for _ in range(20):
+                assert await hints.lookup("m", [1, 2]) == {}  # fails open: routing goes on
+            hints.record("m", [1], "replica-b")
+            await asyncio.gather(*hints._pending)
+            assert registry.get_sample_value("dep_failures_total", {"dependency": "redis"}) == 21
+            assert registry.get_sample_value("dep_up", {"dependency": "redis"}) == 0
+            said = [r for r in caplog.records if r.name.startswith("gpufleet")]
+            assert len(said) == 1 and said[0].exc_info is None
+            assert (
+                said[0]
+                .getMessage()
+                .startswith(
+                    "redis is down (affects prefix hints (routing without them)): ConnectionError"
+                )
+            )
+
+            server.start()
+
+            async def answered() -> bool:
+                await hints.lookup("m", [1])
+                return not outages.is_down("redis")
+
+            await eventually(answered, "the hints read Redis again")
+            said = [r for r in caplog.records if r.name.startswith("gpufleet")]
+            assert len(said) == 2 and "redis is back after" in said[1].getMessage()
+            assert registry.get_sample_value("dep_up", {"dependency": "redis"}) == 1
+        finally:
+            await hints.close()
+
+
+async def test_the_gateways_hints_report_to_the_gateways_outages(tmp_path: Path) -> None:
+    store = Store.open(sqlite_url(tmp_path))
+    settings = GatewaySettings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    gateway = Gateway(Controller(store, FakeRuntime()), settings=settings)
+    try:
+        assert gateway.upstream.hints is not None
+        assert await gateway.upstream.hints.lookup("m", [1]) == {}
+        assert gateway.outages.is_down("redis")
+        up = gateway.metrics.registry.get_sample_value(
+            "gpufleet_dependency_up", {"dependency": "redis"}
+        )
+        assert up == 0
+    finally:
+        await gateway.upstream.close()
+        store.close()
 
 
 @pytest.fixture

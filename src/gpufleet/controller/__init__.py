@@ -3,6 +3,7 @@
 from gpufleet.controller.autoscaler import Autoscaler, Capacity, DemandSource, ScaleChange
 from gpufleet.controller.capacity import PlannerCapacity
 from gpufleet.controller.directory import Directory, ModelEntry
+from gpufleet.controller.failures import PassFailures
 from gpufleet.controller.plane import ControlPlane
 from gpufleet.controller.reconcile import Controller
 from gpufleet.controller.rollout import GenerationStats, RolloutStats, judge
@@ -16,6 +17,7 @@ __all__ = [
     "Directory",
     "GenerationStats",
     "ModelEntry",
+    "PassFailures",
     "PlannerCapacity",
     "RolloutStats",
     "ScaleChange",

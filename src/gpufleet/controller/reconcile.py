@@ -5,7 +5,9 @@ desired state (the store) and the observed state (the runtime), and takes idempo
 Triggers for a model that is already queued merge into one pass; each model has one worker, and
 models reconcile in parallel. Errors decide retries: a ``TemporaryError`` requeues after its delay,
 a ``PermanentError`` (missing weights, missing engine) is reported once per generation and waits
-for the spec to change.
+for the spec to change. A pass that fails because the store or the API server does not answer is
+part of that dependency's outage, reported once (``controller.failures``); other failures are
+logged per model, rate-limited.
 
 How many replicas a model runs is the autoscaler's answer (``controller.autoscaler``): its
 persisted count, changed by decisions every second from the gateway's demand, bounded by what
@@ -25,6 +27,7 @@ from collections.abc import Callable
 
 from gpufleet.controller.autoscaler import Autoscaler, DemandSource, ScaleChange
 from gpufleet.controller.directory import Directory
+from gpufleet.controller.failures import PassFailures
 from gpufleet.controller.rollout import GenerationStats, Verdict, judge
 from gpufleet.errors import PermanentError, TemporaryError
 from gpufleet.runtime import Phase, Replica, ReplicaRequest, Runtime
@@ -55,6 +58,7 @@ class Controller:
         autoscaler: Autoscaler | None = None,
         resync_s: float = 15.0,
         retry_s: float = 5.0,
+        failures: PassFailures | None = None,
     ) -> None:
         self.store = store
         self.runtime = runtime
@@ -67,6 +71,10 @@ class Controller:
         self._tasks: list[asyncio.Task[None]] = []
         #: Supervised loops (restarted after an error; ``unhealthy`` while one is down).
         self._loops = Supervisor()
+        #: Failed passes: outages of the store or the API server reported once, other errors
+        #: rate-limited (``failures.outages`` is the reporter; ``gpufleet up`` shares the
+        #: gateway's).
+        self.failures = failures or PassFailures()
         self._reported: dict[str, tuple[int, str]] = {}
         self._phases: dict[str, Phase] = {}
         #: Canary rollouts under way: when each began, and when its first replica served.
@@ -485,12 +493,13 @@ class Controller:
             delay: float | None
             try:
                 delay = await self.reconcile(name)
-            except TemporaryError as exc:
-                log.warning("reconcile %s: %s (retrying in %gs)", name, exc, exc.retry_after)
-                delay = exc.retry_after
-            except Exception:
-                log.exception("reconcile %s failed; retrying in %gs", name, self._retry_s)
-                delay = self._retry_s
+            except Exception as exc:  # noqa: BLE001 - failures says it (a bug, traced)
+                delay = exc.retry_after if isinstance(exc, TemporaryError) else self._retry_s
+                self.failures.failed(
+                    f"reconcile {name}", exc, affected="reconciling models", retry_s=delay
+                )
+            else:
+                self.failures.passed(f"reconcile {name}")
             if delay is not None:
                 loop.call_later(delay, self.trigger, name)
             self._finished[name] = self._begun[name]
@@ -523,9 +532,13 @@ class Controller:
             await asyncio.sleep(self.autoscaler.interval_s)
             try:
                 await self.autoscale_once()
-            except Exception:
-                log.exception("autoscaler pass failed; trying again in %gs", self._retry_s)
+            except Exception as exc:  # noqa: BLE001 - failures says it (a bug, traced)
+                self.failures.failed(
+                    "autoscaler pass", exc, affected="autoscaling", retry_s=self._retry_s
+                )
                 await asyncio.sleep(self._retry_s)
+            else:
+                self.failures.passed("autoscaler pass")
 
     async def _resync(self) -> None:
         while True:

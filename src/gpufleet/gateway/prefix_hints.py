@@ -10,15 +10,15 @@ run of the prompt's leading blocks. The policy takes the larger of its own and t
 The lookup sits on the request path, so it fails open: every call is bounded by ``timeout_s``
 (socket reads, connecting, and the whole round trip), and after a failure the hints are skipped
 for ``down_s`` — routing goes on with the gateway's own index — rather than making every request
-wait out the timeout of a hung Redis. An outage is logged once when it begins and once when
-Redis answers again.
+wait out the timeout of a hung Redis. An outage is reported once when it begins and once when
+Redis answers again, through ``outages`` (the gateway's ``OutageReporter``: one Redis outage,
+whichever of admission, settlements and hints meets it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import Callable, Sequence
 
@@ -27,12 +27,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-__all__ = ["RedisPrefixHints"]
+from gpufleet.outages import OutageReporter
 
-log = logging.getLogger("gpufleet.gateway.prefix_hints")
+__all__ = ["RedisPrefixHints"]
 
 #: Leading blocks looked up and recorded per request (64 characters each: ~16k tokens).
 MAX_BLOCKS = 1024
+#: What an outage of Redis stops here.
+AFFECTED = "prefix hints (routing without them)"
 
 
 class RedisPrefixHints:
@@ -45,6 +47,7 @@ class RedisPrefixHints:
         timeout_s: float = 1.0,
         down_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        outages: OutageReporter | None = None,
     ) -> None:
         self._redis = redis.Redis.from_url(
             url,
@@ -57,6 +60,7 @@ class RedisPrefixHints:
         self.timeout_s = timeout_s
         self.down_s = down_s
         self._clock = clock
+        self._outages = outages or OutageReporter()
         #: While Redis is taken for down: hints are skipped until then (None while up).
         self._down_until: float | None = None
         self._pending: set[asyncio.Task[None]] = set()
@@ -64,20 +68,13 @@ class RedisPrefixHints:
     def _available(self) -> bool:
         return self._down_until is None or self._clock() >= self._down_until
 
-    def _failed(self, what: str, exc: BaseException) -> None:
-        if self._down_until is None:
-            log.warning(
-                "prefix hints unavailable (%s: %s: %s); routing without them until Redis answers",
-                what,
-                type(exc).__name__,
-                exc,
-            )
+    def _failed(self, exc: BaseException) -> None:
+        self._outages.failed("redis", exc, affected=AFFECTED)
         self._down_until = self._clock() + self.down_s
 
     def _answered(self) -> None:
-        if self._down_until is not None:
-            log.warning("prefix hints are back: Redis answers again")
-            self._down_until = None
+        self._outages.recovered("redis")
+        self._down_until = None
 
     def _key(self, model: str, block: int) -> str:
         return f"{self.namespace}:{model}:{block:016x}"
@@ -93,7 +90,7 @@ class RedisPrefixHints:
                         pipe.smembers(self._key(model, block))
                     members: list[set[bytes]] = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
-            self._failed("lookup", exc)
+            self._failed(exc)
             return {}
         self._answered()
         matched: dict[str, int] = {}
@@ -126,7 +123,7 @@ class RedisPrefixHints:
                         pipe.expire(key, self.ttl)
                     await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
-            self._failed("record", exc)
+            self._failed(exc)
             return
         self._answered()
 

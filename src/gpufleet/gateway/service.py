@@ -56,8 +56,17 @@ class Gateway:
         self.metrics = metrics = metrics or GatewayMetrics()
         self.quotas = quotas = quotas or LocalQuotas()
         self.keyring, self.ledger = keyring, ledger
+        #: Store and Redis outages, one line down and one back (admission, batches, admin,
+        #: prefix hints).
+        self.outages = OutageReporter(
+            up=metrics.dependency_up,
+            failures=metrics.dependency_failures,
+            dependencies=("store", "redis") if settings.redis_url else ("store",),
+        )
         hints = (
-            RedisPrefixHints(settings.redis_url, timeout_s=settings.redis_timeout_s)
+            RedisPrefixHints(
+                settings.redis_url, timeout_s=settings.redis_timeout_s, outages=self.outages
+            )
             if settings.redis_url
             else None
         )
@@ -68,12 +77,6 @@ class Gateway:
             capacity, max_length=settings.queue_max_length, max_wait_s=settings.queue_max_wait_s
         )
         self.demand = DemandMeter(self.directory, self.queues, self.upstream)
-        #: Store and Redis outages, one line down and one back (admission, batches, admin).
-        self.outages = OutageReporter(
-            up=metrics.dependency_up,
-            failures=metrics.dependency_failures,
-            dependencies=("store", "redis") if settings.redis_url else ("store",),
-        )
         if keyring is not None:
             keyring.outages = self.outages
         self.admission = Admission(keyring, quotas, pricing, metrics, outages=self.outages)

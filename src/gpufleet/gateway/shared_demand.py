@@ -9,7 +9,9 @@ flight and arrivals summed, engine queues summed, KV use averaged, TTFT p90 the 
 gateway that dies stops counting within ``ttl_s``.
 
 Every Redis call is bounded by ``timeout_s`` (a hung Redis must not freeze the loop), and an
-outage is logged once when it begins and once when Redis answers again, not every second.
+outage is reported once when it begins and once when Redis answers again, not every second:
+through ``outages``, the process's ``OutageReporter`` (the gateway's, the controller's), so a
+Redis that admission, settlements and demand all fail on is one outage.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import time
 from collections.abc import Callable, Iterable
 
@@ -27,18 +28,21 @@ from redis.backoff import NoBackoff
 
 from gpufleet.autoscale import Sample
 from gpufleet.controller import GenerationStats
+from gpufleet.outages import OutageReporter
 
 __all__ = ["DemandPublisher", "RedisDemand"]
-
-log = logging.getLogger("gpufleet.gateway.shared_demand")
 
 _PREFIX = "gpufleet:demand:"
 #: Per model: "<gateway>:<generation>" → the canary's answers counted by that gateway.
 _GENERATIONS = "gpufleet:generations:"
+#: What an outage of Redis stops, on each side.
+PUBLISHING = "shared demand for autoscaling (not published)"
+READING = "shared demand for autoscaling (replica counts held)"
 
 
 class DemandPublisher:
-    """A gateway's side: ``sample(model, now)`` of its meter, written for every model."""
+    """A gateway's side: ``sample(model, now)`` of its meter, written for every model.
+    ``outages`` may be replaced after construction (``ClusterPlane.share_outages``)."""
 
     def __init__(
         self,
@@ -52,8 +56,10 @@ class DemandPublisher:
         canaries: Callable[[], Iterable[tuple[str, int]]] = tuple,
         generation_stats: Callable[[str, int], GenerationStats] | None = None,
         timeout_s: float = 1.0,
+        outages: OutageReporter | None = None,
     ) -> None:
         self._redis = _client(url, timeout_s)
+        self.outages = outages or OutageReporter()
         self.gateway_id = gateway_id
         self._canaries = canaries
         self._generation_stats = generation_stats
@@ -88,14 +94,13 @@ class DemandPublisher:
             await pipe.execute()
 
     async def _run(self) -> None:
-        outage = _Outage("cannot publish demand")
         while True:
             try:
                 await self.publish_once()
             except Exception as exc:  # noqa: BLE001 - Redis away: the operator sees stale data
-                outage.failed(exc)
+                self.outages.failed("redis", exc, affected=PUBLISHING)
             else:
-                outage.answered()
+                self.outages.recovered("redis")
             await asyncio.sleep(self.interval_s)
 
     async def close(self) -> None:
@@ -118,8 +123,10 @@ class RedisDemand:
         interval_s: float = 1.0,
         ttl_s: float = 5.0,
         timeout_s: float = 1.0,
+        outages: OutageReporter | None = None,
     ) -> None:
         self._redis = _client(url, timeout_s)
+        self.outages = outages or OutageReporter()
         self._models = models
         self.interval_s = interval_s
         self.ttl_s = ttl_s
@@ -157,14 +164,13 @@ class RedisDemand:
         self._latest = latest
 
     async def _run(self) -> None:
-        outage = _Outage("cannot read demand")
         while True:
             try:
                 await self.refresh()
             except Exception as exc:  # noqa: BLE001 - keep the last view; scaling holds
-                outage.failed(exc)
+                self.outages.failed("redis", exc, affected=READING)
             else:
-                outage.answered()
+                self.outages.recovered("redis")
             await asyncio.sleep(self.interval_s)
 
     def sample(self, model: str, now: float) -> Sample:
@@ -206,23 +212,3 @@ def _client(url: str, timeout_s: float) -> redis.Redis:
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),
     )
-
-
-class _Outage:
-    """One log line when a loop's Redis calls start failing, one when they succeed again."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.down = False
-
-    def failed(self, exc: Exception) -> None:
-        if not self.down:
-            log.warning(
-                "%s: %s: %s (said once until Redis answers)", self.what, type(exc).__name__, exc
-            )
-            self.down = True
-
-    def answered(self) -> None:
-        if self.down:
-            log.warning("%s no more: Redis answers again", self.what)
-            self.down = False

@@ -6,6 +6,10 @@ reconciles, so two replicas of the operator never both create pods. When it wins
 adopts the pods it finds (labels say their model and generation), makes the engine key's
 Secret if it is missing, starts the controller, and runs a pass every ``interval_s``: tenants,
 then models, then status.
+
+While the API server, the store or Redis is away, each is one outage, reported once by the
+controller's ``OutageReporter`` (``controller.failures``) — for the controller's passes, the
+leader's pass, the node inventory and the shared demand alike — not a traceback a pass.
 """
 
 from __future__ import annotations
@@ -106,7 +110,9 @@ async def acting(cfg: OperatorConfig, api: KubeApi, store: Store) -> AsyncIterat
     demand = None
     if cfg.redis_url is not None:
         demand = RedisDemand(
-            cfg.redis_url, lambda: [e.name for e in controller.directory.entries()]
+            cfg.redis_url,
+            lambda: [e.name for e in controller.directory.entries()],
+            outages=controller.failures.outages,
         )
         controller.attach_demand(demand)
         demand.start()
@@ -119,7 +125,14 @@ async def acting(cfg: OperatorConfig, api: KubeApi, store: Store) -> AsyncIterat
                     inventory_from_nodes(await api.list("Node", None), await api.list("Pod", None))
                 )
             except Exception as exc:  # noqa: BLE001 - the API is away: keep the last view
-                log.warning("cannot read the node inventory: %s", exc)
+                controller.failures.failed(
+                    "node inventory read",
+                    exc,
+                    affected="node inventory (planning on the last one read)",
+                    retry_s=cfg.inventory_s,
+                )
+            else:
+                controller.failures.passed("node inventory read")
 
     tasks: list[asyncio.Task[None]] = []
     try:
@@ -158,11 +171,19 @@ async def run_operator(
 
     async def lead() -> None:
         async with acting(cfg, api, store) as operator:
+            failures = operator.controller.failures
             while True:
                 try:
                     await operator.sync()
-                except Exception:
-                    log.exception("operator pass failed; trying again")
+                except Exception as exc:  # noqa: BLE001 - failures says it (a bug, traced)
+                    failures.failed(
+                        "operator pass",
+                        exc,
+                        affected="Model status and tenants",
+                        retry_s=cfg.interval_s,
+                    )
+                else:
+                    failures.passed("operator pass")
                 await asyncio.sleep(cfg.interval_s)
 
     if stop is None:
