@@ -16,6 +16,7 @@ from gpufleet.gateway.quotas_redis import RedisQuotas
 from gpufleet.runtime.fake import FakeRuntime
 from gpufleet.store import Store, sqlite_url
 from tests import sites
+from tests.conftest import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = (
@@ -54,6 +55,17 @@ async def test_an_assembled_site_serves_charges_and_writes_its_ledger_before_it_
         async with http.get(site.url + "/openapi.json") as resp:
             served = await resp.read()
         assert served == JSONResponse(openapi_document(["m"])).body  # the document, unchanged
+
+        async def beats() -> float:
+            async with http.get(site.url + "/metrics") as resp:
+                exposed = await resp.text()
+            assert "gpufleet_event_loop_stalls_total" in exposed
+            lag = re.search(r"^gpufleet_event_loop_lag_seconds_count (\S+)$", exposed, re.M)
+            assert lag is not None, exposed[:2000]
+            return float(lag.group(1))
+
+        # The loop is watched from the start (issue 17): its lag on the gateway's /metrics.
+        await eventually(beats, "the loop's heartbeat counted on /metrics")
         state = stack.app.state
         assert state.execute == stack.gateway.execute and state.batches is stack.batches
         assert state.upstream is stack.gateway.upstream and state.queues is stack.gateway.queues

@@ -26,6 +26,7 @@ from gpufleet.gateway.service import Gateway
 from gpufleet.gateway.settings import GatewaySettings
 from gpufleet.gateway.settle_journal import FILENAME as SETTLE_JOURNAL
 from gpufleet.gateway.spool import Spool
+from gpufleet.loop_watch import LoopWatch
 
 __all__ = ["GatewayStack", "assemble"]
 
@@ -43,11 +44,14 @@ class GatewayStack:
     ledger: Ledger | None
     scraper: EngineScraper
     batches: BatchRunner
+    #: The event loop's lag and stalls (what held it), on the gateway's ``/metrics``.
+    watch: LoopWatch
 
     async def start(self) -> None:
-        """Keys read, then the ledger's writer, the quotas' settlements left by a previous
-        process (their journal is in the spool's directory, taken by the ledger), the engine
-        scraper and the batch runner."""
+        """The loop's watch, keys read, then the ledger's writer, the quotas' settlements left
+        by a previous process (their journal is in the spool's directory, taken by the ledger),
+        the engine scraper and the batch runner."""
+        self.watch.start()
         if self.keyring.enabled:
             await self.keyring.start()
         if self.ledger is not None:
@@ -67,6 +71,7 @@ class GatewayStack:
         await self.keyring.close()
         await self.quotas.close()
         await self.gateway.upstream.close()
+        self.watch.close()
 
 
 def assemble(
@@ -117,4 +122,5 @@ def assemble(
     scraper = EngineScraper(
         plane.directory, gateway.upstream, interval_s=scrape_s, on_tick=gateway.queues.poke_all
     )
-    return GatewayStack(app, gateway, keyring, quotas, ledger, scraper, app.state.batches)
+    watch = LoopWatch(gateway.metrics.registry)
+    return GatewayStack(app, gateway, keyring, quotas, ledger, scraper, app.state.batches, watch)
