@@ -21,6 +21,7 @@ from pathlib import Path
 
 import uvicorn
 
+from gpufleet import heap
 from gpufleet.controller import Autoscaler, Controller, PlannerCapacity
 from gpufleet.errors import PermanentError
 from gpufleet.gateway import GatewaySettings, assemble
@@ -151,6 +152,7 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
         announcer = asyncio.create_task(
             _announce_when_ready(controller, url, say), name="up:announce"
         )
+        heap.settle()  # start-up's objects out of the collector's way (gen2 pauses: the p99)
         await server.serve(sockets=[sock])
     finally:
         if announcer is not None:
