@@ -119,6 +119,7 @@ def test_every_answered_request_has_one_row_after_a_sigkill(tmp_path: Path) -> N
         assert {r["status"] for rid in answered for r in rows[rid]} == {200}
         (broken,) = rows["broken-1"]
         assert broken["status"] == 502 and broken["completion_tokens"] > 0
+        assert broken["replica"]  # the replica that broke it
         assert not rows.get("rl-1") and not rows.get("rl-2")  # refusals: counted, not rows
         report = again.admin("/admin/v1/usage?by=tenant")
         refused = [r for r in report["refusals"] if r["tenant"] == "acme" and r["status"] == 429]

@@ -337,10 +337,18 @@ async def test_an_engine_refusing_connections_is_held_for_then_503_not_502(env: 
 
 
 async def test_engine_500_is_502(env: Env) -> None:
-    status, _, payload = await env.post("/v1/chat/completions", {**CHAT, "model": "boom"})
+    status, headers, payload = await env.post("/v1/chat/completions", {**CHAT, "model": "boom"})
     assert status == 502
     assert_openai_error(payload, code="engine_error")
     assert "engine exploded" not in payload["error"]["message"]  # engine text stays in the log
+    # Its ledger row names the replica that failed it (and the GPU time it held: none here,
+    # a model of no GPUs; tests/unit/test_crash_window.py has a priced one), not charged.
+    ledger = env.stack.ledger
+    assert ledger is not None
+    await ledger.flush()
+    (row,) = [r for r in ledger.store.usage_rows() if r.request_id == headers["x-request-id"]]
+    (replica,) = env.runtime.replicas("boom")
+    assert (row.status, row.replica, row.cost_usd) == (502, replica.id, 0.0)
 
 
 async def test_engine_4xx_is_passed_on_in_openai_shape(env: Env) -> None:

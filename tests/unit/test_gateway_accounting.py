@@ -132,9 +132,11 @@ def test_a_request_nothing_answered_is_counted_and_settled_at_nothing(setup: Any
 
 
 def test_a_request_an_engine_failed_gets_a_row_with_its_status(setup: Any) -> None:
-    accounting, books, directory, _ = setup
+    accounting, books, directory, metrics = setup
     charge = accounting.open(ANONYMOUS, TICKET, "/v1/completions", "m", ("gw-4", "c-4"), 9)
-    charge.finisher(directory.get("m"), lambda: None)  # handed to the engine, which failed
+    done = charge.finisher(directory.get("m"), lambda: None)  # handed to the engine
+    done.spent(Outcome(replica="m-1", status=502, replica_seconds=0.25))  # which failed
+    done.spent(Outcome(replica="m-2", status=502, replica_seconds=0.5))  # and so did the next
     charge.refused(502, "engine_error")
     charge.void()
     (row,) = books.rows
@@ -145,7 +147,72 @@ def test_a_request_an_engine_failed_gets_a_row_with_its_status(setup: Any) -> No
         502,
     )
     assert row.completion_tokens == 0 and books.refusals == []
+    # The replica that had it last, the GPU time all held (two GPUs); the fleet failed it:
+    # the tenant is not charged.
+    assert row.replica == "m-2" and row.gpu_seconds == 1.5 and row.cost_usd == 0
     assert books.settled == [(TICKET, 0, 0.0)]
+    assert sample(metrics, "gpufleet_cost_usd_total", model="m", tenant="default") is None
+
+
+def test_a_caller_that_went_away_pays_for_the_gpu_time_it_held(setup: Any) -> None:
+    accounting, books, directory, metrics = setup
+    charge = accounting.open(ANONYMOUS, TICKET, "/v1/completions", "m", ("gw-5", None), 9)
+    done = charge.finisher(directory.get("m"), lambda: None)
+    done.spent(Outcome(replica="m-1", status=502, replica_seconds=0.5))  # the fleet's failure
+    done.spent(Outcome(replica="m-2", status=499, replica_seconds=1.0))  # the caller left
+    charge.refused(499, "client_gone")
+    charge.void()
+    (row,) = books.rows
+    cost = 1.0 * 36 / 3600  # the attempt it abandoned, not the one that failed
+    assert (row.status, row.replica, row.gpu_seconds) == (499, "m-2", 3.0)
+    assert row.cost_usd == pytest.approx(cost)
+    assert books.settled == [(TICKET, 0, pytest.approx(cost))]
+    assert sample(metrics, "gpufleet_cost_usd_total", model="m", tenant="default") == pytest.approx(
+        cost
+    )
+
+
+def test_a_request_whose_engine_died_and_none_came_back_in_time_gets_a_row(
+    setup: Any,
+) -> None:
+    accounting, books, directory, _ = setup
+    charge = accounting.open(ANONYMOUS, TICKET, "/v1/completions", "m", ("gw-6", None), 9)
+    charge.finisher(directory.get("m"), lambda: None).spent(
+        Outcome(replica="m-1", status=502, replica_seconds=0.5)
+    )
+    charge.refused(503, "no_ready_replica")  # held for a replica, in vain
+    charge.void()
+    (row,) = books.rows
+    assert (row.status, row.replica, row.gpu_seconds, row.cost_usd) == (503, "m-1", 1.0, 0.0)
+    assert books.refusals == []
+
+
+def test_an_answer_after_a_failed_attempt_holds_both_and_pays_for_its_own(setup: Any) -> None:
+    accounting, books, directory, _ = setup
+    charge = accounting.open(ANONYMOUS, TICKET, "/v1/completions", "m", ("gw-7", None), 9)
+    done = charge.finisher(directory.get("m"), lambda: None)
+    done.spent(Outcome(replica="m-1", status=502, replica_seconds=0.5))
+    done(Outcome(replica="m-2", status=200, completion_tokens=3, replica_seconds=0.25))
+    (row,) = books.rows
+    cost = 0.25 * 36 / 3600
+    assert (row.replica, row.gpu_seconds) == ("m-2", 1.5)
+    assert row.cost_usd == pytest.approx(cost)
+    assert books.settled == [(TICKET, 12, pytest.approx(cost))]
+
+
+@pytest.mark.parametrize(("status", "paid"), [(502, False), (499, True)])
+def test_a_stream_cut_short_keeps_its_tokens_and_pays_only_if_the_caller_left(
+    setup: Any, status: int, paid: bool
+) -> None:
+    accounting, books, directory, _ = setup
+    charge = accounting.open(ANONYMOUS, TICKET, "/v1/chat/completions", "m", ("gw-8", None), 9)
+    outcome = Outcome(replica="m-1", status=status, completion_tokens=5, replica_seconds=0.5)
+    charge.finisher(directory.get("m"), lambda: None)(outcome)  # broken (502) or left (499)
+    (row,) = books.rows
+    cost = 0.5 * 36 / 3600 if paid else 0.0
+    assert (row.status, row.completion_tokens, row.gpu_seconds) == (status, 5, 1.0)
+    assert row.cost_usd == pytest.approx(cost)
+    assert books.settled == [(TICKET, 14, pytest.approx(cost))]
 
 
 def test_refusals_name_only_models_served_here(setup: Any) -> None:

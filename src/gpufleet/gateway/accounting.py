@@ -5,19 +5,23 @@ the answer is complete (at the end of a stream): it gives the queue slot back, p
 replica time the request held, settles the quota reservation with what was used, counts the
 metrics, tells the demand meter (TTFT for cost routing, answers per generation for canary
 analysis) and writes the usage ledger row. If nothing answers (refused, failed, cancelled) the
-reservation is settled at nothing; a request that reached an engine still gets its row (the
-engine failed: 502; the caller went away: 499), one refused before any engine took it is only
-counted in the ledger's daily refusals (a row each would let abuse grow the ledger). Metric
-children are looked up once per (model, tenant, route): ``labels()`` costs microseconds each
-time.
+reservation is settled at what the caller owes (nothing, unless it went away: ``billed``); a
+request that reached an engine still gets its row (the engine failed: 502; the caller went
+away: 499; its engine died and none came back within the hold: 503), one refused before any
+engine took it is only counted in the ledger's daily refusals (a row each would let abuse grow
+the ledger).
+
+Every request an engine had gets exactly one row, whatever its outcome: the replica that had
+it last and the GPU time it held on every replica that had it (``gpu_seconds``: replica-seconds
+× the model's GPUs, attempts that gave no answer included), so the fleet's GPU time adds up;
+what the tenant pays of it is ``billed``'s rule. Metric children are looked up once per
+(model, tenant, route): ``labels()`` costs microseconds each time.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import time
-from collections.abc import Callable
 from typing import Any
 
 from gpufleet.controller import Directory, ModelEntry
@@ -28,11 +32,20 @@ from gpufleet.gateway.dispatch import Release
 from gpufleet.gateway.ledger import Ledger
 from gpufleet.gateway.metrics import GatewayMetrics
 from gpufleet.gateway.pricing import Pricing
-from gpufleet.gateway.proxy import Outcome
+from gpufleet.gateway.proxy import Done, Outcome
 from gpufleet.gateway.quotas import Ticket
 from gpufleet.store import UsageRow
 
-__all__ = ["Accounting", "Charge"]
+__all__ = ["Accounting", "Charge", "billed"]
+
+
+def billed(status: int, cost: float) -> float:
+    """What the tenant pays of ``cost``, the price of the replica time a request held, given
+    the status it ended with: nothing for a 5xx — the fleet failed it (the engine failed or
+    broke the stream, or no replica came back in time) and its GPU time is still recorded in
+    the row's ``gpu_seconds``; all of it otherwise — a caller that went away (499) pays for
+    what it used, and its tokens so far are counted."""
+    return 0.0 if status >= 500 else cost
 
 
 class _Series:
@@ -60,10 +73,14 @@ class Charge:
 
     __slots__ = (
         "_accounting",
+        "gpu_seconds",
+        "held",
         "ids",
         "opened",
+        "owed",
         "principal",
         "prompt_estimate",
+        "replica",
         "requested",
         "route",
         "target",
@@ -92,29 +109,60 @@ class Charge:
         self.prompt_estimate = prompt_estimate
         #: The deployment last handed the request (None: no engine was asked).
         self.target: ModelEntry | None = None
+        #: What replicas that had the request and gave no answer spent: the deployment and
+        #: replica of the last, the GPU-seconds of all, and what the caller owes of their price.
+        self.held: ModelEntry | None = None
+        self.replica = ""
+        self.gpu_seconds = 0.0
+        self.owed = 0.0
         self.opened = time.perf_counter()
 
-    def finisher(self, entry: ModelEntry, release: Release) -> Callable[[Outcome], None]:
-        """What ``entry``'s answer, once complete, is charged by (``proxy.Done``)."""
+    def finisher(self, entry: ModelEntry, release: Release) -> Done:
+        """What ``entry``'s answer, once complete, is charged by, and what its replicas that
+        gave no answer spent is added to (``proxy.Done``)."""
         self.target = entry
-        return functools.partial(self._accounting.finish, self, entry, release)
+        return _Finisher(self._accounting, self, entry, release)
 
     def refused(self, status: int, reason: str | None = None) -> None:
         """No deployment answered: the error the client gets is counted — in a ledger row
-        when an engine had the request (it failed, ``engine_error``; or the caller went away,
-        499), else among the day's refusals."""
+        when an engine had the request (it failed, ``engine_error``; the caller went away,
+        499; its engine died under it and none came back in time), else among the day's
+        refusals."""
         accounting = self._accounting
         accounting.metrics.requests.labels(
             self.requested, self.principal.tenant, self.route, str(status)
         ).inc()
-        if self.target is not None and (reason == "engine_error" or status == 499):
-            accounting.failed(self, self.target, status)
+        target = self.held or self.target
+        if target is not None and (
+            reason == "engine_error" or status == 499 or self.held is not None
+        ):
+            accounting.failed(self, target, status)
         else:
             accounting.refused(self.principal, self.requested, status, reason)
 
     def void(self) -> None:
-        """Nothing was answered: the reservation is given back whole."""
-        self._accounting.admission.settle(self.ticket, 0, 0.0)
+        """Nothing was answered: the reservation is settled at what the caller owes (nothing,
+        unless it went away while an engine had the request: ``billed``)."""
+        self._accounting.admission.settle(self.ticket, 0, self.owed)
+
+
+class _Finisher:
+    """One deployment's ``proxy.Done`` for a charge: its answer finishes the charge; what its
+    replicas spent without answering is added to it."""
+
+    __slots__ = ("_accounting", "_charge", "_entry", "_release")
+
+    def __init__(
+        self, accounting: Accounting, charge: Charge, entry: ModelEntry, release: Release
+    ) -> None:
+        self._accounting, self._charge, self._entry = accounting, charge, entry
+        self._release = release
+
+    def __call__(self, outcome: Outcome) -> None:
+        self._accounting.finish(self._charge, self._entry, self._release, outcome)
+
+    def spent(self, attempt: Outcome) -> None:
+        self._accounting.spent(self._charge, self._entry, attempt)
 
 
 class Accounting:
@@ -160,8 +208,22 @@ class Accounting:
         day = dt.datetime.now(dt.UTC).date()
         self._ledger.refuse((day, tenant, key, known, status, reason or f"http_{status}"))
 
+    def spent(self, charge: Charge, entry: ModelEntry, attempt: Outcome) -> None:
+        """A replica of ``entry`` had ``charge``'s request and gave no answer (``attempt``: its
+        id, how it ended, the replica-seconds it held): its GPU time goes into the request's
+        row, and its price into what the caller owes if it is ``billed`` (it went away)."""
+        charge.held, charge.replica = entry, attempt.replica
+        charge.gpu_seconds += attempt.replica_seconds * entry.spec.resources.gpus
+        charge.owed += billed(
+            attempt.status, attempt.replica_seconds * self._pricing.per_second(entry)
+        )
+
     def failed(self, charge: Charge, entry: ModelEntry, status: int) -> None:
-        """``entry`` had the request but gave no answer: its row, with the failure's status."""
+        """``entry`` had the request but gave no answer: its row, with the failure's status,
+        the replica that had it last and the GPU time it held (what the caller owes: only
+        when it went away, ``billed``)."""
+        if charge.owed:
+            self.metrics.cost.labels(entry.name, charge.principal.tenant).inc(charge.owed)
         if self._ledger is None:
             return
         self._ledger.record(
@@ -172,7 +234,7 @@ class Accounting:
                 tenant=charge.principal.tenant,
                 key_prefix=charge.principal.key_prefix,
                 model=entry.name,
-                replica="",
+                replica=charge.replica,
                 route=charge.route.removeprefix("/v1/"),
                 status=status,
                 prompt_tokens=0,
@@ -180,8 +242,8 @@ class Accounting:
                 completion_tokens=0,
                 ttft_ms=None,
                 duration_ms=(time.perf_counter() - charge.opened) * 1000,
-                gpu_seconds=0.0,
-                cost_usd=0.0,
+                gpu_seconds=charge.gpu_seconds,
+                cost_usd=charge.owed,
             )
         )
 
@@ -194,13 +256,15 @@ class Accounting:
 
     def finish(self, charge: Charge, entry: ModelEntry, release: Release, outcome: Outcome) -> None:
         """``entry`` answered ``charge``'s request: the slot back, then price, quota,
-        metrics, demand and the ledger."""
+        metrics, demand and the ledger. The row's GPU time includes what replicas that gave no
+        answer before spent; the tenant pays what ``billed`` says of this answer's price."""
         release()
         principal = charge.principal
         model, tenant, route = entry.name, principal.tenant, charge.route
         prompt = outcome.prompt_tokens if outcome.counted else charge.prompt_estimate
         completion = outcome.completion_tokens
-        cost = outcome.replica_seconds * self._pricing.per_second(entry)
+        price = outcome.replica_seconds * self._pricing.per_second(entry)
+        cost = billed(outcome.status, price) + charge.owed
         self._pricing.observe(entry, outcome.replica_seconds, prompt + completion)
         self.admission.settle(charge.ticket, prompt + completion, cost)
         m = self._series.get((model, tenant, route))
@@ -236,7 +300,8 @@ class Accounting:
                     completion_tokens=completion,
                     ttft_ms=outcome.ttft_s * 1000 if outcome.ttft_s is not None else None,
                     duration_ms=outcome.duration_s * 1000,
-                    gpu_seconds=outcome.replica_seconds * entry.spec.resources.gpus,
+                    gpu_seconds=outcome.replica_seconds * entry.spec.resources.gpus
+                    + charge.gpu_seconds,
                     cost_usd=cost,
                 )
             )

@@ -7,12 +7,13 @@ Then a slot among the requests this gateway sends the deployment at once
 (``slots_per_replica`` per ready replica, or the spec's ``maxInFlightPerReplica``), waiting in
 its fair queue when all are taken, and the request goes to the engine through ``Upstream``
 (which picks the replica). An engine that cannot answer (502, 503) passes the request to the
-next deployment of the chain. A deployment whose every replica refused the connection (an
-engine crashed, and the runtime has not seen it yet) is held like one with none ready — within
-``hold_s`` in all, until a replica takes connections again — when no later deployment may serve,
-so the crash window is a wait, not a 502. The slot is given back on every path: when the answer
-is complete (by the accounting's finisher), when forwarding fails, while the request is held,
-and when the caller is cancelled.
+next deployment of the chain. A deployment whose every replica refused the connection or broke
+it under the request (an engine crashed, and the runtime has not seen it yet) is held like one
+with none ready — within ``hold_s`` in all, until a replica takes connections again — when no
+later deployment may serve, so the crash window is a wait, not a 502, for the requests in
+flight on the engine that died as for those that come after. The slot is given back on every
+path: when the answer is complete (by the accounting's finisher), when forwarding fails, while
+the request is held, and when the caller is cancelled.
 """
 
 from __future__ import annotations
@@ -30,15 +31,16 @@ from gpufleet.gateway.demand import DemandMeter
 from gpufleet.gateway.errors import ApiError, Unreachable, model_not_found, no_replica
 from gpufleet.gateway.fairqueue import AdmissionQueues, QueueRejected
 from gpufleet.gateway.metrics import GatewayMetrics
-from gpufleet.gateway.proxy import Outcome, Upstream
+from gpufleet.gateway.proxy import Done, Upstream
 from gpufleet.gateway.request import Outbound
 
 __all__ = ["Capacity", "Dispatcher", "Finisher", "Release"]
 
 #: Gives a slot back (idempotent).
 Release = Callable[[], None]
-#: For a deployment and its slot: what receives the outcome once the answer is complete.
-Finisher = Callable[[ModelEntry, Release], Callable[[Outcome], None]]
+#: For a deployment and its slot: what receives the outcome once the answer is complete (and
+#: what the replicas that gave no answer spent).
+Finisher = Callable[[ModelEntry, Release], Done]
 
 
 def _nothing() -> None:

@@ -6,14 +6,18 @@ own counts — requests in flight and prompt tokens still to prefill, the freshe
 are — and the engines' scraped metrics. A request that fails before any byte reached the client
 (connection refused or reset, engine 502/503, an answer cut short) is retried on another ready
 replica; a stream that breaks after its first byte ends with an OpenAI-shaped error event and a
-clean close. A replica failing three times in a row sits out 5 s (outlier ejection); the next
-request routed to it afterwards is its probe.
+clean close (the stream path is ``streaming``). A replica failing three times in a row sits out
+5 s (outlier ejection); the next request routed to it afterwards is its probe.
 
 A replica that refuses a connection has no engine listening: it crashed, and the runtime has
-not seen it yet (~2 s for a local engine). It sits out at once, until the runtime reports it
-again (a restarted engine is a new ``Replica`` value) or, every second, a probe connects; when
-every replica of a model sits out, ``forward`` raises ``Unreachable`` and the dispatcher holds
-the request as it holds one for a model with none ready.
+not seen it yet (~2 s for a local engine). So does one whose connection broke with a request
+on it (its engine died under the request: ``ServerDisconnectedError`` while it computed). It
+sits out at once, until the runtime reports it again (a restarted engine is a new ``Replica``
+value) or, every second, a probe connects; when every replica of a model sits out or broke,
+``forward`` raises ``Unreachable`` and the dispatcher holds the request as it holds one for a
+model with none ready — nothing has reached the client, so the crash is a wait, not a 502.
+A refused connection is not an engine error for a canary's analysis (the engine never had the
+request); a connection that broke under a request is.
 """
 
 from __future__ import annotations
@@ -26,12 +30,12 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from gpufleet.controller import ModelEntry
 from gpufleet.engines import EngineLoad
@@ -40,19 +44,13 @@ from gpufleet.gateway.errors import (
     ApiError,
     error_response,
     no_replica,
-    sse_error,
     unreachable,
     upstream_failed,
 )
 from gpufleet.gateway.ledger import BusyMeter
 from gpufleet.gateway.metrics import GatewayMetrics
 from gpufleet.gateway.prefix_hints import RedisPrefixHints
-from gpufleet.gateway.stream_usage import (
-    ask_unstreamed,
-    count_stream,
-    streamed_text,
-    usage_event,
-)
+from gpufleet.gateway.streaming import Streams, first_event
 from gpufleet.routing import Choice, Endpoint, RequestFeatures, RoutingPolicy, make_policy
 from gpufleet.routing.prefill import PrefillFit
 from gpufleet.routing.prefix import BLOCK_TOKENS as PREFIX_BLOCK_TOKENS
@@ -71,7 +69,6 @@ REFUSED_PROBE_S = 1.0
 _HOP_HEADERS = ("content-type",)
 #: How much of an engine's error body the log keeps (a traceback fits).
 _LOGGED_BODY = 16 * 1024
-_DONE = b"data: [DONE]\n\n"
 _GONE_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE})
 
 
@@ -108,8 +105,15 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
-#: Called once when a forwarded request is over (its stream ended, or its body was read).
-Done = Callable[[Outcome], None]
+class Done(Protocol):
+    """Told how a forwarded request went: once with its answer, when that is complete (its
+    stream ended, or its body was read); before that, once for each replica that had the
+    request and gave no answer (it failed, its connection broke, or the caller went away:
+    499), with the replica-seconds it held — GPU time the request's row accounts for."""
+
+    def __call__(self, outcome: Outcome) -> None: ...
+
+    def spent(self, attempt: Outcome) -> None: ...
 
 
 class Upstream:
@@ -145,6 +149,16 @@ class Upstream:
         self.prefill: dict[str, PrefillFit] = {}
         #: Engine load by replica id, kept fresh by the metrics scraper.
         self.loads: dict[str, EngineLoad] = {}
+        #: The stream path (``streaming``), keeping these books.
+        self._streams = Streams(
+            metrics,
+            self._http,
+            prefilled=self._prefilled,
+            learn_prefill=self._learn_prefill,
+            release=self._release,
+            engine_error=self._engine_error,
+            refusal=self._refusal,
+        )
 
     async def close(self) -> None:
         if self.hints is not None:
@@ -267,8 +281,9 @@ class Upstream:
 
         ``request_id`` is the gateway's own id (a UUID), sent as the engine's ``x-request-id``;
         never the client's, which engines may refuse (see ``ids``). ``done`` receives the
-        outcome once the response is complete — at the end of a stream. When this raises,
-        nothing reached the client and ``done`` is not called.
+        outcome once the response is complete — at the end of a stream — and, before that,
+        what each replica that had the request and gave no answer spent (``Done.spent``).
+        When this raises, nothing reached the client and ``done`` got no answer.
         """
         features = features or RequestFeatures()
         shared = None
@@ -289,27 +304,32 @@ class Upstream:
             ahead = self._backlog.get(replica.id, 0) + prefill
             self._acquire(replica, entry.name, prefill)
             metered = self.meter.start(replica.id, weight)
-            released = False
+            resp: aiohttp.ClientResponse | None = None
+            #: How the attempt ended when it gave no answer (499: the caller went away).
+            failure = 502
+            handed = False  # the answer (or its stream) releases what the attempt holds
+            connected = True  # the engine had the request (unless no connection was made)
             try:
-                resp = await self._http().post(
-                    f"{replica.url}{route}",
-                    data=body,
-                    headers={**headers, **replica.auth_headers()},
-                )
-            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                self._release(replica, entry.name, prefill)
-                self.meter.stop(metered)
-                self._engine_error(entry, replica, 502)
-                if _gone(exc):
-                    self._refuse(replica)
-                    refusals += 1
-                last_error = _failure("connect", replica, exc)
-                self._metrics.upstream_errors.labels(entry.name, "connect").inc()
-                self._failed(replica.id)
-                continue
-            self._refused.pop(replica.id, None)
-            try:
+                try:
+                    resp = await self._http().post(
+                        f"{replica.url}{route}",
+                        data=body,
+                        headers={**headers, **replica.auth_headers()},
+                    )
+                except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                    # No connection: the engine never had the request. Not an engine error
+                    # (a canary is judged by its answers); a refusal sits the replica out.
+                    connected = False
+                    if isinstance(exc, aiohttp.ClientConnectorError):
+                        self._refuse(replica)
+                        refusals += 1
+                    last_error = _failure("connect", replica, exc)
+                    self._metrics.upstream_errors.labels(entry.name, "connect").inc()
+                    self._failed(replica.id)
+                    continue
+                self._refused.pop(replica.id, None)
                 if resp.status in _RETRYABLE_STATUS:
+                    failure = resp.status
                     self._engine_error(entry, replica, resp.status)
                     last_error = f"engine answered {resp.status}"
                     self._metrics.upstream_errors.labels(entry.name, f"http_{resp.status}").inc()
@@ -319,11 +339,11 @@ class Upstream:
                 if stream and resp.status == 200:
                     # The status is committed with the first event, not before: an engine
                     # that refuses a stream before its first event is answered as unstreamed.
-                    head = await _first_event(resp)
+                    head = await first_event(resp)
                     if head is not None:
-                        released = True  # the stream releases when it ends
+                        handed = True  # the stream releases when it ends
                         self._failures.pop(replica.id, None)
-                        return self._stream(
+                        return self._streams.relay(
                             entry,
                             replica,
                             resp,
@@ -338,7 +358,7 @@ class Upstream:
                             (route, body, request_id),
                             head,
                         )
-                    response = await self._refused_stream(entry, replica, route, body, request_id)
+                    response = await self._streams.refused(entry, replica, route, body, request_id)
                     outcome.status = response.status_code
                 else:
                     payload = await resp.read()
@@ -348,23 +368,38 @@ class Upstream:
                     )
                 outcome.duration_s = time.perf_counter() - started
                 outcome.replica_seconds = self.meter.stop(metered)
-                released = True
+                handed = True
                 resp.release()
                 self._release(replica, entry.name, prefill)
                 if done is not None:
                     done(outcome)
                 return response
             except (aiohttp.ClientError, TimeoutError) as exc:
-                # Nothing has reached the client yet: another replica may still answer.
+                # The engine had the request and its connection failed before the client got
+                # a byte: another replica may still answer. A connection that broke (the
+                # engine died under it) sits the replica out, as a refusal does, so a request
+                # with nowhere else to go is held for the engine's restart, not failed.
+                self._engine_error(entry, replica, 502)
+                if _broke(exc):
+                    self._refuse(replica)
+                    refusals += 1
                 last_error = _failure("read", replica, exc)
                 self._metrics.upstream_errors.labels(entry.name, "read").inc()
                 self._failed(replica.id)
                 continue
+            except asyncio.CancelledError:
+                failure = 499
+                raise
             finally:
-                if not released:
-                    resp.release()
-                    self.meter.stop(metered)
+                if not handed:
+                    if resp is not None:
+                        resp.release()
+                    spent = self.meter.stop(metered)
                     self._release(replica, entry.name, prefill)
+                    if connected and done is not None:
+                        done.spent(
+                            Outcome(replica=replica.id, status=failure, replica_seconds=spent)
+                        )
         if refusals == len(tried) and not entry.problem:
             sat_out = any(r.id in self._refused for r in entry.endpoints)
             if refusals or (sat_out and not self.routable(entry)):
@@ -403,134 +438,6 @@ class Upstream:
                 outcome.take_usage(json.loads(payload).get("usage"))
         return Response(payload, status_code=status, media_type=resp.headers.get("content-type"))
 
-    def _stream(
-        self,
-        entry: ModelEntry,
-        replica: Replica,
-        resp: aiohttp.ClientResponse,
-        started: float,
-        prefill: int,
-        tenant: str,
-        outcome: Outcome,
-        strip_usage: bool,
-        stop_meter: Callable[[], float],
-        done: Done | None,
-        ahead: int = 0,
-        request: tuple[str, bytes, str] = ("", b"", ""),
-        head: bytes = b"",
-    ) -> Response:
-        metrics = self._metrics
-        itl = metrics.itl.labels(entry.name, tenant)
-
-        async def chunks() -> AsyncIterator[bytes]:
-            first = True
-            pending = b""
-            last = 0.0
-            #: The events of a stream that has shown no usage yet, counted at its end if none.
-            events: list[bytes] = []
-            ended = False
-
-            def end() -> None:
-                """The outcome to ``done``, once, before the stream's last byte (``[DONE]`` or
-                an error event) leaves: its ledger row is spooled before the client has it all."""
-                nonlocal ended
-                if not ended:
-                    ended = True
-                    outcome.duration_s = time.perf_counter() - started
-                    outcome.replica_seconds = stop_meter()
-                    if done is not None:
-                        done(outcome)
-
-            try:
-                async for chunk in _after(head, resp):
-                    # Whole SSE events only, so a usage event is never split across yields.
-                    pending += chunk
-                    cut = pending.rfind(b"\n\n")
-                    if cut < 0:
-                        continue
-                    out, pending = pending[: cut + 2], pending[cut + 2 :]
-                    now = time.perf_counter()
-                    if first:
-                        outcome.ttft_s = now - started
-                        self._prefilled(replica, prefill)
-                        self._learn_prefill(entry, ahead, outcome.ttft_s)
-                        first = False
-                    else:
-                        itl.observe(now - last)
-                    last = now
-                    if b'"usage":{' in out or b'"usage": {' in out:
-                        out = _take_stream_usage(out, outcome, strip_usage)
-                    elif not outcome.counted:
-                        outcome.completion_tokens += out.count(b'"delta"') or out.count(b'"text"')
-                        events.append(out)
-                        if out.endswith(_DONE) and request[0]:
-                            # The engine streamed no usage: count with it before the end
-                            # (a client may hang up at [DONE]), and give the client the usage
-                            # event if it asked.
-                            if len(out) > len(_DONE):
-                                yield out[: -len(_DONE)]
-                            extra = await self._count_stream(replica, outcome, events, request)
-                            end()
-                            yield _DONE if strip_usage else extra + _DONE
-                            continue
-                    if out.endswith(_DONE):
-                        end()
-                    if out:
-                        yield out
-                if pending:
-                    end()
-                    yield pending
-                elif first:
-                    # llama-cpp-python answers a streamed request it then refuses (a prompt
-                    # beyond the context) with a 200 and no event: not a silent success.
-                    outcome.status = 502
-                    log.warning("engine %s ended a stream without an event", replica.id)
-                    end()
-                    yield sse_error(
-                        upstream_failed(entry.name, "the engine ended the stream without an answer")
-                    )
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                outcome.status = 502
-                metrics.upstream_errors.labels(entry.name, "stream").inc()
-                failure = sse_error(upstream_failed(entry.name, _failure("stream", replica, exc)))
-                end()
-                yield failure
-            except (GeneratorExit, asyncio.CancelledError):
-                if not ended:  # the client went away before the end
-                    outcome.status = 499
-                raise
-            finally:
-                resp.release()
-                self._release(replica, entry.name, None if not first else prefill)
-                end()
-
-        return StreamingResponse(
-            chunks(),
-            media_type=resp.headers.get("content-type", "text/event-stream"),
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-        )
-
-    async def _refused_stream(
-        self, entry: ModelEntry, replica: Replica, route: str, body: bytes, request_id: str
-    ) -> Response:
-        """A stream the engine ended before its first event (llama-cpp-python's answer to a
-        prompt beyond the context): the engine asked again unstreamed (``ask_unstreamed``)
-        says why, and the client gets that refusal as it would unstreamed; an engine that
-        says nothing wrong failed, which raises (502) so another replica or model may serve."""
-        log.warning("engine %s ended stream %s before its first event", replica.id, request_id)
-        answer = None
-        if replica.url is not None:
-            answer = await ask_unstreamed(
-                self._http(), replica.url, route, body, request_id, replica.auth_headers()
-            )
-        if answer is None or answer[0] < 400:
-            self._engine_error(entry, replica, 502)
-            raise upstream_failed(entry.name, "the engine ended the stream without an answer")
-        status, payload = answer
-        return error_response(
-            self._refusal(entry, replica, route, request_id, status, payload, " asked unstreamed")
-        )
-
     def _refusal(
         self,
         entry: ModelEntry,
@@ -557,29 +464,6 @@ class Upstream:
             self._engine_error(entry, replica, status)
             raise error
         return error
-
-    async def _count_stream(
-        self,
-        replica: Replica,
-        outcome: Outcome,
-        events: list[bytes],
-        request: tuple[str, bytes, str],
-    ) -> bytes:
-        """Count a stream that carried no usage with its engine (``stream_usage``); the usage
-        event for the client, or nothing when the engine could not count."""
-        route, body, request_id = request
-        if replica.url is None:
-            return b""
-        text, head = streamed_text(events)
-        count = await count_stream(
-            self._http(), replica.url, route, body, text, request_id, replica.auth_headers()
-        )
-        if count is None:
-            return b""
-        outcome.counted = outcome.tokenized = True
-        outcome.prompt_tokens = count.prompt_tokens
-        outcome.completion_tokens = count.completion_tokens
-        return usage_event(head, route, count)
 
     def _learn_prefill(self, entry: ModelEntry, tokens_ahead: int, ttft_s: float) -> None:
         fit = self.prefill.get(entry.name)
@@ -633,30 +517,12 @@ class Upstream:
         self._metrics.in_flight.labels(model).dec()
 
 
-async def _first_event(resp: aiohttp.ClientResponse) -> bytes | None:
-    """What the engine streamed up to its first event (an SSE comment is not one); None when
-    it ended the stream without one."""
-    got = b""
-    async for chunk in resp.content.iter_any():
-        got += chunk
-        if b"\n\n" in got and any(
-            not e.startswith(b":") for e in got.split(b"\n\n")[:-1] if e.strip()
-        ):
-            return got
-    return got if any(not e.startswith(b":") for e in got.split(b"\n\n") if e.strip()) else None
-
-
-async def _after(head: bytes, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    if head:
-        yield head
-    async for chunk in resp.content.iter_any():
-        yield chunk
-
-
-def _gone(exc: BaseException) -> bool:
-    """No engine listens: refused, or reset as its process died (seen on llama.cpp SIGKILLed:
-    ``ClientOSError`` ECONNRESET while connecting)."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
+def _broke(exc: BaseException) -> bool:
+    """The engine's connection broke with the request on it, as when its process dies (seen
+    on llama.cpp SIGKILLed: ``ServerDisconnectedError`` while it computes an answer,
+    ``ClientOSError`` ECONNRESET as the request is sent); a body cut before its end (a stream
+    before its first event) is ``ClientPayloadError``."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
         return True
     return isinstance(exc, aiohttp.ClientOSError) and exc.errno in _GONE_ERRNOS
 
@@ -665,24 +531,5 @@ def _failure(stage: str, replica: Replica, exc: BaseException) -> str:
     """What a client is told of a failed connection (its kind); the log gets the detail, which
     names the engine's address."""
     log.warning("engine %s: %s failed: %s: %s", replica.id, stage, type(exc).__name__, exc)
-    kind = {"connect": "could not connect", "read": "answer cut short", "stream": "stream broke"}
+    kind = {"connect": "could not connect", "read": "answer cut short"}
     return f"{kind[stage]} ({type(exc).__name__})"
-
-
-def _take_stream_usage(out: bytes, outcome: Outcome, strip: bool) -> bytes:
-    """Read the usage of a stream's usage event; drop that event if the client did not ask."""
-    kept: list[bytes] = []
-    for event in out.split(b"\n\n"):
-        if not event:
-            continue
-        if b'"usage"' in event and event.startswith(b"data: "):
-            try:
-                data = json.loads(event[6:])
-            except ValueError:
-                data = None
-            if isinstance(data, dict) and isinstance(data.get("usage"), dict):
-                outcome.take_usage(data["usage"])
-                if strip and not data.get("choices"):
-                    continue
-        kept.append(event + b"\n\n")
-    return b"".join(kept)
