@@ -58,6 +58,9 @@ from gpufleet.runtime import Replica
 
 __all__ = ["Outcome", "Upstream"]
 
+#: How long an idle connection to an engine is kept (under the engines' own 5 s).
+IDLE_CONNECTION_S = 4.0
+
 log = logging.getLogger("gpufleet.gateway.proxy")
 
 _RETRYABLE_STATUS = frozenset({502, 503})
@@ -169,8 +172,11 @@ class Upstream:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
+            # Idle connections are dropped before the engines drop them: vLLM, SGLang and
+            # llama.cpp's server (uvicorn) close a connection idle for 5 s, and a request sent
+            # on one as it closes breaks under the request — which sits a healthy replica out.
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=IDLE_CONNECTION_S),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent", "Accept-Encoding"),
