@@ -2,8 +2,8 @@
 
 Settlements always land (issue 16): requests that finish while Redis is down free their
 concurrency slots and have their reservations replaced by their actual cost once Redis is back
-— restarted from its append-only file — within the issue's 10 s, not when their 900 s leases
-expire. A hung Redis (SIGSTOP) fails admissions closed within the timeout, the admissions it
+— restarted from its append-only file — within the issue's 10 s, not when their leases expire
+(30 s after their last renewal). A hung Redis (SIGSTOP) fails admissions closed within the timeout, the admissions it
 ran late are voided, and prefix-routed requests go on without the shared hints. A gateway
 SIGKILLed while its settlements wait leaves them in its journal, and the next one on the same
 directory sends them.

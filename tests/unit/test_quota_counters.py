@@ -47,6 +47,7 @@ def test_exports() -> None:
         "Period",
         "QuotaExceeded",
         "SETTLE_WINDOW_S",
+        "SHARED_LEASE_S",
         "Ticket",
         "WINDOW_S",
         "budget_period",

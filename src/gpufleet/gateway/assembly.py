@@ -101,7 +101,10 @@ def assemble(
     keyring = Keyring(store, enabled=auth, refresh_s=key_refresh_s)
     journal = ledger_spool / SETTLE_JOURNAL if ledger_spool is not None else None
     quotas = quotas or make_quotas(
-        settings.redis_url, timeout_s=settings.redis_timeout_s, journal=journal
+        settings.redis_url,
+        timeout_s=settings.redis_timeout_s,
+        journal=journal,
+        lease_s=settings.quota_lease_s,
     )
     spool = Spool(ledger_spool) if ledger_spool is not None else None
     ledger = Ledger(store, spool=spool, flush_s=ledger_flush_s) if record_usage else None

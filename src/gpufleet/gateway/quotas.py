@@ -16,7 +16,9 @@ on seconds and periods. If Redis cannot be reached, admission fails closed with
 ``QuotaStoreUnavailable`` (the gateway answers 503): quotas that silently stop applying would be
 worse than a short outage. Scopes with no limits cost nothing in either backend. Settlements
 Redis cannot take are retried until it does, from memory and — given a journal in the gateway's
-local durable directory — from disk after a restart (``start`` resends them).
+local durable directory — from disk after a restart (``start`` resends them). Concurrency slots
+in Redis are short leases the gateway renews while their requests run (from ``start`` to
+``close``), so those of a gateway that dies without settling free themselves within a lease.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from gpufleet.errors import TemporaryError
 from gpufleet.policies.quota_counters import QuotaCounters
 from gpufleet.policies.quota_rules import (
     DEFAULT_LEASE_S,
+    SHARED_LEASE_S,
     Demand,
     LimitName,
     Limits,
@@ -62,7 +65,8 @@ class QuotaStoreUnavailable(TemporaryError):
 
 class Quotas(Protocol):
     async def start(self) -> None:
-        """Resume what a previous process left (settlements it could not land)."""
+        """Resume what a previous process left (settlements it could not land) and begin
+        renewing the leases of this process's requests in flight."""
         ...
 
     async def admit(
@@ -118,13 +122,18 @@ class LocalQuotas:
 
 
 def make_quotas(
-    redis_url: str | None, *, timeout_s: float = 1.0, journal: Path | None = None
+    redis_url: str | None,
+    *,
+    timeout_s: float = 1.0,
+    journal: Path | None = None,
+    lease_s: float = SHARED_LEASE_S,
 ) -> Quotas:
     """Redis-backed quotas when several gateways share a Redis, in-process ones otherwise.
     ``journal``: where Redis's quotas keep settlements across a restart (a file in a directory
-    this process owns)."""
+    this process owns); ``lease_s``: how long a slot of theirs outlives a gateway that died
+    (in process nothing outlives it, and the lease stays ``DEFAULT_LEASE_S``)."""
     if not redis_url:
         return LocalQuotas()
     from gpufleet.gateway.quotas_redis import RedisQuotas
 
-    return RedisQuotas(redis_url, timeout_s=timeout_s, journal=journal)
+    return RedisQuotas(redis_url, timeout_s=timeout_s, journal=journal, lease_s=lease_s)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gpufleet.policies.quota_rules import SHARED_LEASE_S
+
 __all__ = ["GatewaySettings"]
 
 
@@ -25,6 +27,9 @@ class GatewaySettings:
     #: The longest a request waits on one Redis call (quotas fail closed past it, prefix
     #: hints are skipped): a hung Redis must not hang the request path.
     redis_timeout_s: float = 1.0
+    #: How long a concurrency slot in Redis outlives the gateway that took it (SIGKILLed, its
+    #: pod deleted): each gateway renews its requests' slots every third of it while they run.
+    quota_lease_s: float = SHARED_LEASE_S
     #: Requests one replica gets from this gateway at once; more wait in the model's fair
     #: queue (priority first, then weighted fair share between tenants).
     slots_per_replica: int = 64

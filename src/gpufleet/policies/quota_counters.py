@@ -9,11 +9,14 @@ and nothing awaits, so an admission is atomic for whoever calls it: the gateway'
 ``LocalQuotas`` on the wall clock, the simulator in virtual time.
 
 A concurrency slot is a lease that expires ``lease_s`` after admission unless settled first (a
-request whose settle never comes — its gateway died — must not hold the slot forever); a
-ticket's corrections apply once, within ``SETTLE_WINDOW_S``. The Lua scripts of
-``gateway.quotas_redis`` implement the same rules on Redis's clock for gateways that share
-counters (a sorted set of leases, hashes of buckets and periods, a marker per open ticket); the
-Redis integration tests mirror this module's and ``LocalQuotas``' tests case by case.
+request whose settle never comes must not hold the slot forever); a ticket's corrections apply
+once, within ``SETTLE_WINDOW_S``. In memory the counters die with their gateway, so the lease
+only bounds a lost settle (``DEFAULT_LEASE_S``). The Lua scripts of ``gateway.quotas_redis``
+implement the same rules on Redis's clock for gateways that share counters (a sorted set of
+leases, hashes of buckets and periods, a marker per open ticket); there a gateway that dies
+leaves its slots behind, so their leases are short (``SHARED_LEASE_S``) and renewed while the
+request lives. The Redis integration tests mirror this module's and ``LocalQuotas``' tests case
+by case.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ __all__ = [
     "DEFAULT_LEASE_S",
     "NANO",
     "SETTLE_WINDOW_S",
+    "SHARED_LEASE_S",
     "WINDOW_S",
     "Demand",
     "LimitName",
@@ -60,8 +61,18 @@ LimitName = Literal["rpm", "tpm", "concurrency", "budget"]
 WINDOW_S = 60
 #: How long a ticket may wait for its settle and still correct tokens and spend.
 SETTLE_WINDOW_S = 86_400
-#: A concurrency slot not settled within this time is released (its gateway presumably died).
+#: In process (``QuotaCounters``, ``LocalQuotas``) a concurrency slot not settled within this
+#: time is released. The counters die with their gateway, so nothing there outlives a crash:
+#: this only bounds a settle that never comes, and must outlast the longest request.
 DEFAULT_LEASE_S = 900.0
+#: In a store shared by gateways (Redis) a concurrency slot lives this long unless the gateway
+#: that took it renews it, which it does every third of it while the request is in flight: a
+#: SIGKILLed gateway, a deleted pod, a dead node never settle their requests, and their slots
+#: free within this time instead of locking the tenant out (900 s leases did, 1,771 refusals
+#: in a minute after a restart). Long enough that a Redis away for up to 20 s (a restart, a
+#: failover) costs no running request its slot; short enough that a dead gateway's tenants wait
+#: half a minute at most.
+SHARED_LEASE_S = 30.0
 #: Nano-dollars per dollar.
 NANO = 1_000_000_000
 _EPOCH = date(1970, 1, 1)
