@@ -69,8 +69,8 @@ async def admitted(q: RedisQuotas, request_id: str, scope: tuple[str, Limits] = 
 async def renewals(q: RedisQuotas, n: int) -> None:
     """``n`` more renewal passes that Redis answered, at least ``(n - 1) * renew_every_s``
     (or none left to renew: the leases were lost, which the caller's checks then show)."""
-    target = q.renewal_passes + n
-    await eventually(lambda: q.renewal_passes >= target or not q.leases_held, f"{n} renewal passes")
+    target = q.leases.passes + n
+    await eventually(lambda: q.leases.passes >= target or not q.leases.held, f"{n} renewal passes")
 
 
 async def expiry(q: RedisQuotas, ticket: Ticket, scope: str = "tenant:acme") -> float | None:
@@ -94,7 +94,7 @@ async def test_a_renewed_lease_outlives_its_first_expiry_and_its_sets_ttl(
         await q.start()
         ticket = await q.admit("long", [ONE], FREE)
         admitted_at = await redis_now(q)
-        assert q.leases_held == 1
+        assert q.leases.held == 1
         await renewals(q, 15)
         assert await redis_now(q) > admitted_at + LEASE_S + 1  # past the first expiry and TTL
         assert not await admitted(other, "b")  # the slot is still taken
@@ -103,9 +103,9 @@ async def test_a_renewed_lease_outlives_its_first_expiry_and_its_sets_ttl(
         assert left is not None and left > await redis_now(q)
         assert await q._redis.ttl(q._keys("tenant:acme")[2]) > 0
         await q.settle(ticket, tokens=0, cost_usd=0.0)
-        assert q.leases_held == 0
+        assert q.leases.held == 0
         assert await admitted(other, "b")
-        assert q.leases_lost == 0 and q.renewal_failures == 0
+        assert q.leases.lost == 0 and q.leases.failures == 0
     finally:
         await q.close()
 
@@ -124,8 +124,8 @@ async def main(namespace: str, lease_s: float, renew_s: float) -> None:
     tenant = ("tenant:acme", Limits(concurrency=2, tpm=100_000, budget_usd=100.0))
     for i in range(2):
         await q.admit(f"r{i}", [tenant], Demand(tokens=0, cost_usd=0.0))
-    target = q.renewal_passes + int(1.5 * lease_s / renew_s) + 1
-    while q.renewal_passes < target and q.leases_held:
+    target = q.leases.passes + int(1.5 * lease_s / renew_s) + 1
+    while q.leases.passes < target and q.leases.held:
         await asyncio.sleep(renew_s / 3)
     print("renewed", flush=True)
     await asyncio.Event().wait()
@@ -166,7 +166,7 @@ async def test_a_settlement_landing_during_a_renewal_pass_stays_settled(
     """The pass read the lease as held, then the settlement removed it, then the pass's script
     ran: it must not bring the slot back (the ``ZADD XX`` of the script)."""
     q = RedisQuotas(REDIS, namespace=namespace, lease_s=LEASE_S, renew_every_s=RENEW_S)
-    script = q._renew
+    script = q.leases._script
     gate = asyncio.Event()
     built: list[dict[str, Any]] = []
 
@@ -175,11 +175,11 @@ async def test_a_settlement_landing_during_a_renewal_pass_stays_settled(
         await gate.wait()
         return await script(**call)
 
-    q._renew = held_back  # type: ignore[assignment]
+    q.leases._script = held_back  # type: ignore[assignment]
     try:
         ticket = await q.admit("r0", [TWO], FREE)
         still = await q.admit("r1", [TWO], FREE)
-        renewal = asyncio.create_task(q.renew())
+        renewal = asyncio.create_task(q.leases.renew())
         await eventually(lambda: built, "the renewal pass sent its call")
         assert ticket.lease in built[0]["args"]
         await q.settle(ticket, tokens=10, cost_usd=0.01)  # lands while the pass waits
@@ -187,12 +187,12 @@ async def test_a_settlement_landing_during_a_renewal_pass_stays_settled(
         assert await renewal
         assert await expiry(q, ticket) is None  # not brought back
         assert await expiry(q, still) is not None  # the other one renewed
-        assert q.leases_lost == 0  # settled, not lost: no warning
-        assert q.leases_held == 1
+        assert q.leases.lost == 0  # settled, not lost: no warning
+        assert q.leases.held == 1
         assert (await other.snapshot(*TWO))["concurrency"] == 1
         # ...and in the other order: a pass after the settlement does not see it either.
         await q.settle(still, tokens=10, cost_usd=0.01)
-        assert await q.renew()
+        assert await q.leases.renew()
         assert await expiry(q, still) is None
         assert (await other.snapshot(*TWO))["concurrency"] == 0
     finally:
@@ -218,17 +218,17 @@ async def test_renewal_fails_over_to_the_outage_report_and_an_expired_slot_is_gi
     again = RedisQuotas(persistent.url, timeout_s=1.0)
     try:
         running = await q.admit("running", [ONE], FREE)
-        assert await q.renew()
+        assert await q.leases.renew()
         persistent.kill()
-        assert not await q.renew()
-        assert outages.is_down("redis") and q.renewal_failures == 1
+        assert not await q.leases.renew()
+        assert outages.is_down("redis") and q.leases.failures == 1
         await asyncio.to_thread(persistent.restart)  # from its AOF: the lease is there, old
         # Once the lease has run out on Redis's clock another request of the tenant gets in.
         await eventually(lambda: admitted(again, "next"), "the expired slot taken")
         with caplog.at_level(logging.WARNING, logger="gpufleet.gateway.quotas"):
-            assert await q.renew()
+            assert await q.leases.renew()
         assert not outages.is_down("redis")  # nothing pending: the pass says it is back
-        assert q.leases_lost == 1 and q.leases_held == 0
+        assert q.leases.lost == 1 and q.leases.held == 0
         assert "1 concurrency slots of requests still in flight had expired" in caplog.text
         assert (await again.snapshot(*ONE))["concurrency"] == 1  # "next" only: not brought back
         await q.settle(running, tokens=0, cost_usd=0.0)
@@ -249,13 +249,13 @@ async def test_an_admission_voided_on_a_hung_redis_is_never_renewed(
         persistent.pause()
         with pytest.raises(QuotaStoreUnavailable):
             await q.admit("late", [TWO], FREE)
-        assert q.leases_held == 1  # the voided one is not tracked
+        assert q.leases.held == 1  # the voided one is not tracked
         persistent.resume()  # the admission that timed out runs now, then its void
         await eventually(lambda: not q.pending, "the void landed")
-        assert await q.renew()
+        assert await q.leases.renew()
         assert (await q.snapshot(*TWO))["concurrency"] == 1  # r0's only
         await q.settle(first, tokens=0, cost_usd=0.0)
-        assert await q.renew()  # nothing held: no call
+        assert await q.leases.renew()  # nothing held: no call
         assert (await q.snapshot(*TWO))["concurrency"] == 0
     finally:
         persistent.resume()

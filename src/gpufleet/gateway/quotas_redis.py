@@ -4,28 +4,15 @@ Several gateway replicas share the counters: an admission checks every scope and
 increments all of them in one script, so replicas never overshoot a limit between them; the
 scripts read Redis's clock (``TIME``) so replicas agree on seconds and budget periods.
 Concurrency slots are members of a sorted set scored by a lease expiry, so a dead gateway's
-slots free themselves; settle corrections apply at most once per admission. Unreachable Redis
-fails closed (``QuotaStoreUnavailable``); a settlement it cannot take is kept and retried until
-it lands (``gateway.settlements``), so a Redis restarted from its append-only file gets the
-releases of the requests that finished while it was down. With a ``journal`` path (the gateway's
-local durable directory) kept settlements are also on disk (``gateway.settle_journal``) and
-``start`` resends what a previous process left: a gateway restarted or SIGKILLed during the
-outage loses none. The rules are ``gpufleet.policies.quota_rules``'s and the scripts do what
+slots free themselves (short leases, renewed while their requests run: ``gateway.quota_leases``);
+settle corrections apply at most once per admission. Unreachable Redis fails closed
+(``QuotaStoreUnavailable``); a settlement it cannot take is kept and retried until it lands
+(``gateway.settlements``), so a Redis restarted from its append-only file gets the releases of
+the requests that finished while it was down. With a ``journal`` path (the gateway's local
+durable directory) kept settlements are also on disk (``gateway.settle_journal``) and ``start``
+resends what a previous process left: a gateway restarted or SIGKILLed during the outage loses
+none. The rules are ``gpufleet.policies.quota_rules``'s and the scripts do what
 ``gpufleet.policies.quota_counters`` does in memory.
-
-Leases are short and renewed, as Kubernetes' Lease objects are: a slot lives ``lease_s``
-(``SHARED_LEASE_S``, 30 s) past its admission or its last renewal, and the gateway renews the
-slots of its requests still in flight every third of that (one script call per pass for all of
-them, from ``start`` to ``close``), so a stream of many minutes keeps its slot while a gateway
-SIGKILLed, OOM-killed or lost with its node — which never settles — frees its tenants' slots
-within one lease (a 900 s lease locked a tenant with concurrency 3 out for 15 minutes). A
-renewal only moves a lease that is still there (``ZADD XX``): one its settlement or void
-removed, in whichever order Redis runs the two, is never brought back. A pass Redis does not
-answer is one more failure of the ``redis`` dependency (reported with the admissions' and
-settlements'), retried a second later; if Redis is away for longer than what is left of a lease
-(20 to 30 s by default), the slots of requests still running expire, and until they finish their
-tenant may run more requests than its limit (the gateway logs how many) — the same fault toward
-availability that frees a dead gateway's slots.
 
 All keys a script touches are passed in ``KEYS``; with Redis Cluster, give a namespace with a hash
 tag (``"{gpufleet:quota}"``) so they share one slot. Scopes with no limits cost nothing: a request
@@ -34,9 +21,7 @@ whose scopes are all unlimited is admitted without touching Redis.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import logging
 import math
 import secrets
 from collections.abc import Sequence
@@ -50,10 +35,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gpufleet.gateway.quota_leases import LUA_KEEP, LeaseRenewer
 from gpufleet.gateway.quotas import QuotaStoreUnavailable
 from gpufleet.gateway.settle_journal import SettleJournal
 from gpufleet.gateway.settlements import PendingSettlements
-from gpufleet.outages import OutageReporter, summary
+from gpufleet.outages import OutageReporter
 from gpufleet.policies.quota_rules import (
     NANO,
     SETTLE_WINDOW_S,
@@ -68,32 +54,13 @@ from gpufleet.policies.quota_rules import (
     to_nano,
     window_retry_after,
 )
-from gpufleet.supervise import Supervisor
 
 __all__ = ["RedisQuotas"]
-
-log = logging.getLogger("gpufleet.gateway.quotas")
 
 #: How long a void's tombstone refuses the admission it voids, should a Redis that hung run it
 #: late (its slot would free with its lease, but its tokens and spend would stay reserved). Not
 #: the lease: an admission can wait in a hung Redis's socket for as long as it hangs.
 _VOID_TOMBSTONE_S = 900
-#: Leases per renewal script call: a pass over more is several calls, so that no one call
-#: holds Redis for long.
-_RENEW_BATCH = 1_000
-#: The wait before the next renewal pass after one Redis did not answer.
-_RENEW_RETRY_S = 1.0
-#: The renewal task's name (``gpufleet.supervise``: restarted after an error, counted).
-_RENEWAL = "gateway:quota-leases"
-
-# An in-flight set's TTL is raised to cover the leases just given, never lowered: it may hold
-# longer leases of another gateway (one of an older version, during an upgrade).
-_LUA_KEEP = """
-local function keep(key, ttl)
-  if redis.call('TTL', key) < ttl then redis.call('EXPIRE', key, ttl) end
-end
-"""
-
 # The Lua below mirrors ``QuotaCounters``: ``period`` is ``budget_period`` (a test compares them
 # over many dates), the checks run in the same order and the same retry delays follow.
 
@@ -161,7 +128,7 @@ end
 _ADMIT = (
     _LUA_PERIOD
     + _LUA_WINDOW
-    + _LUA_KEEP
+    + LUA_KEEP
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {2} end
 local t = redis.call('TIME')
@@ -274,30 +241,6 @@ return first and 1 or 0
 """
 )
 
-# KEYS: in-flight zsets. ARGV: lease_s, the zsets' TTL, then per lease and zset: the zset's
-# index in KEYS, the lease. A lease is renewed only where it still is (XX, after ZSCORE): one
-# its settlement or void removed, or that expired and an admission pruned, stays gone. Replies
-# with the leases that were not there.
-_RENEW = (
-    _LUA_KEEP
-    + """
-local t = redis.call('TIME')
-local expiry = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
-local lost = {}
-for j = 3, #ARGV, 2 do
-  local key, lease = KEYS[tonumber(ARGV[j])], ARGV[j + 1]
-  if redis.call('ZSCORE', key, lease) then
-    redis.call('ZADD', key, 'XX', expiry, lease)
-  else
-    lost[#lost + 1] = lease
-  end
-end
-local ttl = tonumber(ARGV[2])
-for _, key in ipairs(KEYS) do keep(key, ttl) end
-return lost
-"""
-)
-
 # KEYS: requests hash, tokens hash, in-flight zset, budget hash. ARGV: budget period.
 _SNAPSHOT = (
     _LUA_PERIOD
@@ -353,9 +296,9 @@ class RedisQuotas:
     ``journal``: the file that keeps them across a restart (read by ``start``); ``outages``:
     the gateway's reporter, so a Redis outage is one report for admissions and settlements.
 
-    The leases of concurrency slots this gateway took and has not settled are renewed every
-    ``renew_every_s`` (a third of ``lease_s`` unless given) by a supervised task that ``start``
-    begins and ``close`` ends; ``renewal_passes`` counts the passes that reached Redis.
+    ``leases`` (``gateway.quota_leases``) renews the leases of concurrency slots this gateway
+    took and has not settled every ``renew_every_s`` (a third of ``lease_s`` unless given), from
+    ``start`` to ``close``.
     """
 
     def __init__(
@@ -388,28 +331,11 @@ class RedisQuotas:
         self._where = _redact(url)
         self.namespace = namespace
         self._lease_s = lease_s
-        self._renew_every_s = lease_s / 3 if renew_every_s is None else renew_every_s
-        if not 0 < self._renew_every_s < lease_s:
-            raise ValueError(
-                f"leases must be renewed more often than they last ({lease_s} s), "
-                f"not every {self._renew_every_s} s"
-            )
         self._tag = secrets.token_hex(4)
         self._ids = itertools.count()
         self._admit = self._redis.register_script(_ADMIT)
         self._settle = self._redis.register_script(_SETTLE)
         self._snapshot = self._redis.register_script(_SNAPSHOT)
-        self._renew = self._redis.register_script(_RENEW)
-        #: Lease -> the in-flight sets it holds a slot in, from admission to settlement.
-        self._held: dict[str, tuple[str, ...]] = {}
-        self._loops = Supervisor()
-        #: Renewal passes Redis answered, and those it did not (a pass with nothing to renew
-        #: is neither).
-        self.renewal_passes = 0
-        self.renewal_failures = 0
-        #: Leases found gone when renewed while their requests ran (Redis away past a lease).
-        self.leases_lost = 0
-        self._renewal_failing = False
         self.pending: PendingSettlements[_Call] = PendingSettlements(
             self._send_settlement,
             _temporary,
@@ -418,18 +344,19 @@ class RedisQuotas:
             journal=SettleJournal(journal, _encode_call, _decode_call) if journal else None,
             max_items=max_pending,
         )
+        self.leases = LeaseRenewer(
+            self._redis,
+            where=self._where,
+            lease_s=lease_s,
+            renew_every_s=renew_every_s,
+            pending=self.pending,
+        )
 
     async def start(self) -> None:
         """Settlements a previous process left in the journal are sent again, at once, and the
         renewal of this process's leases begins."""
         self.pending.start()
-        if _RENEWAL not in self._loops.loops:
-            self._loops.spawn(_RENEWAL, self._renew_forever, critical=False)
-
-    @property
-    def leases_held(self) -> int:
-        """Leases of this gateway's requests in flight, renewed until they settle."""
-        return len(self._held)
+        self.leases.start()
 
     def _keys(self, scope: str) -> list[str]:
         base = f"{self.namespace}:s:{scope}"
@@ -480,8 +407,7 @@ class RedisQuotas:
             await self.pending.flush()
         if reply[0] == 1:
             held = tuple(self._keys(s)[2] for s, lim in counted if lim.concurrency is not None)
-            if held:
-                self._held[lease] = held
+            self.leases.track(lease, held)
             return Ticket(request_id, lease, counted, int(reply[1]), demand.tokens, cost)
         if reply[0] == 2:
             raise self._unavailable(RuntimeError("the admission was voided before it ran"))
@@ -539,9 +465,7 @@ class RedisQuotas:
 
     async def settle(self, ticket: Ticket, *, tokens: int, cost_usd: float) -> None:
         """Never raises for an unreachable Redis: the settlement is kept and retried."""
-        # No longer renewed, from now: a pass already on its way cannot bring the lease back
-        # after the settlement removed it (the script renews only what is there).
-        self._held.pop(ticket.lease, None)
+        self.leases.untrack(ticket.lease)
         if not ticket.scopes:
             return
         if not needs_settle_marker(ticket.scopes) and all(
@@ -573,81 +497,9 @@ class RedisQuotas:
             "reserved_usd": reserved / NANO,
         }
 
-    async def renew(self) -> bool:
-        """One renewal pass: every lease still held gets ``lease_s`` more from now on Redis's
-        clock. False when Redis did not answer (a failure of the ``redis`` dependency); leases
-        Redis no longer has are dropped and logged."""
-        held = list(self._held.items())
-        if not held:
-            return True
-        lost: set[str] = set()
-        for i in range(0, len(held), _RENEW_BATCH):
-            keys: dict[str, int] = {}
-            args: list[str | int] = [repr(self._lease_s), math.ceil(self._lease_s) + 1]
-            for lease, sets in held[i : i + _RENEW_BATCH]:
-                for key in sets:
-                    args += [keys.setdefault(key, len(keys) + 1), lease]
-            try:
-                gone = await self._renew(keys=list(keys), args=args)
-            except (RedisError, OSError) as exc:
-                self._renewal_failed(exc)
-                return False
-            lost.update(lease.decode() for lease in gone)
-        self.renewal_passes += 1
-        self._renewal_answered()
-        dropped = [lease for lease in lost if self._held.pop(lease, None) is not None]
-        if dropped:  # not those settled while the pass ran: their settlement removed them
-            self.leases_lost += len(dropped)
-            log.warning(
-                "%d concurrency slots of requests still in flight had expired on %s before "
-                "their renewal (Redis away for longer than their %g s lease, or restarted "
-                "without its data): until they finish, they no longer count against their "
-                "tenants' limits",
-                len(dropped),
-                self._where,
-                self._lease_s,
-            )
-        return True
-
-    async def _renew_forever(self) -> None:
-        answered = True
-        while True:
-            await asyncio.sleep(
-                self._renew_every_s if answered else min(self._renew_every_s, _RENEW_RETRY_S)
-            )
-            answered = await self.renew()
-
-    def _renewal_failed(self, exc: Exception) -> None:
-        self.renewal_failures += 1
-        outages = self.pending.outages
-        affected = (
-            f"concurrency leases (running requests' slots expire {self._lease_s:g} s after "
-            "their last renewal)"
-        )
-        if outages is not None:
-            outages.failed(self.pending.dependency, exc, affected=affected)
-        elif not self._renewal_failing:
-            log.warning(
-                "cannot renew the leases of %d requests in flight on %s (%s); retrying: %s",
-                len(self._held),
-                self._where,
-                affected,
-                summary(exc),
-            )
-        self._renewal_failing = True
-
-    def _renewal_answered(self) -> None:
-        if self.pending:
-            self.pending.wake()  # what lands reports the outage over, with what landed
-        elif self.pending.outages is not None:
-            self.pending.outages.recovered(self.pending.dependency)
-        elif self._renewal_failing:
-            log.info("leases renewed on %s again", self._where)
-        self._renewal_failing = False
-
     async def close(self) -> None:
         """Renewals stop, pending settlements get one last try, then the connections close."""
-        await self._loops.close()
+        await self.leases.close()
         await self.pending.close()
         await self._redis.aclose()
 

@@ -3,12 +3,13 @@
 A settlement the quota store (Redis) cannot take is retried from memory
 (``gateway.settlements``); if the gateway dies before the store is back — SIGKILLed, OOM-killed,
 restarted by its supervisor — the memory is gone, and the tenant's concurrency slots stay taken
-until their leases expire (15 minutes) while its reservations stay charged. The journal keeps
-them across that: each kept settlement is one JSON line (its lease and the store's call) handed
-to the kernel with one ``write()`` on an ``O_APPEND`` file, so once ``append`` returns it survives
-a SIGKILL of the process (it is in the page cache). The retry loop fsyncs now and then (``sync``,
-in a thread), never the hot path; power loss in between costs what the journal did not have,
-slots freed by their leases' expiry as before.
+until their leases expire (30 s after their last renewal, ``SHARED_LEASE_S``) while its
+reservations stay charged. The journal keeps them across that: each kept settlement is one JSON
+line (its lease and the store's call) handed to the kernel with one ``write()`` on an
+``O_APPEND`` file, so once ``append`` returns it survives a SIGKILL of the process (it is in the
+page cache). The retry loop fsyncs now and then (``sync``, in a thread), never the hot path;
+power loss in between costs what the journal did not have, slots freed by their leases' expiry
+as before.
 
 There are no per-settlement "done" lines: when the backlog is empty everything in the file has
 landed, and the file is emptied (``clear``). A line whose settlement landed before a crash is

@@ -3,9 +3,10 @@
 A request admitted before the quota store (Redis) went away finishes while it is away; its
 settlement — free the concurrency slot, replace the reserved tokens and cost by the actual
 ones — must land when the store is back, or the slot stays taken until its lease expires
-(15 minutes) and the reservation stays charged. Settlements are idempotent per lease (the
-store's script removes the lease by id and applies corrections once), so retrying one that
-may already have landed is safe, and the backlog keeps one per lease.
+(30 s after its last renewal, ``SHARED_LEASE_S``) and the reservation stays charged.
+Settlements are idempotent per lease (the store's script removes the lease by id and applies
+corrections once), so retrying one that may already have landed is safe, and the backlog keeps
+one per lease.
 
 The store is either there or not for all of them, so the back-off is the backlog's, not each
 settlement's: ``failed`` pushes the next attempt out (0.25 s doubling to ``max_delay_s``, kept
