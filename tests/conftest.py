@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import secrets
@@ -70,7 +71,8 @@ async def serving(app: ASGIApp) -> AsyncIterator[str]:
     server = uvicorn.Server(
         uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False, http="httptools")
     )
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    # The test owns the process's signals: uvicorn's serve() would capture SIGINT/SIGTERM.
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():

@@ -6,6 +6,7 @@ the HTTP server ``gpufleet up`` runs (uvicorn, httptools), on a free port."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -40,7 +41,8 @@ async def served(
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         server = gateway_server(site.app, settings, site.stack.gateway.metrics)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        # The test owns the process's signals: uvicorn's serve() would capture SIGINT/SIGTERM.
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
         task = asyncio.create_task(server.serve(sockets=[sock]), name="slow-clients-server")
         try:
             while not server.started:
