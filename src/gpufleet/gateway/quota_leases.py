@@ -30,7 +30,6 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from gpufleet.gateway.settlements import PendingSettlements
-from gpufleet.outages import summary
 from gpufleet.supervise import Supervisor
 
 __all__ = ["LUA_KEEP", "LeaseRenewer"]
@@ -115,7 +114,6 @@ class LeaseRenewer:
         self.passes = 0
         self.failures = 0
         self.lost = 0
-        self._failing = False
 
     @property
     def held(self) -> int:
@@ -180,31 +178,17 @@ class LeaseRenewer:
 
     def _failed(self, exc: Exception) -> None:
         self.failures += 1
-        outages = self._pending.outages
         affected = (
             f"concurrency leases (running requests' slots expire {self._lease_s:g} s after "
             "their last renewal)"
         )
-        if outages is not None:
-            outages.failed(self._pending.dependency, exc, affected=affected)
-        elif not self._failing:
-            log.warning(
-                "cannot renew the leases of %d requests in flight on %s (%s); retrying: %s",
-                len(self._held),
-                self._where,
-                affected,
-                summary(exc),
-            )
-        self._failing = True
+        self._pending.outages.failed(self._pending.dependency, exc, affected=affected)
 
     def _answered(self) -> None:
         if self._pending:
             self._pending.wake()  # what lands reports the outage over, with what landed
-        elif self._pending.outages is not None:
+        else:
             self._pending.outages.recovered(self._pending.dependency)
-        elif self._failing:
-            log.info("leases renewed on %s again", self._where)
-        self._failing = False
 
     async def close(self) -> None:
         """Renewals stop."""

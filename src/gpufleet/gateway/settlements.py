@@ -15,9 +15,9 @@ outage still frees its tenants' slots when the store is back, not when their lea
 file is emptied whenever the backlog is. Without one they live in memory only, and those still
 pending at ``close`` are logged as lost (their slots free when their leases expire).
 
-An outage is reported once: through the gateway's ``OutageReporter`` when one is given (the
-same ``redis`` outage admissions report, its "back" line saying how many settlements landed),
-else in two log lines of its own, when the first settlement is kept and when the last lands.
+An outage is reported once, through an ``OutageReporter``: the gateway's (the same ``redis``
+outage admissions report, its "back" line saying how many settlements landed), or a private one
+when none is given, as the gateway's other Redis users do.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ class PendingSettlements(Generic[T]):
     ``send`` raises an exception that ``temporary`` accepts while the store is away; any other
     error is permanent for that settlement, which is dropped with a log line rather than
     blocking the others behind it. ``where`` names the store in log lines, ``dependency`` in
-    ``outages`` (which the gateway may set after construction).
+    ``outages`` (a private reporter unless given; the gateway sets its own after construction,
+    so that one Redis outage is reported once).
     """
 
     def __init__(
@@ -68,7 +69,7 @@ class PendingSettlements(Generic[T]):
         self._temporary = temporary
         self._where = where
         self.dependency = dependency
-        self.outages = outages
+        self.outages = outages or OutageReporter()
         self.journal = journal
         self._clock = clock
         self.backlog: SettleBacklog[T] = SettleBacklog(max_items=max_items, max_delay_s=max_delay_s)
@@ -153,19 +154,9 @@ class PendingSettlements(Generic[T]):
                 log.error("quota settlement journal %s: cannot write: %s", self.journal.path, exc)
 
     def _failed(self, error: Exception, now: float) -> None:
-        first = self._failed_since is None
-        if first:
+        if self._failed_since is None:
             self._failed_since = now
-        if self.outages is not None:
-            self.outages.failed(self.dependency, error, affected=_AFFECTED)
-        elif first:
-            log.warning(
-                "quota settlements cannot reach %s (%s: %s); keeping them and retrying "
-                "until it is back",
-                self._where,
-                type(error).__name__,
-                error,
-            )
+        self.outages.failed(self.dependency, error, affected=_AFFECTED)
 
     def _ensure_task(self) -> None:
         if self._task is None or self._task.done():
@@ -207,7 +198,7 @@ class PendingSettlements(Generic[T]):
         landed, self._outage_landed = self._outage_landed, 0
         since, self._failed_since = self._failed_since, None
         what = f"{landed} pending quota settlements landed"
-        if self.outages is not None and self.outages.is_down(self.dependency):
+        if self.outages.is_down(self.dependency):
             self.outages.recovered(self.dependency, note=what)
         elif since is not None:
             log.warning(
