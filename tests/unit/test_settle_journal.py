@@ -13,6 +13,7 @@ from gpufleet.gateway.settle_journal import SettleJournal
 from gpufleet.gateway.settlements import PendingSettlements
 from gpufleet.outages import OutageReporter
 from tests.conftest import eventually
+from tests.unit.test_settle_backlog import FakeStore, temporary
 
 
 def decode(value: object) -> str:
@@ -23,23 +24,6 @@ def decode(value: object) -> str:
 
 def journal(path: Path) -> SettleJournal[str]:
     return SettleJournal(path, lambda item: item, decode)
-
-
-class FakeStore:
-    """A store that is down until ``up``; records each settlement as often as it is sent."""
-
-    def __init__(self) -> None:
-        self.up = False
-        self.landed: list[str] = []
-
-    async def send(self, item: str) -> None:
-        if not self.up:
-            raise ConnectionError("down")
-        self.landed.append(item)
-
-
-def temporary(exc: Exception) -> bool:
-    return isinstance(exc, ConnectionError)
 
 
 def pending(
