@@ -33,9 +33,25 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 from prometheus_client.registry import Collector
 
-__all__ = ["RESTARTS", "Backoff", "Loop", "Supervisor", "collectors"]
+__all__ = ["RESTARTS", "Backoff", "Loop", "Supervisor", "collectors", "wait_set"]
 
 log = logging.getLogger("gpufleet.supervise")
+
+
+async def wait_set(event: asyncio.Event, timeout: float) -> bool:
+    """Wait until ``event`` is set or ``timeout`` seconds pass; whether it was set.
+
+    What a loop that sleeps until woken calls instead of ``asyncio.wait_for(event.wait(), t)``:
+    on Python 3.11 ``wait_for`` swallows a cancellation that arrives as the event is set (the
+    inner wait finished first, so it returns; python/cpython#86296, fixed in 3.12), and a loop
+    cancelled by ``close()`` at the instant something woke it runs on forever — ``close()``
+    awaiting it hangs. ``asyncio.timeout`` counts cancellations and never drops one.
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    return event.is_set()
+
 
 #: Not registered anywhere by default: ``collectors()`` are for the registry a process serves.
 RESTARTS = Counter(

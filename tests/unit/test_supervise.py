@@ -11,7 +11,8 @@ import logging
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gpufleet.supervise import Backoff, Supervisor, collectors
+from gpufleet.supervise import Backoff, Supervisor, collectors, wait_set
+from tests.conftest import eventually
 
 
 class Clock:
@@ -175,3 +176,32 @@ async def test_two_loops_may_not_share_a_name() -> None:
     with pytest.raises(ValueError, match="already running"):
         supervisor.spawn("test:twice", forever)
     await supervisor.close()
+
+
+async def test_a_loop_woken_in_the_instant_it_is_cancelled_stops() -> None:
+    # asyncio.wait_for on Python 3.11 drops a cancellation that arrives as the event is set: a
+    # loop stopped by close() at that instant ran on forever and close() hung (the batch
+    # runner did, in CI). wait_set never drops one.
+    woken = asyncio.Event()
+    waits = 0
+
+    async def loop() -> None:
+        nonlocal waits
+        while True:
+            waits += 1
+            await wait_set(woken, 60)
+            woken.clear()
+
+    task = asyncio.create_task(loop())
+    await eventually(lambda: waits == 1, "the loop waits")
+    woken.set()
+    task.cancel()
+    await asyncio.wait({task}, timeout=30)
+    assert task.cancelled(), f"the loop went on ({waits} waits)"
+
+
+async def test_wait_set_says_whether_the_event_was_set() -> None:
+    event = asyncio.Event()
+    assert await wait_set(event, 0.01) is False
+    event.set()
+    assert await wait_set(event, 60) is True

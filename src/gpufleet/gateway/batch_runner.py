@@ -34,6 +34,7 @@ from gpufleet.gateway.errors import ApiError
 from gpufleet.gateway.ids import new_request_id
 from gpufleet.outages import OutageReporter
 from gpufleet.store import BatchLine, BatchRecord, FileRecord, Store
+from gpufleet.supervise import wait_set
 
 __all__ = ["BatchRunner"]
 
@@ -116,8 +117,7 @@ class BatchRunner:
             except Exception:
                 log.exception("batch runner pass failed; trying again")
             self.passes += 1
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+            await wait_set(self._wake, self.interval_s)
             self._wake.clear()
 
     async def step(self, *, take_over: bool = False) -> None:

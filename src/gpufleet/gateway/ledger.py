@@ -41,7 +41,7 @@ from prometheus_client.registry import Collector
 
 from gpufleet.gateway.spool import Spool, encode_row
 from gpufleet.store import DeadLetter, RefusalKey, RowsRejected, Store, UsageRow
-from gpufleet.supervise import Supervisor
+from gpufleet.supervise import Supervisor, wait_set
 
 __all__ = ["BusyMeter", "Ledger", "MeterTicket"]
 
@@ -171,8 +171,7 @@ class Ledger:
     async def _loop(self) -> None:
         while True:
             await self.flush()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.flush_s)
+            await wait_set(self._wake, self.flush_s)
             self._wake.clear()
 
     async def _sync_loop(self) -> None:

@@ -32,6 +32,7 @@ from typing import Generic, TypeVar
 from gpufleet.gateway.settle_journal import SettleJournal
 from gpufleet.outages import OutageReporter
 from gpufleet.policies.settle_backlog import SettleBacklog
+from gpufleet.supervise import wait_set
 
 __all__ = ["PendingSettlements"]
 
@@ -215,8 +216,7 @@ class PendingSettlements(Generic[T]):
             wait = self.backlog.next_attempt(self._clock())
             if wait > 0:
                 self._woken.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._woken.wait(), wait)
+                await wait_set(self._woken, wait)
             await self.flush()
             if self.backlog and self.journal is not None and self.journal.is_open:
                 # Now and then, off the hot path; the journal's lock keeps ``close`` and

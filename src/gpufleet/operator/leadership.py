@@ -137,8 +137,9 @@ class Leadership:
                 task: asyncio.Task[None] = asyncio.create_task(lead(), name="operator:lead")
                 try:
                     while not task.done():
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(asyncio.shield(task), self.retry_s)
+                        # Not wait_for(shield(task)): on Python 3.11 it drops a cancellation
+                        # that arrives as the task ends (see gpufleet.supervise.wait_set).
+                        await asyncio.wait({task}, timeout=self.retry_s)
                         if task.done():
                             break
                         if await self._renew():

@@ -36,6 +36,7 @@ import aiohttp
 from gpufleet.engines import EngineAdapter, Launch, adapter_for
 from gpufleet.runtime.base import Capabilities, Phase, Replica, ReplicaFeed, ReplicaRequest
 from gpufleet.runtime.weights import resolve_weights
+from gpufleet.supervise import wait_set
 
 __all__ = ["LocalRuntime"]
 
@@ -192,8 +193,7 @@ class LocalRuntime:
                 restarts=h.replica.restarts + 1,
                 message=f"{reason}; restarting in {delay:g}s (see gpufleet logs {h.replica.model})",
             )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(h.stopping.wait(), timeout=delay)
+            await wait_set(h.stopping, delay)
             delay = min(delay * 2, maximum)
 
     async def _run_once(self, h: _Handle, attempt: int) -> float | None:
