@@ -7,15 +7,19 @@ always did. ``/health`` answers 200 for routers that probe their workers (vllm-r
 ``/metrics`` a few of vLLM's gauges, so a gateway that scrapes its engines (gpufleet, four times
 a second) does that work as it would in front of vLLM. With ``GAP_MS`` the chunks of a stream
 are that far apart, as an engine's decode steps are; with ``TOKENS`` a non-streaming answer is
-that many tokens ("ok" each) instead of one.
-Run: python bench/null_engine.py PORT [GAP_MS [TOKENS]]
+that many tokens ("ok" each) instead of one. For many streams at once
+(``bench/gateway_soak.py``: 10,000, opened hundreds at a time), ``--backlog`` lengthens the
+listen queue past aiohttp's 128, whose overflow would turn connections into SYN retries a
+second apart, and ``--uvloop`` runs it on uvloop, so that the core it shares with the clients
+goes on writing the chunks on time.
+Run: python bench/null_engine.py PORT [GAP_MS [TOKENS]] [--backlog N] [--uvloop]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
-import sys
 
 from aiohttp import web
 
@@ -50,7 +54,7 @@ FIRST = _event('{"index":0,"delta":{"role":"assistant","content":"ok"},"finish_r
 TOKEN = _event('{"index":0,"delta":{"content":"ok"},"finish_reason":null}')
 FINISH = _event('{"index":0,"delta":{},"finish_reason":"stop"}')
 DONE = b"data: [DONE]\n\n"
-GAP_S = float(sys.argv[2]) / 1000 if len(sys.argv) > 2 else 0.0
+GAP_S = 0.0
 
 
 def _usage(tokens: int) -> bytes:
@@ -102,16 +106,34 @@ async def metrics(_: web.Request) -> web.Response:
 
 
 def main() -> None:
-    # Read here, not at import: bench/gateway_soak.py imports the handlers with argv of its own.
-    global BODY
-    if len(sys.argv) > 3:
-        BODY = answer(int(sys.argv[3]))
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("port", type=int)
+    parser.add_argument("gap_ms", nargs="?", type=float, default=0.0, help="between chunks")
+    parser.add_argument("tokens", nargs="?", type=int, default=1, help="of a non-streaming answer")
+    parser.add_argument("--backlog", type=int, default=128, help="the listen queue's length")
+    parser.add_argument("--uvloop", action="store_true", help="serve on uvloop")
+    args = parser.parse_args()
+    global BODY, GAP_S
+    BODY, GAP_S = answer(args.tokens), args.gap_ms / 1000
+    loop = None
+    if args.uvloop:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
-    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+    web.run_app(
+        app,
+        host="127.0.0.1",
+        port=args.port,
+        print=None,
+        access_log=None,
+        backlog=args.backlog,
+        loop=loop,
+    )
 
 
 if __name__ == "__main__":

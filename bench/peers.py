@@ -16,7 +16,10 @@ that have no business in gpufleet's environment.
   ``GPUFLEET_ARGS`` is appended to its command line (``--no-auth``: no key is made),
   ``GPUFLEET_HEADERS`` to every request. Rows ``gpufleet:LABEL`` run the same from another
   source tree (``gpufleet_src``: its ``src`` folder goes first on ``PYTHONPATH``). Its CPU and
-  pinning are of the gateway process alone, not of the engine it launched.
+  pinning are of the gateway process alone, not of the engine it launched. A bench that needs
+  more of it (``gateway_soak.py``: 10,000 streams) calls ``start_gpufleet`` with a ``Fleet``:
+  more replicas, a higher ``routing.maxInFlightPerReplica`` — fields a user writes in YAML —
+  and the open-files limit asked for the process.
 - LiteLLM proxy: one uvicorn worker (its docs: one worker per pod, scale out with pods),
   a master key (it refuses to start without one), no database, no callbacks,
   ``LITELLM_LOG=ERROR``; the model is ``openai/null`` with ``api_base`` the null engine.
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -50,12 +54,16 @@ __all__ = [
     "GPUFLEET_HEADERS",
     "LIMITS",
     "VENV",
+    "Fleet",
     "Peer",
     "Unavailable",
     "core_times",
     "cpu_seconds",
+    "open_files",
     "pin",
+    "process_tree",
     "start",
+    "start_gpufleet",
 ]
 
 VENV = Path(os.environ.get("GPUFLEET_PEERS_VENV", ROOT / ".cache" / "bench-peers")).absolute()
@@ -63,7 +71,8 @@ VENV = Path(os.environ.get("GPUFLEET_PEERS_VENV", ROOT / ".cache" / "bench-peers
 GPUFLEET_ARGS: list[str] = []
 #: Added to every request to gpufleet, after (and over) its user key's authorization header.
 GPUFLEET_HEADERS: dict[str, str] = {}
-#: The null engine's arguments after its port (GAP_MS, TOKENS), for the engine gpufleet launches.
+#: The null engine's arguments after its port (GAP_MS, TOKENS, flags), for the engine gpufleet
+#: launches.
 ENGINE_ARGS: list[str] = []
 #: The core gpufleet's engine is pinned to (``taskset``), None for no pinning.
 ENGINE_CPU: int | None = 0 if (os.cpu_count() or 1) >= 2 else None
@@ -83,12 +92,47 @@ spec:
   # smoke request says so, instead of a replica that never becomes ready
   source: "file:{config}"
   engine: emulator
-  replicas: {{min: 1, max: 1}}
+  replicas: {{min: {replicas}, max: {replicas}}}{routing}
 """
 EMULATED = "gpufleet-emulator"  # the emulator's system_fingerprint
 LITELLM_KEY = "sk-bench-5e0c3a1f9b2d4c6e8a7f1b3d5c9e2a4f"
 START_TIMEOUT_S = 180.0
 SETUP_HINT = "run scripts/setup-bench-peers"
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """What ``gpufleet up`` serves beyond the defaults every bench shares: ``replicas`` of
+    ``null-model``, the requests the gateway sends each at once (``routing.maxInFlightPerReplica``;
+    None: the gateway's default, 64), and the open-files limit (RLIMIT_NOFILE) asked for the
+    process before it starts (None: what it inherits). gpufleet lifts its soft limit to the hard
+    one itself, and its engines inherit it; the hard one rises only with CAP_SYS_RESOURCE."""
+
+    replicas: int = 1
+    max_in_flight_per_replica: int | None = None
+    nofile: int | None = None
+
+    def yaml(self, config: Path) -> str:
+        routing = ""
+        if self.max_in_flight_per_replica is not None:
+            routing = f"\n  routing: {{maxInFlightPerReplica: {self.max_in_flight_per_replica}}}"
+        return FLEET.format(
+            limits=json.dumps(LIMITS), config=config, replicas=self.replicas, routing=routing
+        )
+
+
+def open_files(limit: int) -> Callable[[], None]:
+    """A ``preexec_fn`` setting RLIMIT_NOFILE to ``limit``, the hard limit too where the process
+    may raise it (CAP_SYS_RESOURCE), else the soft one as far as the hard one allows."""
+
+    def raise_limit() -> None:
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, max(limit, hard)))
+        except (ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(limit, hard), hard))
+
+    return raise_limit
 
 
 @dataclass
@@ -104,6 +148,8 @@ class Peer:
     start_s: float = 0.0
     #: CPU and pinning of the process alone: its children are engines, not the proxy.
     alone: bool = False
+    #: gpufleet's data dir: its store (``gpufleet.db``, the usage ledger) and engine logs.
+    data_dir: Path | None = None
 
     def close(self) -> None:
         if self.proc is not None:
@@ -152,7 +198,7 @@ def start(
     if name == "direct":
         return Peer("direct", f"{upstream}/v1/chat/completions", "null")
     if name == "gpufleet" or name.startswith("gpufleet:"):
-        return _gpufleet(name, tmp, (gpufleet_src or ROOT / "src").absolute())
+        return start_gpufleet(tmp, name=name, src=gpufleet_src)
     if name == "litellm":
         exe = VENV / "bin" / "litellm"
         if not exe.exists():
@@ -199,26 +245,31 @@ def _chat(port: int) -> str:
     return f"http://127.0.0.1:{port}/v1/chat/completions"
 
 
-def _gpufleet(name: str, tmp: Path, src: Path) -> Peer | Unavailable:
+def start_gpufleet(
+    tmp: Path, *, name: str = "gpufleet", src: Path | None = None, fleet: Fleet | None = None
+) -> Peer | Unavailable:
+    """``gpufleet up`` from ``src`` (this checkout's ``src`` when None) serving ``fleet``, ready
+    (one replica ready, its user key made, one request answered by the null engine)."""
+    src = (src or ROOT / "src").absolute()
+    fleet = fleet or Fleet()
     if not (src / "gpufleet" / "__init__.py").exists():
         return Unavailable(name, f"{src} holds no gpufleet package")
     work = tmp / name.replace(":", "-")
     work.mkdir()
-    fleet = work / "fleet.yaml"
-    config = ROOT / "tests" / "data" / "configs" / "llama-3-8b.json"
-    fleet.write_text(FLEET.format(limits=json.dumps(LIMITS), config=config))
+    spec = work / "fleet.yaml"
+    spec.write_text(fleet.yaml(ROOT / "tests" / "data" / "configs" / "llama-3-8b.json"))
     engine = [sys.executable, str(ROOT / "bench" / "null_engine.py"), "{port}", *ENGINE_ARGS]
     if ENGINE_CPU is not None:
         engine = ["taskset", "-c", str(ENGINE_CPU), *engine]
     port = free_port()
-    cmd = [sys.executable, "-m", "gpufleet", "up", "-f", str(fleet), "--port", str(port)]
+    cmd = [sys.executable, "-m", "gpufleet", "up", "-f", str(spec), "--port", str(port)]
     cmd += ["--data-dir", str(work / "data"), *GPUFLEET_ARGS]
     env = {
         "PYTHONPATH": os.pathsep.join(p for p in (str(src), os.environ.get("PYTHONPATH")) if p),
         "GPUFLEET_ADMIN_KEY": BENCH_KEY,
         "GPUFLEET_EMULATOR_COMMAND": shlex.join(engine),
     }
-    peer = Peer(name, _chat(port), "null-model", alone=True)
+    peer = Peer(name, _chat(port), "null-model", alone=True, data_dir=work / "data")
 
     def user_key(peer: Peer) -> str | None:
         """The requests' key: a user key of tenant ``bench``, so its quotas are checked."""
@@ -238,7 +289,8 @@ def _gpufleet(name: str, tmp: Path, src: Path) -> Peer | Unavailable:
         peer.headers.update(GPUFLEET_HEADERS)
         return None
 
-    return _launch(peer, cmd, f"http://127.0.0.1:{port}/readyz", work, env, user_key)
+    preexec = None if fleet.nofile is None else open_files(fleet.nofile)
+    return _launch(peer, cmd, f"http://127.0.0.1:{port}/readyz", work, env, user_key, preexec)
 
 
 def _litellm_config(upstream: str) -> str:
@@ -263,9 +315,11 @@ def _launch(
     tmp: Path,
     env: dict[str, str] | None = None,
     prepare: Callable[[Peer], str | None] | None = None,
+    preexec: Callable[[], None] | None = None,
 ) -> Peer | Unavailable:
-    """Start ``cmd``, wait until ``ready`` answers 200, run ``prepare`` (None or why it
-    failed), and send one real request; any failure is an ``Unavailable`` with its log."""
+    """Start ``cmd`` (``preexec`` run in the child before it execs), wait until ``ready``
+    answers 200, run ``prepare`` (None or why it failed), and send one real request; any
+    failure is an ``Unavailable`` with its log."""
     log = tmp / f"{peer.name.replace(':', '-')}.log"
     started = time.perf_counter()
     with log.open("wb") as out:
@@ -275,6 +329,7 @@ def _launch(
             stderr=subprocess.STDOUT,
             cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            preexec_fn=preexec,
         )
     peer.proc, peer.log = proc, log
     why = _wait_ready(proc, ready)
@@ -328,7 +383,7 @@ def _smoke(peer: Peer) -> str | None:
     return None if b'"content":"ok' in text else f"unexpected answer {text[:200]!r}"
 
 
-def _family(pid: int, family: bool = True) -> list[int]:
+def process_tree(pid: int, family: bool = True) -> list[int]:
     """The process and all its descendants (LiteLLM may fork workers); with ``family`` False,
     the process alone."""
     if not family:
@@ -347,7 +402,7 @@ def _family(pid: int, family: bool = True) -> list[int]:
 
 def pin(pid: int, cpu: int, *, family: bool = True) -> None:
     """All threads of the process (and its descendants, with ``family``) onto core ``cpu``."""
-    for p in _family(pid, family):
+    for p in process_tree(pid, family):
         subprocess.run(
             ["taskset", "-a", "-p", "-c", str(cpu), str(p)], check=True, capture_output=True
         )
@@ -358,7 +413,7 @@ def cpu_seconds(pid: int, *, family: bool = True) -> float:
     nanosecond run times from schedstat, where the kernel keeps them (clock ticks of 10 ms
     would blur a Rust proxy's ~70 µs requests)."""
     total = 0.0
-    for p in _family(pid, family):
+    for p in process_tree(pid, family):
         for task in Path(f"/proc/{p}/task").glob("*"):
             try:
                 total += int((task / "schedstat").read_text().split()[0]) / 1e9
@@ -372,7 +427,7 @@ def cpu_seconds(pid: int, *, family: bool = True) -> float:
 def _cpu_ticks(pid: int, family: bool) -> float:
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0
-    for p in _family(pid, family):
+    for p in process_tree(pid, family):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
