@@ -17,7 +17,7 @@ import pytest
 
 from gpufleet.gateway.ledger import Ledger
 from gpufleet.gateway.metrics import GatewayMetrics
-from gpufleet.gateway.spool import Spool, SpoolBusy, encode_row
+from gpufleet.gateway.spool import Spool, SpoolBusy, decode_row, encode_row
 from gpufleet.store import DeadLetter, Store, UsageRow
 from tests.unit.test_ledger import row
 
@@ -195,3 +195,82 @@ async def test_refusals_are_counted_per_day_not_one_row_each(store: Store) -> No
         {"tenant": "", "status": 401, "reason": "invalid_api_key", "refused": 1},
         {"tenant": "acme", "status": 429, "reason": "rpm_limit_exceeded", "refused": 3},
     ]
+
+
+#: A row as the spool wrote it before its lines became arrays (one JSON object a line).
+OBJECT_LINE = (
+    b'{"request_id":"before-1","at":"2026-11-20T01:02:03.456789-08:00","tenant":"acme",'
+    b'"key_prefix":"gpf_acme0001","model":"m","replica":"m-1","route":"chat/completions",'
+    b'"status":200,"prompt_tokens":10,"cached_tokens":4,"completion_tokens":5,"ttft_ms":null,'
+    b'"duration_ms":80.0,"gpu_seconds":0.5,"cost_usd":0.001,"client_request_id":"c-1"}\n'
+)
+
+
+def test_a_row_survives_its_line_every_field_in_place() -> None:
+    at = dt.datetime(2026, 11, 20, 1, 2, 3, 456789, tzinfo=dt.timezone(dt.timedelta(hours=-8)))
+    rows = [
+        UsageRow(
+            request_id="rid",
+            at=at,
+            tenant="tenant",
+            key_prefix="gpf_key",
+            model="model",
+            replica="replica",
+            route="route",
+            status=201,
+            prompt_tokens=11,
+            cached_tokens=12,
+            completion_tokens=13,
+            ttft_ms=1.5,
+            duration_ms=2.5,
+            gpu_seconds=3.5,
+            cost_usd=4.5e-7,
+            client_request_id='client ✓ "quoted"\n',
+        ),
+        row("nulls", NOW, ttft_ms=None, client_request_id=None),
+    ]
+    for r in rows:
+        line = encode_row(r)
+        assert line.startswith(b"[1,") and line.count(b"\n") == 1 and line.endswith(b"\n")
+        assert decode_row(line) == r
+
+
+async def test_a_spool_written_before_the_array_lines_is_replayed(
+    store: Store, tmp_path: Path
+) -> None:
+    assert decode_row(OBJECT_LINE) == row(
+        "before-1",
+        dt.datetime(2026, 11, 20, 9, 2, 3, 456789, tzinfo=dt.UTC),
+        key_prefix="gpf_acme0001",
+        ttft_ms=None,
+        client_request_id="c-1",
+    )
+    first = Spool(tmp_path)
+    first.open()
+    first.append(OBJECT_LINE)  # an upgrade: the old process's lines, then the new one's
+    first.append(encode_row(row("after-1", NOW)))
+    crash(first)
+    ledger = Ledger(store, spool=Spool(tmp_path), flush_s=3600)
+    ledger.start()
+    await ledger.close()
+    assert ids(store) == ["after-1", "before-1"]
+    assert ledger.replayed == 2 and ledger.dead_letters == 0
+
+
+def test_lines_that_are_not_rows_are_set_aside(tmp_path: Path) -> None:
+    good = encode_row(row("good", NOW))
+    bad = [
+        b"[2" + good[2:],  # a version this one does not know
+        good.replace(b',"chat/completions"', b""),  # a field short
+        OBJECT_LINE.replace(b'"model":"m",', b""),  # an object a field short
+        b'"a string"\n',
+    ]
+    spool = Spool(tmp_path)
+    spool.open()
+    for line in [*bad, good]:
+        spool.append(line)
+    (seq,) = spool.seal()
+    segment = spool.read(seq)
+    spool.close()
+    assert [r.request_id for r, _ in segment.rows] == ["good"]
+    assert [b.line + b"\n" for b in segment.bad] == bad

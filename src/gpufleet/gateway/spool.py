@@ -20,10 +20,10 @@ import datetime as dt
 import fcntl
 import json
 import logging
+import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from gpufleet.store import UsageRow
 
@@ -38,17 +38,33 @@ class SpoolBusy(RuntimeError):
     """Another process holds the spool directory."""
 
 
+#: A line is a JSON array: this version number, then the row's fields in ``UsageRow``'s order
+#: (``at`` in ISO 8601). Encoded by an encoder built once (``json.dumps`` with arguments builds
+#: one a call), it costs ~0.6 of the CPU of the JSON object naming each field that lines were
+#: before (bench/ledger_cpu.py), and is on every answer's path. Such a line still decodes.
+_VERSION = 1
+_FIELDS = UsageRow.__slots__
+_AT = _FIELDS.index("at") + 1
+_values = operator.attrgetter(*_FIELDS)
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def encode_row(row: UsageRow) -> bytes:
-    values = row.values()
-    values["at"] = row.at.isoformat()
-    return json.dumps(values, separators=(",", ":")).encode() + b"\n"
+    values = [_VERSION, *_values(row)]
+    values[_AT] = row.at.isoformat()
+    return _encode(values).encode() + b"\n"
 
 
 def decode_row(line: bytes) -> UsageRow:
     """One spool line back into a row (raises ``ValueError``/``TypeError`` when it is not one)."""
-    values: dict[str, Any] = json.loads(line)
+    values = json.loads(line)
+    if isinstance(values, list):
+        if len(values) != len(_FIELDS) + 1 or values[0] != _VERSION:
+            raise ValueError(f"not a version {_VERSION} row of {len(_FIELDS)} fields")
+        values[_AT] = dt.datetime.fromisoformat(values[_AT])
+        return UsageRow(*values[1:])
     if not isinstance(values, dict):
-        raise ValueError("not a JSON object")
+        raise ValueError("not a JSON array or object")
     values["at"] = dt.datetime.fromisoformat(values["at"])
     return UsageRow(**values)
 
