@@ -26,7 +26,7 @@ from gpufleet.errors import GpufleetError, SpecError, StoreError
 from gpufleet.gateway.auth import ROLES, Keyring, Principal, forbidden, limits_of
 from gpufleet.gateway.errors import ApiError, bad_request
 from gpufleet.gateway.ledger import Ledger
-from gpufleet.gateway.quotas import Quotas
+from gpufleet.gateway.quotas import Quotas, QuotaStoreUnavailable
 from gpufleet.gateway.validate import parse_body
 from gpufleet.outages import OutageReporter
 from gpufleet.runtime import Replica
@@ -219,7 +219,18 @@ def routes(
         if tenant is None:
             raise _not_found(name, "tenant")
         limits = limits_of(tenant.spec.limits)
-        used = await quotas.snapshot(f"tenant:{name}", limits) if quotas else {}
+        try:
+            used = await quotas.snapshot(f"tenant:{name}", limits) if quotas else {}
+        except QuotaStoreUnavailable as exc:
+            reporter.failed("redis", exc, affected="admission: requests refused with 503")
+            raise ApiError(
+                503,
+                "The tenant's use cannot be read right now (the shared quota store is "
+                "unreachable); retry shortly",
+                type="service_unavailable",
+                code="quota_store_unavailable",
+                headers={"retry-after": "2"},
+            ) from exc
         return JSONResponse(
             {"tenant": name, "limits": tenant.document()["spec"]["limits"], "used": used}
         )
