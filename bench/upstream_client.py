@@ -1,10 +1,12 @@
-"""Upstream client: aiohttp against a lean httptools client, CPU a request (issue 17 experiment).
+"""Upstream client: the gateway's own (``gpufleet.gateway.upstream_http``) against aiohttp, CPU a
+request (issue 17).
 
-Profiled under load, aiohttp's client is a quarter to a third of the ~580 µs of CPU that
-``gpufleet up`` spends on a request. This measures, in one process, what the gateway's upstream
-calls cost with aiohttp configured exactly as ``Upstream._http()`` and with the prototype in
-``bench/lean_client.py`` (``asyncio.Protocol`` + httptools' response parser), so the saving a
-product version could bring is known before anyone writes one.
+Profiled under load, aiohttp's client was a quarter to a third of the ~580 µs of CPU that
+``gpufleet up`` spent on a request, so the gateway's upstream calls now go through its own
+client (``asyncio.Protocol`` + httptools' response parser). This measures, in one process, what
+those calls cost with it and with aiohttp configured exactly as ``Upstream`` configured it
+before (``aiohttp``; ``aiohttp-tuned``: without its cookie jar, the engine's URL parsed once),
+so the saving stays known.
 
 The client process runs under uvloop, as the gateway does, its heap settled as the gateway's
 is (``gpufleet.heap.settle``), pinned to core 1; its upstream is ``bench/null_engine.py``
@@ -16,19 +18,15 @@ chunk by chunk as it arrives (streamed, ``stream_options.include_usage``: 11 SSE
 chunked). Cells: plain and streamed, 1 and 32 concurrent tasks. In a cell each client gets a
 fresh session (or pool), a warm-up, then ``--requests`` (``--streams``) measured requests: the
 process's CPU (``time.process_time``, all threads) per request, requests/s, and how busy each
-core was. The two clients run back to back in every cell, their order alternating between
-cells and rounds, so the shared machine's drift hits both; the table gives medians over
-``--rounds``, and the ratio is the median of each round's lean/aiohttp ratio.
+core was. The clients run back to back in every cell, their order rotating between cells and
+rounds, so the shared machine's drift hits all; the table gives medians over ``--rounds``, and
+the ratio is the median of each round's ratio to the first client's.
 
-Before measuring, the smoke step (``bench/lean_client_checks.py``) checks the prototype against
-aiohttp: the same answers byte for byte from the null engine, the same request as the engine
-sees it, connections reused, and every failure the proxy tells apart (refused, connect
-timeout, connection closed or reset under the request, an answer cut short, one that does not
-parse), with a small server of the bench's own that fails on purpose; streamed chunks
-delivered before the rest is sent; a cancelled request's connection aborted, not pooled. Any
-mismatch stops the bench.
+Every answer must be as long as the first the gateway's client read (else the bench stops).
+That the two clients read and fail alike — the same answers, the same request as the engine
+sees it, every failure the proxy tells apart — is tests/unit/test_upstream_http.py.
 
-Run: python bench/upstream_client.py [--rounds 5] [--requests 4000] [--streams 1500] [--smoke]
+Run: python bench/upstream_client.py [--rounds 5] [--requests 4000] [--streams 1500]
 """
 
 from __future__ import annotations
@@ -51,9 +49,8 @@ import yarl
 
 from common import AUTH, ROOT, free_port, stop, table, wait_http
 from gpufleet.gateway.proxy import IDLE_CONNECTION_S
+from gpufleet.gateway.upstream_http import UpstreamClient
 from gpufleet.heap import settle
-from lean_client import LeanClient
-from lean_client_checks import Request, smoke
 from peers import cpu_seconds
 
 CLIENT_CPU, ENGINE_CPU = 1, 0
@@ -81,13 +78,11 @@ CELLS = [("plain", 1), ("plain", 32), ("stream", 1), ("stream", 32)]
 # The two clients, each doing what the proxy does with an answer.
 
 
-def aiohttp_session(
-    connect_timeout_s: float = 5.0, *, cookies: bool = True
-) -> aiohttp.ClientSession:
-    """As ``Upstream._http()`` makes it (``cookies=False``: the tuned variant's)."""
+def aiohttp_session(*, cookies: bool = True) -> aiohttp.ClientSession:
+    """As ``Upstream`` made it before its own client (``cookies=False``: the tuned variant's)."""
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=IDLE_CONNECTION_S),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0),
         auto_decompress=False,
         skip_auto_headers=("User-Agent", "Accept-Encoding"),
         cookie_jar=None if cookies else aiohttp.DummyCookieJar(),
@@ -95,8 +90,8 @@ def aiohttp_session(
 
 
 class Aiohttp:
-    def __init__(self, port: int) -> None:
-        self.session = aiohttp_session()
+    def __init__(self, port: int, *, cookies: bool = True) -> None:
+        self.session = aiohttp_session(cookies=cookies)
         self.url = f"http://127.0.0.1:{port}"
         self.reads = 0  # chunks a stream came in, all streams
 
@@ -135,36 +130,37 @@ class AiohttpTuned(Aiohttp):
     """aiohttp as cheap as its options make it: no cookie jar, the engine's URL parsed once."""
 
     def __init__(self, port: int) -> None:
-        super().__init__(port)
-        self.session = aiohttp_session(cookies=False)
+        super().__init__(port, cookies=False)
         self.target = yarl.URL(f"http://127.0.0.1:{port}{ROUTE}", encoded=True)
 
     def _target(self) -> str | yarl.URL:
         return self.target
 
 
-class Lean:
+class GatewayClient:
+    """The gateway's client, as ``Upstream`` makes and calls it."""
+
     def __init__(self, port: int) -> None:
-        self.client = LeanClient(connect_timeout_s=5.0, keepalive_s=IDLE_CONNECTION_S)
-        self.port = port
+        self.client = UpstreamClient(connect_timeout_s=5.0, keepalive_s=IDLE_CONNECTION_S)
+        self.url = f"http://127.0.0.1:{port}"
         self.reads = 0
 
     async def plain(self, request_id: str) -> int:
         reply = await self.client.request(
-            "POST", "127.0.0.1", self.port, ROUTE, PLAIN, {**BASE, "x-request-id": request_id}
+            "POST", self.url, ROUTE, PLAIN, {**BASE, "x-request-id": request_id}
         )
         if reply.status != 200 or reply.header("content-type") is None:
-            raise SystemExit(f"lean: answered {reply.status}")
+            raise SystemExit(f"upstream_http: answered {reply.status}")
         payload = await reply.read()
         reply.close()
         return len(payload)
 
     async def stream(self, request_id: str) -> int:
         reply = await self.client.request(
-            "POST", "127.0.0.1", self.port, ROUTE, STREAM, {**BASE, "x-request-id": request_id}
+            "POST", self.url, ROUTE, STREAM, {**BASE, "x-request-id": request_id}
         )
         if reply.status != 200 or reply.header("content-type") is None:
-            raise SystemExit(f"lean: answered {reply.status}")
+            raise SystemExit(f"upstream_http: answered {reply.status}")
         size = reads = 0
         async for chunk in reply.iter_chunks():
             size += len(chunk)
@@ -177,10 +173,10 @@ class Lean:
         await self.client.close()
 
 
-CLIENTS: dict[str, Callable[[int], Aiohttp | Lean]] = {
+CLIENTS: dict[str, Callable[[int], Aiohttp | GatewayClient]] = {
     "aiohttp": Aiohttp,
     "aiohttp-tuned": AiohttpTuned,
-    "lean": Lean,
+    "upstream_http": GatewayClient,
 }
 
 
@@ -304,13 +300,11 @@ def report(
 
 
 async def run(args: argparse.Namespace, port: int, engine: int) -> None:
-    await smoke(port, aiohttp_session, Request(ROUTE, PLAIN, STREAM, BASE))
-    if not args.smoke:
-        lean = Lean(port)
-        SIZES["plain"] = await lean.plain(IDS[0])
-        SIZES["stream"] = await lean.stream(IDS[0])
-        await lean.close()
-        await bench(args, port, engine)
+    ours = GatewayClient(port)
+    SIZES["plain"] = await ours.plain(IDS[0])
+    SIZES["stream"] = await ours.stream(IDS[0])
+    await ours.close()
+    await bench(args, port, engine)
 
 
 def main() -> None:
@@ -324,7 +318,6 @@ def main() -> None:
         default=list(CLIENTS),
         help=f"of {','.join(CLIENTS)}; ratios are to the first",
     )
-    parser.add_argument("--smoke", action="store_true", help="the checks only")
     args = parser.parse_args()
     if not args.clients or set(args.clients) - set(CLIENTS):
         parser.error(f"--clients: of {','.join(CLIENTS)}")

@@ -11,7 +11,7 @@ clean close (the stream path is ``streaming``). A replica failing three times in
 
 A replica that refuses a connection has no engine listening: it crashed, and the runtime has
 not seen it yet (~2 s for a local engine). So does one whose connection broke with a request
-on it (its engine died under the request: ``ServerDisconnectedError`` while it computed). It
+on it (its engine died under the request: ``Broken`` while it computed). It
 sits out at once, until the runtime reports it again (a restarted engine is a new ``Replica``
 value) or, every second, a probe connects; when every replica of a model sits out or broke,
 ``forward`` raises ``Unreachable`` and the dispatcher holds the request as it holds one for a
@@ -34,7 +34,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import aiohttp
 from starlette.responses import Response
 
 from gpufleet.controller import ModelEntry
@@ -51,6 +50,15 @@ from gpufleet.gateway.ledger import BusyMeter
 from gpufleet.gateway.metrics import GatewayMetrics
 from gpufleet.gateway.prefix_hints import RedisPrefixHints
 from gpufleet.gateway.streaming import Streams, first_event
+from gpufleet.gateway.upstream_http import (
+    Broken,
+    ConnectTimeout,
+    CutShort,
+    Reply,
+    Unconnected,
+    UpstreamClient,
+    UpstreamError,
+)
 from gpufleet.routing import Choice, Endpoint, RequestFeatures, RoutingPolicy, make_policy
 from gpufleet.routing.prefill import PrefillFit
 from gpufleet.routing.prefix import BLOCK_TOKENS as PREFIX_BLOCK_TOKENS
@@ -130,7 +138,7 @@ class Upstream:
     ) -> None:
         self.hints = hints
         self._metrics = metrics
-        self._session: aiohttp.ClientSession | None = None
+        self._client: UpstreamClient | None = None
         self._connect_timeout = connect_timeout_s
         self._max_attempts = max_attempts
         self._in_flight: dict[str, int] = {}
@@ -166,22 +174,19 @@ class Upstream:
     async def close(self) -> None:
         if self.hints is not None:
             await self.hints.close()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def _http(self) -> UpstreamClient:
+        if self._client is None:
             # Idle connections are dropped before the engines drop them: vLLM, SGLang and
             # llama.cpp's server (uvicorn) close a connection idle for 5 s, and a request sent
             # on one as it closes breaks under the request — which sits a healthy replica out.
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=IDLE_CONNECTION_S),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
-                auto_decompress=False,
-                skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            self._client = UpstreamClient(
+                connect_timeout_s=self._connect_timeout, keepalive_s=IDLE_CONNECTION_S
             )
-        return self._session
+        return self._client
 
     def policy(self, entry: ModelEntry) -> RoutingPolicy:
         key = (entry.name, entry.spec.routing.policy)
@@ -310,23 +315,26 @@ class Upstream:
             ahead = self._backlog.get(replica.id, 0) + prefill
             self._acquire(replica, entry.name, prefill)
             metered = self.meter.start(replica.id, weight)
-            resp: aiohttp.ClientResponse | None = None
+            resp: Reply | None = None
             #: How the attempt ended when it gave no answer (499: the caller went away).
             failure = 502
             handed = False  # the answer (or its stream) releases what the attempt holds
             connected = True  # the engine had the request (unless no connection was made)
             try:
                 try:
-                    resp = await self._http().post(
-                        f"{replica.url}{route}",
-                        data=body,
-                        headers={**headers, **replica.auth_headers()},
+                    resp = await self._http().request(
+                        "POST",
+                        replica.url or "",
+                        route,
+                        body,
+                        {**headers, **replica.auth_headers()},
                     )
-                except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                except Unconnected as exc:
                     # No connection: the engine never had the request. Not an engine error
-                    # (a canary is judged by its answers); a refusal sits the replica out.
+                    # (a canary is judged by its answers); a refusal (any failure to connect
+                    # but the connect timeout) sits the replica out.
                     connected = False
-                    if isinstance(exc, aiohttp.ClientConnectorError):
+                    if not isinstance(exc, ConnectTimeout):
                         self._refuse(replica)
                         refusals += 1
                     last_error = _failure("connect", replica, exc)
@@ -375,12 +383,12 @@ class Upstream:
                 outcome.duration_s = time.perf_counter() - started
                 outcome.replica_seconds = self.meter.stop(metered)
                 handed = True
-                resp.release()
+                resp.close()
                 self._release(replica, entry.name, prefill)
                 if done is not None:
                     done(outcome)
                 return response
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except (UpstreamError, TimeoutError) as exc:
                 # The engine had the request and its connection failed before the client got
                 # a byte: another replica may still answer. A connection that broke (the
                 # engine died under it) sits the replica out, as a refusal does, so a request
@@ -399,7 +407,7 @@ class Upstream:
             finally:
                 if not handed:
                     if resp is not None:
-                        resp.release()
+                        resp.close()
                     spent = self.meter.stop(metered)
                     self._release(replica, entry.name, prefill)
                     if connected and done is not None:
@@ -427,7 +435,7 @@ class Upstream:
         replica: Replica,
         route: str,
         request_id: str,
-        resp: aiohttp.ClientResponse,
+        resp: Reply,
         payload: bytes,
         outcome: Outcome,
     ) -> Response:
@@ -442,7 +450,7 @@ class Upstream:
         if b'"usage"' in payload:
             with contextlib.suppress(ValueError, AttributeError):
                 outcome.take_usage(json.loads(payload).get("usage"))
-        return Response(payload, status_code=status, media_type=resp.headers.get("content-type"))
+        return Response(payload, status_code=status, media_type=resp.header("content-type"))
 
     def _refusal(
         self,
@@ -525,12 +533,12 @@ class Upstream:
 
 def _broke(exc: BaseException) -> bool:
     """The engine's connection broke with the request on it, as when its process dies (seen
-    on llama.cpp SIGKILLed: ``ServerDisconnectedError`` while it computes an answer,
-    ``ClientOSError`` ECONNRESET as the request is sent); a body cut before its end (a stream
-    before its first event) is ``ClientPayloadError``."""
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+    on llama.cpp SIGKILLed: closed while it computes an answer, reset (ECONNRESET) as the
+    request is sent); or a body was cut before its end (a stream before its first event).
+    A connection that failed otherwise (another errno) is a failure, not a broken engine."""
+    if isinstance(exc, CutShort):
         return True
-    return isinstance(exc, aiohttp.ClientOSError) and exc.errno in _GONE_ERRNOS
+    return isinstance(exc, Broken) and (exc.errno is None or exc.errno in _GONE_ERRNOS)
 
 
 def _failure(stage: str, replica: Replica, exc: BaseException) -> str:

@@ -31,7 +31,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
+from gpufleet.gateway.upstream_http import (
+    Broken,
+    ConnectTimeout,
+    Unconnected,
+    UpstreamClient,
+    UpstreamError,
+)
 
 __all__ = ["StreamCount", "ask_unstreamed", "count_stream", "streamed_text", "usage_event"]
 
@@ -88,17 +94,28 @@ def _counting_body(body: bytes) -> bytes | None:
     return json.dumps(data).encode()
 
 
-async def _tokens(http: aiohttp.ClientSession, base: str, text: str, headers: Any) -> int:
-    async with http.post(base + _TOKENIZE_COUNT, json={"input": text}, headers=headers) as r:
-        r.raise_for_status()
-        count = (await r.json()).get("count")
+async def _answer(
+    http: UpstreamClient, base: str, path: str, body: bytes, headers: Mapping[str, str]
+) -> Any:
+    """The engine's JSON answer; a refusal (4xx, 5xx) or a body that is not JSON is a
+    ``ValueError``."""
+    status, payload = await http.fetch(base, path, body, headers)
+    if status >= 400:
+        raise ValueError(f"{path} answered {status}")
+    return json.loads(payload)
+
+
+async def _tokens(http: UpstreamClient, base: str, text: str, headers: Mapping[str, str]) -> int:
+    count = (
+        await _answer(http, base, _TOKENIZE_COUNT, json.dumps({"input": text}).encode(), headers)
+    ).get("count")
     if not isinstance(count, int):
         raise ValueError(f"tokenize count answered {count!r}")
     return count
 
 
 async def count_stream(
-    http: aiohttp.ClientSession,
+    http: UpstreamClient,
     base: str,
     route: str,
     body: bytes,
@@ -113,9 +130,7 @@ async def count_stream(
         return None
     headers = {"content-type": "application/json", "x-request-id": request_id, **(auth or {})}
     try:
-        async with http.post(base + route, data=counting, headers=headers) as resp:
-            resp.raise_for_status()
-            usage = (await resp.json()).get("usage") or {}
+        usage = (await _answer(http, base, route, counting, headers)).get("usage") or {}
         prompt = usage.get("prompt_tokens")
         if not isinstance(prompt, int):
             raise ValueError(f"the engine's answer had no prompt_tokens: {usage!r}")
@@ -124,7 +139,7 @@ async def count_stream(
             completion = await _tokens(http, base, text, headers) - await _tokens(
                 http, base, "", headers
             )
-    except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as exc:
+    except (UpstreamError, TimeoutError, ValueError, AttributeError) as exc:
         log.warning("could not count the stream %s: %s: %s", request_id, type(exc).__name__, exc)
         return None
     return StreamCount(prompt, max(0, completion))
@@ -148,7 +163,7 @@ def usage_event(head: dict[str, Any], route: str, count: StreamCount) -> bytes:
 
 
 async def ask_unstreamed(
-    http: aiohttp.ClientSession,
+    http: UpstreamClient,
     base: str,
     route: str,
     body: bytes,
@@ -167,13 +182,15 @@ async def ask_unstreamed(
     failure: Exception | None = None
     for _ in range(2):
         try:
-            async with http.post(base + route, data=asking, headers=headers) as resp:
-                return resp.status, await resp.read()
-        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+            return await http.fetch(base, route, asking, headers)
+        except ConnectTimeout as exc:
+            failure = exc
+            break
+        except (Broken, Unconnected) as exc:
             # The engine closes the connection its failed stream came on just after the
             # stream's end, which may have put it back in the pool first: once more, anew.
             failure = exc
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (UpstreamError, TimeoutError) as exc:
             failure = exc
             break
     log.warning(

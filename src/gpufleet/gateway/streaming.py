@@ -24,7 +24,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
-import aiohttp
 from starlette.responses import Response, StreamingResponse
 
 from gpufleet.controller import ModelEntry
@@ -36,6 +35,7 @@ from gpufleet.gateway.stream_usage import (
     streamed_text,
     usage_event,
 )
+from gpufleet.gateway.upstream_http import Reply, UpstreamClient, UpstreamError
 from gpufleet.runtime import Replica
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ _DONE = b"data: [DONE]\n\n"
 
 
 class Streams:
-    """The proxy's stream path, over the proxy's HTTP session (``http``) and its books:
+    """The proxy's stream path, over the proxy's HTTP client (``http``) and its books:
     ``prefilled`` and ``learn_prefill`` at a stream's first token, ``release`` at its end;
     ``engine_error`` and ``refusal`` for an engine that refused a stream before its first
     event."""
@@ -58,7 +58,7 @@ class Streams:
     def __init__(
         self,
         metrics: GatewayMetrics,
-        http: Callable[[], aiohttp.ClientSession],
+        http: Callable[[], UpstreamClient],
         *,
         prefilled: Callable[[Replica, int], None],
         learn_prefill: Callable[[ModelEntry, int, float], None],
@@ -78,7 +78,7 @@ class Streams:
         self,
         entry: ModelEntry,
         replica: Replica,
-        resp: aiohttp.ClientResponse,
+        resp: Reply,
         started: float,
         prefill: int,
         tenant: str,
@@ -160,7 +160,7 @@ class Streams:
                     yield sse_error(
                         upstream_failed(entry.name, "the engine ended the stream without an answer")
                     )
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except (UpstreamError, TimeoutError) as exc:
                 outcome.status = 502
                 metrics.upstream_errors.labels(entry.name, "stream").inc()
                 failure = sse_error(upstream_failed(entry.name, _broken(replica, exc)))
@@ -171,13 +171,13 @@ class Streams:
                     outcome.status = 499
                 raise
             finally:
-                resp.release()
+                resp.close()
                 self._release(replica, entry.name, None if not first else prefill)
                 end()
 
         return StreamingResponse(
             chunks(),
-            media_type=resp.headers.get("content-type", "text/event-stream"),
+            media_type=resp.header("content-type") or "text/event-stream",
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
         )
 
@@ -226,11 +226,11 @@ class Streams:
         return usage_event(head, route, count)
 
 
-async def first_event(resp: aiohttp.ClientResponse) -> bytes | None:
+async def first_event(resp: Reply) -> bytes | None:
     """What the engine streamed up to its first event (an SSE comment is not one); None when
     it ended the stream without one."""
     got = b""
-    async for chunk in resp.content.iter_any():
+    async for chunk in resp.iter_chunks():
         got += chunk
         if b"\n\n" in got and any(
             not e.startswith(b":") for e in got.split(b"\n\n")[:-1] if e.strip()
@@ -239,10 +239,10 @@ async def first_event(resp: aiohttp.ClientResponse) -> bytes | None:
     return got if any(not e.startswith(b":") for e in got.split(b"\n\n") if e.strip()) else None
 
 
-async def _after(head: bytes, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+async def _after(head: bytes, resp: Reply) -> AsyncIterator[bytes]:
     if head:
         yield head
-    async for chunk in resp.content.iter_any():
+    async for chunk in resp.iter_chunks():
         yield chunk
 
 
