@@ -23,7 +23,9 @@ random per replica and never shown by the admin API, is read from the engine's
 environment the process was started with stays readable there, by its own user). So the engine,
 its weights, threads and caches are the same on both paths and only the gateway differs.
 
-Load: streaming chat completions (``stream_options.include_usage``), ``temperature: 0``, a fixed
+Load: streaming chat completions (no ``stream_options.include_usage``, as the OpenAI SDK sends
+by default; ``--include-usage`` asks for it, and then a llama.cpp stream through gpufleet waits
+for the gateway's count before ``[DONE]``, which straight to llama.cpp is ignored), ``temperature: 0``, a fixed
 ``max_tokens``, prompts that make SmolLM2 write on past it (no ``ignore_eos``). Each concurrency
 level runs ``--rounds`` pairs of rounds, the two paths taking turns (the first path alternates
 between pairs, so drift on this shared machine hits both alike) after one warm-up request per
@@ -168,17 +170,21 @@ class Round:
 # -- the client ---------------------------------------------------------------------------------
 
 
+#: Whether streams ask for a usage event (``--include-usage``).
+INCLUDE_USAGE = False
+
+
 def body(prompt: str, max_tokens: int) -> bytes:
-    return json.dumps(
-        {
-            "model": MODEL,
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-    ).encode()
+    asked: dict[str, object] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
+    if INCLUDE_USAGE:
+        asked["stream_options"] = {"include_usage": True}
+    return json.dumps(asked).encode()
 
 
 async def one_stream(
@@ -412,7 +418,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=32, help="per round, split over slots")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--include-usage",
+        action="store_true",
+        help="streams ask for a usage event (through gpufleet, llama.cpp's stream waits for "
+        "the count before [DONE]; straight to llama.cpp, the option is ignored)",
+    )
     args = parser.parse_args()
+    global INCLUDE_USAGE
+    INCLUDE_USAGE = args.include_usage
     levels = [int(c) for c in args.concurrency.split(",")]
     rows: list[list[str]] = []
     for name in args.engines.split(","):
