@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 import gpufleet
 from gpufleet.gateway.quotas import Demand, Limits, QuotaExceeded, QuotaStoreUnavailable, Ticket
@@ -29,25 +27,14 @@ from gpufleet.gateway.quotas_redis import RedisQuotas
 from gpufleet.outages import OutageReporter
 from tests.conftest import eventually
 from tests.faults.redis_server import RedisServer
+from tests.integration.conftest import REDIS
 
-REDIS = "redis://127.0.0.1:6379/0"
 FREE = Demand(tokens=0, cost_usd=0.0)
 ONE = ("tenant:acme", Limits(concurrency=1))
 TWO = ("tenant:acme", Limits(concurrency=2, tpm=100_000, budget_usd=100.0))
 #: Short leases, renewed as production's are relative to theirs (30 s, every 10 s) but faster.
 LEASE_S = 2.0
 RENEW_S = 0.3
-
-
-@pytest.fixture
-def namespace() -> Iterator[str]:
-    ns = f"gpufleet-test:{secrets.token_hex(4)}"
-    yield ns
-    client = redis.Redis.from_url(REDIS)
-    keys = list(client.scan_iter(match=f"{ns}:*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 @pytest.fixture

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import math
-import secrets
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
-import redis
 import redis.asyncio as aioredis
 
 from gpufleet.gateway import quotas, quotas_redis
@@ -25,8 +23,8 @@ from gpufleet.gateway.quotas import (
     budget_period,
 )
 from gpufleet.gateway.quotas_redis import _LUA_PERIOD, RedisQuotas
+from tests.integration.conftest import REDIS
 
-REDIS = "redis://127.0.0.1:6379/0"
 FREE = Demand(tokens=0, cost_usd=0.0)
 
 # One gateway process: connect, say ready, wait for "go", fire 100 admissions at once. It loads
@@ -66,17 +64,6 @@ async def main(namespace: str) -> None:
 
 asyncio.run(main(sys.argv[1]))
 """
-
-
-@pytest.fixture
-def namespace() -> Iterator[str]:
-    ns = f"gpufleet-test:{secrets.token_hex(4)}"
-    yield ns
-    client = redis.Redis.from_url(REDIS)
-    keys = list(client.scan_iter(match=f"{ns}:*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 @pytest.fixture
