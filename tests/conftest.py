@@ -16,9 +16,11 @@ from typing import TypeVar, cast
 import pytest
 import sqlalchemy as sa
 import uvicorn
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.types import ASGIApp
 
 from gpufleet.controller import Controller
+from gpufleet.outages import OutageReporter
 from gpufleet.store import Store, sqlite_url
 
 T = TypeVar("T")
@@ -149,3 +151,15 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_sep("-", "time per tier")
         for tier, seconds in sorted(_TIER_SECONDS.items(), key=lambda kv: kv[0]):
             terminalreporter.write_line(f"{tier:12} {seconds:8.1f} s")
+
+
+def redis_outages() -> tuple[OutageReporter, CollectorRegistry]:
+    """A reporter of Redis outages with its gauge and counter in a registry of its own
+    (``dep_up``, ``dep_failures_total``), for tests that read what it reported."""
+    registry = CollectorRegistry()
+    outages = OutageReporter(
+        up=Gauge("dep_up", "", ["dependency"], registry=registry),
+        failures=Counter("dep_failures", "", ["dependency"], registry=registry),
+        dependencies=("redis",),
+    )
+    return outages, registry

@@ -17,7 +17,6 @@ from typing import Any
 import aiohttp
 import pytest
 from openai import AsyncOpenAI
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from gpufleet.autoscale import Sample
 from gpufleet.cluster import WAKE_ANNOTATION, ClusterPlane
@@ -31,7 +30,7 @@ from gpufleet.spec import load_text
 from gpufleet.store import Store, sqlite_url
 from gpufleet.supervise import Supervisor
 from tests import sites
-from tests.conftest import eventually, free_port
+from tests.conftest import eventually, free_port, redis_outages
 from tests.faults.redis_server import RedisServer
 
 NS = "gpufleet"
@@ -205,12 +204,7 @@ async def test_a_redis_outage_under_shared_demand_is_one_line_down_and_one_back(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    registry = CollectorRegistry()
-    outages = OutageReporter(
-        up=Gauge("dep_up", "", ["dependency"], registry=registry),
-        failures=Counter("dep_failures", "", ["dependency"], registry=registry),
-        dependencies=("redis",),
-    )
+    outages, registry = redis_outages()
 
     def failures() -> float:
         return registry.get_sample_value("dep_failures_total", {"dependency": "redis"}) or 0.0

@@ -12,19 +12,17 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from gpufleet.controller import Controller
 from gpufleet.emulator import EmulatedEngine
 from gpufleet.gateway import GatewaySettings
 from gpufleet.gateway.prefix_hints import RedisPrefixHints
 from gpufleet.gateway.service import Gateway
-from gpufleet.outages import OutageReporter
 from gpufleet.runtime import ReplicaRequest
 from gpufleet.runtime.fake import FakeRuntime
 from gpufleet.store import Store, sqlite_url
 from tests import sites
-from tests.conftest import eventually, free_port
+from tests.conftest import eventually, free_port, redis_outages
 from tests.faults.redis_server import RedisServer
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -57,12 +55,7 @@ async def test_a_redis_outage_is_one_line_down_and_one_back(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    registry = CollectorRegistry()
-    outages = OutageReporter(
-        up=Gauge("dep_up", "", ["dependency"], registry=registry),
-        failures=Counter("dep_failures", "", ["dependency"], registry=registry),
-        dependencies=("redis",),
-    )
+    outages, registry = redis_outages()
     with RedisServer(tmp_path / "redis", appendonly=False) as server:
         # down_s=0: every lookup tries Redis again (no pause after a failure).
         hints = RedisPrefixHints(server.url, timeout_s=0.5, down_s=0.0, outages=outages)
