@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +91,22 @@ def stop(proc: subprocess.Popen[str], sig: int = 2) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def postgres_database(admin_url: str) -> tuple[str, Callable[[], None]]:
+    """A scratch database on the server; its URL and how to drop it."""
+    import secrets
+
+    import sqlalchemy as sa  # only the benches that use PostgreSQL pay for the import
+
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    name = f"gpufleet_bench_{secrets.token_hex(4)}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+    return admin_url.rsplit("/", 1)[0] + f"/{name}", drop

@@ -33,13 +33,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy import insert, select
 
-from common import table
+from common import postgres_database, table
 from gpufleet.gateway.spool import decode_row, encode_row
 from gpufleet.store import Store, UsageRow, sqlite_url
 from gpufleet.store.tables import usage
+from gpufleet.store.usage import daily_rollups
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 ROUNDS = 10
@@ -75,18 +75,7 @@ def previous_record_usage(store: Store, rows: Sequence[UsageRow]) -> int:
         if not fresh:
             return 0
         conn.execute(insert(usage), [r.values() for r in fresh.values()])
-        rollup: dict[tuple[dt.date, str, str, str], list[float]] = {}
-        for r in fresh.values():
-            k = (r.at.astimezone(dt.UTC).date(), r.tenant, r.key_prefix, r.model)
-            acc = rollup.setdefault(k, [0, 0, 0, 0, 0, 0.0, 0.0])
-            acc[0] += 1
-            acc[1] += 1 if r.status >= 400 else 0
-            acc[2] += r.prompt_tokens
-            acc[3] += r.cached_tokens
-            acc[4] += r.completion_tokens
-            acc[5] += r.gpu_seconds
-            acc[6] += r.cost_usd
-        store._add_rollups(conn, rollup)
+        store._add_rollups(conn, daily_rollups(fresh.values()))  # unchanged by the change
         return len(fresh)
 
 
@@ -183,21 +172,6 @@ def store_rows(name: str, url: str, n: int, batch: int) -> list[str]:
         return _line("record_usage", name, b, a)
     finally:
         store.close()
-
-
-def postgres_database(admin_url: str) -> tuple[str, Callable[[], None]]:
-    """A scratch database on the server; its URL and how to drop it."""
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    name = f"gpufleet_bench_{secrets.token_hex(4)}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
-
-    def drop() -> None:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
-
-    return admin_url.rsplit("/", 1)[0] + f"/{name}", drop
 
 
 def main() -> None:

@@ -42,7 +42,7 @@ import sqlalchemy as sa
 import uvloop
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from common import pct, table
+from common import pct, postgres_database, table
 from gpufleet.spec import Model, parse_document
 from gpufleet.store import KeyRecord, Store, StoredModel, UsageRow, sqlite_url
 from gpufleet.store.db import _key, _sqlite_pragmas, _stored
@@ -291,21 +291,6 @@ async def measure(
         await aio.close()
         sync.close()
     return out
-
-
-def postgres_database(admin_url: str) -> tuple[str, Callable[[], None]]:
-    """A scratch database on the server; its URL and how to drop it."""
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    name = f"gpufleet_bench_{secrets.token_hex(4)}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
-
-    def drop() -> None:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
-
-    return admin_url.rsplit("/", 1)[0] + f"/{name}", drop
 
 
 async def run(args: argparse.Namespace) -> list[list[str]]:

@@ -24,7 +24,7 @@ from starlette.routing import Route
 from gpufleet.controller import ControlPlane, ModelEntry
 from gpufleet.errors import GpufleetError, SpecError, StoreError
 from gpufleet.gateway.auth import ROLES, Keyring, Principal, forbidden, limits_of
-from gpufleet.gateway.errors import ApiError, bad_request
+from gpufleet.gateway.errors import ApiError, bad_request, quota_store_unavailable
 from gpufleet.gateway.ledger import Ledger
 from gpufleet.gateway.quotas import Quotas, QuotaStoreUnavailable
 from gpufleet.gateway.validate import parse_body
@@ -223,14 +223,7 @@ def routes(
             used = await quotas.snapshot(f"tenant:{name}", limits) if quotas else {}
         except QuotaStoreUnavailable as exc:
             reporter.failed("redis", exc, affected="admission: requests refused with 503")
-            raise ApiError(
-                503,
-                "The tenant's use cannot be read right now (the shared quota store is "
-                "unreachable); retry shortly",
-                type="service_unavailable",
-                code="quota_store_unavailable",
-                headers={"retry-after": "2"},
-            ) from exc
+            raise quota_store_unavailable("The tenant's use cannot be read") from exc
         return JSONResponse(
             {"tenant": name, "limits": tenant.document()["spec"]["limits"], "used": used}
         )

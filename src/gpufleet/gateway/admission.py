@@ -18,7 +18,7 @@ from starlette.requests import Request
 
 from gpufleet.controller import ModelEntry
 from gpufleet.gateway.auth import ANONYMOUS, Keyring, Principal
-from gpufleet.gateway.errors import ApiError
+from gpufleet.gateway.errors import ApiError, quota_store_unavailable
 from gpufleet.gateway.metrics import GatewayMetrics
 from gpufleet.gateway.pricing import Pricing
 from gpufleet.gateway.quotas import (
@@ -92,14 +92,7 @@ class Admission:
             ) from exc
         except QuotaStoreUnavailable as exc:
             self._outages.failed("redis", exc, affected="admission: requests refused with 503")
-            raise ApiError(
-                503,
-                "Quotas cannot be checked right now (the shared quota store is unreachable); "
-                "retry shortly",
-                type="service_unavailable",
-                code="quota_store_unavailable",
-                headers={"retry-after": "2"},
-            ) from exc
+            raise quota_store_unavailable("Quotas cannot be checked") from exc
         if self._local is None:
             self._outages.recovered("redis")
         return ticket

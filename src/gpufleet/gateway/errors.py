@@ -106,3 +106,14 @@ def unreachable(model: str) -> Unreachable:
         code="no_ready_replica",
         headers={"retry-after": "2"},
     )
+
+
+def quota_store_unavailable(what: str) -> ApiError:
+    """The shared quota store (Redis) is away: ``what`` cannot be done now (503, retry soon)."""
+    return ApiError(
+        503,
+        f"{what} right now (the shared quota store is unreachable); retry shortly",
+        type="service_unavailable",
+        code="quota_store_unavailable",
+        headers={"retry-after": "2"},
+    )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import operator
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import cached_property
@@ -151,6 +151,25 @@ class _UsageSQL:
         conn.exec_driver_sql(self._insert, params)
 
 
+def daily_rollups(
+    rows: Iterable[UsageRow],
+) -> dict[tuple[dt.date, str, str, str], list[float]]:
+    """What ``rows`` add to the daily rollups, per (UTC day, tenant, key, model): requests,
+    errors, prompt, cached and completion tokens, GPU-seconds, cost."""
+    rollup: dict[tuple[dt.date, str, str, str], list[float]] = {}
+    for r in rows:
+        k = (r.at.astimezone(dt.UTC).date(), r.tenant, r.key_prefix, r.model)
+        acc = rollup.setdefault(k, [0, 0, 0, 0, 0, 0.0, 0.0])
+        acc[0] += 1
+        acc[1] += 1 if r.status >= 400 else 0
+        acc[2] += r.prompt_tokens
+        acc[3] += r.cached_tokens
+        acc[4] += r.completion_tokens
+        acc[5] += r.gpu_seconds
+        acc[6] += r.cost_usd
+    return rollup
+
+
 class UsageStore:
     # Provided by Store.
     _engine: Engine
@@ -194,18 +213,7 @@ class UsageStore:
             if not fresh:
                 return 0
             sql.insert(conn, fresh)
-            rollup: dict[tuple[dt.date, str, str, str], list[float]] = {}
-            for r in fresh:
-                k = (r.at.astimezone(dt.UTC).date(), r.tenant, r.key_prefix, r.model)
-                acc = rollup.setdefault(k, [0, 0, 0, 0, 0, 0.0, 0.0])
-                acc[0] += 1
-                acc[1] += 1 if r.status >= 400 else 0
-                acc[2] += r.prompt_tokens
-                acc[3] += r.cached_tokens
-                acc[4] += r.completion_tokens
-                acc[5] += r.gpu_seconds
-                acc[6] += r.cost_usd
-            self._add_rollups(conn, rollup)
+            self._add_rollups(conn, daily_rollups(fresh))
             return len(fresh)
 
     def _add_rollups(
