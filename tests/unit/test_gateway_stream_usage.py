@@ -8,7 +8,6 @@ tests/integration/test_stream_usage.py.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from gpufleet.gateway import GatewaySettings
 from gpufleet.runtime import ReplicaRequest
 from gpufleet.spec import load_text
 from tests import sites
-from tests.conftest import eventually, free_port
+from tests.conftest import free_port
 
 WORDS = ["Hello", " there", " dear", " friend"]
 PROMPT_TOKENS = 17  # what the engine counts for the templated prompt
@@ -34,12 +33,6 @@ class Engine:
     url: str = ""
     counting: list[dict[str, Any]] = field(default_factory=list)
     tokenized: list[str] = field(default_factory=list)
-    #: Set: the tokenizer answers; cleared, it holds every count (as llama.cpp's model lock
-    #: does while it generates for another request).
-    tokenizer: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def __post_init__(self) -> None:
-        self.tokenizer.set()
 
 
 async def _app(engine: Engine) -> web.Application:
@@ -65,7 +58,6 @@ async def _app(engine: Engine) -> web.Application:
 
     async def count(request: web.Request) -> web.Response:
         text = (await request.json())["input"]
-        await engine.tokenizer.wait()
         engine.tokenized.append(text)
         return web.json_response({"count": 1 + len(text.split())})
 
@@ -148,21 +140,5 @@ async def test_a_stream_not_asking_gets_no_usage_but_the_ledger_counts(env: Env)
     chunks = await env.stream()
     assert all("usage" not in c for c in chunks)
     assert len(chunks) == len(WORDS)
-    # The count follows the answer (the client asked for no usage event to wait for).
-    await eventually(lambda: env.tokens("prompt") == PROMPT_TOKENS, "the prompt counted")
+    assert env.tokens("prompt") == PROMPT_TOKENS
     assert env.tokens("completion") == len(WORDS)
-
-
-async def test_a_client_not_asking_for_usage_is_not_held_for_the_count(env: Env) -> None:
-    """The engine's tokenizer is busy (llama.cpp counts behind its model lock, after whatever
-    it generates for others): the client still has its whole stream, [DONE] and the end of
-    the response, and the count lands in the books once the engine answers it."""
-    env.engine.tokenizer.clear()
-    # Read to its end while no count can finish (the old way, it waited for one forever).
-    chunks = await asyncio.wait_for(env.stream(), 30)
-    assert [c["choices"][0]["delta"]["content"] for c in chunks] == WORDS
-    assert env.engine.tokenized == [] and env.tokens("prompt") == 0
-    env.engine.tokenizer.set()
-    await eventually(lambda: env.tokens("prompt") == PROMPT_TOKENS, "the prompt counted")
-    await eventually(lambda: env.tokens("completion") == len(WORDS), "the answer counted")
-    assert env.engine.tokenized == ["".join(WORDS), ""]

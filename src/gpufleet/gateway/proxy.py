@@ -174,7 +174,6 @@ class Upstream:
     async def close(self) -> None:
         if self.hints is not None:
             await self.hints.close()
-        await self._streams.close()  # its counts still use the client
         if self._client is not None:
             await self._client.close()
             self._client = None

@@ -17,10 +17,11 @@ characters-per-token guess:
 
 llama-cpp-python serialises these calls behind its model lock, which is why they are made only
 after the engine's last event (gpufleet runs it with ``interrupt_requests`` off, so a count
-never cuts another request short). A client that asked for a usage event gets it before
-``[DONE]``, so its stream waits for the count (which queues behind what the engine generates
-for others); one that did not gets ``[DONE]`` at once and the count runs in a task of its own
-(``Streams._count_later``), which a client hanging up at ``[DONE]`` cannot cancel. Measured on SmolLM2 (llama.cpp, CPU): 21–31 ms
+never cuts another request short), and before the gateway passes ``[DONE]`` on: clients hang
+up at ``[DONE]``, which would cancel the count, and the stream's ledger row is spooled before
+its last byte leaves, so a gateway killed right after answering loses no row. The price: on
+llama.cpp the count queues behind what the engine generates for others, and a client's
+``[DONE]`` waits for it. Measured on SmolLM2 (llama.cpp, CPU): 21–31 ms
 between the last token and the usage event for a 621-token prompt. When a count fails the
 gateway keeps its estimate and says so in its log: the outcome stays uncounted.
 """

@@ -73,13 +73,6 @@ class Streams:
         self._release = release
         self._engine_error = engine_error
         self._refusal = refusal
-        #: Counts of streams whose client did not ask for usage: made after its ``[DONE]``.
-        self._counting: set[asyncio.Task[None]] = set()
-
-    async def close(self, timeout_s: float = 10.0) -> None:
-        """Let the counts still running finish (their rows wait on them), within a bound."""
-        if self._counting:
-            await asyncio.wait(set(self._counting), timeout=timeout_s)
 
     def relay(
         self,
@@ -108,18 +101,14 @@ class Streams:
             events: list[bytes] = []
             ended = False
 
-            def stop() -> None:
-                """The stream is over: its clocks stop (once)."""
-                nonlocal ended
-                ended = True
-                outcome.duration_s = time.perf_counter() - started
-                outcome.replica_seconds = stop_meter()
-
             def end() -> None:
                 """The outcome to ``done``, once, before the stream's last byte (``[DONE]`` or
                 an error event) leaves: its ledger row is spooled before the client has it all."""
+                nonlocal ended
                 if not ended:
-                    stop()
+                    ended = True
+                    outcome.duration_s = time.perf_counter() - started
+                    outcome.replica_seconds = stop_meter()
                     if done is not None:
                         done(outcome)
 
@@ -145,24 +134,15 @@ class Streams:
                     elif not outcome.counted:
                         outcome.completion_tokens += out.count(b'"delta"') or out.count(b'"text"')
                         events.append(out)
-                        if out.endswith(_DONE) and request[0] and strip_usage:
-                            # The engine streamed no usage and the client asked for none: it
-                            # has its whole answer now, and the count (two calls that queue
-                            # behind other requests on llama.cpp's one model lock) goes on
-                            # after it, in a task of its own — a client that hangs up at
-                            # [DONE] cancels nothing. The row waits for the count.
-                            stop()
-                            self._count_later(replica, outcome, events, request, done)
-                            yield out
-                            continue
                         if out.endswith(_DONE) and request[0]:
-                            # The client asked for usage: count with the engine before the
-                            # end, and give the client the usage event before [DONE].
+                            # The engine streamed no usage: count with it before the end
+                            # (a client may hang up at [DONE]), and give the client the usage
+                            # event if it asked.
                             if len(out) > len(_DONE):
                                 yield out[: -len(_DONE)]
                             extra = await self._count(replica, outcome, events, request)
                             end()
-                            yield extra + _DONE
+                            yield _DONE if strip_usage else extra + _DONE
                             continue
                     if out.endswith(_DONE):
                         end()
@@ -221,25 +201,6 @@ class Streams:
         return error_response(
             self._refusal(entry, replica, route, request_id, status, payload, " asked unstreamed")
         )
-
-    def _count_later(
-        self,
-        replica: Replica,
-        outcome: Outcome,
-        events: list[bytes],
-        request: tuple[str, bytes, str],
-        done: Done | None,
-    ) -> None:
-        async def count() -> None:
-            try:
-                await self._count(replica, outcome, events, request)
-            finally:  # counted or not (the estimate stays), the outcome goes to its row
-                if done is not None:
-                    done(outcome)
-
-        task = asyncio.create_task(count(), name=f"stream-usage:{request[2]}")
-        self._counting.add(task)
-        task.add_done_callback(self._counting.discard)
 
     async def _count(
         self,
