@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
-from gpufleet.engines.base import ENGINE_KEY_ENV
+from gpufleet.engines.base import ENGINE_KEY_ENV, LLAMACPP_COUNT_PATH
 from tests.integration.fleet import ADMIN_KEY, Fleet, gpufleet, smollm2_fleet
 
 pytestmark = pytest.mark.engine
@@ -59,11 +59,14 @@ def test_the_engine_refuses_anyone_but_the_gateway(fleet: Fleet) -> None:
     assert url.startswith("http://127.0.0.1:")  # loopback only
     key = engine_key(replica["pid"])
     assert len(key) >= 32
+    count = url + LLAMACPP_COUNT_PATH + "/v1/chat/completions"
     for wrong in (None, "guessed", ADMIN_KEY):
         assert direct(url + "/v1/chat/completions", CHAT, wrong) == 401
         assert direct(url + "/v1/models", key=wrong) == 401
+        assert direct(count, {"request": CHAT, "text": ""}, wrong) == 401
     # The key is the engine's: with it the engine answers (so the refusals above mean "no key").
     assert direct(url + "/v1/models", key=key) == 200
+    assert direct(count, {"request": CHAT, "text": "Hello"}, key) == 200
     # Liveness stays open: it says nothing but "alive".
     assert direct(url + "/health") == 200
 

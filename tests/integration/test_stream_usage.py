@@ -93,3 +93,28 @@ def test_a_stream_not_asking_for_usage_gets_none_and_is_still_counted(
     assert whole.usage is not None
     assert found["prompt_tokens"] == whole.usage.prompt_tokens
     assert found["completion_tokens"] == whole.usage.completion_tokens
+
+
+def test_a_completions_stream_gets_the_engines_count(fleet: Fleet, client: OpenAI) -> None:
+    """``/v1/completions`` goes through the engine's counting route for completions (no chat
+    template: the prompt tokenized as the engine does, its BOS included)."""
+    prompt = "The three primary colours are"
+    whole = client.completions.create(
+        model="smollm2", prompt=prompt, max_tokens=16, temperature=0, seed=1
+    )
+    assert whole.usage is not None
+    stream = client.completions.create(
+        model="smollm2",
+        prompt=prompt,
+        max_tokens=16,
+        temperature=0,
+        seed=1,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    usage = chunks[-1].usage
+    assert usage is not None
+    assert usage.prompt_tokens == whole.usage.prompt_tokens > 0
+    assert usage.completion_tokens == whole.usage.completion_tokens > 0

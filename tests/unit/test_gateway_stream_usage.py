@@ -2,7 +2,9 @@
 
 The fake engine here behaves as llama-cpp-python does: it ignores ``stream_options``, reports
 usage only on answers that are not streamed, and serves ``/extras/tokenize/count`` (one token
-per word, plus a BOS, as a tokenizer that adds one does). The real engine is covered in
+per word, plus a BOS, as a tokenizer that adds one does); with ``count_route``, it also serves
+the counting route gpufleet's llama.cpp entry point adds (``LLAMACPP_COUNT_PATH``), which the
+gateway then uses alone. The real engine is covered in
 tests/integration/test_stream_usage.py.
 """
 
@@ -18,6 +20,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from gpufleet.engines.base import LLAMACPP_COUNT_PATH
 from gpufleet.gateway import GatewaySettings
 from gpufleet.runtime import ReplicaRequest
 from gpufleet.spec import load_text
@@ -33,6 +36,9 @@ class Engine:
     url: str = ""
     counting: list[dict[str, Any]] = field(default_factory=list)
     tokenized: list[str] = field(default_factory=list)
+    #: Serve the counting route, answering with this status (None: no such route, a 404).
+    count_route: int | None = None
+    counted: list[dict[str, Any]] = field(default_factory=list)
 
 
 async def _app(engine: Engine) -> web.Application:
@@ -61,9 +67,19 @@ async def _app(engine: Engine) -> web.Application:
         engine.tokenized.append(text)
         return web.json_response({"count": 1 + len(text.split())})
 
+    async def count_route(request: web.Request) -> web.Response:
+        payload = await request.json()
+        engine.counted.append(payload)
+        if engine.count_route != 200:
+            return web.json_response({"detail": "broken"}, status=engine.count_route or 500)
+        completion = len(payload["text"].split())
+        return web.json_response({"prompt_tokens": PROMPT_TOKENS, "completion_tokens": completion})
+
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/extras/tokenize/count", count)
+    if engine.count_route is not None:
+        app.router.add_post(LLAMACPP_COUNT_PATH + "/v1/chat/completions", count_route)
     return app
 
 
@@ -89,8 +105,8 @@ class Env:
 
 
 @pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    engine = Engine()
+async def env(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Env]:
+    engine = Engine(count_route=getattr(request, "param", None))
     runner = web.AppRunner(await _app(engine))
     await runner.setup()
     port = free_port()
@@ -142,3 +158,33 @@ async def test_a_stream_not_asking_gets_no_usage_but_the_ledger_counts(env: Env)
     assert len(chunks) == len(WORDS)
     assert env.tokens("prompt") == PROMPT_TOKENS
     assert env.tokens("completion") == len(WORDS)
+
+
+@pytest.mark.parametrize("env", [200], indirect=True)
+async def test_an_engine_with_the_counting_route_counts_in_one_call(env: Env) -> None:
+    chunks = await env.stream(stream_options={"include_usage": True}, max_tokens=50)
+    completion = len(WORDS)
+    assert chunks[-1]["usage"] == {
+        "prompt_tokens": PROMPT_TOKENS,
+        "completion_tokens": completion,
+        "total_tokens": PROMPT_TOKENS + completion,
+    }
+    # One call with the request as the client sent it and the text streamed; the prompt was
+    # not sent again to be evaluated, nor the text to the tokenizer.
+    (counted,) = env.engine.counted
+    assert counted["text"] == "".join(WORDS)
+    assert counted["request"]["messages"] == [{"role": "user", "content": "hi"}]
+    assert counted["request"]["stream"] is True and counted["request"]["max_tokens"] == 50
+    assert env.engine.counting == [] and env.engine.tokenized == []
+    assert env.tokens("prompt") == PROMPT_TOKENS
+    assert env.tokens("completion") == completion
+
+
+@pytest.mark.parametrize("env", [500], indirect=True)
+async def test_a_counting_route_that_fails_leaves_the_stream_uncounted(env: Env) -> None:
+    chunks = await env.stream(stream_options={"include_usage": True}, max_tokens=50)
+    # The stream is whole; no usage event is made up, and nothing is asked twice.
+    assert [c["choices"][0]["delta"]["content"] for c in chunks] == WORDS
+    assert len(env.engine.counted) == 1
+    assert env.engine.counting == [] and env.engine.tokenized == []
+    assert env.tokens("prompt") != PROMPT_TOKENS  # the gateway's estimate, not the engine's

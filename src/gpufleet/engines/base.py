@@ -16,6 +16,7 @@ from gpufleet.spec import ModelSpec
 __all__ = [
     "ENGINE_KEY_ENV",
     "LIVENESS_PATH",
+    "LLAMACPP_COUNT_PATH",
     "LOCAL",
     "EngineAdapter",
     "Launch",
@@ -28,6 +29,12 @@ __all__ = [
 #: ``llamacpp_main`` adds to llama-cpp-python's server, which has none. Local liveness probes
 #: and the Kubernetes pods' liveness probes both ask it.
 LIVENESS_PATH = "/health"
+
+#: Where ``llamacpp_main`` counts a finished stream's tokens, the engine's route appended
+#: (``/extras/count/v1/chat/completions``): the prompt as the engine templates and tokenizes it,
+#: without evaluating it, and the streamed text through its tokenizer — one call, one wait for
+#: the model lock (``gateway/stream_usage.py``).
+LLAMACPP_COUNT_PATH = "/extras/count"
 
 #: The environment variable that carries an engine's secret to gpufleet's own engine processes
 #: (the emulator, ``llamacpp_main``, a ``GPUFLEET_EMULATOR_COMMAND``) and, on Kubernetes, to the

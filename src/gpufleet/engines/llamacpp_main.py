@@ -13,6 +13,15 @@ point adds ``GET /health`` (the liveness path of every engine, ``LIVENESS_PATH``
 without the lock or the API key, and keeps its successful answers out of uvicorn's access log,
 which otherwise writes a line per probe; a probe that fails is still logged.
 
+llama-cpp-python streams no usage, so the gateway counts a finished stream with the engine
+(``gateway/stream_usage.py``). This entry point adds ``POST /extras/count/v1/chat/completions``
+(and ``…/v1/completions``): given the request and the streamed text, it answers the prompt's
+tokens exactly as the server would count them — the request goes through the same chat
+template, tokenizer and context-window check, and is stopped where generation would begin, so
+no token is evaluated — and the text's tokens (what the tokenizer makes of it, less what it adds
+to an empty text). One call and one wait for the model lock, where asking the request again
+with ``max_tokens: 1`` evaluated the whole prompt anew whenever another request had run since.
+
 The server's ``api_key`` (a 401 on every route but ``/health`` without it) comes from
 ``GPUFLEET_ENGINE_KEY``, handed to the server's settings as ``API_KEY`` (they are
 pydantic-settings, which read it from the environment), so it never shows in ``ps``.
@@ -20,14 +29,15 @@ pydantic-settings, which read it from the environment), so it never shows in ``p
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
 from typing import Any
 
-from gpufleet.engines.base import ENGINE_KEY_ENV, LIVENESS_PATH
+from gpufleet.engines.base import ENGINE_KEY_ENV, LIVENESS_PATH, LLAMACPP_COUNT_PATH
 
-__all__ = ["QuietLiveness", "main"]
+__all__ = ["QuietLiveness", "count_tokens", "main"]
 
 _POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3}
 
@@ -68,6 +78,97 @@ def _add_liveness() -> None:
     logging.getLogger("uvicorn.access").addFilter(QuietLiveness())
 
 
+class _Counted(Exception):
+    """Raised where generation would begin: the prompt's tokens, counted."""
+
+    def __init__(self, tokens: int) -> None:
+        super().__init__(tokens)
+        self.tokens = tokens
+
+
+def count_tokens(llama: Any, call: Any, kwargs: dict[str, Any], text: str) -> dict[str, int]:
+    """The prompt's tokens of ``call(**kwargs)`` (``llama.create_chat_completion`` or
+    ``llama`` itself) as it would evaluate them, stopped before it does; and ``text``'s tokens.
+    Blocking, under the model lock: the server's own path up to ``Llama.generate``."""
+
+    def generate(tokens: list[int], *args: Any, **kw: Any) -> Any:
+        raise _Counted(len(tokens))
+
+    llama.generate = generate  # the instance's, for this call only
+    try:
+        call(**kwargs)
+    except _Counted as counted:
+        prompt = counted.tokens
+    else:
+        raise RuntimeError("the engine answered without reaching generation")
+    finally:
+        del llama.generate
+    completion = 0
+    if text:
+        empty = len(llama.tokenize(b"", special=True))
+        completion = max(0, len(llama.tokenize(text.encode("utf-8"), special=True)) - empty)
+    return {"prompt_tokens": prompt, "completion_tokens": completion}
+
+
+def _add_count() -> None:
+    """Registers ``POST /extras/count/v1/chat/completions`` and ``…/v1/completions``: body
+    ``{"request": <the request>, "text": <what was streamed>}``; answers ``{"prompt_tokens",
+    "completion_tokens"}``, 400 with the reason for a request the engine would refuse."""
+    from fastapi import Body, Depends, HTTPException
+    from llama_cpp.server.app import (
+        authenticate,
+        get_llama_proxy,
+        prepare_request_resources,
+        router,
+    )
+    from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
+    from pydantic import ValidationError
+
+    # What the server's own routes leave out of the call (chat; completions also best_of).
+    exclude = {"n", "logit_bias_type", "user", "min_tokens"}
+
+    # FastAPI's declarations, read from the parameters' defaults.
+    whole_body, model_lock = Body(...), Depends(get_llama_proxy)
+
+    def route(kind: type[Any], chat: bool) -> Any:
+        async def count(
+            payload: dict[str, Any] = whole_body, llama_proxy: Any = model_lock
+        ) -> dict[str, int]:
+            text = payload.get("text", "")
+            try:
+                body = kind.model_validate(payload.get("request"))
+            except ValidationError as exc:
+                raise HTTPException(status_code=422, detail=str(exc)) from exc
+            if not isinstance(text, str):
+                raise HTTPException(status_code=422, detail="text must be a string")
+            if not chat and isinstance(body.prompt, list):  # as the server's route does
+                if len(body.prompt) > 1:
+                    raise HTTPException(status_code=422, detail="one prompt at a time")
+                body.prompt = body.prompt[0] if body.prompt else ""
+            kwargs = body.model_dump(exclude=exclude if chat else exclude | {"best_of"})
+            kwargs.update(stream=False, max_tokens=1)
+            llama = prepare_request_resources(body, llama_proxy, body.model, kwargs)
+            call = llama.create_chat_completion if chat else llama
+            try:
+                return await asyncio.to_thread(count_tokens, llama, call, kwargs, text)
+            except ValueError as exc:  # beyond the context window, as the server refuses it
+                raise HTTPException(status_code=400, detail=str(exc)) from exc
+
+        return count
+
+    for path, kind, chat in (
+        ("/v1/chat/completions", CreateChatCompletionRequest, True),
+        ("/v1/completions", CreateCompletionRequest, False),
+    ):
+        router.add_api_route(
+            LLAMACPP_COUNT_PATH + path,
+            route(kind, chat),
+            methods=["POST"],
+            dependencies=[Depends(authenticate)],
+            include_in_schema=False,
+        )
+
+
 def main() -> None:
     argv, pooling = _take_pooling(sys.argv[1:])
     key = os.environ.pop(ENGINE_KEY_ENV, None)
@@ -85,6 +186,7 @@ def main() -> None:
         llama_cpp.Llama.__init__ = init  # type: ignore[method-assign]
 
     _add_liveness()
+    _add_count()
     from llama_cpp.server.__main__ import main as serve
 
     sys.argv = [sys.argv[0], *argv]

@@ -5,24 +5,27 @@ event, llama-cpp-python (0.3) ignores the option and streams no usage at all. Fo
 the gateway counts after the engine's last event, with the engine itself, never with a
 characters-per-token guess:
 
-- prompt tokens: the same request sent again, not streamed and with ``max_tokens: 1``; the
-  engine applies its chat template and reports ``usage.prompt_tokens`` exactly. The prompt is
-  still in the engine's KV cache (llama.cpp reuses the longest common prefix), so this costs
-  about one token of decode;
-- completion tokens: the streamed text through the engine's tokenizer
-  (``POST /extras/tokenize/count``), less what the tokenizer adds to an empty text (a BOS).
-  Re-tokenising the text is how OpenAI-compatible engines count a completion they did not
-  count themselves; it can differ from the sampled tokens where the model chose a
-  non-canonical split, which a model rarely does.
+- one call to the engine's counting route (``LLAMACPP_COUNT_PATH`` + the route, which gpufleet's
+  llama.cpp entry point ``engines/llamacpp_main.py`` adds): the request goes through the
+  engine's own chat template, tokenizer and context check and is stopped where generation
+  would begin, so the prompt is counted exactly and never evaluated; the streamed text goes
+  through the engine's tokenizer, less what it adds to an empty text (a BOS). Re-tokenising
+  the text is how OpenAI-compatible engines count a completion they did not count themselves;
+  it can differ from the sampled tokens where the model chose a non-canonical split, which a
+  model rarely does.
+- an engine without that route (a 404) is counted as before it existed: the request sent
+  again, not streamed and with ``max_tokens: 1`` (the engine reports ``usage.prompt_tokens``),
+  and the text through ``POST /extras/tokenize/count``. That evaluates the whole prompt again
+  whenever another request ran on the engine since (llama.cpp keeps only the last prompt):
+  with 16 streams at once it cost llama.cpp 9 % of its tokens/s (docs/benchmarks.md).
 
-llama-cpp-python serialises these calls behind its model lock, which is why they are made only
-after the engine's last event (gpufleet runs it with ``interrupt_requests`` off, so a count
+llama-cpp-python serialises these calls behind its model lock, which is why the count is made
+only after the engine's last event (gpufleet runs it with ``interrupt_requests`` off, so a count
 never cuts another request short), and before the gateway passes ``[DONE]`` on: clients hang
 up at ``[DONE]``, which would cancel the count, and the stream's ledger row is spooled before
 its last byte leaves, so a gateway killed right after answering loses no row. The price: on
 llama.cpp the count queues behind what the engine generates for others, and a client's
-``[DONE]`` waits for it. Measured on SmolLM2 (llama.cpp, CPU): 21–31 ms
-between the last token and the usage event for a 621-token prompt. When a count fails the
+``[DONE]`` waits for it. When a count fails the
 gateway keeps its estimate and says so in its log: the outcome stays uncounted.
 """
 
@@ -34,6 +37,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gpufleet.engines.base import LLAMACPP_COUNT_PATH
 from gpufleet.gateway.upstream_http import (
     Broken,
     ConnectTimeout,
@@ -128,10 +132,17 @@ async def count_stream(
 ) -> StreamCount | None:
     """Count a finished stream's tokens with the engine at ``base`` (``auth``: the headers
     its secret needs); None when it cannot."""
+    headers = {"content-type": "application/json", "x-request-id": request_id, **(auth or {})}
+    try:
+        counted = await _counted(http, base, route, body, text, headers)
+    except (UpstreamError, TimeoutError, ValueError) as exc:
+        log.warning("could not count the stream %s: %s: %s", request_id, type(exc).__name__, exc)
+        return None
+    if counted is not None:
+        return counted
     counting = _counting_body(body)
     if counting is None:
         return None
-    headers = {"content-type": "application/json", "x-request-id": request_id, **(auth or {})}
     try:
         usage = (await _answer(http, base, route, counting, headers)).get("usage") or {}
         prompt = usage.get("prompt_tokens")
@@ -146,6 +157,32 @@ async def count_stream(
         log.warning("could not count the stream %s: %s: %s", request_id, type(exc).__name__, exc)
         return None
     return StreamCount(prompt, max(0, completion))
+
+
+async def _counted(
+    http: UpstreamClient,
+    base: str,
+    route: str,
+    body: bytes,
+    text: str,
+    headers: Mapping[str, str],
+) -> StreamCount | None:
+    """The count from the engine's counting route in one call; None when it has none (404).
+    Raises ``ValueError`` for a body that is not a JSON object, a refusal or a bad answer."""
+    request = json.loads(body)
+    if not isinstance(request, dict):
+        raise ValueError("the request is not a JSON object")
+    payload = json.dumps({"request": request, "text": text}).encode()
+    status, answer = await http.fetch(base, LLAMACPP_COUNT_PATH + route, payload, headers)
+    if status == 404:
+        return None
+    if status >= 400:
+        raise ValueError(f"{LLAMACPP_COUNT_PATH + route} answered {status}")
+    counts = json.loads(answer)
+    prompt, completion = counts.get("prompt_tokens"), counts.get("completion_tokens")
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        raise ValueError(f"the count answered {counts!r}")
+    return StreamCount(prompt, completion)
 
 
 def usage_event(head: dict[str, Any], route: str, count: StreamCount) -> bytes:
