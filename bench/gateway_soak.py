@@ -54,14 +54,18 @@ written to SQLite (``gpufleet.db`` in the data dir) in batches behind the hot pa
 counted there read-only, less those before the soak (the start's smoke request). At the end
 the bench waits, within 60 s, until ``gpufleet_ledger_rows_pending`` on ``/metrics`` is 0 and
 the count has not moved over a flush (0.5 s), so a ledger falling behind or losing rows shows.
+``--postgres ADMIN_URL`` puts gpufleet's store, ledger included, in a scratch database on that
+PostgreSQL server instead (``gpufleet up --store``; dropped afterwards): the same soak without
+SQLite's page caches in gpufleet's memory.
 
 Run (the lead's full runs, on a quiet machine):
      python bench/gateway_soak.py --part 1 --streams 10000 --gap-ms 500 --chunks 60
      python bench/gateway_soak.py --part 1 --streams 10000 --gap-ms 2000 --chunks 25 --open-s 50
      python bench/gateway_soak.py --part 2 --requests 1000000
+     python bench/gateway_soak.py --part 2 --requests 1000000 --postgres postgresql+psycopg://postgres@127.0.0.1:5432/postgres
 Options: [--part 1|2|both] [--streams 10000] [--gap-ms 500] [--chunks 60] [--open-s 60]
      [--clients 2] [--replicas 1] [--requests 1000000] [--connections 50] [--nofile 65536]
-     [--no-auth]
+     [--no-auth] [--postgres ADMIN_URL]
 """
 
 from __future__ import annotations
@@ -85,7 +89,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import peers
-from common import AUTH, ROOT, pct, stop, table
+from common import AUTH, ROOT, pct, postgres_database, stop, table
 from peers import Fleet, Peer, Unavailable, core_times, cpu_seconds, open_files, process_tree
 
 GATEWAY_CPU, LOAD_CPU = 1, 0
@@ -152,8 +156,21 @@ def engines(peer: Peer) -> list[int]:
     return process_tree(peer.proc.pid)[1:]
 
 
+#: gpufleet's store when it is not SQLite in its data dir (``--postgres``).
+STORE_URL: str | None = None
+
+
 def ledger_rows(peer: Peer) -> int:
     """Rows in gpufleet's usage ledger, read from its database without a write lock."""
+    if STORE_URL is not None:
+        import sqlalchemy as sa  # only a PostgreSQL run pays for the import
+
+        engine = sa.create_engine(STORE_URL, poolclass=sa.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                return int(conn.execute(sa.text("SELECT count(*) FROM usage")).scalar_one())
+        finally:
+            engine.dispose()
     assert peer.data_dir is not None
     uri = f"file:{peer.data_dir / 'gpufleet.db'}?mode=ro"
     with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as db:
@@ -196,6 +213,8 @@ def start_fleet(tmp: Path, fleet: Fleet, engine_args: list[str], args: argparse.
     peers.ENGINE_CPU = LOAD_CPU
     peers.ENGINE_ARGS[:] = engine_args
     peers.GPUFLEET_ARGS[:] = ["--no-auth"] if args.no_auth else []
+    if STORE_URL is not None:
+        peers.GPUFLEET_ARGS += ["--store", STORE_URL]
     peer = peers.start_gpufleet(tmp, fleet=fleet)
     if isinstance(peer, Unavailable):
         raise SystemExit(f"gpufleet up did not start: {peer.reason}")
@@ -637,9 +656,10 @@ def report2(
         lines[-1] += [f"{s.rss_kib / 1024:.1f}", f"{s.rows:,}"]
         before = s.answered
     on = "off" if args.no_auth else "on"
+    store = "SQLite" if STORE_URL is None else "PostgreSQL"
     print(
         f"\nPart 2 — gpufleet's memory over {args.requests:,} requests (keys and quotas {on}, "
-        "ledger on)\n"
+        f"ledger on, store on {store})\n"
     )
     print(table(["done", "answered", "req/s", "not 200", "RSS MiB", "ledger rows"], lines))
     first, last = slices[0], slices[-1]
@@ -695,15 +715,26 @@ def main() -> None:
     parser.add_argument(
         "--no-auth", action="store_true", help="gpufleet up --no-auth: keys and quotas off"
     )
+    parser.add_argument(
+        "--postgres", metavar="ADMIN_URL", help="gpufleet's store in a scratch database there"
+    )
     args = parser.parse_args()
+    global STORE_URL
+    drop = None
+    if args.postgres:
+        STORE_URL, drop = postgres_database(args.postgres)
     os.sched_setaffinity(0, {LOAD_CPU})
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     print(f"ulimit -n here: {soft:,} soft / {hard:,} hard; children asked for {args.nofile:,}")
-    with tempfile.TemporaryDirectory(prefix="gateway-soak-") as tmp:
-        for part, run in (("1", part1), ("2", part2)):
-            if args.part in (part, "both"):
-                (Path(tmp) / f"part{part}").mkdir()
-                run(args, Path(tmp) / f"part{part}")
+    try:
+        with tempfile.TemporaryDirectory(prefix="gateway-soak-") as tmp:
+            for part, run in (("1", part1), ("2", part2)):
+                if args.part in (part, "both"):
+                    (Path(tmp) / f"part{part}").mkdir()
+                    run(args, Path(tmp) / f"part{part}")
+    finally:
+        if drop is not None:
+            drop()
 
 
 if __name__ == "__main__":
