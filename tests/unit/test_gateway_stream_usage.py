@@ -38,6 +38,8 @@ class Engine:
     tokenized: list[str] = field(default_factory=list)
     #: Serve the counting route, answering with this status (None: no such route, a 404).
     count_route: int | None = None
+    #: What the counting route answers with a 200 (None: the counts of the text).
+    count_answer: Any = None
     counted: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -72,6 +74,8 @@ async def _app(engine: Engine) -> web.Application:
         engine.counted.append(payload)
         if engine.count_route != 200:
             return web.json_response({"detail": "broken"}, status=engine.count_route or 500)
+        if engine.count_answer is not None:
+            return web.json_response(engine.count_answer)
         completion = len(payload["text"].split())
         return web.json_response({"prompt_tokens": PROMPT_TOKENS, "completion_tokens": completion})
 
@@ -106,7 +110,7 @@ class Env:
 
 @pytest.fixture
 async def env(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Env]:
-    engine = Engine(count_route=getattr(request, "param", None))
+    engine = Engine(**getattr(request, "param", {}))
     runner = web.AppRunner(await _app(engine))
     await runner.setup()
     port = free_port()
@@ -160,7 +164,7 @@ async def test_a_stream_not_asking_gets_no_usage_but_the_ledger_counts(env: Env)
     assert env.tokens("completion") == len(WORDS)
 
 
-@pytest.mark.parametrize("env", [200], indirect=True)
+@pytest.mark.parametrize("env", [{"count_route": 200}], indirect=True)
 async def test_an_engine_with_the_counting_route_counts_in_one_call(env: Env) -> None:
     chunks = await env.stream(stream_options={"include_usage": True}, max_tokens=50)
     completion = len(WORDS)
@@ -180,7 +184,12 @@ async def test_an_engine_with_the_counting_route_counts_in_one_call(env: Env) ->
     assert env.tokens("completion") == completion
 
 
-@pytest.mark.parametrize("env", [500], indirect=True)
+@pytest.mark.parametrize(
+    "env",
+    [{"count_route": 500}, {"count_route": 200, "count_answer": [17, 4]}],
+    indirect=True,
+    ids=["refused", "not-an-object"],
+)
 async def test_a_counting_route_that_fails_leaves_the_stream_uncounted(env: Env) -> None:
     chunks = await env.stream(stream_options={"include_usage": True}, max_tokens=50)
     # The stream is whole; no usage event is made up, and nothing is asked twice.

@@ -102,11 +102,19 @@ def _counting_body(body: bytes) -> bytes | None:
 
 
 async def _answer(
-    http: UpstreamClient, base: str, path: str, body: bytes, headers: Mapping[str, str]
+    http: UpstreamClient,
+    base: str,
+    path: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    optional: bool = False,
 ) -> Any:
     """The engine's JSON answer; a refusal (4xx, 5xx) or a body that is not JSON is a
-    ``ValueError``."""
+    ``ValueError``. With ``optional``, None when the engine has no such path (404)."""
     status, payload = await http.fetch(base, path, body, headers)
+    if optional and status == 404:
+        return None
     if status >= 400:
         raise ValueError(f"{path} answered {status}")
     return json.loads(payload)
@@ -131,32 +139,17 @@ async def count_stream(
     auth: Mapping[str, str] | None = None,
 ) -> StreamCount | None:
     """Count a finished stream's tokens with the engine at ``base`` (``auth``: the headers
-    its secret needs); None when it cannot."""
+    its secret needs): through its counting route, or the old way where it has none; None when
+    it cannot."""
     headers = {"content-type": "application/json", "x-request-id": request_id, **(auth or {})}
     try:
         counted = await _counted(http, base, route, body, text, headers)
-    except (UpstreamError, TimeoutError, ValueError) as exc:
-        log.warning("could not count the stream %s: %s: %s", request_id, type(exc).__name__, exc)
-        return None
-    if counted is not None:
-        return counted
-    counting = _counting_body(body)
-    if counting is None:
-        return None
-    try:
-        usage = (await _answer(http, base, route, counting, headers)).get("usage") or {}
-        prompt = usage.get("prompt_tokens")
-        if not isinstance(prompt, int):
-            raise ValueError(f"the engine's answer had no prompt_tokens: {usage!r}")
-        completion = 0
-        if text:
-            completion = await _tokens(http, base, text, headers) - await _tokens(
-                http, base, "", headers
-            )
+        if counted is None:
+            counted = await _counted_again(http, base, route, body, text, headers)
     except (UpstreamError, TimeoutError, ValueError, AttributeError) as exc:
         log.warning("could not count the stream %s: %s: %s", request_id, type(exc).__name__, exc)
         return None
-    return StreamCount(prompt, max(0, completion))
+    return counted
 
 
 async def _counted(
@@ -167,22 +160,44 @@ async def _counted(
     text: str,
     headers: Mapping[str, str],
 ) -> StreamCount | None:
-    """The count from the engine's counting route in one call; None when it has none (404).
-    Raises ``ValueError`` for a body that is not a JSON object, a refusal or a bad answer."""
+    """The count from the engine's counting route in one call; None when it has none (404)."""
     request = json.loads(body)
     if not isinstance(request, dict):
         raise ValueError("the request is not a JSON object")
     payload = json.dumps({"request": request, "text": text}).encode()
-    status, answer = await http.fetch(base, LLAMACPP_COUNT_PATH + route, payload, headers)
-    if status == 404:
+    path = LLAMACPP_COUNT_PATH + route
+    counts = await _answer(http, base, path, payload, headers, optional=True)
+    if counts is None:
         return None
-    if status >= 400:
-        raise ValueError(f"{LLAMACPP_COUNT_PATH + route} answered {status}")
-    counts = json.loads(answer)
     prompt, completion = counts.get("prompt_tokens"), counts.get("completion_tokens")
     if not isinstance(prompt, int) or not isinstance(completion, int):
         raise ValueError(f"the count answered {counts!r}")
     return StreamCount(prompt, completion)
+
+
+async def _counted_again(
+    http: UpstreamClient,
+    base: str,
+    route: str,
+    body: bytes,
+    text: str,
+    headers: Mapping[str, str],
+) -> StreamCount | None:
+    """The count of an engine without the counting route: the request again for its prompt
+    tokens, the text through ``/extras/tokenize/count``."""
+    counting = _counting_body(body)
+    if counting is None:
+        return None
+    usage = (await _answer(http, base, route, counting, headers)).get("usage") or {}
+    prompt = usage.get("prompt_tokens")
+    if not isinstance(prompt, int):
+        raise ValueError(f"the engine's answer had no prompt_tokens: {usage!r}")
+    completion = 0
+    if text:
+        completion = await _tokens(http, base, text, headers) - await _tokens(
+            http, base, "", headers
+        )
+    return StreamCount(prompt, max(0, completion))
 
 
 def usage_event(head: dict[str, Any], route: str, count: StreamCount) -> bytes:
