@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import ipaddress
 import logging
 import os
@@ -23,7 +24,7 @@ import uvicorn
 
 from gpufleet import heap
 from gpufleet.controller import Autoscaler, Controller, PlannerCapacity
-from gpufleet.errors import PermanentError
+from gpufleet.errors import PermanentError, StoreError
 from gpufleet.gateway import GatewaySettings, assemble
 from gpufleet.gateway.serving import (
     PortInUseError,
@@ -163,6 +164,10 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
         await stack.close()  # every served request is in the ledger before the store closes
         await controller.stop()  # engines stop after the gateway's last answer
         await runtime.close()
+        try:  # its engines are gone with it: the cost report's placed time ends here
+            await asyncio.to_thread(store.end_spans, dt.datetime.now(dt.UTC))
+        except StoreError as exc:
+            log.warning("replica spans left open (they end where last seen): %s", exc)
         store.close()
         sock.close()
         for sig, handler in previous.items():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import datetime
+import io
 import json
 import os
 import signal
@@ -29,12 +32,15 @@ from tests.integration.fleet import (
 
 pytestmark = pytest.mark.engine
 
+PRICED = "contextLength: 2048\n  pricing: {perReplicaHour: 3.6}"
+
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("up")
     models = root / "models.yaml"
-    models.write_text(MODELS_YAML)
+    # SmolLM2 priced as a CPU replica is ($3.60 an hour): the cost report has a figure to show.
+    models.write_text(MODELS_YAML.replace("contextLength: 2048", PRICED, 1))
     fleet = start_fleet(root / "data", models)
     yield fleet
     pids = fleet.engine_pids()
@@ -258,3 +264,40 @@ def test_unanswering_replica_leaves_the_pool_and_requests_wait_for_it(
     waiter.join(timeout=30)
     assert result and result[0].data  # type: ignore[attr-defined]
     assert fleet.replicas("smollm2-embed")[0]["phase"] == "Ready"
+
+
+def test_cost_report_charges_a_priced_cpu_replica_busy_and_idle(
+    fleet: Fleet, client: OpenAI
+) -> None:
+    for _ in range(2):
+        client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+        )
+    started = min(r["started_at"] for r in fleet.replicas("smollm2"))
+    result = gpufleet(
+        "report", "--by", "model", "--since", "1h", "-o", "json", "--server", fleet.server
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    until = datetime.datetime.fromisoformat(report["until"]).timestamp()
+    smol = next(line for line in report["lines"] if line["model"] == "smollm2")
+    # Placed from when the controller started the replica (when the runtime spawned its
+    # engine, ``started_at``, give or take the spawn) until the report's end, at $3.60 an
+    # hour: a tenth of a cent a second, the tolerance.
+    assert smol["placed_cost"] == pytest.approx(3.6 * (until - started) / 3600, abs=0.001)
+    assert smol["busy_cost"] > 0 and smol["idle_cost"] > 0
+    assert smol["busy_cost"] + smol["idle_cost"] == pytest.approx(smol["placed_cost"], abs=2e-6)
+    assert smol["successful"] >= 2 and smol["gpu_hours_placed"] == 0
+    assert smol["cost_per_successful_request"] == pytest.approx(
+        smol["total_cost"] / smol["successful"], rel=1e-3
+    )
+    # No GPUs here: nothing is fleet idle, and the report says why its GPU figures are zero.
+    assert report["fleet"]["gpus"] == 0 and report["fleet"]["idle_cost"] == 0
+    assert any("no GPUs" in note for note in report["notes"])
+    # By tenant: everything used went to the default tenant, with its share of idle time.
+    by_tenant = gpufleet("report", "--by", "tenant", "-o", "csv", "--server", fleet.server)
+    assert by_tenant.returncode == 0, by_tenant.stderr
+    rows = {r["tenant"]: r for r in csv.DictReader(io.StringIO(by_tenant.stdout))}
+    assert float(rows["default"]["total_cost"]) >= smol["total_cost"] - 1e-3
+    table = gpufleet("report", "--server", fleet.server)
+    assert table.returncode == 0 and "smollm2" in table.stdout and "no GPUs" in table.stdout

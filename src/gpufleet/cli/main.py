@@ -24,6 +24,7 @@ from gpufleet.cli.estimate import estimate
 from gpufleet.cli.output import fail, out, spec_problems
 from gpufleet.cli.plan import plan_command
 from gpufleet.cli.render import render_command
+from gpufleet.cli.report import report
 from gpufleet.cli.tables import Kind, Output, event_table, print_table, resource_table
 from gpufleet.errors import GpufleetError, SpecError
 
@@ -333,6 +334,7 @@ def logs(
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.command()(usage)
+app.command()(report)
 app.command()(estimate)
 app.command("plan")(plan_command)
 app.command("render")(render_command)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import json
 import logging
 import math
@@ -30,8 +31,9 @@ from gpufleet.controller.directory import Directory
 from gpufleet.controller.failures import PassFailures
 from gpufleet.controller.rollout import GenerationStats, Verdict, judge
 from gpufleet.errors import PermanentError, TemporaryError
+from gpufleet.policies.costs import replica_price_per_hour
 from gpufleet.runtime import Phase, Replica, ReplicaRequest, Runtime
-from gpufleet.spec import Model, ModelSpec
+from gpufleet.spec import Inventory, Model, ModelSpec
 from gpufleet.store import ApplyResult, Revision, Store
 from gpufleet.supervise import Supervisor
 
@@ -106,6 +108,7 @@ class Controller:
         for replica in self.runtime.replicas():
             self.directory.observe(replica)
             self._phases[replica.id] = replica.phase
+        await self._account_spans()
         self._loops.spawn("controller:watch", self._watch)
         self._tasks.append(asyncio.create_task(self._resync(), name="controller:resync"))
         self._tasks.append(asyncio.create_task(self._autoscale(), name="controller:autoscale"))
@@ -122,6 +125,11 @@ class Controller:
                 await task
         self._tasks.clear()
         self._workers.clear()
+
+    def inventory(self) -> Inventory | None:
+        """The inventory the planner bounds replicas by (None: not bounded by one)."""
+        inventory = getattr(self.autoscaler.capacity, "inventory", None)
+        return inventory if isinstance(inventory, Inventory) else None
 
     def unhealthy(self) -> list[str]:
         """The controller's critical background loops that are down (readiness fails)."""
@@ -340,8 +348,47 @@ class Controller:
                 await self._event_once(name, generation, "FailedToStart", str(exc))
                 return False
             self.directory.observe(replica)
+            await self._open_span(name, replica.id, generation, spec)
             await self._event(name, "Normal", "ReplicaStarting", f"replica {replica.id} starting")
         return True
+
+    async def _open_span(
+        self,
+        model: str,
+        replica: str,
+        generation: int,
+        spec: ModelSpec,
+        at: dt.datetime | None = None,
+    ) -> None:
+        """The replica holds its capacity from ``at`` (the cost report's placed time)."""
+        types = spec.resources.gpu_types
+        await asyncio.to_thread(
+            self.store.open_span,
+            model,
+            replica,
+            generation=generation,
+            gpus=float(spec.resources.gpus),
+            gpu_type=types[0] if types and spec.resources.gpus else None,
+            price_per_hour=replica_price_per_hour(spec),
+            at=at or dt.datetime.now(dt.UTC),
+        )
+
+    async def _account_spans(self) -> None:
+        """Spans follow what runs: open for every replica the runtime has (one adopted from a
+        previous operator included), ``seen_at`` moved on, and a span whose replica is gone
+        without a word (a process that died with its replicas) ended where it was last seen."""
+        at = dt.datetime.now(dt.UTC)
+        live = [r for r in self.runtime.replicas() if r.phase is not Phase.STOPPED]
+        opened = set(await asyncio.to_thread(self.store.open_spans))
+        for replica in live:
+            entry = self.directory.get(replica.model)
+            if replica.id not in opened and entry is not None:
+                started = replica.started_at
+                since = dt.datetime.fromtimestamp(started, dt.UTC) if started else at
+                await self._open_span(
+                    replica.model, replica.id, replica.generation, entry.spec, since
+                )
+        await asyncio.to_thread(self.store.touch_spans, [r.id for r in live], at)
 
     async def _canary(
         self,
@@ -524,6 +571,9 @@ class Controller:
             if kind is not None:
                 text = f"replica {replica.id}: {replica.message or replica.phase.value}"
                 await self._event(replica.model, kind[0], kind[1], text)
+            if replica.phase is Phase.STOPPED:
+                now = dt.datetime.now(dt.UTC)
+                await asyncio.to_thread(self.store.close_span, replica.id, now)
             if replica.phase in (Phase.READY, Phase.FAILED, Phase.STOPPING, Phase.STOPPED):
                 self.trigger(replica.model)
 
@@ -547,6 +597,14 @@ class Controller:
             names |= {r.model for r in self.runtime.replicas()}
             for name in names:
                 self.trigger(name)
+            try:
+                await self._account_spans()
+            except Exception as exc:  # noqa: BLE001 - failures says it (a store outage)
+                self.failures.failed(
+                    "replica spans", exc, affected="the cost report's placed time", retry_s=self._resync_s
+                )
+            else:
+                self.failures.passed("replica spans")
 
 
 #: The spec fields that shape an engine process: a change to any of them needs new replicas.

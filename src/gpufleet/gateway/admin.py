@@ -1,5 +1,5 @@
 """The admin API (``/admin/v1``) the CLI talks to: models, replicas, logs, events (role
-``operator``); tenants and API keys (role ``admin``); usage (``operator``).
+``operator``); tenants and API keys (role ``admin``); usage and the cost report (``operator``).
 
 Applying is all-or-nothing: every document is validated before any is stored, so a bad file
 changes nothing. Embedded mode serves the ``default`` namespace only. A ``user`` key gets 403
@@ -24,6 +24,7 @@ from starlette.routing import Route
 from gpufleet.controller import ControlPlane, ModelEntry
 from gpufleet.errors import GpufleetError, SpecError, StoreError
 from gpufleet.gateway.auth import ROLES, Keyring, Principal, forbidden, limits_of
+from gpufleet.gateway.cost_report import build_report, report_view
 from gpufleet.gateway.errors import ApiError, bad_request, quota_store_unavailable
 from gpufleet.gateway.ledger import Ledger
 from gpufleet.gateway.quotas import Quotas, QuotaStoreUnavailable
@@ -314,6 +315,27 @@ def routes(
             {"by": by, "since": since.isoformat(), "usage": rows, "refusals": refusals}
         )
 
+    async def cost(request: Request) -> Response:
+        """The cost report: placed, busy and idle cost per model, tenant or key, and the cost
+        of one successful request (``policies.costs`` says how each is counted)."""
+        by = request.query_params.get("by", "model")
+        if by not in ("tenant", "model", "key"):
+            raise bad_request("'by' must be model, tenant or key", param="by")
+        since = _since(request.query_params.get("since") or "7d")
+        until_text = request.query_params.get("until")
+        until = _since(until_text) if until_text else dt.datetime.now(dt.UTC)
+        if until <= since:
+            raise bad_request(
+                f"'until' ({until.isoformat()}) must be after 'since' ({since.isoformat()})",
+                param="until",
+            )
+        if ledger is not None:
+            await ledger.flush()
+        inventory_of = getattr(controller, "inventory", None)
+        inventory = inventory_of() if callable(inventory_of) else None
+        report = await build_report(store, by, since, until, inventory)  # type: ignore[arg-type]
+        return JSONResponse(report_view(report, inventory_known=callable(inventory_of)))
+
     async def usage_requests(request: Request) -> Response:
         since = _since(request.query_params.get("since"))
         try:
@@ -432,4 +454,5 @@ def routes(
         Route("/admin/v1/keys/{prefix}", guarded(ad, revoke_key), methods=["DELETE"]),
         Route("/admin/v1/usage", guarded(op, usage_report), methods=["GET"]),
         Route("/admin/v1/usage/requests", guarded(op, usage_requests), methods=["GET"]),
+        Route("/admin/v1/report", guarded(op, cost), methods=["GET"]),
     ]

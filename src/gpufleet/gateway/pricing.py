@@ -12,7 +12,7 @@ doubled for safety), never below the cost of generating them alone at ``FLOOR_TO
 from __future__ import annotations
 
 from gpufleet.controller import ModelEntry
-from gpufleet.hardware import CATALOG
+from gpufleet.policies.costs import replica_price_per_hour as price_of_spec
 
 __all__ = ["FLOOR_TOKENS_PER_S", "Pricing", "replica_price_per_hour"]
 
@@ -22,15 +22,7 @@ _ALPHA = 0.05
 
 
 def replica_price_per_hour(entry: ModelEntry) -> float:
-    spec = entry.spec
-    if spec.pricing.per_replica_hour is not None:
-        return spec.pricing.per_replica_hour
-    gpus = spec.resources.gpus
-    for name in spec.resources.gpu_types:
-        accelerator = CATALOG.get(name)
-        if accelerator is not None:
-            return gpus * accelerator.price_per_hour
-    return 0.0
+    return price_of_spec(entry.spec)
 
 
 class Pricing:

@@ -37,6 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from gpufleet.errors import StoreError
 from gpufleet.spec import Model, Tenant, parse_document, parse_tenant
 from gpufleet.store.batches import BatchStore
+from gpufleet.store.costs import CostStore
 from gpufleet.store.tables import (
     HEAD_REVISION,
     api_keys,
@@ -128,7 +129,7 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-class Store(BatchStore, UsageStore):
+class Store(BatchStore, UsageStore, CostStore):
     def __init__(self, url: str) -> None:
         self.url = url
         try:

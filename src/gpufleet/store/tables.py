@@ -33,8 +33,10 @@ __all__ = [
     "metadata",
     "model_revisions",
     "models",
+    "replica_spans",
     "scale_state",
     "tenants",
+    "ui_sessions",
     "usage",
     "usage_daily",
     "usage_dead_letters",
@@ -48,7 +50,7 @@ def aware(value: dt.datetime) -> dt.datetime:
 
 
 #: The newest migration; a test checks it against the migration scripts.
-HEAD_REVISION = "0005"
+HEAD_REVISION = "0006"
 
 metadata = MetaData()
 
@@ -278,4 +280,39 @@ batch_lines = Table(
     Column("result", JSON, nullable=True),
     PrimaryKeyConstraint("batch_id", "line", name="pk_batch_lines"),
     Index("ix_batch_lines_status", "batch_id", "status"),
+)
+
+# What each replica held, and for how long: the capacity side of the cost report (every placed
+# GPU, or share of one, × its price, busy or idle). A span is open (``ended_at`` NULL) while its
+# replica exists; the controller moves ``seen_at`` on while it watches it, so a span left open
+# by a process that died ends at its last ``seen_at``, not at "now".
+replica_spans = Table(
+    "replica_spans",
+    metadata,
+    Column("id", _BIGINT, primary_key=True, autoincrement=True),
+    Column("namespace", String(63), nullable=False),
+    Column("model", String(63), nullable=False),
+    Column("replica", String(128), nullable=False),
+    Column("generation", Integer, nullable=False),
+    Column("gpus", Float, nullable=False),  # GPUs held (a share for a slice)
+    Column("gpu_type", String(32), nullable=True),
+    Column("price_per_hour", Float, nullable=False),  # of the whole replica
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("seen_at", DateTime(timezone=True), nullable=False),
+    Column("ended_at", DateTime(timezone=True), nullable=True),
+    Index("ix_replica_spans_open", "ended_at", "replica"),
+    Index("ix_replica_spans_started", "started_at"),
+)
+
+# Console sessions: the SHA-256 of a random token held in an HttpOnly cookie, and the API key
+# it was opened with (its role and tenant are read from the key on every request, so revoking
+# the key ends the session).
+ui_sessions = Table(
+    "ui_sessions",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("key_prefix", String(16), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Index("ix_ui_sessions_key", "key_prefix"),
 )
