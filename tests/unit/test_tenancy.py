@@ -540,3 +540,36 @@ async def test_the_cost_report_charges_requests_and_idle_and_refuses_bad_windows
         status, body, _ = await site.call("GET", f"/admin/v1/report?{query}", "operator")
         assert status == 400 and body["error"]["param"] == param, body
     assert (await site.call("GET", "/admin/v1/report", "acme"))[0] == 403
+
+
+async def test_latency_per_model_from_the_ledger(site: Site) -> None:
+    client = site.client("acme")
+    stream = await client.chat.completions.create(
+        model="shared",
+        messages=HI,  # type: ignore[arg-type]
+        max_tokens=6,
+        stream=True,
+    )
+    tokens = len([c async for c in stream if c.choices and c.choices[0].delta.content])
+    status, body, _ = await site.call(
+        "GET", "/admin/v1/models/shared/latency?since=10m&step=60", "operator"
+    )
+    assert status == 200, body
+    summary = body["summary"]
+    assert summary["requests"] >= 1 and summary["completion_tokens"] >= tokens
+    assert summary["ttft_ms_p50"] > 0 and summary["itl_ms_p99"] is not None
+    assert summary["e2e_ms_p99"] >= summary["ttft_ms_p99"]
+    # One H100 replica, held since the site started (less than the 10-minute window): tokens
+    # per GPU-second over the time it was held.
+    assert 0 < summary["gpu_seconds"] < 600
+    assert summary["tokens_per_s_per_gpu"] == pytest.approx(
+        summary["completion_tokens"] / summary["gpu_seconds"], rel=0.01
+    )
+    assert (
+        len(body["series"]) == 10
+        and sum(p["requests"] for p in body["series"]) == summary["requests"]
+    )
+    status, body, _ = await site.call(
+        "GET", "/admin/v1/models/shared/latency?since=7d&step=1", "operator"
+    )
+    assert status == 400 and body["error"]["param"] == "step"

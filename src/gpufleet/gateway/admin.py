@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import math
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
@@ -26,6 +27,7 @@ from gpufleet.errors import GpufleetError, SpecError, StoreError
 from gpufleet.gateway.auth import ROLES, Keyring, Principal, forbidden, limits_of
 from gpufleet.gateway.cost_report import build_report, report_view
 from gpufleet.gateway.errors import ApiError, bad_request, quota_store_unavailable
+from gpufleet.gateway.latency_report import MAX_POINTS, build_latency, default_step
 from gpufleet.gateway.ledger import Ledger
 from gpufleet.gateway.quotas import Quotas, QuotaStoreUnavailable
 from gpufleet.gateway.validate import parse_body
@@ -98,9 +100,9 @@ def key_view(k: KeyRecord) -> dict[str, Any]:
     }
 
 
-def _since(value: str | None) -> dt.datetime:
+def _since(value: str | None, now: dt.datetime | None = None) -> dt.datetime:
     """``--since``: an ISO date or time, or a span back from now such as ``24h``, ``7d``."""
-    now = dt.datetime.now(dt.UTC)
+    now = now or dt.datetime.now(dt.UTC)
     if not value:
         return now.replace(hour=0, minute=0, second=0, microsecond=0)
     match = re.fullmatch(r"(\d+)([mhd])", value)
@@ -321,9 +323,10 @@ def routes(
         by = request.query_params.get("by", "model")
         if by not in ("tenant", "model", "key"):
             raise bad_request("'by' must be model, tenant or key", param="by")
-        since = _since(request.query_params.get("since") or "7d")
+        now = dt.datetime.now(dt.UTC)
+        since = _since(request.query_params.get("since") or "7d", now)
         until_text = request.query_params.get("until")
-        until = _since(until_text) if until_text else dt.datetime.now(dt.UTC)
+        until = _since(until_text, now) if until_text else now
         if until <= since:
             raise bad_request(
                 f"'until' ({until.isoformat()}) must be after 'since' ({since.isoformat()})",
@@ -335,6 +338,30 @@ def routes(
         inventory = inventory_of() if callable(inventory_of) else None
         report = await build_report(store, by, since, until, inventory)  # type: ignore[arg-type]
         return JSONResponse(report_view(report, inventory_known=callable(inventory_of)))
+
+    async def latency(request: Request) -> Response:
+        """P50/P95/P99 of TTFT, inter-token latency and end-to-end, and tokens/s, of one
+        model over a window, with a series for charts (``step`` seconds a point)."""
+        name = request.path_params["name"]
+        until = dt.datetime.now(dt.UTC)
+        since = _since(request.query_params.get("since") or "1h", until)
+        seconds = (until - since).total_seconds()
+        if seconds <= 0:
+            raise bad_request("'since' must be in the past", param="since")
+        step_text = request.query_params.get("step")
+        try:
+            step = float(step_text) if step_text else default_step(seconds)
+        except ValueError as exc:
+            raise bad_request("'step' must be a number of seconds", param="step") from exc
+        if not step > 0 or seconds / step > MAX_POINTS:
+            raise bad_request(
+                f"'step' must be positive and give at most {MAX_POINTS} points over the window "
+                f"(at least {math.ceil(seconds / MAX_POINTS)} s here)",
+                param="step",
+            )
+        if ledger is not None:
+            await ledger.flush()
+        return JSONResponse(await build_latency(store, name, since, until, step))
 
     async def usage_requests(request: Request) -> Response:
         since = _since(request.query_params.get("since"))
@@ -443,6 +470,7 @@ def routes(
         Route("/admin/v1/models/{name}", guarded(op, get_model, uses_store=False), methods=["GET"]),
         Route("/admin/v1/models/{name}", guarded(op, delete_model), methods=["DELETE"]),
         Route("/admin/v1/models/{name}/logs", guarded(op, logs, uses_store=False), methods=["GET"]),
+        Route("/admin/v1/models/{name}/latency", guarded(op, latency), methods=["GET"]),
         Route("/admin/v1/replicas", guarded(op, list_replicas, uses_store=False), methods=["GET"]),
         Route("/admin/v1/events", guarded(op, events), methods=["GET"]),
         Route("/admin/v1/tenants", guarded(ad, list_tenants), methods=["GET"]),

@@ -49,6 +49,7 @@ from gpufleet.store.tables import (
     scale_state,
     tenants,
 )
+from gpufleet.store.timings import TimingStore
 from gpufleet.store.usage import UsageRow, UsageStore
 
 __all__ = [
@@ -129,7 +130,7 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-class Store(BatchStore, UsageStore, CostStore):
+class Store(BatchStore, UsageStore, CostStore, TimingStore):
     def __init__(self, url: str) -> None:
         self.url = url
         try:
