@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -141,6 +142,13 @@ async def test_models_become_scheduled_pods_and_a_steady_fleet_writes_nothing(
         service = await kube.get("Service", namespace, "engine-llama")
         assert service is not None and service["spec"]["clusterIP"]
         assert await kube.get("PodDisruptionBudget", namespace, "engine-llama") is not None
+        # The cost report's placed time: a span per pod, one GPU each, at the catalog's price.
+        store = operator.controller.store
+        spans = store.spans_between(
+            dt.datetime.now(dt.UTC) - dt.timedelta(hours=1), dt.datetime.now(dt.UTC)
+        )
+        assert sorted(s.replica for s in spans) == sorted(store.open_spans())
+        assert len(spans) == 2 and {s.gpus for s in spans} == {1.0}
 
         # Steady: several passes write nothing (resource versions of everything it owns and
         # of the Model stay the same).
@@ -175,6 +183,11 @@ async def test_models_become_scheduled_pods_and_a_steady_fleet_writes_nothing(
             return not left
 
         await pass_until(operator, gone)
+
+        async def spans_ended() -> bool:
+            return not store.open_spans()
+
+        await pass_until(operator, spans_ended)
 
 
 async def test_an_unschedulable_model_is_not_ready_and_does_not_evict_a_running_one(
