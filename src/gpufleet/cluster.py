@@ -41,7 +41,7 @@ from gpufleet.runtime.kubernetes import KubernetesRuntime, RenderSettings
 from gpufleet.runtime.kubernetes.api import Conflict, KubeApi
 from gpufleet.runtime.kubernetes.manifests import PORT
 from gpufleet.runtime.kubernetes.resources import model_from_resource
-from gpufleet.spec import API_VERSION, Model
+from gpufleet.spec import API_VERSION, Inventory, Model
 from gpufleet.store import ApplyResult, Store
 from gpufleet.supervise import Supervisor
 
@@ -100,6 +100,11 @@ class ClusterPlane:
             await self._loops.close()
             raise
         self._loops.spawn("cluster:pods", self._follow_pods)
+
+    def inventory(self) -> Inventory | None:
+        """The nodes' inventory as the operator last shared it (the gateway may not list
+        nodes itself); None until an operator has. Reads the store: call it off the loop."""
+        return self.store.get_inventory(self.namespace)
 
     def share_outages(self, outages: OutageReporter) -> None:
         """Report the demand publisher's Redis outages with the gateway's: one outage of

@@ -149,6 +149,11 @@ async def test_models_become_scheduled_pods_and_a_steady_fleet_writes_nothing(
         )
         assert sorted(s.replica for s in spans) == sorted(store.open_spans())
         assert len(spans) == 2 and {s.gpus for s in spans} == {1.0}
+        # ...and the nodes' inventory, for gateways that may not list nodes (fleet idle).
+        shared = store.get_inventory(namespace)
+        assert shared is not None
+        node = next(n for n in shared.nodes if n.name == f"{namespace}-gpu-a")
+        assert node.gpu_count == 4
 
         # Steady: several passes write nothing (resource versions of everything it owns and
         # of the Model stay the same).

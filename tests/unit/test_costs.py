@@ -16,7 +16,7 @@ from gpufleet.policies.costs import (
     inventory_gpus,
     replica_price_per_hour,
 )
-from gpufleet.spec import API_VERSION, ModelSpec, load_inventory_text
+from gpufleet.spec import API_VERSION, Inventory, ModelSpec, load_inventory_text
 from gpufleet.store import Store, UsageRow
 
 H = 3600.0
@@ -268,3 +268,26 @@ def test_spans_open_once_end_when_the_replica_goes_and_survive_a_dead_process(
         by="model",
     )
     assert r.lines[0].placed_cost == pytest.approx(2.0 * (60 + 10 + 30) / 60)
+
+
+def test_the_operators_inventory_is_kept_for_gateways(store: Store) -> None:
+    def of(count: int) -> Inventory:
+        return load_inventory_text(
+            f"""
+apiVersion: {API_VERSION}
+kind: Inventory
+metadata: {{name: cluster}}
+spec:
+  nodes:
+  - {{name: gpu-a, gpus: [{{type: H100, count: {count}}}]}}
+"""
+        )
+
+    inventory = of(8)
+    assert store.get_inventory("ns") is None
+    store.put_inventory(inventory, DAY, "ns")
+    assert store.get_inventory("ns") == inventory
+    store.put_inventory(of(4), DAY, "ns")
+    kept = store.get_inventory("ns")
+    assert kept is not None and kept.nodes[0].gpu_count == 4
+    assert store.get_inventory("other") is None

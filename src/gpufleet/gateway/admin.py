@@ -334,10 +334,10 @@ def routes(
             )
         if ledger is not None:
             await ledger.flush()
-        inventory_of = getattr(controller, "inventory", None)
-        inventory = inventory_of() if callable(inventory_of) else None
+        inventory_of = getattr(controller, "inventory", None)  # the cluster's reads the store
+        inventory = await asyncio.to_thread(inventory_of) if callable(inventory_of) else None
         report = await build_report(store, by, since, until, inventory)  # type: ignore[arg-type]
-        return JSONResponse(report_view(report, inventory_known=callable(inventory_of)))
+        return JSONResponse(report_view(report, inventory_known=inventory is not None))
 
     async def latency(request: Request) -> Response:
         """P50/P95/P99 of TTFT, inter-token latency and end-to-end, and tokens/s, of one

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import signal
 import socket
@@ -32,6 +33,7 @@ from gpufleet.operator.placement import CLUSTER_PLANNING, ClusterPlacer, running
 from gpufleet.operator.tenants import TenantMirror
 from gpufleet.runtime.kubernetes import KubernetesRuntime, RenderSettings, inventory_from_nodes
 from gpufleet.runtime.kubernetes.api import KubeApi
+from gpufleet.spec import Inventory
 from gpufleet.store import Store
 
 __all__ = ["Operator", "OperatorConfig", "acting", "run_operator"]
@@ -117,6 +119,15 @@ async def acting(cfg: OperatorConfig, api: KubeApi, store: Store) -> AsyncIterat
         controller.attach_demand(demand)
         demand.start()
 
+    stored: list[Inventory] = []
+
+    async def share_inventory() -> None:
+        """Gateways may not list nodes: the cost report's fleet idle reads this copy."""
+        if not stored or stored[0] != capacity.inventory:
+            now = dt.datetime.now(dt.UTC)
+            await asyncio.to_thread(store.put_inventory, capacity.inventory, now, cfg.namespace)
+            stored[:] = [capacity.inventory]
+
     async def refresh_inventory() -> None:
         while True:
             await asyncio.sleep(cfg.inventory_s)
@@ -124,6 +135,7 @@ async def acting(cfg: OperatorConfig, api: KubeApi, store: Store) -> AsyncIterat
                 capacity.set_inventory(
                     inventory_from_nodes(await api.list("Node", None), await api.list("Pod", None))
                 )
+                await share_inventory()
             except Exception as exc:  # noqa: BLE001 - the API is away: keep the last view
                 controller.failures.failed(
                     "node inventory read",
@@ -139,6 +151,7 @@ async def acting(cfg: OperatorConfig, api: KubeApi, store: Store) -> AsyncIterat
         await ensure_engine_key(api, cfg.namespace)
         await runtime.start_watching()
         await controller.start()
+        await share_inventory()
         tasks.append(asyncio.create_task(refresh_inventory(), name="operator:inventory"))
         yield Operator(api, controller, cfg.namespace, settings=settings)
     finally:

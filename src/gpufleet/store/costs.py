@@ -15,7 +15,8 @@ from typing import Any
 from sqlalchemy import Connection, and_, case, func, insert, or_, select, update
 
 from gpufleet.policies.costs import Span, UsageTotals
-from gpufleet.store.tables import aware, replica_spans, usage
+from gpufleet.spec import Inventory
+from gpufleet.store.tables import aware, inventories, replica_spans, usage
 
 __all__ = ["CostStore"]
 
@@ -105,6 +106,29 @@ class CostStore:
                 .values(ended_at=s.seen_at)
             )
             return int(gone.rowcount or 0)
+
+    def put_inventory(self, inventory: Inventory, at: dt.datetime, namespace: str) -> None:
+        """The operator's latest view of the nodes (written when it changes)."""
+        document = inventory.model_dump(mode="json", by_alias=True, exclude_none=True)
+        i = inventories.c
+        with self._write() as conn:
+            done = conn.execute(
+                update(inventories)
+                .where(i.namespace == namespace)
+                .values(document=document, updated_at=at)
+            )
+            if not done.rowcount:
+                conn.execute(
+                    insert(inventories).values(
+                        namespace=namespace, document=document, updated_at=at
+                    )
+                )
+
+    def get_inventory(self, namespace: str) -> Inventory | None:
+        i = inventories.c
+        with self._connect() as conn:
+            row = conn.execute(select(i.document).where(i.namespace == namespace)).first()
+        return Inventory.model_validate(row[0]) if row is not None else None
 
     def spans_between(self, since: dt.datetime, until: dt.datetime) -> list[Span]:
         """Spans that held capacity at some time in [since, until)."""

@@ -30,6 +30,7 @@ __all__ = [
     "batches",
     "events",
     "files",
+    "inventories",
     "metadata",
     "model_revisions",
     "models",
@@ -302,6 +303,17 @@ replica_spans = Table(
     Column("ended_at", DateTime(timezone=True), nullable=True),
     Index("ix_replica_spans_open", "ended_at", "replica"),
     Index("ix_replica_spans_started", "started_at"),
+)
+
+# The fleet's inventory as the operator last read it from the nodes (one row per namespace it
+# runs in): gateways on Kubernetes may not list nodes, and the cost report needs the GPUs that
+# nothing holds.
+inventories = Table(
+    "inventories",
+    metadata,
+    Column("namespace", String(63), primary_key=True),
+    Column("document", JSON, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
 # Console sessions: the SHA-256 of a random token held in an HttpOnly cookie, and the API key

@@ -1,4 +1,5 @@
-"""Replica spans (the capacity side of the cost report) and console sessions.
+"""Replica spans (the capacity side of the cost report), the inventory the operator read, and
+console sessions.
 
 Revision ID: 0006
 Revises: 0005
@@ -35,6 +36,12 @@ def upgrade() -> None:
     op.create_index("ix_replica_spans_open", "replica_spans", ["ended_at", "replica"])
     op.create_index("ix_replica_spans_started", "replica_spans", ["started_at"])
     op.create_table(
+        "inventories",
+        sa.Column("namespace", sa.String(63), primary_key=True),
+        sa.Column("document", sa.JSON, nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    )
+    op.create_table(
         "ui_sessions",
         sa.Column("token_hash", sa.String(64), primary_key=True),
         sa.Column("key_prefix", sa.String(16), nullable=False),
@@ -47,6 +54,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_ui_sessions_key", table_name="ui_sessions")
     op.drop_table("ui_sessions")
+    op.drop_table("inventories")
     op.drop_index("ix_replica_spans_open", table_name="replica_spans")
     op.drop_index("ix_replica_spans_started", table_name="replica_spans")
     op.drop_table("replica_spans")
