@@ -601,7 +601,10 @@ class Controller:
                 await self._account_spans()
             except Exception as exc:  # noqa: BLE001 - failures says it (a store outage)
                 self.failures.failed(
-                    "replica spans", exc, affected="the cost report's placed time", retry_s=self._resync_s
+                    "replica spans",
+                    exc,
+                    affected="the cost report's placed time",
+                    retry_s=self._resync_s,
                 )
             else:
                 self.failures.passed("replica spans")
