@@ -129,9 +129,25 @@ async def namespace(kube: ClientKube) -> AsyncIterator[str]:
     name = f"t-{secrets.token_hex(4)}"
     await kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
     try:
+        await _default_service_account(kube, name)
         yield name
     finally:
         await kube.delete("Namespace", "", name)
+
+
+async def _default_service_account(kube: ClientKube, namespace: str) -> None:
+    """Wait until the controller manager has made the namespace's ``default`` service account:
+    until then admission refuses every pod there ("service account … not found"), and a test
+    that creates one at once fails on the race, not on what it tests."""
+    path = f"/api/v1/namespaces/{namespace}/serviceaccounts/default"
+    deadline = asyncio.get_running_loop().time() + 60
+    while True:
+        status, _, _ = await kube._request("GET", path)
+        if status == 200:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"namespace {namespace}: no default service account after 60 s")
+        await asyncio.sleep(0.1)
 
 
 class Nodes:
