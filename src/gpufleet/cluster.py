@@ -13,6 +13,10 @@ again from a fresh list (models deleted meanwhile leave the directory), and ``un
 names the loops that are down, for the gateway's readiness. Pods that are terminating are not
 routed to: the runtime reports them ``Stopping`` as soon as their ``deletionTimestamp`` is set.
 
+The gateway does not read the GPUs: the operator's leader does (the DCGM exporter), and the
+gateway shows what it wrote to the store (``telemetry.StoredReadings``, as ``app.state.telemetry``
+and on ``/metrics``).
+
 Engines answer only bearers of the engine key (the Secret ``gpufleet-engine-key``, which the
 operator creates): the gateway reads it from ``GPUFLEET_ENGINE_KEY`` (the chart mounts it there)
 and sends it to every engine pod; NetworkPolicies stay as the second wall.
@@ -32,6 +36,7 @@ from typing import Any
 
 from gpufleet import heap
 from gpufleet.controller import DemandSource, Directory
+from gpufleet.controller.startup import StartupRecorder
 from gpufleet.engines.base import ENGINE_KEY_ENV
 from gpufleet.errors import PermanentError, SpecError
 from gpufleet.gateway.shared_demand import DemandPublisher
@@ -84,6 +89,9 @@ class ClusterPlane:
         self._publisher: DemandPublisher | None = None
         #: Where the demand publisher's Redis outages are reported (``share_outages``).
         self._outages: OutageReporter | None = None
+        #: Engine pods' start-ups, counted on this gateway's /metrics (the operator serves
+        #: none; ``controller.startup``).
+        self.startups = StartupRecorder()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -152,8 +160,10 @@ class ClusterPlane:
         # iteration, with no await in between, so nothing falls into a gap.
         for replica in self.pods.replicas():
             self.directory.observe(replica)
+            self.startups.observe(replica)
         async for replica in stream:
             self.directory.observe(replica)
+            self.startups.observe(replica)
 
     def _model(self, obj: Mapping[str, Any]) -> None:
         meta = obj["metadata"]
@@ -273,6 +283,7 @@ async def serve_cluster_gateway(cfg: GatewayConfig, api: KubeApi) -> None:
     """One gateway replica: keys, quotas (shared through Redis), ledger, the cluster's view."""
     from gpufleet.gateway import GatewaySettings, assemble
     from gpufleet.gateway.serving import bind_socket, gateway_server, raise_open_files_limit
+    from gpufleet.telemetry import StoredReadings
 
     raise_open_files_limit()
     engine_key = os.environ.get(ENGINE_KEY_ENV) or None
@@ -308,14 +319,19 @@ async def serve_cluster_gateway(cfg: GatewayConfig, api: KubeApi) -> None:
     if admin:
         # Printed once, by the first gateway to start against an empty store.
         log.warning("gpufleet admin key (shown once, keep it): %s", admin)
+    # Gateways do not sample the GPUs: they show what the operator's leader wrote.
+    gpus = StoredReadings(store, registry=stack.gateway.metrics.registry)
+    stack.app.state.telemetry = gpus
     server = gateway_server(stack.app, stack.gateway.settings, stack.gateway.metrics)
     try:
         await plane.start()
         await stack.start()
+        await gpus.start()
         heap.settle()  # start-up's objects out of the collector's way (gen2 pauses: the p99)
         log.info("gateway serving namespace %s on %s:%d", cfg.namespace, cfg.host, cfg.port)
         await server.serve(sockets=[sock])
     finally:
+        await gpus.close()
         await stack.close()
         await plane.close()
         store.close()

@@ -15,17 +15,19 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
 from gpufleet import heap
 from gpufleet.controller import Autoscaler, Controller, PlannerCapacity
 from gpufleet.errors import PermanentError, StoreError
-from gpufleet.gateway import GatewaySettings, assemble
+from gpufleet.gateway import GatewaySettings, GatewayStack, assemble
 from gpufleet.gateway.serving import (
     PortInUseError,
     bind_socket,
@@ -33,9 +35,11 @@ from gpufleet.gateway.serving import (
     raise_open_files_limit,
 )
 from gpufleet.hardware import discover
+from gpufleet.runtime import Runtime
 from gpufleet.runtime.local import LocalRuntime
 from gpufleet.spec import API_VERSION, Model, Tenant, parse_document
 from gpufleet.store import Store, sqlite_url
+from gpufleet.telemetry import Telemetry, load_nvml, nvml_telemetry
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -74,6 +78,8 @@ class UpConfig:
     redis_url: str | None = None
     #: API keys required (the default); False only by an explicit ``--no-auth``.
     auth: bool = True
+    #: Seconds between readings of this machine's GPUs (NVML; none without GPUs).
+    gpu_sample_s: float = 2.0
 
 
 async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None) -> None:
@@ -137,12 +143,15 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
         await asyncio.to_thread(store.apply_tenant, tenant)
     if cfg.tenants:
         await asyncio.to_thread(keyring.load)
+    telemetry = await gpu_telemetry(cfg, runtime, store, stack)
     server = gateway_server(stack.app, stack.gateway.settings, stack.gateway.metrics)
     previous = _route_signals(server)
     announcer: asyncio.Task[None] | None = None
     try:
         await controller.start()
         await stack.start()
+        if telemetry is not None:
+            await telemetry.start()
         models = cfg.models
         if not models and not controller.directory.entries():
             models = [DEFAULT_MODEL]
@@ -161,6 +170,8 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
             with contextlib.suppress(asyncio.CancelledError):
                 await announcer
         log.info("stopping: waiting for engines to exit")
+        if telemetry is not None:
+            await telemetry.close()
         await stack.close()  # every served request is in the ledger before the store closes
         await controller.stop()  # engines stop after the gateway's last answer
         await runtime.close()
@@ -172,6 +183,30 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
         sock.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+async def gpu_telemetry(
+    cfg: UpConfig,
+    runtime: Runtime,
+    store: Store,
+    stack: GatewayStack,
+    *,
+    load: Callable[[], Any | None] = load_nvml,
+) -> Telemetry | None:
+    """This machine's GPUs read every ``cfg.gpu_sample_s`` through NVML (``load``), attributed
+    to the runtime's engines, kept as history in the store, on the gateway's ``/metrics`` and
+    as ``app.state.telemetry``; not started. None where NVML finds no GPU (said once)."""
+    telemetry = await asyncio.to_thread(
+        nvml_telemetry,
+        socket.gethostname(),
+        replicas=runtime.replicas,
+        store=store,
+        registry=stack.gateway.metrics.registry,
+        interval_s=cfg.gpu_sample_s,
+        load=load,
+    )
+    stack.app.state.telemetry = telemetry
+    return telemetry
 
 
 def _route_signals(server: uvicorn.Server) -> dict[signal.Signals, signal._HANDLER]:

@@ -48,7 +48,7 @@ def test_default_install_renders_valid_objects() -> None:
     validate_all(docs)
     kinds = sorted({d["kind"] for d in docs})
     assert kinds == [
-        "ClusterRole", "ClusterRoleBinding", "Deployment", "NetworkPolicy",
+        "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "NetworkPolicy",
         "PersistentVolumeClaim", "PodDisruptionBudget", "PriorityClass", "Role",
         "RoleBinding", "Secret", "Service", "ServiceAccount",
     ]  # fmt: skip
@@ -200,3 +200,20 @@ def test_only_gateways_read_the_engine_key_that_the_operator_may_make() -> None:
     ]
     assert not {r for r in rules(by[("ClusterRole", "gf-operator")]) if r[1] == "secrets"}
     assert not {r for r in rules(by[("Role", "gf-gateway")]) if r[1] == "secrets"}
+
+
+def test_the_operator_reads_the_dcgm_exporter_only_when_told_where() -> None:
+    def operator_env(values: dict[str, Any]) -> dict[str, Any]:
+        docs = render({**STORE, **values})
+        validate_all(docs)
+        (deployment,) = [
+            d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "gf-operator"
+        ]
+        return {
+            e["name"]: e.get("value")
+            for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        }
+
+    assert "GPUFLEET_DCGM_URL" not in operator_env({})
+    url = "http://prometheus.monitoring:9090/api/v1/query"
+    assert operator_env({"operator": {"dcgmUrl": url}})["GPUFLEET_DCGM_URL"] == url

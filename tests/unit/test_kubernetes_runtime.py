@@ -7,6 +7,7 @@ nothing; a restarted operator adopts the pods it finds; the node inventory feeds
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from gpufleet.runtime.kubernetes import (
     inventory_from_nodes,
 )
 from gpufleet.runtime.kubernetes.api import KubeError, NotServed, WatchEvent
+from gpufleet.runtime.kubernetes.startup import PodStartup, pod_startup
 from gpufleet.spec import load_text
 from gpufleet.store import Store, sqlite_url
 from gpufleet.supervise import Supervisor
@@ -627,3 +629,107 @@ async def test_the_engine_port_comes_from_the_settings() -> None:
         await runtime.close()
     # The older argument still says the same thing, through the settings.
     assert KubernetesRuntime(kube, engine_port=9001).settings.engine_port == 9001
+
+
+# -- start-up read off the pod's status ------------------------------------------------------
+
+
+def pod_status(
+    *,
+    created: str = "2026-03-01T10:00:00Z",
+    init: tuple[str, str] | None = ("2026-03-01T10:00:20Z", "2026-03-01T10:00:50Z"),
+    running: str | None = "2026-03-01T10:00:55Z",
+    ready: str | None = "2026-03-01T10:01:55Z",
+    restarts: int = 0,
+) -> dict[str, Any]:
+    """A pod as the API server returns it: created 10:00:00, pulled and scheduled by 10:00:20,
+    waiting for its weights 30 s, its engine up at 10:00:55 and Ready a minute later."""
+    status: dict[str, Any] = {"phase": "Running", "podIP": "10.0.0.7"}
+    if init is not None:
+        status["initContainerStatuses"] = [
+            {
+                "name": "wait-for-weights",
+                "restartCount": 0,
+                "state": {
+                    "terminated": {
+                        "exitCode": 0,
+                        "reason": "Completed",
+                        "startedAt": init[0],
+                        "finishedAt": init[1],
+                    }
+                },
+            }
+        ]
+    engine: dict[str, Any] = {"name": "engine", "restartCount": restarts, "ready": bool(ready)}
+    if running is not None:
+        engine["state"] = {"running": {"startedAt": running}}
+    status["containerStatuses"] = [engine]
+    conditions = [{"type": "PodScheduled", "status": "True"}]
+    if ready is not None:
+        conditions.append({"type": "Ready", "status": "True", "lastTransitionTime": ready})
+    else:
+        conditions.append(
+            {"type": "Ready", "status": "False", "lastTransitionTime": "2026-03-01T10:00:00Z"}
+        )
+    status["conditions"] = conditions
+    return {"metadata": {"name": "p", "creationTimestamp": created}, "status": status}
+
+
+def test_start_up_figures_come_from_the_pods_status() -> None:
+    ready = pod_startup(pod_status())
+    assert (ready.fetch_s, ready.load_s, ready.startup_s) == (30.0, 60.0, 115.0)
+    assert ready.ready_at == dt.datetime(2026, 3, 1, 10, 1, 55, tzinfo=dt.UTC).timestamp()
+    # Still loading: the fetch is over, the rest is not known yet.
+    loading = pod_startup(pod_status(ready=None))
+    assert (loading.fetch_s, loading.load_s, loading.startup_s) == (30.0, None, None)
+    # Still waiting for its weights: nothing at all.
+    waiting = pod_status(ready=None, running=None)
+    waiting["status"]["initContainerStatuses"][0]["state"] = {
+        "running": {"startedAt": "2026-03-01T10:00:20Z"}
+    }
+    assert pod_startup(waiting) == PodStartup()
+    # A pvc:// source has no init container: no fetch phase.
+    assert pod_startup(pod_status(init=None)).fetch_s is None
+    # After a crash: the restart fetched nothing and counts from its own start.
+    again = pod_startup(
+        pod_status(restarts=1, running="2026-03-01T11:00:00Z", ready="2026-03-01T11:00:40Z")
+    )
+    assert (again.fetch_s, again.load_s, again.startup_s) == (None, 40.0, 40.0)
+    # Times missing, unreadable or out of order give None, never a guess.
+    assert pod_startup(pod_status(running="soon")).load_s is None
+    assert pod_startup(pod_status(created="")).startup_s is None
+    assert pod_startup(pod_status(running="2026-03-01T10:02:00Z")).load_s is None
+    assert pod_startup({"metadata": {"name": "p"}}) == PodStartup()
+
+
+async def test_a_pods_start_up_reaches_the_replica_and_its_ready_event(op: Operator) -> None:
+    await op.controller.apply([model()])
+    await op.settle(lambda: len(op.pods()) == 1)
+    name = op.pods()[0]["metadata"]["name"]
+    stored = op.kube.objects[("Pod", NS, name)]
+    stored["metadata"]["creationTimestamp"] = "2026-03-01T10:00:00Z"
+    loading = pod_status(ready=None)["status"]
+    op.kube.set_status("Pod", NS, name, **loading)
+    await op.settle(lambda: op.runtime.replicas()[0].fetch_s == 30.0)
+    (replica,) = op.runtime.replicas()
+    assert replica.phase is Phase.STARTING and replica.load_s is None
+    assert replica.fetched_bytes is None  # the loader Job's download is out of sight
+    op.kube.set_status("Pod", NS, name, **pod_status()["status"])
+    await op.settle(lambda: op.runtime.replicas()[0].phase is Phase.READY)
+    (replica,) = op.runtime.replicas()
+    assert (replica.fetch_s, replica.load_s, replica.ready_s, replica.startup_s) == (
+        30.0, 60.0, None, 115.0,
+    )  # fmt: skip
+    assert replica.ready_at == dt.datetime(2026, 3, 1, 10, 1, 55, tzinfo=dt.UTC).timestamp()
+
+    def ready_events() -> list[str]:
+        return [e.message for e in op.store.events("llama") if e.reason == "ReplicaReady"]
+
+    await op.settle(ready_events)
+    assert ready_events() == [f"replica {name}: ready in 115.0 s (fetch 30.0 s, load 60.0 s)"]
+    # Readiness lost and found again, without a restart: the start it made is kept.
+    unready = pod_status()["status"]
+    unready["conditions"][1] = {"type": "Ready", "status": "False"}
+    op.kube.set_status("Pod", NS, name, **unready)
+    await op.settle(lambda: op.runtime.replicas()[0].phase is Phase.UNREADY)
+    assert op.runtime.replicas()[0].load_s == 60.0

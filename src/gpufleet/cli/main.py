@@ -118,6 +118,14 @@ def up(
             help="serve without API keys (single-user machine); every caller is an admin",
         ),
     ] = False,
+    gpu_sample_seconds: Annotated[
+        float,
+        typer.Option(
+            help="seconds between readings of this machine's GPUs (memory, utilisation, "
+            "processes; none without GPUs)",
+            min=0.1,
+        ),
+    ] = 2.0,
 ) -> None:
     """Run gateway, controller and engines here; serve SmolLM2 when no file is given."""
     models, tenants = _load_all(file)
@@ -139,6 +147,7 @@ def up(
         body_idle_s=body_timeout,
         redis_url=redis,
         auth=not no_auth,
+        gpu_sample_s=gpu_sample_seconds,
     )
     import importlib.util
 
@@ -236,6 +245,18 @@ def operator(
     lease: Annotated[
         float, typer.Option(help="seconds a stand-by waits for a silent leader", min=3)
     ] = 15.0,
+    dcgm_url: Annotated[
+        str | None,
+        typer.Option(
+            help="the NVIDIA DCGM exporters' /metrics URLs (comma-separated), or a Prometheus "
+            "…/api/v1/query URL that scrapes them: the leader reads the GPUs there every "
+            "--gpu-sample-seconds and keeps their history in the store",
+            envvar="GPUFLEET_DCGM_URL",
+        ),
+    ] = None,
+    gpu_sample_seconds: Annotated[
+        float, typer.Option(help="seconds between readings of the DCGM exporters", min=0.1)
+    ] = 2.0,
 ) -> None:
     """Run the Kubernetes operator: Model resources into engine pods, status back."""
     from gpufleet.operator import OperatorConfig, run_operator
@@ -248,6 +269,8 @@ def operator(
         redis_url=redis,
         lease_s=lease,
         settings=RenderSettings(namespace=namespace, engine_port=engine_port),
+        dcgm_url=dcgm_url or None,
+        gpu_sample_s=gpu_sample_seconds,
     )
     _run_on_cluster(lambda api: run_operator(cfg, api))
 

@@ -26,6 +26,7 @@ from rich.segment import Segments
 from rich.table import Table
 
 from gpufleet.cli.output import out
+from gpufleet.runtime.startup import duration, progress
 
 __all__ = ["Kind", "Output", "event_table", "new_table", "print_table", "resource_table"]
 
@@ -107,12 +108,13 @@ def resource_table(kind: Kind, rows: list[dict[str, Any]], *, wide: bool = False
                 row.append(m.get("rollout") or "")
         return new_table(columns, ("NAME", "SOURCE"), cells)
     if kind is Kind.replicas:
-        columns = ["ID", "MODEL", "PHASE", "RESTARTS", "PID", "URL", "MESSAGE"]
+        columns = ["ID", "MODEL", "PHASE", "STARTUP", "RESTARTS", "PID", "URL", "MESSAGE"]
         cells = [
             [
                 r["id"],
                 r["model"],
                 r["phase"],
+                startup_cell(r),
                 str(r["restarts"]),
                 str(r["pid"] or ""),
                 r["url"] or "",
@@ -122,10 +124,29 @@ def resource_table(kind: Kind, rows: list[dict[str, Any]], *, wide: bool = False
         ]
         if wide:
             columns.insert(2, "GEN")
+            columns[5:5] = ["FETCH", "LOAD", "PROBE"]
             for row, r in zip(cells, rows, strict=True):
                 row.insert(2, str(r.get("generation", "")))
+                row[5:5] = [_seconds(r.get(k)) for k in ("fetch_s", "load_s", "ready_s")]
         return new_table(columns, ("ID", "MODEL", "URL"), cells)
     return event_table(rows, wide=wide)
+
+
+def startup_cell(replica: dict[str, Any]) -> str:
+    """A replica's start-up in one cell: how long it took, once ready; while it starts, the
+    weights' bytes so far of how many where its source tells them (``fetching 1.2/3.4 GiB``
+    before the fetch is over, ``loading …`` after); nothing otherwise."""
+    total = replica.get("startup_s")
+    if total is not None:
+        return duration(total)
+    done = progress(replica.get("fetched_bytes"), replica.get("weights_bytes"))
+    if done is None:
+        return ""
+    return f"{'fetching' if replica.get('fetch_s') is None else 'loading'} {done}"
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else duration(value)
 
 
 def event_table(rows: list[dict[str, Any]], *, wide: bool = False) -> Table:

@@ -83,6 +83,11 @@ class PlannerCapacity:
         #: Where the last plan put every replica it placed (what runs, without ``running``).
         self._placed: tuple[Placement, ...] = ()
 
+    @property
+    def placements(self) -> tuple[Placement, ...]:
+        """Where the last plan put every replica it placed: the console's planned memory."""
+        return self._placed
+
     def set_inventory(self, inventory: Inventory) -> None:
         """The fleet changed (nodes came or went): answer from the new one."""
         if inventory != self.inventory:

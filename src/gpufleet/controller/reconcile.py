@@ -30,6 +30,7 @@ from gpufleet.controller.autoscaler import Autoscaler, DemandSource, ScaleChange
 from gpufleet.controller.directory import Directory
 from gpufleet.controller.failures import PassFailures
 from gpufleet.controller.rollout import GenerationStats, Verdict, judge
+from gpufleet.controller.startup import StartupRecorder
 from gpufleet.errors import PermanentError, TemporaryError
 from gpufleet.policies.costs import replica_price_per_hour
 from gpufleet.runtime import Phase, Replica, ReplicaRequest, Runtime
@@ -91,6 +92,8 @@ class Controller:
         self._finished: dict[str, int] = {}
         self._passed = asyncio.Condition()
         self._stopped = False
+        #: Replicas' start-ups, counted as they complete (``controller.startup``).
+        self.startups = StartupRecorder()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -567,9 +570,10 @@ class Controller:
             self._phases[replica.id] = replica.phase
             if replica.phase is Phase.STOPPED:
                 self._phases.pop(replica.id, None)
+            started = self.startups.observe(replica)
             kind = _EVENTS.get(replica.phase)
             if kind is not None:
-                text = f"replica {replica.id}: {replica.message or replica.phase.value}"
+                text = f"replica {replica.id}: {started or replica.message or replica.phase.value}"
                 await self._event(replica.model, kind[0], kind[1], text)
             if replica.phase is Phase.STOPPED:
                 now = dt.datetime.now(dt.UTC)

@@ -60,6 +60,7 @@ class _Series:
         self.completion = metrics.tokens.labels(model, tenant, "completion")
         self.cached = metrics.tokens.labels(model, tenant, "cached")
         self.cost = metrics.cost.labels(model, tenant)
+        self.gpu_seconds = metrics.gpu_seconds.labels(model, tenant)
 
     def requests(self, status: int) -> Any:
         child = self._requests.get(status)
@@ -224,6 +225,9 @@ class Accounting:
         when it went away, ``billed``)."""
         if charge.owed:
             self.metrics.cost.labels(entry.name, charge.principal.tenant).inc(charge.owed)
+        if charge.gpu_seconds:
+            tenant = charge.principal.tenant
+            self.metrics.gpu_seconds.labels(entry.name, tenant).inc(charge.gpu_seconds)
         if self._ledger is None:
             return
         self._ledger.record(
@@ -283,6 +287,9 @@ class Accounting:
             m.cached.inc(outcome.cached_tokens)
         if cost:
             m.cost.inc(cost)
+        gpu_seconds = outcome.replica_seconds * entry.spec.resources.gpus + charge.gpu_seconds
+        if gpu_seconds:
+            m.gpu_seconds.inc(gpu_seconds)
         if self._ledger is not None:
             self._ledger.record(
                 UsageRow(
@@ -300,8 +307,7 @@ class Accounting:
                     completion_tokens=completion,
                     ttft_ms=outcome.ttft_s * 1000 if outcome.ttft_s is not None else None,
                     duration_ms=outcome.duration_s * 1000,
-                    gpu_seconds=outcome.replica_seconds * entry.spec.resources.gpus
-                    + charge.gpu_seconds,
+                    gpu_seconds=gpu_seconds,
                     cost_usd=cost,
                 )
             )

@@ -1,5 +1,6 @@
-"""The admin API (``/admin/v1``) the CLI talks to: models, replicas, logs, events (role
-``operator``); tenants and API keys (role ``admin``); usage and the cost report (``operator``).
+"""The admin API (``/admin/v1``) the CLI and the web console talk to: models (apply, scale,
+delete), replicas (list, restart), logs, events (role ``operator``); tenants and API keys
+(role ``admin``); usage, the cost report and the GPUs (``operator``).
 
 Applying is all-or-nothing: every document is validated before any is stored, so a bad file
 changes nothing. Embedded mode serves the ``default`` namespace only. A ``user`` key gets 403
@@ -27,6 +28,7 @@ from gpufleet.errors import GpufleetError, SpecError, StoreError
 from gpufleet.gateway.auth import ROLES, Keyring, Principal, forbidden, limits_of
 from gpufleet.gateway.cost_report import build_report, report_view
 from gpufleet.gateway.errors import ApiError, bad_request, quota_store_unavailable
+from gpufleet.gateway.gpus_report import build_history, gpus_view, resolution_of
 from gpufleet.gateway.latency_report import MAX_POINTS, build_latency, default_step
 from gpufleet.gateway.ledger import Ledger
 from gpufleet.gateway.quotas import Quotas, QuotaStoreUnavailable
@@ -55,6 +57,14 @@ def replica_view(r: Replica) -> dict[str, Any]:
         "message": r.message,
         "started_at": r.started_at,
         "ready_at": r.ready_at,
+        # Start-up by phase, seconds or null (gpufleet.runtime.startup), and the weights'
+        # bytes fetched of how many where the source tells them.
+        "fetch_s": r.fetch_s,
+        "load_s": r.load_s,
+        "ready_s": r.ready_s,
+        "startup_s": r.startup_s,
+        "fetched_bytes": r.fetched_bytes,
+        "weights_bytes": r.weights_bytes,
     }
 
 
@@ -363,6 +373,33 @@ def routes(
             await ledger.flush()
         return JSONResponse(await build_latency(store, name, since, until, step))
 
+    async def gpus(request: Request) -> Response:
+        """Every GPU and MIG instance now, who holds it, and which are idle."""
+        return JSONResponse(gpus_view(request.app.state.telemetry))
+
+    async def gpu_history(request: Request) -> Response:
+        """A window of GPU history for charts, of one device, model or node if asked."""
+        query = request.query_params
+        until = dt.datetime.now(dt.UTC)
+        since = _since(query.get("since") or "1h", until)
+        if query.get("until"):
+            until = _since(query["until"], until)
+        if until <= since:
+            raise bad_request("'since' must be before 'until' (and in the past)", param="since")
+        resolution = resolution_of(query.get("resolution"), (until - since).total_seconds())
+        if resolution is None:
+            raise bad_request("'resolution' must be 2s or 1m", param="resolution")
+        body = await build_history(
+            store,
+            since.timestamp(),
+            until.timestamp(),
+            resolution,
+            device=query.get("device") or None,
+            model=query.get("model") or None,
+            node=query.get("node") or None,
+        )
+        return JSONResponse({"since": since.isoformat(), "until": until.isoformat(), **body})
+
     async def usage_requests(request: Request) -> Response:
         since = _since(request.query_params.get("since"))
         try:
@@ -422,6 +459,57 @@ def routes(
             raise _not_found(name)
         return JSONResponse({"deleted": name})
 
+    async def scale_model(request: Request) -> Response:
+        """Set a model's replica bounds (``min``/``max``, or ``replicas`` for both) and apply
+        the changed spec as ``gpufleet apply`` does: same validation, same controller path."""
+        name = request.path_params["name"]
+        entry = directory.get(name)
+        if entry is None:
+            raise _not_found(name)
+        data = parse_body(await request.body())
+        bounds = entry.spec.replicas.model_dump(by_alias=True)
+        if "replicas" in data:
+            bounds = {"min": data["replicas"], "max": data["replicas"]}
+        bounds.update({k: data[k] for k in ("min", "max") if k in data})
+        doc = Model(api_version=API_VERSION, metadata={"name": name}, spec=entry.spec).document()
+        doc["spec"]["replicas"] = bounds
+        try:
+            model = parse_document(doc)
+        except SpecError as exc:
+            raise ApiError(
+                400, "; ".join(exc.problems), param="replicas", code="invalid_spec"
+            ) from exc
+        ((_, result, generation),) = await controller.apply([model])
+        return JSONResponse(
+            {"name": name, "result": result, "generation": generation, "replicas": bounds}
+        )
+
+    async def restart_replica(request: Request) -> Response:
+        """Stop one replica; the controller starts another in its place."""
+        rid = request.path_params["id"]
+        replica = next((r for r in runtime.replicas() if r.id == rid), None)
+        if replica is None:
+            raise ApiError(
+                404,
+                f"replica '{rid}' not found",
+                type="not_found",
+                param="id",
+                code="replica_not_found",
+            )
+        try:
+            await runtime.stop(rid)
+        except GpufleetError as exc:
+            raise ApiError(
+                409, f"replica '{rid}' cannot be restarted here: {exc}", code="restart_failed"
+            ) from exc
+        await asyncio.to_thread(
+            store.add_event,
+            replica.model,
+            "ReplicaRestarted",
+            f"replica {rid} stopped on request; the controller starts another",
+        )
+        return JSONResponse({"restarted": rid, "model": replica.model})
+
     async def list_replicas(request: Request) -> Response:
         model = request.query_params.get("model")
         return JSONResponse({"replicas": [replica_view(r) for r in runtime.replicas(model)]})
@@ -471,7 +559,9 @@ def routes(
         Route("/admin/v1/models/{name}", guarded(op, delete_model), methods=["DELETE"]),
         Route("/admin/v1/models/{name}/logs", guarded(op, logs, uses_store=False), methods=["GET"]),
         Route("/admin/v1/models/{name}/latency", guarded(op, latency), methods=["GET"]),
+        Route("/admin/v1/models/{name}/scale", guarded(op, scale_model), methods=["POST"]),
         Route("/admin/v1/replicas", guarded(op, list_replicas, uses_store=False), methods=["GET"]),
+        Route("/admin/v1/replicas/{id}/restart", guarded(op, restart_replica), methods=["POST"]),
         Route("/admin/v1/events", guarded(op, events), methods=["GET"]),
         Route("/admin/v1/tenants", guarded(ad, list_tenants), methods=["GET"]),
         Route("/admin/v1/tenants", guarded(ad, apply_tenant), methods=["POST"]),
@@ -483,4 +573,6 @@ def routes(
         Route("/admin/v1/usage", guarded(op, usage_report), methods=["GET"]),
         Route("/admin/v1/usage/requests", guarded(op, usage_requests), methods=["GET"]),
         Route("/admin/v1/report", guarded(op, cost), methods=["GET"]),
+        Route("/admin/v1/gpus", guarded(op, gpus, uses_store=False), methods=["GET"]),
+        Route("/admin/v1/gpus/history", guarded(op, gpu_history), methods=["GET"]),
     ]

@@ -42,8 +42,10 @@ def build_app(
     explicit ``--no-auth`` mode); without ``ledger`` no usage rows are written.
 
     ``app.state`` carries the parts others reach: ``gateway`` (the request path; ``execute``
-    is its method), ``upstream``, ``queues``, ``demand``, ``quotas``, ``batches``, and
-    ``close`` (the batch runner, then what requests left running)."""
+    is its method), ``upstream``, ``queues``, ``demand``, ``quotas``, ``batches``,
+    ``close`` (the batch runner, then what requests left running), and ``telemetry``: the
+    GPUs' readings (``telemetry.GpuReadings``), None until the process that runs the gateway
+    sets them (none where no GPU is seen)."""
     settings = settings or GatewaySettings()
     gateway = Gateway(
         controller,
@@ -79,4 +81,5 @@ def build_app(
     state.execute = gateway.execute
     state.batches = batches
     state.close = close
+    state.telemetry = None
     return GatewayApp(app, hot)

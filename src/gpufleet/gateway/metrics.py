@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from gpufleet import supervise
+from gpufleet.controller import startup
 
 __all__ = ["GatewayMetrics"]
 
@@ -20,6 +21,10 @@ class GatewayMetrics:
         ProcessCollector(registry=self.registry)
         # Restarts of supervised background loops, and which are down (gpufleet.supervise).
         for collector in supervise.collectors():
+            self.registry.register(collector)
+        # Replicas' start-up times (gpufleet.controller.startup): counted by the controller in
+        # this process, or on Kubernetes by this gateway's view of the engine pods.
+        for collector in startup.collectors():
             self.registry.register(collector)
         self.requests = Counter(
             "gpufleet_requests",
@@ -113,6 +118,13 @@ class GatewayMetrics:
         self.cost = Counter(
             "gpufleet_cost_usd",
             "Cost of served requests (their share of replica busy time at the replica's price)",
+            ["model", "tenant"],
+            registry=self.registry,
+        )
+        self.gpu_seconds = Counter(
+            "gpufleet_gpu_seconds",
+            "GPU time requests held (replica time × the replica's GPUs, as the ledger's "
+            "gpu_seconds), by model and tenant",
             ["model", "tenant"],
             registry=self.registry,
         )

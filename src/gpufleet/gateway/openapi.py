@@ -318,6 +318,21 @@ def openapi_document(models: list[str] | None = None) -> dict[str, Any]:
                 _query("limit", {"type": "integer"}),
             ],
         ),
+        "/admin/v1/gpus": _admin(
+            "get", "GPUs and MIG instances now, who holds them, idle (operator)"
+        ),
+        "/admin/v1/gpus/history": _admin(
+            "get",
+            "GPU history: 2 s samples for the last hour, 1-minute rows for a week (operator)",
+            params=[
+                _query("since", {"type": "string"}),
+                _query("until", {"type": "string"}),
+                _query("device", {"type": "string"}),
+                _query("model", {"type": "string"}),
+                _query("node", {"type": "string"}),
+                _query("resolution", {"type": "string", "enum": ["2s", "1m"]}),
+            ],
+        ),
     }
     paths.update(_batch_paths())
     return {

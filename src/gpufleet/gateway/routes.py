@@ -17,9 +17,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
-from gpufleet.gateway import admin, batch_api
+from gpufleet.gateway import admin, batch_api, console
 from gpufleet.gateway.asgi import read_body
 from gpufleet.gateway.batch_runner import BatchRunner
 from gpufleet.gateway.errors import ApiError, error_response
@@ -131,7 +131,9 @@ class Surface:
         return JSONResponse(openapi_document([e.name for e in self._directory.entries()]))
 
 
-def route_table(gateway: Gateway, batches: BatchRunner) -> tuple[dict[str, Handler], list[Route]]:
+def route_table(
+    gateway: Gateway, batches: BatchRunner
+) -> tuple[dict[str, Handler], list[BaseRoute]]:
     """The inference handlers by path (the fast path), and every route in matching order."""
     surface = Surface(gateway)
     authenticate, plane = gateway.admission.authenticate, gateway.plane
@@ -154,6 +156,7 @@ def route_table(gateway: Gateway, batches: BatchRunner) -> tuple[dict[str, Handl
         ),
         *batch_api.routes(plane.store, authenticate, INFERENCE_ROUTES, wake=batches.wake),
         Route("/openapi.json", surface.openapi, methods=["GET"]),
+        *console.routes(gateway),  # last: the web console under /ui
     ]
     return hot, routes
 

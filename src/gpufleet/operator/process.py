@@ -5,7 +5,8 @@ A stand-by operator holds nothing but its store connection: it neither watches p
 reconciles, so two replicas of the operator never both create pods. When it wins the Lease it
 adopts the pods it finds (labels say their model and generation), makes the engine key's
 Secret if it is missing, starts the controller, and runs a pass every ``interval_s``: tenants,
-then models, then status.
+then models, then status. Given a DCGM exporter's URL, the leader also reads the GPUs and
+writes their history to the store, where the gateways read it.
 
 While the API server, the store or Redis is away, each is one outage, reported once by the
 controller's ``OutageReporter`` (``controller.failures``) — for the controller's passes, the
@@ -35,6 +36,7 @@ from gpufleet.runtime.kubernetes import KubernetesRuntime, RenderSettings, inven
 from gpufleet.runtime.kubernetes.api import KubeApi
 from gpufleet.spec import Inventory
 from gpufleet.store import Store
+from gpufleet.telemetry import dcgm_telemetry
 
 __all__ = ["Operator", "OperatorConfig", "acting", "run_operator"]
 
@@ -94,6 +96,10 @@ class OperatorConfig:
     #: How long a leader's Lease lasts without renewal before a stand-by takes over.
     lease_s: float = 15.0
     settings: RenderSettings | None = None
+    #: The DCGM exporters' (or a Prometheus') URL the leader reads the GPUs from, for their
+    #: history in the store (gateways show it); None: no GPU telemetry.
+    dcgm_url: str | None = None
+    gpu_sample_s: float = 2.0
 
 
 @contextlib.asynccontextmanager
@@ -147,14 +153,30 @@ async def acting(cfg: OperatorConfig, api: KubeApi, store: Store) -> AsyncIterat
                 controller.failures.passed("node inventory read")
 
     tasks: list[asyncio.Task[None]] = []
+    # One reader of the GPUs per cluster: the leader's, writing what gateways show.
+    telemetry = (
+        dcgm_telemetry(
+            cfg.dcgm_url,
+            namespace=cfg.namespace,
+            replicas=runtime.replicas,
+            store=store,
+            interval_s=cfg.gpu_sample_s,
+        )
+        if cfg.dcgm_url
+        else None
+    )
     try:
         await ensure_engine_key(api, cfg.namespace)
         await runtime.start_watching()
         await controller.start()
         await share_inventory()
         tasks.append(asyncio.create_task(refresh_inventory(), name="operator:inventory"))
+        if telemetry is not None:
+            await telemetry.start()
         yield Operator(api, controller, cfg.namespace, settings=settings)
     finally:
+        if telemetry is not None:
+            await telemetry.close()
         for task in tasks:
             task.cancel()
         for task in tasks:

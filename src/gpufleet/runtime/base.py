@@ -57,6 +57,19 @@ class Replica:
     started_at: float | None = None
     ready_at: float | None = None
     embeddings: bool = False
+    #: Start-up by phase, in seconds (``gpufleet.runtime.startup``): fetching the weights,
+    #: loading them (engine started → answering its health path), and the first ready probe
+    #: (answering → the readiness probe passes); ``startup_s`` from the replica's start to
+    #: ready, all in. None where the runtime cannot tell, or the phase is not over yet. A
+    #: restart fetches nothing: its ``fetch_s`` is None and the others are its own.
+    fetch_s: float | None = None
+    load_s: float | None = None
+    ready_s: float | None = None
+    startup_s: float | None = None
+    #: Bytes of the weights fetched so far, of how many: both or neither, and only where the
+    #: source tells them (a download's length, a copy of a file of known size) — never guessed.
+    fetched_bytes: int | None = None
+    weights_bytes: int | None = None
     #: The engine's secret: it answers only requests bearing it, and only the gateway (and the
     #: runtime's probes) hold it. Never shown: not in repr, listings, events or logs.
     api_key: str | None = field(default=None, repr=False)

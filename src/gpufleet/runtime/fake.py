@@ -74,6 +74,29 @@ class FakeRuntime:
         replica = dataclasses.replace(self._replicas[replica_id], phase=phase, message=message)
         self._set(replica)
 
+    def set_startup(
+        self,
+        replica_id: str,
+        *,
+        fetch_s: float | None = None,
+        load_s: float | None = None,
+        ready_s: float | None = None,
+        startup_s: float | None = None,
+        fetched_bytes: int | None = None,
+        weights_bytes: int | None = None,
+    ) -> None:
+        """Give a replica the start-up figures (and progress) a real runtime would measure."""
+        replica = dataclasses.replace(
+            self._replicas[replica_id],
+            fetch_s=fetch_s,
+            load_s=load_s,
+            ready_s=ready_s,
+            startup_s=startup_s,
+            fetched_bytes=fetched_bytes,
+            weights_bytes=weights_bytes,
+        )
+        self._set(replica)
+
     def _set(self, replica: Replica) -> None:
         self._replicas[replica.id] = replica
         self._publish(replica)

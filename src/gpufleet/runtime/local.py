@@ -13,6 +13,12 @@ Engines listen on loopback and each replica gets a random secret of its own (the
 key, passed by environment where the engine allows it): only this process, its probes and its
 gateway hold it, so another local user cannot reach an engine around the gateway's keys, quotas
 and ledger. The secret is kept off the replica's log (the launch line shows ``***``).
+
+Start-up is measured per attempt (``runtime.startup``): fetch is the weights' look-up in
+``start`` (nothing is downloaded here); load runs from the process's launch to the first 2xx of
+its health path, which the readiness wait asks first; the first probe from there to the first 2xx
+of the readiness probe. An engine whose health path is not 2xx by then (a 503 while it loads) is
+probed for readiness too, as before: its load then ends where it became ready.
 """
 
 from __future__ import annotations
@@ -76,6 +82,9 @@ class _Handle:
     launch: Launch | None = None
     task: asyncio.Task[None] | None = None
     stopping: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    #: When ``start`` was called (the runtime's clock): the first attempt's start-up counts
+    #: from here.
+    created: float = 0.0
 
 
 class LocalRuntime:
@@ -92,6 +101,7 @@ class LocalRuntime:
         backoff_initial_s: float = 1.0,
         backoff_max_s: float = 30.0,
         backoff_reset_after_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._log_dir = data_dir / "logs"
         self._host = host
@@ -103,12 +113,16 @@ class LocalRuntime:
         self._feed = ReplicaFeed()
         self._http: aiohttp.ClientSession | None = None
         self._death_hook = _parent_death_hook()
+        #: What the start-up figures are measured with (tests pass a controllable one).
+        self._clock = clock
 
     # -- Runtime protocol -------------------------------------------------------------------
 
     async def start(self, request: ReplicaRequest) -> Replica:
         adapter = adapter_for(request.spec.engine)
+        created = self._clock()
         weights = resolve_weights(request.spec.parsed_source)
+        fetched = self._clock()
         rid = f"{request.model}-g{request.generation}-{secrets.token_hex(3)}"
         log_path = self._log_dir / request.model / f"{rid}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,8 +133,9 @@ class LocalRuntime:
             phase=Phase.STARTING,
             embeddings=request.spec.embeddings,
             api_key=secrets.token_urlsafe(32),
+            fetch_s=fetched - created,
         )
-        handle = _Handle(replica, request, adapter, weights, log_path)
+        handle = _Handle(replica, request, adapter, weights, log_path, created=created)
         self._handles[rid] = handle
         handle.task = asyncio.create_task(self._supervise(handle), name=f"replica:{rid}")
         self._publish(handle)
@@ -230,6 +245,7 @@ class LocalRuntime:
                 start_new_session=True,
                 preexec_fn=self._death_hook,
             )
+        launched = self._clock()
         self._update(
             h,
             phase=Phase.STARTING,
@@ -237,15 +253,31 @@ class LocalRuntime:
             pid=h.proc.pid,
             started_at=time.time(),
             message="starting",
+            # A restart fetches nothing, and counts from its own launch.
+            fetch_s=h.replica.fetch_s if attempt == 1 else None,
+            load_s=None,
+            ready_s=None,
+            startup_s=None,
         )
+        begun = h.created if attempt == 1 else launched
         exited = asyncio.ensure_future(h.proc.wait())
         try:
-            if not await self._await_ready(h, launch, url, exited):
+            times = await self._await_ready(h, launch, url, exited, launched)
+            if times is None:
                 if not exited.done():
                     await self._terminate(h)
                 return None
+            answered, ready = times
             ready_at = time.monotonic()
-            self._update(h, phase=Phase.READY, ready_at=time.time(), message="ready")
+            self._update(
+                h,
+                phase=Phase.READY,
+                ready_at=time.time(),
+                message="ready",
+                load_s=answered - launched,
+                ready_s=ready - answered,
+                startup_s=ready - begun,
+            )
             await self._watch_liveness(h, launch, url, exited)
             return ready_at
         finally:
@@ -254,20 +286,39 @@ class LocalRuntime:
             await exited
 
     async def _await_ready(
-        self, h: _Handle, launch: Launch, url: str, exited: asyncio.Future[int]
-    ) -> bool:
+        self,
+        h: _Handle,
+        launch: Launch,
+        url: str,
+        exited: asyncio.Future[int],
+        launched: float,
+    ) -> tuple[float, float] | None:
+        """Wait until the readiness probe passes: when the engine first answered its health
+        path and when it passed, by the runtime's clock; None if it exited or timed out."""
         deadline = time.monotonic() + launch.readiness.timeout_s
         probe = launch.readiness
+        answered: float | None = None
         while time.monotonic() < deadline and not h.stopping.is_set():
             if exited.done():
-                return False
+                return None
+            if answered is None:
+                health = await self._request(
+                    "GET", url + launch.liveness_path, None, h.replica, timeout=5.0
+                )
+                if health is None:  # not listening yet: no probe can pass
+                    await asyncio.wait({exited}, timeout=0.05)
+                    continue
+                if 200 <= health < 300:
+                    answered = self._clock()
+                    self._update(h, load_s=answered - launched)
             status = await self._request(
                 probe.method, url + probe.path, probe.body, h.replica, timeout=5.0
             )
             if status is not None and 200 <= status < 300:
-                return True
+                ready = self._clock()
+                return (answered if answered is not None else ready), ready
             await asyncio.wait({exited}, timeout=0.05 if status is None else 0.2)
-        return False
+        return None
 
     async def _watch_liveness(
         self, h: _Handle, launch: Launch, url: str, exited: asyncio.Future[int]

@@ -13,6 +13,7 @@ from gpufleet.store.db import (
     UsageRow,
     sqlite_url,
 )
+from gpufleet.store.telemetry import GpuPoint
 from gpufleet.store.usage import DeadLetter, RefusalKey, RowsRejected
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "DeadLetter",
     "Event",
     "FileRecord",
+    "GpuPoint",
     "KeyRecord",
     "RefusalKey",
     "Revision",

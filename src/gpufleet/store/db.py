@@ -49,7 +49,9 @@ from gpufleet.store.tables import (
     scale_state,
     tenants,
 )
+from gpufleet.store.telemetry import GpuHistoryStore
 from gpufleet.store.timings import TimingStore
+from gpufleet.store.ui_sessions import UiSessionStore
 from gpufleet.store.usage import UsageRow, UsageStore
 
 __all__ = [
@@ -130,7 +132,7 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-class Store(BatchStore, UsageStore, CostStore, TimingStore):
+class Store(BatchStore, UsageStore, CostStore, TimingStore, GpuHistoryStore, UiSessionStore):
     def __init__(self, url: str) -> None:
         self.url = url
         try:

@@ -16,6 +16,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
+    SmallInteger,
     String,
     Table,
     Text,
@@ -30,6 +31,8 @@ __all__ = [
     "batches",
     "events",
     "files",
+    "gpu_devices",
+    "gpu_samples",
     "inventories",
     "metadata",
     "model_revisions",
@@ -51,7 +54,7 @@ def aware(value: dt.datetime) -> dt.datetime:
 
 
 #: The newest migration; a test checks it against the migration scripts.
-HEAD_REVISION = "0006"
+HEAD_REVISION = "0007"
 
 metadata = MetaData()
 
@@ -327,4 +330,41 @@ ui_sessions = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Index("ix_ui_sessions_key", "key_prefix"),
+)
+
+# GPUs and MIG instances the telemetry has seen, each once: history rows name a device by this
+# small id rather than its 40-character UUID (a week of 1-minute rows for 1,000 GPUs is ten
+# million rows).
+gpu_devices = Table(
+    "gpu_devices",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("device", String(96), nullable=False, unique=True),  # GPU or MIG instance UUID
+    Column("node", String(253), nullable=False),
+    Column("gpu_index", String(64), nullable=False),  # "0", or "0/mig-1g.10gb/3"
+    Column("name", String(128), nullable=False),
+    Column("parent", String(96), nullable=True),  # a MIG instance's GPU
+    Column("memory_total", BigInteger, nullable=True),
+    Index("ix_gpu_devices_node", "node"),
+)
+
+# GPU history in two resolutions (``resolution`` in seconds): the samples themselves (2 s) for
+# an hour, and 1-minute rows (averages; the maximum of memory) for a week. ``at`` is unix
+# seconds, an integer: SQLite keeps it in 4–6 bytes where a DateTime's text takes 26.
+gpu_samples = Table(
+    "gpu_samples",
+    metadata,
+    Column("device_id", Integer, nullable=False),
+    Column("resolution", SmallInteger, nullable=False),
+    Column("at", BigInteger, nullable=False),
+    Column("memory_used", BigInteger, nullable=True),
+    Column("util", Float, nullable=True),
+    Column("sm_active", Float, nullable=True),
+    Column("power_w", Float, nullable=True),
+    Column("temp_c", Float, nullable=True),
+    Column("replica", String(128), nullable=True),  # NULL: idle
+    Column("model", String(63), nullable=True),
+    PrimaryKeyConstraint("device_id", "resolution", "at", name="pk_gpu_samples"),
+    Index("ix_gpu_samples_at", "resolution", "at"),
+    Index("ix_gpu_samples_model", "model", "resolution", "at"),
 )

@@ -15,6 +15,9 @@ containers; this runtime reports what the pods say:
 - deleted by someone else (a node gone, an eviction) or ``Failed`` → ``Stopped``, and the
   controller starts a replacement.
 
+Each replica carries its start-up figures as the pod's status gives them (``startup``): the
+weights' wait in the init container, the engine container's start to Ready, the whole.
+
 Pods carry their model and generation as labels, so an operator that restarts adopts the pods
 it finds instead of starting them again. The pod watch runs supervised (``gpufleet.supervise``):
 after an error it starts again from a fresh list, and replicas whose pods went meanwhile are
@@ -58,6 +61,7 @@ from gpufleet.runtime.kubernetes.manifests import (
     leader_worker_set,
     loader_job,
 )
+from gpufleet.runtime.kubernetes.startup import pod_startup
 from gpufleet.spec import API_VERSION, Metadata, Model
 from gpufleet.supervise import Supervisor
 
@@ -371,6 +375,13 @@ class KubernetesRuntime:
             None,
         )
         ready = conditions.get("Ready", {}).get("status") == "True" and status.get("podIP")
+        figures = pod_startup(pod)
+        load, total = figures.load_s, figures.startup_s
+        if load is None and restarts == current.restarts:  # not Ready now: the start it made
+            load, total = current.load_s, current.startup_s
+        current = dataclasses.replace(
+            current, fetch_s=figures.fetch_s, load_s=load, startup_s=total
+        )
         if ready:
             url = f"http://{status['podIP']}:{self.settings.engine_port}"
             replica = dataclasses.replace(
@@ -379,7 +390,7 @@ class KubernetesRuntime:
                 url=url,
                 restarts=restarts,
                 message="",
-                ready_at=current.ready_at or time.time(),
+                ready_at=figures.ready_at or current.ready_at or time.time(),
             )
         elif waiting is not None:
             replica = dataclasses.replace(
