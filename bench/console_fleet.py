@@ -242,7 +242,7 @@ class _Readings:
         return self._readings
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, scrape_s: float) -> None:
     from gpufleet.gateway import assemble
     from gpufleet.gateway.serving import bind_socket, gateway_server
     from gpufleet.runtime.fake import FakeRuntime
@@ -252,9 +252,10 @@ async def serve(port: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = Store.open(sqlite_url(Path(tmp)))
         plane = BenchPlane(build(), store, FakeRuntime())
-        # No engine answers behind the 960 replicas: the engine scraper, which would try each
-        # of them every 0.25 s and fail, is held to once an hour (it is not what is measured).
-        stack = assemble(plane, auth=True, scrape_s=3600)  # type: ignore[arg-type]
+        # No engine answers behind the 960 replicas: by default the engine scraper, which
+        # would try each of them and fail, is held to once an hour (it is not what is
+        # measured); ``--scrape-s 0.25`` runs it as the gateway does, paced by its budget.
+        stack = assemble(plane, auth=True, scrape_s=scrape_s)  # type: ignore[arg-type]
         stack.keyring.bootstrap_admin(BENCH_KEY)
         stack.app.state.telemetry = _Readings(plane.fleet.readings)
         server = gateway_server(stack.app)
@@ -283,7 +284,7 @@ def timed(opener: urllib.request.OpenerDirector, url: str, n: int) -> tuple[list
 Timings = dict[str, tuple[list[float], int]]
 
 
-def served(requests: int) -> tuple[Timings, list[str]]:
+def served(requests: int, scrape_s: float) -> tuple[Timings, list[str]]:
     """Times over HTTP from a child gateway: ``/livez`` (the baseline: what any answer costs on
     this machine now), the shell and the fleet JSON; and the loop stalls its ``LoopWatch``
     logged meanwhile."""
@@ -291,7 +292,7 @@ def served(requests: int) -> tuple[Timings, list[str]]:
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile("w+") as log:
         child = subprocess.Popen(
-            [sys.executable, __file__, "--serve", str(port)],
+            [sys.executable, __file__, "--serve", str(port), "--scrape-s", str(scrape_s)],
             cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             stdout=subprocess.DEVNULL,
@@ -328,7 +329,7 @@ def served(requests: int) -> tuple[Timings, list[str]]:
     return times, stalls
 
 
-def measure(requests: int) -> None:
+def measure(requests: int, scrape_s: float) -> None:
     fleet = build()
     planned = planned_of((p, None) for p in fleet.placements)
     entries = fleet.directory.entries()
@@ -344,11 +345,12 @@ def measure(requests: int) -> None:
         build_s.append(middle - start)
         encode_s.append(time.perf_counter() - middle)
 
-    times, stalls = served(requests)
+    times, stalls = served(requests, scrape_s)
     (shell, shell_size), (data, data_size) = times["shell"], times["fleet"]
     print(
         f"fleet page at {gpus} GPUs ({len(fleet.readings)} readings, {len(planned)} placed devices), "
-        f"{len(entries)} models, {replicas} replicas; {requests} requests each, one at a time\n"
+        f"{len(entries)} models, {replicas} replicas; {requests} requests each, one at a time; "
+        f"engine scraper every {scrape_s:g} s\n"
     )
     rows = []
     for name, values, size in (
@@ -392,11 +394,17 @@ def measure(requests: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=50)
+    parser.add_argument(
+        "--scrape-s",
+        type=float,
+        default=3600.0,
+        help="the engine scraper's interval (default: held off; 0.25 is the gateway's own)",
+    )
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         import uvloop
 
-        uvloop.run(serve(args.serve))
+        uvloop.run(serve(args.serve, args.scrape_s))
     else:
-        measure(args.requests)
+        measure(args.requests, args.scrape_s)

@@ -125,5 +125,6 @@ def assemble(
     scraper = EngineScraper(
         plane.directory, gateway.upstream, interval_s=scrape_s, on_tick=gateway.queues.poke_all
     )
+    gateway.metrics.engine_scrape_pause.set_function(lambda: scraper.pause)
     watch = LoopWatch(gateway.metrics.registry)
     return GatewayStack(app, gateway, keyring, quotas, ledger, scraper, app.state.batches, watch)

@@ -121,6 +121,12 @@ class GatewayMetrics:
             ["model", "tenant"],
             registry=self.registry,
         )
+        self.engine_scrape_pause = Gauge(
+            "gpufleet_engine_scrape_pause_seconds",
+            "Pause between passes over the engines' /metrics: the configured interval, longer "
+            "while a pass costs more than its share of the event loop (many replicas)",
+            registry=self.registry,
+        )
         self.gpu_seconds = Counter(
             "gpufleet_gpu_seconds",
             "GPU time requests held (replica time × the replica's GPUs, as the ledger's "

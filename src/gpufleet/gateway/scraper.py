@@ -4,6 +4,14 @@ The gateway's own in-flight and backlog counts lead; these are the second signal
 KV use), fresh enough to matter — production-stack's 30 s is too stale, the best routers scrape
 every ~50 ms. A replica that leaves the directory is forgotten by every policy. Each scrape
 carries the replica's secret, for engines whose ``/metrics`` is behind it (llama-server's).
+
+Scraping is paced by what it costs the event loop, which also serves every request: a pass's
+CPU time (fetching and parsing every engine's page) may take at most ``budget`` of the loop's
+time, so the pause after a pass is the longer of ``interval_s`` and what keeps that share.
+A handful of replicas are scraped every 250 ms; a thousand are scraped as often as a tenth of a
+core allows (their pages parsed in Python take milliseconds each), instead of a pass every
+250 ms holding the loop for most of it. The pace is said once when it slows and once when it
+is back (``gpufleet_engine_scrape_pause_seconds`` on /metrics follows it).
 """
 
 from __future__ import annotations
@@ -11,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 
@@ -32,13 +41,27 @@ class EngineScraper:
         upstream: Upstream,
         *,
         interval_s: float = 0.25,
+        budget: float = 0.1,
         on_tick: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        cpu_clock: Callable[[], float] = time.thread_time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        if not 0 < budget <= 1:
+            raise ValueError(f"the scraping budget is a share of the loop in (0, 1], not {budget}")
         #: Called after every pass (the gateway lets queued requests onto new replicas).
         self.on_tick = on_tick
         self.directory = directory
         self.upstream = upstream
         self.interval = interval_s
+        self.budget = budget
+        #: The pause after the last pass: ``interval`` unless the passes cost more than
+        #: ``budget`` of the loop.
+        self.pause = interval_s
+        self._clock = clock
+        self._cpu_clock = cpu_clock
+        self._sleep = sleep
+        self._slowed = False
         self._task: asyncio.Task[None] | None = None
         self._http: aiohttp.ClientSession | None = None
         self._known: set[str] = set()
@@ -95,10 +118,36 @@ class EngineScraper:
 
     async def _run(self) -> None:
         while True:
+            began, cpu = self._clock(), self._cpu_clock()
             try:
                 await self.scrape_once()
             except Exception:
                 log.exception("scraping engine metrics failed")
+            self.pace(self._clock() - began, self._cpu_clock() - cpu)
             if self.on_tick is not None:
                 self.on_tick()
-            await asyncio.sleep(self.interval)
+            await self._sleep(self.pause)
+
+    def pace(self, took_s: float, cpu_s: float) -> float:
+        """The pause after a pass that took ``took_s`` of wall time and ``cpu_s`` of the loop
+        thread's CPU: at least ``interval``, and long enough that passes keep to ``budget``
+        of the loop (``cpu / (took + pause) <= budget``). The CPU is the thread's, so work the
+        loop did for requests during the pass counts too: a busy gateway scrapes less often,
+        which is the trade wanted — its own in-flight counts lead routing anyway."""
+        self.pause = max(self.interval, cpu_s / self.budget - took_s)
+        slowed = self.pause > 2 * self.interval
+        if slowed != self._slowed:
+            self._slowed = slowed
+            if slowed:
+                log.warning(
+                    "scraping %d engines costs %.0f ms of CPU a pass: scraping every %.2f s "
+                    "instead of %.2f s, to keep it under %.0f%% of the event loop",
+                    len(self._known),
+                    cpu_s * 1000,
+                    self.pause + took_s,
+                    self.interval,
+                    self.budget * 100,
+                )
+            else:
+                log.info("engine scraping is back to every %.2f s", self.interval)
+        return self.pause
