@@ -25,6 +25,7 @@ from gpufleet.cli.output import fail, out, spec_problems
 from gpufleet.cli.plan import plan_command
 from gpufleet.cli.render import render_command
 from gpufleet.cli.report import report
+from gpufleet.cli.sim import sim_command
 from gpufleet.cli.tables import Kind, Output, event_table, print_table, resource_table
 from gpufleet.errors import GpufleetError, SpecError
 
@@ -361,6 +362,7 @@ app.command()(report)
 app.command()(estimate)
 app.command("plan")(plan_command)
 app.command("render")(render_command)
+app.command("sim")(sim_command)
 app.command(context_settings=EMULATE_SETTINGS)(emulate)
 
 

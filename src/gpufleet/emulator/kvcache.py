@@ -76,14 +76,31 @@ class KVCache:
         return n
 
     def allocate(self, hashes: Sequence[int], extra_blocks: int) -> Allocation | None:
-        """Pin a prompt's blocks (reusing its cached prefix) plus ``extra_blocks``; None if full."""
-        cached = self.cached_prefix(hashes)
-        new_hashed = [h for h in hashes[cached:] if h not in self._pins and h not in self._idle]
-        reuse_idle = sum(1 for h in hashes if h in self._idle)
-        needed = len(new_hashed) + extra_blocks
-        free = self.capacity - len(self._pins) - len(self._idle) - self._anonymous
-        evictable = len(self._idle) - reuse_idle
-        if needed > free + evictable:
+        """Pin a prompt's blocks (reusing its cached prefix) plus ``extra_blocks``; None if full.
+
+        One pass over the hashes, given up as soon as the blocks needed exceed every block not
+        pinned: a full engine retries its waiting requests at each change of its batch, and the
+        simulator makes that its hot path.
+        """
+        pins, idle = self._pins, self._idle
+        free = self.capacity - len(pins) - len(idle) - self._anonymous
+        room = free + len(idle)  # no allocation can get more than this
+        needed = extra_blocks
+        if needed > room:
+            return None
+        cached, reuse_idle, prefix = 0, 0, True
+        for h in hashes:
+            if h in pins:
+                cached += prefix
+            elif h in idle:
+                cached += prefix
+                reuse_idle += 1
+            else:
+                prefix = False
+                needed += 1
+                if needed > room:
+                    return None
+        if needed > room - reuse_idle:
             return None
         for h in hashes:
             if h in self._idle:

@@ -108,6 +108,9 @@ class EngineModel:
         self._context = 0  # tokens held by admitted sequences: prompts and tokens out
         self._grid = StepGrid()
         self._next_finish: float | None = None
+        #: A sequence ended since the waiting requests were last tried: only that frees a slot
+        #: or KV blocks, so until then a retry would fail as the last one did.
+        self._freed = False
 
     @property
     def running(self) -> int:
@@ -129,16 +132,28 @@ class EngineModel:
         It advances to ``now`` first, silently: a driver that needs to hear of the requests an
         earlier event changed calls ``advance(now)`` before.
         """
+        return self.submit_blocks(len(prompt), block_hashes(prompt), max_tokens, now)
+
+    def submit_blocks(
+        self, prompt_tokens: int, hashes: list[int], max_tokens: int, now: float
+    ) -> Generation:
+        """``submit`` for a prompt known only by its length and its blocks' chained hashes.
+
+        The simulator's traces carry token counts, not tokens, and synthetic hashes for their
+        shared prefixes; hashing a made-up prompt per request would cost more than the rest of
+        its simulation. ``hashes`` may cover only the prompt's leading blocks (a shared
+        prefix): the rest of the prompt is then held in blocks no other request can reuse.
+        """
         self.advance(now)
-        hashes = block_hashes(prompt)
         max_tokens = max(0, max_tokens)
-        extra = math.ceil((len(prompt) + max_tokens) / BLOCK_TOKENS) - len(hashes)
+        hashes = hashes[: prompt_tokens // BLOCK_TOKENS]  # only whole prompt blocks are hashed
+        extra = math.ceil((prompt_tokens + max_tokens) / BLOCK_TOKENS) - len(hashes)
         if len(hashes) + extra > self.cache.capacity:
             raise RequestTooLarge(
-                f"prompt + max_tokens ({len(prompt) + max_tokens} tokens) exceed the KV cache "
+                f"prompt + max_tokens ({prompt_tokens + max_tokens} tokens) exceed the KV cache "
                 f"({self.cache.capacity * BLOCK_TOKENS} tokens)"
             )
-        gen = Generation(len(prompt), max_tokens, now, _hashes=hashes, _extra_blocks=extra)
+        gen = Generation(prompt_tokens, max_tokens, now, _hashes=hashes, _extra_blocks=extra)
         if self.running < self.max_num_seqs and self._admit(gen, now):
             self._settle(now)  # the tokens out so far, under the steps planned before it came
             self._replan(now)
@@ -230,6 +245,9 @@ class EngineModel:
         return True
 
     def _admit_waiting(self, t: float) -> list[Generation]:
+        if not self._freed or not self._waiting:
+            return []
+        self._freed = False
         admitted: list[Generation] = []
         left: list[Generation] = []
         for gen in self._waiting:
@@ -266,6 +284,7 @@ class EngineModel:
 
     def _finish(self, gen: Generation, t: float) -> None:
         gen.phase, gen.finished_at = "done", t
+        self._freed = True
         if gen._allocation is not None:
             self.cache.release(gen._allocation)
             self._context -= gen.prompt_tokens + gen._emitted

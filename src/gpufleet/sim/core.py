@@ -1,0 +1,644 @@
+"""The simulator's core: a fleet in virtual time, run by the production policies.
+
+One heap of events, ordered by virtual time (no asyncio, no sleeping, no clock read but the
+one that times the run itself): a request arriving (the trace is read one request ahead, never
+whole), a replica's engine changing its batch (``EngineModel.next_event_time``), a replica
+becoming ready, a held request's hold running out, and the autoscaler's tick. At one instant
+engines go first, so a slot freed at ``t`` serves a request arriving at ``t``.
+
+What runs unchanged from production:
+
+- **routing** — the policy the model's spec names (``make_policy``, as the gateway's
+  ``Upstream`` does), fed the gateway's own per-replica counts (in flight, prefill backlog,
+  awaiting a first token) and the engine's (waiting, running, KV use — read exactly here, where
+  the gateway scrapes them every 250 ms). A prefix-aware policy is calibrated with the engine's
+  prefill rate, which the gateway learns from observed TTFTs.
+- **autoscaling** — ``gpufleet.autoscale.decide`` every ``tick_s`` with the samples the
+  controller takes (in flight, arrivals, KV use, engine queues, TTFT p90), bounded by what the
+  planner can place (``controller.capacity.PlannerCapacity``, the controller's own bound, which
+  calls ``plan``); a model the fleet cannot hold keeps the planner's reason. A request for a
+  model at zero replicas wakes it at once, as the gateway asks the controller to.
+- **engines** — ``emulator.model.EngineModel`` per replica, built as the emulator server builds
+  it, timed by the sizing layer's ``PerfModel`` for the placement's GPU type.
+
+The gateway is modelled, not run: a model takes ``slots`` requests in flight per routable
+replica; beyond that, or with no replica ready, requests wait in one FIFO per model (the fair
+queue with one tenant) and are refused once they have waited ``hold_s``. A replica being
+stopped takes no new requests and ends when its last one does (its ``drain`` is not cut short).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+import time
+from array import array
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from gpufleet.autoscale import Sample, ScaleState, decide, initial_state
+from gpufleet.controller.capacity import PlannerCapacity
+from gpufleet.emulator.kvcache import BLOCK_TOKENS
+from gpufleet.emulator.model import EngineModel, Generation, RequestTooLarge
+from gpufleet.planner import Placement, PlanSettings, ReplicaKey
+from gpufleet.policies.costs import CostLine, Span, UsageTotals, cost_report, inventory_gpus
+from gpufleet.routing import Endpoint, RequestFeatures, RoutingPolicy, make_policy
+from gpufleet.sim.fleet import EngineParams, SimModel
+from gpufleet.sim.result import (
+    GpuUse,
+    ModelResult,
+    Objectives,
+    ScaleEvent,
+    SimResult,
+    percentiles,
+)
+from gpufleet.sim.traces import TraceRequest, block_hashes
+from gpufleet.spec import Inventory, ModelSpec
+
+__all__ = ["SimSettings", "simulate"]
+
+# Event kinds, in the order they run at one instant.
+_ENGINE, _READY, _ARRIVAL, _EXPIRE, _TICK = range(5)
+
+
+@dataclass(frozen=True, slots=True)
+class SimSettings:
+    #: The autoscaler's sampling and decision interval (the controller's default: 1 s).
+    tick_s: float = 1.0
+    #: How long a request waits for a slot or a replica before it is refused (the gateway's).
+    hold_s: float = 60.0
+    #: Replicas at ``replicas.min`` are ready at time 0; else they start loading then.
+    warm_start: bool = True
+    #: Routing policy for every model instead of the one its spec names.
+    routing: str | None = None
+    plan_settings: PlanSettings | None = None
+    seed: int | None = None
+
+
+@dataclass(eq=False, slots=True)
+class _Request:
+    trace: TraceRequest
+    model: _Model
+    arrived: float
+    waiting: bool = False  # in the model's queue
+    replica: _Replica | None = None
+    prefill: int = 0  # uncached prompt tokens the gateway counts in the replica's backlog
+    prefilled: bool = False
+    features: RequestFeatures | None = None
+    hashes: list[int] | None = None
+
+
+@dataclass(eq=False, slots=True)
+class _Replica:
+    id: str
+    model: _Model
+    engine: EngineModel
+    params: EngineParams
+    started_at: float
+    ready: bool = False
+    stopping: bool = False
+    ended_at: float | None = None
+    in_flight: int = 0
+    backlog: int = 0
+    prefilling: int = 0
+    scheduled: float | None = None
+    busy_since: float | None = None
+    busy_s: float = 0.0
+    requests: dict[Generation, _Request] = field(default_factory=dict)
+
+
+class _Model:
+    """A model's gateway queue, replicas, autoscaler state and statistics."""
+
+    def __init__(self, sized: SimModel, policy: RoutingPolicy, now: float) -> None:
+        self.sized = sized
+        self.name = sized.name
+        self.spec: ModelSpec = sized.model.spec
+        self.policy = policy
+        self.queue: deque[_Request] = deque()
+        self.queued = 0
+        self.replicas: list[_Replica] = []  # held, not stopping; index = its ReplicaKey index
+        self.routable: list[_Replica] = []
+        self.in_flight = 0
+        self.created = 0
+        self.state: ScaleState = initial_state(self.spec, now)
+        self.window: deque[Sample] = deque()
+        self.arrivals = 0  # since the last tick
+        self.recent_ttfts: list[float] = []
+        self.unplaced: str | None = None  # the planner's reason while it falls short
+        self.last_unplaced: str | None = None
+        self.calibrated = False
+        # Statistics.
+        self.requests = self.served = self.refused = 0
+        self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
+        self.ttft = array("d")
+        self.itl = array("d")
+        self.e2e = array("d")
+        self.met = {"ttft": 0, "itl": 0, "e2e": 0, "all": 0}
+        self.spans: list[_Replica] = []
+        self.replica_seconds = 0.0
+        self.replicas_max = 0
+        self.count_since = now
+
+    def count_change(self, now: float, before: int) -> None:
+        self.replica_seconds += before * (now - self.count_since)
+        self.count_since = now
+        self.replicas_max = max(self.replicas_max, len(self.replicas))
+
+
+class _Simulation:
+    def __init__(
+        self,
+        models: Sequence[SimModel],
+        inventory: Inventory,
+        trace: Iterable[TraceRequest],
+        objectives: Objectives,
+        settings: SimSettings,
+    ) -> None:
+        if not models:
+            raise ValueError("nothing to simulate: no models")
+        self.settings = settings
+        self.objectives = objectives
+        self.inventory = inventory
+        self.models = {
+            m.name: _Model(m, make_policy(settings.routing or m.model.spec.routing.policy), 0.0)
+            for m in models
+        }
+        self.first = self.models[models[0].name]
+        sized = {m.name: m.deployment for m in models}
+        self.capacity = PlannerCapacity(
+            inventory,
+            size=lambda name, spec: sized.get(name),
+            settings=settings.plan_settings,
+        )
+        self.placements: dict[ReplicaKey, Placement] = {}
+        self.last_wants: dict[str, int] | None = None
+        self.bounds: Mapping[str, tuple[int, str]] = {}
+        self.events: list[ScaleEvent] = []
+        self.heap: list[tuple[float, int, int, object]] = []
+        self.seq = 0
+        self.trace: Iterator[TraceRequest] = iter(trace)
+        self.exhausted = False
+        self.last_arrival = 0.0
+        self.now = 0.0
+        self.end = 0.0
+        self.in_system = 0
+
+    # The event loop.
+
+    def push(self, t: float, kind: int, obj: object) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, kind, self.seq, obj))
+
+    def run(self) -> None:
+        self.rescale(0.0, {m.name: m.state.desired for m in self.models.values()}, "initial")
+        if self.settings.warm_start:
+            for m in self.models.values():
+                for r in m.replicas:
+                    self.ready(r, 0.0)
+        self.next_arrival()
+        self.push(self.settings.tick_s, _TICK, None)
+        heap, pop = self.heap, heapq.heappop
+        while heap:
+            t, kind, _, obj = pop(heap)
+            self.now = t
+            if kind == _ENGINE:
+                assert isinstance(obj, _Replica)
+                if obj.scheduled == t:
+                    obj.scheduled = None
+                    self.engine_changed(obj, obj.engine.advance(t), t)
+                    self.after(obj, t)
+                    self.end = t
+            elif kind == _ARRIVAL:
+                assert isinstance(obj, TraceRequest)
+                self.arrive(obj, t)
+                self.next_arrival()
+                self.end = t
+            elif kind == _READY:
+                assert isinstance(obj, _Replica)
+                if not obj.stopping:
+                    self.ready(obj, t)
+            elif kind == _EXPIRE:
+                assert isinstance(obj, _Request)
+                if obj.waiting:
+                    obj.waiting = False
+                    obj.model.queued -= 1
+                    self.refuse(obj, t)
+                    self.end = t
+            elif self.exhausted and not self.in_system:
+                break  # nothing left to happen but ticks
+            else:
+                self.end = t
+                self.tick(t)
+                self.push(t + self.settings.tick_s, _TICK, None)
+        for m in self.models.values():
+            m.count_change(self.end, len(m.replicas))
+            for r in list(m.replicas):
+                self.end_replica(r, self.end)
+
+    def next_arrival(self) -> None:
+        request = next(self.trace, None)
+        if request is None:
+            self.exhausted = True
+            return
+        if request.at < self.last_arrival:
+            raise ValueError(
+                f"the trace goes back in time: a request at {request.at} after one at "
+                f"{self.last_arrival} (traces must be sorted by arrival)"
+            )
+        self.last_arrival = request.at
+        self.push(request.at, _ARRIVAL, request)
+
+    # Requests.
+
+    def arrive(self, trace: TraceRequest, t: float) -> None:
+        m = self.first if trace.model is None else self.models.get(trace.model)
+        if m is None:
+            raise ValueError(f"the trace names model {trace.model!r}, which is not simulated")
+        request = _Request(trace, m, t)
+        m.requests += 1
+        m.arrivals += 1
+        self.in_system += 1
+        if m.state.desired == 0 and m.unplaced is None:
+            self.wake(m, t)
+        if not m.queued and m.in_flight < len(m.routable) * m.sized.slots_per_replica:
+            self.dispatch(request, t)
+        else:
+            request.waiting = True
+            m.queue.append(request)
+            m.queued += 1
+            self.push(t + self.settings.hold_s, _EXPIRE, request)
+
+    def drain_queue(self, m: _Model, t: float) -> None:
+        capacity = len(m.routable) * m.sized.slots_per_replica
+        queue = m.queue
+        while queue and m.in_flight < capacity:
+            request = queue.popleft()
+            if request.waiting:
+                request.waiting = False
+                m.queued -= 1
+                self.dispatch(request, t)
+
+    def dispatch(self, request: _Request, t: float) -> None:
+        m, trace = request.model, request.trace
+        if request.features is None:
+            hashes = block_hashes(trace)
+            request.hashes = hashes
+            key = trace.prefix_group if trace.prefix_group is not None else f"#{m.requests}"
+            request.features = RequestFeatures(
+                tuple(hashes), f"{m.name}:{key}", trace.prompt_tokens, trace.session
+            )
+        endpoints = [
+            Endpoint(
+                r.id,
+                r.in_flight,
+                r.backlog,
+                r.prefilling,
+                float(r.engine.waiting),
+                float(r.engine.running),
+                r.engine.cache.usage,
+            )
+            for r in m.routable
+        ]
+        choice = m.policy.pick(request.features, endpoints, t)
+        replica = next((r for r in m.routable if choice and r.id == choice.endpoint), None)
+        if choice is None or replica is None:
+            raise RuntimeError(f"{m.name}: the routing policy chose no ready replica")
+        m.policy.record(request.features, choice)
+        engine = replica.engine
+        self.engine_changed(replica, engine.advance(t), t)
+        try:
+            gen = engine.submit_blocks(
+                trace.prompt_tokens, request.hashes or [], trace.output_tokens, t
+            )
+        except RequestTooLarge:
+            self.refuse(request, t)
+            return
+        request.replica = replica
+        request.prefill = max(0, trace.prompt_tokens - choice.cached_blocks * BLOCK_TOKENS)
+        replica.requests[gen] = request
+        replica.in_flight += 1
+        replica.backlog += request.prefill
+        replica.prefilling += 1
+        m.in_flight += 1
+        self.after(replica, t)
+
+    def engine_changed(self, replica: _Replica, changed: list[Generation], t: float) -> None:
+        for gen in changed:
+            request = replica.requests.get(gen)
+            if request is None:
+                continue
+            if not request.prefilled and gen.phase in ("decode", "done"):
+                request.prefilled = True
+                replica.backlog -= request.prefill
+                replica.prefilling -= 1
+            if gen.phase == "done":
+                del replica.requests[gen]
+                self.finish(request, gen)
+
+    def after(self, replica: _Replica, t: float) -> None:
+        """Book-keeping once a replica's engine moved: its next event, busy time, its end."""
+        engine = replica.engine
+        nxt = engine.next_event_time()
+        if nxt is not None and nxt != replica.scheduled:
+            replica.scheduled = nxt
+            self.push(nxt, _ENGINE, replica)
+        if engine.running:
+            if replica.busy_since is None:
+                replica.busy_since = t
+        elif replica.busy_since is not None:
+            replica.busy_s += t - replica.busy_since
+            replica.busy_since = None
+        if replica.stopping and not replica.in_flight and replica.ended_at is None:
+            self.end_replica(replica, t)
+
+    def finish(self, request: _Request, gen: Generation) -> None:
+        m, replica = request.model, request.replica
+        assert replica is not None and gen.finished_at is not None
+        replica.in_flight -= 1
+        m.in_flight -= 1
+        self.in_system -= 1
+        m.served += 1
+        m.prompt_tokens += gen.prompt_tokens
+        m.completion_tokens += gen.max_tokens
+        m.cached_tokens += gen.cached_tokens
+        first = gen.first_token_at if gen.first_token_at is not None else gen.finished_at
+        ttft = first - request.arrived
+        e2e = gen.finished_at - request.arrived
+        itl = (gen.finished_at - first) / (gen.max_tokens - 1) if gen.max_tokens > 1 else 0.0
+        m.ttft.append(ttft)
+        m.e2e.append(e2e)
+        if gen.max_tokens > 1:
+            m.itl.append(itl)
+        m.recent_ttfts.append(ttft)
+        o, met = self.objectives, m.met
+        ok_ttft = o.ttft_s is None or ttft <= o.ttft_s
+        ok_itl = o.itl_s is None or itl <= o.itl_s
+        ok_e2e = o.e2e_s is None or e2e <= o.e2e_s
+        met["ttft"] += ok_ttft
+        met["itl"] += ok_itl
+        met["e2e"] += ok_e2e
+        met["all"] += ok_ttft and ok_itl and ok_e2e
+        self.drain_queue(m, self.now)
+
+    def refuse(self, request: _Request, t: float) -> None:
+        request.model.refused += 1
+        self.in_system -= 1
+
+    # Replicas and scaling.
+
+    def ready(self, replica: _Replica, t: float) -> None:
+        m = replica.model
+        replica.ready = True
+        m.routable.append(replica)
+        if not m.calibrated:
+            calibrate = getattr(m.policy, "calibrate", None)
+            if calibrate is not None:
+                perf = replica.params.perf
+                calibrate(perf.prefill_tokens_per_s(), perf.request_overhead_s)
+            m.calibrated = True
+        self.drain_queue(m, t)
+
+    def start_replica(self, m: _Model, index: int, t: float) -> _Replica:
+        params = m.sized.engine(self.placements.get(ReplicaKey(m.name, index)))
+        m.created += 1
+        engine = EngineModel(params.perf, params.kv_tokens, params.max_num_seqs)
+        engine.now = t
+        replica = _Replica(f"{m.name}-{m.created}", m, engine, params, t)
+        m.spans.append(replica)
+        self.push(t + m.sized.startup_s, _READY, replica)
+        return replica
+
+    def end_replica(self, replica: _Replica, t: float) -> None:
+        if replica.ended_at is not None:
+            return
+        if replica.busy_since is not None:
+            replica.busy_s += t - replica.busy_since
+            replica.busy_since = None
+        replica.ended_at = t
+        m = replica.model
+        if replica in m.replicas:
+            m.replicas.remove(replica)
+        if replica in m.routable:
+            m.routable.remove(replica)
+        m.policy.forget(replica.id)
+
+    def stop_replica(self, replica: _Replica, t: float) -> None:
+        m = replica.model
+        replica.stopping = True
+        m.replicas.remove(replica)
+        if replica in m.routable:
+            m.routable.remove(replica)
+        if not replica.in_flight:
+            self.end_replica(replica, t)
+
+    def wake(self, m: _Model, t: float) -> None:
+        m.state = dataclasses.replace(m.state, desired=1, last_active=t)
+        wants = {name: other.state.desired for name, other in self.models.items()}
+        self.rescale(t, wants, "a request is waiting for a replica")
+
+    def tick(self, t: float) -> None:
+        wants: dict[str, int] = {}
+        reasons: dict[str, str] = {}
+        for m in self.models.values():
+            ready = len(m.routable)
+            usage = [r.engine.cache.usage for r in m.routable]
+            ttft_p90 = None
+            if m.recent_ttfts:
+                ordered = sorted(m.recent_ttfts)
+                ttft_p90 = ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)]
+            sample = Sample(
+                t,
+                float(m.in_flight + m.queued),
+                m.arrivals,
+                sum(usage) / len(usage) if usage else None,
+                float(sum(r.engine.waiting for r in m.routable)),
+                ttft_p90,
+            )
+            m.arrivals = 0
+            m.recent_ttfts.clear()
+            a = m.spec.autoscaling
+            window = m.window
+            window.append(sample)
+            horizon = t - max(a.stable_window, a.panic_window)
+            while window and window[0].t <= horizon:
+                window.popleft()
+            decision = decide(window, m.spec, m.state, ready, t)
+            m.state = decision.state
+            wants[m.name] = decision.desired
+            reasons[m.name] = decision.reason
+        self.rescale(t, wants, reasons)
+
+    def rescale(self, t: float, wants: dict[str, int], reasons: str | dict[str, str]) -> None:
+        """Bound what the autoscaler wants by what the planner can place, then start or stop
+        replicas to match (the controller's pass, with its reasons)."""
+        if wants != self.last_wants:
+            asked = {name: (self.models[name].spec, n) for name, n in wants.items()}
+            self.bounds = self.capacity.bound(asked)
+            self.placements = {p.replica: p for p in self.capacity.placements}
+            self.last_wants = dict(wants)
+        for name, want in wants.items():
+            m = self.models[name]
+            reason = reasons if isinstance(reasons, str) else reasons[name]
+            after, unschedulable = want, False
+            bound = self.bounds.get(name)
+            if bound is not None and bound[0] < want:
+                after = max(bound[0], 0)
+                m.state = dataclasses.replace(m.state, desired=after)
+                if m.unplaced != bound[1]:
+                    unschedulable = True
+                    reason = f"wants {want} replicas; {bound[1]}"
+                m.unplaced = m.last_unplaced = bound[1]
+            elif want > 0:
+                m.unplaced = None
+            before = len(m.replicas)
+            if after != before or unschedulable:
+                self.events.append(ScaleEvent(t, name, before, after, reason, unschedulable))
+            if after == before:
+                continue
+            m.count_change(t, before)
+            while len(m.replicas) < after:
+                m.replicas.append(self.start_replica(m, len(m.replicas), t))
+            while len(m.replicas) > after:
+                self.stop_replica(m.replicas[-1], t)
+            m.count_change(t, len(m.replicas))
+
+    # Results.
+
+    def result(self, wall_s: float) -> SimResult:
+        end = self.end
+        spans: list[Span] = []
+        usage: list[UsageTotals] = []
+        by_type: dict[str, list[float]] = {}  # type → placed GPU-s, busy GPU-s
+        for m in self.models.values():
+            busy_cost = busy_gpu_s = 0.0
+            for r in m.spans:
+                ended = r.ended_at if r.ended_at is not None else end
+                p = r.params
+                spans.append(Span(m.name, r.id, p.gpus, p.price_per_hour, r.started_at, ended))
+                busy_cost += r.busy_s * p.price_per_hour / 3600
+                busy_gpu_s += r.busy_s * p.gpus
+                acc = by_type.setdefault(p.gpu_type or "cpu", [0.0, 0.0])
+                acc[0] += (ended - r.started_at) * p.gpus
+                acc[1] += r.busy_s * p.gpus
+            usage.append(
+                UsageTotals(
+                    m.name,
+                    "",
+                    "",
+                    m.requests,
+                    m.served,
+                    m.prompt_tokens,
+                    m.completion_tokens,
+                    busy_gpu_s,
+                    busy_cost,
+                    0.0,
+                )
+            )
+        inventory = inventory_gpus(self.inventory)
+        report = cost_report(
+            spans, usage, since=0.0, until=end, by="model", inventory_gpus=inventory
+        )
+        lines = {line.name: line for line in report.lines}
+        models = [self.model_result(m, lines.get(m.name), end) for m in self.models.values()]
+        overall = self.overall(models)
+        gpus = []
+        for gpu_type, count, price in inventory:
+            placed, busy = by_type.get(gpu_type, [0.0, 0.0])
+            gpus.append(
+                GpuUse(
+                    gpu_type,
+                    count,
+                    price,
+                    placed / 3600,
+                    busy / 3600,
+                    max(0.0, count * end - placed) / 3600,
+                )
+            )
+        return SimResult(
+            end,
+            self.objectives,
+            models,
+            overall,
+            gpus,
+            self.events,
+            report.total_cost,
+            report.fleet_idle_cost,
+            self.settings.seed,
+            wall_s,
+        )
+
+    def model_result(self, m: _Model, line: CostLine | None, end: float) -> ModelResult:
+        arrived = m.requests
+        slo = {k: v / arrived for k, v in m.met.items()} if arrived else {}
+        placed = (line.placed_cost or 0.0) if line else 0.0
+        return ModelResult(
+            m.name,
+            m.requests,
+            m.served,
+            m.refused,
+            m.prompt_tokens,
+            m.completion_tokens,
+            m.cached_tokens,
+            percentiles(m.ttft),
+            percentiles(m.itl),
+            percentiles(m.e2e),
+            slo,
+            m.replicas_max,
+            m.replica_seconds / end if end > 0 else float(len(m.replicas)),
+            (line.gpu_hours_placed or 0.0) if line else 0.0,
+            sum(r.busy_s * r.params.gpus for r in m.spans) / 3600,
+            placed,
+            line.busy_cost if line else 0.0,
+            line.cost_per_successful_request if line else None,
+            line.cost_per_million_tokens if line else None,
+            m.last_unplaced,
+        )
+
+    def overall(self, models: list[ModelResult]) -> ModelResult:
+        every = list(self.models.values())
+        arrived = sum(m.requests for m in models)
+        met = {k: sum(m.met[k] for m in every) for k in ("ttft", "itl", "e2e", "all")}
+        cost = sum(m.cost_placed for m in models)
+        served = sum(m.served for m in models)
+        tokens = sum(m.prompt_tokens + m.completion_tokens for m in models)
+        return ModelResult(
+            "(all)",
+            arrived,
+            served,
+            sum(m.refused for m in models),
+            sum(m.prompt_tokens for m in models),
+            sum(m.completion_tokens for m in models),
+            sum(m.cached_tokens for m in models),
+            percentiles([x for m in every for x in m.ttft]),
+            percentiles([x for m in every for x in m.itl]),
+            percentiles([x for m in every for x in m.e2e]),
+            {k: v / arrived for k, v in met.items()} if arrived else {},
+            sum(m.replicas_max for m in models),
+            sum(m.replicas_mean for m in models),
+            sum(m.gpu_hours_placed for m in models),
+            sum(m.gpu_hours_busy for m in models),
+            cost,
+            sum(m.cost_busy for m in models),
+            cost / served if served else None,
+            cost / tokens * 1e6 if tokens else None,
+        )
+
+
+def simulate(
+    models: Sequence[SimModel],
+    inventory: Inventory,
+    trace: Iterable[TraceRequest],
+    objectives: Objectives | None = None,
+    settings: SimSettings | None = None,
+) -> SimResult:
+    """Run ``trace`` (sorted by arrival; read lazily) through a fleet of ``models`` placed on
+    ``inventory``, in virtual time, and report what it served, how fast, and what it cost."""
+    sim = _Simulation(
+        models, inventory, trace, objectives or Objectives(), settings or SimSettings()
+    )
+    started = time.perf_counter()
+    sim.run()
+    return sim.result(time.perf_counter() - started)

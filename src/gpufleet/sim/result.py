@@ -1,0 +1,261 @@
+"""What a simulation reports: latency and SLO attainment, replicas, GPU-hours and cost.
+
+Latencies are the client's: time to first token and end to end from the request's arrival at
+the gateway (a wait there counts), inter-token as each request's mean gap after its first
+token. SLO attainment is the share of *arrived* requests that met the objective — a refused
+request met none — so a fleet cannot look better by refusing work.
+
+Cost follows ``gpufleet.policies.costs`` (the cost report's definitions): a replica's placed
+time from its start (loading counts) to its end, at its GPUs' catalog price or the spec's
+``pricing.perReplicaHour``; its busy time is when it ran at least one sequence; idle is placed
+minus busy; fleet idle is the inventory's GPUs nothing was placed on. The cost of a successful
+request is the model's placed cost ÷ the requests it served; per 1M tokens likewise over their
+prompt and completion tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "GpuUse",
+    "ModelResult",
+    "Objectives",
+    "Percentiles",
+    "ScaleEvent",
+    "SimResult",
+    "percentiles",
+    "render_table",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Objectives:
+    """Latency objectives a request must meet (None: not judged)."""
+
+    ttft_s: float | None = None
+    itl_s: float | None = None
+    e2e_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Percentiles:
+    count: int = 0
+    mean: float | None = None
+    p50: float | None = None
+    p95: float | None = None
+    p99: float | None = None
+
+
+def percentiles(values: Sequence[float]) -> Percentiles:
+    """Nearest-rank percentiles (the value below which the share of samples lies)."""
+    if not values:
+        return Percentiles()
+    ordered = sorted(values)
+    n = len(ordered)
+
+    def rank(q: float) -> float:
+        return ordered[min(n - 1, max(0, math.ceil(q * n) - 1))]
+
+    return Percentiles(n, math.fsum(ordered) / n, rank(0.50), rank(0.95), rank(0.99))
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleEvent:
+    t: float
+    model: str
+    before: int
+    after: int
+    reason: str
+    #: The fleet could not place what the autoscaler asked for (the planner's reason).
+    unschedulable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ModelResult:
+    name: str
+    requests: int
+    served: int
+    #: Refused: held past the gateway's hold bound, or too large for any engine's KV cache.
+    refused: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    ttft: Percentiles
+    itl: Percentiles
+    e2e: Percentiles
+    #: Share of arrived requests within each objective ("all": within every one given).
+    slo: dict[str, float]
+    replicas_max: int
+    #: Time-weighted mean replicas held (loading included).
+    replicas_mean: float
+    gpu_hours_placed: float
+    gpu_hours_busy: float
+    cost_placed: float
+    cost_busy: float
+    cost_per_request: float | None
+    cost_per_million_tokens: float | None
+    #: The planner's last reason when the fleet could not hold what the model wanted.
+    unplaced: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GpuUse:
+    gpu_type: str
+    gpus: float
+    price_per_hour: float
+    hours_placed: float
+    hours_busy: float
+    #: GPU-hours of the inventory nothing was placed on.
+    hours_free: float
+
+    @property
+    def hours_idle(self) -> float:
+        return max(0.0, self.hours_placed - self.hours_busy)
+
+
+@dataclass(frozen=True, slots=True)
+class SimResult:
+    duration_s: float
+    objectives: Objectives
+    models: list[ModelResult]
+    overall: ModelResult
+    gpus: list[GpuUse]
+    events: list[ScaleEvent]
+    #: Everything the window cost: placed replicas and free GPUs of the inventory.
+    fleet_cost: float
+    fleet_idle_cost: float
+    seed: int | None = None
+    #: Wall-clock seconds the simulation took and its rate (requests per second of wall time).
+    wall_s: float = 0.0
+
+    @property
+    def requests_per_wall_s(self) -> float:
+        return self.overall.requests / self.wall_s if self.wall_s > 0 else 0.0
+
+    def model(self, name: str) -> ModelResult:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def to_dict(self, *, timing: bool = False) -> dict[str, Any]:
+        """Plain values; without ``timing`` the wall-clock figures are left out, so two runs
+        of one seed give equal dictionaries."""
+        data: dict[str, Any] = dataclasses.asdict(self)
+        for gpu, use in zip(data["gpus"], self.gpus, strict=True):
+            gpu["hours_idle"] = use.hours_idle
+        if timing:
+            data["requests_per_wall_s"] = self.requests_per_wall_s
+        else:
+            del data["wall_s"]
+        return data
+
+    def to_json(self, *, timing: bool = True, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(timing=timing), indent=indent)
+
+
+def _s(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1000:.0f}ms" if value < 1 else f"{value:.2f}s"
+
+
+def _usd(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"${value:,.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    return [
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in (header, *rows)
+    ]
+
+
+def render_table(result: SimResult) -> str:
+    """The result as plain text: latency and SLOs, cost, GPUs, then the scaling events."""
+    lines = [f"simulated {result.duration_s / 3600:.2f} h"]
+    if result.wall_s:
+        lines[0] += (
+            f" in {result.wall_s:.1f} s of wall time ({result.requests_per_wall_s:,.0f} requests/s)"
+        )
+    objectives = [
+        f"{k} ≤ {_s(v)}"
+        for k, v in (
+            ("ttft", result.objectives.ttft_s),
+            ("itl", result.objectives.itl_s),
+            ("e2e", result.objectives.e2e_s),
+        )
+        if v is not None
+    ]
+    lines.append("objectives: " + (", ".join(objectives) or "none given"))
+    lines.append("")
+    rows = []
+    for m in (*result.models, result.overall):
+        rows.append(
+            [
+                m.name,
+                str(m.requests),
+                str(m.served),
+                str(m.refused),
+                f"{_s(m.ttft.p50)}/{_s(m.ttft.p95)}/{_s(m.ttft.p99)}",
+                f"{_s(m.itl.p50)}/{_s(m.itl.p99)}",
+                f"{_s(m.e2e.p50)}/{_s(m.e2e.p99)}",
+                f"{m.slo['all']:.1%}" if "all" in m.slo else "-",
+                f"{m.replicas_mean:.1f}/{m.replicas_max}",
+            ]
+        )
+    header = ["MODEL", "REQUESTS", "SERVED", "REFUSED", "TTFT p50/95/99", "ITL p50/99"]
+    header += ["E2E p50/99", "SLO", "REPLICAS avg/max"]
+    lines += _table(header, rows)
+    lines.append("")
+    rows = [
+        [
+            m.name,
+            f"{m.gpu_hours_placed:.1f}",
+            f"{m.gpu_hours_busy:.1f}",
+            _usd(m.cost_placed),
+            _usd(m.cost_per_request, 5),
+            _usd(m.cost_per_million_tokens),
+        ]
+        for m in (*result.models, result.overall)
+    ]
+    header = ["MODEL", "GPU-H PLACED", "GPU-H BUSY", "COST", "PER REQUEST", "PER 1M TOKENS"]
+    lines += _table(header, rows)
+    lines.append("")
+    rows = [
+        [
+            g.gpu_type,
+            f"{g.gpus:g}",
+            _usd(g.price_per_hour),
+            f"{g.hours_placed:.1f}",
+            f"{g.hours_busy:.1f}",
+            f"{g.hours_idle:.1f}",
+            f"{g.hours_free:.1f}",
+        ]
+        for g in result.gpus
+    ]
+    header = ["GPU", "COUNT", "PRICE/H", "PLACED H", "BUSY H", "IDLE H", "FREE H"]
+    lines += _table(header, rows)
+    lines.append(
+        f"fleet cost {_usd(result.fleet_cost)} (GPUs with nothing placed: "
+        f"{_usd(result.fleet_idle_cost)})"
+    )
+    for m in result.models:
+        if m.unplaced:
+            lines.append(f"unplaced {m.name}: {m.unplaced}")
+    if result.events:
+        lines.append("")
+        lines.append(f"scaling events: {len(result.events)}")
+        for e in result.events[:20]:
+            mark = " (unschedulable)" if e.unschedulable else ""
+            lines.append(f"  {e.t:>9.0f}s {e.model}: {e.before} → {e.after}{mark} — {e.reason}")
+        if len(result.events) > 20:
+            lines.append(f"  … {len(result.events) - 20} more (-o json has them all)")
+    return "\n".join(lines)
