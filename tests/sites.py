@@ -139,6 +139,8 @@ async def site(
         await controller.start()
         await controller.apply(load_text(models) if isinstance(models, str) else list(models))
         async with gateway(controller, settings, auth=auth, prepare=prepare, **assembly) as g:
+            # One process, one store, one report of its outages, as ``gpufleet up`` wires it.
+            controller.failures.outages = g.stack.gateway.outages
             async with asyncio.timeout(10):
                 while not ready(controller.directory):
                     await asyncio.sleep(0.01)
