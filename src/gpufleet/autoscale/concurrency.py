@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import ClassVar
 
 from gpufleet.autoscale.model import Sample, ScaleDecision, ScaleState
@@ -49,8 +50,9 @@ class ConcurrencyPolicy:
             kept = ScaleState(lo, last_active, state.observing_since)
             return ScaleDecision(lo, f"fixed at {lo} (replicas.min = replicas.max)", kept)
 
-        stable = [s.in_flight for s in samples if s.t > now - a.stable_window]
-        burst = [s.in_flight for s in samples if s.t > now - a.panic_window]
+        stable_from, panic_from = now - a.stable_window, now - a.panic_window
+        stable = [s.in_flight for s in samples if s.t > stable_from]
+        burst = [s.in_flight for s in samples if s.t > panic_from]
         stable_avg, panic_avg = _mean(stable), _mean(burst)
         want_stable = math.ceil(stable_avg / a.target_in_flight - 1e-9)
         want_panic = math.ceil(panic_avg / a.target_in_flight - 1e-9)
@@ -84,13 +86,15 @@ class ConcurrencyPolicy:
 
         # The scale-down delay: never below the highest recommendation within it, and not at
         # all before the delay has been observed (after a restart the history is empty).
-        history = tuple(h for h in state.history if h[0] > now - a.scale_down_delay)
-        history = (*history, (now, recommendation))
+        # Runs every tick over a delay's worth of entries: list comprehensions and a C-level
+        # max, not generators (the simulator calls this 86,400 times a simulated day a model).
+        delay_from = now - a.scale_down_delay
+        history = (*[h for h in state.history if h[0] > delay_from], (now, recommendation))
         if recommendation < current:
             if observed < a.scale_down_delay or not full:
                 recommendation = current
             else:
-                held = max(r for _, r in history)
+                held = max(map(itemgetter(1), history))
                 if held > recommendation:
                     recommendation = held
 
@@ -120,7 +124,8 @@ class ConcurrencyPolicy:
     @staticmethod
     def _pressure(samples: Sequence[Sample], spec: ModelSpec, now: float) -> str:
         a = spec.autoscaling
-        recent = [s for s in samples if s.t > now - a.panic_window]
+        panic_from = now - a.panic_window
+        recent = [s for s in samples if s.t > panic_from]
         if not recent:
             return ""
         kv = [s.kv_usage for s in recent if s.kv_usage is not None]

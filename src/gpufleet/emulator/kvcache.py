@@ -60,7 +60,7 @@ class KVCache:
 
     @property
     def usage(self) -> float:
-        return self.pinned_blocks / self.capacity
+        return (len(self._pins) + self._anonymous) / self.capacity
 
     @property
     def cached_idle_blocks(self) -> int:
@@ -78,9 +78,9 @@ class KVCache:
     def allocate(self, hashes: Sequence[int], extra_blocks: int) -> Allocation | None:
         """Pin a prompt's blocks (reusing its cached prefix) plus ``extra_blocks``; None if full.
 
-        One pass over the hashes, given up as soon as the blocks needed exceed every block not
-        pinned: a full engine retries its waiting requests at each change of its batch, and the
-        simulator makes that its hot path.
+        A full engine retries its waiting requests at each change of its batch, and the simulator
+        makes this its hot path: the blocks past the cached prefix are counted and pinned in C
+        when none of them is cached (the usual case), one by one only when some are.
         """
         pins, idle = self._pins, self._idle
         free = self.capacity - len(pins) - len(idle) - self._anonymous
@@ -88,39 +88,55 @@ class KVCache:
         needed = extra_blocks
         if needed > room:
             return None
-        cached, reuse_idle, prefix = 0, 0, True
+        cached = reuse_idle = 0
         for h in hashes:
             if h in pins:
-                cached += prefix
+                cached += 1
             elif h in idle:
-                cached += prefix
+                cached += 1
                 reuse_idle += 1
             else:
-                prefix = False
-                needed += 1
-                if needed > room:
-                    return None
+                break
+        rest = hashes[cached:]
+        fresh: dict[int, int] | None = None  # ``rest``, when every block of it is new
+        if pins.keys().isdisjoint(rest) and idle.keys().isdisjoint(rest):
+            # Past a shared prefix a prompt's blocks are mostly its own, new to the cache:
+            # checked (and pinned below) in C rather than block by block.
+            needed += len(rest)
+            fresh = dict.fromkeys(rest, 1)
+            if len(fresh) != len(rest):
+                fresh = None  # a block repeats: pinned one by one
+        else:
+            for h in rest:
+                if h in pins:
+                    continue
+                if h in idle:
+                    reuse_idle += 1
+                else:
+                    needed += 1
         if needed > room - reuse_idle:
             return None
-        for h in hashes:
-            if h in self._idle:
-                del self._idle[h]
-            self._pins[h] = self._pins.get(h, 0) + 1
-        shortfall = needed - free
-        while shortfall > 0:
-            self._idle.popitem(last=False)
-            shortfall -= 1
+        get, drop = pins.get, idle.pop
+        for h in hashes if fresh is None else hashes[:cached]:
+            drop(h, None)
+            pins[h] = get(h, 0) + 1
+        if fresh is not None:
+            pins.update(fresh)
+        evict = idle.popitem
+        for _ in range(needed - free):
+            evict(last=False)
         self._anonymous += extra_blocks
         return Allocation(list(hashes), extra_blocks, cached)
 
     def release(self, allocation: Allocation) -> None:
+        pins, idle = self._pins, self._idle
         for h in allocation.hashes:
-            left = self._pins[h] - 1
+            left = pins[h] - 1
             if left:
-                self._pins[h] = left
+                pins[h] = left
             else:
-                del self._pins[h]
-                self._idle[h] = None  # most recently used goes last
+                del pins[h]
+                idle[h] = None  # most recently used goes last
         self._anonymous -= allocation.anonymous
         allocation.hashes = []
         allocation.anonymous = 0

@@ -314,8 +314,8 @@ class EngineModel:
         count = grid.count(t)
         if count == 0:
             return  # the step in flight ends at the origin, as planned
-        for gen in self._decoding:
-            n = self._since_settled(gen, count)
+        for gen in self._decoding:  # ``_since_settled``, inlined: the simulator's hot loop
+            n = min(gen.max_tokens - gen._emitted, max(0, count - gen._first))
             gen._emitted += n
             gen._first = 0
             self._context += n
@@ -329,15 +329,17 @@ class EngineModel:
         if not decoding:
             grid.origin, self._next_finish = None, None
             return
-        if all(g._first for g in decoding):  # nobody was stepping: start now
+        joining = sum([g._first for g in decoding])  # 0 or 1 each: those joining next step
+        if joining == len(decoding):  # nobody was stepping: start now
             grid.origin = None
             for gen in decoding:
                 gen._first = 0
-        batch = self.running
+            joining = 0
+        batch = len(self._lane) + len(decoding)
         if grid.origin is None:
             grid.origin = t + self.perf.decode_step_s(batch, self._context // batch)
-        context = self._context + sum(1 for g in decoding if not g._first)  # at the origin
-        finish = min(g._first + g.max_tokens - g._emitted - 1 for g in decoding)
+        context = self._context + len(decoding) - joining  # at the origin
+        finish = min([g._first + g.max_tokens - g._emitted - 1 for g in decoding])
         first = self.perf.decode_step_s(batch, context // batch)
         last = first
         if finish >= 2:  # the last step before the first finish
