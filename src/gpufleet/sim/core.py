@@ -35,7 +35,7 @@ import math
 import time
 from array import array
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from gpufleet.autoscale import Sample, ScaleState, decide, initial_state
@@ -50,10 +50,12 @@ from gpufleet.sim.result import (
     GpuUse,
     ModelResult,
     Objectives,
+    ReplicaSpan,
     ScaleEvent,
     SimResult,
     percentiles,
 )
+from gpufleet.sim.scaler import ScalerFactory
 from gpufleet.sim.traces import TraceRequest, block_hashes
 from gpufleet.spec import Inventory, ModelSpec
 
@@ -75,6 +77,11 @@ class SimSettings:
     routing: str | None = None
     plan_settings: PlanSettings | None = None
     seed: int | None = None
+    #: Called at each autoscaler tick with the virtual time reached (a progress bar's feed).
+    progress: Callable[[float], None] | None = None
+    #: Model name → a factory of the scaler to run instead of ``gpufleet.autoscale.decide``
+    #: (``gpufleet.sim.scaler``; a benchmark's baseline). Unnamed models run the production one.
+    scalers: Mapping[str, ScalerFactory] = field(default_factory=dict)
 
 
 @dataclass(eq=False, slots=True)
@@ -107,6 +114,34 @@ class _Replica:
     busy_since: float | None = None
     busy_s: float = 0.0
     requests: dict[Generation, _Request] = field(default_factory=dict)
+    #: What the router saw here last, kept while nothing it reads has changed.
+    endpoint: Endpoint | None = None
+
+
+def _endpoint(r: _Replica) -> Endpoint:
+    """The replica as the router sees it now; the last one built while its counts hold still.
+
+    Between two requests of a model few of its replicas change, and building a frozen
+    dataclass costs more than comparing its fields (the simulator does this per replica per
+    request).
+    """
+    engine = r.engine
+    waiting, running = float(engine.waiting), float(engine.running)
+    usage = engine.cache.usage
+    e = r.endpoint
+    if (
+        e is None
+        or e.in_flight != r.in_flight
+        or e.backlog_tokens != r.backlog
+        or e.prefilling != r.prefilling
+        or e.waiting != waiting
+        or e.running != running
+        or e.kv_usage != usage
+    ):
+        e = r.endpoint = Endpoint(
+            r.id, r.in_flight, r.backlog, r.prefilling, waiting, running, usage
+        )
+    return e
 
 
 class _Model:
@@ -167,6 +202,7 @@ class _Simulation:
             for m in models
         }
         self.first = self.models[models[0].name]
+        self.scalers = {n: f(self.models[n].spec) for n, f in settings.scalers.items()}
         sized = {m.name: m.deployment for m in models}
         self.capacity = PlannerCapacity(
             inventory,
@@ -231,6 +267,8 @@ class _Simulation:
                 break  # nothing left to happen but ticks
             else:
                 self.end = t
+                if self.settings.progress is not None:
+                    self.settings.progress(t)
                 self.tick(t)
                 self.push(t + self.settings.tick_s, _TICK, None)
         for m in self.models.values():
@@ -290,20 +328,16 @@ class _Simulation:
             request.features = RequestFeatures(
                 tuple(hashes), f"{m.name}:{key}", trace.prompt_tokens, trace.session
             )
-        endpoints = [
-            Endpoint(
-                r.id,
-                r.in_flight,
-                r.backlog,
-                r.prefilling,
-                float(r.engine.waiting),
-                float(r.engine.running),
-                r.engine.cache.usage,
-            )
-            for r in m.routable
-        ]
+        routable = m.routable
+        endpoints = [_endpoint(r) for r in routable]
         choice = m.policy.pick(request.features, endpoints, t)
-        replica = next((r for r in m.routable if choice and r.id == choice.endpoint), None)
+        replica = None
+        if choice is not None:
+            chosen = choice.endpoint
+            for r in routable:
+                if r.id == chosen:
+                    replica = r
+                    break
         if choice is None or replica is None:
             raise RuntimeError(f"{m.name}: the routing policy chose no ready replica")
         m.policy.record(request.features, choice)
@@ -459,6 +493,12 @@ class _Simulation:
             )
             m.arrivals = 0
             m.recent_ttfts.clear()
+            plugged = self.scalers.get(m.name)
+            if plugged is not None:
+                want = plugged.decide(sample, ready, m.state.desired, t)
+                m.state = dataclasses.replace(m.state, desired=want)
+                wants[m.name], reasons[m.name] = want, plugged.name
+                continue
             a = m.spec.autoscaling
             window = m.window
             window.append(sample)
@@ -512,6 +552,7 @@ class _Simulation:
         spans: list[Span] = []
         usage: list[UsageTotals] = []
         by_type: dict[str, list[float]] = {}  # type → placed GPU-s, busy GPU-s
+        lives: list[ReplicaSpan] = []
         for m in self.models.values():
             busy_cost = busy_gpu_s = 0.0
             for r in m.spans:
@@ -523,6 +564,9 @@ class _Simulation:
                 acc = by_type.setdefault(p.gpu_type or "cpu", [0.0, 0.0])
                 acc[0] += (ended - r.started_at) * p.gpus
                 acc[1] += r.busy_s * p.gpus
+                lives.append(
+                    ReplicaSpan(m.name, p.gpu_type or "cpu", p.gpus, r.started_at, ended, r.busy_s)
+                )
             usage.append(
                 UsageTotals(
                     m.name,
@@ -568,6 +612,7 @@ class _Simulation:
             report.fleet_idle_cost,
             self.settings.seed,
             wall_s,
+            sorted(lives, key=lambda r: r.start),
         )
 
     def model_result(self, m: _Model, line: CostLine | None, end: float) -> ModelResult:

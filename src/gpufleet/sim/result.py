@@ -19,7 +19,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "ModelResult",
     "Objectives",
     "Percentiles",
+    "ReplicaSpan",
     "ScaleEvent",
     "SimResult",
     "percentiles",
@@ -120,6 +121,18 @@ class GpuUse:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplicaSpan:
+    """One replica's life: what the report draws GPUs and replicas over time from."""
+
+    model: str
+    gpu_type: str
+    gpus: int
+    start: float
+    end: float
+    busy_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class SimResult:
     duration_s: float
     objectives: Objectives
@@ -133,6 +146,8 @@ class SimResult:
     seed: int | None = None
     #: Wall-clock seconds the simulation took and its rate (requests per second of wall time).
     wall_s: float = 0.0
+    #: Every replica started, in start order (an addition: older readers ignore it).
+    replicas: list[ReplicaSpan] = field(default_factory=list)
 
     @property
     def requests_per_wall_s(self) -> float:
