@@ -141,7 +141,8 @@ def test_unplaced_reason_says_what_is_missing() -> None:
     assert "needs 38.0 GiB per GPU at TP 1; largest free is" in u.reason
     assert "on node-3/gpu-" in u.reason
     assert (
-        "TP 2 needs 2 GPUs with 22.0 GiB free each on one node; the best, node-3, has 0" in u.reason
+        "TP 2 needs 2 GPUs with 22.0 GiB free each on one node; the best, node-3, has 0 GPUs "
+        "with that much free" in u.reason
     )
 
 

@@ -468,7 +468,8 @@ class _Planning:
             }
             node, have = max(counts.items(), key=lambda kv: (kv[1], kv[0]))
             reasons.append(
-                f"TP {tp} needs {tp} GPUs with {need / GiB:.1f} GiB free each on one node; the best, {node}, has {have}"
+                f"TP {tp} needs {tp} GPUs with {need / GiB:.1f} GiB free each on one node; the "
+                f"best, {node}, has {have} GPU{'' if have == 1 else 's'} with that much free"
             )
         shapes = self.placer.shapes(dep, tp)
         for gpu_type, per_node, pp in shapes:
