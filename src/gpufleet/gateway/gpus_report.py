@@ -14,7 +14,7 @@ import asyncio
 import dataclasses
 from typing import Any
 
-from gpufleet.store.telemetry import KEEP_RAW_S, MINUTE_S, RAW_S, GpuHistoryStore, GpuPoint
+from gpufleet.store.telemetry import KEEP_RAW_S, MINUTE_S, RAW_S, GpuHistoryStore
 from gpufleet.telemetry import GpuReading, GpuReadings, idle
 
 __all__ = ["MAX_HISTORY_POINTS", "build_history", "gpus_view", "resolution_of"]
@@ -51,7 +51,7 @@ def gpus_view(readings: GpuReadings | None) -> dict[str, Any]:
     return body
 
 
-def _fields(row: GpuReading | GpuPoint) -> dict[str, Any]:
+def _fields(row: GpuReading) -> dict[str, Any]:
     return {name: getattr(row, name) for name in _FIELDS}
 
 

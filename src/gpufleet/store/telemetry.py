@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import (
     ColumnClause,
@@ -48,7 +48,6 @@ __all__ = [
     "KEEP_RAW_S",
     "MINUTE_S",
     "RAW_S",
-    "GpuFigures",
     "GpuHistoryStore",
     "GpuPoint",
 ]
@@ -61,55 +60,31 @@ KEEP_RAW_S = 3600
 KEEP_MINUTE_S = 7 * 86400
 
 
-class GpuFigures(Protocol):
-    """What a history row is written from (``telemetry.GpuReading`` is one)."""
-
-    @property
-    def node(self) -> str: ...
-    @property
-    def device(self) -> str: ...
-    @property
-    def index(self) -> str: ...
-    @property
-    def name(self) -> str: ...
-    @property
-    def parent(self) -> str | None: ...
-    @property
-    def memory_used(self) -> int | None: ...
-    @property
-    def memory_total(self) -> int | None: ...
-    @property
-    def util(self) -> float | None: ...
-    @property
-    def sm_active(self) -> float | None: ...
-    @property
-    def power_w(self) -> float | None: ...
-    @property
-    def temp_c(self) -> float | None: ...
-    @property
-    def replica(self) -> str | None: ...
-    @property
-    def model(self) -> str | None: ...
-
-
 @dataclass(frozen=True, slots=True)
 class GpuPoint:
-    """One device at one time of its history (the fields of ``telemetry.GpuReading``)."""
+    """A GPU (or MIG instance) at one moment: a sampler's reading (``telemetry.GpuReading`` is
+    this class) or a row of its history. Fields a source does not give are None."""
 
     node: str
+    #: The GPU's UUID ("GPU-…"), or the MIG instance's ("MIG-…" from NVML; the DCGM exporter
+    #: names no MIG UUID, so there it is "<parent UUID>/<GPU instance id>").
     device: str
+    #: The GPU's index on its node ("0"), or the instance's: "0/mig-1g.10gb/3" (GPU index,
+    #: profile, GPU instance id).
     index: str
     name: str
+    #: The parent GPU's UUID for a MIG instance, else None.
     parent: str | None
-    memory_used: int | None
-    memory_total: int | None
-    util: float | None
-    sm_active: float | None
+    memory_used: int | None  # bytes
+    memory_total: int | None  # bytes
+    util: float | None  # 0–1: time the GPU was busy with any kernel
+    sm_active: float | None  # 0–1: share of SMs busy (DCGM's profiling field)
     power_w: float | None
     temp_c: float | None
+    #: The replica whose engine holds the device, and its model; None: idle.
     replica: str | None
     model: str | None
-    at: float
+    at: float  # unix seconds
 
 
 #: What a device row holds besides its UUID: (node, index, name, parent, memory_total).
@@ -120,7 +95,7 @@ _SIXTY: ColumnClause[int] = literal_column(
 )  # inline: the same text in SELECT and GROUP BY
 
 
-def _meta(r: GpuFigures) -> _Meta:
+def _meta(r: GpuPoint) -> _Meta:
     return (r.node, r.index, r.name, r.parent, r.memory_total)
 
 
@@ -141,7 +116,7 @@ class GpuHistoryStore:
         return {}
 
     def put_gpu_samples(
-        self, readings: Sequence[GpuFigures], at: float, resolution: int = RAW_S
+        self, readings: Sequence[GpuPoint], at: float, resolution: int = RAW_S
     ) -> int:
         """Write one tick's readings at ``at`` (unix seconds, kept to the second)."""
         if not readings:
@@ -188,7 +163,7 @@ class GpuHistoryStore:
         return upsert(gpu_samples).on_conflict_do_nothing()
 
     def _register_devices(
-        self, conn: Connection, readings: Sequence[GpuFigures]
+        self, conn: Connection, readings: Sequence[GpuPoint]
     ) -> dict[str, tuple[int, _Meta]]:
         d = gpu_devices.c
         wanted = {r.device: _meta(r) for r in readings}

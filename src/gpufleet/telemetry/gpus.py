@@ -10,38 +10,17 @@ temperature), but it holds nothing itself: counts of GPUs (idle ones, a replica'
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 from gpufleet.runtime import Replica
+from gpufleet.store.telemetry import GpuPoint
 
 __all__ = ["GpuReading", "GpuReadings", "GpuSource", "idle", "leaves", "place"]
 
 
-@dataclass(frozen=True, slots=True)
-class GpuReading:
-    """A GPU's figures at one moment. Fields a source does not give are None."""
-
-    node: str
-    #: The GPU's UUID ("GPU-…"), or the MIG instance's ("MIG-…" from NVML; the DCGM exporter
-    #: names no MIG UUID, so there it is "<parent UUID>/<GPU instance id>").
-    device: str
-    #: The GPU's index on its node ("0"), or the instance's: "0/mig-1g.10gb/3" (GPU index,
-    #: profile, GPU instance id).
-    index: str
-    name: str
-    #: The parent GPU's UUID for a MIG instance, else None.
-    parent: str | None
-    memory_used: int | None  # bytes
-    memory_total: int | None  # bytes
-    util: float | None  # 0–1: time the GPU was busy with any kernel
-    sm_active: float | None  # 0–1: share of SMs busy (DCGM's profiling field)
-    power_w: float | None
-    temp_c: float | None
-    #: The replica whose engine holds the device, and its model; None: idle.
-    replica: str | None
-    model: str | None
-    at: float  # unix seconds
+#: A GPU's figures at one moment. One class with the store's history rows, which hold the same
+#: fields: a reading is written as it is and read back as one.
+GpuReading = GpuPoint
 
 
 class GpuSource(Protocol):

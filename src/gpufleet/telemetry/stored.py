@@ -18,32 +18,13 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry
 
 from gpufleet.errors import GpufleetError
-from gpufleet.store.telemetry import GpuHistoryStore, GpuPoint
+from gpufleet.store.telemetry import GpuHistoryStore
 from gpufleet.supervise import Supervisor, wait_set
 from gpufleet.telemetry.gpus import GpuReading, place
 from gpufleet.telemetry.metrics import GpuCollector
 from gpufleet.telemetry.sampler import SaidOnce
 
-__all__ = ["StoredReadings", "reading_of"]
-
-
-def reading_of(p: GpuPoint) -> GpuReading:
-    return GpuReading(
-        node=p.node,
-        device=p.device,
-        index=p.index,
-        name=p.name,
-        parent=p.parent,
-        memory_used=p.memory_used,
-        memory_total=p.memory_total,
-        util=p.util,
-        sm_active=p.sm_active,
-        power_w=p.power_w,
-        temp_c=p.temp_c,
-        replica=p.replica,
-        model=p.model,
-        at=p.at,
-    )
+__all__ = ["StoredReadings"]
 
 
 class StoredReadings:
@@ -95,7 +76,7 @@ class StoredReadings:
             points = await asyncio.to_thread(self.store.latest_gpu_samples, self.within_s, now)
         finally:
             self._reading = False
-        self._latest = sorted((reading_of(p) for p in points), key=place)
+        self._latest = sorted(points, key=place)
         self._read_at = now
         return list(self._latest)
 
