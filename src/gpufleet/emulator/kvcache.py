@@ -16,7 +16,17 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["BLOCK_TOKENS", "Allocation", "KVCache", "block_hashes", "tokenize"]
+from gpufleet.sizing.memory import engine_overhead_bytes
+from gpufleet.sizing.performance import PerfModel
+
+__all__ = [
+    "BLOCK_TOKENS",
+    "Allocation",
+    "KVCache",
+    "block_hashes",
+    "kv_capacity_tokens",
+    "tokenize",
+]
 
 BLOCK_TOKENS = 16
 _PIECE = re.compile(r"\s*\S{1,4}|\s+")
@@ -140,3 +150,13 @@ class KVCache:
         self._anonymous -= allocation.anonymous
         allocation.hashes = []
         allocation.anonymous = 0
+
+
+def kv_capacity_tokens(perf: PerfModel, budget_bytes: int, engine: str) -> int:
+    """KV cache tokens a replica of ``engine`` keeps in ``budget_bytes`` of each of its GPUs.
+
+    The emulator stands in for vLLM, so its engine model keeps vLLM's overhead back — the
+    emulator server and the simulator alike — although the planner counts an emulated replica
+    as holding no GPU memory of its own (it holds none)."""
+    modelled = "vllm" if engine == "emulator" else engine
+    return perf.kv_capacity_tokens(budget_bytes, engine_overhead_bytes(modelled, perf.tp))

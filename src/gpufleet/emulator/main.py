@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpufleet.emulator.engine import EmulatedEngine, Faults
+from gpufleet.emulator.kvcache import kv_capacity_tokens
 from gpufleet.emulator.server import ReplicaServer
 from gpufleet.engines.base import ENGINE_KEY_ENV
 from gpufleet.errors import GpufleetError
 from gpufleet.hardware import accelerator
 from gpufleet.sizing import ModelArch, load_architecture
-from gpufleet.sizing.memory import engine_overhead_bytes
 from gpufleet.sizing.performance import PerfModel
 
 __all__ = ["EmulatorOptions", "build_replicas", "main", "parse_args"]
@@ -56,7 +56,7 @@ def build_replicas(opts: EmulatorOptions, *, exit_on_crash: bool = False) -> lis
     kv_tokens = opts.kv_tokens
     if kv_tokens is None:
         budget = int(gpu.memory_bytes * opts.gpu_memory_utilization)
-        kv_tokens = perf.kv_capacity_tokens(budget, engine_overhead_bytes("vllm", opts.tp))
+        kv_tokens = kv_capacity_tokens(perf, budget, "emulator")
     if kv_tokens < 16:
         raise GpufleetError(
             f"{opts.name} does not fit {opts.tp}× {gpu.name}: no memory left for KV cache "

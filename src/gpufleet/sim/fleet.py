@@ -17,13 +17,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from gpufleet.emulator.kvcache import kv_capacity_tokens
 from gpufleet.errors import SpecError
 from gpufleet.hardware import CATALOG, Accelerator, normalise_gpu_name
 from gpufleet.planner import Deployment, Placement, deployment_for
 from gpufleet.policies.costs import replica_price_per_hour
 from gpufleet.runtime.weights import resolve_weights
 from gpufleet.sizing import ModelArch, load_architecture
-from gpufleet.sizing.memory import engine_overhead_bytes
 from gpufleet.sizing.performance import PerfModel
 from gpufleet.spec import Model
 
@@ -100,11 +100,7 @@ class SimModel:
             raise SpecError([f"{self.name}: GPU type {gpu_type!r} is not in the catalog"])
         perf = PerfModel(self.arch, gpu, tp)
         budget = int(gpu.memory_bytes * fraction)
-        # The emulator stands in for vLLM and holds vLLM's overhead back from its KV cache
-        # (emulator.main.build_replicas): the simulated engine does the same, or its cache
-        # would be larger than the live emulator's (6 % for a 70B at TP 4).
-        engine = "vllm" if spec.engine == "emulator" else spec.engine
-        kv = perf.kv_capacity_tokens(budget, engine_overhead_bytes(engine, tp))
+        kv = kv_capacity_tokens(perf, budget, spec.engine)
         # The spec's own price when it has one, else the placed GPUs at the catalog's price.
         price = tp * gpu.price_per_hour
         if spec.pricing.per_replica_hour is not None:
