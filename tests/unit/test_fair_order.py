@@ -65,7 +65,7 @@ def test_runs_without_an_event_loop() -> None:
 
 
 def test_exports() -> None:
-    assert sorted(fair_order.__all__) == ["FairOrder", "Refusal", "Waiter"]
+    assert sorted(fair_order.__all__) == ["FairOrder", "QUEUE_PRIORITIES", "Refusal", "Waiter"]
 
 
 def test_a_free_slot_is_taken_at_once_unless_someone_waits() -> None:
@@ -283,3 +283,29 @@ def test_a_backlog_is_served_and_expired_in_virtual_time() -> None:
     assert len(expired) == 50 - 9
     assert now == 10.0
     assert (order.in_flight, order.waiting) == (0, 0)
+
+
+def test_expired_waiters_cost_a_backlogged_tenant_nothing() -> None:
+    """Overload with a wait limit: both tenants send twice what one slot serves, most of it
+    times out, and what is served still splits by weight (3 : 1). Tags chained through every
+    waiter at arrival would let the light tenant's expired waiters push its next tags ever
+    further out, until it starved."""
+    order: FairOrder[str] = FairOrder(max_wait_s=5.0)
+    served = {"heavy": 0, "light": 0}
+    busy_until = 0.0
+    for tick in range(4000):  # 400 s in steps of 0.1 s
+        now = tick / 10
+        for w in order.expire(now):
+            assert w.tenant in served
+        if tick % 5 == 0:  # each tenant sends 2 a second
+            order.enqueue("h", "heavy", now, weight=3.0)
+            order.enqueue("l", "light", now, weight=1.0)
+        if now >= busy_until:  # one slot, one second a request
+            if order.in_flight:
+                order.release()
+            waiter = order.grant(1)
+            if waiter is not None:
+                served[waiter.tenant] += 1
+                busy_until = now + 1.0
+    assert sum(served.values()) > 350
+    assert served["heavy"] / served["light"] == pytest.approx(3.0, rel=0.05)

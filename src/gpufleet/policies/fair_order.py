@@ -7,21 +7,26 @@ who goes first:
    interactive, 1 batch): interactive requests have a latency target, batch ones only a
    throughput one, so batch work fills the slots interactive work leaves free and no more.
 2. **Weighted fair share between tenants within a class**, by virtual times as in start-time
-   fair queueing (Goyal, Vin & Cheng, SIGCOMM 1996). A request gets the start tag
-   ``S = max(V, F_prev)`` and the finish tag ``F = S + cost / weight``, where ``F_prev`` is the
-   finish tag of the tenant's previous request and ``V`` the start tag of the latest request
-   served; the waiter with the smallest finish tag goes next. Tags need no estimate of how
-   fast the engines are, each operation is a heap push or pop (O(log n)), and a backlogged
-   tenant's share is proportional to its weight however many requests it queues — a tenant
-   flooding the queue only pushes its own tags further out, while a newcomer starts at ``V``
-   and is served within a round. ``V`` moving forward also means an idle tenant banks no credit.
-3. **FIFO within a tenant**, because its tags only grow; ties go to the earlier arrival.
+   fair queueing (Goyal, Vin & Cheng, SIGCOMM 1996). Each tenant's waiters form a FIFO and only
+   its first waiter (its head) is tagged, when it becomes the head: start ``S = max(V, F)`` and
+   finish ``S + cost / weight``, where ``F`` is the finish tag of the tenant's latest request
+   *served* and ``V`` the start tag of the latest request served in the class (a head that
+   leaves unserved hands its start tag to the next); the head with the smallest finish tag
+   goes next. Tags need no estimate of how fast the engines are, each
+   operation is a heap push or pop (O(log n)), and a backlogged tenant's share is proportional
+   to its weight however many requests it queues — a tenant flooding the queue only lengthens
+   its own FIFO, while a newcomer starts at ``V`` and is served within a round. ``V`` moving
+   forward also means an idle tenant banks no credit.
+3. **FIFO within a tenant.** Ties go to the earlier tag.
 
 The queue is bounded twice: at most ``max_length`` waiters (the next is refused at once, so a
 client learns to back off instead of timing out), and at most ``max_wait_s`` per waiter. A
-request that leaves unserved (cancelled, timed out) hands its tag back, so requests never
-served are not charged to its tenant's share. Only waiters are tracked: once a class has no
-waiter its tags are dropped, since without a backlog there is nothing to be fair about.
+request that leaves unserved (cancelled, timed out) charges its tenant nothing: tags chain from
+the requests served only, so a tenant whose older waiters time out under overload keeps its
+share (tagging every waiter at arrival, each from the one before, would let a tenant's
+expired waiters push its next tags ever further out until it is starved). Only waiters are
+tracked: once a class has no waiter its tags are dropped, since without a backlog there is
+nothing to be fair about.
 
 ``FairOrder`` owns exactly these decisions and the counts they rest on (in flight, waiting) —
 no futures, no timers, no clock: every method that depends on time takes ``now``. The
@@ -39,9 +44,12 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
-__all__ = ["FairOrder", "Refusal", "Waiter"]
+__all__ = ["QUEUE_PRIORITIES", "FairOrder", "Refusal", "Waiter"]
 
 T = TypeVar("T")
+
+#: A tenant's ``priority`` as the queue's class (lower first).
+QUEUE_PRIORITIES = {"interactive": 0, "batch": 1}
 
 #: Slack before the lazily pruned heaps, arrival list and tenant tables are compacted.
 _SWEEP_MIN = 64
@@ -60,25 +68,41 @@ class Refusal:
 
 
 class Waiter(Generic[T]):
-    """One queued request: its tenant, its tags, its deadline and its driver's ``item``."""
+    """One queued request: its tenant, its tags (once at its tenant's head), its deadline and
+    its driver's ``item``."""
 
-    __slots__ = ("cls", "deadline", "enqueued_at", "finish", "item", "queued", "start", "tenant")
+    __slots__ = (
+        "cls",
+        "deadline",
+        "enqueued_at",
+        "finish",
+        "item",
+        "queued",
+        "size",
+        "start",
+        "state",
+        "tenant",
+    )
 
     def __init__(
         self,
         item: T,
         cls: _Class[T],
+        state: _Tenant[T],
         tenant: str,
-        start: float,
-        finish: float,
+        size: float,
         enqueued_at: float,
         deadline: float,
     ) -> None:
         self.item = item
         self.cls = cls
+        self.state = state
         self.tenant = tenant
-        self.start = start
-        self.finish = finish
+        #: ``cost / weight``: how far serving it moves its tenant's finish tag.
+        self.size = size
+        #: Its tags; NaN until it is its tenant's head.
+        self.start = math.nan
+        self.finish = math.nan
         self.enqueued_at = enqueued_at
         #: ``enqueued_at + max_wait_s``: from then on ``expire`` takes it out.
         self.deadline = deadline
@@ -93,18 +117,20 @@ class Waiter(Generic[T]):
         return f"<Waiter {self.tenant!r} p{self.cls.priority} F={self.finish:g} {self.item!r}>"
 
 
-class _Tenant:
-    __slots__ = ("last_finish", "served_finish", "waiting")
+class _Tenant(Generic[T]):
+    __slots__ = ("fifo", "served_finish", "waiting")
 
     def __init__(self) -> None:
-        #: Finish tag of the tenant's latest waiter, and of its latest one served.
-        self.last_finish = 0.0
+        #: Finish tag of the tenant's latest waiter served.
         self.served_finish = 0.0
+        #: Its waiters in arrival order, the head first; departed ones linger until compacted.
+        self.fifo: deque[Waiter[T]] = deque()
         self.waiting = 0
 
 
 class _Class(Generic[T]):
-    """The waiters of one priority, ordered by finish tag; entries of departed waiters linger."""
+    """The waiters of one priority: each backlogged tenant's head in a heap by finish tag;
+    entries of heads that departed linger."""
 
     __slots__ = ("heap", "live", "priority", "sweep_at", "tenants", "vtime")
 
@@ -112,8 +138,8 @@ class _Class(Generic[T]):
         self.priority = priority
         self.heap: list[tuple[float, int, Waiter[T]]] = []
         self.live = 0
-        #: Tags of tenants with waiters, or whose last finish tag is still ahead of ``vtime``.
-        self.tenants: dict[str, _Tenant] = {}
+        #: Tenants with waiters, or whose last finish tag served is still ahead of ``vtime``.
+        self.tenants: dict[str, _Tenant[T]] = {}
         self.sweep_at = _SWEEP_MIN
         self.vtime = 0.0
 
@@ -192,12 +218,11 @@ class FairOrder(Generic[T]):
         state = cls.tenants.get(tenant)
         if state is None:
             state = cls.tenants[tenant] = _Tenant()
-        start = max(cls.vtime, state.last_finish)
-        finish = start + cost / weight
-        state.last_finish = finish
+        waiter = Waiter(item, cls, state, tenant, cost / weight, now, now + self.max_wait_s)
+        state.fifo.append(waiter)
         state.waiting += 1
-        waiter = Waiter(item, cls, tenant, start, finish, now, now + self.max_wait_s)
-        heapq.heappush(cls.heap, (finish, next(self._seq), waiter))
+        if state.waiting == 1:
+            self._promote(cls, state)
         cls.live += 1
         self.waiting += 1
         if self.max_wait_s < math.inf:
@@ -205,6 +230,20 @@ class FairOrder(Generic[T]):
                 self._arrivals = deque(w for w in self._arrivals if w.queued)
             self._arrivals.append(waiter)
         return waiter
+
+    def _promote(self, cls: _Class[T], state: _Tenant[T], start: float | None = None) -> None:
+        """Tag the tenant's first waiter still queued, now its head, and put it in the heap:
+        from ``start`` when it takes the place of a head that left unserved, else from
+        ``max(V, F)`` (its tenant became backlogged, or its previous head was served)."""
+        fifo = state.fifo
+        while fifo and not fifo[0].queued:
+            fifo.popleft()
+        if not fifo:
+            return
+        head = fifo[0]
+        head.start = max(cls.vtime, state.served_finish) if start is None else start
+        head.finish = head.start + head.size
+        heapq.heappush(cls.heap, (head.finish, next(self._seq), head))
 
     def peek(self) -> Waiter[T] | None:
         """The waiter to serve next, left in the queue; None when nobody waits."""
@@ -218,7 +257,8 @@ class FairOrder(Generic[T]):
     def serve(self, waiter: Waiter[T]) -> None:
         """Give ``waiter``, the one ``peek`` returned, the next slot: out of the queue, in flight.
 
-        Serving it moves its class's virtual time to its start tag.
+        Serving it moves its class's virtual time to its start tag and its tenant's finish tag
+        to its own.
         """
         if self.peek() is not waiter:
             raise ValueError(f"{waiter!r} is not the next to serve")
@@ -226,6 +266,7 @@ class FairOrder(Generic[T]):
         heapq.heappop(cls.heap)
         if waiter.start > cls.vtime:
             cls.vtime = waiter.start
+        waiter.state.served_finish = waiter.finish
         self._unlink(waiter, served=True)
         self.in_flight += 1
 
@@ -272,7 +313,9 @@ class FairOrder(Generic[T]):
     def _unlink(self, waiter: Waiter[T], *, served: bool = False) -> None:
         """Take a waiter out of the counts; its heap entry, if still there, is skipped later.
 
-        A waiter leaving unserved as its tenant's latest, or its last, hands back its tag.
+        A head leaving hands the head to its tenant's next waiter: served, the next is tagged
+        from the tenant's new finish tag; unserved, the next takes its start tag, so the tenant
+        keeps its place while it stays backlogged and the one that left charged nothing.
         """
         waiter.queued = False
         self.waiting -= 1
@@ -282,24 +325,26 @@ class FairOrder(Generic[T]):
             # No backlog left in this class: drop its tags with it (see the module docstring).
             del self._classes[cls.priority]
             return
-        state = cls.tenants[waiter.tenant]
+        state = waiter.state
         state.waiting -= 1
-        if served:
-            state.served_finish = waiter.finish
-        elif not state.waiting:
-            state.last_finish = state.served_finish
-        elif state.last_finish == waiter.finish:
-            state.last_finish = waiter.start
-        if not state.waiting and state.last_finish <= cls.vtime:
-            del cls.tenants[waiter.tenant]  # max(V, last_finish) is V anyway
+        fifo = state.fifo
+        if fifo[0] is waiter:
+            fifo.popleft()
+            self._promote(cls, state, None if served else waiter.start)
+        elif len(fifo) > 2 * state.waiting + _SWEEP_MIN:
+            state.fifo = deque(w for w in fifo if w.queued)
+        if not state.waiting and state.served_finish <= cls.vtime:
+            del cls.tenants[waiter.tenant]  # max(V, served_finish) is V anyway
         if len(cls.heap) > 2 * cls.live + _SWEEP_MIN:
-            # Many waiters left early (cancelled, timed out): compact so the heap stays bounded.
+            # Many heads left early (cancelled, timed out): compact so the heap stays bounded.
             cls.heap = [entry for entry in cls.heap if entry[2].queued]
             heapq.heapify(cls.heap)
         if len(cls.tenants) > cls.sweep_at:
             # Tenants gone idle whose tags ``vtime`` has since overtaken are forgotten; sweeping
             # only when the table doubled keeps this amortised O(1).
             cls.tenants = {
-                name: t for name, t in cls.tenants.items() if t.waiting or t.last_finish > cls.vtime
+                name: t
+                for name, t in cls.tenants.items()
+                if t.waiting or t.served_finish > cls.vtime
             }
             cls.sweep_at = max(_SWEEP_MIN, 2 * len(cls.tenants))
