@@ -12,8 +12,8 @@ from gpufleet.controller import Directory
 from gpufleet.gateway.accounting import Accounting
 from gpufleet.gateway.auth import ANONYMOUS
 from gpufleet.gateway.metrics import GatewayMetrics
-from gpufleet.gateway.pricing import Pricing
 from gpufleet.gateway.proxy import Outcome
+from gpufleet.policies.pricing import Pricing
 from gpufleet.store import UsageRow
 from tests import sites
 

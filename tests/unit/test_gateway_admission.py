@@ -14,7 +14,6 @@ from gpufleet.gateway.admission import Admission
 from gpufleet.gateway.auth import ANONYMOUS, Keyring
 from gpufleet.gateway.errors import ApiError
 from gpufleet.gateway.metrics import GatewayMetrics
-from gpufleet.gateway.pricing import Pricing
 from gpufleet.gateway.quotas import (
     Demand,
     Limits,
@@ -23,6 +22,7 @@ from gpufleet.gateway.quotas import (
     QuotaStoreUnavailable,
     Ticket,
 )
+from gpufleet.policies.pricing import Pricing
 from gpufleet.store import Store, sqlite_url
 from tests import sites
 

@@ -11,9 +11,9 @@ from gpufleet.controller import Directory, ModelEntry
 from gpufleet.gateway.auth import ANONYMOUS, Principal
 from gpufleet.gateway.errors import ApiError
 from gpufleet.gateway.metrics import GatewayMetrics
-from gpufleet.gateway.pricing import Pricing
 from gpufleet.gateway.request import parse
 from gpufleet.gateway.resolve import Resolver, split_key
+from gpufleet.policies.pricing import Pricing
 from tests import sites
 
 USER = replace(ANONYMOUS, tenant="globex", key_prefix="gpf_globex01", role="user")

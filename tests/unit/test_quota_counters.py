@@ -52,6 +52,7 @@ def test_exports() -> None:
         "WINDOW_S",
         "budget_period",
         "counted_scopes",
+        "limits_of",
         "needs_settle_marker",
         "quota_exceeded",
         "to_nano",

@@ -31,9 +31,9 @@ from gpufleet.gateway.demand import DemandMeter
 from gpufleet.gateway.dispatch import Release
 from gpufleet.gateway.ledger import Ledger
 from gpufleet.gateway.metrics import GatewayMetrics
-from gpufleet.gateway.pricing import Pricing
 from gpufleet.gateway.proxy import Done, Outcome
 from gpufleet.gateway.quotas import Ticket
+from gpufleet.policies.pricing import Pricing
 from gpufleet.store import UsageRow
 
 __all__ = ["Accounting", "Charge", "billed"]

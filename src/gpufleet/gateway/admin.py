@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from gpufleet.controller import ControlPlane, ModelEntry
 from gpufleet.errors import GpufleetError, SpecError, StoreError
-from gpufleet.gateway.auth import ROLES, Keyring, Principal, forbidden, limits_of
+from gpufleet.gateway.auth import ROLES, Keyring, Principal, forbidden
 from gpufleet.gateway.cost_report import build_report, report_view
 from gpufleet.gateway.errors import ApiError, bad_request, quota_store_unavailable
 from gpufleet.gateway.gpus_report import build_history, gpus_view, resolution_of
@@ -34,6 +34,7 @@ from gpufleet.gateway.ledger import Ledger
 from gpufleet.gateway.quotas import Quotas, QuotaStoreUnavailable
 from gpufleet.gateway.validate import parse_body
 from gpufleet.outages import OutageReporter
+from gpufleet.policies.quota_rules import limits_of
 from gpufleet.runtime import Replica
 from gpufleet.spec import API_VERSION, LimitsSpec, Model, Tenant, parse_document, parse_tenant
 from gpufleet.store import KeyRecord

@@ -20,7 +20,6 @@ from gpufleet.controller import ModelEntry
 from gpufleet.gateway.auth import ANONYMOUS, Keyring, Principal
 from gpufleet.gateway.errors import ApiError, quota_store_unavailable
 from gpufleet.gateway.metrics import GatewayMetrics
-from gpufleet.gateway.pricing import Pricing
 from gpufleet.gateway.quotas import (
     Demand,
     LocalQuotas,
@@ -30,6 +29,7 @@ from gpufleet.gateway.quotas import (
     Ticket,
 )
 from gpufleet.outages import OutageReporter
+from gpufleet.policies.pricing import Pricing
 
 __all__ = ["Admission"]
 

@@ -29,6 +29,8 @@ from typing import Any, Literal
 from gpufleet.gateway.errors import ApiError
 from gpufleet.gateway.quotas import Limits
 from gpufleet.outages import OutageReporter
+from gpufleet.policies.fair_order import QUEUE_PRIORITIES
+from gpufleet.policies.quota_rules import limits_of
 from gpufleet.spec import API_VERSION, LimitsSpec, ModelSpec, Tenant, parse_tenant
 from gpufleet.store import KeyRecord, Store
 
@@ -39,7 +41,6 @@ __all__ = [
     "Keyring",
     "Principal",
     "hash_key",
-    "limits_of",
     "new_key",
 ]
 
@@ -49,8 +50,6 @@ ROLES: tuple[str, ...] = ("admin", "operator", "user")
 KEY_PREFIX = "gpf_"
 _PREFIX_LEN = 12
 DEFAULT_TENANT = "default"
-#: Queue priority by tenant class (lower first).
-PRIORITIES = {"interactive": 0, "batch": 1}
 
 
 def hash_key(secret: str) -> str:
@@ -61,18 +60,6 @@ def new_key() -> tuple[str, str, str]:
     """A fresh key: (the secret shown once, its prefix, its hash)."""
     secret = KEY_PREFIX + secrets.token_urlsafe(24)
     return secret, secret[:_PREFIX_LEN], hash_key(secret)
-
-
-def limits_of(spec: LimitsSpec | None) -> Limits:
-    if spec is None:
-        return Limits()
-    return Limits(
-        rpm=spec.requests_per_minute,
-        tpm=spec.tokens_per_minute,
-        concurrency=spec.concurrency,
-        budget_usd=spec.budget.usd if spec.budget else None,
-        budget_period=spec.budget.period if spec.budget else "month",
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +196,7 @@ class Keyring:
             role=record.role,
             tenant_limits=limits_of(spec.limits) if spec else Limits(),
             key_limits=key_limits,
-            priority=PRIORITIES[spec.priority] if spec else 0,
+            priority=QUEUE_PRIORITIES[spec.priority] if spec else 0,
             weight=spec.weight if spec else 1.0,
         )
         self._keys[record.prefix] = _Entry(record, principal)

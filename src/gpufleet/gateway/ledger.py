@@ -3,10 +3,8 @@
 **Cost.** A replica costs its price per hour whether it is busy or idle; what a request is
 charged is its share of the replica's *busy* time. While several requests are in flight on a
 replica, each second of busy time is split between them in proportion to their token weight
-(prompt + output budget), so a long generation pays more than a short one beside it. That is a
-fair-share integral, kept in O(1) per request with a per-replica "virtual clock" (as weighted
-fair queueing does): ``V`` advances by ``dt / W`` where ``W`` is the weight in flight, and a
-request of weight ``w`` that started at ``V0`` is charged ``w × (V − V0)`` replica-seconds.
+(prompt + output budget), so a long generation pays more than a short one beside it
+(``policies.busy_meter``, which the simulator runs too).
 GPU-seconds are replica-seconds × the replica's GPUs; the price is replica-seconds × the
 replica's price per second (GPUs × the catalog's price per hour, or ``spec.pricing``).
 
@@ -34,7 +32,6 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -43,57 +40,9 @@ from gpufleet.gateway.spool import Spool, encode_row
 from gpufleet.store import DeadLetter, RefusalKey, RowsRejected, Store, UsageRow
 from gpufleet.supervise import Supervisor, wait_set
 
-__all__ = ["BusyMeter", "Ledger", "MeterTicket"]
+__all__ = ["Ledger"]
 
 log = logging.getLogger("gpufleet.gateway.ledger")
-
-
-@dataclass(slots=True)
-class _Clock:
-    virtual: float = 0.0
-    weight: float = 0.0
-    last: float = 0.0
-    count: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class MeterTicket:
-    replica: str
-    weight: float
-    start: float
-
-
-class BusyMeter:
-    """Each replica's busy time, split between its requests by token weight."""
-
-    def __init__(self) -> None:
-        self._clocks: dict[str, _Clock] = {}
-
-    def _advance(self, replica: str, now: float) -> _Clock:
-        clock = self._clocks.get(replica)
-        if clock is None:
-            clock = self._clocks[replica] = _Clock(last=now)
-        if clock.weight > 0:
-            clock.virtual += (now - clock.last) / clock.weight
-        clock.last = now
-        return clock
-
-    def start(self, replica: str, weight: float, now: float | None = None) -> MeterTicket:
-        weight = max(weight, 1.0)
-        clock = self._advance(replica, time.monotonic() if now is None else now)
-        clock.weight += weight
-        clock.count += 1
-        return MeterTicket(replica, weight, clock.virtual)
-
-    def stop(self, ticket: MeterTicket, now: float | None = None) -> float:
-        """The request's replica-seconds."""
-        clock = self._advance(ticket.replica, time.monotonic() if now is None else now)
-        share = ticket.weight * (clock.virtual - ticket.start)
-        clock.count -= 1
-        clock.weight = clock.weight - ticket.weight if clock.count else 0.0
-        if not clock.count:
-            del self._clocks[ticket.replica]  # idle: the next request starts a fresh clock
-        return share
 
 
 class Ledger:

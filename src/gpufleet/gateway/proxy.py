@@ -46,7 +46,6 @@ from gpufleet.gateway.errors import (
     unreachable,
     upstream_failed,
 )
-from gpufleet.gateway.ledger import BusyMeter
 from gpufleet.gateway.metrics import GatewayMetrics
 from gpufleet.gateway.prefix_hints import RedisPrefixHints
 from gpufleet.gateway.streaming import Streams, first_event
@@ -59,6 +58,7 @@ from gpufleet.gateway.upstream_http import (
     UpstreamClient,
     UpstreamError,
 )
+from gpufleet.policies.busy_meter import BusyMeter, MeterTicket
 from gpufleet.routing import Choice, Endpoint, RequestFeatures, RoutingPolicy, make_policy
 from gpufleet.routing.prefill import PrefillFit
 from gpufleet.routing.prefix import BLOCK_TOKENS as PREFIX_BLOCK_TOKENS
@@ -314,7 +314,7 @@ class Upstream:
             prefill = max(0, features.prompt_tokens - choice.cached_blocks * PREFIX_BLOCK_TOKENS)
             ahead = self._backlog.get(replica.id, 0) + prefill
             self._acquire(replica, entry.name, prefill)
-            metered = self.meter.start(replica.id, weight)
+            metered = self.meter.start(replica.id, weight, time.monotonic())
             resp: Reply | None = None
             #: How the attempt ended when it gave no answer (499: the caller went away).
             failure = 502
@@ -366,7 +366,7 @@ class Upstream:
                             tenant,
                             outcome,
                             strip_usage,
-                            functools.partial(self.meter.stop, metered),
+                            functools.partial(self._stop_meter, metered),
                             done,
                             ahead,
                             (route, body, request_id),
@@ -381,7 +381,7 @@ class Upstream:
                         entry, replica, route, request_id, resp, payload, outcome
                     )
                 outcome.duration_s = time.perf_counter() - started
-                outcome.replica_seconds = self.meter.stop(metered)
+                outcome.replica_seconds = self._stop_meter(metered)
                 handed = True
                 resp.close()
                 self._release(replica, entry.name, prefill)
@@ -408,7 +408,7 @@ class Upstream:
                 if not handed:
                     if resp is not None:
                         resp.close()
-                    spent = self.meter.stop(metered)
+                    spent = self._stop_meter(metered)
                     self._release(replica, entry.name, prefill)
                     if connected and done is not None:
                         done.spent(
@@ -424,6 +424,10 @@ class Upstream:
             "replicas are starting" if entry.replicas else "no replica is running"
         )
         raise no_replica(entry.name, detail, retry_after=30 if entry.problem else 2)
+
+    def _stop_meter(self, ticket: MeterTicket) -> float:
+        """The replica-seconds of a request that ends now."""
+        return self.meter.stop(ticket, time.monotonic())
 
     def _engine_error(self, entry: ModelEntry, replica: Replica, status: int) -> None:
         if self.on_engine_error is not None:

@@ -20,8 +20,8 @@ from gpufleet.gateway.auth import Principal
 from gpufleet.gateway.demand import DemandMeter
 from gpufleet.gateway.errors import bad_request, model_not_found
 from gpufleet.gateway.metrics import GatewayMetrics
-from gpufleet.gateway.pricing import Pricing
 from gpufleet.gateway.request import Header, Parsed
+from gpufleet.policies.pricing import Pricing
 from gpufleet.routing import CostOption, choose_split, rank_by_cost
 from gpufleet.spec import CostRoutingSpec
 

@@ -25,13 +25,13 @@ from gpufleet.gateway.fairqueue import AdmissionQueues
 from gpufleet.gateway.ledger import Ledger
 from gpufleet.gateway.metrics import GatewayMetrics
 from gpufleet.gateway.prefix_hints import RedisPrefixHints
-from gpufleet.gateway.pricing import Pricing
 from gpufleet.gateway.proxy import Upstream
 from gpufleet.gateway.quotas import LocalQuotas, Quotas
 from gpufleet.gateway.request import Header, parse, prepare
 from gpufleet.gateway.resolve import Resolver
 from gpufleet.gateway.settings import GatewaySettings
 from gpufleet.outages import OutageReporter
+from gpufleet.policies.pricing import Pricing
 
 __all__ = ["Gateway"]
 

@@ -11,17 +11,29 @@ doubled for safety), never below the cost of generating them alone at ``FLOOR_TO
 
 from __future__ import annotations
 
-from gpufleet.controller import ModelEntry
-from gpufleet.policies.costs import replica_price_per_hour as price_of_spec
+from typing import Protocol
 
-__all__ = ["FLOOR_TOKENS_PER_S", "Pricing", "replica_price_per_hour"]
+from gpufleet.policies.costs import replica_price_per_hour as price_of_spec
+from gpufleet.spec import ModelSpec
+
+__all__ = ["FLOOR_TOKENS_PER_S", "Priced", "Pricing", "replica_price_per_hour"]
 
 #: A slow single stream; busy-time shares per token are far smaller once requests batch.
 FLOOR_TOKENS_PER_S = 20.0
 _ALPHA = 0.05
 
 
-def replica_price_per_hour(entry: ModelEntry) -> float:
+class Priced(Protocol):
+    """A deployment as pricing sees it: the gateway's ``ModelEntry``, the simulator's model."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def spec(self) -> ModelSpec: ...
+
+
+def replica_price_per_hour(entry: Priced) -> float:
     return price_of_spec(entry.spec)
 
 
@@ -29,23 +41,23 @@ class Pricing:
     def __init__(self) -> None:
         self._seconds_per_token: dict[str, float] = {}
 
-    def per_second(self, entry: ModelEntry) -> float:
+    def per_second(self, entry: Priced) -> float:
         return replica_price_per_hour(entry) / 3600.0
 
-    def estimate(self, entry: ModelEntry, tokens: int) -> float:
+    def estimate(self, entry: Priced, tokens: int) -> float:
         price = self.per_second(entry)
         if not price:
             return 0.0
         learnt = 2.0 * self._seconds_per_token.get(entry.name, 0.0)
         return tokens * max(learnt, 1.0 / FLOOR_TOKENS_PER_S) * price
 
-    def per_token(self, entry: ModelEntry) -> float:
+    def per_token(self, entry: Priced) -> float:
         """What a token costs on this deployment: its price × the replica-seconds a token has
         taken there (before any is measured, a slow single stream's pace)."""
         learnt = self._seconds_per_token.get(entry.name, 1.0 / FLOOR_TOKENS_PER_S)
         return self.per_second(entry) * learnt
 
-    def observe(self, entry: ModelEntry, replica_seconds: float, tokens: int) -> None:
+    def observe(self, entry: Priced, replica_seconds: float, tokens: int) -> None:
         if tokens <= 0:
             return
         sample = replica_seconds / tokens

@@ -33,6 +33,7 @@ from datetime import date, timedelta
 from typing import Literal, get_args
 
 from gpufleet.errors import TemporaryError
+from gpufleet.spec import LimitsSpec
 
 __all__ = [
     "DEFAULT_LEASE_S",
@@ -48,6 +49,7 @@ __all__ = [
     "Ticket",
     "budget_period",
     "counted_scopes",
+    "limits_of",
     "needs_settle_marker",
     "quota_exceeded",
     "to_nano",
@@ -110,6 +112,19 @@ class Limits:
             and self.concurrency is None
             and self.budget_usd is None
         )
+
+
+def limits_of(spec: LimitsSpec | None) -> Limits:
+    """A tenant's or a key's ``limits`` field as the limits counted."""
+    if spec is None:
+        return Limits()
+    return Limits(
+        rpm=spec.requests_per_minute,
+        tpm=spec.tokens_per_minute,
+        concurrency=spec.concurrency,
+        budget_usd=spec.budget.usd if spec.budget else None,
+        budget_period=spec.budget.period if spec.budget else "month",
+    )
 
 
 @dataclass(frozen=True, slots=True)
