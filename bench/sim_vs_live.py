@@ -65,6 +65,7 @@ from gpufleet.emulator.main import EmulatorOptions
 from gpufleet.hardware import accelerator, load_inventory
 from gpufleet.policies.latency import Timing
 from gpufleet.sim import (
+    GATEWAY_OVERHEAD_S,
     Lengths,
     Objectives,
     SimResult,
@@ -394,6 +395,14 @@ def diagnosis(sim: SimResult, live: Live, scale: float) -> str:
     def ms(value: float | None) -> str:
         return "-" if value is None or math.isnan(value) else f"{value * 1000:.1f} ms"
 
+    gateway_ttft = [
+        (t.ttft_ms if t.ttft_ms is not None else t.duration_ms) / 1000 for t in live.timings
+    ]
+    overhead = (
+        sum(gateway_ttft) / len(gateway_ttft) - live.engine_ttft_mean if gateway_ttft else math.nan
+    )
+    client_overhead = sum(o.ttft for o in ok) / len(ok) - live.engine_ttft_mean
+
     def gw(key: str) -> str:
         v = g.get(key)
         return "-" if v is None else f"{v / scale:.1f} ms"
@@ -407,6 +416,10 @@ def diagnosis(sim: SimResult, live: Live, scale: float) -> str:
             f"client {ms(sum(o.ttft for o in ok) / len(ok) / scale)}",
             f"  E2E mean: sim {ms(m.e2e.mean)}; engines {ms(live.engine_e2e_mean / scale)}; "
             f"client {ms(sum(o.e2e for o in ok) / len(ok) / scale)}",
+            f"  fixed time over the engines' mean TTFT (wall): {ms(client_overhead)} as the "
+            f"client sees it, {ms(overhead)} of it inside the gateway's own timing; the "
+            f"simulator adds GATEWAY_OVERHEAD_S {ms(GATEWAY_OVERHEAD_S)} ÷ scale = "
+            f"{ms(GATEWAY_OVERHEAD_S / scale)}",
             f"  gateway's own TTFT p50/p95 {gw('ttft_ms_p50')}/{gw('ttft_ms_p95')}, ITL p50/p95 "
             f"{gw('itl_ms_p50')}/{gw('itl_ms_p95')}, E2E p50/p95 {gw('e2e_ms_p50')}/"
             f"{gw('e2e_ms_p95')} ({g.get('requests')} requests)",
@@ -520,7 +533,9 @@ def main() -> None:
             load_inventory(tmp / "inventory.yaml"),
             read_trace(trace_csv),
             objectives,
-            SimSettings(seed=args.seed),
+            # The gateway's fixed cost is wall time: at time scale S it is 1/S as long in model
+            # time, as every fixed overhead of the live run is.
+            SimSettings(seed=args.seed, gateway_overhead_s=GATEWAY_OVERHEAD_S / scale),
         )
         print(f"sim: {time.perf_counter() - started:.2f} s wall")
         if args.sim_only:

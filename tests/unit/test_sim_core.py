@@ -121,7 +121,8 @@ def test_one_replica_with_fixed_service_waits_as_m_d_1() -> None:
             t += rng.expovariate(rho / service)
             yield TraceRequest(t, 1000, 1)
 
-    settings = SimSettings(hold_s=1e9, tick_s=60.0)
+    # The queue under test is the engine's: no fixed gateway time on top of its service.
+    settings = SimSettings(hold_s=1e9, tick_s=60.0, gateway_overhead_s=0.0)
     result = simulate([sized], inventory(), arrivals(), settings=settings)
     m = result.model("md1")
     assert m.served == 20_000 and m.cached_tokens == 0

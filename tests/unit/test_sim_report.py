@@ -58,12 +58,14 @@ def test_the_report_is_one_html_file_with_its_sections_and_png_plots(tmp_path: P
     text = out.read_text(encoding="utf-8")
     for section in (
         "Summary",
+        "Tenants",
         "GPUs in use over time",
         "Replicas over time",
         "GPU-hours by type",
         "Latency percentiles",
     ):
         assert f"<h3>{section}</h3>" in text
+    assert "<td>default</td><td>interactive</td>" in text  # the trace names no tenant
     assert "Comparison" not in text and "http" not in text  # self-contained
     images = PNG.findall(text)
     assert len(images) == 4

@@ -8,7 +8,8 @@ Three ways to run: one fleet (``-f`` and ``-i``); ``--compare`` variants side by
 the same trace (the file re-read, or the synthetic trace regenerated from the same seed); and
 ``--search`` for the cheapest count of each GPU type that meets ``--attainment``. Any of them
 can also write ``--report out.html`` (matplotlib, from ``gpufleet[sim]``). A long run shows a
-progress bar on stderr when it is a terminal.
+progress bar on stderr when it is a terminal. ``kind: Tenant`` documents in the files bring
+their quotas, priority and weight to the trace's requests of that tenant.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
     from gpufleet.sim import Objectives, SimResult, SimSettings, TraceRequest
-    from gpufleet.spec import Inventory, Model
+    from gpufleet.spec import Inventory, Model, Tenant
 
 __all__ = ["parse_compare", "parse_synthetic", "sim_command"]
 
@@ -144,6 +145,7 @@ def _run(
     objectives: Objectives,
     settings: SimSettings,
     startup: float | None,
+    tenants: list[Tenant],
 ) -> SimResult:
     import dataclasses
 
@@ -152,8 +154,27 @@ def _run(
     sized = [sim_model(m, startup_s=startup) for m in models]
     with _Bar(label, total_s) as bar:
         return simulate(
-            sized, inventory, trace(), objectives, dataclasses.replace(settings, progress=bar)
+            sized,
+            inventory,
+            trace(),
+            objectives,
+            dataclasses.replace(settings, progress=bar),
+            tenants,
         )
+
+
+def _load(files: list[Path]) -> tuple[list[Model], list[Tenant]]:
+    """The models and tenants of spec files (a tenant's quotas and share apply to its requests
+    in the trace)."""
+    from gpufleet.spec import load_file_resources
+
+    models: list[Model] = []
+    tenants: list[Tenant] = []
+    for f in files:
+        m, t = load_file_resources(f)
+        models += m
+        tenants += t
+    return models, tenants
 
 
 def sim_command(
@@ -176,7 +197,12 @@ def sim_command(
     ] = None,
     seed: Annotated[int, typer.Option(help="seed of a synthetic trace")] = 0,
     tick: Annotated[float, typer.Option(help="autoscaler interval, seconds")] = 1.0,
-    hold: Annotated[float, typer.Option(help="longest wait for a slot before refusal")] = 60.0,
+    hold: Annotated[
+        float, typer.Option(help="longest wait for a model's first ready replica, seconds")
+    ] = 60.0,
+    queue_wait: Annotated[
+        float, typer.Option(help="longest wait in a model's fair queue for a slot, seconds")
+    ] = 30.0,
     routing: Annotated[
         str | None, typer.Option(help="routing policy for every model (default: each spec's)")
     ] = None,
@@ -223,7 +249,6 @@ def sim_command(
         render_search,
         search_fleet,
     )
-    from gpufleet.spec import load_file
 
     files = file or []
     if not trace:
@@ -239,7 +264,9 @@ def sim_command(
         return read_trace(source) if source.exists() else parse_synthetic(trace, seed)
 
     objectives = Objectives(ttft, itl, e2e)
-    settings = SimSettings(tick_s=tick, hold_s=hold, routing=routing, seed=seed)
+    settings = SimSettings(
+        tick_s=tick, hold_s=hold, queue_max_wait_s=queue_wait, routing=routing, seed=seed
+    )
     variants: list[Variant] = []
     try:
         if report is not None:
@@ -247,7 +274,7 @@ def sim_command(
         if search:
             if not files:
                 raise fail("--search needs the models: -f FILE")
-            models = [m for f in files for m in load_file(f)]
+            models, tenants = _load(files)
             types = [gpu_type_name(t.strip()) for t in search.split(",") if t.strip()]
             if not types:
                 raise fail("--search needs GPU types, e.g. H100,L40S,L4")
@@ -257,7 +284,15 @@ def sim_command(
                 fleet = node_inventory(gpu_type, count, node_gpus)
                 label = f"{count}×{gpu_type}"
                 return _run(
-                    label, restricted, fleet, requests, total_s, objectives, settings, startup
+                    label,
+                    restricted,
+                    fleet,
+                    requests,
+                    total_s,
+                    objectives,
+                    settings,
+                    startup,
+                    tenants,
                 )
 
             rows = search_fleet(run, types, attainment, max_gpus)
@@ -292,9 +327,11 @@ def sim_command(
                 variant_inventory = variant_inventory or inventory
                 if not variant_files or variant_inventory is None:
                     raise fail(f"--compare {text!r}: no models or inventory (and no -f / -i)")
-                models = [m for f in variant_files for m in load_file(f)]
+                models, tenants = _load(variant_files)
                 fleet = load_inventory(variant_inventory)
-                result = _run(name, models, fleet, requests, total_s, objectives, settings, startup)
+                result = _run(
+                    name, models, fleet, requests, total_s, objectives, settings, startup, tenants
+                )
                 variants.append(Variant(name, result))
             if output == "json":
                 typer.echo(json.dumps(comparison_to_dict(variants), indent=2))
@@ -303,9 +340,11 @@ def sim_command(
         else:
             if not files or inventory is None:
                 raise fail("give the models (-f FILE) and the inventory (-i FILE)")
-            models = [m for f in files for m in load_file(f)]
+            models, tenants = _load(files)
             fleet = load_inventory(inventory)
-            result = _run("sim", models, fleet, requests, total_s, objectives, settings, startup)
+            result = _run(
+                "sim", models, fleet, requests, total_s, objectives, settings, startup, tenants
+            )
             variants = [Variant(inventory.stem, result)]
             if output == "json":
                 typer.echo(result.to_json())

@@ -1,11 +1,11 @@
 """``gpufleet sim``: the fleet's own policies run against emulated engines in virtual time.
 
 ``traces`` makes and ``trace_files`` replays the traffic; see docs/sim-traces.md. ``core``
-runs it through the fleet (``simulate``), ``fleet`` sizes the models for it and ``result``
-reports what it served and what it cost.
+runs it through the fleet (``simulate``), ``fleet`` sizes the models for it, ``tenants`` brings
+the tenants' quotas and fair shares, and ``result`` reports what it served and what it cost.
 """
 
-from gpufleet.sim.core import SimSettings, simulate
+from gpufleet.sim.core import GATEWAY_OVERHEAD_S, SimSettings, simulate
 from gpufleet.sim.fleet import SimModel, sim_model
 from gpufleet.sim.result import (
     GpuUse,
@@ -15,8 +15,11 @@ from gpufleet.sim.result import (
     ReplicaSpan,
     ScaleEvent,
     SimResult,
+    TenantResult,
     render_table,
 )
+from gpufleet.sim.scaler import Scaler, ScalerFactory
+from gpufleet.sim.tenants import SimTenant
 from gpufleet.sim.trace_files import TraceError, read_trace, write_trace
 from gpufleet.sim.traces import (
     BLOCK_TOKENS,
@@ -35,6 +38,7 @@ from gpufleet.sim.traces import (
 
 __all__ = [
     "BLOCK_TOKENS",
+    "GATEWAY_OVERHEAD_S",
     "Bursts",
     "GpuUse",
     "Lengths",
@@ -43,10 +47,14 @@ __all__ = [
     "Percentiles",
     "ReplicaSpan",
     "ScaleEvent",
+    "Scaler",
+    "ScalerFactory",
     "SharedPrefix",
     "SimModel",
     "SimResult",
     "SimSettings",
+    "SimTenant",
+    "TenantResult",
     "TraceError",
     "TraceRequest",
     "batch_night",

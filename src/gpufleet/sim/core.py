@@ -21,10 +21,16 @@ What runs unchanged from production:
 - **engines** — ``emulator.model.EngineModel`` per replica, built as the emulator server builds
   it, timed by the sizing layer's ``PerfModel`` for the placement's GPU type.
 
-The gateway is modelled, not run: a model takes ``slots`` requests in flight per routable
-replica; beyond that, or with no replica ready, requests wait in one FIFO per model (the fair
-queue with one tenant) and are refused once they have waited ``hold_s``. A replica being
-stopped takes no new requests and ends when its last one does (its ``drain`` is not cut short).
+- **admission** — each request's tenant (``sim.tenants``): its quotas counted by the gateway's
+  ``QuotaCounters`` at arrival and settled at the end, then the model's fair queue
+  (``FairOrder``: priority, then weighted fair share, bounded in length and wait) when its
+  ``slots`` per routable replica are all taken; its cost metered by the ledger's ``BusyMeter``.
+
+The gateway's HTTP path is modelled, not run: a model with no replica ready holds requests (in
+arrival order) for up to ``hold_s``, as the gateway's ``hold`` does; the fixed time the gateway
+adds to every request (auth, proxying, the ledger) is ``gateway_overhead_s``, added to each
+request's TTFT and end-to-end latency. A replica being stopped takes no new requests and ends
+when its last one does (its ``drain`` is not cut short).
 """
 
 from __future__ import annotations
@@ -43,7 +49,12 @@ from gpufleet.controller.capacity import PlannerCapacity
 from gpufleet.emulator.kvcache import BLOCK_TOKENS
 from gpufleet.emulator.model import EngineModel, Generation, RequestTooLarge
 from gpufleet.planner import Placement, PlanSettings, ReplicaKey
+from gpufleet.policies.busy_meter import BusyMeter, MeterTicket
 from gpufleet.policies.costs import CostLine, Span, UsageTotals, cost_report, inventory_gpus
+from gpufleet.policies.fair_order import FairOrder, Refusal
+from gpufleet.policies.pricing import Pricing
+from gpufleet.policies.quota_counters import QuotaCounters
+from gpufleet.policies.quota_rules import Demand, QuotaExceeded, Ticket
 from gpufleet.routing import Endpoint, RequestFeatures, RoutingPolicy, make_policy
 from gpufleet.sim.fleet import EngineParams, SimModel
 from gpufleet.sim.result import (
@@ -56,21 +67,35 @@ from gpufleet.sim.result import (
     percentiles,
 )
 from gpufleet.sim.scaler import ScalerFactory
+from gpufleet.sim.tenants import DEFAULT_TENANT, SimTenant, TenantBook, sim_tenants
 from gpufleet.sim.traces import TraceRequest, block_hashes
-from gpufleet.spec import Inventory, ModelSpec
+from gpufleet.spec import Inventory, ModelSpec, Tenant
 
-__all__ = ["SimSettings", "simulate"]
+__all__ = ["GATEWAY_OVERHEAD_S", "SimSettings", "simulate"]
 
 # Event kinds, in the order they run at one instant.
-_ENGINE, _READY, _ARRIVAL, _EXPIRE, _TICK = range(5)
+_ENGINE, _READY, _ARRIVAL, _HELD, _QUEUE, _TICK = range(6)
+
+#: What a client's TTFT holds beyond its engine's (HTTP both ways, authentication, routing,
+#: proxying): measured on a live ``gpufleet up`` with emulated replicas by bench/sim_vs_live.py
+#: (docs/benchmarks.md) as the client's mean TTFT − the engines' mean TTFT, 5–6 ms on a 2-core
+#: VM (of which the gateway's own timing sees about 2 ms).
+GATEWAY_OVERHEAD_S = 0.005
 
 
 @dataclass(frozen=True, slots=True)
 class SimSettings:
     #: The autoscaler's sampling and decision interval (the controller's default: 1 s).
     tick_s: float = 1.0
-    #: How long a request waits for a slot or a replica before it is refused (the gateway's).
+    #: How long a request waits for a replica of a model with none ready (starting, scaled to
+    #: zero) before it is refused (the gateway's ``hold_s``).
     hold_s: float = 60.0
+    #: The fair queue's bounds per model (the gateway's ``queue_max_length``,
+    #: ``queue_max_wait_s``): waiters past the first, refused at once; the wait, refused after.
+    queue_max_length: int = 1000
+    queue_max_wait_s: float = 30.0
+    #: Added to every request's TTFT and end-to-end latency (``GATEWAY_OVERHEAD_S``).
+    gateway_overhead_s: float = GATEWAY_OVERHEAD_S
     #: Replicas at ``replicas.min`` are ready at time 0; else they start loading then.
     warm_start: bool = True
     #: Routing policy for every model instead of the one its spec names.
@@ -88,8 +113,11 @@ class SimSettings:
 class _Request:
     trace: TraceRequest
     model: _Model
+    tenant: TenantBook
     arrived: float
-    waiting: bool = False  # in the model's queue
+    held: bool = False  # waiting for the model's first ready replica
+    ticket: Ticket | None = None  # its quota reservation, when its tenant has limits
+    meter: MeterTicket | None = None
     replica: _Replica | None = None
     prefill: int = 0  # uncached prompt tokens the gateway counts in the replica's backlog
     prefilled: bool = False
@@ -147,13 +175,21 @@ def _endpoint(r: _Replica) -> Endpoint:
 class _Model:
     """A model's gateway queue, replicas, autoscaler state and statistics."""
 
-    def __init__(self, sized: SimModel, policy: RoutingPolicy, now: float) -> None:
+    def __init__(
+        self, sized: SimModel, policy: RoutingPolicy, settings: SimSettings, now: float
+    ) -> None:
         self.sized = sized
         self.name = sized.name
         self.spec: ModelSpec = sized.model.spec
         self.policy = policy
-        self.queue: deque[_Request] = deque()
-        self.queued = 0
+        self.order: FairOrder[_Request] = FairOrder(
+            max_length=settings.queue_max_length, max_wait_s=settings.queue_max_wait_s
+        )
+        #: When the fair queue's next deadline event is due (one pending at a time).
+        self.queue_deadline: float | None = None
+        #: Requests waiting for a first ready replica, in arrival order; departed ones linger.
+        self.held: deque[_Request] = deque()
+        self.holding = 0
         self.replicas: list[_Replica] = []  # held, not stopping; index = its ReplicaKey index
         self.routable: list[_Replica] = []
         self.in_flight = 0
@@ -167,6 +203,7 @@ class _Model:
         self.calibrated = False
         # Statistics.
         self.requests = self.served = self.refused = 0
+        self.refused_by: dict[str, int] = {}
         self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
         self.ttft = array("d")
         self.itl = array("d")
@@ -176,6 +213,14 @@ class _Model:
         self.replica_seconds = 0.0
         self.replicas_max = 0
         self.count_since = now
+
+    @property
+    def queued(self) -> int:
+        return self.order.waiting + self.holding
+
+    @property
+    def capacity(self) -> int:
+        return len(self.routable) * self.sized.slots_per_replica
 
     def count_change(self, now: float, before: int) -> None:
         self.replica_seconds += before * (now - self.count_since)
@@ -191,6 +236,7 @@ class _Simulation:
         trace: Iterable[TraceRequest],
         objectives: Objectives,
         settings: SimSettings,
+        tenants: Iterable[Tenant | SimTenant],
     ) -> None:
         if not models:
             raise ValueError("nothing to simulate: no models")
@@ -198,10 +244,24 @@ class _Simulation:
         self.objectives = objectives
         self.inventory = inventory
         self.models = {
-            m.name: _Model(m, make_policy(settings.routing or m.model.spec.routing.policy), 0.0)
+            m.name: _Model(
+                m, make_policy(settings.routing or m.model.spec.routing.policy), settings, 0.0
+            )
             for m in models
         }
+        self.tenants = {t.name: TenantBook(t) for t in sim_tenants(tenants)}
+        self.quotas = QuotaCounters()
+        self.pricing = Pricing()
+        self.meter = BusyMeter()
+        self.overhead = settings.gateway_overhead_s
         self.first = self.models[models[0].name]
+        unknown = sorted(set(settings.scalers) - set(self.models))
+        if unknown:
+            raise ValueError(
+                f"scalers given for {', '.join(map(repr, unknown))}, which "
+                f"{'is' if len(unknown) == 1 else 'are'} not simulated (models: "
+                f"{', '.join(self.models)})"
+            )
         self.scalers = {n: f(self.models[n].spec) for n, f in settings.scalers.items()}
         sized = {m.name: m.deployment for m in models}
         self.capacity = PlannerCapacity(
@@ -256,13 +316,20 @@ class _Simulation:
                 assert isinstance(obj, _Replica)
                 if not obj.stopping:
                     self.ready(obj, t)
-            elif kind == _EXPIRE:
+            elif kind == _HELD:
                 assert isinstance(obj, _Request)
-                if obj.waiting:
-                    obj.waiting = False
-                    obj.model.queued -= 1
-                    self.refuse(obj, t)
+                if obj.held:
+                    obj.held = False
+                    obj.model.holding -= 1
+                    self.refuse(obj, t, "no_replica")
                     self.end = t
+            elif kind == _QUEUE:
+                assert isinstance(obj, _Model)
+                obj.queue_deadline = None
+                for waiter in obj.order.expire(t):
+                    self.refuse(waiter.item, t, "queue_timeout")
+                    self.end = t
+                self.queue_timer(obj)
             elif self.exhausted and not self.in_system:
                 break  # nothing left to happen but ticks
             else:
@@ -291,33 +358,87 @@ class _Simulation:
 
     # Requests.
 
+    def tenant(self, name: str | None) -> TenantBook:
+        name = name or DEFAULT_TENANT
+        book = self.tenants.get(name)
+        if book is None:
+            book = self.tenants[name] = TenantBook(SimTenant(name))
+        return book
+
     def arrive(self, trace: TraceRequest, t: float) -> None:
         m = self.first if trace.model is None else self.models.get(trace.model)
         if m is None:
             raise ValueError(f"the trace names model {trace.model!r}, which is not simulated")
-        request = _Request(trace, m, t)
+        book = self.tenant(trace.tenant)
+        request = _Request(trace, m, book, t)
         m.requests += 1
         m.arrivals += 1
+        book.requests += 1
         self.in_system += 1
         if m.state.desired == 0 and m.unplaced is None:
             self.wake(m, t)
-        if not m.queued and m.in_flight < len(m.routable) * m.sized.slots_per_replica:
-            self.dispatch(request, t)
+        tenant = book.tenant
+        if not tenant.limits.empty():
+            tokens = trace.prompt_tokens + trace.output_tokens
+            demand = Demand(tokens, self.pricing.estimate(m, tokens))
+            try:
+                request.ticket = self.quotas.admit(f"r{m.requests}", tenant.scopes, demand, t)
+            except QuotaExceeded as exc:
+                self.refuse(request, t, exc.limit)
+                return
+        if m.routable:
+            self.enqueue(request, t)
         else:
-            request.waiting = True
-            m.queue.append(request)
-            m.queued += 1
-            self.push(t + self.settings.hold_s, _EXPIRE, request)
+            request.held = True
+            m.held.append(request)
+            m.holding += 1
+            self.push(t + self.settings.hold_s, _HELD, request)
+
+    def enqueue(self, request: _Request, t: float) -> None:
+        """A slot now, or a place in the model's fair queue, or a refusal (the queue full)."""
+        m = request.model
+        order = m.order
+        if order.take(m.capacity):
+            self.dispatch(request, t)
+            return
+        tenant = request.tenant.tenant
+        waiter = order.enqueue(
+            request,
+            tenant.name,
+            t,
+            priority=tenant.priority,
+            weight=tenant.weight,
+            cost=float(request.trace.prompt_tokens + request.trace.output_tokens),
+        )
+        if isinstance(waiter, Refusal):
+            self.refuse(request, t, "queue_full")
+        elif m.queue_deadline is None:
+            self.queue_timer(m)
+
+    def queue_timer(self, m: _Model) -> None:
+        """One pending event per model, at its fair queue's next deadline."""
+        deadline = m.order.next_deadline()
+        if deadline is not None and deadline < math.inf:
+            m.queue_deadline = deadline
+            self.push(deadline, _QUEUE, m)
+
+    def unhold(self, m: _Model, t: float) -> None:
+        """A replica is ready: the held requests go to the fair queue in arrival order."""
+        held = m.held
+        while held and m.routable:
+            request = held.popleft()
+            if request.held:
+                request.held = False
+                m.holding -= 1
+                self.enqueue(request, t)
 
     def drain_queue(self, m: _Model, t: float) -> None:
-        capacity = len(m.routable) * m.sized.slots_per_replica
-        queue = m.queue
-        while queue and m.in_flight < capacity:
-            request = queue.popleft()
-            if request.waiting:
-                request.waiting = False
-                m.queued -= 1
-                self.dispatch(request, t)
+        order, capacity = m.order, m.capacity
+        while order.waiting:
+            waiter = order.grant(capacity)
+            if waiter is None:
+                break
+            self.dispatch(waiter.item, t)
 
     def dispatch(self, request: _Request, t: float) -> None:
         m, trace = request.model, request.trace
@@ -348,9 +469,13 @@ class _Simulation:
                 trace.prompt_tokens, request.hashes or [], trace.output_tokens, t
             )
         except RequestTooLarge:
-            self.refuse(request, t)
+            m.order.release()
+            self.refuse(request, t, "too_large")
             return
         request.replica = replica
+        weight = float(trace.prompt_tokens + trace.output_tokens)
+        request.meter = self.meter.start(replica.id, weight, t)
+        request.tenant.waits.append(t - request.arrived)
         request.prefill = max(0, trace.prompt_tokens - choice.cached_blocks * BLOCK_TOKENS)
         replica.requests[gen] = request
         replica.in_flight += 1
@@ -389,21 +514,35 @@ class _Simulation:
             self.end_replica(replica, t)
 
     def finish(self, request: _Request, gen: Generation) -> None:
-        m, replica = request.model, request.replica
+        m, replica, book = request.model, request.replica, request.tenant
         assert replica is not None and gen.finished_at is not None
+        assert request.meter is not None
         replica.in_flight -= 1
         m.in_flight -= 1
+        m.order.release()
         self.in_system -= 1
+        tokens = gen.prompt_tokens + gen.max_tokens
+        replica_s = self.meter.stop(request.meter, gen.finished_at)
+        cost = replica_s * replica.params.price_per_hour / 3600
+        self.pricing.observe(m, replica_s, tokens)
+        if request.ticket is not None:
+            self.quotas.settle(request.ticket, tokens=tokens, cost_usd=cost)
         m.served += 1
         m.prompt_tokens += gen.prompt_tokens
         m.completion_tokens += gen.max_tokens
         m.cached_tokens += gen.cached_tokens
+        book.served += 1
+        book.prompt_tokens += gen.prompt_tokens
+        book.completion_tokens += gen.max_tokens
+        book.cost += cost
         first = gen.first_token_at if gen.first_token_at is not None else gen.finished_at
-        ttft = first - request.arrived
-        e2e = gen.finished_at - request.arrived
+        ttft = first - request.arrived + self.overhead
+        e2e = gen.finished_at - request.arrived + self.overhead
         itl = (gen.finished_at - first) / (gen.max_tokens - 1) if gen.max_tokens > 1 else 0.0
         m.ttft.append(ttft)
         m.e2e.append(e2e)
+        book.ttft.append(ttft)
+        book.e2e.append(e2e)
         if gen.max_tokens > 1:
             m.itl.append(itl)
         m.recent_ttfts.append(ttft)
@@ -414,11 +553,18 @@ class _Simulation:
         met["ttft"] += ok_ttft
         met["itl"] += ok_itl
         met["e2e"] += ok_e2e
-        met["all"] += ok_ttft and ok_itl and ok_e2e
+        ok = ok_ttft and ok_itl and ok_e2e
+        met["all"] += ok
+        book.met += ok
         self.drain_queue(m, self.now)
 
-    def refuse(self, request: _Request, t: float) -> None:
-        request.model.refused += 1
+    def refuse(self, request: _Request, t: float, reason: str) -> None:
+        m = request.model
+        m.refused += 1
+        m.refused_by[reason] = m.refused_by.get(reason, 0) + 1
+        request.tenant.refused[reason] += 1
+        if request.ticket is not None:
+            self.quotas.settle(request.ticket, tokens=0, cost_usd=0.0)  # owes nothing
         self.in_system -= 1
 
     # Replicas and scaling.
@@ -433,6 +579,7 @@ class _Simulation:
                 perf = replica.params.perf
                 calibrate(perf.prefill_tokens_per_s(), perf.request_overhead_s)
             m.calibrated = True
+        self.unhold(m, t)
         self.drain_queue(m, t)
 
     def start_replica(self, m: _Model, index: int, t: float) -> _Replica:
@@ -613,6 +760,7 @@ class _Simulation:
             self.settings.seed,
             wall_s,
             sorted(lives, key=lambda r: r.start),
+            [self.tenants[name].result() for name in sorted(self.tenants)],
         )
 
     def model_result(self, m: _Model, line: CostLine | None, end: float) -> ModelResult:
@@ -640,6 +788,7 @@ class _Simulation:
             line.cost_per_successful_request if line else None,
             line.cost_per_million_tokens if line else None,
             m.last_unplaced,
+            dict(sorted(m.refused_by.items())),
         )
 
     def overall(self, models: list[ModelResult]) -> ModelResult:
@@ -648,6 +797,10 @@ class _Simulation:
         met = {k: sum(m.met[k] for m in every) for k in ("ttft", "itl", "e2e", "all")}
         cost = sum(m.cost_placed for m in models)
         served = sum(m.served for m in models)
+        refused_by: dict[str, int] = {}
+        for m in models:
+            for reason, n in m.refused_by.items():
+                refused_by[reason] = refused_by.get(reason, 0) + n
         tokens = sum(m.prompt_tokens + m.completion_tokens for m in models)
         return ModelResult(
             "(all)",
@@ -669,6 +822,8 @@ class _Simulation:
             sum(m.cost_busy for m in models),
             cost / served if served else None,
             cost / tokens * 1e6 if tokens else None,
+            None,
+            dict(sorted(refused_by.items())),
         )
 
 
@@ -678,11 +833,13 @@ def simulate(
     trace: Iterable[TraceRequest],
     objectives: Objectives | None = None,
     settings: SimSettings | None = None,
+    tenants: Iterable[Tenant | SimTenant] = (),
 ) -> SimResult:
     """Run ``trace`` (sorted by arrival; read lazily) through a fleet of ``models`` placed on
-    ``inventory``, in virtual time, and report what it served, how fast, and what it cost."""
+    ``inventory``, with ``tenants``' quotas and shares, in virtual time, and report what it
+    served, how fast, and what it cost."""
     sim = _Simulation(
-        models, inventory, trace, objectives or Objectives(), settings or SimSettings()
+        models, inventory, trace, objectives or Objectives(), settings or SimSettings(), tenants
     )
     started = time.perf_counter()
     sim.run()

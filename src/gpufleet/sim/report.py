@@ -200,6 +200,27 @@ def _summary(result: SimResult) -> str:
     return _table(header, rows)
 
 
+def _tenants(result: SimResult) -> str:
+    header = ["tenant", "class", "weight", "requests", "served", "refused (by reason)"]
+    header += ["wait p50/99", "TTFT p50/99", "SLO", "cost"]
+    rows = [
+        [
+            t.name,
+            t.priority,
+            f"{t.weight:g}",
+            str(t.requests),
+            str(t.served),
+            ", ".join(f"{k} {v}" for k, v in t.refused_by.items()) or "0",
+            f"{_s(t.wait.p50)} / {_s(t.wait.p99)}",
+            f"{_s(t.ttft.p50)} / {_s(t.ttft.p99)}",
+            "-" if t.slo is None else f"{t.slo:.2%}",
+            _usd(t.cost),
+        ]
+        for t in result.tenants
+    ]
+    return _table(header, rows)
+
+
 def _section(title: str, result: SimResult) -> str:
     o = result.objectives
     objectives = ", ".join(
@@ -211,6 +232,8 @@ def _section(title: str, result: SimResult) -> str:
         f"{html.escape(objectives or 'none given')}; fleet cost {_usd(result.fleet_cost)}</p>",
         "<h3>Summary</h3>",
         _summary(result),
+        "<h3>Tenants</h3>",
+        _tenants(result),
         "<h3>GPUs in use over time</h3>",
         _over_time(result, "gpu"),
         "<h3>Replicas over time</h3>",

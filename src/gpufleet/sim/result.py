@@ -30,6 +30,7 @@ __all__ = [
     "ReplicaSpan",
     "ScaleEvent",
     "SimResult",
+    "TenantResult",
     "percentiles",
     "render_table",
 ]
@@ -103,6 +104,33 @@ class ModelResult:
     cost_per_million_tokens: float | None
     #: The planner's last reason when the fleet could not hold what the model wanted.
     unplaced: str | None = None
+    #: Refusals by reason: ``rpm``, ``tpm``, ``concurrency``, ``budget`` (the tenant's quota),
+    #: ``queue_full``, ``queue_timeout`` (the fair queue's bounds), ``no_replica`` (held past
+    #: ``hold_s``), ``too_large`` (no engine's KV cache holds it).
+    refused_by: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TenantResult:
+    """One tenant's requests over every model: what its quotas and its fair share gave it."""
+
+    name: str
+    priority: str
+    weight: float
+    requests: int
+    served: int
+    refused: int
+    refused_by: dict[str, int]
+    prompt_tokens: int
+    completion_tokens: int
+    ttft: Percentiles
+    e2e: Percentiles
+    #: From arrival to being sent to a replica: held for one, then in the fair queue.
+    wait: Percentiles
+    #: Share of its arrived requests within every objective given.
+    slo: float | None
+    #: What it was charged: each request's share of its replica's busy time × the price.
+    cost: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +176,8 @@ class SimResult:
     wall_s: float = 0.0
     #: Every replica started, in start order (an addition: older readers ignore it).
     replicas: list[ReplicaSpan] = field(default_factory=list)
+    #: Per tenant, in name order.
+    tenants: list[TenantResult] = field(default_factory=list)
 
     @property
     def requests_per_wall_s(self) -> float:
@@ -157,6 +187,12 @@ class SimResult:
         for m in self.models:
             if m.name == name:
                 return m
+        raise KeyError(name)
+
+    def tenant(self, name: str) -> TenantResult:
+        for t in self.tenants:
+            if t.name == name:
+                return t
         raise KeyError(name)
 
     def to_dict(self, *, timing: bool = False) -> dict[str, Any]:
@@ -265,6 +301,28 @@ def render_table(result: SimResult) -> str:
     for m in result.models:
         if m.unplaced:
             lines.append(f"unplaced {m.name}: {m.unplaced}")
+    refusals = [f"{k} {v}" for k, v in result.overall.refused_by.items()]
+    if refusals:
+        lines.append("refused: " + ", ".join(refusals))
+    if len(result.tenants) > 1 or any(t.refused for t in result.tenants):
+        lines.append("")
+        rows = [
+            [
+                t.name,
+                f"{t.priority}×{t.weight:g}",
+                str(t.requests),
+                str(t.served),
+                ", ".join(f"{k} {v}" for k, v in t.refused_by.items()) or "0",
+                f"{_s(t.wait.p50)}/{_s(t.wait.p99)}",
+                f"{_s(t.ttft.p50)}/{_s(t.ttft.p99)}",
+                f"{t.slo:.1%}" if t.slo is not None else "-",
+                _usd(t.cost),
+            ]
+            for t in result.tenants
+        ]
+        header = ["TENANT", "CLASS", "REQUESTS", "SERVED", "REFUSED", "WAIT p50/99"]
+        header += ["TTFT p50/99", "SLO", "COST"]
+        lines += _table(header, rows)
     if result.events:
         lines.append("")
         lines.append(f"scaling events: {len(result.events)}")

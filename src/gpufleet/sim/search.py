@@ -6,9 +6,11 @@ partial) whose simulation reaches the target, by binary search on the count betw
 replicas nor slow the ones placed — which holds for placement and capacity but only roughly
 for latency (routing and the autoscaler's timing can make one more GPU a hair worse), so
 the answer is the smallest count the bisection lands on, not a proof that no smaller count
-works. The search checks ``max_gpus`` first: a type that misses the target even there is
-reported as infeasible. Types are then ranked by the fleet's price per hour (GPUs × catalog
-price), the type's name breaking ties, so the same inputs always give the same winner.
+works. A count meets the target when attainment reaches it and the planner placed every
+model (a model without traffic in the trace still has to fit). The search checks ``max_gpus``
+first: a type that misses the target even there is reported as infeasible. Types are then
+ranked by the fleet's price per hour (GPUs × catalog price), the type's name breaking ties, so
+the same inputs always give the same winner.
 """
 
 from __future__ import annotations
@@ -92,7 +94,9 @@ def _search_one(run: Runner, gpu_type: str, target: float, max_gpus: int) -> Sea
         if count not in results:
             results[count] = run(gpu_type, count)
             tried.append((count, attainment(results[count])))
-        return attainment(results[count]) >= target
+        result = results[count]
+        # A model the fleet cannot place fails the search even when it had no traffic.
+        return attainment(result) >= target and not any(m.unplaced for m in result.models)
 
     if not meets(max_gpus):
         top = results[max_gpus]
