@@ -156,6 +156,31 @@ def test_search_reports_a_type_that_misses_the_target_at_the_bound() -> None:
     assert "no GPU type reaches" in render_search([row], 0.99)
 
 
+def test_search_counts_a_model_it_cannot_place_as_a_miss_even_without_traffic() -> None:
+    """The trace only asks the small model, which is placed first (interactive); the batch
+    70B one must still fit, as it would have to in the fleet being bought: 8 L4s serve the
+    whole trace yet are a miss, since the 70B needs all 8 of one node."""
+    big = model(
+        "big",
+        "llama-3-70b.json",
+        resources={},
+        replicas={"min": 1, "max": 1},
+        priorityClass="batch",
+    )
+    small = model("small", resources={}, replicas={"min": 1, "max": 1})
+
+    def run(gpu_type: str, count: int) -> SimResult:
+        fleet = node_inventory(gpu_type, count)
+        trace = poisson(0.5, 30, seed=1, prompt=200, output=50, models={"small": 1.0})
+        sized = [sim_model(for_gpu_type(m, gpu_type)) for m in (big, small)]
+        return simulate(sized, fleet, trace)
+
+    [row] = search_fleet(run, ["L4"], target=0.99, max_gpus=16)
+    assert (8, 1.0) in row.tried  # the trace served in full...
+    assert row.gpus is not None and row.gpus > 8  # ...but 8 was not enough for both
+    assert row.result.model("big").unplaced is None
+
+
 def test_node_inventory_splits_gpus_into_nodes() -> None:
     inv = node_inventory("H100", 19, node_gpus=8)
     assert [n.gpu_count for n in inv.spec.nodes] == [8, 8, 3]
