@@ -106,6 +106,12 @@ REJECTED: list[Rejected] = [
     ),
     Rejected("drain-soon", model("bad", drain="soon"), "spec.drain", DURATION),
     Rejected(
+        "disaggregation-on-llamacpp",
+        model("bad", engine="llamacpp", disaggregation={"prefill": {"replicas": 1}}),
+        "spec.disaggregation",
+        "cannot serve prefill and decode apart",
+    ),
+    Rejected(
         "drain-negative", model("bad", drain=-1), "spec.drain", "must be at least 0 s and at most"
     ),
     *_duration_cases(),
@@ -123,6 +129,15 @@ REJECTED: list[Rejected] = [
     ),
     Rejected(
         "memory-negative", model("bad", resources={"memory": -1}), "spec.resources.memory", QUANTITY
+    ),
+    *(
+        Rejected(
+            f"{pool}-pool-memory",
+            model("bad", engine="vllm", disaggregation={pool: {"resources": {"memory": "lots"}}}),
+            f"spec.disaggregation.{pool}.resources.memory",
+            QUANTITY,
+        )
+        for pool in ("prefill", "decode")
     ),
     *(
         Rejected(f"source-{i}", model("bad", source=source), "spec.source", SOURCE)

