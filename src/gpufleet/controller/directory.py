@@ -50,7 +50,13 @@ class ModelEntry:
 
     @property
     def endpoints(self) -> tuple[Replica, ...]:
-        return tuple(r for r in self.replicas if r.routable)
+        """The replicas that answer requests (a disaggregated model's decode pool)."""
+        return tuple(r for r in self.replicas if r.routable and r.role != "prefill")
+
+    @property
+    def prefill_endpoints(self) -> tuple[Replica, ...]:
+        """A disaggregated model's ready prefill replicas."""
+        return tuple(r for r in self.replicas if r.routable and r.role == "prefill")
 
     @property
     def status(self) -> str:

@@ -33,7 +33,7 @@ from gpufleet.controller.rollout import GenerationStats, Verdict, judge
 from gpufleet.controller.startup import StartupRecorder
 from gpufleet.errors import PermanentError, TemporaryError
 from gpufleet.policies.costs import replica_price_per_hour
-from gpufleet.runtime import Phase, Replica, ReplicaRequest, Runtime
+from gpufleet.runtime import Phase, Replica, ReplicaRequest, Role, Runtime
 from gpufleet.spec import Inventory, Model, ModelSpec
 from gpufleet.store import ApplyResult, Revision, Store
 from gpufleet.supervise import Supervisor
@@ -228,15 +228,19 @@ class Controller:
     async def reconcile(self, name: str) -> float | None:
         """One pass for one model. Returns seconds until the next pass is needed, if any."""
         stored = await asyncio.to_thread(self.store.get_model, name)
-        replicas = [
+        running = [
             r
             for r in self.runtime.replicas(name)
             if r.phase not in _GONE and r.id not in self._draining
         ]
         if stored is None:
             self.directory.remove(name)
-            await asyncio.gather(*(self._stop(r) for r in replicas))
+            await asyncio.gather(*(self._stop(r) for r in running))
             return None
+        # A disaggregated model's prefill pool follows the generation its replicas (the decode
+        # pool, which rollouts and canaries move) run; everything below is about the latter.
+        prefill = [r for r in running if r.role == "prefill"]
+        replicas = [r for r in running if r.role != "prefill"]
 
         spec, generation = stored.model.spec, stored.generation
         self.directory.put_spec(name, generation, spec, int(stored.created_at.timestamp()))
@@ -266,14 +270,16 @@ class Controller:
                 and stable is not None
                 and generation not in like(stable.generation)
             ):
-                return await self._canary(
-                    name, generation, spec, stable, replicas, want, like(stable.generation)
+                same = like(stable.generation)
+                await self._converge_prefill(
+                    name, stable.generation, stable.model.spec, prefill, want, same
                 )
+                return await self._canary(name, generation, spec, stable, replicas, want, same)
             await asyncio.to_thread(self.store.set_revision_status, name, generation, "active")
         elif target is not None and target.status == "rolled-back":
             if stable is None:
                 self.directory.set_problem(name, f"generation {generation} was rolled back")
-                await asyncio.gather(*(self._stop(r) for r in replicas))
+                await asyncio.gather(*(self._stop(r) for r in running))
                 return None
             self.directory.set_rollout(
                 name, None, f"generation {generation} rolled back: {target.reason}"
@@ -281,7 +287,39 @@ class Controller:
             generation, spec = stable.generation, stable.model.spec
         else:
             self.directory.set_rollout(name, None, "")
+        await self._converge_prefill(name, generation, spec, prefill, want, like(generation))
         return await self._converge(name, generation, spec, replicas, want, like(generation))
+
+    async def _converge_prefill(
+        self,
+        name: str,
+        generation: int,
+        spec: ModelSpec,
+        replicas: list[Replica],
+        want: int,
+        same: set[int],
+    ) -> None:
+        """Run a disaggregated model's prefill pool: ``disaggregation.prefill.replicas`` like
+        ``generation`` while the model has replicas at all (none when it is scaled to zero or
+        not disaggregated); old ones stop once the new are ready. A prefill replica that cannot
+        start is an event, not the model's problem: its requests prefill where they decode."""
+        pool = spec.disaggregation
+        target = pool.prefill.replicas if pool is not None and want > 0 else 0
+        current = [r for r in replicas if r.generation in same]
+        old = [r for r in replicas if r.generation not in same]
+        failed = [r for r in current if r.phase is Phase.FAILED]
+        if failed:
+            await self._event_once(
+                name, generation, "PrefillFailedToStart", f"{failed[0].id}: {failed[0].message}"
+            )
+            current = [r for r in current if r.phase is not Phase.FAILED]
+        elif len(current) < target:
+            await self._start(name, generation, spec, target - len(current), "prefill")
+        if len(current) > target:
+            extra = sorted(current, key=lambda r: r.phase is Phase.READY)[: len(current) - target]
+            await asyncio.gather(*(self._stop(r) for r in extra))
+        if old and sum(1 for r in current if r.phase is Phase.READY) >= target:
+            await asyncio.gather(*(self._stop(r) for r in old))
 
     async def _converge(
         self,
@@ -341,9 +379,14 @@ class Controller:
     def _draining_of(self, name: str) -> int:
         return sum(1 for model in self._drain_model.values() if model == name)
 
-    async def _start(self, name: str, generation: int, spec: ModelSpec, count: int) -> bool:
+    async def _start(
+        self, name: str, generation: int, spec: ModelSpec, count: int, role: Role = ""
+    ) -> bool:
+        if spec.disaggregation is not None and not role:
+            role = "decode"
+        pool = spec.pool(role) if role else spec
         for _ in range(count):
-            request = ReplicaRequest(name, generation, spec)
+            request = ReplicaRequest(name, generation, pool, role)
             try:
                 replica = await self.runtime.start(request)
             except PermanentError as exc:
@@ -351,8 +394,9 @@ class Controller:
                 await self._event_once(name, generation, "FailedToStart", str(exc))
                 return False
             self.directory.observe(replica)
-            await self._open_span(name, replica.id, generation, spec)
-            await self._event(name, "Normal", "ReplicaStarting", f"replica {replica.id} starting")
+            await self._open_span(name, replica.id, generation, pool)
+            what = f"{role} replica" if role == "prefill" else "replica"
+            await self._event(name, "Normal", "ReplicaStarting", f"{what} {replica.id} starting")
         return True
 
     async def _open_span(
@@ -388,9 +432,8 @@ class Controller:
             if replica.id not in opened and entry is not None:
                 started = replica.started_at
                 since = dt.datetime.fromtimestamp(started, dt.UTC) if started else at
-                await self._open_span(
-                    replica.model, replica.id, replica.generation, entry.spec, since
-                )
+                spec = entry.spec.pool(replica.role) if replica.role else entry.spec
+                await self._open_span(replica.model, replica.id, replica.generation, spec, since)
         await asyncio.to_thread(self.store.touch_spans, [r.id for r in live], at)
 
     async def _canary(
@@ -621,4 +664,10 @@ _TEMPLATE = frozenset(
 
 
 def _template(spec: ModelSpec) -> str:
-    return json.dumps(spec.model_dump(include=set(_TEMPLATE), mode="json"), sort_keys=True)
+    shape = spec.model_dump(include=set(_TEMPLATE), mode="json")
+    if spec.disaggregation is not None:
+        # The pools' engines; not their count, nor when the gateway prefills remotely.
+        shape["disaggregation"] = spec.disaggregation.model_dump(
+            mode="json", exclude={"min_remote_prefill_tokens": True, "prefill": {"replicas"}}
+        )
+    return json.dumps(shape, sort_keys=True)

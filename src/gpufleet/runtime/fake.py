@@ -38,13 +38,15 @@ class FakeRuntime:
             raise self.fail_with
         index = next(self._ids)
         self.started.append(request)
+        pool = f"{request.role}-" if request.role == "prefill" else ""
         replica = Replica(
-            id=f"{request.model}-g{request.generation}-{index}",
+            id=f"{request.model}-{pool}g{request.generation}-{index}",
             model=request.model,
             generation=request.generation,
             phase=Phase.STARTING,
             url=self._url_for(request, index),
             embeddings=request.spec.embeddings,
+            role=request.role,
         )
         self._set(replica)
         if self.auto_ready:

@@ -123,7 +123,8 @@ class LocalRuntime:
         created = self._clock()
         weights = resolve_weights(request.spec.parsed_source)
         fetched = self._clock()
-        rid = f"{request.model}-g{request.generation}-{secrets.token_hex(3)}"
+        pool = f"{request.role}-" if request.role == "prefill" else ""
+        rid = f"{request.model}-{pool}g{request.generation}-{secrets.token_hex(3)}"
         log_path = self._log_dir / request.model / f"{rid}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         replica = Replica(
@@ -132,6 +133,7 @@ class LocalRuntime:
             generation=request.generation,
             phase=Phase.STARTING,
             embeddings=request.spec.embeddings,
+            role=request.role,
             api_key=secrets.token_urlsafe(32),
             fetch_s=fetched - created,
         )

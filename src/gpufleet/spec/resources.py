@@ -407,9 +407,10 @@ class DisaggregationSpec(_Resource):
 
     prefill: PrefillPoolSpec = Field(default_factory=PrefillPoolSpec)
     decode: DecodePoolSpec = Field(default_factory=DecodePoolSpec)
-    #: How the KV cache moves from prefill to decode: vLLM's connector (``nixl``: NIXL over
-    #: NVLink, InfiniBand/RoCE or TCP; ``lmcache``; ``mooncake``).
-    connector: Literal["nixl", "lmcache", "mooncake"] = "nixl"
+    #: How the KV cache moves from prefill to decode: vLLM's connector (``nixl``: NixlConnector,
+    #: NIXL over NVLink, InfiniBand/RoCE or TCP; ``lmcache``: LMCacheConnectorV1). Both run
+    #: every replica as ``kv_both``; the gateway's calls decide which side each one plays.
+    connector: Literal["nixl", "lmcache"] = "nixl"
     #: Prompts with fewer uncached tokens than this prefill where they decode.
     min_remote_prefill_tokens: int = Field(
         default=DEFAULT_MIN_REMOTE_PREFILL_TOKENS, ge=0, le=1_048_576
@@ -457,6 +458,20 @@ class ModelSpec(_Resource):
     @property
     def parsed_source(self) -> Source:
         return parse_source(self.source)
+
+    def pool(self, role: Literal["prefill", "decode"]) -> ModelSpec:
+        """The spec one replica of a disaggregated model's ``role`` pool runs: the pool's
+        resources (the model's when it gives none) and the model's engine arguments followed
+        by the pool's. A model without ``disaggregation`` is its own (only) pool."""
+        if self.disaggregation is None:
+            return self
+        pool = self.disaggregation.prefill if role == "prefill" else self.disaggregation.decode
+        return self.model_copy(
+            update={
+                "resources": pool.resources or self.resources,
+                "engine_args": [*self.engine_args, *pool.engine_args],
+            }
+        )
 
 
 class Model(_Resource):

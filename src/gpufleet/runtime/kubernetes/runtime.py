@@ -165,6 +165,12 @@ class KubernetesRuntime:
         nodes (or, unplanned, it asks for more GPUs than ``gpus_per_node``) — a LeaderWorkerSet
         of one group. The placer raises (``TemporaryError``) rather than leave a group that
         spans nodes unpinned, and nothing is created for a replica refused."""
+        if request.role:
+            raise PermanentError(
+                "spec.disaggregation: prefill and decode pools run under 'gpufleet up' only so "
+                "far; on Kubernetes remove spec.disaggregation (the model then serves both "
+                "phases on its replicas)"
+            )
         model = Model(
             api_version=API_VERSION,
             metadata=Metadata(name=request.model, namespace=self.namespace),
