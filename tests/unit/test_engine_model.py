@@ -61,7 +61,13 @@ def test_runs_without_an_event_loop() -> None:
 
 
 def test_exports() -> None:
-    assert sorted(engine_model.__all__) == ["EngineModel", "Generation", "Phase", "RequestTooLarge"]
+    assert sorted(engine_model.__all__) == [
+        "EngineModel",
+        "Generation",
+        "Phase",
+        "RemoteKV",
+        "RequestTooLarge",
+    ]
 
 
 def test_a_long_request_alone_takes_a_handful_of_events_and_the_modelled_time() -> None:

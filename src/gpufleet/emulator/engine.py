@@ -9,7 +9,10 @@ Nothing here wakes per decode step. One timer per replica fires at the model's n
 change of the batch) and wakes the requests that event changed; a streamed request sleeps until
 its next token (a step in flight keeps its length, so that time never moves earlier) and a
 request answered in one piece sleeps until it is finished. A wake-up a little early (uvloop's
-timers round to the millisecond) counts as on time rather than costing a second sleep.
+timers round to the millisecond) counts as on time rather than costing a second sleep. A request
+whose prompt another replica prefilled (``remote_prefill_tp``) pulls its KV over this replica's
+``kv_link`` instead of prefilling (``kvtransfer``), asleep until the model says it has joined
+the decode batch.
 
 This is an emulator for tests, benchmarks and the simulator. It generates no real text.
 """
@@ -23,6 +26,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from gpufleet.emulator.kvcache import KVCache
+from gpufleet.emulator.kvtransfer import DEFAULT_KV_LINK, KV_LINKS, KVLink, remote_kv
 from gpufleet.emulator.model import EngineModel, Generation, RequestTooLarge
 from gpufleet.sizing.performance import PerfModel
 
@@ -74,6 +78,10 @@ class RequestStats:
     queued_s: float = 0.0
     ttft_s: float = 0.0
     finished_s: float = 0.0
+    kv_pulled_tokens: int = 0  # prompt tokens whose KV was pulled from the prefill replica
+    kv_pulled_bytes: float = 0.0
+    #: Admission to the end of its pull (waiting for the link, then moving); None: no pull ended.
+    kv_transfer_s: float | None = None
 
 
 def _deadline(fut: asyncio.Future[bool]) -> None:
@@ -92,6 +100,7 @@ class EmulatedEngine:
         time_scale: float = 1.0,
         faults: Faults | None = None,
         seed: int = 0,
+        kv_link: KVLink | None = None,
     ) -> None:
         if time_scale <= 0:
             raise ValueError(f"time_scale must be > 0 (got {time_scale})")
@@ -100,6 +109,7 @@ class EmulatedEngine:
         self.max_num_seqs = max_num_seqs
         self.faults = faults if faults is not None else Faults()
         self.seed = seed
+        self.kv_link = kv_link if kv_link is not None else KV_LINKS[DEFAULT_KV_LINK]
         self.model = EngineModel(perf, kv_capacity_tokens, max_num_seqs)
         self.arrived = 0
         self.crashed = False
@@ -145,6 +155,14 @@ class EmulatedEngine:
         return self.model.generated_tokens
 
     @property
+    def kv_pulls(self) -> int:
+        return self.model.kv_pulls
+
+    @property
+    def kv_pulled_bytes(self) -> float:
+        return self.model.kv_pulled_bytes
+
+    @property
     def ready(self) -> bool:
         return not self.crashed and time.monotonic() - self.started_at >= self.faults.slow_start_s
 
@@ -168,9 +186,19 @@ class EmulatedEngine:
         self._advance()
 
     async def generate(
-        self, prompt: list[int], max_tokens: int, stats: RequestStats, *, stream: bool = True
+        self,
+        prompt: list[int],
+        max_tokens: int,
+        stats: RequestStats,
+        *,
+        stream: bool = True,
+        remote_prefill_tp: int | None = None,
     ) -> AsyncGenerator[Token, None]:
-        """The request's tokens: each at its time when ``stream``, else all once it is done."""
+        """The request's tokens: each at its time when ``stream``, else all once it is done.
+
+        With ``remote_prefill_tp``, a replica of that TP degree prefilled the prompt: its KV is
+        pulled over ``kv_link`` and the request decodes without prefilling.
+        """
         self.arrived += 1
         if self.faults.crash_after is not None and self.arrived > self.faults.crash_after:
             self.crashed = True
@@ -181,8 +209,11 @@ class EmulatedEngine:
         if self.faults.stall_s and self._random.random() < self.faults.stall_rate:
             await asyncio.sleep(self.faults.stall_s)
 
+        remote = None
+        if remote_prefill_tp is not None:
+            remote = remote_kv(self.perf, self.kv_link, remote_prefill_tp)
         try:
-            gen = self.model.submit(prompt, max_tokens, self._advance())
+            gen = self.model.submit(prompt, max_tokens, self._advance(), remote=remote)
         except RequestTooLarge as exc:
             raise EmulatedFailure(str(exc)) from exc
         self._arm()
@@ -215,6 +246,16 @@ class EmulatedEngine:
             stats.ttft_s = (gen.first_token_at - gen.arrived_at) * self._scale
         if gen.finished_at is not None:
             stats.finished_s = (gen.finished_at - gen.arrived_at) * self._scale
+        ended, admitted = gen.transfer_ended_at, gen.admitted_at
+        if (  # its pull ended: not a request that left while it pulled
+            gen.remote is not None
+            and ended is not None
+            and admitted is not None
+            and ended <= (gen.finished_at if gen.finished_at is not None else self.model.now)
+        ):
+            stats.kv_pulled_tokens = gen.pulled_tokens
+            stats.kv_pulled_bytes = gen.pulled_tokens * gen.remote.bytes_per_token
+            stats.kv_transfer_s = (ended - admitted) * self._scale
 
     # Wall clock ↔ model time.
 

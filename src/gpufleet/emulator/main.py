@@ -5,6 +5,12 @@ crash fires, so a supervising runtime sees a dead process and restarts it; in a 
 process only the crashed replica stops answering. ``--api-key`` (default: the
 ``GPUFLEET_ENGINE_KEY`` environment variable, which ``ps`` does not show) makes every replica
 refuse its ``/v1`` routes to anyone without the key, as vLLM's ``--api-key`` does.
+
+Disaggregated serving (``kvtransfer``): ``--kv-role`` is vLLM's ``kv_role`` (default
+``kv_both``); ``--kv-link`` the link a decode call pulls its prompt's KV over (default
+``infiniband``: prefill and decode replicas on different nodes), ``--kv-link-gbytes-per-s`` and
+``--kv-transfer-latency-ms`` override its bandwidth (per link: per GPU, or per host for ``tcp``)
+and its per-transfer latency.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 
 from gpufleet.emulator.engine import EmulatedEngine, Faults
 from gpufleet.emulator.kvcache import kv_capacity_tokens
+from gpufleet.emulator.kvtransfer import DEFAULT_KV_LINK, KV_LINKS, KV_ROLES, KVRole, kv_link
 from gpufleet.emulator.server import ReplicaServer
 from gpufleet.engines.base import ENGINE_KEY_ENV
 from gpufleet.errors import GpufleetError
@@ -48,6 +55,10 @@ class EmulatorOptions:
     faults: Faults = field(default_factory=Faults)
     seed: int = 0
     api_key: str | None = field(default=None, repr=False)
+    kv_role: KVRole = "kv_both"
+    kv_link: str = DEFAULT_KV_LINK
+    kv_link_gbytes_per_s: float | None = None  # None: the link's own
+    kv_transfer_latency_ms: float | None = None  # None: the link's own
 
 
 def build_replicas(opts: EmulatorOptions, *, exit_on_crash: bool = False) -> list[ReplicaServer]:
@@ -63,11 +74,18 @@ def build_replicas(opts: EmulatorOptions, *, exit_on_crash: bool = False) -> lis
             "(raise --tp, pick a larger GPU, or set --kv-tokens)"
         )
     on_crash = (lambda: os._exit(70)) if exit_on_crash and opts.replicas == 1 else None
+    link = kv_link(opts.kv_link, opts.kv_link_gbytes_per_s, opts.kv_transfer_latency_ms)
     servers = []
     for i in range(opts.replicas):
         faults = Faults(**opts.faults.__dict__)
         engine = EmulatedEngine(
-            perf, kv_tokens, opts.max_num_seqs, opts.time_scale, faults, seed=opts.seed + i
+            perf,
+            kv_tokens,
+            opts.max_num_seqs,
+            opts.time_scale,
+            faults,
+            seed=opts.seed + i,
+            kv_link=link,
         )
         servers.append(
             ReplicaServer(
@@ -76,6 +94,7 @@ def build_replicas(opts: EmulatorOptions, *, exit_on_crash: bool = False) -> lis
                 default_max_tokens=opts.default_max_tokens,
                 on_crash=on_crash,
                 api_key=opts.api_key,
+                kv_role=opts.kv_role,
             )
         )
     return servers
@@ -113,6 +132,26 @@ def parse_args(argv: list[str]) -> EmulatorOptions:
         default=os.environ.get(ENGINE_KEY_ENV) or None,
         help=f"refuse /v1 requests without this bearer key (default: ${ENGINE_KEY_ENV})",
     )
+    p.add_argument(
+        "--kv-role",
+        choices=KV_ROLES,
+        default="kv_both",
+        help="vLLM's kv_role: kv_producer refuses decode calls, kv_consumer prefill calls",
+    )
+    p.add_argument(
+        "--kv-link",
+        choices=sorted(KV_LINKS),
+        default=DEFAULT_KV_LINK,
+        help=f"link a decode call pulls the prompt's KV over (default: {DEFAULT_KV_LINK})",
+    )
+    p.add_argument(
+        "--kv-link-gbytes-per-s",
+        type=float,
+        help="override the link's bandwidth, GB/s per link (per GPU; per host for tcp)",
+    )
+    p.add_argument(
+        "--kv-transfer-latency-ms", type=float, help="override the link's per-transfer latency"
+    )
     a = p.parse_args(argv)
     try:
         arch = load_architecture(a.arch)
@@ -122,6 +161,10 @@ def parse_args(argv: list[str]) -> EmulatorOptions:
         p.error("--replicas and --tp must be ≥ 1")
     if a.time_scale <= 0:
         p.error("--time-scale must be > 0")
+    if a.kv_link_gbytes_per_s is not None and a.kv_link_gbytes_per_s <= 0:
+        p.error("--kv-link-gbytes-per-s must be > 0")
+    if a.kv_transfer_latency_ms is not None and a.kv_transfer_latency_ms < 0:
+        p.error("--kv-transfer-latency-ms must be ≥ 0")
     return EmulatorOptions(
         arch=arch,
         name=a.name or arch.name or "emulated",
@@ -138,6 +181,10 @@ def parse_args(argv: list[str]) -> EmulatorOptions:
         faults=Faults(a.fail_rate, a.stall_rate, a.stall_s, a.slow_start_s, a.crash_after),
         seed=a.seed,
         api_key=a.api_key,
+        kv_role=a.kv_role,
+        kv_link=a.kv_link,
+        kv_link_gbytes_per_s=a.kv_link_gbytes_per_s,
+        kv_transfer_latency_ms=a.kv_transfer_latency_ms,
     )
 
 

@@ -13,12 +13,24 @@ It models continuous batching the way vLLM schedules it, timed by the sizing lay
   when it ends. So time to first token stretches under load as queued prefills wait.
 - **Decode.** Every sequence past its prefill emits one token per step, and they step
   together: a step takes ``decode_step_s(running, context // running)``, where ``running``
-  counts every admitted sequence and ``context`` the tokens they hold, so inter-token latency
-  grows with the batch and with context. A sequence whose prefill ends during a step joins
-  the next one.
+  counts every admitted sequence (but those pulling their KV) and ``context`` the tokens they
+  hold, so inter-token latency grows with the batch and with context. A sequence whose prefill
+  ends during a step joins the next one.
+- **Remote prefill** (disaggregation, ``kvtransfer``). A generation submitted with ``remote``
+  had its prompt prefilled on another replica. It is admitted as any other (a slot; its
+  prompt's blocks, those already cached here counting as cached), then pulls the KV of its
+  uncached prompt tokens over the replica's link instead of prefilling: ``latency + bytes ÷
+  bandwidth``, pulls queued first come first served on the link as prefills are on the compute
+  lane (the latency does not hold the link). Meanwhile it holds its slot and blocks, but
+  neither the prefill lane nor a place in the decode batch. Then it joins the decode batch with
+  its prompt done, and its first token comes out of its first decode step (vLLM's decode side
+  recomputes only the prompt's last token, in that step); its ``first_token_at`` is known once
+  that step has ended. Pulling counts as running, so ``max_num_seqs`` bounds pulls and decodes
+  together (vLLM lists such a request as waiting, ``WAITING_FOR_REMOTE_KVS``, and gives it a
+  slot when its KV has arrived).
 
-Why events, not steps: between two changes of the batch — an admission, a prefill ending, a
-sequence finishing or going away — only the context changes, by one token per decoding
+Why events, not steps: between two changes of the batch — an admission, a prefill or a pull
+ending, a sequence finishing or going away — only the context changes, by one token per decoding
 sequence per step. Step ``j`` after a change is therefore ``a + b·j``: exact while the roofline
 stays in one regime (memory-bound is linear in context, compute-bound constant); where the
 steps cross from compute- to memory-bound, the chord from the first step to the last one before
@@ -46,13 +58,34 @@ from gpufleet.emulator.kvcache import BLOCK_TOKENS, Allocation, KVCache, block_h
 from gpufleet.emulator.steps import StepGrid
 from gpufleet.sizing.performance import PerfModel
 
-__all__ = ["EngineModel", "Generation", "Phase", "RequestTooLarge"]
+__all__ = ["EngineModel", "Generation", "Phase", "RemoteKV", "RequestTooLarge"]
 
-Phase = Literal["waiting", "prefill", "decode", "done"]
+Phase = Literal["waiting", "prefill", "transfer", "decode", "done"]
 
 
 class RequestTooLarge(ValueError):
     """A prompt and its output can never fit the KV cache: refused at once, never queued."""
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteKV:
+    """Where a generation's prompt KV comes from when another replica prefilled it."""
+
+    bytes_per_token: float  # KV bytes moved per pulled prompt token, over every link
+    bytes_per_s: float  # the links together
+    latency_s: float  # per transfer, on top of the bytes (it does not hold the link)
+
+    def __post_init__(self) -> None:
+        if self.bytes_per_token < 0 or self.bytes_per_s <= 0 or self.latency_s < 0:
+            raise ValueError(f"not a KV link: {self}")
+
+    def busy_s(self, tokens: int) -> float:
+        """How long pulling ``tokens`` tokens' KV holds the link."""
+        return max(0, tokens) * self.bytes_per_token / self.bytes_per_s
+
+    def seconds(self, tokens: int) -> float:
+        """A pull of ``tokens`` tokens' KV on an idle link: latency + bytes ÷ bandwidth."""
+        return self.latency_s + self.busy_s(tokens)
 
 
 @dataclass(eq=False, slots=True)
@@ -60,7 +93,9 @@ class Generation:
     """One request's life in the model. Callers read it; only the model writes it.
 
     Times are model time. ``first_token_at`` is set when the request is admitted: the prefill
-    lane is first come first served, so the end of its prefill is known then.
+    lane is first come first served, so the end of its prefill is known then. A generation with
+    ``remote`` KV gets it only once its first decode step has ended; ``transfer_ended_at`` (set
+    at admission) is when its pull ends and ``pulled_tokens`` how many prompt tokens it pulled.
     """
 
     prompt_tokens: int
@@ -72,11 +107,22 @@ class Generation:
     finished_at: float | None = None
     cached_tokens: int = 0
     aborted: bool = False
+    remote: RemoteKV | None = None
+    pulled_tokens: int = 0
     _hashes: list[int] = field(default_factory=list, repr=False)
     _extra_blocks: int = field(default=0, repr=False)
     _allocation: Allocation | None = field(default=None, repr=False)
     _prefill_from: float = field(default=0.0, repr=False)  # its slot in the prefill lane
     _prefill_to: float = field(default=0.0, repr=False)
+    _pull_from: float = field(default=0.0, repr=False)  # its slot on the link
+    _pull_to: float = field(default=0.0, repr=False)
+    _pull_end: float = field(default=0.0, repr=False)  # its pull's end: ``_pull_to`` + latency
+
+    @property
+    def transfer_ended_at(self) -> float | None:
+        """When its pull ends (or ended); None without ``remote`` or before admission."""
+        return None if self.remote is None or self.admitted_at is None else self._pull_end
+
     _emitted: int = field(default=0, repr=False)  # tokens out as of the grid's last settlement
     _first: int = field(default=0, repr=False)  # first grid boundary it emits at (0 or 1)
 
@@ -100,10 +146,16 @@ class EngineModel:
         self.prefix_queries = 0
         self.prefix_hits = 0
         self.prompt_tokens_total = 0
+        self.kv_pulls = 0  # remote-KV generations whose pull has ended
+        self.kv_pulled_bytes = 0.0
         self._generated = 0  # tokens out as of the grid's last settlement
         self._waiting: list[Generation] = []
         self._lane: deque[Generation] = deque()  # admitted, prefill not ended; in lane order
         self._lane_free_at = 0.0
+        self._transfers: deque[Generation] = deque()  # pulling their KV; in link order
+        self._link_free_at = 0.0
+        #: Remote-KV generations in the decode batch whose first token is not yet settled.
+        self._first_pending: list[Generation] = []
         self._decoding: list[Generation] = []
         self._context = 0  # tokens held by admitted sequences: prompts and tokens out
         self._grid = StepGrid()
@@ -114,7 +166,12 @@ class EngineModel:
 
     @property
     def running(self) -> int:
-        return len(self._lane) + len(self._decoding)
+        """Admitted sequences: prefilling, pulling their KV, or decoding."""
+        return len(self._lane) + len(self._transfers) + len(self._decoding)
+
+    @property
+    def transferring(self) -> int:
+        return len(self._transfers)
 
     @property
     def waiting(self) -> int:
@@ -126,16 +183,30 @@ class EngineModel:
         count = self._grid.count(self.now)
         return self._generated + sum(self._since_settled(g, count) for g in self._decoding)
 
-    def submit(self, prompt: Sequence[int], max_tokens: int, now: float) -> Generation:
+    def submit(
+        self,
+        prompt: Sequence[int],
+        max_tokens: int,
+        now: float,
+        *,
+        remote: RemoteKV | None = None,
+    ) -> Generation:
         """A request arrives at ``now``: admitted at once if it fits, else it waits.
 
         It advances to ``now`` first, silently: a driver that needs to hear of the requests an
-        earlier event changed calls ``advance(now)`` before.
+        earlier event changed calls ``advance(now)`` before. With ``remote``, another replica
+        prefilled the prompt: it pulls the prompt's KV over that link instead of prefilling.
         """
-        return self.submit_blocks(len(prompt), block_hashes(prompt), max_tokens, now)
+        return self.submit_blocks(len(prompt), block_hashes(prompt), max_tokens, now, remote=remote)
 
     def submit_blocks(
-        self, prompt_tokens: int, hashes: list[int], max_tokens: int, now: float
+        self,
+        prompt_tokens: int,
+        hashes: list[int],
+        max_tokens: int,
+        now: float,
+        *,
+        remote: RemoteKV | None = None,
     ) -> Generation:
         """``submit`` for a prompt known only by its length and its blocks' chained hashes.
 
@@ -153,7 +224,9 @@ class EngineModel:
                 f"prompt + max_tokens ({prompt_tokens + max_tokens} tokens) exceed the KV cache "
                 f"({self.cache.capacity * BLOCK_TOKENS} tokens)"
             )
-        gen = Generation(prompt_tokens, max_tokens, now, _hashes=hashes, _extra_blocks=extra)
+        gen = Generation(
+            prompt_tokens, max_tokens, now, remote=remote, _hashes=hashes, _extra_blocks=extra
+        )
         if self.running < self.max_num_seqs and self._admit(gen, now):
             self._settle(now)  # the tokens out so far, under the steps planned before it came
             self._replan(now)
@@ -163,11 +236,15 @@ class EngineModel:
         return gen
 
     def next_event_time(self) -> float | None:
-        """When the batch changes next (a prefill ends or a sequence finishes), if ever."""
-        if not self._lane:
-            return self._next_finish
-        ends = self._lane[0]._prefill_to
-        return ends if self._next_finish is None else min(ends, self._next_finish)
+        """When the batch changes next (a prefill or a pull ends, a sequence finishes), if ever."""
+        t = self._next_finish
+        if self._lane:
+            ends = self._lane[0]._prefill_to
+            t = ends if t is None or ends < t else t
+        if self._transfers:  # only with disaggregation: the simulator's hot path skips it
+            pulled = self._transfers[0]._pull_end
+            t = pulled if t is None or pulled < t else t
+        return t
 
     def advance(self, to: float) -> list[Generation]:
         """Process every event up to ``to``; the requests whose phase changed, in order."""
@@ -176,7 +253,10 @@ class EngineModel:
         changed: list[Generation] = []
         while (t := self.next_event_time()) is not None and t <= to:
             self._settle(t)
-            ended = self._end_prefills(t) + self._finish_decoded(t)
+            ended = self._end_prefills(t)
+            if self._transfers:
+                ended += self._end_transfers(t)
+            ended += self._finish_decoded(t)
             if not ended:  # a planned event must change the batch, or this would spin
                 raise RuntimeError(f"the engine model planned an event at {t} that changes nothing")
             changed += ended + self._admit_waiting(t)
@@ -189,7 +269,8 @@ class EngineModel:
         """``gen`` goes away at ``now`` (its client left); its slot and KV blocks are freed.
 
         Returns the other requests whose phase or first-token time changed: those admitted in
-        its place and those whose prefill moved up in the lane.
+        its place and those whose prefill moved up in the lane (pulls behind it on the link move
+        up too, silently: they have no first-token time yet).
         """
         changed = self.advance(now)
         if gen.phase == "done":
@@ -199,8 +280,13 @@ class EngineModel:
             self._waiting.remove(gen)
         elif gen.phase == "prefill":
             changed += self._leave_lane(gen, now)
+        elif gen.phase == "transfer":
+            self._leave_link(gen, now)
+            self._context += gen.prompt_tokens  # ``_finish`` takes back what a joined one holds
         else:
             self._decoding.remove(gen)
+            if gen in self._first_pending:
+                self._first_pending.remove(gen)
         gen.aborted = True
         self._finish(gen, now)
         changed += self._admit_waiting(now)
@@ -221,7 +307,7 @@ class EngineModel:
         """
         if gen.phase == "prefill":
             return gen.first_token_at
-        if gen.phase != "decode":
+        if gen.phase != "decode":  # waiting, pulling its KV, or done
             return None
         return self._grid.time(max(self._grid.count(self.now), gen._first))
 
@@ -237,6 +323,9 @@ class EngineModel:
         self.prefix_queries += gen.prompt_tokens
         self.prefix_hits += gen.cached_tokens
         self.prompt_tokens_total += gen.prompt_tokens
+        if gen.remote is not None:
+            self._start_pull(gen, gen.remote, t)
+            return True
         self._context += gen.prompt_tokens
         gen._prefill_from = max(t, self._lane_free_at)
         gen._prefill_to = gen._prefill_from + self.perf.ttft_s(gen.prompt_tokens, gen.cached_tokens)
@@ -250,8 +339,10 @@ class EngineModel:
         self._freed = False
         admitted: list[Generation] = []
         left: list[Generation] = []
+        running = self.running  # each admission adds one: counted here, not re-read per request
         for gen in self._waiting:
-            if self.running < self.max_num_seqs and self._admit(gen, t):
+            if running < self.max_num_seqs and self._admit(gen, t):
+                running += 1
                 admitted.append(gen)
             else:
                 left.append(gen)
@@ -272,6 +363,36 @@ class EngineModel:
                 gen.phase = "decode"
                 gen._first = 0 if self._grid.origin is None else 1  # mid-step: joins the next
                 self._decoding.append(gen)
+        return ended
+
+    def _start_pull(self, gen: Generation, remote: RemoteKV, t: float) -> None:
+        """Queue ``gen``'s pull of its uncached prompt tokens' KV on the link."""
+        gen.phase = "transfer"
+        gen.pulled_tokens = gen.prompt_tokens - gen.cached_tokens
+        gen._pull_from = max(t, self._link_free_at)
+        gen._pull_to = self._link_free_at = gen._pull_from + remote.busy_s(gen.pulled_tokens)
+        ends = gen._pull_to + remote.latency_s
+        if self._transfers:  # pulls end in link order, whatever their latencies
+            ends = max(ends, self._transfers[-1]._pull_end)
+        gen._pull_end = ends
+        self._transfers.append(gen)
+
+    def _end_transfers(self, t: float) -> list[Generation]:
+        ended: list[Generation] = []
+        while self._transfers and self._transfers[0]._pull_end <= t:
+            gen = self._transfers.popleft()
+            assert gen.remote is not None
+            ended.append(gen)
+            self.kv_pulls += 1
+            self.kv_pulled_bytes += gen.pulled_tokens * gen.remote.bytes_per_token
+            self._context += gen.prompt_tokens
+            if gen.max_tokens <= 0:
+                self._finish(gen, t)
+                continue
+            gen.phase = "decode"  # its prompt is done: no prefill, its first token from a step
+            gen._first = 0 if self._grid.origin is None else 1  # mid-step: joins the next
+            self._decoding.append(gen)
+            self._first_pending.append(gen)
         return ended
 
     def _finish_decoded(self, t: float) -> list[Generation]:
@@ -301,6 +422,24 @@ class EngineModel:
         self._lane_free_at -= saved
         return behind
 
+    def _leave_link(self, gen: Generation, t: float) -> None:
+        """Take ``gen`` off the link; the pulls behind it that have not begun move up."""
+        i = self._transfers.index(gen)
+        del self._transfers[i]
+        if i:
+            free, end = self._transfers[i - 1]._pull_to, self._transfers[i - 1]._pull_end
+        else:
+            free, end = min(t, gen._pull_to), t
+        for other in list(self._transfers)[i:]:
+            assert other.remote is not None
+            if other._pull_from > t:
+                busy = other._pull_to - other._pull_from
+                other._pull_from = max(t, free)
+                other._pull_to = other._pull_from + busy
+            free = other._pull_to
+            other._pull_end = end = max(other._pull_to + other.remote.latency_s, end)
+        self._link_free_at = free
+
     # The decode grid.
 
     def _since_settled(self, gen: Generation, boundaries: int) -> int:
@@ -314,6 +453,8 @@ class EngineModel:
         count = grid.count(t)
         if count == 0:
             return  # the step in flight ends at the origin, as planned
+        if self._first_pending:
+            self._settle_first_tokens(count)
         for gen in self._decoding:  # ``_since_settled``, inlined: the simulator's hot loop
             n = min(gen.max_tokens - gen._emitted, max(0, count - gen._first))
             gen._emitted += n
@@ -322,6 +463,17 @@ class EngineModel:
             self._generated += n
         # The step in flight keeps its length; one starting at ``t`` is planned anew.
         grid.origin = None if grid.time(count - 1) == t else grid.time(count)
+
+    def _settle_first_tokens(self, count: int) -> None:
+        """The first-token times of remote-KV generations whose first step ended by boundary
+        ``count − 1``: boundary ``_first``, under the steps planned before the batch changes."""
+        pending: list[Generation] = []
+        for gen in self._first_pending:
+            if count > gen._first:
+                gen.first_token_at = self._grid.time(gen._first)
+            else:
+                pending.append(gen)
+        self._first_pending = pending
 
     def _replan(self, t: float) -> None:
         """Plan the steps after the grid's origin for the batch as it now is."""

@@ -5,6 +5,15 @@ a KV cache and a few counters, so a 32-replica fleet runs on a 2-core machine. R
 what they are: ``system_fingerprint: gpufleet-emulator`` and an ``x-gpufleet-emulator`` header.
 With an ``api_key`` a replica answers its ``/v1`` routes (and its fault controls) only to a
 bearer of that key, 401 otherwise, as vLLM does; ``/health`` and ``/metrics`` stay open.
+
+Disaggregated serving follows vLLM's KV-transfer contract (``kvtransfer`` tells it whole): a
+body's ``kv_transfer_params`` make it a prefill call, answered with a top-level
+``kv_transfer_params`` offering the prompt's KV (``remote_engine_id``: a uuid made when the
+replica is built; ``remote_host``/``remote_port``: where it listens; ``tp_size``: its TP), or a
+decode call, which pulls that KV over the replica's link and decodes without prefilling, its
+answer and stream exactly a plain request's (``cached_tokens``: blocks found in this replica's
+own cache). Malformed params, a decode call naming another prompt's blocks, and a call the
+replica's ``kv_role`` refuses get a 400 naming the field, in OpenAI's error shape.
 """
 
 from __future__ import annotations
@@ -16,13 +25,10 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import generate_latest
 
 from gpufleet.emulator.engine import (
     EmulatedEngine,
@@ -32,33 +38,23 @@ from gpufleet.emulator.engine import (
     RequestStats,
     Token,
 )
-from gpufleet.emulator.kvcache import BLOCK_TOKENS, tokenize
+from gpufleet.emulator.kvcache import block_hashes, tokenize
+from gpufleet.emulator.kvtransfer import (
+    KV_ROLES,
+    BadTransferParams,
+    KVRole,
+    TransferParams,
+    block_ids,
+    offer,
+    refusal,
+)
+from gpufleet.emulator.metrics import replica_metrics
 
 __all__ = ["ReplicaServer", "render_chat"]
 
 _HEADERS = {"x-gpufleet-emulator": "1"}
 #: The paths a key guards (vLLM guards ``/v1``; the fault controls could crash a replica).
 _GUARDED = ("/v1/", "/emulator/")
-_LATENCY = (
-    0.001,
-    0.005,
-    0.01,
-    0.02,
-    0.04,
-    0.06,
-    0.08,
-    0.1,
-    0.25,
-    0.5,
-    0.75,
-    1,
-    2.5,
-    5,
-    10,
-    20,
-    40,
-    80,
-)
 
 
 def render_chat(messages: Iterable[dict[str, Any]]) -> str:
@@ -72,78 +68,10 @@ def render_chat(messages: Iterable[dict[str, Any]]) -> str:
     return "".join(parts) + "<|assistant|>\n"
 
 
-class _Gauges(Collector):
-    def __init__(self, engine: EmulatedEngine, model: str) -> None:
-        self.engine = engine
-        self.model = model
-
-    def collect(self) -> Iterable[Metric]:
-        e, labels = self.engine, ["0", self.model]
-        e.poll()
-        for name, doc, value in (
-            ("vllm:num_requests_running", "Requests running on the engine", e.running),
-            ("vllm:num_requests_waiting", "Requests waiting to be scheduled", e.waiting),
-            ("vllm:kv_cache_usage_perc", "KV cache usage, 0..1", e.cache.usage),
-        ):
-            g = GaugeMetricFamily(name, doc, labels=["engine", "model_name"])
-            g.add_metric(labels, value)
-            yield g
-        info = GaugeMetricFamily(
-            "vllm:cache_config_info",
-            "KV cache configuration",
-            labels=["block_size", "num_gpu_blocks"],
-        )
-        info.add_metric([str(BLOCK_TOKENS), str(e.cache.capacity)], 1)
-        yield info
-        for name, doc, total in (
-            ("vllm:prompt_tokens", "Prompt tokens processed", e.prompt_tokens_total),
-            ("vllm:generation_tokens", "Tokens generated", e.generation_tokens_total),
-            (
-                "vllm:prefix_cache_queries",
-                "Prompt tokens looked up in the prefix cache",
-                e.prefix_queries,
-            ),
-            ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", e.prefix_hits),
-        ):
-            c = CounterMetricFamily(name, doc, labels=["engine", "model_name"])
-            c.add_metric(labels, total)
-            yield c
-
-
-@dataclass
-class _Metrics:
-    registry: CollectorRegistry
-    ttft: Histogram
-    itl: Histogram
-    e2e: Histogram
-    queue: Histogram
-
-
-def _metrics(engine: EmulatedEngine, model: str) -> _Metrics:
-    r = CollectorRegistry()
-    r.register(_Gauges(engine, model))
-    lab = ["engine", "model_name"]
-    return _Metrics(
-        r,
-        Histogram("vllm:time_to_first_token_seconds", "TTFT", lab, buckets=_LATENCY, registry=r),
-        Histogram(
-            "vllm:inter_token_latency_seconds",
-            "Gap between tokens",
-            lab,
-            buckets=_LATENCY,
-            registry=r,
-        ),
-        Histogram(
-            "vllm:e2e_request_latency_seconds", "Request latency", lab, buckets=_LATENCY, registry=r
-        ),
-        Histogram(
-            "vllm:request_queue_time_seconds", "Time waiting", lab, buckets=_LATENCY, registry=r
-        ),
-    )
-
-
-def _error(status: int, message: str, type_: str = "invalid_request_error") -> web.Response:
-    body = {"error": {"message": message, "type": type_, "param": None, "code": None}}
+def _error(
+    status: int, message: str, type_: str = "invalid_request_error", param: str | None = None
+) -> web.Response:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": None}}
     return web.json_response(body, status=status, headers=_HEADERS)
 
 
@@ -158,13 +86,20 @@ class ReplicaServer:
         default_max_tokens: int = 64,
         on_crash: Callable[[], None] | None = None,
         api_key: str | None = None,
+        kv_role: KVRole = "kv_both",
     ) -> None:
+        if kv_role not in KV_ROLES:
+            raise ValueError(f"kv_role must be one of {', '.join(KV_ROLES)} (got {kv_role!r})")
         self.engine = engine
+        self.kv_role = kv_role
+        #: Names this replica in the KV it offers (vLLM: a uuid per engine, made at start).
+        self.engine_id = str(uuid.uuid4())
+        self.host, self.port = "127.0.0.1", 0  # where it listens, once started
         self._key = f"Bearer {api_key}".encode() if api_key else None
         self.on_crash = on_crash
         self.model = model
         self.default_max_tokens = default_max_tokens
-        self.metrics = _metrics(engine, model)
+        self.metrics = replica_metrics(engine, model, kv_role)
         self.created = int(time.time())
         self.site: web.TCPSite | None = None
         self.app = web.Application(
@@ -284,10 +219,19 @@ class ReplicaServer:
             body.get("max_completion_tokens") or body.get("max_tokens") or self.default_max_tokens
         )
         prompt = tokenize(text)
+        try:
+            params = self._transfer_params(body, prompt)
+        except BadTransferParams as exc:
+            return _error(400, str(exc), param=exc.field)
         stats = RequestStats(prompt_tokens=len(prompt))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         stream = body.get("stream") is True
-        tokens = self.engine.generate(prompt, int(max_tokens), stats, stream=stream)
+        remote_tp = None
+        if params is not None and params.pulls:
+            remote_tp = params.tp_size or self.engine.perf.tp
+        tokens = self.engine.generate(
+            prompt, int(max_tokens), stats, stream=stream, remote_prefill_tp=remote_tp
+        )
         m = self.metrics
         try:
             async with contextlib.aclosing(tokens):
@@ -297,9 +241,10 @@ class ReplicaServer:
                 else:
                     pieces = [first.text] if first else []
                     pieces += [t.text async for t in tokens]
-                    resp = web.json_response(
-                        self._completion_body(rid, chat, "".join(pieces), stats), headers=_HEADERS
-                    )
+                    answer = self._completion_body(rid, chat, "".join(pieces), stats)
+                    if params is not None and params.prefill_call:
+                        answer["kv_transfer_params"] = self._offer(prompt)
+                    resp = web.json_response(answer, headers=_HEADERS)
         except EmulatedFailure as exc:
             return _error(500, str(exc), "server_error")
         except EmulatorCrash:
@@ -313,7 +258,37 @@ class ReplicaServer:
         if stats.completion_tokens > 1:
             gap = (stats.finished_s - stats.ttft_s) / (stats.completion_tokens - 1)
             m.itl.labels("0", self.model).observe(gap)
+        if stats.kv_transfer_s is not None:
+            m.kv_transfer.labels(self.model).observe(stats.kv_transfer_s)
         return resp
+
+    def _transfer_params(self, body: dict[str, Any], prompt: list[int]) -> TransferParams | None:
+        """The body's ``kv_transfer_params``, checked against this replica's role and, for a
+        decode call, against the prompt; raises ``BadTransferParams`` for a 400."""
+        params = TransferParams.parse(body.get("kv_transfer_params"))
+        if params is None:
+            return None
+        refused = refusal(self.kv_role, params)
+        if refused is not None:
+            raise refused
+        if params.pulls and params.remote_block_ids is not None:
+            ours = block_ids(block_hashes(prompt))
+            if list(params.remote_block_ids) != ours:
+                raise BadTransferParams(
+                    "kv_transfer_params.remote_block_ids",
+                    "kv_transfer_params.remote_block_ids are not this prompt's blocks "
+                    f"({len(params.remote_block_ids)} ids for a prompt of {len(ours)} full "
+                    "blocks, or other ids): the prefill call prefilled another prompt",
+                )
+        return params
+
+    def _offer(self, prompt: list[int]) -> dict[str, object]:
+        """A prefill answer's ``kv_transfer_params``: this replica's KV of ``prompt``."""
+        self.metrics.offers.count += 1
+        self.metrics.offers.bytes += len(prompt) * self.engine.perf.kv_bytes_per_token
+        return offer(
+            self.engine_id, block_hashes(prompt), self.host, self.port, self.engine.perf.tp
+        )
 
     async def _stream(
         self,
@@ -380,6 +355,7 @@ class ReplicaServer:
         await runner.setup()
         self.site = web.TCPSite(runner, host, port, reuse_address=True)
         await self.site.start()
+        self.host, self.port = host, port
         self._runner = runner
 
     async def crash(self) -> None:
