@@ -55,3 +55,49 @@ def test_emulated_model_serves_through_the_gateway_and_restarts(tmp_path: Path) 
         )
     finally:
         assert fleet.stop() == 0
+
+
+def test_a_disaggregated_model_prefills_on_its_prefill_pool(tmp_path: Path) -> None:
+    """Two emulator processes under `gpufleet up`, one per pool; a long prompt is prefilled by
+    the prefill process and decoded by the other (the emulator implements vLLM's handshake)."""
+    spec = tmp_path / "models.yaml"
+    spec.write_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: pd}\n"
+        f"spec:\n  source: file:{CONFIGS / 'llama-3-8b.json'}\n  engine: emulator\n"
+        "  resources: {gpus: 1, gpuTypes: [H100]}\n  replicas: {min: 1, max: 1}\n"
+        "  disaggregation: {prefill: {replicas: 1}, minRemotePrefillTokens: 256}\n"
+    )
+    fleet = start_fleet(tmp_path / "data", spec)
+    try:
+        wait_until(
+            lambda: (
+                sorted((r["role"], r["phase"]) for r in fleet.replicas("pd"))
+                == [("decode", "Ready"), ("prefill", "Ready")]
+            ),
+            timeout=30,
+        )
+        client = OpenAI(base_url=fleet.base_url, api_key=ADMIN_KEY, max_retries=0)
+        system = "Answer from the travel policy, citing its section numbers. " * 60
+        reply = client.chat.completions.create(
+            model="pd",
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": "hi"}],
+            max_tokens=5,
+        )
+        assert reply.usage is not None and reply.usage.completion_tokens == 5
+        pulls = {}
+        for r in fleet.replicas("pd"):
+            with urllib.request.urlopen(r["url"] + "/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+            pulls[r["role"]] = [
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("gpufleet_emulator_kv_transfers_total{")
+                and 'direction="in"' in line
+            ]
+        # The prefill process computed the prompt; the decode process pulled its KV cache.
+        assert pulls == {"prefill": [0.0], "decode": [1.0]}
+        with urllib.request.urlopen(fleet.base_url.removesuffix("/v1") + "/metrics") as resp:
+            text = resp.read().decode()
+        assert 'gpufleet_disaggregation_requests_total{model="pd",path="remote"} 1.0' in text
+    finally:
+        assert fleet.stop() == 0

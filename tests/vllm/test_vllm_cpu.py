@@ -23,7 +23,7 @@ from openai import OpenAI
 
 from gpufleet.emulator import EmulatedEngine, ReplicaServer
 from gpufleet.engines import parse_vllm
-from gpufleet.gateway.known_fields import KNOWN_FIELDS
+from gpufleet.gateway.known_fields import GATEWAY_ONLY, KNOWN_FIELDS
 from gpufleet.hardware import CATALOG
 from gpufleet.sizing import load_architecture
 from gpufleet.sizing.performance import PerfModel
@@ -258,7 +258,8 @@ def test_a_batch_on_vllm_answers_every_line(fleet: Fleet) -> None:
 
 def test_every_field_vllm_reads_is_one_the_gateway_passes() -> None:
     """vLLM's request models (of the installed version) against ``known_fields``: a field vLLM
-    gains fails here until the gateway knows it, so no vLLM user is refused."""
+    gains fails here until the gateway knows it, so no vLLM user is refused — but for those
+    only the gateway may set (``GATEWAY_ONLY``: vLLM reads them, and a client is refused)."""
     script = (
         "import json\n"
         "from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest\n"
@@ -280,10 +281,12 @@ def test_every_field_vllm_reads_is_one_the_gateway_passes() -> None:
     )
     fields = json.loads(done.stdout.strip().splitlines()[-1])
     for route, names in fields.items():
-        assert names and set(names) <= KNOWN_FIELDS[route], (
+        assert names and set(names) - GATEWAY_ONLY <= KNOWN_FIELDS[route], (
             route,
-            set(names) - KNOWN_FIELDS[route],
+            set(names) - GATEWAY_ONLY - KNOWN_FIELDS[route],
         )
+        assert not GATEWAY_ONLY & KNOWN_FIELDS[route]
+    assert set(fields["/v1/chat/completions"]) >= GATEWAY_ONLY  # vLLM does read them
 
 
 def test_vllm_answers_only_the_gateway_and_its_key_shows_nowhere(fleet: Fleet) -> None:

@@ -214,9 +214,10 @@ class Accounting:
         id, how it ended, the replica-seconds it held): its GPU time goes into the request's
         row, and its price into what the caller owes if it is ``billed`` (it went away)."""
         charge.held, charge.replica = entry, attempt.replica
-        charge.gpu_seconds += attempt.replica_seconds * entry.spec.resources.gpus
+        pool = entry.spec.pool("prefill" if attempt.pool == "prefill" else "decode")
+        charge.gpu_seconds += attempt.replica_seconds * pool.resources.gpus
         charge.owed += billed(
-            attempt.status, attempt.replica_seconds * self._pricing.per_second(entry)
+            attempt.status, attempt.replica_seconds * self._pricing.per_second_of(pool)
         )
 
     def failed(self, charge: Charge, entry: ModelEntry, status: int) -> None:
@@ -267,7 +268,11 @@ class Accounting:
         model, tenant, route = entry.name, principal.tenant, charge.route
         prompt = outcome.prompt_tokens if outcome.counted else charge.prompt_estimate
         completion = outcome.completion_tokens
-        price = outcome.replica_seconds * self._pricing.per_second(entry)
+        # A disaggregated model's pools may run on different GPUs (``ModelSpec.pool``; a model
+        # that is not disaggregated is its own pool).
+        decode, prefill_pool = entry.spec.pool("decode"), entry.spec.pool("prefill")
+        price = outcome.replica_seconds * self._pricing.per_second_of(decode)
+        price += outcome.prefill_seconds * self._pricing.per_second_of(prefill_pool)
         cost = billed(outcome.status, price) + charge.owed
         self._pricing.observe(entry, outcome.replica_seconds, prompt + completion)
         self.admission.settle(charge.ticket, prompt + completion, cost)
@@ -287,7 +292,11 @@ class Accounting:
             m.cached.inc(outcome.cached_tokens)
         if cost:
             m.cost.inc(cost)
-        gpu_seconds = outcome.replica_seconds * entry.spec.resources.gpus + charge.gpu_seconds
+        gpu_seconds = (
+            outcome.replica_seconds * decode.resources.gpus
+            + outcome.prefill_seconds * prefill_pool.resources.gpus
+            + charge.gpu_seconds
+        )
         if gpu_seconds:
             m.gpu_seconds.inc(gpu_seconds)
         if self._ledger is not None:

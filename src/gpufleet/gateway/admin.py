@@ -51,6 +51,8 @@ def replica_view(r: Replica) -> dict[str, Any]:
         "id": r.id,
         "model": r.model,
         "generation": r.generation,
+        # A disaggregated model's pool: "prefill" or "decode"; "" otherwise.
+        "role": r.role,
         "phase": r.phase.value,
         "url": r.url,
         "pid": r.pid,

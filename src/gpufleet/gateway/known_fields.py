@@ -16,7 +16,12 @@ earlier versions; llama-cpp-python 0.3's server request models; SGLang's
 
 from __future__ import annotations
 
-__all__ = ["KNOWN_FIELDS"]
+__all__ = ["GATEWAY_ONLY", "KNOWN_FIELDS"]
+
+#: Fields engines read that only the gateway may set: ``kv_transfer_params`` drives a
+#: disaggregated model's prefill and decode (``disagg``); a client's would point an engine's KV
+#: pull at any host it names. A client sending one is answered 400.
+GATEWAY_ONLY = frozenset({"kv_transfer_params"})
 
 _OPENAI_CHAT = {
     "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
@@ -36,10 +41,11 @@ _OPENAI_EMBEDDINGS = {"dimensions", "encoding_format", "input", "model", "user"}
 #: Read by the gateway on either generation route (checked, and reserved by).
 _GATEWAY = {"max_completion_tokens"}
 
-#: Sampling and output extensions vLLM shares between chat and completions.
+#: Sampling and output extensions vLLM shares between chat and completions (not those in
+#: ``GATEWAY_ONLY``).
 _VLLM_SAMPLING = {
     "add_special_tokens", "allowed_token_ids", "bad_words", "cache_salt", "ec_transfer_params",
-    "ignore_eos", "include_stop_str_in_output", "kv_transfer_params", "length_penalty",
+    "ignore_eos", "include_stop_str_in_output", "length_penalty",
     "logprob_token_ids", "min_p", "min_tokens", "mm_payload", "priority", "prompt_logprobs",
     "repetition_detection", "repetition_penalty", "request_id", "return_mm_kwargs",
     "return_token_ids", "return_token_offsets", "return_tokens_as_token_ids",

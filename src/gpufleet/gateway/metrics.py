@@ -76,6 +76,13 @@ class GatewayMetrics:
             ["model", "target"],
             registry=self.registry,
         )
+        self.disaggregation = Counter(
+            "gpufleet_disaggregation_requests",
+            "Requests of disaggregated models by how their prompt was prefilled: remote, or "
+            "local_short / local_cached / local_no_prefill_replica / local_prefill_failed",
+            ["model", "path"],
+            registry=self.registry,
+        )
         self.fallbacks = Counter(
             "gpufleet_fallbacks",
             "Requests passed to a fallback model after the first could not serve them",

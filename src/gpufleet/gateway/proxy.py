@@ -18,6 +18,10 @@ value) or, every second, a probe connects; when every replica of a model sits ou
 model with none ready — nothing has reached the client, so the crash is a wait, not a 502.
 A refused connection is not an engine error for a canary's analysis (the engine never had the
 request); a connection that broke under a request is.
+
+A disaggregated model's request is first prefilled on one of its prefill replicas, then sent
+to the decode replica chosen with the prefill's ``kv_transfer_params`` (``disagg`` has the
+contract and when it is skipped); the prefill replica's time is the request's too.
 """
 
 from __future__ import annotations
@@ -38,6 +42,13 @@ from starlette.responses import Response
 
 from gpufleet.controller import ModelEntry
 from gpufleet.engines import EngineLoad
+from gpufleet.gateway.disagg import (
+    PREFILL_TIMEOUT_S,
+    decode_body,
+    local_reason,
+    prefill_body,
+    transfer_params,
+)
 from gpufleet.gateway.engine_errors import engine_error
 from gpufleet.gateway.errors import (
     ApiError,
@@ -100,6 +111,10 @@ class Outcome:
     ttft_s: float | None = None
     duration_s: float = 0.0
     replica_seconds: float = 0.0
+    #: The pool of a disaggregated model the replica is in ("prefill"; "" otherwise).
+    pool: str = ""
+    #: Replica-seconds a prefill replica spent on the answer's prompt (disaggregated models).
+    prefill_seconds: float = 0.0
 
     def take_usage(self, usage: Any) -> None:
         if not isinstance(usage, dict):
@@ -297,6 +312,10 @@ class Upstream:
         When this raises, nothing reached the client and ``done`` got no answer.
         """
         features = features or RequestFeatures()
+        #: A disaggregated model's prompt goes to a prefill replica once, after the first
+        #: decode replica is chosen (whose cache decides whether it is worth it).
+        remote: _Prefilled | None = None
+        prefill_asked = entry.spec.disaggregation is None
         shared = None
         if self.hints is not None and entry.spec.routing.policy in ("prefix", "session"):
             shared = await self.hints.lookup(entry.name, features.blocks)
@@ -312,6 +331,15 @@ class Upstream:
             replica, choice = picked
             tried.add(replica.id)
             prefill = max(0, features.prompt_tokens - choice.cached_blocks * PREFIX_BLOCK_TOKENS)
+            if not prefill_asked:
+                prefill_asked = True
+                cached = features.prompt_tokens - prefill
+                remote = await self._prefill_remotely(
+                    entry, route, body, features, cached, request_id, weight, done
+                )
+            send = body
+            if remote is not None:
+                send, prefill = remote.body, 0  # the decode replica prefills nothing
             ahead = self._backlog.get(replica.id, 0) + prefill
             self._acquire(replica, entry.name, prefill)
             metered = self.meter.start(replica.id, weight, time.monotonic())
@@ -326,7 +354,7 @@ class Upstream:
                         "POST",
                         replica.url or "",
                         route,
-                        body,
+                        send,
                         {**headers, **replica.auth_headers()},
                     )
                 except Unconnected as exc:
@@ -350,6 +378,8 @@ class Upstream:
                     self._failed(replica.id)
                     continue
                 outcome = Outcome(replica=replica.id, status=resp.status)
+                if remote is not None:
+                    outcome.prefill_seconds = remote.seconds
                 if stream and resp.status == 200:
                     # The status is committed with the first event, not before: an engine
                     # that refuses a stream before its first event is answered as unstreamed.
@@ -369,10 +399,10 @@ class Upstream:
                             functools.partial(self._stop_meter, metered),
                             done,
                             ahead,
-                            (route, body, request_id),
+                            (route, send, request_id),
                             head,
                         )
-                    response = await self._streams.refused(entry, replica, route, body, request_id)
+                    response = await self._streams.refused(entry, replica, route, send, request_id)
                     outcome.status = response.status_code
                 else:
                     payload = await resp.read()
@@ -414,6 +444,15 @@ class Upstream:
                         done.spent(
                             Outcome(replica=replica.id, status=failure, replica_seconds=spent)
                         )
+        if remote is not None and done is not None:  # prefilled, but no decode replica answered
+            done.spent(
+                Outcome(
+                    replica=remote.replica,
+                    status=502,
+                    replica_seconds=remote.seconds,
+                    pool="prefill",
+                )
+            )
         if refusals == len(tried) and not entry.problem:
             sat_out = any(r.id in self._refused for r in entry.endpoints)
             if refusals or (sat_out and not self.routable(entry)):
@@ -424,6 +463,127 @@ class Upstream:
             "replicas are starting" if entry.replicas else "no replica is running"
         )
         raise no_replica(entry.name, detail, retry_after=30 if entry.problem else 2)
+
+    async def _prefill_remotely(
+        self,
+        entry: ModelEntry,
+        route: str,
+        body: bytes,
+        features: RequestFeatures,
+        cached_tokens: int,
+        request_id: str,
+        weight: float,
+        done: Done | None,
+    ) -> _Prefilled | None:
+        """Prefill the prompt on a prefill replica: the decode call's body and what the
+        prefill held, or None when the decode replica should prefill it itself (``disagg``).
+        A prefill call that fails reports its time through ``done.spent``."""
+        path = local_reason(entry.spec, features.prompt_tokens, cached_tokens)
+        replica = None if path is not None else self._pick_prefill(entry, features)
+        if path is None and replica is None:
+            path = "local_no_prefill_replica"
+        if path is not None or replica is None:
+            self._metrics.disaggregation.labels(
+                entry.name, path or "local_no_prefill_replica"
+            ).inc()
+            return None
+        asked = json.loads(body)
+        uncached = features.prompt_tokens - cached_tokens
+        headers = {"content-type": "application/json", "x-request-id": request_id}
+        self._acquire(replica, entry.name, uncached)
+        metered = self.meter.start(replica.id, weight, time.monotonic())
+        params: dict[str, Any] | None = None
+        status = 502
+        try:
+            async with asyncio.timeout(PREFILL_TIMEOUT_S):
+                resp = await self._http().request(
+                    "POST",
+                    replica.url or "",
+                    route,
+                    prefill_body(asked),
+                    {**headers, **replica.auth_headers()},
+                )
+                try:
+                    payload = await resp.read()
+                finally:
+                    resp.close()
+            self._refused.pop(replica.id, None)
+            if resp.status == 200:
+                params = transfer_params(payload)
+                if params is not None:
+                    self._failures.pop(replica.id, None)
+                    status = 200
+                else:
+                    log.warning(
+                        "prefill replica %s answered without kv_transfer_params", replica.id
+                    )
+            else:
+                log.warning(
+                    "prefill replica %s answered %d: %s",
+                    replica.id,
+                    resp.status,
+                    payload[:_LOGGED_BODY].decode("utf-8", "replace"),
+                )
+                if resp.status >= 500:
+                    self._failed(replica.id)
+        except (Unconnected, UpstreamError, TimeoutError) as exc:
+            if isinstance(exc, Unconnected) and not isinstance(exc, ConnectTimeout):
+                self._refuse(replica)
+            log.warning("prefill replica %s: %s: %s", replica.id, type(exc).__name__, exc)
+            self._failed(replica.id)
+        except asyncio.CancelledError:
+            status = 499
+            raise
+        finally:
+            seconds = self._stop_meter(metered)
+            self._release(replica, entry.name, uncached)
+            if status != 200 and done is not None:
+                done.spent(
+                    Outcome(
+                        replica=replica.id, status=status, replica_seconds=seconds, pool="prefill"
+                    )
+                )
+        if params is None:
+            self._metrics.disaggregation.labels(entry.name, "local_prefill_failed").inc()
+            return None
+        self._metrics.disaggregation.labels(entry.name, "remote").inc()
+        return _Prefilled(decode_body(asked, params), replica.id, seconds)
+
+    def _pick_prefill(self, entry: ModelEntry, features: RequestFeatures) -> Replica | None:
+        """A prefill replica for the prompt: the prefix policy over the prefill pool (its
+        cache, its backlog of prompt tokens), leaving out those sitting out."""
+        now = time.monotonic()
+        candidates = {
+            r.id: r
+            for r in entry.prefill_endpoints
+            if self._answers(r, now) and self._ejected_until.get(r.id, 0.0) <= now
+        }
+        if not candidates:
+            return None
+        idle = EngineLoad()
+        states = []
+        for rid in candidates:
+            load = self.loads.get(rid, idle)
+            states.append(
+                Endpoint(
+                    rid,
+                    in_flight=self._in_flight.get(rid, 0),
+                    backlog_tokens=self._backlog.get(rid, 0),
+                    prefilling=self._prefilling.get(rid, 0),
+                    waiting=load.waiting,
+                    running=load.running,
+                    kv_usage=load.kv_usage,
+                )
+            )
+        key = (entry.name, "#prefill")
+        policy = self._policies.get(key)
+        if policy is None:
+            policy = self._policies[key] = make_policy("prefix")
+        choice = policy.pick(features, states, now)
+        if choice is None or choice.endpoint not in candidates:
+            return None
+        policy.record(features, choice)
+        return candidates[choice.endpoint]
 
     def _stop_meter(self, ticket: MeterTicket) -> float:
         """The replica-seconds of a request that ends now."""
@@ -533,6 +693,15 @@ class Upstream:
         else:
             self._in_flight.pop(replica.id, None)
         self._metrics.in_flight.labels(model).dec()
+
+
+@dataclass(frozen=True, slots=True)
+class _Prefilled:
+    """A prompt prefilled remotely: the decode call's body, the prefill replica, its time."""
+
+    body: bytes
+    replica: str
+    seconds: float
 
 
 def _broke(exc: BaseException) -> bool:

@@ -44,6 +44,12 @@ class Pricing:
     def per_second(self, entry: Priced) -> float:
         return replica_price_per_hour(entry) / 3600.0
 
+    @staticmethod
+    def per_second_of(spec: ModelSpec) -> float:
+        """What one replica running ``spec`` costs per second (a disaggregated model's pool:
+        ``ModelSpec.pool``)."""
+        return price_of_spec(spec) / 3600.0
+
     def estimate(self, entry: Priced, tokens: int) -> float:
         price = self.per_second(entry)
         if not price:
