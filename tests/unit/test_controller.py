@@ -268,3 +268,12 @@ async def test_a_pool_change_rolls_the_prefill_pool_once_the_new_one_is_ready(en
     await settle(controller, lambda: {r.generation for r in runtime.replicas("pd")} == {2})
     new = [r for r in runtime.started if r.generation == 2 and r.role == "prefill"]
     assert new[0].spec.engine_args == ["--kv-link", "tcp"]
+
+
+async def test_a_disaggregated_model_at_zero_runs_no_prefill_pool(env) -> None:  # type: ignore[no-untyped-def]
+    controller, runtime = env
+    await controller.apply([disaggregated(prefill=2, replicas=0)])
+    await passes(controller, "pd")
+    assert runtime.replicas("pd") == [] and runtime.started == []
+    await controller.apply([disaggregated(prefill=2, replicas=1)])
+    await settle(controller, lambda: len(controller.directory.get("pd").prefill_endpoints) == 2)

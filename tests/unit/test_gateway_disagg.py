@@ -133,6 +133,8 @@ class Recorder:
     calls: list[Call] = field(default_factory=list)
     #: Answer the next calls with this status instead (a failing engine).
     fail_with: int | None = None
+    #: Close the connection after this many chunks of a stream (the engine dies mid-stream).
+    cut_after: int | None = None
     #: Hold the next calls until ``resume`` is set (an engine that does not answer).
     stalled: bool = False
     resume: asyncio.Event = field(default_factory=asyncio.Event)
@@ -168,8 +170,14 @@ class Recorder:
                 )
             response = web.StreamResponse(status=upstream.status, headers={"content-type": kind})
             await response.prepare(request)
+            chunks = 0
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
+                chunks += 1
+                if self.cut_after is not None and chunks >= self.cut_after:
+                    assert request.transport is not None
+                    request.transport.close()  # the engine dies mid-stream
+                    return response
             await response.write_eof()
             return response
 
@@ -316,6 +324,22 @@ async def test_a_stream_decodes_remotely_prefilled_with_exact_usage(pd: PD) -> N
     assert prefill.answer is not None
     assert decode.body["kv_transfer_params"] == prefill.answer["kv_transfer_params"]
     assert pd.paths() == {"remote": 1}
+
+
+async def test_a_decode_replica_dying_mid_stream_ends_the_stream_with_an_error_event(
+    pd: PD,
+) -> None:
+    pd.decode.cut_after = 2
+    body = {"model": "pd", "messages": LONG_PROMPT, "max_tokens": 50, "stream": True}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{pd.url}/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200
+            text = (await resp.read()).decode()
+    events = [e for e in text.split("\n\n") if e.strip()]
+    assert len(events) >= 2
+    last = json.loads(events[-1].removeprefix("data: "))
+    assert last["error"]["type"] == "upstream_error"
+    assert len(pd.prefill.calls) == 1 and pd.paths() == {"remote": 1}
 
 
 async def test_a_short_prompt_is_prefilled_where_it_decodes(pd: PD) -> None:
