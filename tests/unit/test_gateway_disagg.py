@@ -331,10 +331,12 @@ async def test_a_decode_replica_dying_mid_stream_ends_the_stream_with_an_error_e
 ) -> None:
     pd.decode.cut_after = 2
     body = {"model": "pd", "messages": LONG_PROMPT, "max_tokens": 50, "stream": True}
-    async with aiohttp.ClientSession() as http:
-        async with http.post(f"{pd.url}/v1/chat/completions", json=body) as resp:
-            assert resp.status == 200
-            text = (await resp.read()).decode()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{pd.url}/v1/chat/completions", json=body) as resp,
+    ):
+        assert resp.status == 200
+        text = (await resp.read()).decode()
     events = [e for e in text.split("\n\n") if e.strip()]
     assert len(events) >= 2
     last = json.loads(events[-1].removeprefix("data: "))
