@@ -227,12 +227,17 @@ class Autoscaler:
         return changes
 
     def _stale(self, name: str) -> bool:
+        """Whether the stored state lags: its count, or its idle timer — written at most every
+        ``_ACTIVE_WRITE_S`` while the model stays busy, and once more when it falls idle (its
+        last activity no longer moves), so a restart times scale-to-zero from the last request,
+        not from up to ``_ACTIVE_WRITE_S`` before it."""
         saved = self._persisted.get(name)
         state = self._states[name]
         return (
             saved is None
             or saved[0] != state.desired
             or state.last_active - saved[1] >= _ACTIVE_WRITE_S
+            or saved[1] < state.last_active < self.clock()
         )
 
     async def _persist(self, name: str) -> None:
