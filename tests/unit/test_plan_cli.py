@@ -76,3 +76,38 @@ def test_plan_shows_a_replica_across_nodes(tmp_path: Path) -> None:
     assert "gpu-a/gpu-0,1,2,3,4,5,6,7" in table.stdout
     assert "gpu-b/gpu-0,1,2,3,4,5,6,7" in table.stdout
     assert "unplaced" not in table.stdout
+
+
+def test_plan_places_a_disaggregated_models_pools_on_the_types_that_suit_them(
+    tmp_path: Path,
+) -> None:
+    """Both pools accept H100 and L40S: prefill goes where bf16 FLOP/s per dollar is highest
+    (L40S: 302 TFLOP/s per $/h against 247), decode where bandwidth per dollar is (H100: 838 GB/s
+    per $/h against 720); with one GPU of each, a second prefill replica is unplaced with the
+    planner's reason."""
+    models = tmp_path / "models.yaml"
+    models.write_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: pd}\nspec:\n"
+        f"  source: file:{ROOT / 'tests/data/configs/llama-3-8b.json'}\n  engine: vllm\n"
+        "  contextLength: 8192\n  resources: {gpus: 1, gpuTypes: [L40S, H100], memory: 40Gi}\n"
+        "  disaggregation: {prefill: {replicas: 2}}\n"
+    )
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Inventory\nmetadata: {name: t}\nspec:\n"
+        "  nodes:\n    - {name: a, gpus: [{type: H100, count: 1}]}\n"
+        "    - {name: b, gpus: [{type: L40S, count: 1}]}\n"
+    )
+    result = gpufleet("plan", "-f", str(models), "--inventory", str(inventory), "-o", "json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    placed = {
+        f"{p['replica']['deployment']}#{p['replica']['index']}": p["gpu_type"]
+        for p in data["placements"]
+    }
+    assert placed == {"pd#0": "H100", "pd:prefill#0": "L40S"}
+    (unplaced,) = data["unplaced"]
+    assert unplaced["replica"] == {"deployment": "pd:prefill", "index": 1}
+    assert unplaced["reason"]
+    table = gpufleet("plan", "-f", str(models), "--inventory", str(inventory))
+    assert "pd:prefill#0" in table.stdout and "unplaced pd:prefill#1" in table.stdout

@@ -236,3 +236,13 @@ def test_plans_are_deterministic() -> None:
     )
     deps = [dep(f"m{i}", 5 + 7 * i, replicas=1 + i % 3) for i in range(6)]
     assert plan(fleet, deps) == plan(fleet, deps)
+
+
+def test_a_pool_prefers_the_gpu_types_that_suit_its_phase() -> None:
+    from gpufleet.planner import pool_preference
+
+    types = ("H100", "L4", "L40S", "A30", "MI300X")  # the last is not in the catalog
+    # Prefill: bf16 FLOP/s per dollar; decode: memory bandwidth per dollar.
+    assert pool_preference(types, "prefill") == ("L40S", "H100", "A30", "L4", "MI300X")
+    assert pool_preference(types, "decode") == ("A30", "H100", "L40S", "L4", "MI300X")
+    assert pool_preference((), "decode") == ()

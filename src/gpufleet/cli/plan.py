@@ -35,7 +35,7 @@ def plan_command(
     ] = False,
 ) -> None:
     """Plan placements of the models in FILE onto the GPUs in INVENTORY."""
-    from gpufleet.cli.sizing import size_here
+    from gpufleet.cli.sizing import size_pools_here
     from gpufleet.hardware import load_inventory
     from gpufleet.planner import PlanSettings, plan
     from gpufleet.spec import load_file
@@ -43,7 +43,7 @@ def plan_command(
     try:
         models = [m for f in file for m in load_file(f)]
         fleet = load_inventory(inventory)
-        deployments = [size_here(m, kv_sequences=kv_sequences) for m in models]
+        deployments = [d for m in models for d in size_pools_here(m, kv_sequences=kv_sequences)]
     except SpecError as exc:
         spec_problems(exc.problems)
         raise typer.Exit(1) from exc

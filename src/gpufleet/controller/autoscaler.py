@@ -33,11 +33,11 @@ from gpufleet.autoscale import (
     is_open,
     next_opening,
 )
+from gpufleet.planner import PREFILL_POOL_SUFFIX
 from gpufleet.spec import ModelSpec
 from gpufleet.store import Store
 
 __all__ = [
-    "PREFILL_POOL_SUFFIX",
     "Autoscaler",
     "Capacity",
     "DemandSource",
@@ -47,12 +47,9 @@ __all__ = [
 
 log = logging.getLogger("gpufleet.controller.autoscaler")
 
-#: The planner's name for a disaggregated model's prefill pool: ``<model>:prefill`` (a name no
-#: model can have, so it never meets one).
-PREFILL_POOL_SUFFIX = ":prefill"
-
 
 def prefill_pool(name: str) -> str:
+    """The planner's name for ``name``'s prefill pool (``planner.PREFILL_POOL_SUFFIX``)."""
     return name + PREFILL_POOL_SUFFIX
 
 

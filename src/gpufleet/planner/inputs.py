@@ -10,15 +10,21 @@ picks the smallest that fits (automatic tensor parallelism).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
+from typing import Literal
 
 from gpufleet.errors import SpecError
-from gpufleet.hardware import normalise_gpu_name
+from gpufleet.hardware import CATALOG, Accelerator, normalise_gpu_name
 from gpufleet.planner.model import DEFAULT_PRIORITIES, Deployment
 from gpufleet.sizing import ModelArch, estimate_memory, valid_tp_degrees
 from gpufleet.spec import Model
 
-__all__ = ["deployment_for"]
+__all__ = ["PREFILL_POOL_SUFFIX", "deployment_for", "pool_deployments", "pool_preference"]
+
+#: The planner's name for a disaggregated model's prefill pool: ``<model>:prefill`` (a name no
+#: model can have, so it never meets one).
+PREFILL_POOL_SUFFIX = ":prefill"
 
 
 def deployment_for(
@@ -79,3 +85,47 @@ def deployment_for(
         sharing=spec.placement.sharing,
         spread=spec.placement.spread,
     )
+
+
+def pool_preference(
+    gpu_types: tuple[str, ...],
+    role: Literal["prefill", "decode"],
+    catalog: Mapping[str, Accelerator] = CATALOG,
+) -> tuple[str, ...]:
+    """A disaggregated pool's accepted GPU types, best value first. Prefill is compute-bound:
+    bf16 FLOP/s per dollar. Decode is memory-bound: bandwidth per dollar, then memory (KV room)
+    per dollar. Types the catalog does not price keep their order, after the others."""
+
+    def value(name: str) -> tuple[float, float]:
+        gpu = catalog.get(name)
+        if gpu is None or gpu.price_per_hour <= 0:
+            return (0.0, 0.0)
+        price = gpu.price_per_hour
+        if role == "prefill":
+            return (gpu.bf16_flops / price, 0.0)
+        return (gpu.bandwidth_bytes_per_s / price, gpu.memory_bytes / price)
+
+    return tuple(sorted(gpu_types, key=lambda t: tuple(-v for v in value(t))))
+
+
+def pool_deployments(
+    model: Model, arch: ModelArch | None, *, kv_sequences: int = 4
+) -> list[Deployment]:
+    """The deployments a model asks the planner for: itself, or — disaggregated — its decode
+    pool (its replicas, under its own name) and its prefill pool (``<name>:prefill``), each
+    sized from its pool's spec and preferring the GPU types that suit its phase."""
+    spec = model.spec
+    if spec.disaggregation is None:
+        return [deployment_for(model, arch, kv_sequences=kv_sequences)]
+    pools = []
+    for role in ("decode", "prefill"):
+        pooled = model.model_copy(update={"spec": spec.pool(role)})
+        dep = deployment_for(pooled, arch, kv_sequences=kv_sequences)
+        dep = dataclasses.replace(dep, gpu_types=pool_preference(dep.gpu_types, role))
+        if role == "prefill":
+            count = spec.disaggregation.prefill.replicas
+            if not count:
+                continue
+            dep = dataclasses.replace(dep, name=model.name + PREFILL_POOL_SUFFIX, replicas=count)
+        pools.append(dep)
+    return pools
