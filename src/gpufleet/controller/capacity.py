@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from gpufleet.errors import GpufleetError
 from gpufleet.planner import (
+    PREFILL_POOL_SUFFIX,
     Deployment,
     Placement,
     PlanSettings,
@@ -63,11 +64,11 @@ def size_model(name: str, spec: ModelSpec) -> Deployment | None:
         arch = load_architecture(resolve_weights(source))
     # A disaggregated model's prefill pool is "<model>:prefill": sized as its model (``spec`` is
     # the pool's), preferring the GPU types that suit its phase as ``gpufleet plan`` does.
-    base, _, pool = name.partition(":")
+    base = name.removesuffix(PREFILL_POOL_SUFFIX)
     model = Model(api_version=API_VERSION, metadata=Metadata(name=base), spec=spec)
     dep = dataclasses.replace(deployment_for(model, arch), name=name)
     if spec.disaggregation is not None:
-        preferred = pool_preference(dep.gpu_types, "prefill" if pool else "decode")
+        preferred = pool_preference(dep.gpu_types, "prefill" if base != name else "decode")
         dep = dataclasses.replace(dep, gpu_types=preferred)
     return dep
 

@@ -262,27 +262,9 @@ class Upstream:
         candidates = healthy or candidates  # all ejected: trying one beats refusing
         if not candidates:
             return None
-        idle = EngineLoad()
-        states = []
-        for rid in candidates:
-            load = self.loads.get(rid, idle)
-            states.append(
-                Endpoint(
-                    rid,
-                    in_flight=self._in_flight.get(rid, 0),
-                    backlog_tokens=self._backlog.get(rid, 0),
-                    prefilling=self._prefilling.get(rid, 0),
-                    waiting=load.waiting,
-                    running=load.running,
-                    kv_usage=load.kv_usage,
-                    hinted_blocks=hints.get(rid, 0) if hints else 0,
-                )
-            )
-        policy = self.policy(entry)
-        choice = policy.pick(features, states, time.monotonic())
-        if choice is None or choice.endpoint not in candidates:
+        choice = self._choose(self.policy(entry), features, candidates, hints)
+        if choice is None:
             return None
-        policy.record(features, choice)
         if choice.endpoint in self._refused:  # this request is its probe: one at a time
             self._refuse(candidates[choice.endpoint])
         if self.hints is not None:
@@ -560,6 +542,22 @@ class Upstream:
         }
         if not candidates:
             return None
+        key = (entry.name, "#prefill")
+        policy = self._policies.get(key)
+        if policy is None:
+            policy = self._policies[key] = make_policy("prefix")
+        choice = self._choose(policy, features, candidates)
+        return None if choice is None else candidates[choice.endpoint]
+
+    def _choose(
+        self,
+        policy: RoutingPolicy,
+        features: RequestFeatures,
+        candidates: Mapping[str, Replica],
+        hints: Mapping[str, int] | None = None,
+    ) -> Choice | None:
+        """``policy``'s pick among ``candidates``, each seen through the gateway's own counts
+        and its engine's scraped load, recorded with the policy; None when it picks none."""
         idle = EngineLoad()
         states = []
         for rid in candidates:
@@ -573,17 +571,14 @@ class Upstream:
                     waiting=load.waiting,
                     running=load.running,
                     kv_usage=load.kv_usage,
+                    hinted_blocks=hints.get(rid, 0) if hints else 0,
                 )
             )
-        key = (entry.name, "#prefill")
-        policy = self._policies.get(key)
-        if policy is None:
-            policy = self._policies[key] = make_policy("prefix")
-        choice = policy.pick(features, states, now)
+        choice = policy.pick(features, states, time.monotonic())
         if choice is None or choice.endpoint not in candidates:
             return None
         policy.record(features, choice)
-        return candidates[choice.endpoint]
+        return choice
 
     def _stop_meter(self, ticket: MeterTicket) -> float:
         """The replica-seconds of a request that ends now."""

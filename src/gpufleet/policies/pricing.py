@@ -16,7 +16,7 @@ from typing import Protocol
 from gpufleet.policies.costs import replica_price_per_hour as price_of_spec
 from gpufleet.spec import ModelSpec
 
-__all__ = ["FLOOR_TOKENS_PER_S", "Priced", "Pricing", "replica_price_per_hour"]
+__all__ = ["FLOOR_TOKENS_PER_S", "Priced", "Pricing"]
 
 #: A slow single stream; busy-time shares per token are far smaller once requests batch.
 FLOOR_TOKENS_PER_S = 20.0
@@ -33,16 +33,12 @@ class Priced(Protocol):
     def spec(self) -> ModelSpec: ...
 
 
-def replica_price_per_hour(entry: Priced) -> float:
-    return price_of_spec(entry.spec)
-
-
 class Pricing:
     def __init__(self) -> None:
         self._seconds_per_token: dict[str, float] = {}
 
     def per_second(self, entry: Priced) -> float:
-        return replica_price_per_hour(entry) / 3600.0
+        return self.per_second_of(entry.spec)
 
     @staticmethod
     def per_second_of(spec: ModelSpec) -> float:
