@@ -73,12 +73,22 @@ DURATIONS = (
     ("autoscaling.scaleDownDelay", "25h", "must be at least 0 s and at most 86400 s"),
     ("autoscaling.scaleToZeroAfter", "200h", "must be at least 1 s and at most 604800 s"),
     ("autoscaling.ttftObjective", 0, "must be more than 0 s and at most 3600 s"),
+    ("autoscaling.itlObjective", "2m", "must be more than 0 s and at most 60 s"),
     ("rollout.analysis", "24.5h", "must be at least 1 s and at most 86400 s"),
     ("rollout.progressDeadline", "0.5s", "must be at least 1 s and at most 86400 s"),
     ("routing.cost.ttftObjective", "61m", "must be more than 0 s and at most 3600 s"),
 )
+#: A disaggregated model's prefill pool may scale on its own ``autoscaling``: the same fields.
+DURATIONS += tuple(
+    (f"disaggregation.prefill.{path}", value, words)
+    for path, value, words in DURATIONS
+    if path.startswith("autoscaling.")
+)
 #: What a duration field needs beside it to be otherwise valid.
-_BESIDE = {"routing.cost.ttftObjective": {"routing": {"cost": {"alternatives": ["other"]}}}}
+_BESIDE: dict[str, dict[str, Any]] = {
+    "routing.cost.ttftObjective": {"routing": {"cost": {"alternatives": ["other"]}}},
+    **{path: {"engine": "vllm"} for path, _, _ in DURATIONS if path.startswith("disagg")},
+}
 
 
 def _duration_cases() -> list[Rejected]:
@@ -110,6 +120,22 @@ REJECTED: list[Rejected] = [
         model("bad", engine="llamacpp", disaggregation={"prefill": {"replicas": 1}}),
         "spec.disaggregation",
         "cannot serve prefill and decode apart",
+    ),
+    Rejected(
+        "prefill-pool-panic-window-longer-than-stable",
+        model(
+            "bad",
+            engine="vllm",
+            disaggregation={"prefill": {"autoscaling": {"panicWindow": 90, "stableWindow": 60}}},
+        ),
+        "spec.disaggregation.prefill.autoscaling.panicWindow",
+        "must not be longer than autoscaling.stableWindow",
+    ),
+    Rejected(
+        "prefill-pool-max-below-min",
+        model("bad", engine="vllm", disaggregation={"prefill": {"replicas": 2, "maxReplicas": 1}}),
+        "spec.disaggregation.prefill.maxReplicas",
+        "must be >= replicas",
     ),
     Rejected(
         "drain-negative", model("bad", drain=-1), "spec.drain", "must be at least 0 s and at most"

@@ -39,7 +39,7 @@ from gpufleet.controller import DemandSource, Directory
 from gpufleet.controller.startup import StartupRecorder
 from gpufleet.engines.base import ENGINE_KEY_ENV
 from gpufleet.errors import PermanentError, SpecError
-from gpufleet.gateway.shared_demand import DemandPublisher
+from gpufleet.gateway.shared_demand import DemandPublisher, demand_names
 from gpufleet.outages import OutageReporter
 from gpufleet.runtime import Runtime
 from gpufleet.runtime.kubernetes import KubernetesRuntime, RenderSettings
@@ -254,7 +254,7 @@ class ClusterPlane:
             self.redis_url,
             self.gateway_id,
             source.sample,
-            lambda: [e.name for e in directory.entries()],
+            lambda: demand_names(directory.entries()),
             # Canaries' answers by generation, for the operator's verdict.
             canaries=lambda: [
                 (e.name, e.canary[0]) for e in directory.entries() if e.canary is not None

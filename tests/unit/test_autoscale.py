@@ -192,6 +192,15 @@ def test_a_missed_ttft_objective_adds_replicas() -> None:
     assert "TTFT p90 2.00 s over the objective of 0.5 s" in run.history[0][2]
 
 
+def test_a_missed_itl_objective_adds_replicas_and_a_met_one_does_not() -> None:
+    run = Run(spec(itlObjective="50ms"), desired=1)
+    run.run(60, 4, itl_p90=0.03)
+    assert run.desired == 1
+    run.run(60, 4, itl_p90=0.12)
+    assert run.desired >= 2
+    assert "inter-token latency p90 120 ms over the objective of 50 ms" in run.history[0][2]
+
+
 def test_fixed_replicas_never_change() -> None:
     run = Run(spec(min=3, max=3))
     run.run(60, 500)

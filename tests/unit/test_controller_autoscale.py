@@ -46,8 +46,19 @@ class Demand:
         self.asked[replica_id] = self.asked.get(replica_id, 0) + 1
         return self.busy.get(replica_id, 0)
 
+    #: More of a model's sample (``ttft_p90``, ``itl_p90``, …), as the gateway would measure.
+    signals: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Names the autoscaler asked about (a disaggregated model's prefill pool is one more).
+    sampled: set[str] = field(default_factory=set)
+
     def sample(self, model: str, now: float) -> Sample:
-        return Sample(now, self.load.get(model, 0.0), self.arrivals.pop(model, 0))
+        self.sampled.add(model)
+        return Sample(
+            now,
+            self.load.get(model, 0.0),
+            self.arrivals.pop(model, 0),
+            **self.signals.get(model, {}),
+        )
 
 
 def model(name: str = "m", **spec: Any) -> Model:
@@ -417,6 +428,115 @@ async def test_a_prefill_pool_takes_only_what_the_planner_places_beside_the_mode
         assert event.message.startswith("prefill pool: ") and "GPU" in event.message
         autoscaler = controller.autoscaler
         assert autoscaler.placeable("other", gpu_model("other").spec, 1) == 0  # the GPU is full
+    finally:
+        await stop(runtime, controller)
+        store.close()
+
+
+def pd_model(**prefill: Any) -> Model:
+    """A disaggregated model whose prefill pool scales between 1 and 4 on its own demand."""
+    pool = {
+        "replicas": 1,
+        "maxReplicas": 4,
+        "autoscaling": {"targetInFlight": 2, "scaleDownDelay": "1m", "ttftObjective": 0.5},
+        **prefill,
+    }
+    return model(
+        "pd",
+        engine="emulator",
+        replicas={"min": 1, "max": 4},
+        autoscaling={"targetInFlight": 8, "scaleDownDelay": "2m", "itlObjective": 0.05},
+        disaggregation={"prefill": pool},
+    )
+
+
+def pool_sizes(env: Env) -> tuple[int, int]:
+    """(decode, prefill) replicas running of the model "pd"."""
+    running = env.runtime.replicas("pd")
+    prefill = sum(1 for r in running if r.role == "prefill")
+    return len(running) - prefill, prefill
+
+
+async def test_the_prefill_pool_scales_on_its_own_demand_apart_from_decode(env: Env) -> None:
+    await env.controller.apply([pd_model()])
+    await env.settle(lambda: pool_sizes(env) == (1, 1))
+    await env.seconds(3)
+    assert {"pd", "pd:prefill"} <= env.demand.sampled
+    # Long prompts queue for prefill: the prefill pool grows; the decode pool holds.
+    await env.seconds(20, **{"pd": 4, "pd:prefill": 6})
+    await env.settle(lambda: pool_sizes(env) == (1, 3))
+    ups = [e for e in env.store.events("pd") if e.reason == "PrefillScaledUp"]
+    assert ups and ups[0].message.startswith("prefill pool: 1 → 2 replicas: ")
+    assert "ScaledUp" not in env.reasons("pd")
+    # Streams slow down (KV reads, batch size): the decode pool grows; prefill holds.
+    env.demand.signals["pd"] = {"itl_p90": 0.08}
+    await env.seconds(8, **{"pd": 4, "pd:prefill": 6})
+    await env.settle(lambda: pool_sizes(env)[0] >= 2)
+    assert pool_sizes(env)[1] == 3
+    (up,) = [e for e in env.store.events("pd") if e.reason == "ScaledUp"][:1]
+    assert up.message.startswith("decode pool: 1 → 2 replicas: inter-token latency p90 80 ms")
+    # Prefill demand falls away: after its own delay the prefill pool goes back to its least.
+    env.demand.signals.pop("pd")
+    await env.seconds(130, **{"pd": 4, "pd:prefill": 0})
+    await env.settle(lambda: pool_sizes(env)[1] == 1)
+    assert "PrefillScaledDown" in env.reasons("pd")
+
+
+async def test_a_missed_ttft_grows_the_prefill_pool_not_the_decode_pool(env: Env) -> None:
+    await env.controller.apply([pd_model()])
+    await env.settle(lambda: pool_sizes(env) == (1, 1))
+    env.demand.signals["pd"] = {"ttft_p90": 2.0}  # the model's TTFT: the prefill pool's to fix
+    env.demand.signals["pd:prefill"] = {"ttft_p90": 1.5}
+    await env.seconds(10, **{"pd": 2, "pd:prefill": 1})
+    await env.settle(lambda: pool_sizes(env)[1] >= 2)
+    assert pool_sizes(env)[0] == 1
+    (up,) = [e for e in env.store.events("pd") if e.reason == "PrefillScaledUp"][:1]
+    assert "TTFT p90 1.50 s over the objective of 0.5 s" in up.message
+
+
+async def test_the_prefill_pool_scales_to_zero_and_wakes_on_prompts_that_want_it(
+    env: Env,
+) -> None:
+    await env.controller.apply(
+        [pd_model(replicas=0, autoscaling={"targetInFlight": 2, "scaleToZeroAfter": "1m"})]
+    )
+    await env.settle(lambda: pool_sizes(env) == (1, 0))
+    await passes(env.controller, "pd")
+    assert pool_sizes(env) == (1, 0)
+    # A long prompt qualified for a remote prefill (it prefilled where it decodes meanwhile).
+    env.demand.arrivals["pd:prefill"] = 1
+    await env.seconds(1, pd=1)
+    await env.settle(lambda: pool_sizes(env) == (1, 1))
+    assert "PrefillWoken" in env.reasons("pd")
+    await env.seconds(59, pd=1)
+    assert pool_sizes(env) == (1, 1)
+    await env.seconds(3, pd=1)
+    await env.settle(lambda: pool_sizes(env) == (1, 0))
+    assert "PrefillScaledToZero" in env.reasons("pd")
+
+
+async def test_a_restart_keeps_the_prefill_pools_count(tmp_path: Path) -> None:
+    store = Store.open(sqlite_url(tmp_path))
+    clock = Clock()
+    demand, runtime, controller = await start(store, clock)
+    env = Env(store, clock, demand, runtime, controller)
+    try:
+        await controller.apply([pd_model()])
+        await env.seconds(20, **{"pd": 4, "pd:prefill": 6})
+        await env.settle(lambda: pool_sizes(env) == (1, 3))
+    finally:
+        await stop(runtime, controller)
+    clock.t += 30
+    demand, runtime, controller = await start(store, clock)
+    env = Env(store, clock, demand, runtime, controller)
+    try:
+        await env.settle(lambda: pool_sizes(env) == (1, 3))
+        await env.seconds(50)  # no data yet: no scale-down before a whole window
+        assert pool_sizes(env) == (1, 3)
+        assert len(runtime.started) == 4
+        await controller.delete("pd")
+        await env.settle(lambda: not runtime.replicas("pd"))
+        assert "pd:prefill" not in store.scale_states()
     finally:
         await stop(runtime, controller)
         store.close()

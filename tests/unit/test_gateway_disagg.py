@@ -394,3 +394,28 @@ async def test_a_client_cannot_send_kv_transfer_params(pd: PD) -> None:
             extra_body={"kv_transfer_params": OFFER},
         )
     assert pd.prefill.calls == [] and pd.decode.calls == []
+
+
+async def test_the_gateway_measures_each_pools_demand_apart(pd: PD) -> None:
+    """What the autoscaler samples: the prefill pool's prompts and prefill times under its own
+    name, the decode pool's streams' inter-token latency under the model's."""
+    meter = pd.site.stack.gateway.demand
+    meter.sample("pd", 0.0), meter.sample("pd:prefill", 0.0)  # from here on
+    for messages in (LONG_PROMPT, LONG_PROMPT[1:], [{"role": "user", "content": "x " * 600}]):
+        stream = await pd.client().chat.completions.create(
+            model="pd",
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=8,
+            stream=True,
+        )
+        async for _ in stream:
+            pass
+    assert pd.paths() == {"remote": 2, "local_short": 1}
+    prefill = meter.sample("pd:prefill", 1.0)
+    assert (prefill.arrivals, prefill.in_flight) == (2, 0)
+    assert prefill.ttft_p90 is not None and prefill.ttft_p90 > 0
+    decode = meter.sample("pd", 1.0)
+    assert decode.arrivals == 3 and decode.itl_p90 is not None and decode.itl_p90 > 0
+    # Read once: the next sample starts afresh.
+    again = meter.sample("pd:prefill", 2.0)
+    assert (again.arrivals, again.ttft_p90) == (0, None)

@@ -7,10 +7,10 @@ scale down until a whole stable window passes without panic; steps are bounded (
 by default). Scale-downs take the highest recommendation within a delay, so a lull between two
 bursts does not stop replicas that take a minute to load again.
 
-Concurrency alone misses what an LLM engine knows: a replica whose KV cache is full or whose
-TTFT misses the objective is overloaded at any request count (long prompts, long outputs). Each
-of those adds one replica per step, and only once every replica asked for is ready — so a
-replica still loading is not asked for twice.
+Concurrency alone misses what an LLM engine knows: a replica whose KV cache is full, or whose
+TTFT or inter-token latency misses its objective, is overloaded at any request count (long
+prompts, long outputs). Each of those adds one replica per step, and only once every replica
+asked for is ready — so a replica still loading is not asked for twice.
 
 Scale to zero (``replicas.min: 0``) needs a whole ``scaleToZeroAfter`` without a request; any
 request (arriving, running, waiting or held by the gateway) wakes the model to one replica.
@@ -141,5 +141,12 @@ class ConcurrencyPolicy:
                 return (
                     f"TTFT p90 {min(ttfts):.2f} s over the objective of "
                     f"{a.ttft_objective:g} s for {a.panic_window:g} s"
+                )
+        if a.itl_objective is not None:
+            itls = [s.itl_p90 for s in recent if s.itl_p90 is not None]
+            if itls and min(itls) > a.itl_objective:
+                return (
+                    f"inter-token latency p90 {min(itls) * 1000:.0f} ms over the objective of "
+                    f"{a.itl_objective * 1000:g} ms for {a.panic_window:g} s"
                 )
         return ""

@@ -33,6 +33,9 @@ class Sample:
     #: 90th-percentile time to first token of the requests whose first token came since the
     #: previous sample; None when there were none.
     ttft_p90: float | None = None
+    #: 90th percentile of the mean inter-token latency of the streams that ended since the
+    #: previous sample; None when there were none.
+    itl_p90: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,13 @@
 """The controller: reconciles desired state (store, autoscaler) with observed state (runtime)."""
 
-from gpufleet.controller.autoscaler import Autoscaler, Capacity, DemandSource, ScaleChange
+from gpufleet.controller.autoscaler import (
+    Autoscaler,
+    Capacity,
+    DemandSource,
+    ScaleChange,
+    prefill_pool,
+    prefill_scaling,
+)
 from gpufleet.controller.capacity import PlannerCapacity
 from gpufleet.controller.directory import Directory, ModelEntry
 from gpufleet.controller.failures import PassFailures
@@ -22,4 +29,6 @@ __all__ = [
     "RolloutStats",
     "ScaleChange",
     "judge",
+    "prefill_pool",
+    "prefill_scaling",
 ]

@@ -34,7 +34,7 @@ from gpufleet.autoscale import (
     next_opening,
 )
 from gpufleet.planner import PREFILL_POOL_SUFFIX
-from gpufleet.spec import ModelSpec
+from gpufleet.spec import ModelSpec, Replicas
 from gpufleet.store import Store
 
 __all__ = [
@@ -43,14 +43,33 @@ __all__ = [
     "DemandSource",
     "ScaleChange",
     "prefill_pool",
+    "prefill_scaling",
 ]
 
 log = logging.getLogger("gpufleet.controller.autoscaler")
 
 
 def prefill_pool(name: str) -> str:
-    """The planner's name for ``name``'s prefill pool (``planner.PREFILL_POOL_SUFFIX``)."""
+    """The name of ``name``'s prefill pool: the planner's deployment, the demand source's and
+    the store's key for its scale state (``planner.PREFILL_POOL_SUFFIX``)."""
     return name + PREFILL_POOL_SUFFIX
+
+
+def prefill_scaling(spec: ModelSpec) -> ModelSpec | None:
+    """What the policy reads for a disaggregated model's prefill pool: the pool's replica
+    bounds and autoscaling (the model's when the pool gives none). None: no pool to run."""
+    if spec.disaggregation is None:
+        return None
+    pool = spec.disaggregation.prefill
+    lo, hi = pool.bounds
+    if hi <= 0:
+        return None
+    return spec.pool("prefill").model_copy(
+        update={
+            "replicas": Replicas(min=lo, max=hi),
+            "autoscaling": pool.autoscaling or spec.autoscaling,
+        }
+    )
 
 
 #: last_active is written at most this often while a model stays busy (it only matters at the
@@ -76,6 +95,9 @@ class ScaleChange:
     reason: str
     #: The fleet could not place what the policy asked for.
     unschedulable: bool = False
+    #: The pool of a disaggregated model that moved ("prefill"; "" the model's replicas,
+    #: which are its decode pool).
+    pool: str = ""
 
 
 class Autoscaler:
@@ -165,18 +187,25 @@ class Autoscaler:
         self.unschedulable.pop(name, None)
         self._open.pop(name, None)
         self._wants.pop(name, None)
-        self._wants.pop(prefill_pool(name), None)
+        pool = prefill_pool(name)
+        self._states.pop(pool, None)
+        self._samples.pop(pool, None)
+        self._persisted.pop(pool, None)
+        self._wants.pop(pool, None)
         self._prefill.pop(name, None)
 
     def prefill_replicas(self, name: str, spec: ModelSpec, want: int) -> tuple[int, str]:
-        """The prefill replicas a disaggregated model runs beside ``want`` replicas: its spec's
-        count while it has any (none at zero), no more than the last pass could place; and the
-        planner's reason when that is fewer."""
-        pool = spec.disaggregation
-        if pool is None or want <= 0:
+        """The prefill replicas a disaggregated model runs beside ``want`` replicas: what its
+        pool's policy asks for (its fixed count, or between ``replicas`` and ``maxReplicas`` on
+        the pool's own demand) while the model has any (none at zero), no more than the last
+        pass could place; and the planner's reason when that is fewer."""
+        scaling = prefill_scaling(spec)
+        if scaling is None or want <= 0:
             return 0, ""
-        placed, reason = self._prefill.get(name, (pool.prefill.replicas, ""))
-        return min(pool.prefill.replicas, placed), reason
+        lo, hi = scaling.replicas.min, scaling.replicas.max
+        asked = min(max(self.state(prefill_pool(name), scaling).desired, lo), hi)
+        placed, reason = self._prefill.get(name, (asked, ""))
+        return min(asked, placed), reason
 
     async def wake(self, name: str, spec: ModelSpec) -> ScaleChange | None:
         """A request waits for a model with no replica: ask for one now, not at the next tick."""
@@ -192,13 +221,25 @@ class Autoscaler:
         await self._persist(name)
         return ScaleChange(name, 0, 1, "a request is waiting for a replica")
 
-    async def tick(self, models: Mapping[str, tuple[ModelSpec, int]]) -> list[ScaleChange]:
-        """One sampling and decision pass over ``models`` (name → (spec, ready replicas)).
+    async def tick(
+        self,
+        models: Mapping[str, tuple[ModelSpec, int]],
+        prefill_ready: Mapping[str, int] | None = None,
+    ) -> list[ScaleChange]:
+        """One sampling and decision pass over ``models`` (name → (spec, ready replicas));
+        ``prefill_ready``: a disaggregated model's ready prefill replicas.
 
         Without a demand source nothing is decided from load: every model keeps the count it
         holds (its spec's, or what a wake-up or ``kubectl scale`` asked for) — but that count
         still goes through the capacity bound, so a model the fleet cannot place is reported
-        unschedulable instead of leaving pods no node can take."""
+        unschedulable instead of leaving pods no node can take.
+
+        A disaggregated model's two pools scale apart: its replicas (the decode pool) on
+        requests in flight, KV-cache use and inter-token latency — not on TTFT while prefill
+        replicas are ready, since those set it; its prefill pool, named ``prefill_pool(name)``,
+        on the prompts being prefilled and TTFT, through the same policy, with its own bounds
+        and state. Both go through the capacity bound together."""
+        prefill_ready = prefill_ready or {}
         if self.source is None and self.capacity is None:
             return []
         now = self.clock()
@@ -215,11 +256,10 @@ class Autoscaler:
                 held = min(max(state.desired, spec.replicas.min), spec.replicas.max)
                 decided[name] = ScaleDecision(held, "as its spec says", state)
             else:
-                window = self._samples.setdefault(name, deque())
-                window.append(self.source.sample(name, now))
-                horizon = now - max(spec.autoscaling.stable_window, spec.autoscaling.panic_window)
-                while window and window[0].t <= horizon:
-                    window.popleft()
+                sample = self.source.sample(name, now)
+                if spec.disaggregation is not None and prefill_ready.get(name, 0) > 0:
+                    sample = dataclasses.replace(sample, ttft_p90=None)  # the prefill pool's
+                window = self._observe(name, spec, sample)
                 decided[name] = decide(window, spec, self.state(name, spec), ready, now)
             closed = self.closed(spec)
             if closed and decided[name].desired:
@@ -227,28 +267,47 @@ class Autoscaler:
                 decided[name] = ScaleDecision(0, closed, state)
             wants[name] = (spec, decided[name].desired)
         # A disaggregated model's prefill pool takes capacity too: one more deployment to place.
-        pools = {
-            prefill_pool(name): (
-                spec.pool("prefill"),
-                spec.disaggregation.prefill.replicas if want > 0 else 0,
-            )
-            for name, (spec, want) in wants.items()
-            if spec.disaggregation is not None
-        }
+        pools: dict[str, tuple[ModelSpec, int]] = {}
+        pool_decided: dict[str, ScaleDecision] = {}
+        pool_before: dict[str, int] = {}
+        for name, (spec, want) in wants.items():
+            scaling = prefill_scaling(spec)
+            if scaling is None:
+                continue
+            pool = prefill_pool(name)
+            pool_before[pool] = self.state(pool, scaling).desired
+            decision = self._decide_pool(pool, scaling, prefill_ready.get(name, 0), now)
+            pool_decided[pool] = decision
+            pools[pool] = (spec.pool("prefill"), decision.desired if want > 0 else 0)
         bounds = (
             self.capacity.bound({**wants, **pools}) if self.capacity is not None and wants else {}
         )
-        for pool_name, (pool_spec, count) in pools.items():
-            name = pool_name.removesuffix(PREFILL_POOL_SUFFIX)
-            placed, reason = bounds.get(pool_name, (count, ""))
+        changes: list[ScaleChange] = []
+        for pool, (pool_spec, count) in pools.items():
+            name = pool.removesuffix(PREFILL_POOL_SUFFIX)
+            placed, reason = bounds.get(pool, (count, ""))
             placed = min(count, max(placed, 0))
             self._prefill[name] = (placed, reason if placed < count else "")
-            self._wants[pool_name] = (pool_spec, placed)
+            self._wants[pool] = (pool_spec, placed)
+            decision = pool_decided[pool]
+            state = decision.state
+            if placed < count:
+                # Ask again from what could be placed, as for models; the controller reports
+                # the planner's reason (PrefillUnschedulable).
+                state = dataclasses.replace(state, desired=placed)
+            self._states[pool] = state
+            running = wants[name][1] > 0  # at zero the pool stops with its model, silently
+            if running and placed == count and state.desired != pool_before[pool]:
+                changes.append(
+                    ScaleChange(
+                        name, pool_before[pool], state.desired, decision.reason, pool="prefill"
+                    )
+                )
         # States change all at once, with no await in between: a reconcile running meanwhile
         # must never read a decision the capacity bound has not yet cut.
-        changes: list[ScaleChange] = []
         for name, decision in decided.items():
             state, want = decision.state, decision.desired
+            pool = "decode" if wants[name][0].disaggregation is not None else ""
             bound = bounds.get(name)
             after, reported = want, False
             if bound is not None and bound[0] < want:
@@ -258,18 +317,37 @@ class Autoscaler:
                 if self.unschedulable.get(name) != bound[1]:
                     self.unschedulable[name] = bound[1]
                     reason = f"wants {want} replicas; {bound[1]}"
-                    changes.append(ScaleChange(name, before[name], after, reason, True))
+                    changes.append(ScaleChange(name, before[name], after, reason, True, pool))
                     reported = True
             else:
                 self.unschedulable.pop(name, None)
             self._states[name] = state
             self._wants[name] = (wants[name][0], after)
             if after != before[name] and not reported:
-                changes.append(ScaleChange(name, before[name], after, decision.reason))
-        for name in decided:
+                changes.append(ScaleChange(name, before[name], after, decision.reason, pool=pool))
+        for name in (*decided, *pool_decided):
             if self._stale(name):
                 await self._persist(name)
         return changes
+
+    def _observe(self, name: str, spec: ModelSpec, sample: Sample) -> deque[Sample]:
+        """``sample`` added to ``name``'s window, which keeps what the policy looks back on."""
+        window = self._samples.setdefault(name, deque())
+        window.append(sample)
+        horizon = sample.t - max(spec.autoscaling.stable_window, spec.autoscaling.panic_window)
+        while window and window[0].t <= horizon:
+            window.popleft()
+        return window
+
+    def _decide_pool(self, pool: str, scaling: ModelSpec, ready: int, now: float) -> ScaleDecision:
+        """The prefill pool's policy decision (its spec's count without a demand source)."""
+        state = self.state(pool, scaling)
+        if self.source is None:
+            lo, hi = scaling.replicas.min, scaling.replicas.max
+            held = min(max(state.desired, lo), hi)
+            return ScaleDecision(held, "as its spec says", dataclasses.replace(state, desired=held))
+        window = self._observe(pool, scaling, self.source.sample(pool, now))
+        return decide(window, scaling, state, ready, now)
 
     def _stale(self, name: str) -> bool:
         """Whether the stored state lags: its count, or its idle timer — written at most every

@@ -199,13 +199,17 @@ class Controller:
 
     async def autoscale_once(self) -> list[ScaleChange]:
         """One autoscaler pass over every model (the loop runs it every ``interval_s``)."""
-        models = {}
+        models, prefill_ready = {}, {}
         for entry in self.directory.entries():
             ready = sum(
-                1 for r in entry.replicas if r.generation == entry.generation and r.routable
+                1
+                for r in entry.replicas
+                if r.generation == entry.generation and r.routable and r.role != "prefill"
             )
             models[entry.name] = (entry.spec, ready)
-        changes = await self.autoscaler.tick(models)
+            if entry.spec.disaggregation is not None:
+                prefill_ready[entry.name] = len(entry.prefill_endpoints)
+        changes = await self.autoscaler.tick(models, prefill_ready)
         for change in changes:
             await self._scaled(change)
         return changes
@@ -220,6 +224,10 @@ class Controller:
         else:
             kind, reason = "Normal", "ScaledUp" if change.after > change.before else "ScaledDown"
         text = f"{change.before} → {change.after} replicas: {change.reason}"
+        if change.pool:
+            text = f"{change.pool} pool: {text}"
+        if change.pool == "prefill":
+            reason = "Prefill" + reason  # PrefillScaledUp, … (the model's own stay as they are)
         await self._event(change.model, kind, reason, text)
         self.trigger(change.model)
 

@@ -284,6 +284,8 @@ class Accounting:
         if outcome.ttft_s is not None:
             m.ttft.observe(outcome.ttft_s)
             self._demand.first_token(model, outcome.ttft_s)
+        if outcome.itl_s is not None:
+            self._demand.inter_token(model, outcome.itl_s)
         if entry.canary is not None:
             self._demand.outcome(model, outcome.replica, outcome.status, outcome.ttft_s)
         m.prompt.inc(prompt)

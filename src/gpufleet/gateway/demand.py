@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict, deque
+from collections.abc import Iterable
 
 from gpufleet.autoscale import Sample
 from gpufleet.controller import Directory, GenerationStats
 from gpufleet.gateway.fairqueue import AdmissionQueues
 from gpufleet.gateway.proxy import Upstream
+from gpufleet.planner import PREFILL_POOL_SUFFIX
+from gpufleet.runtime import Replica
 
 __all__ = ["DemandMeter"]
 
@@ -55,6 +58,7 @@ class DemandMeter:
         self._arrivals: defaultdict[str, int] = defaultdict(int)
         self._held: defaultdict[str, int] = defaultdict(int)
         self._ttfts: defaultdict[str, list[float]] = defaultdict(list)
+        self._itls: defaultdict[str, list[float]] = defaultdict(list)
         self._generations: dict[tuple[str, int], _Counts] = {}
         self._recent: dict[str, deque[tuple[float, float]]] = {}
 
@@ -63,6 +67,12 @@ class DemandMeter:
 
     def hold(self, model: str, delta: int) -> None:
         self._held[model] += delta
+
+    def inter_token(self, model: str, seconds: float) -> None:
+        """A stream ended whose events came ``seconds`` apart on average."""
+        itls = self._itls[model]
+        if len(itls) < _TTFT_KEEP:
+            itls.append(seconds)
 
     def first_token(self, model: str, seconds: float) -> None:
         ttfts = self._ttfts[model]
@@ -110,23 +120,48 @@ class DemandMeter:
         return self.upstream.in_flight(replica_id)
 
     def sample(self, model: str, now: float) -> Sample:
+        """``model``'s demand; a name ending in ``PREFILL_POOL_SUFFIX``: its prefill pool's."""
+        if model.endswith(PREFILL_POOL_SUFFIX):
+            return self._prefill_sample(model.removesuffix(PREFILL_POOL_SUFFIX), now)
         stats = self.queues.get(model).stats()
         arrivals = self._arrivals.pop(model, 0)
         p90 = _p90(self._ttfts.pop(model, []))
-        kv: list[float] = []
-        waiting = 0.0
         entry = self.directory.get(model)
-        if entry is not None:
-            for replica in entry.endpoints:
-                load = self.upstream.loads.get(replica.id)
-                if load is not None:
-                    kv.append(load.kv_usage)
-                    waiting += load.waiting
+        kv, waiting = self._engines(entry.endpoints if entry is not None else ())
         return Sample(
             t=now,
             in_flight=stats.in_flight + stats.waiting + self._held.get(model, 0),
             arrivals=arrivals,
-            kv_usage=sum(kv) / len(kv) if kv else None,
+            kv_usage=kv,
             engine_waiting=waiting,
             ttft_p90=p90,
+            itl_p90=_p90(self._itls.pop(model, [])),
         )
+
+    def _prefill_sample(self, model: str, now: float) -> Sample:
+        """A disaggregated model's prefill pool: prompts being prefilled on it, prompts that
+        qualified for it (also while it has no replica), its replicas' engine queues, and the
+        p90 of its prefill calls' times (its share of TTFT)."""
+        demand = self.upstream.prefill_demand
+        wanted, seconds = demand.take(model)
+        entry = self.directory.get(model)
+        kv, waiting = self._engines(entry.prefill_endpoints if entry is not None else ())
+        return Sample(
+            t=now,
+            in_flight=demand.in_flight(model),
+            arrivals=wanted,
+            kv_usage=kv,
+            engine_waiting=waiting,
+            ttft_p90=_p90(seconds),
+        )
+
+    def _engines(self, replicas: Iterable[Replica]) -> tuple[float | None, float]:
+        """Mean KV-cache use (None: unknown) and requests waiting inside ``replicas``' engines."""
+        kv: list[float] = []
+        waiting = 0.0
+        for replica in replicas:
+            load = self.upstream.loads.get(replica.id)
+            if load is not None:
+                kv.append(load.kv_usage)
+                waiting += load.waiting
+        return (sum(kv) / len(kv) if kv else None), waiting

@@ -35,6 +35,7 @@ __all__ = [
     "MIN_UNCACHED_SHARE",
     "PREFILL_TIMEOUT_S",
     "Path",
+    "PrefillDemand",
     "decode_body",
     "local_reason",
     "prefill_body",
@@ -108,3 +109,49 @@ def transfer_params(payload: bytes) -> dict[str, Any] | None:
 def decode_body(body: dict[str, Any], params: dict[str, Any]) -> bytes:
     """The decode call's body: the client's own, with the prefill's ``kv_transfer_params``."""
     return json.dumps({**body, "kv_transfer_params": params}, separators=(",", ":")).encode()
+
+
+class PrefillDemand:
+    """The prefill pools' demand as the gateway sees it, per model, for the autoscaler.
+
+    A prompt counts once it qualifies for a remote prefill (long enough, not cached where it
+    decodes) — whether or not a prefill replica is there to take it, so a pool at zero still
+    sees demand and wakes. Calls in flight are the pool's concurrency; the time a prefill call
+    took (prompt prefilled and its KV cache ready to move) is the pool's share of TTFT.
+    O(1) a request; read (and reset) once a second."""
+
+    __slots__ = ("_arrivals", "_calls", "_seconds")
+
+    #: Prefill times kept per model between two samples (enough for a p90).
+    KEEP = 512
+
+    def __init__(self) -> None:
+        self._arrivals: dict[str, int] = {}
+        self._calls: dict[str, int] = {}
+        self._seconds: dict[str, list[float]] = {}
+
+    def wanted(self, model: str) -> None:
+        """A prompt of ``model`` qualified for a remote prefill."""
+        self._arrivals[model] = self._arrivals.get(model, 0) + 1
+
+    def started(self, model: str) -> None:
+        self._calls[model] = self._calls.get(model, 0) + 1
+
+    def ended(self, model: str, seconds: float | None) -> None:
+        """A prefill call ended; ``seconds`` it took when it answered (None: it failed)."""
+        left = self._calls.get(model, 1) - 1
+        if left > 0:
+            self._calls[model] = left
+        else:
+            self._calls.pop(model, None)
+        if seconds is not None:
+            kept = self._seconds.setdefault(model, [])
+            if len(kept) < self.KEEP:
+                kept.append(seconds)
+
+    def in_flight(self, model: str) -> int:
+        return self._calls.get(model, 0)
+
+    def take(self, model: str) -> tuple[int, list[float]]:
+        """Prompts that qualified and prefill times since the last call."""
+        return self._arrivals.pop(model, 0), self._seconds.pop(model, [])

@@ -44,6 +44,7 @@ from gpufleet.controller import ModelEntry
 from gpufleet.engines import EngineLoad
 from gpufleet.gateway.disagg import (
     PREFILL_TIMEOUT_S,
+    PrefillDemand,
     decode_body,
     local_reason,
     prefill_body,
@@ -109,6 +110,8 @@ class Outcome:
     #: True when the gateway, not the engine's usage, counted (see ``stream_usage``).
     tokenized: bool = False
     ttft_s: float | None = None
+    #: A stream's mean time between events after the first (None: not a stream, or one event).
+    itl_s: float | None = None
     duration_s: float = 0.0
     replica_seconds: float = 0.0
     #: The pool of a disaggregated model the replica is in ("prefill"; "" otherwise).
@@ -173,6 +176,8 @@ class Upstream:
         self._draw = random.Random().random
         #: Prefill rate per model, learnt from streamed requests' time to first token.
         self.prefill: dict[str, PrefillFit] = {}
+        #: Disaggregated models' prefill demand, for the prefill pools' autoscaling.
+        self.prefill_demand = PrefillDemand()
         #: Engine load by replica id, kept fresh by the metrics scraper.
         self.loads: dict[str, EngineLoad] = {}
         #: The stream path (``streaming``), keeping these books.
@@ -461,6 +466,8 @@ class Upstream:
         prefill held, or None when the decode replica should prefill it itself (``disagg``).
         A prefill call that fails reports its time through ``done.spent``."""
         path = local_reason(entry.spec, features.prompt_tokens, cached_tokens)
+        if path is None:
+            self.prefill_demand.wanted(entry.name)
         replica = None if path is not None else self._pick_prefill(entry, features)
         if path is None and replica is None:
             path = "local_no_prefill_replica"
@@ -473,6 +480,8 @@ class Upstream:
         uncached = features.prompt_tokens - cached_tokens
         headers = {"content-type": "application/json", "x-request-id": request_id}
         self._acquire(replica, entry.name, uncached)
+        self.prefill_demand.started(entry.name)
+        begun = time.perf_counter()
         metered = self.meter.start(replica.id, weight, time.monotonic())
         params: dict[str, Any] | None = None
         status = 502
@@ -519,6 +528,8 @@ class Upstream:
         finally:
             seconds = self._stop_meter(metered)
             self._release(replica, entry.name, uncached)
+            took = time.perf_counter() - begun
+            self.prefill_demand.ended(entry.name, took if status == 200 else None)
             if status != 200 and done is not None:
                 done.spent(
                     Outcome(

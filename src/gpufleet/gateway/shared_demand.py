@@ -5,8 +5,9 @@ On Kubernetes several gateway replicas see parts of the traffic and the operator
 scales, sees none. Each gateway writes its latest sample per model into one Redis hash per
 model (a field per gateway, the hash expiring unless refreshed), once a second; the operator's
 ``RedisDemand`` reads them all once a second and answers the autoscaler from that: requests in
-flight and arrivals summed, engine queues summed, KV use averaged, TTFT p90 the worst. A
-gateway that dies stops counting within ``ttl_s``.
+flight and arrivals summed, engine queues summed, KV use averaged, TTFT and inter-token latency
+p90 the worst. A disaggregated model's prefill pool is published as one more name
+(``demand_names``). A gateway that dies stops counting within ``ttl_s``.
 
 Every Redis call is bounded by ``timeout_s`` (a hung Redis must not freeze the loop), and an
 outage is reported once when it begins and once when Redis answers again, not every second:
@@ -27,10 +28,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from gpufleet.autoscale import Sample
-from gpufleet.controller import GenerationStats
+from gpufleet.controller import GenerationStats, ModelEntry, prefill_pool
 from gpufleet.outages import OutageReporter
 
-__all__ = ["DemandPublisher", "RedisDemand"]
+__all__ = ["DemandPublisher", "RedisDemand", "demand_names"]
 
 _PREFIX = "gpufleet:demand:"
 #: Per model: "<gateway>:<generation>" → the canary's answers counted by that gateway.
@@ -38,6 +39,17 @@ _GENERATIONS = "gpufleet:generations:"
 #: What an outage of Redis stops, on each side.
 PUBLISHING = "shared demand for autoscaling (not published)"
 READING = "shared demand for autoscaling (replica counts held)"
+
+
+def demand_names(entries: Iterable[ModelEntry]) -> list[str]:
+    """What demand is published and read for: every model, and a disaggregated model's
+    prefill pool (``prefill_pool``), which scales on its own."""
+    names: list[str] = []
+    for entry in entries:
+        names.append(entry.name)
+        if entry.spec.disaggregation is not None:
+            names.append(prefill_pool(entry.name))
+    return names
 
 
 class DemandPublisher:
@@ -79,7 +91,15 @@ class DemandPublisher:
             for model in self._models():
                 s = self._sample(model, now)
                 value = json.dumps(
-                    [now, s.in_flight, s.arrivals, s.kv_usage, s.engine_waiting, s.ttft_p90]
+                    [
+                        now,
+                        s.in_flight,
+                        s.arrivals,
+                        s.kv_usage,
+                        s.engine_waiting,
+                        s.ttft_p90,
+                        s.itl_p90,
+                    ]
                 )
                 pipe.hset(_PREFIX + model, self.gateway_id, value)
                 pipe.expire(_PREFIX + model, int(self.ttl_s) + 1)
@@ -177,6 +197,8 @@ class RedisDemand:
         rows = self._latest.get(model, [])
         kv = [float(r[3]) for r in rows if r[3] is not None]
         ttfts = [float(r[5]) for r in rows if r[5] is not None]
+        # A gateway of an older release publishes no inter-token latency.
+        itls = [float(r[6]) for r in rows if len(r) > 6 and r[6] is not None]
         return Sample(
             t=now,
             in_flight=sum(float(r[1] or 0) for r in rows),
@@ -184,6 +206,7 @@ class RedisDemand:
             kv_usage=sum(kv) / len(kv) if kv else None,
             engine_waiting=sum(float(r[4] or 0) for r in rows),
             ttft_p90=max(ttfts) if ttfts else None,
+            itl_p90=max(itls) if itls else None,
         )
 
     def generation_stats(self, model: str, generation: int) -> GenerationStats:

@@ -96,7 +96,8 @@ class Streams:
         async def chunks() -> AsyncIterator[bytes]:
             first = True
             pending = b""
-            last = 0.0
+            last = first_at = 0.0
+            gaps = 0  # events after the first (for the stream's mean inter-token latency)
             #: The events of a stream that has shown no usage yet, counted at its end if none.
             events: list[bytes] = []
             ended = False
@@ -108,6 +109,8 @@ class Streams:
                 if not ended:
                     ended = True
                     outcome.duration_s = time.perf_counter() - started
+                    if gaps:
+                        outcome.itl_s = (last - first_at) / gaps
                     outcome.replica_seconds = stop_meter()
                     if done is not None:
                         done(outcome)
@@ -125,9 +128,10 @@ class Streams:
                         outcome.ttft_s = now - started
                         self._prefilled(replica, prefill)
                         self._learn_prefill(entry, ahead, outcome.ttft_s)
-                        first = False
+                        first, first_at = False, now
                     else:
                         itl.observe(now - last)
+                        gaps += 1
                     last = now
                     if b'"usage":{' in out or b'"usage": {' in out:
                         out = _take_stream_usage(out, outcome, strip_usage)

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from gpufleet.controller import Autoscaler, Controller, PlannerCapacity
-from gpufleet.gateway.shared_demand import RedisDemand
+from gpufleet.gateway.shared_demand import RedisDemand, demand_names
 from gpufleet.operator.engine_key import ensure_engine_key
 from gpufleet.operator.leadership import LeaderElection, Leadership
 from gpufleet.operator.models import ModelMirror
@@ -119,7 +119,7 @@ async def acting(cfg: OperatorConfig, api: KubeApi, store: Store) -> AsyncIterat
     if cfg.redis_url is not None:
         demand = RedisDemand(
             cfg.redis_url,
-            lambda: [e.name for e in controller.directory.entries()],
+            lambda: demand_names(controller.directory.entries()),
             outages=controller.failures.outages,
         )
         controller.attach_demand(demand)

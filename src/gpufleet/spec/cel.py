@@ -37,6 +37,7 @@ from gpufleet.spec.resources import (
     DnsName,
     Model,
     ModelSpec,
+    PrefillPoolSpec,
     Replicas,
     RoutingSpec,
     ScheduleSpec,
@@ -206,6 +207,13 @@ RULES: dict[tuple[type[BaseModel], str], list[Rule]] = {
             "self.min <= self.max",
             "must be >= replicas.min (kubectl scale sets replicas.min: raise max first)",
             field_path=".max",
+        )
+    ],
+    (PrefillPoolSpec, "_bounded"): [
+        Rule(
+            "!has(self.maxReplicas) || self.maxReplicas >= self.replicas",
+            "must be >= replicas (the pool's least)",
+            field_path=".maxReplicas",
         )
     ],
     (AutoscalingSpec, "_windows"): [

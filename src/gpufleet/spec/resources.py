@@ -214,6 +214,10 @@ class AutoscalingSpec(_Resource):
     ttft_objective: Seconds | None = Field(default=None, gt=0, le=3600)
     #: Engine KV-cache use (0-1) above which the replicas count as full: one more is added.
     kv_cache_target: float = Field(default=0.9, gt=0, le=1)
+    #: Objective for the 90th percentile of streams' mean inter-token latency; while it is
+    #: missed (and replicas are busy) one more replica is added per step. Unset: not a signal.
+    #: A disaggregated model's decode pool scales on it (and KV use); its prefill pool on TTFT.
+    itl_objective: Seconds | None = Field(default=None, gt=0, le=60)
 
     @model_validator(mode="after")
     def _windows(self) -> AutoscalingSpec:
@@ -383,15 +387,45 @@ DISAGGREGATED_ENGINES: tuple[str, ...] = ("vllm", "emulator")
 DEFAULT_MIN_REMOTE_PREFILL_TOKENS = 2048
 
 
+#: A device plugin's extended resource name, ``domain/name`` (Kubernetes' qualified names).
+_EXTENDED_RESOURCE = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+
+
 class PrefillPoolSpec(_Resource):
     """The prefill pool: replicas that only prefill prompts and hand their KV cache over."""
 
-    #: Prefill replicas. 0: none; every request then prefills where it decodes.
+    #: Prefill replicas: the pool's count, or its least when ``maxReplicas`` is set. 0: none
+    #: (while none runs, every request prefills where it decodes).
     replicas: int = Field(default=1, ge=0, le=1000)
+    #: Scale the pool between ``replicas`` and this on its own demand (prompts being
+    #: prefilled, time to first token), apart from the decode pool; absent: fixed.
+    max_replicas: int | None = Field(default=None, ge=1, le=1000)
+    #: How the pool follows its demand (``targetInFlight`` counts prompts being prefilled on
+    #: a replica; ``ttftObjective`` is the pool's signal); absent: the model's ``autoscaling``.
+    autoscaling: AutoscalingSpec | None = None
     #: What one prefill replica needs; absent: the model's ``resources``.
     resources: Resources | None = None
     #: Engine arguments added to the model's ``engineArgs`` for this pool.
     engine_args: list[str] = Field(default_factory=list)
+    #: The device plugin's resource that gives each of the pool's pods an RDMA device for the
+    #: KV cache's transfer (NIXL over InfiniBand or RoCE), one a pod: e.g. the NVIDIA Network
+    #: Operator's ``rdma/rdma_shared_device_a``. Absent: the pod network (TCP).
+    rdma: str | None = Field(default=None, max_length=253, pattern=_EXTENDED_RESOURCE)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> PrefillPoolSpec:
+        if self.max_replicas is not None and self.max_replicas < self.replicas:
+            raise PydanticCustomError(
+                "gpufleet_path",
+                "{path}.maxReplicas must be ≥ {path}.replicas (got {max} < {min})",
+                {"max": self.max_replicas, "min": self.replicas},
+            )
+        return self
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """The least and most replicas the pool runs while its model runs."""
+        return self.replicas, max(self.replicas, self.max_replicas or 0)
 
 
 class DecodePoolSpec(_Resource):
@@ -399,6 +433,8 @@ class DecodePoolSpec(_Resource):
 
     resources: Resources | None = None
     engine_args: list[str] = Field(default_factory=list)
+    #: As the prefill pool's ``rdma``: both ends of a transfer need the device.
+    rdma: str | None = Field(default=None, max_length=253, pattern=_EXTENDED_RESOURCE)
 
 
 class DisaggregationSpec(_Resource):

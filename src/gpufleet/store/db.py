@@ -35,6 +35,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import SQLAlchemyError
 
 from gpufleet.errors import StoreError
+from gpufleet.planner import PREFILL_POOL_SUFFIX
 from gpufleet.spec import Model, Tenant, parse_document, parse_tenant
 from gpufleet.store.batches import BatchStore
 from gpufleet.store.costs import CostStore
@@ -225,7 +226,9 @@ class Store(BatchStore, UsageStore, CostStore, TimingStore, GpuHistoryStore, UiS
             )
             conn.execute(
                 delete(scale_state).where(
-                    scale_state.c.namespace == namespace, scale_state.c.model == name
+                    scale_state.c.namespace == namespace,
+                    # A disaggregated model's prefill pool keeps its own (``prefill_pool``).
+                    scale_state.c.model.in_((name, name + PREFILL_POOL_SUFFIX)),
                 )
             )
             conn.execute(
