@@ -1,4 +1,8 @@
-"""``gpufleet render``: the Kubernetes objects for a models file, for GitOps (Argo CD, Flux)."""
+"""``gpufleet render``: the Kubernetes objects for a models file, for GitOps (Argo CD, Flux).
+
+A disaggregated model comes out as its two pools (``runtime.kubernetes.manifests``): the decode
+pool's workloads and the prefill pool's, ``disaggregation.prefill.replicas`` of them.
+"""
 
 from __future__ import annotations
 
@@ -51,7 +55,7 @@ def render_command(
     ] = None,
 ) -> None:
     """Print plain manifests for the models and tenants in FILE (deterministic output)."""
-    from gpufleet.cli.sizing import size_here
+    from gpufleet.cli.sizing import size_pools_here
     from gpufleet.hardware import load_inventory
     from gpufleet.runtime.kubernetes import RenderSettings, render, to_yaml
     from gpufleet.runtime.kubernetes.checks import check
@@ -86,9 +90,11 @@ def render_command(
         )
         deployments = None
         if fleet is not None:
-            # Sized as ``plan`` sizes them; a model Kubernetes cannot run is left to ``render``,
-            # which says why.
-            deployments = {m.name: size_here(m) for m in models if not check(m, settings)}
+            # Sized as ``plan`` sizes them (a disaggregated model: both pools); a model
+            # Kubernetes cannot run is left to ``render``, which says why.
+            deployments = {
+                d.name: d for m in models if not check(m, settings) for d in size_pools_here(m)
+            }
         objects = render(models, tenants, settings, inventory=fleet, deployments=deployments)
     except SpecError as exc:
         spec_problems(exc.problems)

@@ -2,7 +2,8 @@
 
 ``kubectl apply`` of a Model is ``gpufleet apply``: each pass lists the namespace's Models,
 hands the valid ones to the controller, and keeps a Service and (for models that may run more
-than one replica) a PodDisruptionBudget per model; loader Jobs whose weights no model uses any
+than one replica, a disaggregated model's prefill replicas counted) a PodDisruptionBudget per
+model; loader Jobs whose weights no model uses any
 more are removed. A spec gpufleet refuses (a rule the CRD's schema could not express) is
 reported on the Model and changes nothing: the controller keeps running the last good
 generation, and its Service and budget stay. A Model that is gone is deleted from the
@@ -112,7 +113,7 @@ class ModelMirror:
         fronts: dict[tuple[str, str, str], dict[str, Any]] = {}
         for model in running:
             children = [model_service(model, self.settings)]
-            if model.spec.replicas.max > 1:
+            if _most_replicas(model) > 1:
                 children.append(model_disruption_budget(model, self.settings))
             for child in children:
                 fronts[(child["kind"], self.namespace, child["metadata"]["name"])] = child
@@ -147,3 +148,11 @@ class ModelMirror:
                 self.writes += 1
                 gone = {k: None for k in previous if k not in status}  # a merge patch removes
                 await self.api.patch_status("Model", self.namespace, name, {**status, **gone})
+
+
+def _most_replicas(model: Model) -> int:
+    """The most engine replicas a model may run: its own, and its prefill pool's."""
+    most = model.spec.replicas.max
+    if model.spec.disaggregation is not None:
+        most += model.spec.disaggregation.prefill.bounds[1]
+    return most

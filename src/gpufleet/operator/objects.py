@@ -7,6 +7,10 @@ defaults (a Service's clusterIP, ipFamilies, sessionAffinity, a port's protocol;
 are not differences. Comparing whole objects made a steady fleet rewrite every Service and
 Namespace every pass, and a rewrite that dropped the server's fields gave a Service a new
 ClusterIP. A correction is merged into what is there, so server-set fields survive it.
+
+A selector (``spec.selector``) is the exception: nothing else writes it, and a key gpufleet
+drops from it must go — a Service that kept ``gpufleet.io/role: decode`` after its model stopped
+being disaggregated would select no pod. It is compared, and written, whole.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ log = logging.getLogger("gpufleet.operator")
 
 _Key = tuple[str, str, str]
 MANAGED = {"app.kubernetes.io/managed-by": "gpufleet"}
+#: Fields compared and written whole, not merged (paths from the object's root).
+_WHOLE: tuple[tuple[str, ...], ...] = (("spec", "selector"),)
 
 
 def covers(have: Any, want: Any) -> bool:
@@ -55,6 +61,31 @@ def merged(have: Mapping[str, Any], want: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = merged(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
+    return out
+
+
+def _at(obj: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(obj, Mapping) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
+def _as_written(have: Mapping[str, Any], want: Mapping[str, Any]) -> bool:
+    """Whether ``have`` holds ``want``: everything it sets, and its selectors exactly."""
+    return covers(have, want) and all(
+        _at(have, path) == _at(want, path) for path in _WHOLE if _at(want, path) is not None
+    )
+
+
+def _corrected(have: Mapping[str, Any], want: Mapping[str, Any]) -> dict[str, Any]:
+    """``want`` merged into ``have``, its selectors written whole."""
+    out = merged(have, want)
+    for path in _WHOLE:
+        value = _at(want, path)
+        if value is not None:
+            _at(out, path[:-1])[path[-1]] = copy.deepcopy(value)
     return out
 
 
@@ -95,10 +126,10 @@ async def ensure(
                 if have is None:
                     continue
         want = _wanted_part(child)
-        if not covers(have, want):
+        if not _as_written(have, want):
             writes += 1
             with contextlib.suppress(Conflict, KeyError):  # changed meanwhile: next pass
-                await api.replace(merged(have, want))
+                await api.replace(_corrected(have, want))
     for key, obj in existing.items():
         if (
             owner_label in (obj["metadata"].get("labels") or {})

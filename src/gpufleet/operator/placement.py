@@ -6,6 +6,11 @@ one with the same ``plan()`` as ``gpufleet up``, ``render`` and the simulator, u
 cluster's rule that a whole GPU belongs to one pod unless the node time-slices it or splits it
 into MIG instances (``CLUSTER_PLANNING``).
 
+A disaggregated model's prefill replica is planned as the planner names its pool,
+``<model>:prefill`` (``planner.pool_deployments``), sized from the pool's spec: its placement,
+kept on its pod, counts against the pool's replicas and the next plans see it as the
+controller's capacity bound does.
+
 A replica bigger than any node comes back as the planner put it — tensor parallel within each
 node, pipeline parallel across them (``EngineGroup.pp`` nodes, ``gpus`` each, the leader's node
 and the workers') — and the runtime pins a LeaderWorkerSet there. When the planner finds no
@@ -24,10 +29,10 @@ import json
 from collections import Counter
 from collections.abc import Callable
 
-from gpufleet.controller import Directory
+from gpufleet.controller import Directory, ModelEntry
 from gpufleet.controller.capacity import size_model
 from gpufleet.errors import GpufleetError, TemporaryError
-from gpufleet.planner import Deployment, Placement, ReplicaKey, plan
+from gpufleet.planner import PREFILL_POOL_SUFFIX, Deployment, Placement, ReplicaKey, plan
 from gpufleet.runtime import ReplicaRequest
 from gpufleet.runtime.kubernetes import EngineGroup, KubernetesRuntime
 from gpufleet.runtime.kubernetes.manifests import CLUSTER_PLANNING, placed_group
@@ -58,32 +63,34 @@ class ClusterPlacer:
 
     def __call__(self, request: ReplicaRequest) -> EngineGroup:
         fallback = EngineGroup("main", 1, gpus=request.spec.resources.gpus)
+        pool = request.model + (PREFILL_POOL_SUFFIX if request.role == "prefill" else "")
         try:
-            mine = self._size(request.model, request.spec)
+            mine = self._size(pool, request.spec)
         except (GpufleetError, OSError, ValueError):
             mine = None
         if mine is None:
             return fallback  # not sized: the runtime's own rule (gpus_per_node) decides
         current = running_placements(self._runtime)
         counts = Counter(p.replica.deployment for p in current)
-        used = {p.replica.index for p in current if p.replica.deployment == request.model}
+        used = {p.replica.index for p in current if p.replica.deployment == pool}
         index = next(i for i in range(len(used) + 1) if i not in used)
         top = max(max(used, default=-1), index)
-        deployments = {request.model: dataclasses.replace(mine, replicas=top + 1)}
+        deployments = {pool: dataclasses.replace(mine, replicas=top + 1)}
         for entry in self._directory.entries():
-            if entry.name == request.model or not counts.get(entry.name):
-                continue
-            try:
-                dep = self._size(entry.name, entry.spec)
-            except (GpufleetError, OSError, ValueError):
-                dep = None
-            if dep is not None:
-                top = max(p.replica.index for p in current if p.replica.deployment == entry.name)
-                deployments[entry.name] = dataclasses.replace(dep, replicas=top + 1)
+            for name, spec in _pools(entry):
+                if name == pool or not counts.get(name):
+                    continue
+                try:
+                    dep = self._size(name, spec)
+                except (GpufleetError, OSError, ValueError):
+                    dep = None
+                if dep is not None:
+                    top = max(p.replica.index for p in current if p.replica.deployment == name)
+                    deployments[name] = dataclasses.replace(dep, replicas=top + 1)
         known = [p for p in current if p.replica.deployment in deployments]
         inventory = self._inventory()
         result = plan(inventory, deployments.values(), current=known, settings=CLUSTER_PLANNING)
-        key = ReplicaKey(request.model, index)
+        key = ReplicaKey(pool, index)
         chosen = next((p for p in result.placements if p.replica == key), None)
         if chosen is not None:
             return placed_group(chosen, key=chosen.node)
@@ -93,6 +100,16 @@ class ClusterPlacer:
             reason = next((u.reason for u in result.unplaced if u.replica == key), "no room")
             raise TemporaryError(f"cannot place {key} across nodes: {reason}", RETRY_S)
         return fallback  # one node's worth: an unpinned pod, the scheduler's reason reported
+
+
+def _pools(entry: ModelEntry) -> list[tuple[str, ModelSpec]]:
+    """A model's pools by the planner's names, each with the spec its replicas run."""
+    if entry.spec.disaggregation is None:
+        return [(entry.name, entry.spec)]
+    return [
+        (entry.name, entry.spec.pool("decode")),
+        (entry.name + PREFILL_POOL_SUFFIX, entry.spec.pool("prefill")),
+    ]
 
 
 def running_placements(runtime: KubernetesRuntime) -> list[Placement]:

@@ -5,6 +5,10 @@ reason and a message; a condition's ``lastTransitionTime`` moves only when its s
 an unchanged fleet produces an unchanged status and the operator writes nothing. A model whose
 latest spec gpufleet refuses keeps running its last good generation and says ``InvalidSpec``
 on Ready; a model the planner cannot place is not Ready, whatever its replica count.
+
+A disaggregated model's counts and selector (the scale subresource's: ``kubectl scale``, an
+HPA) are its decode pool's, the replicas that answer requests; its prefill replicas count in
+its conditions (one starting is progress, one crashing a degradation).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 
 from gpufleet.controller import ModelEntry
 from gpufleet.runtime.base import Phase
-from gpufleet.runtime.kubernetes.common import LABEL_MODEL
+from gpufleet.runtime.kubernetes.common import LABEL_MODEL, LABEL_ROLE
 
 __all__ = ["conditions", "model_status", "stamp", "tenant_status"]
 
@@ -69,6 +73,7 @@ def model_status(
     nothing: a spec refused from the start); ``invalid``: why the latest spec is refused;
     ``missing``: a cluster capability the model needs and lacks (LeaderWorkerSet)."""
     replicas = entry.replicas if entry else ()
+    serving = [r for r in replicas if r.role != "prefill"]
     ready = len(entry.endpoints) if entry else 0
     desired = entry.desired if entry else 0
     problem = entry.problem if entry else ""
@@ -115,12 +120,15 @@ def model_status(
             unschedulable,
         ),
     ]
+    selector = f"{LABEL_MODEL}={entry.name if entry else name}"
+    if entry is not None and entry.spec.disaggregation is not None:
+        selector += f",{LABEL_ROLE}=decode"
     result: dict[str, Any] = {
         "observedGeneration": observed_generation,
-        "replicas": len(replicas),
+        "replicas": len(serving),
         "readyReplicas": ready,
         "desiredReplicas": desired,
-        "selector": f"{LABEL_MODEL}={entry.name if entry else name}",
+        "selector": selector,
         "endpoints": sorted(r.url for r in (entry.endpoints if entry else ()) if r.url),
         "conditions": conditions(
             wanted, previous, observed_generation=observed_generation, now=now

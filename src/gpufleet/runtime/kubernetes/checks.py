@@ -1,7 +1,8 @@
 """What cannot run on Kubernetes as written, said before anything is rendered or started.
 
 ``check`` is a model's problems (an engine or a source that exists only on one machine — a
-``file:`` path; a ``pypi:`` wheel the loader Job installs —, GPUs an engine needs);
+``file:`` path; a ``pypi:`` wheel the loader Job installs —, GPUs an engine needs, in each pool
+of a disaggregated model; a pool's RDMA resource that names a GPU's);
 ``check_settings`` the render settings' (a port, the cache claim's shape).
 Each line names the field and the fix; ``render`` and the pod runtime refuse with all of them.
 """
@@ -17,6 +18,8 @@ __all__ = ["check", "check_settings"]
 
 _ACCESS_MODES = ("ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod", "ReadOnlyMany")
 _QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?([KMGTPE]i?|[kmun])?")
+#: The NVIDIA device plugin's resources: GPUs, MIG instances (never an RDMA device).
+_GPU_RESOURCES = ("nvidia.com/gpu", "nvidia.com/mig-")
 
 
 def check_settings(settings: RenderSettings) -> list[str]:
@@ -67,4 +70,18 @@ def check(model: Model, settings: RenderSettings) -> list[str]:
             f"{where}.resources.gpus is 0; {spec.engine} needs GPUs on Kubernetes "
             "(set resources.gpus, or use engine llamacpp for CPU)"
         )
+    if spec.disaggregation is not None:
+        both = (("prefill", spec.disaggregation.prefill), ("decode", spec.disaggregation.decode))
+        for role, pool in both:
+            field = f"{where}.disaggregation.{role}"
+            if pool.resources is not None and pool.resources.gpus == 0:
+                out.append(
+                    f"{field}.resources.gpus is 0; {spec.engine} needs GPUs on Kubernetes "
+                    "(set it, or leave the pool's resources out: the model's apply)"
+                )
+            if pool.rdma is not None and pool.rdma.startswith(_GPU_RESOURCES):
+                out.append(
+                    f"{field}.rdma {pool.rdma!r} is a GPU's resource; name the RDMA device's, "
+                    "e.g. 'rdma/rdma_shared_device_a' (the NVIDIA Network Operator's)"
+                )
     return out

@@ -14,6 +14,7 @@ __all__ = [
     "LABEL_COMPONENT",
     "LABEL_GROUP",
     "LABEL_MODEL",
+    "LABEL_ROLE",
     "LABEL_TENANT",
     "MANAGED",
     "POD_SECURITY",
@@ -39,6 +40,10 @@ RAY_PORT = 6379
 LABEL_MODEL = "gpufleet.io/model"
 LABEL_GROUP = "gpufleet.io/placement"
 LABEL_TENANT = "gpufleet.io/tenant"
+#: On the engine pods of a disaggregated model: the pool they serve in, ``prefill`` or
+#: ``decode`` (a model that is not disaggregated has no such label). Selecting on it gives a
+#: pool's pods — a Service, a disruption budget, ``kubectl get pods -l gpufleet.io/role=prefill``.
+LABEL_ROLE = "gpufleet.io/role"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 MANAGED = {"app.kubernetes.io/managed-by": "gpufleet", "app.kubernetes.io/part-of": "gpufleet"}
 

@@ -3,7 +3,14 @@
 For each model: one Deployment per placement group (replicas the planner put on the same node
 and GPU shape; without an inventory, one Deployment asking for the model's GPUs on its GPU
 types), a Service selecting all of them, and a PodDisruptionBudget when it runs more than one
-replica. The engine container runs the official image of its engine with the arguments the
+replica. A disaggregated model is two pools, each rendered so from its pool's spec: the decode
+pool (the model's replicas, ``engine-<model>``) and the prefill pool
+(``disaggregation.prefill.replicas`` of them, ``engine-<model>-prefill``; none when that is 0),
+their pods labelled ``gpufleet.io/role: decode|prefill``. The Service selects the decode pool
+(prefill replicas are called by the gateway, pod by pod); KEDA scales the decode pool; one
+budget covers both (docs/kubernetes.md).
+
+The engine container runs the official image of its engine with the arguments the
 engine adapter derives from the plan (vLLM's ``--tensor-parallel-size``, SGLang's
 ``--tp-size``; llama.cpp's own server for GGUF models), weights read-only from the shared
 model-cache claim (emitted too, unless it exists already), so scaling up never downloads again.
@@ -34,13 +41,22 @@ from typing import Any
 
 import yaml
 
-from gpufleet.planner import DEFAULT_PRIORITIES, Deployment, Placement, PlanSettings, plan
+from gpufleet.planner import (
+    DEFAULT_PRIORITIES,
+    PREFILL_POOL_SUFFIX,
+    Deployment,
+    Placement,
+    PlanSettings,
+    plan,
+)
+from gpufleet.runtime.base import Role
 from gpufleet.runtime.kubernetes.checks import check, check_settings
 from gpufleet.runtime.kubernetes.common import (
     DEFAULT_IMAGES,
     LABEL_COMPONENT,
     LABEL_GROUP,
     LABEL_MODEL,
+    LABEL_ROLE,
     LABEL_TENANT,
     MANAGED,
     PORT,
@@ -60,6 +76,8 @@ from gpufleet.runtime.kubernetes.pods import (
     engine_share,
     leader_worker_set,
     placed_group,
+    pool_rdma,
+    role_labels,
 )
 from gpufleet.runtime.kubernetes.tenants import tenant_objects
 from gpufleet.spec import Inventory, Model, Tenant
@@ -70,6 +88,7 @@ __all__ = [
     "LABEL_COMPONENT",
     "LABEL_GROUP",
     "LABEL_MODEL",
+    "LABEL_ROLE",
     "LABEL_TENANT",
     "LWS_GROUP_KEY",
     "LWS_INDEX",
@@ -88,7 +107,10 @@ __all__ = [
     "model_disruption_budget",
     "model_service",
     "placed_group",
+    "pool_rdma",
+    "pools",
     "render",
+    "role_labels",
     "tenant_objects",
     "to_yaml",
 ]
@@ -126,7 +148,8 @@ def render(
     deployments: Mapping[str, Deployment] | None = None,
 ) -> list[dict[str, Any]]:
     """Every object, in apply order. With an ``inventory`` (and the models' sized
-    ``deployments``) replicas are pinned to the nodes and GPU shapes the planner chose."""
+    ``deployments``, by the planner's names: a disaggregated model's prefill pool is
+    ``<model>:prefill``) replicas are pinned to the nodes and GPU shapes the planner chose."""
     settings = settings or RenderSettings()
     problems = check_settings(settings) + [p for m in models for p in check(m, settings)]
     if problems:
@@ -139,7 +162,7 @@ def render(
     groups = _groups(models, inventory, deployments)
     loaders: dict[str, dict[str, Any]] = {}
     for model in sorted(models, key=lambda m: m.name):
-        objects += _model_objects(model, groups[model.name], settings)
+        objects += _model_objects(model, groups, settings)
         if model.spec.parsed_source.scheme != "pvc":
             loaders.setdefault(loader_name(model), loader_job(model, settings))
     objects += loaders.values()
@@ -163,32 +186,61 @@ def _sort_key(o: Mapping[str, Any]) -> tuple[int, str, str]:
 # -- models -----------------------------------------------------------------------------------
 
 
+def pools(model: Model) -> list[tuple[Role, Model]]:
+    """A model's pools, each as the model with the pool's spec: the model itself, or — when it
+    is disaggregated — its decode pool and, when it runs any, its prefill pool."""
+    spec = model.spec
+    if spec.disaggregation is None:
+        return [("", model)]
+    found: list[tuple[Role, Model]] = [
+        ("decode", model.model_copy(update={"spec": spec.pool("decode")}))
+    ]
+    if spec.disaggregation.prefill.replicas:
+        found.append(("prefill", model.model_copy(update={"spec": spec.pool("prefill")})))
+    return found
+
+
+def _pool_name(model: str, role: Role) -> str:
+    """A pool's name for the planner (``planner.pool_deployments``)."""
+    return model + PREFILL_POOL_SUFFIX if role == "prefill" else model
+
+
 def _groups(
     models: Sequence[Model],
     inventory: Inventory | None,
     deployments: Mapping[str, Deployment] | None,
 ) -> dict[str, list[EngineGroup]]:
-    plain = {
-        m.name: [EngineGroup("main", max(m.spec.replicas.min, 1), gpus=m.spec.resources.gpus)]
-        for m in models
-    }
+    """The engine groups of every pool, by the pool's planner name."""
+    plain: dict[str, list[EngineGroup]] = {}
+    for m in models:
+        for role, pool in pools(m):
+            if role == "prefill":
+                assert m.spec.disaggregation is not None
+                group = EngineGroup(
+                    "prefill", m.spec.disaggregation.prefill.replicas, gpus=pool.spec.resources.gpus
+                )
+            else:
+                group = EngineGroup(
+                    "main", max(m.spec.replicas.min, 1), gpus=pool.spec.resources.gpus
+                )
+            plain[_pool_name(m.name, role)] = [group]
     if inventory is None or not deployments:
         return plain
     result = plan(
         inventory,
-        [deployments[m.name] for m in models if m.name in deployments],
+        [deployments[name] for name in plain if name in deployments],
         settings=CLUSTER_PLANNING,
     )
     unplaced = sorted({str(u.replica) + ": " + u.reason for u in result.unplaced})
     if unplaced:
         raise RenderError([f"cannot place {line}" for line in unplaced])
-    by_model: dict[str, dict[tuple[Any, ...], list[Placement]]] = defaultdict(dict)
+    by_pool: dict[str, dict[tuple[Any, ...], list[Placement]]] = defaultdict(dict)
     for p in result.placements:
         share = engine_share(p)
         workers = tuple(node for node, _ in p.workers)
         shape = (p.node, p.gpu_type, p.tp, share, p.mig_profile, workers)
-        by_model[p.replica.deployment].setdefault(shape, []).append(p)
-    for name, shapes in by_model.items():
+        by_pool[p.replica.deployment].setdefault(shape, []).append(p)
+    for name, shapes in by_pool.items():
         groups = []
         for shape, placed in sorted(shapes.items(), key=lambda kv: str(kv[0])):
             node, gpu_type, tp, share, mig, workers = shape
@@ -197,6 +249,8 @@ def _groups(
                 key = f"{key}-pp{1 + len(workers)}"  # a group across nodes, led from ``node``
             if share is not None:
                 key = f"{key}-shared"  # beside the same model on whole GPUs of that node
+            if name.endswith(PREFILL_POOL_SUFFIX):
+                key = f"prefill-{key}"  # apart from the decode pool's groups on that node
             groups.append(
                 EngineGroup(
                     _dns(str(key).lower()),
@@ -215,13 +269,16 @@ def _groups(
 
 
 def model_service(model: Model, settings: RenderSettings) -> dict[str, Any]:
-    """The Service in front of a model's engines (all generations, ready ones only)."""
-    selector = {LABEL_MODEL: model.name}
+    """The Service in front of a model's engines (all generations, ready ones only): a
+    disaggregated model's decode pool, the replicas that answer requests."""
+    selector = {LABEL_MODEL: model.name, **role_labels(model, "decode")}
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": meta(
-            f"engine-{model.name}", settings.namespace, {**selector, LABEL_COMPONENT: "engine"}
+            f"engine-{model.name}",
+            settings.namespace,
+            {LABEL_MODEL: model.name, LABEL_COMPONENT: "engine"},
         ),
         "spec": {
             "selector": selector,
@@ -231,7 +288,8 @@ def model_service(model: Model, settings: RenderSettings) -> dict[str, Any]:
 
 
 def model_disruption_budget(model: Model, settings: RenderSettings) -> dict[str, Any]:
-    """Voluntary disruptions (node drains) take one engine of the model at a time."""
+    """Voluntary disruptions (node drains) take one engine of the model at a time (of either
+    pool of a disaggregated model)."""
     selector = {LABEL_MODEL: model.name}
     return {
         "apiVersion": "policy/v1",
@@ -242,19 +300,50 @@ def model_disruption_budget(model: Model, settings: RenderSettings) -> dict[str,
 
 
 def _model_objects(
-    model: Model, groups: list[EngineGroup], settings: RenderSettings
+    model: Model, groups: Mapping[str, list[EngineGroup]], settings: RenderSettings
 ) -> list[dict[str, Any]]:
-    selector = {LABEL_MODEL: model.name}
-    objects: list[dict[str, Any]] = [model_service(model, settings)]
+    service = model_service(model, settings)
+    objects: list[dict[str, Any]] = [service]
+    across = False  # some pool runs in groups across nodes (LeaderWorkerSets)
+    serving: list[dict[str, Any]] = []  # the Deployments of the pool that answers requests
+    total = 0
+    for role, pool in pools(model):
+        pool_groups = groups[_pool_name(model.name, role)]
+        made = _pool_objects(pool, pool_groups, settings, role)
+        if any(o["kind"] == "LeaderWorkerSet" for o in made):
+            across = True
+            if role != "prefill":
+                service["spec"]["selector"][LWS_INDEX] = "0"  # leaders serve
+        elif role != "prefill":
+            serving = made
+        objects += made
+        total += sum(g.replicas for g in pool_groups)
+    if across:
+        return objects
+    if settings.keda_prometheus is not None:
+        if len(serving) != 1:
+            raise RenderError(
+                [f"{model.name}: KEDA scales one Deployment; render it without --inventory"]
+            )
+        objects.append(scaled_object(model, settings))
+    if total > 1:
+        objects.append(model_disruption_budget(model, settings))
+    return objects
+
+
+def _pool_objects(
+    model: Model, groups: list[EngineGroup], settings: RenderSettings, role: Role
+) -> list[dict[str, Any]]:
+    """The workloads of one pool (``model.spec`` the pool's): a Deployment per group, or —
+    when a replica needs more GPUs than a node has — LeaderWorkerSets."""
     across = [g for g in groups if g.pp > 1]
     if across or (
         all(g.node is None for g in groups) and model.spec.resources.gpus > settings.gpus_per_node
     ):
         # One replica needs more GPUs than a node has: a group of pods across nodes (where the
         # planner put each, with an inventory; else of ``gpus_per_node`` GPUs a pod).
-        objects[0]["spec"]["selector"] = {**selector, LWS_INDEX: "0"}  # leaders serve
         if not across:
-            return [*objects, leader_worker_set(model, settings)]
+            return [leader_worker_set(model, settings, groups[0], role)]
         if len(across) != len(groups):
             raise RenderError(
                 [
@@ -262,39 +351,39 @@ def _model_objects(
                     "across nodes; render it with an inventory whose nodes are alike"
                 ]
             )
+        objects = []
         for group in across:
-            lws = leader_worker_set(model, settings, group)
+            lws = leader_worker_set(model, settings, group, role)
             if len(across) > 1:
                 lws["metadata"]["name"] = f"engine-{model.name}-{group.key}"
             objects.append(lws)
         return objects
-    for group in groups:
-        objects.append(_deployment(model, group, settings, single=len(groups) == 1))
-    if settings.keda_prometheus is not None:
-        if len(groups) != 1:
-            raise RenderError(
-                [f"{model.name}: KEDA scales one Deployment; render it without --inventory"]
-            )
-        objects.append(scaled_object(model, settings))
-    total = sum(g.replicas for g in groups)
-    if total > 1:
-        objects.append(model_disruption_budget(model, settings))
-    return objects
+    return [
+        _deployment(model, group, settings, single=len(groups) == 1, role=role) for group in groups
+    ]
 
 
 def _deployment(
-    model: Model, group: EngineGroup, settings: RenderSettings, *, single: bool
+    model: Model, group: EngineGroup, settings: RenderSettings, *, single: bool, role: Role = ""
 ) -> dict[str, Any]:
-    name = f"engine-{model.name}" if single else f"engine-{model.name}-{group.key}"
-    labels = {LABEL_MODEL: model.name, LABEL_GROUP: group.key, LABEL_COMPONENT: "engine"}
-    pod = engine_pod(model, group, settings)
+    pool = f"engine-{model.name}" + ("-prefill" if role == "prefill" else "")
+    name = pool if single else f"engine-{model.name}-{group.key}"
+    labels = {
+        LABEL_MODEL: model.name,
+        LABEL_GROUP: group.key,
+        **role_labels(model, role),
+        LABEL_COMPONENT: "engine",
+    }
+    pod = engine_pod(model, group, settings, role)
+    # With KEDA the serving pool's replica count is KEDA's (never two autoscalers on one
+    # workload); a prefill pool keeps its own.
+    keda = settings.keda_prometheus is not None and role != "prefill"
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": meta(name, settings.namespace, labels),
         "spec": {
-            # With KEDA the replica count is KEDA's (never two autoscalers on one workload).
-            **({} if settings.keda_prometheus is not None else {"replicas": group.replicas}),
+            **({} if keda else {"replicas": group.replicas}),
             "selector": {"matchLabels": {LABEL_MODEL: model.name, LABEL_GROUP: group.key}},
             # A new engine loads weights for minutes: keep the old one serving meanwhile.
             "strategy": {

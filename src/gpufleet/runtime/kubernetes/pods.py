@@ -5,6 +5,17 @@ fleet and an operated one start the same engine the same way. A model bigger tha
 as a ``leader_worker_set``: vLLM tensor parallel within a node, pipeline parallel across the
 group's nodes, over Ray.
 
+A disaggregated model's pools are sets of pods of their own, each built from the pool's spec
+(``ModelSpec.pool``: its resources, the model's engine arguments and the pool's); the engine
+adapter gives both vLLM's ``--kv-transfer-config``. Their NIXL side channel listens on, and is
+announced at, the pod's IP (``VLLM_NIXL_SIDE_CHANNEL_HOST`` from the downward API; vLLM's
+default, ``localhost``, reaches no other pod). A pool whose spec names an ``rdma`` resource gets
+one in each pod's requests and limits: the device plugin (the NVIDIA Network Operator's) then
+puts the RDMA device in the container, and NIXL moves the KV cache over it instead of the pod
+network. Nothing else changes for it: the pods keep the ``restricted`` profile (no
+``IPC_LOCK``), so the memory the transport pins counts against the container's memlock limit,
+which the node's container runtime sets (docs/kubernetes.md).
+
 Engines answer only bearers of the fleet's engine key: the Secret ``gpufleet-engine-key`` (key
 ``key``), which the operator creates in its namespace and the gateways read. Each engine gets it
 from the Secret in the environment variable it reads (vLLM's ``VLLM_API_KEY``, llama-server's
@@ -28,9 +39,11 @@ from gpufleet.engines.base import ENGINE_KEY_ENV, LIVENESS_PATH
 from gpufleet.engines.base import Placement as EnginePlacement
 from gpufleet.hardware import CATALOG
 from gpufleet.planner import Placement
+from gpufleet.runtime.base import Role
 from gpufleet.runtime.kubernetes.common import (
     LABEL_COMPONENT,
     LABEL_MODEL,
+    LABEL_ROLE,
     RAY_PORT,
     RenderError,
     RenderSettings,
@@ -49,6 +62,8 @@ __all__ = [
     "engine_share",
     "leader_worker_set",
     "placed_group",
+    "pool_rdma",
+    "role_labels",
 ]
 
 
@@ -108,8 +123,28 @@ def engine_share(placement: Placement) -> float | None:
     return round(placement.memory_fraction, 3)
 
 
-def engine_pod(model: Model, group: EngineGroup, settings: RenderSettings) -> dict[str, Any]:
-    """The pod spec of one engine replica of ``model`` placed as ``group`` says."""
+def pool_rdma(model: Model, role: Role) -> str | None:
+    """The RDMA resource each pod of a disaggregated model's ``role`` pool asks for, if any."""
+    disaggregation = model.spec.disaggregation
+    if disaggregation is None or not role:
+        return None
+    pool = disaggregation.prefill if role == "prefill" else disaggregation.decode
+    return pool.rdma
+
+
+def role_labels(model: Model, role: Role) -> dict[str, str]:
+    """The role label of a pool's pods: ``prefill`` or ``decode`` on a disaggregated model's
+    (its replicas are its decode pool), none on a model that is not disaggregated."""
+    if model.spec.disaggregation is None:
+        return {}
+    return {LABEL_ROLE: role or "decode"}
+
+
+def engine_pod(
+    model: Model, group: EngineGroup, settings: RenderSettings, role: Role = ""
+) -> dict[str, Any]:
+    """The pod spec of one engine replica of ``model`` placed as ``group`` says; ``role``: the
+    pool of a disaggregated model it serves in (``model.spec`` is then the pool's spec)."""
     spec = model.spec
     weights = weights_path(model)
     args = _engine_args(model, group, weights, settings.engine_port)
@@ -118,6 +153,10 @@ def engine_pod(model: Model, group: EngineGroup, settings: RenderSettings) -> di
         resources["limits"][f"nvidia.com/mig-{group.mig_profile}"] = 1
     elif group.gpus:
         resources["limits"]["nvidia.com/gpu"] = group.gpus
+    rdma = pool_rdma(model, role)
+    if rdma is not None:
+        resources["requests"][rdma] = 1
+        resources["limits"][rdma] = 1
     if not resources["limits"]:
         del resources["limits"]
     engine: dict[str, Any] = {"name": "engine", "image": settings.images[spec.engine]}
@@ -137,6 +176,7 @@ def engine_pod(model: Model, group: EngineGroup, settings: RenderSettings) -> di
             {"name": "XDG_CACHE_HOME", "value": "/home/engine/.cache"},
             # The key it answers to, from the Secret: only the gateways hold it too.
             _key_env(spec.engine),
+            *_transfer_env(model),
         ],
         "resources": resources,
         "readinessProbe": {
@@ -211,6 +251,21 @@ def engine_pod(model: Model, group: EngineGroup, settings: RenderSettings) -> di
 
 
 _MODULES = {"vllm": "vllm.entrypoints.openai.api_server", "sglang": "sglang.launch_server"}
+#: Where vLLM's NixlConnector listens for, and tells peers to send, its handshake (the side
+#: channel): its default, ``localhost``, reaches no other pod.
+NIXL_HOST_ENV = "VLLM_NIXL_SIDE_CHANNEL_HOST"
+
+
+def _transfer_env(model: Model) -> list[dict[str, Any]]:
+    """What a disaggregated vLLM engine needs to hand its KV cache to another pod: NIXL's side
+    channel on the pod's own IP (the downward API's ``status.podIP``). A prefill engine binds
+    it there and names it in the ``kv_transfer_params`` it answers; the decode engine the
+    gateway passes them to connects there, then reads the blocks (vLLM's NixlConnector)."""
+    disaggregation = model.spec.disaggregation
+    if disaggregation is None or disaggregation.connector != "nixl" or model.spec.engine != "vllm":
+        return []
+    pod_ip = {"fieldRef": {"fieldPath": "status.podIP"}}
+    return [{"name": NIXL_HOST_ENV, "valueFrom": pod_ip}]
 
 
 def _key_env(engine: str) -> dict[str, Any]:
@@ -299,15 +354,17 @@ LWS_GROUP_KEY = "leaderworkerset.sigs.k8s.io/group-key"
 
 
 def leader_worker_set(
-    model: Model, settings: RenderSettings, group: EngineGroup | None = None
+    model: Model, settings: RenderSettings, group: EngineGroup | None = None, role: Role = ""
 ) -> dict[str, Any]:
     """vLLM across nodes: tensor parallel within a node, pipeline parallel across the group's
     nodes, over Ray — the leader starts the Ray head and serves, the workers join it
     (LeaderWorkerSet, sigs.k8s.io/lws: the group is scheduled, restarted and scaled as one).
 
     ``group``: where the planner put the replica — TP = its GPUs per pod, PP = its nodes; the
-    leader is pinned to its node and the workers to theirs, one pod per node. Without it, pods
-    of ``settings.gpus_per_node`` GPUs, as many as the model's GPUs need, wherever they fit.
+    leader is pinned to its node and the workers to theirs, one pod per node. Without it (or
+    with a group on one node: only its replica count is kept), pods of
+    ``settings.gpus_per_node`` GPUs, as many as the model's GPUs need, wherever they fit.
+    ``role``: the pool of a disaggregated model the group serves in (``model.spec`` the pool's).
     """
     spec = model.spec
     if spec.engine != "vllm":
@@ -321,12 +378,12 @@ def leader_worker_set(
         per_node = settings.gpus_per_node
         group = EngineGroup(
             "main",
-            max(spec.replicas.min, 1),
+            group.replicas if group is not None else max(spec.replicas.min, 1),
             gpus=per_node,
             pp=math.ceil(spec.resources.gpus / per_node),
         )
     stage = dataclasses.replace(group, pp=1, workers=())
-    leader = engine_pod(model, stage, settings)
+    leader = engine_pod(model, stage, settings, role)
     engine = leader["containers"][0]
     args = engine.pop("args")
     serve = shlex.join(
@@ -347,7 +404,7 @@ def leader_worker_set(
         "-c",
         f"ray start --head --port={RAY_PORT} && exec {serve}",
     ]
-    worker = engine_pod(model, dataclasses.replace(stage, node=None), settings)
+    worker = engine_pod(model, dataclasses.replace(stage, node=None), settings, role)
     worker_engine = worker["containers"][0]
     for key in ("args", "command", "readinessProbe", "startupProbe", "livenessProbe", "ports"):
         worker_engine.pop(key, None)
@@ -359,11 +416,12 @@ def leader_worker_set(
     if group.node is not None:
         _pin(model, group, leader, (group.node,))
         _pin(model, group, worker, group.workers)
-    labels = {LABEL_MODEL: model.name, LABEL_COMPONENT: "engine"}
+    labels = {LABEL_MODEL: model.name, **role_labels(model, role), LABEL_COMPONENT: "engine"}
+    name = f"engine-{model.name}" + ("-prefill" if role == "prefill" else "")
     return {
         "apiVersion": "leaderworkerset.x-k8s.io/v1",
         "kind": "LeaderWorkerSet",
-        "metadata": meta(f"engine-{model.name}", settings.namespace, labels),
+        "metadata": meta(name, settings.namespace, labels),
         "spec": {
             "replicas": group.replicas,
             "startupPolicy": "LeaderReady",

@@ -19,9 +19,16 @@ Each replica carries its start-up figures as the pod's status gives them (``star
 weights' wait in the init container, the engine container's start to Ready, the whole.
 
 Pods carry their model and generation as labels, so an operator that restarts adopts the pods
-it finds instead of starting them again. The pod watch runs supervised (``gpufleet.supervise``):
-after an error it starts again from a fresh list, and replicas whose pods went meanwhile are
-reported stopped.
+it finds instead of starting them again.
+
+A disaggregated model's replicas are two sets of pods: its prefill pool's and its decode pool's
+(the model's replicas), each started from its pool's spec (``ReplicaRequest.spec``) and
+labelled with its role (``gpufleet.io/role``). The label is what a restarted operator, and a
+gateway reading the pods, learn a replica's role from; a prefill replica's id also says it
+(``<model>-prefill-g<generation>-…``), as under ``gpufleet up``.
+
+The pod watch runs supervised (``gpufleet.supervise``): after an error it starts again from a
+fresh list, and replicas whose pods went meanwhile are reported stopped.
 
 A replica the placer (the operator's planner) puts across nodes — tensor parallel within each,
 pipeline parallel across them — is a LeaderWorkerSet of one group, its leader and workers
@@ -46,11 +53,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from gpufleet.errors import PermanentError
-from gpufleet.runtime.base import Capabilities, Phase, Replica, ReplicaFeed, ReplicaRequest
+from gpufleet.runtime.base import Capabilities, Phase, Replica, ReplicaFeed, ReplicaRequest, Role
 from gpufleet.runtime.kubernetes.api import KubeApi, KubeError, NotServed, WatchEvent
 from gpufleet.runtime.kubernetes.manifests import (
     LABEL_COMPONENT,
     LABEL_MODEL,
+    LABEL_ROLE,
     LWS_INDEX,
     MANAGED,
     EngineGroup,
@@ -60,6 +68,7 @@ from gpufleet.runtime.kubernetes.manifests import (
     engine_pod,
     leader_worker_set,
     loader_job,
+    role_labels,
 )
 from gpufleet.runtime.kubernetes.startup import pod_startup
 from gpufleet.spec import API_VERSION, Metadata, Model
@@ -164,26 +173,28 @@ class KubernetesRuntime:
         """One replica: a pod where the placer put it, or — when the placer planned it across
         nodes (or, unplanned, it asks for more GPUs than ``gpus_per_node``) — a LeaderWorkerSet
         of one group. The placer raises (``TemporaryError``) rather than leave a group that
-        spans nodes unpinned, and nothing is created for a replica refused."""
-        if request.role:
-            raise PermanentError(
-                "spec.disaggregation: prefill and decode pools run under 'gpufleet up' only so "
-                "far; on Kubernetes remove spec.disaggregation (the model then serves both "
-                "phases on its replicas)"
-            )
+        spans nodes unpinned, and nothing is created for a replica refused. A replica of a
+        disaggregated model's pool (``request.role``) is labelled with its role."""
         model = Model(
             api_version=API_VERSION,
             metadata=Metadata(name=request.model, namespace=self.namespace),
             spec=request.spec,
         )
         problems = check(model, self.settings)
+        if request.role and request.spec.disaggregation is None:
+            problems.append(
+                f"{request.model}: a {request.role} replica of a model without "
+                "spec.disaggregation (only a disaggregated model has pools)"
+            )
         if problems:
             raise PermanentError("; ".join(problems))
-        name = f"{request.model}-g{request.generation}-{secrets.token_hex(3)}"
+        pool = "prefill-" if request.role == "prefill" else ""
+        name = f"{request.model}-{pool}g{request.generation}-{secrets.token_hex(3)}"
         labels = {
             **MANAGED,
             LABEL_MODEL: request.model,
             LABEL_GENERATION: str(request.generation),
+            **role_labels(model, request.role),
             LABEL_COMPONENT: "engine",
         }
         group = self._place(request)
@@ -202,7 +213,9 @@ class KubernetesRuntime:
             # Bigger than a node: the replica is a LeaderWorkerSet of one group, served by its
             # leader pod; the placement is kept on the LeaderWorkerSet (adopted from there).
             try:
-                lws = leader_worker_set(model, self.settings, group if group.pp > 1 else None)
+                lws = leader_worker_set(
+                    model, self.settings, group if group.pp > 1 else None, request.role
+                )
             except RenderError as exc:
                 raise PermanentError("; ".join(exc.problems)) from exc
             lws["metadata"] = metadata
@@ -217,7 +230,7 @@ class KubernetesRuntime:
                 "apiVersion": "v1",
                 "kind": "Pod",
                 "metadata": metadata,
-                "spec": engine_pod(model, group, self.settings),
+                "spec": engine_pod(model, group, self.settings, request.role),
             }
             await self.api.create(pod)
         if group.placement:
@@ -244,6 +257,7 @@ class KubernetesRuntime:
             phase=Phase.STARTING,
             started_at=time.time(),
             embeddings=request.spec.embeddings,
+            role=request.role,
             api_key=self._engine_key,
         )
         self._set(replica)
@@ -359,6 +373,7 @@ class KubernetesRuntime:
             generation=generation,
             phase=Phase.STARTING,
             started_at=time.time(),
+            role=_role(labels.get(LABEL_ROLE, "")),
             api_key=self._engine_key,
         )
         status = pod.get("status", {}) or {}
@@ -425,3 +440,10 @@ class KubernetesRuntime:
 
     def _publish(self, replica: Replica) -> None:
         self._feed.publish(replica)
+
+
+def _role(label: str) -> Role:
+    """A pod's role label as a replica's role: anything but ``prefill`` serves requests."""
+    if label == "prefill":
+        return "prefill"
+    return "decode" if label == "decode" else ""
