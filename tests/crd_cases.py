@@ -26,6 +26,7 @@ EXAMPLE_FILES = (
     "deploy/e2e/model.yaml",
     "tests/data/k8s/models.yaml",
     "tests/data/k8s/placed.yaml",
+    "tests/data/k8s/disaggregated.yaml",
 )
 
 
@@ -132,10 +133,25 @@ REJECTED: list[Rejected] = [
         "must not be longer than autoscaling.stableWindow",
     ),
     Rejected(
+        "shared-storage-without-a-path",
+        model("bad", engine="vllm", disaggregation={"connector": "shared-storage"}),
+        "spec.disaggregation.sharedStoragePath",
+        "goes with connector: shared-storage",
+    ),
+    Rejected(
         "prefill-pool-max-below-min",
         model("bad", engine="vllm", disaggregation={"prefill": {"replicas": 2, "maxReplicas": 1}}),
         "spec.disaggregation.prefill.maxReplicas",
         "must be >= replicas",
+    ),
+    *(
+        Rejected(
+            f"{pool}-pool-rdma-not-a-resource-name",
+            model("bad", engine="vllm", disaggregation={pool: {"rdma": "mlx5_0"}}),
+            f"spec.disaggregation.{pool}.rdma",
+            "should match",
+        )
+        for pool in ("prefill", "decode")
     ),
     Rejected(
         "drain-negative", model("bad", drain=-1), "spec.drain", "must be at least 0 s and at most"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from gpufleet.engines import Placement, adapter_for
 from gpufleet.engines.base import LIVENESS_PATH, EngineAdapter
@@ -171,6 +173,28 @@ def test_a_disaggregated_vllm_pool_runs_with_its_kv_connector_and_its_own_argume
         VllmEngine().launch(plain, weights=Path("/m"), served_name="m", host="h", port=1).argv
     )
     assert "--kv-transfer-config" not in argv
+
+
+def test_vllm_shares_kv_through_a_directory_with_the_debug_connector() -> None:
+    model = spec(
+        engine="vllm",
+        disaggregation={"connector": "shared-storage", "sharedStoragePath": "/srv/kv"},
+    )
+    launch = VllmEngine().launch(
+        model.pool("decode"), weights=Path("/m"), served_name="m", host="h", port=1
+    )
+    argv = list(launch.argv)
+    assert json.loads(argv[argv.index("--kv-transfer-config") + 1]) == {
+        "kv_connector": "ExampleConnector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"shared_storage_path": "/srv/kv"},
+    }
+    # Its readiness prompt is more than one token (the connector fails one-token prompts).
+    assert json.loads(launch.readiness.body or b"{}")["prompt"] == "Are you ready?"
+    with pytest.raises(ValidationError, match="sharedStoragePath goes with"):
+        spec(engine="vllm", disaggregation={"connector": "shared-storage"})
+    with pytest.raises(ValidationError, match="sharedStoragePath goes with"):
+        spec(engine="vllm", disaggregation={"sharedStoragePath": "/srv/kv"})
 
 
 def test_emulator_launch_pretends_to_be_the_planned_gpu() -> None:

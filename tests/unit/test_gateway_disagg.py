@@ -77,6 +77,13 @@ def test_the_prefill_call_is_one_unstreamed_token_asking_for_a_remote_decode() -
     assert body["stream"] is True and body["min_tokens"] == 5  # the client's body is untouched
 
 
+def test_a_connector_without_the_handshake_is_asked_nothing() -> None:
+    """vLLM's ExampleConnector (``shared-storage``) finds the KV cache by the prompt."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 9}
+    sent = json.loads(prefill_body(body, handshake=False))
+    assert sent == {**body, "max_tokens": 1, "stream": False}
+
+
 def test_the_decode_call_is_the_clients_body_with_the_prefills_offer() -> None:
     body = {"model": "m", "prompt": "hello", "stream": True, "max_tokens": 300, "min_tokens": 5}
     assert json.loads(decode_body(body, OFFER)) == {**body, "kv_transfer_params": OFFER}

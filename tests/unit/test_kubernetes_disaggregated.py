@@ -233,6 +233,13 @@ def test_pools_kubernetes_cannot_run_are_refused_naming_the_field() -> None:
     )
     with pytest.raises(RenderError):
         render([model])
+    (local_only,) = load_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: pd}\n"
+        "spec: {source: 'hf://org/name', engine: vllm, resources: {gpus: 1}, disaggregation: "
+        "{connector: shared-storage, sharedStoragePath: /srv/kv}}\n"
+    )
+    (problem,) = check(local_only, RenderSettings())
+    assert "spec.disaggregation.connector shared-storage is vLLM's debug connector" in problem
 
 
 # -- the pod runtime and the operator ---------------------------------------------------------

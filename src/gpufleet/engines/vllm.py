@@ -26,7 +26,14 @@ from gpufleet.spec import ModelSpec
 __all__ = ["KV_CONNECTORS", "VllmEngine"]
 
 #: ``spec.disaggregation.connector`` → vLLM's KV connector class (``--kv-transfer-config``).
-KV_CONNECTORS = {"nixl": "NixlConnector", "lmcache": "LMCacheConnectorV1"}
+KV_CONNECTORS = {
+    "nixl": "NixlConnector",
+    "lmcache": "LMCacheConnectorV1",
+    "shared-storage": "ExampleConnector",
+}
+#: The readiness probe's prompt: several tokens, since vLLM's ExampleConnector (0.32) fails a
+#: one-token prompt whose (empty) key another replica has already written.
+_PROBE_PROMPT = "Are you ready?"
 
 
 def engine_python() -> str:
@@ -80,14 +87,23 @@ class VllmEngine:
         if "--no-enable-prefix-caching" not in spec.engine_args:
             argv += ["--enable-prefix-caching"]
         if spec.disaggregation is not None and "--kv-transfer-config" not in spec.engine_args:
-            connector = KV_CONNECTORS[spec.disaggregation.connector]
-            config = {"kv_connector": connector, "kv_role": "kv_both"}
+            pool = spec.disaggregation
+            config: dict[str, object] = {
+                "kv_connector": KV_CONNECTORS[pool.connector],
+                "kv_role": "kv_both",
+            }
+            if pool.shared_storage_path is not None:
+                config["kv_connector_extra_config"] = {
+                    "shared_storage_path": pool.shared_storage_path
+                }
             argv += ["--kv-transfer-config", json.dumps(config, separators=(",", ":"))]
         argv += spec.engine_args
         env = {"HF_HUB_OFFLINE": "1", **placement.device_env()}
         if api_key is not None:
             env["VLLM_API_KEY"] = api_key
-        probe = json.dumps({"model": served_name, "prompt": "ok", "max_tokens": 1}).encode()
+        probe = json.dumps(
+            {"model": served_name, "prompt": _PROBE_PROMPT, "max_tokens": 1}
+        ).encode()
         return Launch(
             argv=tuple(argv),
             env=env,

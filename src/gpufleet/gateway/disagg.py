@@ -16,6 +16,10 @@ NVIDIA Dynamo and AIBrix use (vLLM's ``toy_proxy_server.py`` and ``NixlConnector
    those ``kv_transfer_params``; the engine pulls the KV cache and decodes without prefilling,
    and its answer (or stream) goes to the client as any answer does.
 
+With a connector that has no handshake (``HANDSHAKE_FREE``: vLLM's debug ExampleConnector,
+``shared-storage``) the prefill call asks nothing and the decode call is the client's body: the
+decode engine finds the KV cache the prefill wrote by the prompt itself.
+
 A remote prefill is skipped — the decode replica prefills itself — when the prompt's uncached
 part is below ``minRemotePrefillTokens`` or under ``MIN_UNCACHED_SHARE`` of the prompt (the
 decode replica already holds most of it: Dynamo's defaults are 2,048 tokens and 0.7), when no
@@ -32,6 +36,7 @@ from typing import Any, Literal
 from gpufleet.spec import ModelSpec
 
 __all__ = [
+    "HANDSHAKE_FREE",
     "MIN_UNCACHED_SHARE",
     "PREFILL_TIMEOUT_S",
     "Path",
@@ -47,6 +52,11 @@ __all__ = [
 MIN_UNCACHED_SHARE = 0.7
 #: A prefill call that has not answered by then is given up: the decode replica prefills.
 PREFILL_TIMEOUT_S = 10.0
+
+#: Connectors without vLLM's ``kv_transfer_params`` handshake: vLLM's ExampleConnector
+#: (``shared-storage``) writes a prompt's KV cache to files keyed by the prompt's tokens, and
+#: the decode replica finds them by the same prompt — the decode call is the client's body.
+HANDSHAKE_FREE = frozenset({"shared-storage"})
 
 #: How a request of a disaggregated model was prefilled: remotely, or where it decodes and why.
 Path = Literal[
@@ -80,16 +90,17 @@ def local_reason(spec: ModelSpec, prompt_tokens: int, cached_tokens: int) -> Pat
     return None
 
 
-def prefill_body(body: dict[str, Any]) -> bytes:
+def prefill_body(body: dict[str, Any], *, handshake: bool = True) -> bytes:
     """The prefill call's body: the client's, cut to one unstreamed token, asking for a
-    remote decode."""
+    remote decode (without ``handshake``: not asking; see ``HANDSHAKE_FREE``)."""
     ask = {k: v for k, v in body.items() if k not in ("stream_options", "min_tokens")}
     ask.pop("min_completion_tokens", None)
     ask["max_tokens"] = 1
     if "max_completion_tokens" in ask:
         ask["max_completion_tokens"] = 1
     ask["stream"] = False
-    ask["kv_transfer_params"] = dict(_ASK)
+    if handshake:
+        ask["kv_transfer_params"] = dict(_ASK)
     return json.dumps(ask, separators=(",", ":")).encode()
 
 

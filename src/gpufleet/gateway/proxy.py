@@ -43,6 +43,7 @@ from starlette.responses import Response
 from gpufleet.controller import ModelEntry
 from gpufleet.engines import EngineLoad
 from gpufleet.gateway.disagg import (
+    HANDSHAKE_FREE,
     PREFILL_TIMEOUT_S,
     PrefillDemand,
     decode_body,
@@ -478,6 +479,8 @@ class Upstream:
             return None
         asked = json.loads(body)
         uncached = features.prompt_tokens - cached_tokens
+        # A connector without vLLM's handshake finds the prompt's KV cache by the prompt.
+        handshake = entry.spec.disaggregation.connector not in HANDSHAKE_FREE  # type: ignore[union-attr]
         headers = {"content-type": "application/json", "x-request-id": request_id}
         self._acquire(replica, entry.name, uncached)
         self.prefill_demand.started(entry.name)
@@ -491,7 +494,7 @@ class Upstream:
                     "POST",
                     replica.url or "",
                     route,
-                    prefill_body(asked),
+                    prefill_body(asked, handshake=handshake),
                     {**headers, **replica.auth_headers()},
                 )
                 try:
@@ -500,7 +503,7 @@ class Upstream:
                     resp.close()
             self._refused.pop(replica.id, None)
             if resp.status == 200:
-                params = transfer_params(payload)
+                params = transfer_params(payload) if handshake else {}
                 if params is not None:
                     self._failures.pop(replica.id, None)
                     status = 200
@@ -540,7 +543,8 @@ class Upstream:
             self._metrics.disaggregation.labels(entry.name, "local_prefill_failed").inc()
             return None
         self._metrics.disaggregation.labels(entry.name, "remote").inc()
-        return _Prefilled(decode_body(asked, params), replica.id, seconds)
+        send = decode_body(asked, params) if handshake else body
+        return _Prefilled(send, replica.id, seconds)
 
     def _pick_prefill(self, entry: ModelEntry, features: RequestFeatures) -> Replica | None:
         """A prefill replica for the prompt: the prefix policy over the prefill pool (its

@@ -34,6 +34,7 @@ from gpufleet.spec.resources import (
     AutoscalingSpec,
     ByteQuantity,
     DailyWindow,
+    DisaggregationSpec,
     DnsName,
     Model,
     ModelSpec,
@@ -207,6 +208,14 @@ RULES: dict[tuple[type[BaseModel], str], list[Rule]] = {
             "self.min <= self.max",
             "must be >= replicas.min (kubectl scale sets replicas.min: raise max first)",
             field_path=".max",
+        )
+    ],
+    (DisaggregationSpec, "_storage"): [
+        Rule(
+            "(self.connector == 'shared-storage') == has(self.sharedStoragePath)",
+            "goes with connector: shared-storage, and only with it: set both (a directory both "
+            "pools share) or neither",
+            field_path=".sharedStoragePath",
         )
     ],
     (PrefillPoolSpec, "_bounded"): [

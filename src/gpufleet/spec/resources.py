@@ -446,11 +446,27 @@ class DisaggregationSpec(_Resource):
     #: How the KV cache moves from prefill to decode: vLLM's connector (``nixl``: NixlConnector,
     #: NIXL over NVLink, InfiniBand/RoCE or TCP; ``lmcache``: LMCacheConnectorV1). Both run
     #: every replica as ``kv_both``; the gateway's calls decide which side each one plays.
-    connector: Literal["nixl", "lmcache"] = "nixl"
+    #: ``shared-storage``: vLLM's ExampleConnector, a debug connector that writes each prompt's
+    #: KV cache to files under ``sharedStoragePath`` keyed by the prompt, with no handshake —
+    #: for trying disaggregation on one machine (it runs on vLLM's CPU build), not production.
+    connector: Literal["nixl", "lmcache", "shared-storage"] = "nixl"
+    #: The directory both pools read and write (``shared-storage`` only; required there).
+    shared_storage_path: str | None = Field(default=None, min_length=1, max_length=4096)
     #: Prompts with fewer uncached tokens than this prefill where they decode.
     min_remote_prefill_tokens: int = Field(
         default=DEFAULT_MIN_REMOTE_PREFILL_TOKENS, ge=0, le=1_048_576
     )
+
+    @model_validator(mode="after")
+    def _storage(self) -> DisaggregationSpec:
+        if (self.connector == "shared-storage") != (self.shared_storage_path is not None):
+            raise PydanticCustomError(
+                "gpufleet_path",
+                "{path}.sharedStoragePath goes with {path}.connector: shared-storage, and only "
+                "with it: set both (a directory both pools share) or neither",
+                {},
+            )
+        return self
 
 
 class ModelSpec(_Resource):

@@ -71,6 +71,11 @@ def check(model: Model, settings: RenderSettings) -> list[str]:
             "(set resources.gpus, or use engine llamacpp for CPU)"
         )
     if spec.disaggregation is not None:
+        if spec.disaggregation.connector == "shared-storage":
+            out.append(
+                f"{where}.disaggregation.connector shared-storage is vLLM's debug connector for "
+                "one machine (files in a local directory); on Kubernetes use nixl or lmcache"
+            )
         both = (("prefill", spec.disaggregation.prefill), ("decode", spec.disaggregation.decode))
         for role, pool in both:
             field = f"{where}.disaggregation.{role}"
