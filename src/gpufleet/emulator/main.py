@@ -11,6 +11,12 @@ Disaggregated serving (``kvtransfer``): ``--kv-role`` is vLLM's ``kv_role`` (def
 ``infiniband``: prefill and decode replicas on different nodes), ``--kv-link-gbytes-per-s`` and
 ``--kv-transfer-latency-ms`` override its bandwidth (per link: per GPU, or per host for ``tcp``)
 and its per-transfer latency.
+
+KV-cache events: ``--kv-events-config JSON`` is vLLM's flag with vLLM's fields
+(``enable_kv_cache_events``, ``publisher`` ``zmq``, ``endpoint`` default ``tcp://*:5557``,
+``replay_endpoint``, ``buffer_steps``, ``hwm``, ``max_queue_size``, ``topic``); replica ``i``
+publishes on the endpoint's port + ``i`` (``kv_publisher``), and ``GET /kv_event_sources`` says
+where.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpufleet.emulator.engine import EmulatedEngine, Faults
+from gpufleet.emulator.kv_publisher import KvEventsConfig, parse_kv_events_config
 from gpufleet.emulator.kvcache import kv_capacity_tokens
 from gpufleet.emulator.kvtransfer import DEFAULT_KV_LINK, KV_LINKS, KV_ROLES, KVRole, kv_link
 from gpufleet.emulator.server import ReplicaServer
@@ -48,6 +55,7 @@ class EmulatorOptions:
     host: str = "127.0.0.1"
     port: int = 8100
     max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # None: vLLM's default for the GPU
     kv_tokens: int | None = None
     gpu_memory_utilization: float = 0.9
     time_scale: float = 1.0
@@ -59,6 +67,7 @@ class EmulatorOptions:
     kv_link: str = DEFAULT_KV_LINK
     kv_link_gbytes_per_s: float | None = None  # None: the link's own
     kv_transfer_latency_ms: float | None = None  # None: the link's own
+    kv_events: KvEventsConfig | None = None  # None: no KV-cache events
 
 
 def build_replicas(opts: EmulatorOptions, *, exit_on_crash: bool = False) -> list[ReplicaServer]:
@@ -86,6 +95,7 @@ def build_replicas(opts: EmulatorOptions, *, exit_on_crash: bool = False) -> lis
             faults,
             seed=opts.seed + i,
             kv_link=link,
+            max_num_batched_tokens=opts.max_num_batched_tokens,
         )
         servers.append(
             ReplicaServer(
@@ -95,6 +105,7 @@ def build_replicas(opts: EmulatorOptions, *, exit_on_crash: bool = False) -> lis
                 on_crash=on_crash,
                 api_key=opts.api_key,
                 kv_role=opts.kv_role,
+                kv_events=opts.kv_events.for_replica(i) if opts.kv_events is not None else None,
             )
         )
     return servers
@@ -113,6 +124,11 @@ def parse_args(argv: list[str]) -> EmulatorOptions:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8100)
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        help="token budget per step, decodes and prompt chunks (default: vLLM's for the GPU)",
+    )
     p.add_argument(
         "--kv-tokens", type=int, help="KV cache size in tokens (default: from GPU memory)"
     )
@@ -152,6 +168,13 @@ def parse_args(argv: list[str]) -> EmulatorOptions:
     p.add_argument(
         "--kv-transfer-latency-ms", type=float, help="override the link's per-transfer latency"
     )
+    p.add_argument(
+        "--kv-events-config",
+        metavar="JSON",
+        help="publish KV-cache events as vLLM does, with vLLM's config: "
+        "enable_kv_cache_events, publisher (zmq), endpoint (default tcp://*:5557; "
+        "replica i on port + i), replay_endpoint, topic",
+    )
     a = p.parse_args(argv)
     try:
         arch = load_architecture(a.arch)
@@ -161,10 +184,18 @@ def parse_args(argv: list[str]) -> EmulatorOptions:
         p.error("--replicas and --tp must be ≥ 1")
     if a.time_scale <= 0:
         p.error("--time-scale must be > 0")
+    if a.max_num_batched_tokens is not None and a.max_num_batched_tokens < a.max_num_seqs:
+        p.error("--max-num-batched-tokens must be ≥ --max-num-seqs (as vLLM requires)")
     if a.kv_link_gbytes_per_s is not None and a.kv_link_gbytes_per_s <= 0:
         p.error("--kv-link-gbytes-per-s must be > 0")
     if a.kv_transfer_latency_ms is not None and a.kv_transfer_latency_ms < 0:
         p.error("--kv-transfer-latency-ms must be ≥ 0")
+    kv_events = None
+    if a.kv_events_config is not None:
+        try:
+            kv_events = parse_kv_events_config(a.kv_events_config)
+        except ValueError as exc:
+            p.error(str(exc))
     return EmulatorOptions(
         arch=arch,
         name=a.name or arch.name or "emulated",
@@ -174,6 +205,7 @@ def parse_args(argv: list[str]) -> EmulatorOptions:
         host=a.host,
         port=a.port,
         max_num_seqs=a.max_num_seqs,
+        max_num_batched_tokens=a.max_num_batched_tokens,
         kv_tokens=a.kv_tokens,
         gpu_memory_utilization=a.gpu_memory_utilization,
         time_scale=a.time_scale,
@@ -185,6 +217,7 @@ def parse_args(argv: list[str]) -> EmulatorOptions:
         kv_link=a.kv_link,
         kv_link_gbytes_per_s=a.kv_link_gbytes_per_s,
         kv_transfer_latency_ms=a.kv_transfer_latency_ms,
+        kv_events=kv_events,
     )
 
 

@@ -14,6 +14,18 @@ decode call, which pulls that KV over the replica's link and decodes without pre
 answer and stream exactly a plain request's (``cached_tokens``: blocks found in this replica's
 own cache). Malformed params, a decode call naming another prompt's blocks, and a call the
 replica's ``kv_role`` refuses get a 400 naming the field, in OpenAI's error shape.
+
+KV events (``kv_publisher``): with a ``kv_events`` config that publishes, the replica's cache
+reports to a ``BlockEventLog`` (each prompt described before it is submitted, so stored blocks
+carry their token ids) and a ``KvEventPublisher`` sends them as vLLM does; ``GET
+/kv_event_sources`` answers as vLLM 0.32 (``{"0": config}``, ``{}`` without events). ``POST
+/tokenize`` is vLLM's: ``{"model", "prompt"}`` or ``{"model", "messages",
+"add_generation_prompt"?}`` → ``{"count", "max_model_len", "tokens", "token_strs": null}``,
+the very token ids a chat or completion request with that body puts in the cache — the gateway
+keys its view of the replica's blocks (``routing.kv_events``) from them. ``POST
+/reset_prefix_cache`` (vLLM's dev-mode route) drops the cached blocks (``{"success": false}``
+while sequences run) and publishes ``AllBlocksCleared``. Like vLLM, none of these three sits
+under ``/v1``, so an ``api_key`` does not guard them.
 """
 
 from __future__ import annotations
@@ -38,7 +50,8 @@ from gpufleet.emulator.engine import (
     RequestStats,
     Token,
 )
-from gpufleet.emulator.kvcache import block_hashes, tokenize
+from gpufleet.emulator.kv_publisher import KvEventPublisher, KvEventsConfig
+from gpufleet.emulator.kvcache import BlockEventLog, block_hashes, tokenize
 from gpufleet.emulator.kvtransfer import (
     KV_ROLES,
     BadTransferParams,
@@ -57,15 +70,23 @@ _HEADERS = {"x-gpufleet-emulator": "1"}
 _GUARDED = ("/v1/", "/emulator/")
 
 
-def render_chat(messages: Iterable[dict[str, Any]]) -> str:
-    """A stable rendering of chat messages (a stand-in chat template)."""
+def render_chat(messages: Iterable[dict[str, Any]], *, generation_prompt: bool = True) -> str:
+    """A stable rendering of chat messages (a stand-in chat template); ``generation_prompt``
+    opens the assistant's turn, as a chat request always does."""
     parts = []
     for m in messages:
         content = m.get("content")
         if isinstance(content, list):
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         parts.append(f"<|{m.get('role', 'user')}|>\n{content or ''}\n")
-    return "".join(parts) + "<|assistant|>\n"
+    return "".join(parts) + ("<|assistant|>\n" if generation_prompt else "")
+
+
+def _completion_text(prompt: Any) -> str | None:
+    """A completion body's ``prompt`` as the text it stands for; None if it is not one."""
+    if isinstance(prompt, list):
+        prompt = "".join(str(p) for p in prompt)
+    return prompt if isinstance(prompt, str) else None
 
 
 def _error(
@@ -87,6 +108,7 @@ class ReplicaServer:
         on_crash: Callable[[], None] | None = None,
         api_key: str | None = None,
         kv_role: KVRole = "kv_both",
+        kv_events: KvEventsConfig | None = None,
     ) -> None:
         if kv_role not in KV_ROLES:
             raise ValueError(f"kv_role must be one of {', '.join(KV_ROLES)} (got {kv_role!r})")
@@ -114,7 +136,17 @@ class ReplicaServer:
         self.app.router.add_get("/emulator/v1/faults", self._get_faults)
         self.app.router.add_put("/emulator/v1/faults", self._put_faults)
         self.app.router.add_post("/emulator/v1/crash", self._crash_now)
+        self.app.router.add_post("/tokenize", self._tokenize)
+        self.app.router.add_get("/kv_event_sources", self._kv_event_sources)
+        self.app.router.add_post("/reset_prefix_cache", self._reset_prefix_cache)
         self._open: set[asyncio.BaseTransport] = set()
+        #: The cache's KV events and their publisher, when ``kv_events`` publishes.
+        self.kv_log: BlockEventLog | None = None
+        self.kv_publisher: KvEventPublisher | None = None
+        if kv_events is not None and kv_events.publishes:
+            self.kv_log = BlockEventLog(max_described=min(1 << 16, 2 * engine.cache.capacity))
+            engine.cache.listener = self.kv_log
+            self.kv_publisher = KvEventPublisher(kv_events, self.kv_log)
 
     @web.middleware
     async def _authenticate(
@@ -181,12 +213,43 @@ class ReplicaServer:
         body = await self._body(request)
         if isinstance(body, web.Response):
             return body
-        prompt = body.get("prompt")
-        if isinstance(prompt, list):
-            prompt = "".join(str(p) for p in prompt)
-        if not isinstance(prompt, str):
+        prompt = _completion_text(body.get("prompt"))
+        if prompt is None:
             return _error(400, "'prompt' must be a string")
         return await self._serve(request, body, prompt, chat=False)
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's ``POST /tokenize``: the token ids a request with these messages or this
+        prompt is cached as."""
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
+        if "messages" in body:
+            messages = body["messages"]
+            if not isinstance(messages, list) or not messages:
+                return _error(400, "'messages' must be a non-empty array", param="messages")
+            generation = body.get("add_generation_prompt", True)
+            if body.get("continue_final_message") and generation:
+                return _error(400, "Cannot set both `continue_final_message` and "
+                              "`add_generation_prompt` to True.")  # fmt: skip
+            text = render_chat(messages, generation_prompt=bool(generation))
+        else:
+            prompt = _completion_text(body.get("prompt"))
+            if prompt is None:
+                return _error(400, "'prompt' or 'messages' is required", param="prompt")
+            text = prompt
+        tokens = tokenize(text)
+        answer = {"count": len(tokens), "max_model_len": self.engine.perf.arch.max_context,
+                  "tokens": tokens, "token_strs": None}  # fmt: skip
+        return web.json_response(answer, headers=_HEADERS)
+
+    async def _kv_event_sources(self, _: web.Request) -> web.Response:
+        sources = self.kv_publisher.sources() if self.kv_publisher is not None else {}
+        return web.json_response(sources, headers=_HEADERS)
+
+    async def _reset_prefix_cache(self, _: web.Request) -> web.Response:
+        self.engine.poll()  # finished sequences release their blocks first
+        return web.json_response({"success": self.engine.cache.reset()}, headers=_HEADERS)
 
     async def _body(self, request: web.Request) -> dict[str, Any] | web.Response:
         if not self.engine.ready:
@@ -224,6 +287,8 @@ class ReplicaServer:
         except BadTransferParams as exc:
             return _error(400, str(exc), param=exc.field)
         stats = RequestStats(prompt_tokens=len(prompt))
+        if self.kv_log is not None:
+            self.kv_log.describe(prompt)  # the token ids its stored blocks will be published with
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         stream = body.get("stream") is True
         remote_tp = None
@@ -357,6 +422,8 @@ class ReplicaServer:
         await self.site.start()
         self.host, self.port = host, port
         self._runner = runner
+        if self.kv_publisher is not None:
+            await self.kv_publisher.start()
 
     async def crash(self) -> None:
         """Stop answering: the listening socket closes, new connections are refused."""
@@ -366,10 +433,14 @@ class ReplicaServer:
         if self.site is not None:
             site, self.site = self.site, None
             await site.stop()
+        if self.kv_publisher is not None:
+            await self.kv_publisher.close()  # a dead engine's socket closes with it
         if self.on_crash is not None:
             self.on_crash()
 
     async def stop(self) -> None:
+        if self.kv_publisher is not None:
+            await self.kv_publisher.close()
         await self._runner.cleanup()
 
 
