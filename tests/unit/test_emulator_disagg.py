@@ -20,6 +20,7 @@ from gpufleet.emulator.kvtransfer import (
 )
 from gpufleet.emulator.main import build_replicas, parse_args
 from gpufleet.emulator.model import EngineModel, Generation, RemoteKV
+from gpufleet.emulator.steps import StepCost
 from gpufleet.hardware import CATALOG
 from gpufleet.sizing import load_architecture
 from gpufleet.sizing.performance import PerfModel
@@ -88,12 +89,14 @@ def test_a_remote_kv_generation_gets_its_first_token_a_decode_step_after_its_pul
     assert model.prompt_tokens_total == 2000 and model.running == 0 and model.cache.usage == 0
 
 
-def test_a_pull_does_not_use_the_prefill_lane() -> None:
+def test_a_pull_takes_no_token_of_any_step() -> None:
     model = EngineModel(PERF, 400_000)
     model.submit(prompt(8000), 5, now=0.0, remote=INFINIBAND)
     local = model.submit(prompt(500, start=10_000), 5, now=0.0)
-    assert local.first_token_at == pytest.approx(PERF.ttft_s(500))  # not behind the pull
     run(model)
+    # Its prompt alone in its step: neither behind the pull nor sharing the step with it.
+    alone = PERF.request_overhead_s + StepCost.of(PERF).seconds(0, 0, 500, 500)
+    assert local.first_token_at == pytest.approx(alone, rel=1e-12)
 
 
 def test_blocks_cached_here_are_not_pulled() -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from gpufleet.emulator.steps import StepCost
 from gpufleet.sim import (
     Objectives,
     SharedPrefix,
@@ -111,7 +112,7 @@ def test_one_replica_with_fixed_service_waits_as_m_d_1() -> None:
     sized: SimModel = sim_model(spec)
     assert sized.max_num_seqs == 1
     perf = sized.engine(None).perf
-    service = perf.ttft_s(1000)
+    service = perf.request_overhead_s + StepCost.of(perf).seconds(0, 0, 1000, 1000)  # one step
     rho = 0.6
     rng = random.Random(11)
 

@@ -1,7 +1,7 @@
 """One emulated engine replica on the wall clock: a thin asyncio shell over ``EngineModel``.
 
-The model (``model``) decides everything about timing — admission, prefill, continuous-batch
-decode, the KV cache — in model time. This shell maps the wall clock onto it, with
+The model (``model``) decides everything about timing — admission, steps that carry decodes
+and chunks of prompts within a token budget, the KV cache — in model time. This shell maps the wall clock onto it, with
 ``time_scale`` stretching or shrinking every delay so tests run a slow GPU quickly, and owns what
 only a live replica has: injected faults, readiness, and the requests in flight.
 
@@ -101,6 +101,7 @@ class EmulatedEngine:
         faults: Faults | None = None,
         seed: int = 0,
         kv_link: KVLink | None = None,
+        max_num_batched_tokens: int | None = None,
     ) -> None:
         if time_scale <= 0:
             raise ValueError(f"time_scale must be > 0 (got {time_scale})")
@@ -110,7 +111,8 @@ class EmulatedEngine:
         self.faults = faults if faults is not None else Faults()
         self.seed = seed
         self.kv_link = kv_link if kv_link is not None else KV_LINKS[DEFAULT_KV_LINK]
-        self.model = EngineModel(perf, kv_capacity_tokens, max_num_seqs)
+        #: None: vLLM's default for the GPU (``model.default_max_num_batched_tokens``).
+        self.model = EngineModel(perf, kv_capacity_tokens, max_num_seqs, max_num_batched_tokens)
         self.arrived = 0
         self.crashed = False
         self.started_at = time.monotonic()
@@ -137,6 +139,10 @@ class EmulatedEngine:
     @property
     def waiting(self) -> int:
         return self.model.waiting
+
+    @property
+    def max_num_batched_tokens(self) -> int:
+        return self.model.max_num_batched_tokens
 
     @property
     def prefix_queries(self) -> int:
