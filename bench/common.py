@@ -53,9 +53,57 @@ def wait_http(url: str, timeout: float = 120.0) -> float:
     raise TimeoutError(url)
 
 
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(urllib.request.Request(url, headers=AUTH), timeout=10) as resp:
+def get_json(url: str, timeout: float = 10.0) -> Any:
+    request = urllib.request.Request(url, headers=AUTH)
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
         return json.loads(resp.read())
+
+
+def start_up(data: Path, spec: Path, port: int) -> subprocess.Popen[str]:
+    """``gpufleet up`` on ``port`` serving ``spec`` (the bench key its admin key), once it
+    prints its ready line; its stderr goes to ``up-<port>.log`` beside ``data``."""
+    log = data.parent / f"up-{port}.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpufleet", "up", "--port", str(port), "--data-dir", str(data),
+         "-f", str(spec)],
+        stdout=subprocess.PIPE, stderr=log.open("w"), text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "GPUFLEET_ADMIN_KEY": BENCH_KEY},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("gpufleet ready: "):
+            return proc
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(
+        f"gpufleet up never became ready:\n{log.read_text(errors='replace')[-3000:]}"
+    )
+
+
+def wait_ready(server: str, model: str, replicas: int, timeout: float = 120.0) -> None:
+    """Until ``replicas`` of ``model`` are Ready on the ``gpufleet up`` at ``server``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            rows = get_json(server + "/admin/v1/replicas", 30.0)["replicas"]
+            if sum(r["model"] == model and r["phase"] == "Ready" for r in rows) >= replicas:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{replicas} replicas of {model} not ready within {timeout:.0f} s")
+
+
+def emulated_prompt(index: int, tokens: int) -> str:
+    """Exactly ``tokens`` tokens under the emulator's stand-in tokenizer
+    (``emulator.kvcache.tokenize``): a unique first piece (a 4-digit base-36 id, so no request
+    reuses another's KV blocks) and then ``" tok"`` pieces."""
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    head = "".join(digits[(index // 36**k) % 36] for k in range(4))
+    return head + " tok" * (tokens - 1)
 
 
 def pct(values: list[float], q: float) -> float:

@@ -51,20 +51,26 @@ import asyncio
 import itertools
 import json
 import math
-import os
 import random
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
-from common import BENCH_KEY, ROOT, free_port, pct, stop, table
+from common import (
+    BENCH_KEY,
+    ROOT,
+    emulated_prompt,
+    free_port,
+    pct,
+    start_up,
+    stop,
+    table,
+    wait_ready,
+)
 from gpufleet.emulator.kvcache import kv_capacity_tokens
 from gpufleet.emulator.kvtransfer import DEFAULT_KV_LINK, KV_LINKS, remote_kv
 from gpufleet.emulator.model import default_max_num_batched_tokens
@@ -108,14 +114,6 @@ def trace(rate: float, duration: float, seed: int) -> list[Request]:
         out.append(Request(at, prompt, round(prompt * OUTPUT_SHARE)))
         at += rng.expovariate(rate)
     return out
-
-
-def prompt_text(index: int, tokens: int) -> str:
-    """Exactly ``tokens`` tokens under the emulator's stand-in tokenizer: a unique first piece
-    (so no request reuses another's KV blocks) and then ``" tok"`` pieces."""
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    head = "".join(digits[(index // 36**k) % 36] for k in range(4))
-    return head + " tok" * (tokens - 1)
 
 
 @dataclass(frozen=True)
@@ -184,7 +182,7 @@ class Outcome:
 async def one(http: aiohttp.ClientSession, url: str, index: int, r: Request, due: float) -> Outcome:
     body = {
         "model": MODEL,
-        "prompt": prompt_text(index, r.prompt),
+        "prompt": emulated_prompt(index, r.prompt),
         "max_tokens": r.output,
         "stream": True,
     }
@@ -231,49 +229,6 @@ async def replay(
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(http, url, i, r, due), name=f"request-{i}"))
         return list(await asyncio.gather(*tasks)), start
-
-
-def start_up(data: Path, spec: Path, port: int) -> subprocess.Popen[str]:
-    log = data.parent / f"up-{port}.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gpufleet", "up", "--port", str(port), "--data-dir", str(data),
-         "-f", str(spec)],
-        stdout=subprocess.PIPE, stderr=log.open("w"), text=True, cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "GPUFLEET_ADMIN_KEY": BENCH_KEY},
-    )  # fmt: skip
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("gpufleet ready: "):
-            return proc
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError(
-        f"gpufleet up never became ready:\n{log.read_text(errors='replace')[-3000:]}"
-    )
-
-
-def admin_get(server: str, path: str) -> Any:
-    request = urllib.request.Request(
-        server + path, headers={"authorization": f"Bearer {BENCH_KEY}"}
-    )
-    with urllib.request.urlopen(request, timeout=30) as resp:
-        return json.loads(resp.read())
-
-
-def wait_ready(server: str, replicas: int, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            rows = admin_get(server, "/admin/v1/replicas")["replicas"]
-            if sum(r["model"] == MODEL and r["phase"] == "Ready" for r in rows) >= replicas:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{replicas} replicas of {MODEL} not ready within {timeout:.0f} s")
 
 
 def paths(server: str) -> dict[str, float]:
@@ -342,7 +297,7 @@ def run_fleet(
     server = f"http://127.0.0.1:{port}"
     proc = start_up(tmp / f"data-{name}-{rate:g}", spec, port)
     try:
-        wait_ready(server, GPUS)
+        wait_ready(server, MODEL, GPUS)
         outcomes, start = asyncio.run(replay(server, requests, scale))
         counted = paths(server) if prefill is not None else {}
     finally:

@@ -47,9 +47,6 @@ import dataclasses
 import datetime as dt
 import json
 import math
-import os
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.parse
@@ -60,7 +57,7 @@ from typing import Any
 
 from openai import AsyncOpenAI
 
-from common import BENCH_KEY, ROOT, table
+from common import BENCH_KEY, ROOT, emulated_prompt, get_json, start_up, table, wait_ready
 from gpufleet.emulator.main import EmulatorOptions
 from gpufleet.hardware import accelerator, load_inventory
 from gpufleet.policies.latency import Timing
@@ -109,14 +106,6 @@ def inventory_yaml() -> str:
     )
 
 
-def prompt_text(index: int, tokens: int) -> str:
-    """Exactly ``tokens`` tokens under ``emulator.kvcache.tokenize``: a unique first piece (a
-    4-digit base-36 id) and then ``" tok"`` pieces."""
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    head = "".join(digits[(index // 36**k) % 36] for k in range(4))
-    return head + " tok" * (tokens - 1)
-
-
 # --- the live run -----------------------------------------------------------------------------
 
 
@@ -145,7 +134,7 @@ async def one(
     try:
         stream = await client.completions.create(
             model=MODEL,
-            prompt=prompt_text(index, prompt),
+            prompt=emulated_prompt(index, prompt),
             max_tokens=output,
             stream=True,
             stream_options={"include_usage": True},
@@ -189,47 +178,6 @@ async def replay(
     return list(outcomes), start_epoch, end_epoch
 
 
-def admin_get(server: str, path: str) -> Any:
-    request = urllib.request.Request(
-        server + path, headers={"authorization": f"Bearer {BENCH_KEY}"}
-    )
-    with urllib.request.urlopen(request, timeout=30) as resp:
-        return json.loads(resp.read())
-
-
-def wait_ready(server: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            rows = admin_get(server, "/admin/v1/replicas")["replicas"]
-            if sum(r["model"] == MODEL and r["phase"] == "Ready" for r in rows) >= REPLICAS:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{REPLICAS} replicas of {MODEL} not ready within {timeout:.0f} s")
-
-
-def start_up(data: Path, spec: Path, port: int) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gpufleet", "up", "--port", str(port), "--data-dir", str(data),
-         "-f", str(spec)],
-        stdout=subprocess.PIPE, stderr=(data.parent / "up-stderr.log").open("w"), text=True,
-        cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", "GPUFLEET_ADMIN_KEY": BENCH_KEY},
-    )  # fmt: skip
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("gpufleet ready: "):
-            return proc
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    log = (data.parent / "up-stderr.log").read_text(errors="replace")
-    raise RuntimeError(f"gpufleet up never became ready:\n{log[-3000:]}")
-
-
 @dataclass
 class Live:
     outcomes: list[Outcome]
@@ -253,7 +201,7 @@ def engine_means(server: str) -> tuple[float, float, float, float]:
         "vllm:e2e_request_latency_seconds_sum",
         "vllm:e2e_request_latency_seconds_count",
     )
-    for row in admin_get(server, "/admin/v1/replicas")["replicas"]:
+    for row in get_json(server + "/admin/v1/replicas", 30.0)["replicas"]:
         if row["model"] != MODEL or not row.get("url"):
             continue
         with urllib.request.urlopen(row["url"] + "/metrics", timeout=10) as resp:
@@ -272,7 +220,7 @@ def run_live(trace_csv: Path, spec: Path, scale: float, tmp: Path) -> Live:
     server = f"http://127.0.0.1:{port}"
     proc = start_up(tmp / "data", spec, port)
     try:
-        wait_ready(server)
+        wait_ready(server, MODEL, REPLICAS)
         before = engine_means(server)
         outcomes, since, until = asyncio.run(replay(server + "/v1", requests, scale))
         after = engine_means(server)
@@ -283,11 +231,11 @@ def run_live(trace_csv: Path, spec: Path, scale: float, tmp: Path) -> Live:
                 "until": dt.datetime.fromtimestamp(until, dt.UTC).isoformat(),
             }
         )
-        report = admin_get(server, "/admin/v1/report?" + query)
+        report = get_json(server + "/admin/v1/report?" + query, 30.0)
         back = urllib.parse.urlencode(
             {"since": dt.datetime.fromtimestamp(since, dt.UTC).isoformat(), "step": 600}
         )
-        gateway = admin_get(server, f"/admin/v1/models/{MODEL}/latency?{back}")["summary"]
+        gateway = get_json(server + f"/admin/v1/models/{MODEL}/latency?{back}", 30.0)["summary"]
     finally:
         stop(proc)
     store = Store.open(sqlite_url(tmp / "data"))
