@@ -123,6 +123,18 @@ REJECTED: list[Rejected] = [
         "cannot serve prefill and decode apart",
     ),
     Rejected(
+        "precise-prefix-index-on-llamacpp",
+        model("bad", engine="llamacpp", routing={"prefixIndex": "precise"}),
+        "spec.routing.prefixIndex",
+        "publishes no KV-cache events",
+    ),
+    Rejected(
+        "precise-prefix-index-without-the-prefix-policy",
+        model("bad", engine="vllm", routing={"policy": "round-robin", "prefixIndex": "precise"}),
+        "spec.routing.prefixIndex",
+        "precise feeds the prefix policy",
+    ),
+    Rejected(
         "prefill-pool-panic-window-longer-than-stable",
         model(
             "bad",

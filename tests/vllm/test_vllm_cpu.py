@@ -33,6 +33,7 @@ from tests.integration.fleet import (
     alive,
     assert_batch_answers_every_line,
     start_fleet,
+    wait_until,
 )
 from tests.vllm.setup import MODEL, NEEDS_VLLM, VENV, fleet_env
 
@@ -51,6 +52,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: smol-vllm}\n"
         f"spec:\n  source: file:{MODEL}\n  engine: vllm\n  contextLength: 2048\n"
         "  engineArgs: ['--enforce-eager', '--dtype', 'bfloat16', '--max-num-seqs', '2']\n"
+        # vLLM publishes its KV-cache events and the gateway routes on them.
+        "  routing: {prefixIndex: precise}\n"
     )
     env = fleet_env(work)
     fleet = start_fleet(root / "data", spec, env=env, timeout=600)
@@ -134,6 +137,45 @@ def test_shared_prefix_hits_the_prefix_cache(fleet: Fleet) -> None:
         )
     gained = parse_vllm(metrics(fleet)).prefix_hits - before
     assert gained >= 256, gained  # the second request reused the system prompt's blocks
+
+
+def gateway_metric(fleet: Fleet, name: str, **labels: str) -> float:
+    request = urllib.request.Request(
+        fleet.server + "/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        text = resp.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_precise_routing_reads_vllms_own_events_and_tokenizer(fleet: Fleet) -> None:
+    """The gateway follows vLLM's KV-cache event stream (the runtime gave it
+    ``--kv-events-config``) and tokenizes every prompt on vLLM's ``/tokenize``: each request is
+    routed on the precise view, and the index holds the blocks vLLM cached."""
+    (replica,) = fleet.replicas("smol-vllm")
+    client = OpenAI(base_url=fleet.base_url, api_key=ADMIN_KEY, max_retries=0, timeout=120)
+    messages = [{"role": "system", "content": SHARED_SYSTEM + " Precisely."}]
+    client.chat.completions.create(
+        model="smol-vllm", messages=[*messages, {"role": "user", "content": "Hi?"}], max_tokens=1
+    )
+    blocks = "gpufleet_prefix_index_blocks"
+    wait_until(lambda: gateway_metric(fleet, blocks, replica=replica["id"]) >= 16, timeout=60)
+    precise = gateway_metric(fleet, "gpufleet_prefix_lookups_total", index="precise")
+    approximate = gateway_metric(fleet, "gpufleet_prefix_lookups_total", index="approximate")
+    for question in ("Where is my parcel?", "Can I change the address?"):
+        client.chat.completions.create(
+            model="smol-vllm",
+            messages=[*messages, {"role": "user", "content": question}],
+            max_tokens=1,
+        )
+    assert gateway_metric(fleet, "gpufleet_prefix_lookups_total", index="precise") == precise + 2
+    assert (
+        gateway_metric(fleet, "gpufleet_prefix_lookups_total", index="approximate") == approximate
+    )
 
 
 def test_emulator_speaks_vllms_metric_names(fleet: Fleet) -> None:

@@ -7,7 +7,15 @@ benchmark hook, runs a command of the benchmark's in its place (see ``engines/em
 
 from __future__ import annotations
 
-from gpufleet.engines.base import LOCAL, EngineAdapter, Launch, Placement, ReadinessProbe
+from gpufleet.engines.base import (
+    KV_EVENTS_TOPIC,
+    LOCAL,
+    EngineAdapter,
+    KvEvents,
+    Launch,
+    Placement,
+    ReadinessProbe,
+)
 from gpufleet.engines.emulator import EmulatorEngine
 from gpufleet.engines.llamacpp import LlamaCppEngine
 from gpufleet.engines.metrics import EngineLoad, parse_exposition, parse_sglang, parse_vllm
@@ -17,9 +25,11 @@ from gpufleet.errors import EngineUnavailableError
 
 __all__ = [
     "ADAPTERS",
+    "KV_EVENTS_TOPIC",
     "LOCAL",
     "EngineAdapter",
     "EngineLoad",
+    "KvEvents",
     "Launch",
     "Placement",
     "ReadinessProbe",

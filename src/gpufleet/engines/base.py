@@ -6,6 +6,7 @@ process, the Kubernetes runtime into a container, so both share one adapter per 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -15,10 +16,12 @@ from gpufleet.spec import ModelSpec
 
 __all__ = [
     "ENGINE_KEY_ENV",
+    "KV_EVENTS_TOPIC",
     "LIVENESS_PATH",
     "LLAMACPP_COUNT_PATH",
     "LOCAL",
     "EngineAdapter",
+    "KvEvents",
     "Launch",
     "Placement",
     "ReadinessProbe",
@@ -87,6 +90,33 @@ class Placement:
 
 LOCAL = Placement()
 
+#: The topic engines publish KV-cache events under (vLLM's default is "", every topic).
+KV_EVENTS_TOPIC = "kv-events"
+
+
+@dataclass(frozen=True, slots=True)
+class KvEvents:
+    """Where a replica publishes its KV-cache events (``routing.prefixIndex: precise``): a
+    ZeroMQ PUB socket on ``port`` and the replay ROUTER on ``replay_port``, both bound on
+    every interface — vLLM's ``--kv-events-config``, which the emulator takes as well."""
+
+    port: int
+    replay_port: int
+    topic: str = KV_EVENTS_TOPIC
+
+    def config(self) -> str:
+        """The ``--kv-events-config`` JSON."""
+        return json.dumps(
+            {
+                "enable_kv_cache_events": True,
+                "publisher": "zmq",
+                "endpoint": f"tcp://*:{self.port}",
+                "replay_endpoint": f"tcp://*:{self.replay_port}",
+                "topic": self.topic,
+            },
+            separators=(",", ":"),
+        )
+
 
 class EngineAdapter(Protocol):
     name: str
@@ -109,9 +139,11 @@ class EngineAdapter(Protocol):
         port: int,
         placement: Placement = ...,
         api_key: str | None = None,
+        kv_events: KvEvents | None = None,
     ) -> Launch:
         """How to start the engine; with ``api_key`` it refuses requests without that key on
-        its API routes (its liveness path stays open)."""
+        its API routes (its liveness path stays open); with ``kv_events`` it publishes its
+        KV-cache events there (only engines in ``spec.KV_EVENT_ENGINES`` are asked)."""
 
     def parse_metrics(self, text: str) -> EngineLoad | None:
         """The engine's ``/metrics`` text as common load signals; None if it has none."""

@@ -24,7 +24,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from gpufleet.engines.base import ENGINE_KEY_ENV, LOCAL, Launch, Placement, ReadinessProbe
+from gpufleet.engines.base import ENGINE_KEY_ENV, LOCAL, KvEvents, Launch, Placement, ReadinessProbe
 from gpufleet.engines.metrics import EngineLoad, parse_vllm
 from gpufleet.spec import ModelSpec
 
@@ -62,6 +62,7 @@ class EmulatorEngine:
         port: int,
         placement: Placement = LOCAL,
         api_key: str | None = None,
+        kv_events: KvEvents | None = None,
     ) -> Launch:
         env = {ENGINE_KEY_ENV: api_key} if api_key is not None else {}
         if self.command is not None:
@@ -81,6 +82,8 @@ class EmulatorEngine:
         ]  # fmt: skip
         if placement.memory_fraction is not None:
             argv += ["--gpu-memory-utilization", f"{placement.memory_fraction:.3f}"]
+        if kv_events is not None and "--kv-events-config" not in spec.engine_args:
+            argv += ["--kv-events-config", kv_events.config()]
         argv += spec.engine_args
         return Launch(
             argv=tuple(argv),

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from gpufleet.engines.base import ENGINE_KEY_ENV, LOCAL, Launch, Placement, ReadinessProbe
+from gpufleet.engines.base import ENGINE_KEY_ENV, LOCAL, KvEvents, Launch, Placement, ReadinessProbe
 from gpufleet.engines.metrics import EngineLoad
 from gpufleet.spec import ModelSpec
 
@@ -44,6 +44,7 @@ class LlamaCppEngine:
         port: int,
         placement: Placement = LOCAL,
         api_key: str | None = None,
+        kv_events: KvEvents | None = None,
     ) -> Launch:
         if weights.is_dir():
             ggufs = sorted(weights.glob("*.gguf"))

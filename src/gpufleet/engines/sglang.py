@@ -10,7 +10,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from gpufleet.engines.base import LOCAL, Launch, Placement, ReadinessProbe
+from gpufleet.engines.base import LOCAL, KvEvents, Launch, Placement, ReadinessProbe
 from gpufleet.engines.metrics import EngineLoad, parse_sglang
 from gpufleet.spec import ModelSpec
 
@@ -37,6 +37,7 @@ class SglangEngine:
         port: int,
         placement: Placement = LOCAL,
         api_key: str | None = None,
+        kv_events: KvEvents | None = None,
     ) -> Launch:
         argv = [
             sys.executable, "-m", "sglang.launch_server",

@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from gpufleet.engines.base import LOCAL, Launch, Placement, ReadinessProbe
+from gpufleet.engines.base import LOCAL, KvEvents, Launch, Placement, ReadinessProbe
 from gpufleet.engines.metrics import EngineLoad, parse_vllm
 from gpufleet.spec import ModelSpec
 
@@ -70,6 +70,7 @@ class VllmEngine:
         port: int,
         placement: Placement = LOCAL,
         api_key: str | None = None,
+        kv_events: KvEvents | None = None,
     ) -> Launch:
         argv = [
             engine_python(), "-m", "vllm.entrypoints.openai.api_server",
@@ -97,6 +98,8 @@ class VllmEngine:
                     "shared_storage_path": pool.shared_storage_path
                 }
             argv += ["--kv-transfer-config", json.dumps(config, separators=(",", ":"))]
+        if kv_events is not None and "--kv-events-config" not in spec.engine_args:
+            argv += ["--kv-events-config", kv_events.config()]
         argv += spec.engine_args
         env = {"HF_HUB_OFFLINE": "1", **placement.device_env()}
         if api_key is not None:

@@ -123,7 +123,11 @@ def assemble(
     if isinstance(quotas, RedisQuotas):  # one Redis outage report: admissions', settlements'
         quotas.pending.outages = gateway.outages
     scraper = EngineScraper(
-        plane.directory, gateway.upstream, interval_s=scrape_s, on_tick=gateway.queues.poke_all
+        plane.directory,
+        gateway.upstream,
+        interval_s=scrape_s,
+        on_tick=gateway.queues.poke_all,
+        precise=gateway.upstream.precise,
     )
     gateway.metrics.engine_scrape_pause.set_function(lambda: scraper.pause)
     watch = LoopWatch(gateway.metrics.registry)

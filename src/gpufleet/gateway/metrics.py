@@ -83,6 +83,21 @@ class GatewayMetrics:
             ["model", "path"],
             registry=self.registry,
         )
+        self.prefix_lookups = Counter(
+            "gpufleet_prefix_lookups",
+            "Requests of routing.prefixIndex: precise models by the view they were routed on: "
+            "precise (the engines' KV-cache events), or approximate (no live event stream, or "
+            "the prompt could not be tokenized)",
+            ["model", "index"],
+            registry=self.registry,
+        )
+        self.prefix_index_blocks = Gauge(
+            "gpufleet_prefix_index_blocks",
+            "KV-cache blocks the gateway's index holds for a replica of a routing.prefixIndex: "
+            "precise model, from its engine's events (a subset of what the engine caches)",
+            ["model", "replica"],
+            registry=self.registry,
+        )
         self.fallbacks = Counter(
             "gpufleet_fallbacks",
             "Requests passed to a fallback model after the first could not serve them",

@@ -35,7 +35,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from starlette.responses import Response
@@ -60,6 +60,7 @@ from gpufleet.gateway.errors import (
     upstream_failed,
 )
 from gpufleet.gateway.metrics import GatewayMetrics
+from gpufleet.gateway.precise_prefix import PrecisePrefix
 from gpufleet.gateway.prefix_hints import RedisPrefixHints
 from gpufleet.gateway.streaming import Streams, first_event
 from gpufleet.gateway.upstream_http import (
@@ -181,6 +182,8 @@ class Upstream:
         self.prefill_demand = PrefillDemand()
         #: Engine load by replica id, kept fresh by the metrics scraper.
         self.loads: dict[str, EngineLoad] = {}
+        #: What precise models' engines hold, from their KV-cache events (the scraper syncs it).
+        self.precise = PrecisePrefix(blocks=metrics.prefix_index_blocks)
         #: The stream path (``streaming``), keeping these books.
         self._streams = Streams(
             metrics,
@@ -193,6 +196,7 @@ class Upstream:
         )
 
     async def close(self) -> None:
+        await self.precise.close()
         if self.hints is not None:
             await self.hints.close()
         if self._client is not None:
@@ -254,6 +258,7 @@ class Upstream:
         features: RequestFeatures,
         exclude: set[str],
         hints: Mapping[str, int] | None = None,
+        cached: Mapping[str, int] | None = None,
     ) -> tuple[Replica, Choice] | None:
         pool = entry.pool(self._draw()) if entry.canary is not None else entry.endpoints
         now = time.monotonic()
@@ -268,7 +273,7 @@ class Upstream:
         candidates = healthy or candidates  # all ejected: trying one beats refusing
         if not candidates:
             return None
-        choice = self._choose(self.policy(entry), features, candidates, hints)
+        choice = self._choose(self.policy(entry), features, candidates, hints, cached)
         if choice is None:
             return None
         if choice.endpoint in self._refused:  # this request is its probe: one at a time
@@ -305,7 +310,26 @@ class Upstream:
         remote: _Prefilled | None = None
         prefill_asked = entry.spec.disaggregation is None
         shared = None
-        if self.hints is not None and entry.spec.routing.policy in ("prefix", "session"):
+        cached: Mapping[str, int] | None = None
+        if entry.spec.routing.prefix_index == "precise":
+            view = await self.precise.lookup(
+                entry, route, body, (*entry.endpoints, *entry.prefill_endpoints)
+            )
+            self._metrics.prefix_lookups.labels(
+                entry.name, "approximate" if view is None else "precise"
+            ).inc()
+            if view is not None:
+                features = replace(features, prompt_tokens=view.prompt_tokens)
+                cached = view.cached_tokens
+        if (
+            cached is None
+            and self.hints is not None
+            and entry.spec.routing.policy
+            in (
+                "prefix",
+                "session",
+            )
+        ):
             shared = await self.hints.lookup(entry.name, features.blocks)
         started = time.perf_counter()
         tried: set[str] = set()
@@ -313,7 +337,7 @@ class Upstream:
         refusals = 0
         headers = {"content-type": "application/json", "x-request-id": request_id}
         for _ in range(self._max_attempts):
-            picked = self.pick(entry, features, tried, shared)
+            picked = self.pick(entry, features, tried, shared, cached)
             if picked is None:
                 break
             replica, choice = picked
@@ -321,9 +345,9 @@ class Upstream:
             prefill = max(0, features.prompt_tokens - choice.cached_blocks * PREFIX_BLOCK_TOKENS)
             if not prefill_asked:
                 prefill_asked = True
-                cached = features.prompt_tokens - prefill
+                held = features.prompt_tokens - prefill
                 remote = await self._prefill_remotely(
-                    entry, route, body, features, cached, request_id, weight, done
+                    entry, route, body, features, held, request_id, weight, done, cached
                 )
             send = body
             if remote is not None:
@@ -462,14 +486,16 @@ class Upstream:
         request_id: str,
         weight: float,
         done: Done | None,
+        cached: Mapping[str, int] | None = None,
     ) -> _Prefilled | None:
         """Prefill the prompt on a prefill replica: the decode call's body and what the
         prefill held, or None when the decode replica should prefill it itself (``disagg``).
-        A prefill call that fails reports its time through ``done.spent``."""
+        A prefill call that fails reports its time through ``done.spent``. ``cached``: the
+        engines' cached prefixes, when the model routes precisely."""
         path = local_reason(entry.spec, features.prompt_tokens, cached_tokens)
         if path is None:
             self.prefill_demand.wanted(entry.name)
-        replica = None if path is not None else self._pick_prefill(entry, features)
+        replica = None if path is not None else self._pick_prefill(entry, features, cached)
         if path is None and replica is None:
             path = "local_no_prefill_replica"
         if path is not None or replica is None:
@@ -546,7 +572,12 @@ class Upstream:
         send = decode_body(asked, params) if handshake else body
         return _Prefilled(send, replica.id, seconds)
 
-    def _pick_prefill(self, entry: ModelEntry, features: RequestFeatures) -> Replica | None:
+    def _pick_prefill(
+        self,
+        entry: ModelEntry,
+        features: RequestFeatures,
+        cached: Mapping[str, int] | None = None,
+    ) -> Replica | None:
         """A prefill replica for the prompt: the prefix policy over the prefill pool (its
         cache, its backlog of prompt tokens), leaving out those sitting out."""
         now = time.monotonic()
@@ -561,7 +592,7 @@ class Upstream:
         policy = self._policies.get(key)
         if policy is None:
             policy = self._policies[key] = make_policy("prefix")
-        choice = self._choose(policy, features, candidates)
+        choice = self._choose(policy, features, candidates, cached=cached)
         return None if choice is None else candidates[choice.endpoint]
 
     def _choose(
@@ -570,9 +601,11 @@ class Upstream:
         features: RequestFeatures,
         candidates: Mapping[str, Replica],
         hints: Mapping[str, int] | None = None,
+        cached: Mapping[str, int] | None = None,
     ) -> Choice | None:
         """``policy``'s pick among ``candidates``, each seen through the gateway's own counts
-        and its engine's scraped load, recorded with the policy; None when it picks none."""
+        and its engine's scraped load, recorded with the policy; None when it picks none.
+        ``cached``: leading prompt tokens each engine holds (precise routing), where known."""
         idle = EngineLoad()
         states = []
         for rid in candidates:
@@ -587,6 +620,11 @@ class Upstream:
                     running=load.running,
                     kv_usage=load.kv_usage,
                     hinted_blocks=hints.get(rid, 0) if hints else 0,
+                    cached_blocks=(
+                        cached[rid] // PREFIX_BLOCK_TOKENS
+                        if cached is not None and rid in cached
+                        else None
+                    ),
                 )
             )
         choice = policy.pick(features, states, time.monotonic())

@@ -11,7 +11,8 @@ time, so the pause after a pass is the longer of ``interval_s`` and what keeps t
 A handful of replicas are scraped every 250 ms; a thousand are scraped as often as a tenth of a
 core allows (their pages parsed in Python take milliseconds each), instead of a pass every
 250 ms holding the loop for most of it. The pace is said once when it slows and once when it
-is back (``gpufleet_engine_scrape_pause_seconds`` on /metrics follows it).
+is back (``gpufleet_engine_scrape_pause_seconds`` on /metrics follows it). Each pass also
+keeps ``precise`` (when given) following the KV-cache events of the replicas now ready.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import aiohttp
 
 from gpufleet.controller import Directory
 from gpufleet.engines import ADAPTERS, EngineLoad
+from gpufleet.gateway.precise_prefix import PrecisePrefix
 from gpufleet.gateway.proxy import Upstream
 from gpufleet.runtime import Replica
 
@@ -43,6 +45,7 @@ class EngineScraper:
         interval_s: float = 0.25,
         budget: float = 0.1,
         on_tick: Callable[[], None] | None = None,
+        precise: PrecisePrefix | None = None,
         clock: Callable[[], float] = time.monotonic,
         cpu_clock: Callable[[], float] = time.thread_time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -51,6 +54,8 @@ class EngineScraper:
             raise ValueError(f"the scraping budget is a share of the loop in (0, 1], not {budget}")
         #: Called after every pass (the gateway lets queued requests onto new replicas).
         self.on_tick = on_tick
+        #: Kept following the KV-cache events of precise models' replicas, every pass.
+        self.precise = precise
         self.directory = directory
         self.upstream = upstream
         self.interval = interval_s
@@ -97,6 +102,8 @@ class EngineScraper:
                 url = f"{replica.url}{adapter.metrics_path}"
                 jobs.append(self._one(replica, url, adapter.parse_metrics))
         await asyncio.gather(*jobs)
+        if self.precise is not None:
+            await self.precise.sync(self.directory.entries())
         for gone in self._known - alive:
             self.upstream.forget(gone)
         self._known = alive

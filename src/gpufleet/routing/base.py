@@ -39,6 +39,10 @@ class Endpoint:
     kv_usage: float = 0.0
     #: Leading prompt blocks other gateways routed here (shared hints), if configured.
     hinted_blocks: int = 0
+    #: Leading prompt blocks the engine itself reports cached (its KV-cache events: precise
+    #: routing), in the policy's blocks of ``prefix.BLOCK_TOKENS`` tokens; None: not known,
+    #: the policy estimates (approximate index, hints). When known it is the whole truth.
+    cached_blocks: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

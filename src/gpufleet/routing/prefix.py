@@ -1,7 +1,9 @@
 """Prefix-cache-aware routing with a saturation rule (the default policy).
 
 The router keeps, per replica, an LRU of the prompt blocks it sent there (an *approximate*
-index of the replica's KV cache, as llm-d's approximate scorer does). For each candidate the
+index of the replica's KV cache, as llm-d's approximate scorer does); where the engine reports
+what it holds (``Endpoint.cached_blocks``, from its KV-cache events: ``routing.prefixIndex:
+precise``), that replaces the estimate, as llm-d's precise scorer does. For each candidate the
 expected time to first token is estimated as
 
     (backlog tokens already queued for prefill there + this prompt's uncached tokens) / rate
@@ -67,7 +69,10 @@ class PrefixAware:
         return n
 
     def cost(self, request: RequestFeatures, e: Endpoint) -> tuple[float, int]:
-        matched = max(self.matched(e.id, request.blocks), e.hinted_blocks)
+        if e.cached_blocks is not None:
+            matched = e.cached_blocks
+        else:
+            matched = max(self.matched(e.id, request.blocks), e.hinted_blocks)
         uncached = max(0, request.prompt_tokens - matched * BLOCK_TOKENS)
         seconds = (e.backlog_tokens + uncached) / self.rate
         seconds += e.prefilling * self.prefilling_cost
@@ -91,9 +96,12 @@ class PrefixAware:
         best: Endpoint | None = None
         best_s, best_matched, most = 0.0, 0, 0
         for e in endpoints:
-            matched = self.matched(e.id, blocks) if e.id in index else 0
-            if e.hinted_blocks > matched:
-                matched = e.hinted_blocks
+            if e.cached_blocks is not None:  # the engine's own word (precise routing)
+                matched = e.cached_blocks
+            else:
+                matched = self.matched(e.id, blocks) if e.id in index else 0
+                if e.hinted_blocks > matched:
+                    matched = e.hinted_blocks
             uncached = max(0, prompt - matched * BLOCK_TOKENS)
             seconds = (e.backlog_tokens + uncached) / rate
             seconds += e.prefilling * prefilling_cost

@@ -77,6 +77,10 @@ class Replica:
     fetched_bytes: int | None = None
     weights_bytes: int | None = None
     role: Role = ""
+    #: Where its engine publishes KV-cache events (``tcp://host:port``) and answers replays
+    #: of them, with ``routing.prefixIndex: precise``; None otherwise.
+    kv_events: str | None = None
+    kv_replay: str | None = None
     #: The engine's secret: it answers only requests bearing it, and only the gateway (and the
     #: runtime's probes) hold it. Never shown: not in repr, listings, events or logs.
     api_key: str | None = field(default=None, repr=False)

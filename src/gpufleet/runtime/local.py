@@ -39,7 +39,7 @@ from pathlib import Path
 
 import aiohttp
 
-from gpufleet.engines import EngineAdapter, Launch, adapter_for
+from gpufleet.engines import EngineAdapter, KvEvents, Launch, adapter_for
 from gpufleet.runtime.base import Capabilities, Phase, Replica, ReplicaFeed, ReplicaRequest
 from gpufleet.runtime.weights import resolve_weights
 from gpufleet.supervise import wait_set
@@ -218,6 +218,9 @@ class LocalRuntime:
         port = _free_port(self._host)
         host = f"[{self._host}]" if ":" in self._host else self._host
         url = f"http://{host}:{port}"
+        events: KvEvents | None = None
+        if h.request.spec.routing.prefix_index == "precise":
+            events = KvEvents(_free_port(self._host), _free_port(self._host))
         try:
             launch = h.adapter.launch(
                 h.request.spec,
@@ -226,6 +229,7 @@ class LocalRuntime:
                 host=self._host,
                 port=port,
                 api_key=h.replica.api_key,
+                kv_events=events,
             )
         except ValueError as exc:
             self._update(h, phase=Phase.FAILED, message=str(exc))
@@ -252,6 +256,8 @@ class LocalRuntime:
             h,
             phase=Phase.STARTING,
             url=url,
+            kv_events=f"tcp://{host}:{events.port}" if events is not None else None,
+            kv_replay=f"tcp://{host}:{events.replay_port}" if events is not None else None,
             pid=h.proc.pid,
             started_at=time.time(),
             message="starting",

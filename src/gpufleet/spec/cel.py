@@ -252,6 +252,24 @@ RULES: dict[tuple[type[BaseModel], str], list[Rule]] = {
             field_path=".disaggregation",
         )
     ],
+    (ModelSpec, "_precise_engine"): [
+        Rule(
+            "!has(self.routing) || !has(self.routing.prefixIndex)"
+            " || self.routing.prefixIndex != 'precise' || self.engine in ['vllm', 'emulator']",
+            "engine publishes no KV-cache events (vllm does, and the emulator standing in for "
+            "it); set spec.routing.prefixIndex: approximate or spec.engine: vllm",
+            field_path=".routing.prefixIndex",
+        )
+    ],
+    (RoutingSpec, "_precise_policy"): [
+        Rule(
+            "!has(self.prefixIndex) || self.prefixIndex != 'precise'"
+            " || !has(self.policy) || self.policy in ['prefix', 'session']",
+            "precise feeds the prefix policy, which this policy does not read; set "
+            "routing.policy: prefix (or session) or remove routing.prefixIndex",
+            field_path=".prefixIndex",
+        )
+    ],
     (RoutingSpec, "_weights"): [
         Rule(
             "!has(self.split) || self.split.map(t, t.weight).sum() <= 100",

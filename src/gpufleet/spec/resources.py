@@ -355,6 +355,24 @@ class RoutingSpec(_Resource):
     fallbacks: list[DnsName] = Field(default_factory=list)
     #: Cost-aware routing between deployments of one model (after any split).
     cost: CostRoutingSpec | None = None
+    #: What the prefix policy believes each replica has cached. "approximate": the prompts
+    #: the gateway sent there (any engine). "precise": the engine's own KV-cache events
+    #: (vLLM's ``--kv-events-config``, which gpufleet adds), matched against the prompt's
+    #: token ids from the engine's ``/tokenize`` — right under cache pressure, where
+    #: approximate routing still counts blocks the engine evicted. vllm and the emulator only.
+    prefix_index: Literal["approximate", "precise"] = "approximate"
+
+    @model_validator(mode="after")
+    def _precise_policy(self) -> RoutingSpec:
+        if self.prefix_index == "precise" and self.policy not in ("prefix", "session"):
+            raise PydanticCustomError(
+                "gpufleet_path",
+                "{path}.prefixIndex: precise feeds the prefix policy, and policy {policy} "
+                "does not read it; set {path}.policy: prefix (or session) or remove "
+                "{path}.prefixIndex",
+                {"policy": repr(self.policy)},
+            )
+        return self
 
     @model_validator(mode="after")
     def _weights(self) -> RoutingSpec:
@@ -382,6 +400,8 @@ class PricingSpec(_Resource):
 #: Engines that can serve a model disaggregated (prefill and decode in separate pools): vLLM,
 #: through its KV connectors, and the emulator, which stands in for it.
 DISAGGREGATED_ENGINES: tuple[str, ...] = ("vllm", "emulator")
+#: Engines that publish KV-cache events (``routing.prefixIndex: precise``).
+KV_EVENT_ENGINES: tuple[str, ...] = ("vllm", "emulator")
 #: Below this many uncached prompt tokens a request is prefilled where it decodes: a remote
 #: prefill costs a second call and a KV transfer (NVIDIA Dynamo's default, 2,048).
 DEFAULT_MIN_REMOTE_PREFILL_TOKENS = 2048
@@ -503,6 +523,18 @@ class ModelSpec(_Resource):
                 "{path}.disaggregation: engine {engine} cannot serve prefill and decode "
                 "apart (vllm can, and the emulator standing in for it); remove "
                 "{path}.disaggregation or set {path}.engine: vllm",
+                {"engine": repr(self.engine)},
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _precise_engine(self) -> ModelSpec:
+        if self.routing.prefix_index == "precise" and self.engine not in KV_EVENT_ENGINES:
+            raise PydanticCustomError(
+                "gpufleet_path",
+                "{path}.routing.prefixIndex: engine {engine} publishes no KV-cache events "
+                "(vllm does, and the emulator standing in for it); set "
+                "{path}.routing.prefixIndex: approximate or {path}.engine: vllm",
                 {"engine": repr(self.engine)},
             )
         return self
