@@ -166,3 +166,27 @@ def test_the_cli_runs_a_synthetic_trace_as_json() -> None:
     data = json.loads(result.output)
     assert data["overall"]["served"] == data["overall"]["requests"] > 60
     assert data["models"][0]["name"] == "llama-3-8b" and data["requests_per_wall_s"] > 0
+
+
+def test_the_cli_says_what_it_does_not_simulate(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from gpufleet.cli.main import app
+
+    examples = CONFIGS.parents[2] / "examples"
+    models = tmp_path / "models.yaml"
+    models.write_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: llama-pd}\n"
+        f"spec:\n  source: file:{CONFIGS / 'llama-3-8b.json'}\n  engine: vllm\n"
+        "  resources: {gpus: 1, gpuTypes: [H100]}\n"
+        "  routing: {prefixIndex: precise}\n  disaggregation: {prefill: {replicas: 1}}\n"
+    )
+    args = ["sim", "-f", str(models), "--inventory", str(examples / "inventory.yaml")]
+    args += ["--trace", "poisson:rate=1,duration=10", "--ttft", "1", "-o", "json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "note: llama-pd: spec.disaggregation is not simulated" in result.stderr
+    assert (
+        "note: llama-pd: routing.prefixIndex: precise is simulated as approximate" in result.stderr
+    )
+    assert json.loads(result.stdout)["overall"]["requests"] > 0

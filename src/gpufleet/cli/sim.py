@@ -149,9 +149,12 @@ def _run(
 ) -> SimResult:
     import dataclasses
 
-    from gpufleet.sim import sim_model, simulate
+    from gpufleet.sim import sim_model, simulate, unsimulated
 
     sized = [sim_model(m, startup_s=startup) for m in models]
+    for m in models:
+        for note in unsimulated(m):
+            typer.echo(f"note: {m.name}: {note}", err=True)
     with _Bar(label, total_s) as bar:
         return simulate(
             sized,

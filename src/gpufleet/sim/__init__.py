@@ -6,7 +6,7 @@ the tenants' quotas and fair shares, and ``result`` reports what it served and w
 """
 
 from gpufleet.sim.core import GATEWAY_OVERHEAD_S, SimSettings, simulate
-from gpufleet.sim.fleet import SimModel, sim_model
+from gpufleet.sim.fleet import SimModel, sim_model, unsimulated
 from gpufleet.sim.result import (
     GpuUse,
     ModelResult,
@@ -68,5 +68,6 @@ __all__ = [
     "render_table",
     "sim_model",
     "simulate",
+    "unsimulated",
     "write_trace",
 ]

@@ -148,3 +148,21 @@ def _max_num_seqs(engine_args: list[str]) -> int:
         if value is not None and value.isdigit() and int(value) > 0:
             return int(value)
     return DEFAULT_MAX_NUM_SEQS
+
+
+def unsimulated(model: Model) -> list[str]:
+    """What of ``model``'s spec the simulator does not model, each said as what it does instead
+    (the command prints them, so a plan is never read as covering what it left out)."""
+    spec = model.spec
+    notes = []
+    if spec.disaggregation is not None:
+        notes.append(
+            "spec.disaggregation is not simulated: its replicas prefill and decode together "
+            "(the decode pool's size and GPUs), and the prefill pool is left out"
+        )
+    if spec.routing.prefix_index == "precise":
+        notes.append(
+            "routing.prefixIndex: precise is simulated as approximate (the prefix policy's own "
+            "index of where it sent prompts)"
+        )
+    return notes
