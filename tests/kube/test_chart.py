@@ -211,7 +211,7 @@ def test_every_option_of_the_chart_is_accepted_too(installed: str, admin_kubectl
     )
     assert warnings_of(applied.stderr) == []
     policy = json.loads(admin_kubectl("get", "netpol", "gf-engines", "-n", NS, "-o", "json").stdout)
-    assert policy["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 9000}]
+    assert policy["spec"]["ingress"][0]["ports"][0] == {"protocol": "TCP", "port": 9000}
     ingress = admin_kubectl("get", "ingress", "gf-gateway", "-n", NS, "-o", "name")
     assert ingress.stdout.strip() == "ingress.networking.k8s.io/gf-gateway"
     # Back to the defaults for the tests after this one.

@@ -174,7 +174,8 @@ async def test_every_rendered_object_is_accepted_and_engines_get_scheduled(
         (port,) = service["spec"]["ports"]
         assert (port["port"], port["targetPort"]) == (9000, "http")
     policy = get_json(kubectl, "networkpolicy", "gateway-to-engines", "-n", "tenant-acme")
-    assert policy["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 9000}]
+    # The engine port, then the KV-event ports (tests/unit/test_kubernetes_kv_events.py).
+    assert policy["spec"]["ingress"][0]["ports"][0] == {"protocol": "TCP", "port": 9000}
 
 
 async def test_with_an_inventory_each_engine_lands_where_the_planner_put_it(

@@ -1,11 +1,13 @@
 """``KubernetesRuntime`` and the gateway's view (``ClusterPlane``) against the real API server:
 they start without the LeaderWorkerSet CRD and refuse only a multi-node replica, saying how to
 install it; a terminating pod — still Ready, as it is until its kubelet stops it — is out of
-routing as soon as its deletionTimestamp is set; logs are asked of the pods/log API."""
+routing as soon as its deletionTimestamp is set; logs are asked of the pods/log API; a Ready
+pod of a ``routing.prefixIndex: precise`` model gives its KV-event endpoints at its pod IP."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,10 +16,11 @@ from typing import Any
 import pytest
 
 from gpufleet.cluster import ClusterPlane
-from gpufleet.runtime import Phase, ReplicaRequest
+from gpufleet.runtime import Phase, Replica, ReplicaRequest
 from gpufleet.runtime.kubernetes import KubernetesRuntime, RenderSettings
 from gpufleet.runtime.kubernetes.api import KubeError, NotServed
 from gpufleet.runtime.kubernetes.client import ClientKube
+from gpufleet.runtime.kubernetes.common import KV_EVENTS_PORT, KV_REPLAY_PORT
 from gpufleet.spec import load_text
 from gpufleet.store import Store, sqlite_url
 from tests.kube.chart import lws_crd
@@ -158,3 +161,51 @@ async def test_logs_are_asked_of_the_pods_log_api_and_their_absence_is_an_error(
         assert "kubectl logs" not in message
     finally:
         await runtime.close()
+
+
+def ready_in(runtime: KubernetesRuntime) -> list[Replica]:
+    return [r for r in runtime.replicas() if r.phase is Phase.READY]
+
+
+async def test_a_ready_pod_of_a_precise_model_gives_its_event_endpoints_at_its_pod_ip(
+    kube: ClientKube,
+    namespace: str,
+    nodes: Nodes,
+    kubelet: Kubelet,
+    model_cache: str,
+    priority_classes: None,
+) -> None:
+    """The pod the API server admits (under Pod Security ``restricted``) keeps the named event
+    ports; once the kubelet reports it Ready at its IP, the operator's runtime — and a view that
+    knows no spec, as the gateway's — give the endpoints the gateway subscribes to there."""
+    await nodes.add("gpu-1", gpus=8)
+    kubelet.ip = "10.244.3.7"
+    (precise,) = load_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: precise}\n"
+        "spec: {source: 'hf://meta-llama/Meta-Llama-3-8B-Instruct', engine: vllm, "
+        "resources: {gpus: 1, gpuTypes: [H100]}, routing: {prefixIndex: precise}}\n"
+    )
+    operator = KubernetesRuntime(kube, RenderSettings(namespace=namespace))
+    await operator.start_watching()
+    gateway = KubernetesRuntime(kube, RenderSettings(namespace=namespace), engine_key="k")
+    try:
+        replica = await operator.start(ReplicaRequest("precise", 1, precise.spec))
+        pod = await kube.get("Pod", namespace, replica.id)
+        assert pod is not None
+        named = {p["name"]: p for p in pod["spec"]["containers"][0]["ports"]}
+        assert named["kv-events"] == {
+            "name": "kv-events", "containerPort": KV_EVENTS_PORT, "protocol": "TCP"
+        }  # fmt: skip
+        assert named["kv-replay"]["containerPort"] == KV_REPLAY_PORT
+        expected = (
+            "http://10.244.3.7:8000",
+            f"tcp://10.244.3.7:{KV_EVENTS_PORT}",
+            f"tcp://10.244.3.7:{KV_REPLAY_PORT}",
+        )
+        await gateway.start_watching()
+        for view in (operator, gateway):
+            (replica,) = await eventually(functools.partial(ready_in, view), "the pod is ready")
+            assert (replica.url, replica.kv_events, replica.kv_replay) == expected
+    finally:
+        await gateway.close()
+        await operator.close()

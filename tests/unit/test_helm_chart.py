@@ -12,6 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from gpufleet.runtime.kubernetes.common import KV_EVENTS_PORT, KV_REPLAY_PORT
 from gpufleet.spec.crd import crds
 
 CHART = Path(__file__).parents[2] / "deploy" / "helm" / "gpufleet"
@@ -160,7 +161,11 @@ def test_the_engine_port_reaches_the_policy_the_operator_and_the_gateway() -> No
     validate_all(docs)
     by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
     engines = by[("NetworkPolicy", "gf-engines")]["spec"]["ingress"]
-    assert engines[0]["ports"] == [{"protocol": "TCP", "port": 9000}]
+    # The engine port, and the ports engines publish KV-cache events on (the gateway
+    # subscribes there with routing.prefixIndex: precise): the code's, which the chart repeats.
+    assert engines[0]["ports"] == [
+        {"protocol": "TCP", "port": port} for port in (9000, KV_EVENTS_PORT, KV_REPLAY_PORT)
+    ]
     # The pods of one multi-node engine reach each other (Ray, NCCL) on any port.
     assert engines[1] == {
         "from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "engine"}}}]

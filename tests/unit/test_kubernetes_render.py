@@ -560,7 +560,7 @@ def test_the_engine_port_is_carried_everywhere_engines_are_reached() -> None:
     for service in (o for o in objects if o["kind"] == "Service"):
         assert service["spec"]["ports"] == [{"name": "http", "port": 9000, "targetPort": "http"}]
     policy = next(o for o in objects if o["metadata"]["name"] == "gateway-to-engines")
-    assert policy["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 9000}]
+    assert policy["spec"]["ingress"][0]["ports"][0] == {"protocol": "TCP", "port": 9000}
     with pytest.raises(RenderError) as err:
         render(models, settings=RenderSettings(engine_port=6379))
     assert err.value.problems == ["engine port 6379 is Ray's on multi-node engines; pick another"]

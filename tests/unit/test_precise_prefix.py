@@ -225,3 +225,36 @@ def test_precise_needs_an_engine_that_publishes_events(engine: str) -> None:
 
     with pytest.raises(SpecError, match=r"routing\.prefixIndex.*publishes no KV-cache events"):
         load_text(MODEL.replace("engine: emulator", f"engine: {engine}"))
+
+
+@pytest.mark.parametrize("engine", ["vllm", "emulator"])
+def test_a_kv_events_config_of_the_users_own_fails_the_replica_naming_the_field(
+    engine: str,
+) -> None:
+    from gpufleet.engines import ADAPTERS
+
+    spec = load_text(
+        MODEL.replace("engine: emulator", f"engine: {engine}").replace(
+            "routing:", "engineArgs: ['--kv-events-config={}'], routing:"
+        )
+    )[0].spec
+    with pytest.raises(ValueError, match=r"spec\.engineArgs: --kv-events-config is gpufleet's"):
+        ADAPTERS[engine].launch(
+            spec,
+            weights=Path("/models/x"),
+            served_name="llama",
+            host="127.0.0.1",
+            port=8000,
+            kv_events=KvEvents(5557, 5558),
+        )
+    # Without precise routing the flag is the user's business.
+    plain = load_text(
+        MODEL.replace("engine: emulator", f"engine: {engine}").replace(
+            "routing: {policy: prefix, prefixIndex: precise}",
+            "engineArgs: ['--kv-events-config={}']",
+        )
+    )[0].spec
+    launch = ADAPTERS[engine].launch(
+        plain, weights=Path("/models/x"), served_name="llama", host="127.0.0.1", port=8000
+    )
+    assert "--kv-events-config={}" in launch.argv

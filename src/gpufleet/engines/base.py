@@ -7,6 +7,7 @@ process, the Kubernetes runtime into a container, so both share one adapter per 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -104,8 +105,16 @@ class KvEvents:
     replay_port: int
     topic: str = KV_EVENTS_TOPIC
 
-    def config(self) -> str:
-        """The ``--kv-events-config`` JSON."""
+    def config(self, engine_args: Sequence[str] = ()) -> str:
+        """The ``--kv-events-config`` JSON; raises ``ValueError`` (the replica's failure, said
+        to the user) when ``engine_args`` set their own, whose ports the gateway would not
+        know."""
+        if any(a.split("=", 1)[0] == "--kv-events-config" for a in engine_args):
+            raise ValueError(
+                "spec.engineArgs: --kv-events-config is gpufleet's to set with "
+                "routing.prefixIndex: precise (each replica publishes on ports of its own, "
+                "which the gateway subscribes to); remove it from engineArgs"
+            )
         return json.dumps(
             {
                 "enable_kv_cache_events": True,

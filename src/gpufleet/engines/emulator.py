@@ -82,8 +82,8 @@ class EmulatorEngine:
         ]  # fmt: skip
         if placement.memory_fraction is not None:
             argv += ["--gpu-memory-utilization", f"{placement.memory_fraction:.3f}"]
-        if kv_events is not None and "--kv-events-config" not in spec.engine_args:
-            argv += ["--kv-events-config", kv_events.config()]
+        if kv_events is not None:
+            argv += ["--kv-events-config", kv_events.config(spec.engine_args)]
         argv += spec.engine_args
         return Launch(
             argv=tuple(argv),

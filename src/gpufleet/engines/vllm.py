@@ -98,8 +98,8 @@ class VllmEngine:
                     "shared_storage_path": pool.shared_storage_path
                 }
             argv += ["--kv-transfer-config", json.dumps(config, separators=(",", ":"))]
-        if kv_events is not None and "--kv-events-config" not in spec.engine_args:
-            argv += ["--kv-events-config", kv_events.config()]
+        if kv_events is not None:
+            argv += ["--kv-events-config", kv_events.config(spec.engine_args)]
         argv += spec.engine_args
         env = {"HF_HUB_OFFLINE": "1", **placement.device_env()}
         if api_key is not None:

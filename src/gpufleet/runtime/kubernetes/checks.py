@@ -2,7 +2,8 @@
 
 ``check`` is a model's problems (an engine or a source that exists only on one machine — a
 ``file:`` path; a ``pypi:`` wheel the loader Job installs —, GPUs an engine needs, in each pool
-of a disaggregated model; a pool's RDMA resource that names a GPU's);
+of a disaggregated model; a pool's RDMA resource that names a GPU's; a precise prefix index
+whose KV-event configuration the engine arguments already set);
 ``check_settings`` the render settings' (a port, the cache claim's shape).
 Each line names the field and the fix; ``render`` and the pod runtime refuse with all of them.
 """
@@ -11,7 +12,12 @@ from __future__ import annotations
 
 import re
 
-from gpufleet.runtime.kubernetes.common import RAY_PORT, RenderSettings
+from gpufleet.runtime.kubernetes.common import (
+    KV_EVENTS_PORT,
+    KV_REPLAY_PORT,
+    RAY_PORT,
+    RenderSettings,
+)
 from gpufleet.spec import Model
 
 __all__ = ["check", "check_settings"]
@@ -20,6 +26,7 @@ _ACCESS_MODES = ("ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod", "ReadOnly
 _QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?([KMGTPE]i?|[kmun])?")
 #: The NVIDIA device plugin's resources: GPUs, MIG instances (never an RDMA device).
 _GPU_RESOURCES = ("nvidia.com/gpu", "nvidia.com/mig-")
+_KV_EVENTS_FLAG = "--kv-events-config"
 
 
 def check_settings(settings: RenderSettings) -> list[str]:
@@ -28,6 +35,12 @@ def check_settings(settings: RenderSettings) -> list[str]:
         out.append(f"engine port {settings.engine_port} is not a TCP port (1-65535)")
     elif settings.engine_port == RAY_PORT:
         out.append(f"engine port {RAY_PORT} is Ray's on multi-node engines; pick another")
+    elif settings.engine_port in (KV_EVENTS_PORT, KV_REPLAY_PORT):
+        out.append(
+            f"engine port {settings.engine_port} is where engines publish KV-cache events "
+            f"(ports {KV_EVENTS_PORT} and {KV_REPLAY_PORT}, routing.prefixIndex: precise); "
+            "pick another"
+        )
     cache = settings.model_cache
     if cache is not None:
         if cache.access_mode not in _ACCESS_MODES:
@@ -70,6 +83,23 @@ def check(model: Model, settings: RenderSettings) -> list[str]:
             f"{where}.resources.gpus is 0; {spec.engine} needs GPUs on Kubernetes "
             "(set resources.gpus, or use engine llamacpp for CPU)"
         )
+    if spec.routing.prefix_index == "precise":
+        fields = [(f"{where}.engineArgs", spec.engine_args)]
+        if spec.disaggregation is not None:
+            fields += [
+                (f"{where}.disaggregation.{role}.engineArgs", pool.engine_args)
+                for role, pool in (
+                    ("prefill", spec.disaggregation.prefill),
+                    ("decode", spec.disaggregation.decode),
+                )
+            ]
+        for field, args in fields:
+            if any(arg.split("=")[0] == _KV_EVENTS_FLAG for arg in args):
+                out.append(
+                    f"{field} set {_KV_EVENTS_FLAG}; with routing.prefixIndex: precise gpufleet "
+                    f"sets it (ports {KV_EVENTS_PORT} and {KV_REPLAY_PORT}, which the gateway "
+                    "subscribes to): remove it"
+                )
     if spec.disaggregation is not None:
         if spec.disaggregation.connector == "shared-storage":
             out.append(

@@ -11,6 +11,10 @@ from gpufleet.errors import SpecError
 __all__ = [
     "CONTAINER_SECURITY",
     "DEFAULT_IMAGES",
+    "KV_EVENTS_PORT",
+    "KV_EVENTS_PORT_NAME",
+    "KV_REPLAY_PORT",
+    "KV_REPLAY_PORT_NAME",
     "LABEL_COMPONENT",
     "LABEL_GROUP",
     "LABEL_MODEL",
@@ -37,6 +41,16 @@ DEFAULT_IMAGES: Mapping[str, str] = {
 PORT = 8000
 #: Ray's head port on the leader of a multi-node engine (LeaderWorkerSet).
 RAY_PORT = 6379
+#: Where the engine of a ``routing.prefixIndex: precise`` model publishes its KV-cache events
+#: (ZeroMQ PUB; vLLM's default endpoint, ``tcp://*:5557``) and answers replays of them (ROUTER;
+#: the port vLLM's examples give it). Not a setting: each pod has an IP of its own, and names
+#: the two in its engine container's ports, which is where the runtime reads them back. vLLM
+#: offsets both by the data-parallel rank, so a pod runs one publisher (data parallelism 1).
+KV_EVENTS_PORT = 5557
+KV_REPLAY_PORT = 5558
+#: The engine container's names for them: the runtime reads a pod's endpoints from these.
+KV_EVENTS_PORT_NAME = "kv-events"
+KV_REPLAY_PORT_NAME = "kv-replay"
 LABEL_MODEL = "gpufleet.io/model"
 LABEL_GROUP = "gpufleet.io/placement"
 LABEL_TENANT = "gpufleet.io/tenant"

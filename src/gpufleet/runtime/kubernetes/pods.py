@@ -16,6 +16,14 @@ network. Nothing else changes for it: the pods keep the ``restricted`` profile (
 ``IPC_LOCK``), so the memory the transport pins counts against the container's memlock limit,
 which the node's container runtime sets (docs/kubernetes.md).
 
+A model with ``routing.prefixIndex: precise`` (each pool of a disaggregated one) has its
+engine publish its KV-cache events: the adapter's ``--kv-events-config`` on the fixed ports
+``KV_EVENTS_PORT`` (ZeroMQ PUB) and ``KV_REPLAY_PORT`` (replay ROUTER), named ``kv-events`` and
+``kv-replay`` among the container's ports. The names are the pod's mark: the runtime reads a
+replica's event endpoints from them (``tcp://<pod IP>:<port>``), so an operator or gateway that
+restarts, or a pod that ``render`` made, needs nothing else. A multi-node replica publishes from
+its leader, whose pod keeps the ports.
+
 Engines answer only bearers of the fleet's engine key: the Secret ``gpufleet-engine-key`` (key
 ``key``), which the operator creates in its namespace and the gateways read. Each engine gets it
 from the Secret in the environment variable it reads (vLLM's ``VLLM_API_KEY``, llama-server's
@@ -34,13 +42,17 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from gpufleet.engines import ADAPTERS
+from gpufleet.engines import ADAPTERS, KvEvents
 from gpufleet.engines.base import ENGINE_KEY_ENV, LIVENESS_PATH
 from gpufleet.engines.base import Placement as EnginePlacement
 from gpufleet.hardware import CATALOG
 from gpufleet.planner import Placement
 from gpufleet.runtime.base import Role
 from gpufleet.runtime.kubernetes.common import (
+    KV_EVENTS_PORT,
+    KV_EVENTS_PORT_NAME,
+    KV_REPLAY_PORT,
+    KV_REPLAY_PORT_NAME,
     LABEL_COMPONENT,
     LABEL_MODEL,
     LABEL_ROLE,
@@ -60,6 +72,7 @@ __all__ = [
     "EngineGroup",
     "engine_pod",
     "engine_share",
+    "kv_events",
     "leader_worker_set",
     "placed_group",
     "pool_rdma",
@@ -132,6 +145,14 @@ def pool_rdma(model: Model, role: Role) -> str | None:
     return pool.rdma
 
 
+def kv_events(model: Model) -> KvEvents | None:
+    """Where the engine of ``model`` (a pool's spec, for a disaggregated one) publishes its
+    KV-cache events in its pod: the fixed ports, with ``routing.prefixIndex: precise``."""
+    if model.spec.routing.prefix_index != "precise":
+        return None
+    return KvEvents(KV_EVENTS_PORT, KV_REPLAY_PORT)
+
+
 def role_labels(model: Model, role: Role) -> dict[str, str]:
     """The role label of a pool's pods: ``prefill`` or ``decode`` on a disaggregated model's
     (its replicas are its decode pool), none on a model that is not disaggregated."""
@@ -147,7 +168,16 @@ def engine_pod(
     pool of a disaggregated model it serves in (``model.spec`` is then the pool's spec)."""
     spec = model.spec
     weights = weights_path(model)
-    args = _engine_args(model, group, weights, settings.engine_port)
+    events = kv_events(model)
+    args = _engine_args(model, group, weights, settings.engine_port, events)
+    # The probes name the http port: they follow it. The KV-event ports' names mark the pod as
+    # publishing (the runtime reads its endpoints from them).
+    ports: list[dict[str, Any]] = [{"name": "http", "containerPort": settings.engine_port}]
+    if events is not None:
+        ports += [
+            {"name": KV_EVENTS_PORT_NAME, "containerPort": events.port},
+            {"name": KV_REPLAY_PORT_NAME, "containerPort": events.replay_port},
+        ]
     resources: dict[str, Any] = {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {}}
     if group.mig_profile:
         resources["limits"][f"nvidia.com/mig-{group.mig_profile}"] = 1
@@ -164,8 +194,7 @@ def engine_pod(
         engine["command"] = ["python3", "-m", _MODULES[spec.engine]]
     engine |= {
         "args": args,
-        # The probes name this port: they follow it.
-        "ports": [{"name": "http", "containerPort": settings.engine_port}],
+        "ports": ports,
         "env": [
             # Weights come from the cache volume; nothing phones home.
             {"name": "HF_HUB_OFFLINE", "value": "1"},
@@ -279,7 +308,13 @@ def _key_env(engine: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": ref}}
 
 
-def _engine_args(model: Model, group: EngineGroup, weights: PurePosixPath, port: int) -> list[str]:
+def _engine_args(
+    model: Model,
+    group: EngineGroup,
+    weights: PurePosixPath,
+    port: int,
+    events: KvEvents | None = None,
+) -> list[str]:
     spec = model.spec
     if spec.engine == "llamacpp":
         args = [
@@ -307,6 +342,7 @@ def _engine_args(model: Model, group: EngineGroup, weights: PurePosixPath, port:
         placement=placement,
         # Only an engine with no variable for it takes the key as an argument: a reference.
         api_key=f"$({ENGINE_KEY_ENV})" if adapter.api_key_env is None else None,
+        kv_events=events,
     )
     # argv is [python, -m, module, ...]: the image's python runs the module (``command``).
     return list(launch.argv[3:])

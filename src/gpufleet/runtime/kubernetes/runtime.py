@@ -5,8 +5,10 @@ what it does everywhere: start and stop single replicas, drain one before it goe
 canary beside the stable generation, replace in place. The kubelet restarts crashed
 containers; this runtime reports what the pods say:
 
-- Ready condition true → ``Ready`` (URL = pod IP, engine port); ready before, not now →
-  ``Unready`` (no traffic);
+- Ready condition true → ``Ready`` (URL = pod IP, an IPv6 one in brackets, and engine port;
+  for a pod whose engine container names the ``kv-events`` and ``kv-replay`` ports — a
+  ``routing.prefixIndex: precise`` model's — its KV-event endpoints ``tcp://<pod IP>:<port>``
+  too, which the gateway subscribes to); ready before, not now → ``Unready`` (no traffic);
 - a container waiting in ``CrashLoopBackOff`` → ``BackOff`` with its message and restarts;
 - not schedulable → ``Starting`` with the scheduler's reason;
 - terminating (``deletionTimestamp`` set: deleted with a grace period, evicted, its node
@@ -55,6 +57,7 @@ from typing import Any
 from gpufleet.errors import PermanentError
 from gpufleet.runtime.base import Capabilities, Phase, Replica, ReplicaFeed, ReplicaRequest, Role
 from gpufleet.runtime.kubernetes.api import KubeApi, KubeError, NotServed, WatchEvent
+from gpufleet.runtime.kubernetes.common import KV_EVENTS_PORT_NAME, KV_REPLAY_PORT_NAME
 from gpufleet.runtime.kubernetes.manifests import (
     LABEL_COMPONENT,
     LABEL_MODEL,
@@ -404,11 +407,15 @@ class KubernetesRuntime:
             current, fetch_s=figures.fetch_s, load_s=load, startup_s=total
         )
         if ready:
-            url = f"http://{status['podIP']}:{self.settings.engine_port}"
+            host = _host(status["podIP"])
+            ports = _engine_ports(pod)
+            events, replay = ports.get(KV_EVENTS_PORT_NAME), ports.get(KV_REPLAY_PORT_NAME)
             replica = dataclasses.replace(
                 current,
                 phase=Phase.READY,
-                url=url,
+                url=f"http://{host}:{self.settings.engine_port}",
+                kv_events=f"tcp://{host}:{events}" if events is not None else None,
+                kv_replay=f"tcp://{host}:{replay}" if replay is not None else None,
                 restarts=restarts,
                 message="",
                 ready_at=figures.ready_at or current.ready_at or time.time(),
@@ -440,6 +447,22 @@ class KubernetesRuntime:
 
     def _publish(self, replica: Replica) -> None:
         self._feed.publish(replica)
+
+
+def _host(ip: str) -> str:
+    """A pod IP as a URL's host: an IPv6 address in brackets."""
+    return f"[{ip}]" if ":" in ip else ip
+
+
+def _engine_ports(pod: dict[str, Any]) -> dict[str, int]:
+    """The engine container's named ports (``pods.engine_pod``'s), by name."""
+    containers = (pod.get("spec") or {}).get("containers") or []
+    engine: dict[str, Any] = next((c for c in containers if c.get("name") == "engine"), {})
+    return {
+        p["name"]: int(p["containerPort"])
+        for p in engine.get("ports") or []
+        if p.get("name") and p.get("containerPort")
+    }
 
 
 def _role(label: str) -> Role:

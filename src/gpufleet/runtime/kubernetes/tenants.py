@@ -1,10 +1,19 @@
-"""A tenant's place in the cluster: its namespace and what guards it."""
+"""A tenant's place in the cluster: its namespace and what guards it.
+
+Its engines are reached by the gateway alone: on the engine port, and on the ports an engine
+of a ``routing.prefixIndex: precise`` model publishes its KV-cache events on (the gateway's
+ZeroMQ subscription and replay requests; an engine that publishes none listens on neither).
+They are opened whatever the tenant's models are: the policy is made once per tenant, and a
+blocked subscription would fail silently (ZeroMQ retries the connection for ever).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from gpufleet.runtime.kubernetes.common import (
+    KV_EVENTS_PORT,
+    KV_REPLAY_PORT,
     LABEL_COMPONENT,
     LABEL_TENANT,
     RenderSettings,
@@ -54,7 +63,10 @@ def tenant_objects(tenant: Tenant, settings: RenderSettings) -> list[dict[str, A
                                 "podSelector": {"matchLabels": gateway},
                             }
                         ],
-                        "ports": [{"protocol": "TCP", "port": settings.engine_port}],
+                        "ports": [
+                            {"protocol": "TCP", "port": port}
+                            for port in (settings.engine_port, KV_EVENTS_PORT, KV_REPLAY_PORT)
+                        ],
                     }
                 ],
             },
