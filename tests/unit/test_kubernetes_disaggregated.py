@@ -387,6 +387,11 @@ def test_the_scale_status_is_the_decode_pools() -> None:
     assert (status["replicas"], status["readyReplicas"]) == (1, 1)
     assert status["selector"] == "gpufleet.io/model=llama-pd,gpufleet.io/role=decode"
     assert status["endpoints"] == ["http://a"]
+    assert status["prefill"] == {"replicas": 2, "readyReplicas": 1}  # beside, not in, the counts
+    plain = ModelEntry("llama", 1, model.spec.model_copy(update={"disaggregation": None}), 0)
+    assert "prefill" not in model_status(
+        plain, observed_generation=1, unschedulable="", previous=None, now=0.0
+    )
     progressing = next(c for c in status["conditions"] if c["type"] == "Progressing")
     assert progressing["status"] == "True" and "1 starting" in progressing["message"]
 

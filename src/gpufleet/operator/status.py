@@ -136,6 +136,13 @@ def model_status(
     }
     if canary is not None:
         result["canary"] = {"generation": canary[0], "percent": canary[1]}
+    if entry is not None and entry.spec.disaggregation is not None:
+        # The prefill pool beside the decode pool (the counts above): what runs, what serves.
+        pool = [r for r in replicas if r.role == "prefill"]
+        result["prefill"] = {
+            "replicas": len(pool),
+            "readyReplicas": len(entry.prefill_endpoints),
+        }
     return result
 
 

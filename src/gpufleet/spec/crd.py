@@ -75,6 +75,14 @@ _MODEL_STATUS = {
         "selector": {"type": "string"},
         "endpoints": {"type": "array", "items": {"type": "string"}},
         "conditions": {"type": "array", "items": _CONDITION},
+        # A disaggregated model's prefill pool (the counts above are its decode pool's).
+        "prefill": {
+            "type": "object",
+            "properties": {
+                "replicas": {"type": "integer"},
+                "readyReplicas": {"type": "integer"},
+            },
+        },
         # A canary under analysis: gateways split requests and count its answers by it.
         "canary": {
             "type": "object",
