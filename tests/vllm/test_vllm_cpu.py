@@ -163,7 +163,8 @@ def test_precise_routing_reads_vllms_own_events_and_tokenizer(fleet: Fleet) -> N
         model="smol-vllm", messages=[*messages, {"role": "user", "content": "Hi?"}], max_tokens=1
     )
     blocks = "gpufleet_prefix_index_blocks"
-    wait_until(lambda: gateway_metric(fleet, blocks, replica=replica["id"]) >= 16, timeout=60)
+    # vLLM's CPU build caches blocks of 128 tokens: the system prompt fills a few.
+    wait_until(lambda: gateway_metric(fleet, blocks, replica=replica["id"]) >= 2, timeout=60)
     precise = gateway_metric(fleet, "gpufleet_prefix_lookups_total", index="precise")
     approximate = gateway_metric(fleet, "gpufleet_prefix_lookups_total", index="approximate")
     for question in ("Where is my parcel?", "Can I change the address?"):
