@@ -429,7 +429,7 @@ async def test_no_connection_is_a_refusal_or_a_connect_timeout(full_backlog: int
         our_timeout = await failure(ours(http, stuck, "/ok"))
         assert isinstance(their_timeout, aiohttp.ConnectionTimeoutError)
         assert isinstance(our_timeout, ConnectTimeout)
-        assert isinstance(await failure(ours(http, "https://127.0.0.1:1", "/ok")), Unconnected)
+        assert isinstance(await failure(ours(http, "ftp://127.0.0.1:1", "/ok")), Unconnected)
 
 
 @pytest.mark.parametrize(

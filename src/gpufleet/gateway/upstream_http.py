@@ -11,9 +11,18 @@ measures this one against aiohttp).
 
 What it does:
 
-- a base URL (a replica's ``http://host:port[/prefix]``) is parsed once; a host that is not an
-  IP address (a Kubernetes Service name) is resolved with ``loop.getaddrinfo`` when a
-  connection is made, its addresses kept ``RESOLVE_TTL_S``;
+- a base URL (a replica's ``http://host:port[/prefix]``, or an external endpoint's
+  ``https://host[:port][/prefix]``) is parsed once; a host that is not an IP address (a
+  Kubernetes Service name) is resolved with ``loop.getaddrinfo`` when a connection is made, its
+  addresses kept ``RESOLVE_TTL_S``;
+- TLS for ``https://`` (issue 21: external OpenAI-compatible servers, hosted APIs): the
+  server's certificate must be trusted and name the host (SNI sent; an IP-address host is
+  checked against the certificate's IP addresses), by one ``ssl.create_default_context()``
+  made on the first ``https://`` URL (loading the system's CAs takes ~30 ms) and shared. It
+  trusts the system's CAs, or ``SSL_CERT_FILE``'s in their place (OpenSSL reads it, for every
+  client in the process); ``UpstreamClient(ca_file=...)`` adds a PEM bundle's CAs to the
+  system's (a company CA). The connect timeout covers the handshake. An ``http://`` request
+  does no more work than before: its scheme, pool key and (no) context are the parsed URL's;
 - a request is one write of head and body; the head carries ``Host``, ``Accept: */*`` and
   ``Content-Length`` (as aiohttp sends them) and the caller's headers, a CR or LF in one
   refused (``ValueError``, before any connection);
@@ -23,32 +32,41 @@ What it does:
 - bodies framed by ``Content-Length``, chunked, or (without either) ended by the close; a
   streamed body is read chunk by chunk as it arrives, reading paused above ``HIGH_WATER``
   unread bytes;
-- a keep-alive pool per (host, port): a connection goes back once its answer is complete and
-  the engine did not ask to close it; the most recently used is taken first; one idle over
-  ``keepalive_s`` (the gateway's ``IDLE_CONNECTION_S``, under the engines' own 5 s) or closed
-  by the engine is never used, and a timer closes those;
-- errors the proxy tells apart: ``Refused``, ``ConnectTimeout`` and other ``Unconnected`` (the
-  engine never had the request), ``Broken`` (closed or reset with the request on it before
-  the answer began; ``reused``: on a kept-alive connection), ``CutShort`` (the answer began
-  and its connection ended before it did) and ``BadAnswer`` (it does not parse, or is over a
-  limit);
+- a keep-alive pool per (scheme, host, port): a connection goes back once its answer is
+  complete and the engine did not ask to close it; the most recently used is taken first; one
+  idle over ``keepalive_s`` (the gateway's ``IDLE_CONNECTION_S``, under the engines' own 5 s)
+  or closed by the engine is never used, and a timer closes those;
+- errors the proxy tells apart: ``Refused``, ``ConnectTimeout``, ``TLSFailed`` and other
+  ``Unconnected`` (the engine never had the request), ``Broken`` (closed or reset with the
+  request on it before the answer began; ``reused``: on a kept-alive connection), ``CutShort``
+  (the answer began and its connection ended before it did) and ``BadAnswer`` (it does not
+  parse, or is over a limit);
 - a reply is done with by ``close()`` (callers close in ``finally``); one not complete is
   aborted, never pooled — also when a request is cancelled before its head arrives, and when
   a reply is dropped without ``close()`` (its connection holds it only weakly, and aborts
   when it is collected, as aiohttp's ``ClientResponse.__del__`` does).
 
-Left out, on purpose (the gateway does not need them): TLS, proxies, redirects, cookies,
-authentication schemes, decompression (bodies are passed on as they come), pipelining,
-upgrades, trailers, HEAD (its answer's length describes no body), a cap on connections per
-engine (aiohttp's was ``limit=0``).
+A failed TLS handshake (a certificate not trusted or not for the host, no TLS spoken) is
+``TLSFailed``, a ``ConnectTimeout``: the proxy reads any other ``Unconnected`` as a refusal —
+nothing listens, the engine crashed — and sits the replica out, holding requests for its
+restart; a server that answers with the wrong certificate has not crashed and will not restart
+into the right one, so its requests fail at once (a 502 naming ``TLSFailed``, the host and the
+reason in the log) and its failures count toward outlier ejection, as a connect timeout's do.
+
+Left out, on purpose (the gateway does not need them): client certificates, a CA per base
+URL, HTTP/2 and ALPN, proxies, redirects, cookies, authentication schemes, decompression
+(bodies are passed on as they come), pipelining, upgrades, trailers, HEAD (its answer's length
+describes no body), a cap on connections per engine (aiohttp's was ``limit=0``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import ipaddress
 import socket
+import ssl
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -65,6 +83,7 @@ __all__ = [
     "CutShort",
     "Refused",
     "Reply",
+    "TLSFailed",
     "Unconnected",
     "UpstreamClient",
     "UpstreamError",
@@ -85,6 +104,7 @@ _TARGETS_KEPT = 1024
 #: A body under this is joined to its head (one write); a larger one is written after it.
 _JOINED = 64 * 1024
 _NO_BODY = frozenset({204, 304})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class UpstreamError(Exception):
@@ -101,6 +121,12 @@ class Refused(Unconnected):
 
 class ConnectTimeout(Unconnected):
     """The connection was not made within the connect timeout."""
+
+
+class TLSFailed(ConnectTimeout):
+    """The TLS handshake failed: the certificate was not trusted or not for the host, or the
+    server spoke no TLS. A ``ConnectTimeout`` for the proxy: not a refusal (nothing listening)
+    that a restart mends, so the replica does not sit out for it (the module's docstring)."""
 
 
 class Broken(UpstreamError):
@@ -129,6 +155,8 @@ class _Target:
     authority: str
     prefix: str
     numeric: bool  # an IP address: nothing to resolve
+    key: tuple[str, str, int]  # its keep-alive pool: (scheme, host, port)
+    tls: ssl.SSLContext | None  # https: what verifies the server's certificate
 
 
 class Reply:
@@ -243,7 +271,7 @@ class _Connection(asyncio.Protocol):
     """One connection to an engine and its response parser. The reply it carries is held
     weakly (``_carried``): a reply its caller dropped unfinished aborts the connection."""
 
-    def __init__(self, client: UpstreamClient, key: tuple[str, int]) -> None:
+    def __init__(self, client: UpstreamClient, key: tuple[str, str, int]) -> None:
         self.loop = client.loop
         self._client = client
         self.key = key
@@ -422,16 +450,24 @@ class _Connection(asyncio.Protocol):
 
 
 class UpstreamClient:
-    """Requests to engines over kept-alive HTTP/1.1 connections, one pool per (host, port).
-    Made inside the event loop it runs on."""
+    """Requests to engines over kept-alive HTTP/1.1 connections, one pool per (scheme, host,
+    port). Made inside the event loop it runs on. ``ca_file``: a PEM bundle of CAs trusted for
+    ``https://`` besides the system's (an unreadable one is an ``OSError`` here)."""
 
-    def __init__(self, *, connect_timeout_s: float = 5.0, keepalive_s: float = 4.0) -> None:
+    def __init__(
+        self,
+        *,
+        connect_timeout_s: float = 5.0,
+        keepalive_s: float = 4.0,
+        ca_file: str | None = None,
+    ) -> None:
         self.loop = asyncio.get_running_loop()
         self._connect_timeout = connect_timeout_s
         self._keepalive = keepalive_s
+        self._tls = None if ca_file is None else _tls_context(ca_file)  # None: made when needed
         self._targets: dict[str, _Target] = {}
         self._resolved: dict[str, tuple[float, list[str]]] = {}
-        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._open: set[_Connection] = set()
         self._sweep: asyncio.TimerHandle | None = None
 
@@ -447,8 +483,7 @@ class UpstreamClient:
         arrived. The caller closes it."""
         target = self._targets.get(base) or self._target(base)
         head = _head(method, target, path, len(body), headers or {})
-        key = (target.host, target.port)
-        conn = self._take(key) or await self._connect(target, key)
+        conn = self._take(target.key) or await self._connect(target)
         reply = Reply(conn)
         conn.send(head, body, reply)
         try:
@@ -479,23 +514,33 @@ class UpstreamClient:
 
     def _target(self, base: str) -> _Target:
         parts = urlsplit(base)
-        if parts.scheme != "http" or not parts.hostname:
-            raise Unconnected(f"not an http:// URL: {base!r}")
+        scheme, host = parts.scheme, parts.hostname
+        default = _DEFAULT_PORTS.get(scheme)
+        if default is None or not host:
+            raise Unconnected(f"not an http:// or https:// URL: {base!r}")
         try:
-            ipaddress.ip_address(parts.hostname)
+            ipaddress.ip_address(host)
         except ValueError:
             numeric = False
         else:
             numeric = True
+        port = parts.port or default
         authority = parts.netloc.rpartition("@")[2]
+        if parts.port == default:  # as aiohttp sends it: the scheme's port goes without saying
+            authority = authority.rpartition(":")[0]
         prefix = parts.path.rstrip("/")
-        target = _Target(parts.hostname, parts.port or 80, authority, prefix, numeric)
+        tls = None
+        if scheme == "https":
+            if self._tls is None:
+                self._tls = _tls_context(None)
+            tls = self._tls
+        target = _Target(host, port, authority, prefix, numeric, (scheme, host, port), tls)
         if len(self._targets) >= _TARGETS_KEPT:
             self._targets.clear()
         self._targets[base] = target
         return target
 
-    def _take(self, key: tuple[str, int]) -> _Connection | None:
+    def _take(self, key: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(key)
         if not idle:
             return None
@@ -513,21 +558,31 @@ class UpstreamClient:
             return conn
         return None
 
-    async def _connect(self, target: _Target, key: tuple[str, int]) -> _Connection:
+    async def _connect(self, target: _Target) -> _Connection:
         error: OSError | None = None
+        tls = target.tls
         try:
-            async with asyncio.timeout(self._connect_timeout):
+            async with asyncio.timeout(self._connect_timeout):  # the TLS handshake included
                 for address in await self._addresses(target):
                     try:
                         _, conn = await self.loop.create_connection(
-                            lambda: _Connection(self, key), address, target.port
+                            lambda: _Connection(self, target.key),
+                            address,
+                            target.port,
+                            ssl=tls,
+                            server_hostname=None if tls is None else target.host,
                         )
+                    except ssl.SSLError as exc:  # the server's answer: its other addresses' too
+                        raise _tls_failed(target, exc) from exc
                     except OSError as exc:
                         error = exc
                     else:
                         return conn
         except TimeoutError as exc:
-            raise ConnectTimeout(f"no connection within {self._connect_timeout:g} s") from exc
+            raise ConnectTimeout(
+                f"no connection within {self._connect_timeout:g} s"
+                + ("" if tls is None else " (the TLS handshake included)")
+            ) from exc
         if isinstance(error, ConnectionRefusedError):
             raise Refused("connection refused") from error
         raise Unconnected(f"could not connect: {error}") from error
@@ -578,6 +633,23 @@ class UpstreamClient:
             next_due = due if next_due is None else min(next_due, due)
         if next_due is not None:
             self._sweep = self.loop.call_at(next_due, self._drop_idle)
+
+
+@functools.cache
+def _tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """The context verifying servers' certificates: the system's CAs, and ``ca_file``'s."""
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        context.load_verify_locations(cafile=ca_file)
+    return context
+
+
+def _tls_failed(target: _Target, exc: ssl.SSLError) -> TLSFailed:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        reason = f"certificate verify failed: {exc.verify_message}"
+    else:
+        reason = (exc.reason or str(exc)).replace("_", " ").lower()
+    return TLSFailed(f"TLS with {target.host}:{target.port} failed: {reason}")
 
 
 def _head_over() -> BadAnswer:
