@@ -178,6 +178,41 @@ async def test_every_rendered_object_is_accepted_and_engines_get_scheduled(
     assert policy["spec"]["ingress"][0]["ports"][0] == {"protocol": "TCP", "port": 9000}
 
 
+async def test_nvidia_engines_are_accepted_and_scheduled_under_the_restricted_profile(
+    kubectl: Kubectl, namespace: str, nodes: Nodes, cleanup: None
+) -> None:
+    """TensorRT-LLM (PyTorch backend and a TensorRT engine) and Triton (vLLM and TensorRT-LLM
+    backends): their Deployments, with NVIDIA's images, ``sh -c`` command and Triton's probe
+    path, admitted by a real API server and each pod bound by the real scheduler."""
+    docs = render("-f", str(DATA / "nvidia.yaml"), "--namespace", namespace)
+    await nodes.add("gpu-1", gpus=8)
+    a_volume_for_the_cache(kubectl, f"cache-{namespace}")
+    apply(kubectl, docs)
+    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    assert len(deployments) == 4
+
+    def bound() -> list[dict[str, Any]]:
+        pods = engine_pods(kubectl, namespace)
+        ok = len(pods) == 4 and all(p["spec"].get("nodeName") == "gpu-1" for p in pods)
+        return pods if ok else []
+
+    pods = wait_for(
+        "4 engine pods bound to gpu-1", bound, explain=lambda: scene(kubectl, namespace)
+    )
+    images = {
+        p["metadata"]["labels"]["gpufleet.io/model"]: p["spec"]["containers"][0]["image"]
+        for p in pods
+    }
+    assert images["qwen-trt"].startswith("nvcr.io/nvidia/tensorrt-llm/release:")
+    assert images["mistral-triton"].endswith("-trtllm-python-py3")
+    probes = {
+        p["metadata"]["labels"]["gpufleet.io/model"]: p["spec"]["containers"][0]["readinessProbe"]
+        for p in pods
+    }
+    assert probes["llama-triton"]["httpGet"]["path"] == "/health/ready"
+    assert probes["qwen-trt"]["httpGet"]["path"] == "/health"
+
+
 async def test_with_an_inventory_each_engine_lands_where_the_planner_put_it(
     kubectl: Kubectl, namespace: str, nodes: Nodes, cleanup: None, tmp_path: Path
 ) -> None:

@@ -41,6 +41,8 @@ class EngineChoice(StrEnum):
     auto = "auto"
     vllm = "vllm"
     sglang = "sglang"
+    trtllm = "trtllm"
+    triton = "triton"
     llamacpp = "llamacpp"
     emulator = "emulator"
 

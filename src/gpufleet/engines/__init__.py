@@ -1,6 +1,7 @@
 """Engine adapters: how to launch each inference engine and how to tell it is ready.
 
-Adapters are registered by the ``engine`` name a Model spec uses; the emulator is one of them
+Adapters are registered by the ``engine`` name a Model spec uses (llama.cpp, vLLM, SGLang,
+TensorRT-LLM's trtllm-serve, Triton's OpenAI front end); the emulator is one of them
 (for tests and benchmarks: it says so in every response). ``GPUFLEET_EMULATOR_COMMAND``, a
 benchmark hook, runs a command of the benchmark's in its place (see ``engines/emulator.py``).
 """
@@ -18,8 +19,17 @@ from gpufleet.engines.base import (
 )
 from gpufleet.engines.emulator import EmulatorEngine
 from gpufleet.engines.llamacpp import LlamaCppEngine
-from gpufleet.engines.metrics import EngineLoad, parse_exposition, parse_sglang, parse_vllm
+from gpufleet.engines.metrics import (
+    EngineLoad,
+    parse_exposition,
+    parse_sglang,
+    parse_triton,
+    parse_trtllm,
+    parse_vllm,
+)
 from gpufleet.engines.sglang import SglangEngine
+from gpufleet.engines.triton import TritonEngine
+from gpufleet.engines.trtllm import TrtllmEngine
 from gpufleet.engines.vllm import VllmEngine
 from gpufleet.errors import EngineUnavailableError
 
@@ -36,11 +46,21 @@ __all__ = [
     "adapter_for",
     "parse_exposition",
     "parse_sglang",
+    "parse_triton",
+    "parse_trtllm",
     "parse_vllm",
 ]
 
 ADAPTERS: dict[str, EngineAdapter] = {
-    a.name: a for a in (LlamaCppEngine(), VllmEngine(), SglangEngine(), EmulatorEngine.from_env())
+    a.name: a
+    for a in (
+        LlamaCppEngine(),
+        VllmEngine(),
+        SglangEngine(),
+        TrtllmEngine(),
+        TritonEngine(),
+        EmulatorEngine.from_env(),
+    )
 }
 
 

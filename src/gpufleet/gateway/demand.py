@@ -162,6 +162,7 @@ class DemandMeter:
         for replica in replicas:
             load = self.upstream.loads.get(replica.id)
             if load is not None:
-                kv.append(load.kv_usage)
+                if load.kv_usage is not None:  # None: the engine publishes no KV-cache use
+                    kv.append(load.kv_usage)
                 waiting += load.waiting
         return (sum(kv) / len(kv) if kv else None), waiting

@@ -42,10 +42,16 @@ GiB = 1 << 30
 # llamacpp: measured (bench/sizing_vs_reality.py, SmolLM2 on CPU, contexts 512–8192): the
 #   replica process holds weights + KV + a constant ~128 MiB — ~68 MiB of Python and the server,
 #   ~60 MiB of llama.cpp buffers. On a GPU add the CUDA context (~0.3–0.5 GiB), not measured here.
+# trtllm/triton: not measured here (no GPU). TensorRT-LLM's default PyTorch backend has vLLM's
+#   layout (torch, a profiling run, CUDA graphs) and Triton runs vLLM or TensorRT-LLM inside it,
+#   so both take vLLM's figure. TensorRT-LLM sizes its KV cache from the memory left after the
+#   weights (``kv_cache_free_gpu_memory_fraction``), not from a share of the card.
 # emulator: a CPU process pretending to be an engine; it holds no GPU memory.
 ENGINE_OVERHEAD_BYTES: dict[str, int] = {
     "vllm": 2 * GiB,
     "sglang": 2 * GiB,
+    "trtllm": 2 * GiB,
+    "triton": 2 * GiB,
     "llamacpp": 128 * MiB,
     "emulator": 0,
 }

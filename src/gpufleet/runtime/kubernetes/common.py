@@ -6,7 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpufleet.engines.triton import backend_of as triton_backend
+from gpufleet.engines.trtllm import backend_of as trtllm_backend
 from gpufleet.errors import SpecError
+from gpufleet.spec import ModelSpec
 
 __all__ = [
     "CONTAINER_SECURITY",
@@ -27,15 +30,24 @@ __all__ = [
     "ModelCache",
     "RenderError",
     "RenderSettings",
+    "image_key",
     "meta",
     "namespace_object",
 ]
 
-#: Official engine images (pinned; override with ``RenderSettings.images``).
+#: Official engine images (pinned; override with ``RenderSettings.images``), by ``image_key``.
+#: NVIDIA's, from their own docs: TensorRT-LLM's container page (1.3.0rc24) for trtllm-serve —
+#: its load gauges need 1.3 (tensorrt_llm/metrics/collector.py) — and, for prebuilt TensorRT
+#: engines, a 1.2 release: the 1.3 line drops the TensorRT backend (NVIDIA/TensorRT-LLM#15918);
+#: Triton's (server README and python/openai README, r26.07) with the backend in the tag.
 DEFAULT_IMAGES: Mapping[str, str] = {
     "vllm": "vllm/vllm-openai:v0.11.0",
     "sglang": "lmsysorg/sglang:v0.5.3-cu126",
     "llamacpp": "ghcr.io/ggml-org/llama.cpp:server-b6800",
+    "trtllm": "nvcr.io/nvidia/tensorrt-llm/release:1.3.0rc24",
+    "trtllm-tensorrt": "nvcr.io/nvidia/tensorrt-llm/release:1.2.0",
+    "triton-vllm": "nvcr.io/nvidia/tritonserver:26.07-vllm-python-py3",
+    "triton-tensorrtllm": "nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3",
 }
 #: Where engines listen in their pods unless ``RenderSettings.engine_port`` says otherwise.
 PORT = 8000
@@ -60,6 +72,16 @@ LABEL_TENANT = "gpufleet.io/tenant"
 LABEL_ROLE = "gpufleet.io/role"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 MANAGED = {"app.kubernetes.io/managed-by": "gpufleet", "app.kubernetes.io/part-of": "gpufleet"}
+
+
+def image_key(spec: ModelSpec) -> str:
+    """The key of ``RenderSettings.images`` a model's engine runs from: the engine's name, and
+    for the engines whose backends ship in different images, the backend with it."""
+    if spec.engine == "trtllm" and trtllm_backend(spec) == "tensorrt":
+        return "trtllm-tensorrt"
+    if spec.engine == "triton":
+        return f"triton-{triton_backend(spec)}"
+    return spec.engine
 
 
 class RenderError(SpecError):

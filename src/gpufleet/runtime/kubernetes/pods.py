@@ -27,8 +27,12 @@ its leader, whose pod keeps the ports.
 Engines answer only bearers of the fleet's engine key: the Secret ``gpufleet-engine-key`` (key
 ``key``), which the operator creates in its namespace and the gateways read. Each engine gets it
 from the Secret in the environment variable it reads (vLLM's ``VLLM_API_KEY``, llama-server's
-``LLAMA_API_KEY``), never in the pod spec; SGLang reads none, so its ``--api-key`` argument names
-``$(GPUFLEET_ENGINE_KEY)``, which the kubelet expands. The probes' ``/health`` stays open.
+``LLAMA_API_KEY``), never in the pod spec; SGLang and Triton's front end read none, so their
+arguments (``--api-key``; ``--openai-restricted-api``) name ``$(GPUFLEET_ENGINE_KEY)``, which the
+kubelet expands. trtllm-serve checks no key: its pods have the network policies alone. The probes
+ask the adapter's health path (``/health``; Triton's front end ``/health/ready``), which stays
+open. The image is ``RenderSettings.images[image_key(spec)]``: TensorRT-LLM's and Triton's
+depend on the backend.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from typing import Any
 from gpufleet.engines import ADAPTERS, KvEvents
 from gpufleet.engines.base import ENGINE_KEY_ENV, LIVENESS_PATH
 from gpufleet.engines.base import Placement as EnginePlacement
+from gpufleet.engines.triton import backend_env as triton_backend_env
 from gpufleet.hardware import CATALOG
 from gpufleet.planner import Placement
 from gpufleet.runtime.base import Role
@@ -59,6 +64,7 @@ from gpufleet.runtime.kubernetes.common import (
     RAY_PORT,
     RenderError,
     RenderSettings,
+    image_key,
     meta,
 )
 from gpufleet.runtime.kubernetes.loader import claim_of, wait_for_weights, weights_path
@@ -169,7 +175,7 @@ def engine_pod(
     spec = model.spec
     weights = weights_path(model)
     events = kv_events(model)
-    args = _engine_args(model, group, weights, settings.engine_port, events)
+    command, args, health = _engine_command(model, group, weights, settings.engine_port, events)
     # The probes name the http port: they follow it. The KV-event ports' names mark the pod as
     # publishing (the runtime reads its endpoints from them).
     ports: list[dict[str, Any]] = [{"name": "http", "containerPort": settings.engine_port}]
@@ -189,9 +195,9 @@ def engine_pod(
         resources["limits"][rdma] = 1
     if not resources["limits"]:
         del resources["limits"]
-    engine: dict[str, Any] = {"name": "engine", "image": settings.images[spec.engine]}
-    if spec.engine in ("vllm", "sglang"):
-        engine["command"] = ["python3", "-m", _MODULES[spec.engine]]
+    engine: dict[str, Any] = {"name": "engine", "image": settings.images[image_key(spec)]}
+    if command is not None:
+        engine["command"] = command
     engine |= {
         "args": args,
         "ports": ports,
@@ -206,20 +212,21 @@ def engine_pod(
             # The key it answers to, from the Secret: only the gateways hold it too.
             _key_env(spec.engine),
             *_transfer_env(model),
+            *({"name": k, "value": v} for k, v in _backend_env(model).items()),
         ],
         "resources": resources,
         "readinessProbe": {
-            "httpGet": {"path": "/health", "port": "http"},
+            "httpGet": {"path": health, "port": "http"},
             "periodSeconds": 5,
             "failureThreshold": 3,
         },
         "startupProbe": {
-            "httpGet": {"path": "/health", "port": "http"},
+            "httpGet": {"path": health, "port": "http"},
             "periodSeconds": 10,
             "failureThreshold": 90,  # 15 minutes to load weights and warm up
         },
         "livenessProbe": {
-            "httpGet": {"path": LIVENESS_PATH, "port": "http"},
+            "httpGet": {"path": health, "port": "http"},
             "periodSeconds": 10,
             "failureThreshold": 6,
         },
@@ -251,7 +258,7 @@ def engine_pod(
         },
         # The loader Job fills the cache once; replicas wait for its completion mark.
         "initContainers": (
-            [wait_for_weights(settings.images[spec.engine], weights)]
+            [wait_for_weights(settings.images[image_key(spec)], weights)]
             if spec.parsed_source.scheme != "pvc"
             else []
         ),
@@ -279,7 +286,16 @@ def engine_pod(
     return pod
 
 
-_MODULES = {"vllm": "vllm.entrypoints.openai.api_server", "sglang": "sglang.launch_server"}
+#: How many leading entries of an engine adapter's argv are its program (the container's
+#: ``command``; the rest are its ``args``), and whether that program is Python's, which the
+#: image runs as ``python3`` (the adapter names this machine's interpreter): vLLM's and SGLang's
+#: ``python -m MODULE``, trtllm-serve's ``sh -c LINE trtllm-serve``, Triton's front end script.
+_PROGRAM: dict[str, tuple[int, bool]] = {
+    "vllm": (3, True),
+    "sglang": (3, True),
+    "trtllm": (4, False),
+    "triton": (2, True),
+}
 #: Where vLLM's NixlConnector listens for, and tells peers to send, its handshake (the side
 #: channel): its default, ``localhost``, reaches no other pod.
 NIXL_HOST_ENV = "VLLM_NIXL_SIDE_CHANNEL_HOST"
@@ -297,6 +313,12 @@ def _transfer_env(model: Model) -> list[dict[str, Any]]:
     return [{"name": NIXL_HOST_ENV, "valueFrom": pod_ip}]
 
 
+def _backend_env(model: Model) -> dict[str, str]:
+    """What an engine's backend needs in its environment (Triton's TensorRT-LLM backend its
+    orchestrator mode)."""
+    return triton_backend_env(model.spec) if model.spec.engine == "triton" else {}
+
+
 def _key_env(engine: str) -> dict[str, Any]:
     """The engine key from its Secret, in the variable the engine reads (an engine that reads
     none gets ``GPUFLEET_ENGINE_KEY``, which its arguments name)."""
@@ -308,13 +330,15 @@ def _key_env(engine: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": ref}}
 
 
-def _engine_args(
+def _engine_command(
     model: Model,
     group: EngineGroup,
     weights: PurePosixPath,
     port: int,
     events: KvEvents | None = None,
-) -> list[str]:
+) -> tuple[list[str] | None, list[str], str]:
+    """The engine container's command (None: the image's own), arguments and health path (its
+    probes' path: the adapter's liveness path)."""
     spec = model.spec
     if spec.engine == "llamacpp":
         args = [
@@ -324,7 +348,7 @@ def _engine_args(
         ]  # fmt: skip
         if group.gpus:
             args += ["--n-gpu-layers", "999"]
-        return args + list(spec.engine_args)
+        return None, args + list(spec.engine_args), LIVENESS_PATH
     placement = EnginePlacement(
         node=group.node or "any",
         gpu_type=group.gpu_type,
@@ -344,8 +368,11 @@ def _engine_args(
         api_key=f"$({ENGINE_KEY_ENV})" if adapter.api_key_env is None else None,
         kv_events=events,
     )
-    # argv is [python, -m, module, ...]: the image's python runs the module (``command``).
-    return list(launch.argv[3:])
+    size, python = _PROGRAM[spec.engine]
+    command = list(launch.argv[:size])
+    if python:
+        command[0] = "python3"
+    return command, list(launch.argv[size:]), launch.liveness_path
 
 
 def _affinity(

