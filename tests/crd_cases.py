@@ -27,6 +27,7 @@ EXAMPLE_FILES = (
     "tests/data/k8s/models.yaml",
     "tests/data/k8s/placed.yaml",
     "tests/data/k8s/disaggregated.yaml",
+    "tests/data/k8s/nvidia.yaml",
 )
 
 
@@ -107,6 +108,20 @@ def _duration_cases() -> list[Rejected]:
 
 _LONG = "a" * 64
 
+
+def _external(**spec: Any) -> dict[str, Any]:
+    """An external model, valid until ``spec`` says otherwise (a key set to None is left out)."""
+    base: dict[str, Any] = {
+        "engine": "external",
+        "endpoints": [{"url": "https://api.example.com/v1", "apiKey": {"env": "EXAMPLE_KEY"}}],
+        "pricing": {"perMillionInputTokens": 0.15, "perMillionOutputTokens": 0.6},
+    }
+    doc = model("bad", **{**base, **spec})
+    if "source" not in spec:
+        del doc["spec"]["source"]
+    return doc
+
+
 REJECTED: list[Rejected] = [
     # The issue's two: no cross-field rule, no format rule.
     Rejected(
@@ -121,6 +136,83 @@ REJECTED: list[Rejected] = [
         model("bad", engine="llamacpp", disaggregation={"prefill": {"replicas": 1}}),
         "spec.disaggregation",
         "cannot serve prefill and decode apart",
+    ),
+    Rejected(
+        "external-without-endpoints",
+        _external(endpoints=[]),
+        "spec.endpoints",
+        "engine external needs at least one endpoint",
+    ),
+    Rejected(
+        "endpoints-on-an-engine-gpufleet-runs",
+        model("bad", endpoints=[{"url": "http://10.0.0.5:8000/v1"}]),
+        "spec.endpoints",
+        "only engine external has endpoints",
+    ),
+    Rejected(
+        "external-with-a-source",
+        _external(source="hf://org/name"),
+        "spec.source",
+        "an external model's weights are not gpufleet's",
+    ),
+    Rejected(
+        "no-source",
+        {**model("bad"), "spec": {"engine": "vllm"}},
+        "spec.source",
+        "required",
+    ),
+    Rejected(
+        "external-on-gpus",
+        _external(resources={"gpus": 1}),
+        "spec.resources",
+        "an external model runs on no GPU of the fleet",
+    ),
+    Rejected(
+        "external-without-per-token-prices",
+        _external(pricing={"perMillionInputTokens": 0.5}),
+        "spec.pricing",
+        "engine external is priced per token",
+    ),
+    Rejected(
+        "per-token-prices-on-an-engine-gpufleet-runs",
+        model("bad", pricing={"perMillionInputTokens": 0.5, "perMillionOutputTokens": 1}),
+        "spec.pricing",
+        "per-token prices are for engine external only",
+    ),
+    Rejected(
+        "an-api-key-from-two-places",
+        _external(
+            endpoints=[
+                {"url": "https://api.example.com/v1", "apiKey": {"env": "KEY", "file": "/run/key"}}
+            ]
+        ),
+        "spec.endpoints[].apiKey",
+        "give exactly one of env, file or secretKeyRef",
+    ),
+    Rejected(
+        "trtllm-section-on-vllm",
+        model("bad", engine="vllm", trtllm={"backend": "pytorch"}),
+        "spec.trtllm",
+        "configures engine trtllm",
+    ),
+    Rejected(
+        "triton-section-on-trtllm",
+        model("bad", engine="trtllm", triton={"backend": "vllm"}),
+        "spec.triton",
+        "configures engine triton",
+    ),
+    *(
+        Rejected(
+            f"trtllm-tensorrt-{slug}",
+            model("bad", engine="trtllm", trtllm={"backend": "tensorrt"}, resources=resources),
+            "spec.trtllm.backend",
+            "built for one tensor-parallel degree and one GPU type",
+        )
+        for slug, resources in (
+            ("without-gpus", {"gpuTypes": ["H100"]}),
+            ("without-a-gpu-type", {"gpus": 2}),
+            ("on-two-gpu-types", {"gpus": 2, "gpuTypes": ["H100", "H200"]}),
+        )
     ),
     Rejected(
         "precise-prefix-index-on-llamacpp",
@@ -278,6 +370,29 @@ def gpufleet_reads(doc: dict[str, Any]) -> None:
 
 #: Documents at the edges of the rules that both must accept (a rule too strict is a bug too).
 ACCEPTED: list[tuple[str, dict[str, Any]]] = [
+    ("an-external-model", {**_external(), "metadata": {"name": "hosted"}}),
+    (
+        "an-internal-server-by-file-key-and-another-by-secret",
+        {
+            **_external(
+                endpoints=[
+                    {
+                        "url": "http://10.0.0.5:8000/v1",
+                        "model": "llama-3-8b",
+                        "location": "internal",
+                        "apiKey": {"file": "keys/llama"},
+                    },
+                    {
+                        "url": "https://llm.internal.example/v1",
+                        "location": "internal",
+                        "apiKey": {"secretKeyRef": {"name": "llm-keys", "key": "token"}},
+                    },
+                ],
+                pricing={"perMillionInputTokens": 0, "perMillionOutputTokens": 0},
+            ),
+            "metadata": {"name": "internal"},
+        },
+    ),
     (
         "durations-in-every-form",
         model(
@@ -294,6 +409,17 @@ ACCEPTED: list[tuple[str, dict[str, Any]]] = [
             routing={"cost": {"alternatives": ["other"], "ttftObjective": "3600s"}},
         ),
     ),
+    (
+        "a-tensorrt-engine-built-for-tp2-on-h100",
+        model(
+            "edges",
+            engine="trtllm",
+            trtllm={"backend": "tensorrt"},
+            resources={"gpus": 2, "gpuTypes": ["H100"]},
+        ),
+    ),
+    ("trtllm-pytorch-anywhere", model("edges", engine="trtllm", trtllm={"backend": "pytorch"})),
+    ("triton-on-tensorrtllm", model("edges", engine="triton", triton={"backend": "tensorrtllm"})),
     ("quantity-bytes", model("edges", resources={"memory": 17179869184})),
     ("quantity-decimal", model("edges", resources={"memory": "1.5Gi"})),
     ("memory-null", model("edges", resources={"memory": None})),

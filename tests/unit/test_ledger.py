@@ -58,6 +58,11 @@ def test_a_request_is_counted_at_most_once(store: Store) -> None:
             "completion_tokens": 30,
             "gpu_seconds": 3.0,
             "cost_usd": 0.006,
+            "external_requests": 0,
+            "external_prompt_tokens": 0,
+            "external_completion_tokens": 0,
+            "external_cost_usd": 0.0,
+            "estimated_requests": 0,
         }
     ]
     assert [r.request_id for r in store.usage_rows(since=DAY)] == [

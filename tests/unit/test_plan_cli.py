@@ -111,3 +111,28 @@ def test_plan_places_a_disaggregated_models_pools_on_the_types_that_suit_them(
     assert unplaced["reason"]
     table = gpufleet("plan", "-f", str(models), "--inventory", str(inventory))
     assert "pd:prefill#0" in table.stdout and "unplaced pd:prefill#1" in table.stdout
+
+
+def test_an_external_model_is_not_placed_and_said_so(tmp_path: Path) -> None:
+    models = tmp_path / "models.yaml"
+    models.write_text(
+        (ROOT / "examples" / "models.yaml")
+        .read_text()
+        .split("---")[0]
+        .replace("file:../", f"file:{ROOT}/")
+        + "---\napiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: hosted}\n"
+        "spec: {engine: external, endpoints: [{url: 'https://api.example.com/v1'}],"
+        " pricing: {perMillionInputTokens: 3, perMillionOutputTokens: 15}}\n"
+    )
+    inventory = str(ROOT / "examples" / "inventory.yaml")
+    data = json.loads(
+        gpufleet("plan", "-f", str(models), "--inventory", inventory, "-o", "json").stdout
+    )
+    assert data["external"] == ["hosted"]
+    assert {p["replica"]["deployment"] for p in data["placements"]} == {"llama-3-8b"}
+    table = gpufleet("plan", "-f", str(models), "--inventory", inventory)
+    assert table.returncode == 0, table.stderr
+    assert "not placed: hosted (engine external: served by its endpoints)" in table.stdout
+    sim = gpufleet("sim", "-f", str(models), "--inventory", inventory, "--trace",
+                   "poisson:rate=1,duration=5", "--ttft", "1")  # fmt: skip
+    assert sim.returncode != 0 and "hosted: engine external is not simulated" in sim.stderr

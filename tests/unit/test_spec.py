@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from gpufleet.errors import SpecError
-from gpufleet.spec import load_file, load_text, parse_bytes, parse_source
+from gpufleet.spec import ENGINES, load_file, load_text, parse_bytes, parse_source
 
 HEADER = "apiVersion: gpufleet.io/v1alpha1\nkind: Model\n"
 
@@ -89,10 +89,8 @@ def test_all_problems_of_a_file_are_reported_together() -> None:
     joined = "\n".join(found)
     assert "metadata.name" in joined
     assert "spec.source: unknown source 'ftp://x'" in joined
-    assert (
-        "spec.engine must be one of 'llamacpp', 'vllm', 'sglang' or 'emulator' (got 'llama')"
-        in joined
-    )
+    engines = "', '".join(ENGINES[:-1])
+    assert f"spec.engine must be one of '{engines}' or '{ENGINES[-1]}' (got 'llama')" in joined
     assert "spec.contextLength" in joined and "(got 10)" in joined
 
 

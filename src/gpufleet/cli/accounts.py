@@ -194,7 +194,8 @@ def usage(
     output: Annotated[str, typer.Option("--output", "-o", help="table or json")] = "table",
     server: ServerOpt = DEFAULT_SERVER,
 ) -> None:
-    """Requests, tokens, GPU-seconds and cost from the usage ledger."""
+    """Requests, tokens, GPU-seconds and cost from the usage ledger; apart, what went to
+    endpoints outside the company, and a mark where token counts include estimates."""
     if by not in ("tenant", "model", "key"):
         raise fail("--by must be tenant, model or key")
     query = f"?by={by}"
@@ -206,23 +207,48 @@ def usage(
     if output == "json":
         out.print_json(json.dumps(data))
         return
+    rows = data["usage"]
     table = Table(box=None, header_style="bold", title=f"usage since {data['since'][:19]} UTC")
     cols = ("REQUESTS", "ERRORS", "PROMPT", "CACHED", "COMPLETION", "GPU-S", "COST $")
     table.add_column(by.upper())
     for col in cols:
         table.add_column(col, justify="right")
-    for r in data["usage"]:
+    for r in rows:
+        # "~": some of the row's tokens are the gateway's estimate, not the engine's count.
+        mark = "~" if r.get("estimated_requests") else ""
         table.add_row(
             r[by],
             str(r["requests"]),
             str(r["errors"]),
-            str(r["prompt_tokens"]),
+            f"{mark}{r['prompt_tokens']}",
             str(r["cached_tokens"]),
-            str(r["completion_tokens"]),
+            f"{mark}{r['completion_tokens']}",
             f"{r['gpu_seconds']:.2f}",
             f"{r['cost_usd']:.4f}",
         )
     print_table(table)
+    external = [r for r in rows if r.get("external_requests")]
+    if external:
+        # Part of the totals above: what was sent to endpoints outside the company.
+        sent = Table(box=None, header_style="bold", title="of which to external endpoints")
+        for col in (by.upper(), "REQUESTS", "PROMPT", "COMPLETION", "COST $"):
+            sent.add_column(col, justify="left" if col == by.upper() else "right")
+        for r in external:
+            sent.add_row(
+                r[by],
+                str(r["external_requests"]),
+                str(r["external_prompt_tokens"]),
+                str(r["external_completion_tokens"]),
+                f"{r['external_cost_usd']:.4f}",
+            )
+        print_table(sent)
+    estimated = sum(r.get("estimated_requests", 0) for r in rows)
+    if estimated:
+        out.print(
+            f"note: ~ marks token counts that include the gateway's estimates: {estimated} "
+            "request(s) whose engine reported no usage",
+            highlight=False,
+        )
     refusals = data.get("refusals") or []
     if refusals:
         # Refused before any engine (401, 413, 429, 503, validation): counted per day, not rows.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -18,7 +18,10 @@ from gpufleet.cli.output import fail, out, spec_problems
 from gpufleet.cli.tables import print_table
 from gpufleet.errors import GpufleetError, SpecError
 
-__all__ = ["plan_command"]
+if TYPE_CHECKING:
+    from gpufleet.spec import Model
+
+__all__ = ["engine_notes", "plan_command"]
 
 GiB = 1 << 30
 
@@ -42,6 +45,9 @@ def plan_command(
 
     try:
         models = [m for f in file for m in load_file(f)]
+        # Served by endpoints gpufleet does not run: nothing to place.
+        external = [m.name for m in models if m.spec.engine == "external"]
+        models = [m for m in models if m.spec.engine != "external"]
         fleet = load_inventory(inventory)
         deployments = [d for m in models for d in size_pools_here(m, kv_sequences=kv_sequences)]
     except SpecError as exc:
@@ -51,7 +57,9 @@ def plan_command(
         raise fail(str(exc)) from exc
     result = plan(fleet, deployments, settings=PlanSettings(defragment=not no_defragment))
     if output == "json":
-        typer.echo(json.dumps(_jsonable(dataclasses.asdict(result)), indent=2))
+        doc = {**_jsonable(dataclasses.asdict(result)), "external": external}
+        doc["notes"] = engine_notes(models)
+        typer.echo(json.dumps(doc, indent=2))
         return
     table = Table(box=None, header_style="bold")
     for col in ("REPLICA", "WHERE", "GPU", "TP", "PP", "MEMORY/GPU", "SHARE"):
@@ -75,11 +83,35 @@ def plan_command(
         )
     for u in result.unplaced:
         out.print(f"[yellow]unplaced[/] {u.replica}: {u.reason}", highlight=False, soft_wrap=True)
+    for name in external:
+        out.print(f"not placed: {name} (engine external: served by its endpoints)", highlight=False)
+    for note in engine_notes(models):
+        out.print(f"[cyan]note[/] {note}", highlight=False, soft_wrap=True)
     out.print(
         f"GPUs used: {result.gpus_used} of {result.gpus_total}; memory handed out on them: "
         f"{result.memory_utilisation:.0%}; solver: {result.solver}",
         highlight=False,
     )
+
+
+def engine_notes(models: list[Model]) -> list[str]:
+    """What the plan cannot promise for some engines: a TensorRT engine (trtllm backend
+    tensorrt) runs only with the TP degree and on the GPU type it was built for; Triton takes
+    its TP degree, memory share and batch size from its model repository."""
+    from gpufleet.engines.triton import plan_note
+    from gpufleet.engines.trtllm import build_note
+
+    notes = []
+    for model in models:
+        if model.spec.engine == "trtllm":
+            note = build_note(model.spec)
+        elif model.spec.engine == "triton":
+            note = plan_note(model.spec)
+        else:
+            note = None
+        if note is not None:
+            notes.append(f"{model.name}: {note}")
+    return notes
 
 
 def _jsonable(value: Any) -> Any:

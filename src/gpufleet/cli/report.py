@@ -2,8 +2,10 @@
 
 Reads ``/admin/v1/report`` (role ``operator``): per model, tenant or key the busy cost (what
 requests used), the share of idle time charged to it, and the cost of one successful request
-and of 1M tokens; below, the fleet's own figures (GPUs nobody held: fleet idle). ``-o csv``
-prints the lines for a spreadsheet, ``-o json`` everything.
+and of 1M tokens; below, the fleet's own figures (GPUs nobody held: fleet idle). A model priced
+per token (``engine: external``) is counted beside the GPU-priced ones, marked ``per token``:
+what its requests cost, with no placed cost nor idle share. ``-o csv`` prints the lines for a
+spreadsheet, ``-o json`` everything.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ def _money(value: Any) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _per_token(fleet: dict[str, Any]) -> str:
+    cost = fleet.get("per_token_cost") or 0.0
+    return f" priced per token ${cost:.4f};" if cost else ""
+
+
 def report(
     by: Annotated[str, typer.Option(help="group by model, tenant or key")] = "model",
     since: Annotated[
@@ -61,6 +68,8 @@ def report(
     if output == "csv":
         writer = csv.writer(sys.stdout)
         keys = [by, *(k for k, _ in columns), "requests", "prompt_tokens", "completion_tokens"]
+        keys += ["priced"] if by == "model" else []
+        keys.append("per_token_cost")
         writer.writerow(keys)
         for line in data["lines"]:
             writer.writerow(["" if line.get(k) is None else line[k] for k in keys])
@@ -68,13 +77,19 @@ def report(
             idle = item["idle_cost"]
             writer.writerow([f"(unused: {item['model']})", "", idle, idle])
         return
+    if by != "model" and any(line.get("per_token_cost") for line in data["lines"]):
+        columns.append(("per_token_cost", "PER-TOKEN $"))  # of BUSY $: per-token prices
     since_text, until_text = data["since"][:19], data["until"][:19]
     table = Table(box=None, header_style="bold", title=f"cost {since_text} – {until_text} UTC")
     table.add_column(by.upper())
+    if by == "model":
+        table.add_column("PRICED")
     for _, title in columns:
         table.add_column(title, justify="right")
     for line in data["lines"]:
         cells = [str(line[k]) if k == "successful" else _money(line.get(k)) for k, _ in columns]
+        if by == "model":
+            cells.insert(0, "per token" if line.get("priced") == "per_token" else "replica time")
         table.add_row(line[by], *cells)
     for item in data["unattributed"]:
         # A model nobody used in the window keeps its idle cost: charged to no tenant.
@@ -86,7 +101,7 @@ def report(
     out.print(
         f"fleet: {fleet['gpus']:g} GPUs, ${fleet['gpu_cost']:.4f} owned; placed "
         f"${fleet['placed_cost']:.4f}; idle GPUs ${fleet['idle_cost']:.4f} (charged to nobody);"
-        f" total ${fleet['total_cost']:.4f}; per successful request "
+        f"{_per_token(fleet)} total ${fleet['total_cost']:.4f}; per successful request "
         f"{_money(fleet['cost_per_successful_request'])}",
         highlight=False,
     )

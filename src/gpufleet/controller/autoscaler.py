@@ -146,6 +146,8 @@ class Autoscaler:
     def desired(self, name: str, spec: ModelSpec) -> int:
         """Replicas the model should run now: within its spec's bounds, unless the fleet cannot
         place ``replicas.min`` (then what it can)."""
+        if spec.engine == "external":
+            return len(spec.endpoints)  # one replica per endpoint: never scaled, never placed
         if not is_open(spec.schedule, self.clock()):
             return 0
         held = self._held(name, spec)
@@ -163,7 +165,7 @@ class Autoscaler:
     def placeable(self, name: str, spec: ModelSpec, count: int) -> int:
         """How many of ``count`` replicas of ``name`` the fleet could hold beside what the
         other models were last given (all of them without a capacity bound)."""
-        if self.capacity is None:
+        if self.capacity is None or spec.engine == "external":
             return count
         wants = {n: w for n, w in self._wants.items() if n != name}
         wants[name] = (spec, count)

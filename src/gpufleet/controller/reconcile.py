@@ -201,6 +201,8 @@ class Controller:
         """One autoscaler pass over every model (the loop runs it every ``interval_s``)."""
         models, prefill_ready = {}, {}
         for entry in self.directory.entries():
+            if entry.spec.engine == "external":
+                continue  # one replica per endpoint: never scaled, never placed
             ready = sum(
                 1
                 for r in entry.replicas

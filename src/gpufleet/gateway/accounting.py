@@ -14,8 +14,12 @@ the ledger).
 Every request an engine had gets exactly one row, whatever its outcome: the replica that had
 it last and the GPU time it held on every replica that had it (``gpu_seconds``: replica-seconds
 × the model's GPUs, attempts that gave no answer included), so the fleet's GPU time adds up;
-what the tenant pays of it is ``billed``'s rule. Metric children are looked up once per
-(model, tenant, route): ``labels()`` costs microseconds each time.
+what the tenant pays of it is ``billed``'s rule. A row also says whether the request left the
+company (``external``: it was sent to a ``location: external`` endpoint, the one that answered or
+one tried before) and whether its token counts are the gateway's estimate (``estimated``: the
+engine reported no usage and its tokenizer could not count the stream), so no estimate is shown
+as a count. Metric children are looked up once per (model, tenant, route): ``labels()`` costs
+microseconds each time.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ class Charge:
 
     __slots__ = (
         "_accounting",
+        "external",
         "gpu_seconds",
         "held",
         "ids",
@@ -116,6 +121,8 @@ class Charge:
         self.replica = ""
         self.gpu_seconds = 0.0
         self.owed = 0.0
+        #: A replica that gave no answer was an endpoint outside the company: the request left.
+        self.external = False
         self.opened = time.perf_counter()
 
     def finisher(self, entry: ModelEntry, release: Release) -> Done:
@@ -214,6 +221,7 @@ class Accounting:
         id, how it ended, the replica-seconds it held): its GPU time goes into the request's
         row, and its price into what the caller owes if it is ``billed`` (it went away)."""
         charge.held, charge.replica = entry, attempt.replica
+        charge.external = charge.external or attempt.external
         pool = entry.spec.pool("prefill" if attempt.pool == "prefill" else "decode")
         charge.gpu_seconds += attempt.replica_seconds * pool.resources.gpus
         charge.owed += billed(
@@ -249,6 +257,7 @@ class Accounting:
                 duration_ms=(time.perf_counter() - charge.opened) * 1000,
                 gpu_seconds=charge.gpu_seconds,
                 cost_usd=charge.owed,
+                external=charge.external,
             )
         )
 
@@ -271,8 +280,12 @@ class Accounting:
         # A disaggregated model's pools may run on different GPUs (``ModelSpec.pool``; a model
         # that is not disaggregated is its own pool).
         decode, prefill_pool = entry.spec.pool("decode"), entry.spec.pool("prefill")
-        price = outcome.replica_seconds * self._pricing.per_second_of(decode)
-        price += outcome.prefill_seconds * self._pricing.per_second_of(prefill_pool)
+        per_token = self._pricing.charge(entry.spec, prompt, completion)
+        if per_token is not None:  # an external endpoint: its price list, not replica time
+            price = per_token
+        else:
+            price = outcome.replica_seconds * self._pricing.per_second_of(decode)
+            price += outcome.prefill_seconds * self._pricing.per_second_of(prefill_pool)
         cost = billed(outcome.status, price) + charge.owed
         self._pricing.observe(entry, outcome.replica_seconds, prompt + completion)
         self.admission.settle(charge.ticket, prompt + completion, cost)
@@ -320,5 +333,10 @@ class Accounting:
                     duration_ms=outcome.duration_s * 1000,
                     gpu_seconds=gpu_seconds,
                     cost_usd=cost,
+                    # Sent outside the company: by the answer's endpoint or one tried before.
+                    external=outcome.external or charge.external,
+                    # Neither the engine's usage nor its tokenizer's count (``Outcome.counted``):
+                    # the prompt as the gateway estimated it, the completion as events streamed.
+                    estimated=not outcome.counted,
                 )
             )

@@ -26,7 +26,7 @@ from starlette.routing import Route
 from gpufleet.controller import ControlPlane, ModelEntry
 from gpufleet.errors import GpufleetError, SpecError, StoreError
 from gpufleet.gateway.auth import ROLES, Keyring, Principal, forbidden
-from gpufleet.gateway.cost_report import build_report, report_view
+from gpufleet.gateway.cost_report import build_report, per_token_models, report_view
 from gpufleet.gateway.errors import ApiError, bad_request, quota_store_unavailable
 from gpufleet.gateway.gpus_report import build_history, gpus_view, resolution_of
 from gpufleet.gateway.latency_report import MAX_POINTS, build_latency, default_step
@@ -76,7 +76,8 @@ def model_view(e: ModelEntry) -> dict[str, Any]:
         "name": e.name,
         "generation": e.generation,
         "engine": e.spec.engine,
-        "source": e.spec.source,
+        # An external model has no weights: where it is served from instead.
+        "source": e.spec.source or ", ".join(x.url for x in e.spec.endpoints),
         "status": e.status,
         "ready": len(e.endpoints),
         "desired": e.desired,
@@ -349,7 +350,16 @@ def routes(
             await ledger.flush()
         inventory_of = getattr(controller, "inventory", None)  # the cluster's reads the store
         inventory = await asyncio.to_thread(inventory_of) if callable(inventory_of) else None
-        report = await build_report(store, by, since, until, inventory)  # type: ignore[arg-type]
+        # The models served now: one deleted within the window is counted as GPU-priced.
+        per_token = per_token_models((e.name, e.spec) for e in directory.entries())
+        report = await build_report(
+            store,
+            by,  # type: ignore[arg-type]
+            since,
+            until,
+            inventory,
+            per_token,
+        )
         return JSONResponse(report_view(report, inventory_known=inventory is not None))
 
     async def latency(request: Request) -> Response:

@@ -73,6 +73,8 @@ class Principal:
     key_limits: Limits
     priority: int = 0
     weight: float = 1.0
+    #: The tenant opted in to endpoints outside the company (``allowExternalEndpoints``).
+    external_endpoints: bool = False
 
     @property
     def is_admin(self) -> bool:
@@ -198,6 +200,7 @@ class Keyring:
             key_limits=key_limits,
             priority=QUEUE_PRIORITIES[spec.priority] if spec else 0,
             weight=spec.weight if spec else 1.0,
+            external_endpoints=spec.allow_external_endpoints if spec else False,
         )
         self._keys[record.prefix] = _Entry(record, principal)
 

@@ -28,7 +28,13 @@ from starlette.responses import Response
 from gpufleet.controller import ControlPlane, Directory, ModelEntry
 from gpufleet.gateway.auth import Principal
 from gpufleet.gateway.demand import DemandMeter
-from gpufleet.gateway.errors import ApiError, Unreachable, model_not_found, no_replica
+from gpufleet.gateway.errors import (
+    ApiError,
+    Unreachable,
+    external_refused,
+    model_not_found,
+    no_replica,
+)
 from gpufleet.gateway.fairqueue import AdmissionQueues, QueueRejected
 from gpufleet.gateway.metrics import GatewayMetrics
 from gpufleet.gateway.proxy import Done, Upstream
@@ -101,6 +107,10 @@ class Dispatcher:
         deployment's refusal otherwise."""
         for i, target in enumerate(chain):
             last = i == len(chain) - 1
+            if not principal.external_endpoints and _only_external(target):
+                if not last:
+                    continue  # data stays in the company: the next in the chain, if any
+                raise external_refused(target.name, principal.tenant)
             if not target.endpoints and not target.problem:
                 if not last:
                     continue  # a fallback is ready now: no need to wait for this one
@@ -146,6 +156,7 @@ class Dispatcher:
                     request_id=request_id,
                     features=request.features,
                     tenant=principal.tenant,
+                    external=principal.external_endpoints,
                     weight=float(request.tokens),
                     strip_usage=request.strip_usage,
                     done=finisher(target, release),
@@ -221,3 +232,10 @@ class Dispatcher:
             return False
         stats = self.queues.get(entry.name).stats()
         return stats.waiting == 0 and stats.in_flight < self._capacity(entry.name)
+
+
+def _only_external(target: ModelEntry) -> bool:
+    """``target`` is served by endpoints outside the company alone."""
+    return target.spec.engine == "external" and all(
+        e.location == "external" for e in target.spec.endpoints
+    )

@@ -65,6 +65,18 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return ApiError(400, message, param=param, code=code)
 
 
+def external_refused(model: str, tenant: str) -> ApiError:
+    return ApiError(
+        403,
+        f"The model '{model}' is served by an endpoint outside the company (a hosted API): "
+        f"prompts sent there leave it, and tenant '{tenant}' has not opted in (an admin sets "
+        "allowExternalEndpoints: true on the Tenant)",
+        type="permission_error",
+        param="model",
+        code="external_endpoint_not_allowed",
+    )
+
+
 def model_not_found(model: str) -> ApiError:
     return ApiError(
         404,

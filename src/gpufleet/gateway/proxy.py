@@ -62,6 +62,7 @@ from gpufleet.gateway.errors import (
 from gpufleet.gateway.metrics import GatewayMetrics
 from gpufleet.gateway.precise_prefix import PrecisePrefix
 from gpufleet.gateway.prefix_hints import RedisPrefixHints
+from gpufleet.gateway.request import renamed
 from gpufleet.gateway.streaming import Streams, first_event
 from gpufleet.gateway.upstream_http import (
     Broken,
@@ -120,6 +121,8 @@ class Outcome:
     pool: str = ""
     #: Replica-seconds a prefill replica spent on the answer's prompt (disaggregated models).
     prefill_seconds: float = 0.0
+    #: The answer came from an endpoint outside the company (``location: external``).
+    external: bool = False
 
     def take_usage(self, usage: Any) -> None:
         if not isinstance(usage, dict):
@@ -259,13 +262,23 @@ class Upstream:
         exclude: set[str],
         hints: Mapping[str, int] | None = None,
         cached: Mapping[str, int] | None = None,
+        *,
+        external: bool = True,
     ) -> tuple[Replica, Choice] | None:
+        """A replica of ``entry`` for the request, leaving out ``exclude`` and, unless
+        ``external`` (the tenant opted in), endpoints outside the company."""
         pool = entry.pool(self._draw()) if entry.canary is not None else entry.endpoints
         now = time.monotonic()
-        candidates = {r.id: r for r in pool if r.id not in exclude and self._answers(r, now)}
+        candidates = {
+            r.id: r
+            for r in pool
+            if r.id not in exclude and self._answers(r, now) and (external or not r.external)
+        }
         if not candidates:  # the canary's side has nothing left to try: the other side may
             candidates = {
-                r.id: r for r in entry.endpoints if r.id not in exclude and self._answers(r, now)
+                r.id: r
+                for r in entry.endpoints
+                if r.id not in exclude and self._answers(r, now) and (external or not r.external)
             }
         healthy = {
             rid: r for rid, r in candidates.items() if self._ejected_until.get(rid, 0.0) <= now
@@ -292,6 +305,7 @@ class Upstream:
         request_id: str,
         features: RequestFeatures | None = None,
         tenant: str = "",
+        external: bool = False,
         weight: float = 1.0,
         strip_usage: bool = False,
         done: Done | None = None,
@@ -337,7 +351,7 @@ class Upstream:
         refusals = 0
         headers = {"content-type": "application/json", "x-request-id": request_id}
         for _ in range(self._max_attempts):
-            picked = self.pick(entry, features, tried, shared, cached)
+            picked = self.pick(entry, features, tried, shared, cached, external=external)
             if picked is None:
                 break
             replica, choice = picked
@@ -352,6 +366,8 @@ class Upstream:
             send = body
             if remote is not None:
                 send, prefill = remote.body, 0  # the decode replica prefills nothing
+            if replica.served_model is not None and replica.served_model != entry.name:
+                send = renamed(send, replica.served_model)
             ahead = self._backlog.get(replica.id, 0) + prefill
             self._acquire(replica, entry.name, prefill)
             metered = self.meter.start(replica.id, weight, time.monotonic())
@@ -389,7 +405,7 @@ class Upstream:
                     self._metrics.upstream_errors.labels(entry.name, f"http_{resp.status}").inc()
                     self._failed(replica.id)
                     continue
-                outcome = Outcome(replica=replica.id, status=resp.status)
+                outcome = Outcome(replica=replica.id, status=resp.status, external=replica.external)
                 if remote is not None:
                     outcome.prefill_seconds = remote.seconds
                 if stream and resp.status == 200:
@@ -454,7 +470,12 @@ class Upstream:
                     self._release(replica, entry.name, prefill)
                     if connected and done is not None:
                         done.spent(
-                            Outcome(replica=replica.id, status=failure, replica_seconds=spent)
+                            Outcome(
+                                replica=replica.id,
+                                status=failure,
+                                replica_seconds=spent,
+                                external=replica.external,  # the prompt went out
+                            )
                         )
         if remote is not None and done is not None:  # prefilled, but no decode replica answered
             done.spent(
@@ -618,7 +639,7 @@ class Upstream:
                     prefilling=self._prefilling.get(rid, 0),
                     waiting=load.waiting,
                     running=load.running,
-                    kv_usage=load.kv_usage,
+                    kv_usage=load.kv_usage or 0.0,  # unpublished: not a full cache
                     hinted_blocks=hints.get(rid, 0) if hints else 0,
                     cached_blocks=(
                         cached[rid] // PREFIX_BLOCK_TOKENS

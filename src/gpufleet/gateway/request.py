@@ -18,7 +18,7 @@ from gpufleet.gateway.errors import bad_request
 from gpufleet.gateway.validate import check_chat, check_completion, check_embeddings, parse_body
 from gpufleet.routing import RequestFeatures, features_of
 
-__all__ = ["INFERENCE_ROUTES", "Outbound", "Parsed", "parse", "prepare"]
+__all__ = ["INFERENCE_ROUTES", "Outbound", "Parsed", "parse", "prepare", "renamed"]
 
 Header = Callable[[str], str | None]
 
@@ -61,6 +61,13 @@ class Outbound:
         if model == self.model:
             return self.raw
         return json.dumps({**self.data, "model": model}).encode()
+
+
+def renamed(body: bytes, model: str) -> bytes:
+    """``body`` addressed to ``model``: an external endpoint's own name for the model."""
+    data = json.loads(body)
+    data["model"] = model
+    return json.dumps(data).encode()
 
 
 def parse(route: str, raw: bytes) -> Parsed:

@@ -42,8 +42,13 @@ class SpoolBusy(RuntimeError):
 #: (``at`` in ISO 8601). Encoded by an encoder built once (``json.dumps`` with arguments builds
 #: one a call), it costs ~0.6 of the CPU of the JSON object naming each field that lines were
 #: before (bench/ledger_cpu.py), and is on every answer's path. Such a line still decodes.
+#: ``UsageRow`` gains fields only at its end, each with a default, so a line spooled before a
+#: field existed is shorter and decodes with the default. A line is as wide as a row was at
+#: some release (``_WIDTHS``: add the new width with a new field), never anything between: a
+#: line a field short in the middle is not read as an older row.
 _VERSION = 1
 _FIELDS = UsageRow.__slots__
+_WIDTHS = frozenset({_FIELDS.index("client_request_id") + 1, _FIELDS.index("estimated") + 1})
 _AT = _FIELDS.index("at") + 1
 _values = operator.attrgetter(*_FIELDS)
 _encode = json.JSONEncoder(separators=(",", ":")).encode
@@ -59,8 +64,9 @@ def decode_row(line: bytes) -> UsageRow:
     """One spool line back into a row (raises ``ValueError``/``TypeError`` when it is not one)."""
     values = json.loads(line)
     if isinstance(values, list):
-        if len(values) != len(_FIELDS) + 1 or values[0] != _VERSION:
-            raise ValueError(f"not a version {_VERSION} row of {len(_FIELDS)} fields")
+        if len(values) - 1 not in _WIDTHS or values[0] != _VERSION:
+            widths = " or ".join(map(str, sorted(_WIDTHS)))
+            raise ValueError(f"not a version {_VERSION} row of {widths} fields")
         values[_AT] = dt.datetime.fromisoformat(values[_AT])
         return UsageRow(*values[1:])
     if not isinstance(values, dict):

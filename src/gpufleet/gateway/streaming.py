@@ -216,7 +216,9 @@ class Streams:
         """Count a stream that carried no usage with its engine (``stream_usage``); the usage
         event for the client, or nothing when the engine could not count."""
         route, body, request_id = request
-        if replica.url is None:
+        if replica.url is None or replica.served_model is not None:
+            # An external endpoint has no count route, and asking it again would be a second
+            # paid request (its prompt sent out twice): the row says its counts are estimated.
             return b""
         text, head = streamed_text(events)
         count = await count_stream(

@@ -16,6 +16,10 @@ Pure: spans of placed capacity, the ledger's totals and the inventory come in as
 - **Fleet idle** is, per GPU type, the inventory's GPU-seconds in the window minus those replicas
   held, × the type's price: GPUs with nothing placed, reported apart and charged to nobody.
   (A span that does not name its GPU type counts against the only type, or the first.)
+- A **per-token-priced** deployment (``engine: external``: a server the fleet does not run,
+  priced by ``spec.pricing.perMillion…Tokens``) costs what its ledger rows cost, beside the
+  GPU-priced ones: all busy, nothing placed, no GPU-hours, no idle (it holds no capacity of the
+  fleet's; whatever spans its stand-in replicas left are not counted).
 - The cost of one **successful** request (status 2xx) of a scope is all the cost attributed to
   it, its share of idle included, ÷ its successful requests; per 1M tokens likewise over its
   prompt + completion tokens.
@@ -27,7 +31,7 @@ is the fleet's cost.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -96,6 +100,10 @@ class CostLine:
     completion_tokens: int
     gpu_seconds: float
     gpu_hours_placed: float | None = None
+    #: Of ``busy_cost``, what per-token-priced deployments cost.
+    per_token_cost: float = 0.0
+    #: A model priced per token (no placed cost, no GPU-hours, no idle).
+    per_token: bool = False
 
     @property
     def total_cost(self) -> float:
@@ -131,6 +139,8 @@ class CostReport:
     placed_gpu_hours: float = 0.0
     #: GPUs with nothing placed, × their price: charged to nobody.
     fleet_idle_cost: float = 0.0
+    #: What per-token-priced deployments cost (part of ``attributed_cost``).
+    per_token_cost: float = 0.0
 
     @property
     def seconds(self) -> float:
@@ -219,14 +229,19 @@ def cost_report(
     until: float,
     by: By,
     inventory_gpus: Sequence[tuple[str, float, float]] = (),
+    per_token: Collection[str] = (),
 ) -> CostReport:
     """The window's cost by ``by``. ``inventory_gpus``: (GPU type, count, price per GPU-hour)
-    of the fleet's inventory (empty: no GPUs), taken as held for the whole window."""
+    of the fleet's inventory (empty: no GPUs), taken as held for the whole window.
+    ``per_token``: the models priced per token (their rows' cost is all they cost)."""
     if until < since:
         raise ValueError(f"the window ends ({until}) before it starts ({since})")
+    per_token = frozenset(per_token)
+    spans = [span for span in spans if span.model not in per_token]
     models = _models(spans, since, until)
     busy: dict[tuple[str, str], float] = {}  # (model, name) → busy cost
     totals: dict[str, list[float]] = {}  # name → requests, successful, prompt, completion, gpu_s
+    by_token: dict[str, float] = {}  # name → busy cost on per-token-priced models
     for row in usage:
         name = {"model": row.model, "tenant": row.tenant, "key": row.key}[by]
         cost = _busy(row, models.get(row.model))
@@ -237,7 +252,10 @@ def cost_report(
         acc[2] += row.prompt_tokens
         acc[3] += row.completion_tokens
         acc[4] += row.gpu_seconds
-        models.setdefault(row.model, _Model())
+        if row.model in per_token:
+            by_token[name] = by_token.get(name, 0.0) + cost
+        else:
+            models.setdefault(row.model, _Model())
     busy_of_model: dict[str, float] = {}
     for (model, _), cost in busy.items():
         busy_of_model[model] = busy_of_model.get(model, 0.0) + cost
@@ -249,7 +267,8 @@ def cost_report(
     for (model, name), cost in busy.items():
         busy_of[name] = busy_of.get(name, 0.0) + cost
         used = busy_of_model[model]
-        share = idle_of_model[model] * cost / used if used > 0 else 0.0
+        idle = idle_of_model.get(model, 0.0)  # none for a per-token-priced model
+        share = idle * cost / used if used > 0 else 0.0
         idle_of[name] = idle_of.get(name, 0.0) + share
     for model, idle in idle_of_model.items():
         if by == "model":
@@ -274,6 +293,8 @@ def cost_report(
                 completion_tokens=int(acc[3]),
                 gpu_seconds=float(acc[4]),
                 gpu_hours_placed=held.gpu_hours if held is not None else None,
+                per_token_cost=by_token.get(name, 0.0),
+                per_token=by == "model" and name in per_token,
             )
         )
     fleet_gpus, fleet_cost, fleet_idle = _fleet(spans, inventory_gpus, since, until)
@@ -288,6 +309,7 @@ def cost_report(
         placed_cost=sum(m.placed for m in models.values()),
         placed_gpu_hours=sum(m.gpu_hours for m in models.values()),
         fleet_idle_cost=fleet_idle,
+        per_token_cost=sum(by_token.values()),
     )
 
 

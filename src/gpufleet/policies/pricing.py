@@ -2,7 +2,10 @@
 
 A replica's price per hour is ``spec.pricing.perReplicaHour`` when given, otherwise its GPUs ×
 the catalog's price of the first GPU type it accepts (``spec.resources.gpuTypes``); a CPU model
-without a price costs nothing (its usage is still counted in tokens and seconds).
+without a price costs nothing (its usage is still counted in tokens and seconds). An
+``engine: external`` model is priced by the token instead, at its endpoints' prices
+(``pricing.perMillionInputTokens`` / ``perMillionOutputTokens``): ``charge`` says what a
+request cost, ``estimate`` bounds it (every token at the dearer price).
 
 Budgets are reserved before a request runs, so the gateway needs an upper estimate of its cost:
 tokens × the replica-seconds per token the model has been seen to take (a moving average,
@@ -46,7 +49,27 @@ class Pricing:
         ``ModelSpec.pool``)."""
         return price_of_spec(spec) / 3600.0
 
+    @staticmethod
+    def per_token_prices(spec: ModelSpec) -> tuple[float, float] | None:
+        """USD per input and per output token of an ``engine: external`` model (priced by the
+        token, ``pricing.perMillion…Tokens``); None for a model priced by replica time."""
+        p = spec.pricing
+        if spec.engine != "external":
+            return None
+        return (p.per_million_input_tokens or 0.0) / 1e6, (p.per_million_output_tokens or 0.0) / 1e6
+
+    def charge(self, spec: ModelSpec, prompt: int, completion: int) -> float | None:
+        """What a request of ``prompt`` and ``completion`` tokens costs on a per-token-priced
+        model; None for one priced by replica time."""
+        prices = self.per_token_prices(spec)
+        if prices is None:
+            return None
+        return prompt * prices[0] + completion * prices[1]
+
     def estimate(self, entry: Priced, tokens: int) -> float:
+        prices = self.per_token_prices(entry.spec)
+        if prices is not None:  # every token at the dearer of the two prices: an upper bound
+            return tokens * max(prices)
         price = self.per_second(entry)
         if not price:
             return 0.0
@@ -56,6 +79,9 @@ class Pricing:
     def per_token(self, entry: Priced) -> float:
         """What a token costs on this deployment: its price × the replica-seconds a token has
         taken there (before any is measured, a slow single stream's pace)."""
+        prices = self.per_token_prices(entry.spec)
+        if prices is not None:  # its price list, input and output tokens weighed alike
+            return (prices[0] + prices[1]) / 2
         learnt = self._seconds_per_token.get(entry.name, 1.0 / FLOOR_TOKENS_PER_S)
         return self.per_second(entry) * learnt
 

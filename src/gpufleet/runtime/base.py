@@ -81,6 +81,12 @@ class Replica:
     #: of them, with ``routing.prefixIndex: precise``; None otherwise.
     kv_events: str | None = None
     kv_replay: str | None = None
+    #: An external endpoint's name for the model: the gateway sends requests with it (None:
+    #: the engine serves the model under the model's own name).
+    served_model: str | None = None
+    #: An endpoint outside the company (``location: external``): prompts sent there leave it,
+    #: so only tenants that opt in are routed to it.
+    external: bool = False
     #: The engine's secret: it answers only requests bearing it, and only the gateway (and the
     #: runtime's probes) hold it. Never shown: not in repr, listings, events or logs.
     api_key: str | None = field(default=None, repr=False)

@@ -41,6 +41,7 @@ import aiohttp
 
 from gpufleet.engines import EngineAdapter, KvEvents, Launch, adapter_for
 from gpufleet.runtime.base import Capabilities, Phase, Replica, ReplicaFeed, ReplicaRequest
+from gpufleet.runtime.external import ExternalEndpoints
 from gpufleet.runtime.weights import resolve_weights
 from gpufleet.supervise import wait_set
 
@@ -111,6 +112,8 @@ class LocalRuntime:
         self._backoff = (backoff_initial_s, backoff_max_s, backoff_reset_after_s)
         self._handles: dict[str, _Handle] = {}
         self._feed = ReplicaFeed()
+        #: ``engine: external`` models' replicas: endpoints probed, nothing run.
+        self._external = ExternalEndpoints(self._feed.publish)
         self._http: aiohttp.ClientSession | None = None
         self._death_hook = _parent_death_hook()
         #: What the start-up figures are measured with (tests pass a controllable one).
@@ -119,6 +122,8 @@ class LocalRuntime:
     # -- Runtime protocol -------------------------------------------------------------------
 
     async def start(self, request: ReplicaRequest) -> Replica:
+        if request.spec.engine == "external":
+            return await self._external.start(request)
         adapter = adapter_for(request.spec.engine)
         created = self._clock()
         weights = resolve_weights(request.spec.parsed_source)
@@ -144,6 +149,9 @@ class LocalRuntime:
         return replica
 
     async def stop(self, replica_id: str) -> None:
+        if self._external.has(replica_id):
+            await self._external.stop(replica_id)
+            return
         handle = self._handles.get(replica_id)
         if handle is None:
             return
@@ -159,7 +167,7 @@ class LocalRuntime:
     def replicas(self, model: str | None = None) -> list[Replica]:
         return [
             h.replica for h in self._handles.values() if model is None or h.replica.model == model
-        ]
+        ] + self._external.replicas(model)
 
     def watch(self) -> AsyncIterator[Replica]:
         return self._feed.watch()
@@ -183,6 +191,7 @@ class LocalRuntime:
 
     async def close(self) -> None:
         await asyncio.gather(*(self.stop(rid) for rid in list(self._handles)))
+        await self._external.close()
         if self._http is not None:
             await self._http.close()
             self._http = None

@@ -119,6 +119,13 @@ def sim_model(
     """Size ``model`` for the simulator. Its architecture is needed (the engine model's timings
     come from it): from ``arch`` when given, else from a ``file:`` or ``pypi:`` source here."""
     spec = model.spec
+    if spec.engine == "external":
+        raise SpecError(
+            [
+                f"{model.name}: engine external is not simulated (its endpoints' speed and "
+                "capacity are not the fleet's); leave it out of the files given to sim"
+            ]
+        )
     if arch is None:
         source = spec.parsed_source
         if source.scheme not in ("file", "pypi"):

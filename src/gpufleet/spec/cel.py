@@ -31,6 +31,7 @@ import annotated_types
 from pydantic import BaseModel
 
 from gpufleet.spec.resources import (
+    ApiKeySource,
     AutoscalingSpec,
     ByteQuantity,
     DailyWindow,
@@ -251,6 +252,72 @@ RULES: dict[tuple[type[BaseModel], str], list[Rule]] = {
             "in for it); remove spec.disaggregation or set spec.engine: vllm",
             field_path=".disaggregation",
         )
+    ],
+    (ApiKeySource, "_one"): [
+        Rule(
+            "[has(self.env), has(self.file), has(self.secretKeyRef)].filter(x, x).size() == 1",
+            "give exactly one of env, file or secretKeyRef",
+        )
+    ],
+    (ModelSpec, "_external"): [
+        Rule(
+            "self.engine != 'external' || (has(self.endpoints) && size(self.endpoints) > 0)",
+            "engine external needs at least one endpoint (url)",
+            field_path=".endpoints",
+        ),
+        Rule(
+            "self.engine == 'external' || !has(self.endpoints) || size(self.endpoints) == 0",
+            "only engine external has endpoints; set spec.engine: external or remove "
+            "spec.endpoints",
+            field_path=".endpoints",
+        ),
+        Rule(
+            "self.engine == 'external' ? !has(self.source) : has(self.source)",
+            "required (where the weights come from), except for engine external: an external "
+            "model's weights are not gpufleet's; remove it there",
+            field_path=".source",
+        ),
+        Rule(
+            "self.engine != 'external' || ((!has(self.resources) || !has(self.resources.gpus)"
+            " || self.resources.gpus == 0) && (!has(self.engineArgs) || size(self.engineArgs)"
+            " == 0))",
+            "an external model runs on no GPU of the fleet; remove spec.resources.gpus and "
+            "spec.engineArgs",
+            field_path=".resources",
+        ),
+        Rule(
+            "self.engine == 'external' ? (has(self.pricing)"
+            " && has(self.pricing.perMillionInputTokens)"
+            " && has(self.pricing.perMillionOutputTokens)) : (!has(self.pricing)"
+            " || (!has(self.pricing.perMillionInputTokens)"
+            " && !has(self.pricing.perMillionOutputTokens)))",
+            "engine external is priced per token: set perMillionInputTokens and "
+            "perMillionOutputTokens (USD; 0 for a server whose cost is counted elsewhere); "
+            "per-token prices are for engine external only",
+            field_path=".pricing",
+        ),
+    ],
+    (ModelSpec, "_engine_backend"): [
+        Rule(
+            "!has(self.trtllm) || self.engine == 'trtllm'",
+            "configures engine trtllm; set spec.engine: trtllm or remove spec.trtllm",
+            field_path=".trtllm",
+        ),
+        Rule(
+            "!has(self.triton) || self.engine == 'triton'",
+            "configures engine triton; set spec.engine: triton or remove spec.triton",
+            field_path=".triton",
+        ),
+        Rule(
+            "!has(self.trtllm) || !has(self.trtllm.backend) || self.trtllm.backend != 'tensorrt'"
+            " || (has(self.resources) && has(self.resources.gpus) && self.resources.gpus >= 1"
+            " && has(self.resources.gpuTypes) && size(self.resources.gpuTypes) == 1)",
+            "tensorrt runs a TensorRT engine built for one tensor-parallel degree and one GPU "
+            "type: set spec.resources.gpus to the degree it was built for and "
+            "spec.resources.gpuTypes to the one GPU type it was built on; or use backend "
+            "pytorch, which needs no build",
+            field_path=".trtllm.backend",
+        ),
     ],
     (ModelSpec, "_precise_engine"): [
         Rule(

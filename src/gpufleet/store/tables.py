@@ -7,6 +7,7 @@ import datetime as dt
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     Date,
     DateTime,
@@ -21,6 +22,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 
 __all__ = [
@@ -54,7 +56,7 @@ def aware(value: dt.datetime) -> dt.datetime:
 
 
 #: The newest migration; a test checks it against the migration scripts.
-HEAD_REVISION = "0007"
+HEAD_REVISION = "0008"
 
 metadata = MetaData()
 
@@ -140,6 +142,10 @@ usage = Table(
     Column("gpu_seconds", Float, nullable=False),
     Column("cost_usd", Float, nullable=False),
     Column("client_request_id", String(128), nullable=True),
+    # Sent to an endpoint outside the company; token counts the gateway's estimate (rows from
+    # before these columns read as neither).
+    Column("external", Boolean, nullable=False, server_default=false()),
+    Column("estimated", Boolean, nullable=False, server_default=false()),
     Index("ix_usage_at", "at"),
     Index("ix_usage_tenant_at", "tenant", "at"),
     Index("ix_usage_model_at", "model", "at"),
@@ -162,6 +168,13 @@ usage_daily = Table(
     Column("completion_tokens", _BIGINT, nullable=False),
     Column("gpu_seconds", Float, nullable=False),
     Column("cost_usd", Float, nullable=False),
+    # Of these, what went to endpoints outside the company, and the requests whose token counts
+    # are estimates: columns, not a key, so reports read no more rows for them.
+    Column("external_requests", _BIGINT, nullable=False, server_default="0"),
+    Column("external_prompt_tokens", _BIGINT, nullable=False, server_default="0"),
+    Column("external_completion_tokens", _BIGINT, nullable=False, server_default="0"),
+    Column("external_cost_usd", Float, nullable=False, server_default="0"),
+    Column("estimated_requests", _BIGINT, nullable=False, server_default="0"),
     PrimaryKeyConstraint("day", "tenant", "key_prefix", "model", name="pk_usage_daily"),
 )
 

@@ -31,7 +31,14 @@ from gpufleet.store.tables import (
     usage_refusals_daily,
 )
 
-__all__ = ["DeadLetter", "RefusalKey", "RowsRejected", "UsageRow", "UsageStore"]
+__all__ = [
+    "ROLLUP_SUMS",
+    "DeadLetter",
+    "RefusalKey",
+    "RowsRejected",
+    "UsageRow",
+    "UsageStore",
+]
 
 
 class RowsRejected(Exception):
@@ -73,6 +80,12 @@ class UsageRow:
     cost_usd: float
     #: The client's ``x-request-id``, when it sent one (for finding its row; not unique).
     client_request_id: str | None = None
+    # Fields are appended, never inserted: the spool stores a row as a positional array, and a
+    # line written before a field existed still loads with the field's default.
+    #: The request was sent to an endpoint outside the company (``location: external``).
+    external: bool = False
+    #: Its token counts are the gateway's estimate, not the engine's (or its tokenizer's) count.
+    estimated: bool = False
 
     def values(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in self.__slots__}
@@ -151,15 +164,45 @@ class _UsageSQL:
         conn.exec_driver_sql(self._insert, params)
 
 
-def daily_rollups(
-    rows: Iterable[UsageRow],
-) -> dict[tuple[dt.date, str, str, str], list[float]]:
-    """What ``rows`` add to the daily rollups, per (UTC day, tenant, key, model): requests,
-    errors, prompt, cached and completion tokens, GPU-seconds, cost."""
-    rollup: dict[tuple[dt.date, str, str, str], list[float]] = {}
+#: What a daily rollup sums, in ``daily_rollups``'s order; ``usage_report`` names them so. The
+#: ``external_…`` sums are of rows sent to an endpoint outside the company, ``estimated_requests``
+#: counts rows whose tokens are the gateway's estimate: columns beside the totals rather than a
+#: key, so a report reads as many rollup rows as before.
+ROLLUP_SUMS = (
+    "requests",
+    "errors",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+    "gpu_seconds",
+    "cost_usd",
+    "external_requests",
+    "external_prompt_tokens",
+    "external_completion_tokens",
+    "external_cost_usd",
+    "estimated_requests",
+)
+#: The sums that are money or seconds (floats); the others count.
+_FLOAT_SUMS = frozenset({"gpu_seconds", "cost_usd", "external_cost_usd"})
+
+Rollups = dict[tuple[dt.date, str, str, str], list[float]]
+
+
+def _zeros() -> list[float]:
+    """A rollup's sums before any row: counts as ints (PostgreSQL sums them as ``Decimal``,
+    which adds to an int, not to a float)."""
+    return [0.0 if name in _FLOAT_SUMS else 0 for name in ROLLUP_SUMS]
+
+
+def daily_rollups(rows: Iterable[UsageRow]) -> Rollups:
+    """What ``rows`` add to the daily rollups, per (UTC day, tenant, key, model): the
+    ``ROLLUP_SUMS``, in order."""
+    rollup: Rollups = {}
     for r in rows:
         k = (r.at.astimezone(dt.UTC).date(), r.tenant, r.key_prefix, r.model)
-        acc = rollup.setdefault(k, [0, 0, 0, 0, 0, 0.0, 0.0])
+        acc = rollup.get(k)
+        if acc is None:
+            acc = rollup[k] = _zeros()
         acc[0] += 1
         acc[1] += 1 if r.status >= 400 else 0
         acc[2] += r.prompt_tokens
@@ -167,6 +210,13 @@ def daily_rollups(
         acc[4] += r.completion_tokens
         acc[5] += r.gpu_seconds
         acc[6] += r.cost_usd
+        if r.external:
+            acc[7] += 1
+            acc[8] += r.prompt_tokens
+            acc[9] += r.completion_tokens
+            acc[10] += r.cost_usd
+        if r.estimated:
+            acc[11] += 1
     return rollup
 
 
@@ -216,9 +266,7 @@ class UsageStore:
             self._add_rollups(conn, daily_rollups(fresh))
             return len(fresh)
 
-    def _add_rollups(
-        self, conn: Connection, rollup: dict[tuple[dt.date, str, str, str], list[float]]
-    ) -> None:
+    def _add_rollups(self, conn: Connection, rollup: Rollups) -> None:
         """Add to the daily rollups in one statement (an upsert: both dialects have one)."""
         if self._engine.dialect.name == "postgresql":
             from sqlalchemy.dialects.postgresql import insert as upsert
@@ -229,15 +277,7 @@ class UsageStore:
         c = usage_daily.c
         stmt = stmt.on_conflict_do_update(
             index_elements=[c.day, c.tenant, c.key_prefix, c.model],
-            set_={
-                "requests": c.requests + added.requests,
-                "errors": c.errors + added.errors,
-                "prompt_tokens": c.prompt_tokens + added.prompt_tokens,
-                "cached_tokens": c.cached_tokens + added.cached_tokens,
-                "completion_tokens": c.completion_tokens + added.completion_tokens,
-                "gpu_seconds": c.gpu_seconds + added.gpu_seconds,
-                "cost_usd": c.cost_usd + added.cost_usd,
-            },
+            set_={name: c[name] + added[name] for name in ROLLUP_SUMS},
         )
         conn.execute(
             stmt,
@@ -247,13 +287,10 @@ class UsageStore:
                     "tenant": tenant,
                     "key_prefix": key,
                     "model": model,
-                    "requests": int(acc[0]),
-                    "errors": int(acc[1]),
-                    "prompt_tokens": int(acc[2]),
-                    "cached_tokens": int(acc[3]),
-                    "completion_tokens": int(acc[4]),
-                    "gpu_seconds": acc[5],
-                    "cost_usd": acc[6],
+                    **{
+                        name: v if name in _FLOAT_SUMS else int(v)
+                        for name, v in zip(ROLLUP_SUMS, acc, strict=True)
+                    },
                 }
                 for (day, tenant, key, model), acc in sorted(rollup.items())
             ],
@@ -370,7 +407,9 @@ class UsageStore:
         since: dt.datetime,
         tenant: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Totals grouped by tenant, model or key from ``since`` until now.
+        """Totals grouped by tenant, model or key from ``since`` until now: the ``ROLLUP_SUMS``
+        by name (of which ``external_…``: what went to endpoints outside the company, and
+        ``estimated_requests``: rows whose token counts are the gateway's estimate).
 
         Whole days come from the daily rollups; the part of the first day after ``since`` is
         summed from the ledger itself (its time index keeps that to one day's rows), so a
@@ -383,16 +422,8 @@ class UsageStore:
         d, u = usage_daily.c, usage.c
         dim_d = {"tenant": d.tenant, "model": d.model, "key": d.key_prefix}[by]
         dim_u = {"tenant": u.tenant, "model": u.model, "key": u.key_prefix}[by]
-        q_daily = select(
-            dim_d.label("name"),
-            func.sum(d.requests),
-            func.sum(d.errors),
-            func.sum(d.prompt_tokens),
-            func.sum(d.cached_tokens),
-            func.sum(d.completion_tokens),
-            func.sum(d.gpu_seconds),
-            func.sum(d.cost_usd),
-        ).where(d.day >= first_full_day)
+        sums = [func.sum(d[name]) for name in ROLLUP_SUMS]
+        q_daily = select(dim_d.label("name"), *sums).where(d.day >= first_full_day)
         q_raw = select(
             dim_u.label("name"),
             func.count(),
@@ -402,6 +433,11 @@ class UsageStore:
             func.sum(u.completion_tokens),
             func.sum(u.gpu_seconds),
             func.sum(u.cost_usd),
+            func.sum(case((u.external, 1), else_=0)),
+            func.sum(case((u.external, u.prompt_tokens), else_=0)),
+            func.sum(case((u.external, u.completion_tokens), else_=0)),
+            func.sum(case((u.external, u.cost_usd), else_=0.0)),
+            func.sum(case((u.estimated, 1), else_=0)),
         ).where(
             u.at >= since,
             u.at < dt.datetime.combine(first_full_day, dt.time(0, 0), dt.UTC),
@@ -413,23 +449,13 @@ class UsageStore:
         with self._connect() as conn:
             for query in (q_daily.group_by(dim_d), q_raw.group_by(dim_u)):
                 for row in conn.execute(query):
-                    acc = totals.setdefault(str(row[0]), [0, 0, 0, 0, 0, 0.0, 0.0])
-                    for i in range(7):
+                    acc = totals.setdefault(str(row[0]), _zeros())
+                    for i in range(len(ROLLUP_SUMS)):
                         acc[i] += row[i + 1] or 0
-        fields = (
-            "requests",
-            "errors",
-            "prompt_tokens",
-            "cached_tokens",
-            "completion_tokens",
-            "gpu_seconds",
-            "cost_usd",
-        )
         out = []
         for name in sorted(totals):
-            acc = totals[name]
             item: dict[str, Any] = {by: name}
-            for i, f in enumerate(fields):
-                item[f] = round(acc[i], 6) if i >= 5 else int(acc[i])
+            for field, v in zip(ROLLUP_SUMS, totals[name], strict=True):
+                item[field] = round(v, 6) if field in _FLOAT_SUMS else int(v)
             out.append(item)
         return out

@@ -17,6 +17,7 @@ from gpufleet.runtime.kubernetes.common import (
     KV_REPLAY_PORT,
     RAY_PORT,
     RenderSettings,
+    image_key,
 )
 from gpufleet.spec import Model
 
@@ -27,6 +28,8 @@ _QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?([KMGTPE]i?|[kmun])?")
 #: The NVIDIA device plugin's resources: GPUs, MIG instances (never an RDMA device).
 _GPU_RESOURCES = ("nvidia.com/gpu", "nvidia.com/mig-")
 _KV_EVENTS_FLAG = "--kv-events-config"
+#: Engines that run on GPUs only (llama.cpp also runs on CPU).
+_GPU_ENGINES = ("vllm", "sglang", "trtllm", "triton")
 
 
 def check_settings(settings: RenderSettings) -> list[str]:
@@ -56,13 +59,22 @@ def check(model: Model, settings: RenderSettings) -> list[str]:
     """Why ``model`` cannot run on Kubernetes as written (empty: it can)."""
     spec, where = model.spec, f"{model.name}: spec"
     out = []
+    if spec.engine == "external":
+        return [
+            f"{where}.engine 'external' runs under 'gpufleet up' in this version; on "
+            "Kubernetes, point a gpufleet up gateway at the endpoint, or run the model here "
+            "with vllm"
+        ]
     if spec.engine == "emulator":
         out.append(
             f"{where}.engine 'emulator' runs only under 'gpufleet up' (it stands in for a GPU); "
-            "use vllm, sglang or llamacpp on Kubernetes"
+            "use vllm, sglang, trtllm, triton or llamacpp on Kubernetes"
         )
-    elif spec.engine not in settings.images:
-        out.append(f"{where}.engine {spec.engine!r} has no image; pass one in the settings")
+    elif image_key(spec) not in settings.images:
+        out.append(
+            f"{where}.engine {spec.engine!r} has no image ({image_key(spec)!r}); pass one in "
+            "the settings"
+        )
     scheme = spec.parsed_source.scheme
     if scheme == "file":
         out.append(
@@ -78,7 +90,7 @@ def check(model: Model, settings: RenderSettings) -> list[str]:
             f"{where}.source {spec.source!r}: llama.cpp loads one GGUF file; point the source "
             "at it, e.g. 's3://models/smollm2/smollm2-135m-instruct-q8_0.gguf'"
         )
-    if spec.engine in ("vllm", "sglang") and spec.resources.gpus == 0:
+    if spec.engine in _GPU_ENGINES and spec.resources.gpus == 0:
         out.append(
             f"{where}.resources.gpus is 0; {spec.engine} needs GPUs on Kubernetes "
             "(set resources.gpus, or use engine llamacpp for CPU)"

@@ -1,5 +1,6 @@
-// Tenants & usage: cost per tenant and model over a window (idle time counted), over time, and
-// for admins each tenant's quotas and how close it is to them.
+// Tenants & usage: cost per tenant and model over a window (idle time counted; a model priced
+// per token costs what its requests cost), over time, what went to endpoints outside the
+// company, and for admins each tenant's quotas and how close it is to them.
 "use strict";
 
 (() => {
@@ -20,13 +21,35 @@
         h("td", { class: "num", text: fmt.num(l.requests) }),
         h("td", { class: "num", text: fmt.num(l.successful) }),
         h("td", { class: "num", text: fmt.num(l.prompt_tokens + l.completion_tokens) }),
-        h("td", { class: "num", text: fmt.num(l.gpu_seconds, 1) }),
-        placed ? h("td", { class: "num", text: fmt.usd(l.placed_cost) }) : null,
+        h("td", { class: "num", text: l.priced === "per_token" ? "—" : fmt.num(l.gpu_seconds, 1) }),
+        placed ? h("td", { class: "num", text: l.priced === "per_token" ? "per token" : fmt.usd(l.placed_cost) }) : null,
         h("td", { class: "num", text: fmt.usd(l.busy_cost) }),
         h("td", { class: "num", text: fmt.usd(l.idle_cost) }),
         h("td", { class: "num", text: fmt.usd(l.total_cost) }),
         h("td", { class: "num", text: fmt.usd(l.cost_per_successful_request) }),
         h("td", { class: "num", text: fmt.usd(l.cost_per_million_tokens) })))));
+  }
+
+  // Requests sent to endpoints outside the company (part of the totals), per tenant; and how
+  // many requests' token counts are the gateway's estimates (the engine reported no usage).
+  function externalPanel(rows) {
+    const sent = rows.filter((r) => r.external_requests);
+    const estimated = rows.reduce((n, r) => n + (r.estimated_requests || 0), 0);
+    if (!sent.length && !estimated) return null;
+    return h("div", { class: "panel table-wrap", id: "external-usage" },
+      h("h2", { text: "External endpoints" }),
+      h("p", { class: "muted small", text: "Requests sent to endpoints outside the company (included in the totals above)." }),
+      sent.length ? h("table", {},
+        h("thead", {}, h("tr", {}, ["Tenant", "Requests", "Tokens", "Cost"]
+          .map((t, i) => h("th", { class: i ? "num" : "", text: t })))),
+        h("tbody", {}, sent.map((r) => h("tr", {},
+          h("td", { text: r.tenant }),
+          h("td", { class: "num", text: fmt.num(r.external_requests) }),
+          h("td", { class: "num", text: fmt.num(r.external_prompt_tokens + r.external_completion_tokens) }),
+          h("td", { class: "num", text: fmt.usd(r.external_cost_usd) })))))
+        : h("p", { class: "muted", text: "None in this window." }),
+      estimated ? h("p", { class: "notice", id: "estimated-usage",
+        text: `${fmt.num(estimated)} request(s) have estimated token counts: their engine reported no usage.` }) : null);
   }
 
   async function overTime(box, span, buckets, ctx) {
@@ -98,8 +121,9 @@
       const byTenant = h("div", { class: "panel table-wrap" });
       const byModel = h("div", { class: "panel table-wrap" });
       const refused = h("div", {});
+      const external = h("div", {});
       const quota = h("div", {});
-      GF.add(root, head, cards, time, byTenant, refused, byModel);
+      GF.add(root, head, cards, time, byTenant, external, refused, byModel);
       if (session.admin) GF.add(root, h("h2", { text: "Quotas" }), quota);
 
       async function draw() {
@@ -126,6 +150,7 @@
             h("td", { text: r.tenant }), h("td", { text: r.status }), h("td", { class: "mono small", text: r.reason }),
             h("td", { class: "num", text: fmt.num(r.refused) })))))) : null);
         GF.fill(byTenant, h("h2", { text: "By tenant" }), costTable(tenants, "tenant"));
+        GF.fill(external, externalPanel(usage.usage));
         GF.fill(byModel, h("h2", { text: "By model" }), costTable(models, "model"),
           models.unattributed.length ? h("p", { class: "muted small" }, "Idle cost of models nobody used: ",
             models.unattributed.map((u) => `${u.model} ${fmt.usd(u.idle_cost)}`).join(", ")) : null);
