@@ -205,3 +205,89 @@ def _usage(cli: dict[str, str]) -> dict[tuple[str, str], dict[str, float]]:
     out = gpufleet("usage", "--by", "model", "--tenant", "acme", "-o", "json", env=cli)
     assert out.returncode == 0, out.stderr
     return {("acme", r["model"]): r for r in json.loads(out.stdout)["usage"]}
+
+
+def test_burst_to_the_hosted_endpoint_while_the_fleet_is_full_and_back_after(
+    tmp_path: Path,
+) -> None:
+    """The fleet's own deployment is the cheaper one (routing.cost); with its one slot taken,
+    the next request goes to the priced hosted endpoint, and once the slot is free, home."""
+    port = free_port()
+    endpoint = _endpoint(port)
+    spec = tmp_path / "models.yaml"
+    spec.write_text(
+        _spec(tmp_path, port)
+        .read_text()
+        .replace("  routing: {fallbacks: [own]}\n", "")
+        .replace("perMillionInputTokens: 3, perMillionOutputTokens: 15",
+                 "perMillionInputTokens: 200, perMillionOutputTokens: 600")
+        .replace(
+            "  resources: {gpus: 1, gpuTypes: [H100]}\n",
+            "  resources: {gpus: 1, gpuTypes: [H100]}\n  engineArgs: [--time-scale, '4']\n"
+            "  routing: {maxInFlightPerReplica: 1, cost: {alternatives: [hosted], "
+            "ttftObjective: 30s}}\n",
+        )
+    )  # fmt: skip
+    fleet = start_fleet(tmp_path / "data", spec, env={"HOSTED_API_KEY": ENDPOINT_KEY})
+    try:
+        wait_until(lambda: [r["phase"] for r in fleet.replicas("hosted")] == ["Ready"], timeout=60)
+        acme = OpenAI(base_url=fleet.base_url, api_key=_key(fleet, "acme"), max_retries=0)
+        messages = [{"role": "user", "content": "Tell me about parcels."}]
+
+        def served_by() -> str:
+            raw = acme.chat.completions.with_raw_response.create(
+                model="own", messages=messages, max_tokens=2
+            )
+            return str(raw.headers["x-gpufleet-model"])
+
+        assert served_by() == "own"  # room at home, and home is cheaper
+        with acme.chat.completions.with_streaming_response.create(
+            model="own", messages=messages, max_tokens=400, stream=True
+        ) as long:
+            assert long.headers["x-gpufleet-model"] == "own"
+            lines = long.iter_lines()  # kept: a dropped iterator closes the stream
+            next(lines)  # the long answer holds own's only slot now
+            assert served_by() == "hosted"  # full at home: the priced endpoint serves
+            assert sum(1 for _ in lines) > 100  # and the long answer went on meanwhile
+        wait_until(lambda: served_by() == "own", timeout=60)  # the slot is free: home again
+    finally:
+        endpoint.kill()
+        endpoint.wait()
+        assert fleet.stop() == 0
+
+
+def test_a_tenants_budget_stops_the_burst(tmp_path: Path) -> None:
+    port = free_port()
+    endpoint = _endpoint(port)
+    spec = _spec(tmp_path, port)
+    spec.write_text(
+        spec.read_text()
+        .replace("  routing: {fallbacks: [own]}\n", "")
+        .replace("perMillionInputTokens: 3, perMillionOutputTokens: 15",
+                 "perMillionInputTokens: 1000, perMillionOutputTokens: 1000")
+        .replace("spec: {allowExternalEndpoints: true}",
+                 "spec: {allowExternalEndpoints: true, limits: {budget: {usd: 0.1, period: day}}}")
+    )  # fmt: skip
+    fleet = start_fleet(tmp_path / "data", spec, env={"HOSTED_API_KEY": ENDPOINT_KEY})
+    try:
+        wait_until(lambda: [r["phase"] for r in fleet.replicas("hosted")] == ["Ready"], timeout=60)
+        acme = OpenAI(base_url=fleet.base_url, api_key=_key(fleet, "acme"), max_retries=0)
+        messages = [{"role": "user", "content": "hello " * 10}]
+        answered = 0
+        with pytest.raises(openai.RateLimitError) as stopped:
+            for _ in range(50):  # each costs a few cents at $1,000 per million tokens
+                acme.chat.completions.create(model="hosted", messages=messages, max_tokens=10)
+                answered += 1
+        assert "budget" in str(stopped.value)
+        assert 1 <= answered < 10
+        cli = {"GPUFLEET_SERVER": fleet.server, "GPUFLEET_API_KEY": ADMIN_KEY}
+        wait_until(lambda: _usage(cli).get(("acme", "hosted"), {}).get("requests") == answered,
+                   timeout=30)  # fmt: skip
+        spent = _usage(cli)[("acme", "hosted")]["cost_usd"]
+        # Each request is admitted on an estimate (every token at the dearer price, the prompt
+        # estimated from its characters): past the budget by less than one request, if at all.
+        assert spent - 0.1 < spent / answered
+    finally:
+        endpoint.kill()
+        endpoint.wait()
+        assert fleet.stop() == 0
