@@ -29,15 +29,31 @@ VLLM_V0 = (
     'vllm:gpu_cache_usage_perc{model_name="x"} 0.5\nvllm:num_requests_running{model_name="x"} 1\n'
 )
 
-# SGLang's documented names.
+# As SGLang 0.5.23 writes it with --enable-metrics (names and labels as its metrics collector
+# has them): the gauges of two attention-DP groups (one scheduler reports for each), the prompt
+# counter per is_streaming, the cached tokens per cache_source.
 SGLANG = """\
 # TYPE sglang:num_running_reqs gauge
-sglang:num_running_reqs{model_name="qwen",tp_rank="0"} 7.0
+sglang:num_running_reqs{dp_rank="0",engine_type="unified",model_name="qwen",moe_ep_rank="0",pp_rank="0",tp_rank="0"} 7.0
+sglang:num_running_reqs{dp_rank="1",engine_type="unified",model_name="qwen",moe_ep_rank="0",pp_rank="0",tp_rank="1"} 2.0
 # TYPE sglang:num_queue_reqs gauge
-sglang:num_queue_reqs{model_name="qwen",tp_rank="0"} 3.0
+sglang:num_queue_reqs{dp_rank="0",engine_type="unified",model_name="qwen",moe_ep_rank="0",pp_rank="0",tp_rank="0"} 3.0
 # TYPE sglang:token_usage gauge
-sglang:token_usage{model_name="qwen",tp_rank="0"} 0.62
-sglang:gen_throughput{model_name="qwen",tp_rank="0"} 812.5
+sglang:token_usage{dp_rank="0",engine_type="unified",model_name="qwen",moe_ep_rank="0",pp_rank="0",tp_rank="0"} 0.62
+sglang:token_usage{dp_rank="1",engine_type="unified",model_name="qwen",moe_ep_rank="0",pp_rank="0",tp_rank="1"} 0.57
+# TYPE sglang:cache_hit_rate gauge
+sglang:cache_hit_rate{dp_rank="0",engine_type="unified",model_name="qwen",moe_ep_rank="0",pp_rank="0",tp_rank="0"} 0.98
+sglang:cache_hit_rate{dp_rank="1",engine_type="unified",model_name="qwen",moe_ep_rank="0",pp_rank="0",tp_rank="1"} 0.9
+sglang:kv_evictable_tokens{dp_rank="0",engine_type="unified",model_name="qwen",moe_ep_rank="0",pp_rank="0",tp_rank="0"} 646.0
+sglang:gen_throughput{dp_rank="0",engine_type="unified",model_name="qwen",moe_ep_rank="0",pp_rank="0",tp_rank="0"} 812.5
+# TYPE sglang:prompt_tokens_total counter
+sglang:prompt_tokens_total{engine_type="unified",is_streaming="false",model_name="qwen"} 1247.0
+sglang:prompt_tokens_total{engine_type="unified",is_streaming="true",model_name="qwen"} 153.0
+sglang:prompt_tokens_created{engine_type="unified",is_streaming="false",model_name="qwen"} 1.79e+09
+# TYPE sglang:cached_tokens_total counter
+sglang:cached_tokens_total{cache_source="device",engine_type="unified",model_name="qwen"} 609.0
+sglang:cached_tokens_total{cache_source="host",engine_type="unified",model_name="qwen"} 128.0
+sglang:cached_tokens_created{cache_source="device",engine_type="unified",model_name="qwen"} 1.79e+09
 """
 
 
@@ -55,7 +71,44 @@ def test_vllm_v0_names() -> None:
 
 
 def test_sglang() -> None:
-    assert parse_sglang(SGLANG) == EngineLoad(running=7, waiting=3, kv_usage=0.62)
+    """Counts summed over groups, the KV ratio the fullest pool's (not a sum), prefix hits the
+    device's cached tokens over every prompt token (streamed or not); the hit-rate gauge, a
+    ratio of the last batch, is not summed into anything."""
+    load = parse_sglang(SGLANG)
+    assert load == EngineLoad(
+        running=9, waiting=3, kv_usage=0.62, prefix_hits=609, prefix_queries=1400
+    )
+    assert abs(load.prefix_hit_rate - 609 / 1400) < 1e-9
+
+
+def test_sglang_without_a_breakdown_of_its_cached_tokens() -> None:
+    """A request whose cached tokens came with no per-source breakdown is counted under
+    ``cache_source="total"``: device hits too. No ``token_usage`` at all (before the first
+    batch): KV use unknown, not an empty cache."""
+    text = (
+        'sglang:cached_tokens_total{cache_source="total",model_name="m"} 40\n'
+        'sglang:cached_tokens_total{cache_source="device",model_name="m"} 2\n'
+        'sglang:cached_tokens_total{cache_source="storage",model_name="m"} 500\n'
+        'sglang:prompt_tokens_total{is_streaming="true",model_name="m"} 90\n'
+    )
+    assert parse_sglang(text) == EngineLoad(kv_usage=None, prefix_hits=42, prefix_queries=90)
+    assert parse_sglang("") == EngineLoad(kv_usage=None)
+
+
+def test_sglang_with_priority_scheduling_counts_each_request_once() -> None:
+    """With --enable-priority-scheduling the running and waiting totals (``priority=""``) come
+    with a breakdown per priority, which is not added to them again."""
+    text = (
+        'sglang:num_queue_reqs{model_name="m",priority="",tp_rank="0"} 5\n'
+        'sglang:num_queue_reqs{model_name="m",priority="0",tp_rank="0"} 2\n'
+        'sglang:num_queue_reqs{model_name="m",priority="7",tp_rank="0"} 3\n'
+        'sglang:num_running_reqs{model_name="m",priority="",tp_rank="0"} 4\n'
+        'sglang:num_running_reqs{model_name="m",priority="7",tp_rank="0"} 4\n'
+        'sglang:prompt_tokens_total{is_streaming="false",model_name="m",priority=""} 10\n'
+        'sglang:prompt_tokens_total{is_streaming="false",model_name="m",priority="7"} 20\n'
+    )
+    load = parse_sglang(text)
+    assert (load.running, load.waiting, load.prefix_queries) == (4, 5, 30)
 
 
 def test_garbage_and_nan_are_skipped() -> None:

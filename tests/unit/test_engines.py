@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -264,6 +265,43 @@ def test_sglang_launch() -> None:
     argv = list(launch.argv)
     assert argv[argv.index("--tp-size") + 1] == "2"
     assert launch.readiness.path == "/health_generate"
+    # /metrics answers 404 without --enable-metrics; usage's cached tokens need the report.
+    assert launch.metrics_path == "/metrics" and "--enable-metrics" in argv
+    assert "--enable-cache-report" in argv
+    # Plain SGLang: nothing of the CPU path unless the deployment asks for it.
+    assert "--device" not in argv and "--sleep-on-idle" not in argv
+    assert "SGLANG_USE_CPU_ENGINE" not in launch.env and launch.env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_sglang_takes_the_specs_own_flags_once_and_its_cpu_path_from_engine_args() -> None:
+    args = ["--enable-metrics", "--device", "cpu", "--max-total-tokens", "32768"]
+    argv = list(
+        SglangEngine()
+        .launch(spec(engineArgs=args), weights=Path("/m"), served_name="s", host="h", port=2)
+        .argv
+    )
+    assert argv.count("--enable-metrics") == 1 and argv.count("--enable-cache-report") == 1
+    assert argv[-len(args) :] == args
+
+
+def test_sglang_runs_from_the_environment_gpufleet_sglang_python_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    python = tmp_path / "python"
+    monkeypatch.setenv("GPUFLEET_SGLANG_PYTHON", str(python))
+    reason = SglangEngine().unavailable_reason()
+    assert reason == f"GPUFLEET_SGLANG_PYTHON={python} is not an executable Python"
+    python.write_text("#!/bin/sh\n")
+    python.chmod(0o755)
+    assert SglangEngine().unavailable_reason() is None
+    launch = SglangEngine().launch(spec(), weights=Path("/m"), served_name="s", host="h", port=2)
+    assert launch.argv[:3] == (str(python), "-m", "sglang.launch_server")
+    monkeypatch.delenv("GPUFLEET_SGLANG_PYTHON")
+    reason = SglangEngine().unavailable_reason()
+    if importlib.util.find_spec("sglang") is None:  # gpufleet's own environment lacks it
+        assert reason is not None and "GPUFLEET_SGLANG_PYTHON" in reason
+    else:
+        assert reason is None
 
 
 def test_engines_that_cannot_run_here_say_why() -> None:

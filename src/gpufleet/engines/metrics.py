@@ -3,7 +3,8 @@
 Each engine names the same signals differently (REFERENCE.md): vLLM ``vllm:num_requests_running``
 / ``vllm:num_requests_waiting`` / ``vllm:kv_cache_usage_perc`` (older: ``gpu_cache_usage_perc``) /
 ``vllm:prefix_cache_{hits,queries}_total``; SGLang ``sglang:num_running_reqs`` /
-``sglang:num_queue_reqs`` / ``sglang:token_usage``; TensorRT-LLM's ``trtllm-serve`` and NVIDIA
+``sglang:num_queue_reqs`` / ``sglang:token_usage`` / ``sglang:cached_tokens_total`` /
+``sglang:prompt_tokens_total`` (``parse_sglang``); TensorRT-LLM's ``trtllm-serve`` and NVIDIA
 Triton their own (``parse_trtllm``, ``parse_triton``: the sources are named there). Routers
 scrape every few hundred milliseconds, so the parser is a single pass over the lines with no
 dependency: only the families we read are kept, summed over their label sets (several models
@@ -120,22 +121,45 @@ def parse_vllm(text: str) -> EngineLoad:
     )
 
 
-_SGLANG = frozenset(
-    {
-        "sglang:num_running_reqs",
-        "sglang:num_queue_reqs",
-        "sglang:token_usage",
-        "sglang:cache_hit_rate",
-    }
-)
+# SGLang (0.5.23, python/sglang/srt/observability/metrics_collector.py; only with
+# ``--enable-metrics``, which the adapter passes). Each scheduler that reports (one per
+# attention-DP group by default) labels its gauges with engine_type, model_name, tp_rank, pp_rank,
+# moe_ep_rank (dp_rank under attention DP): ``sglang:num_running_reqs`` and
+# ``sglang:num_queue_reqs`` are counts, summed over those — but with priority scheduling each
+# total (``priority=""``) is also published per priority (``priority="3"``), which is left out;
+# ``sglang:token_usage`` is a ratio (the fullest KV pool's tokens in use, rounded to 0.01; cached
+# but evictable prefix tokens are not in it, they are ``sglang:kv_evictable_tokens``), so the
+# largest is taken, not the sum. The gauges are refreshed at each prefill batch and every
+# ``--decode-log-interval`` decode steps (40 by default). The prefix cache: the tokenizer's
+# counters ``sglang:prompt_tokens_total`` (every prompt token, cached or not; one series per
+# ``is_streaming``) and ``sglang:cached_tokens_total`` by ``cache_source``: "device" is the
+# GPU's radix cache, "host" and "storage" HiCache's lower tiers (not counted as hits here, as
+# vLLM's counters count only its GPU cache), "total" a count without that breakdown.
+# ``sglang:cache_hit_rate`` is the last prefill batch's ratio, not a cumulative one: not read.
+_SGLANG_COUNTS = frozenset({"sglang:num_running_reqs", "sglang:num_queue_reqs"})
+_SGLANG_PROMPT = frozenset({"sglang:prompt_tokens_total"})
+_SGLANG_KV = frozenset({"sglang:token_usage"})
+_SGLANG_CACHED = "sglang:cached_tokens_total"
+#: ``cache_source`` values of the tokens served from the device's own prefix cache.
+_SGLANG_DEVICE_HITS = ("device", "total")
 
 
 def parse_sglang(text: str) -> EngineLoad:
-    v = parse_exposition(text, _SGLANG)
+    counts: dict[str, float] = {}
+    for name, labels, value in _samples(text, _SGLANG_COUNTS):
+        if dict(_LABEL.findall(labels)).get("priority", ""):
+            continue  # one priority's share of a total that is published too
+        counts[name] = counts.get(name, 0.0) + value
+    kv = max((value for _, _, value in _samples(text, _SGLANG_KV)), default=None)
+    by_source = parse_by_label(text, {_SGLANG_CACHED: "cache_source"})
     return EngineLoad(
-        running=v.get("sglang:num_running_reqs", 0.0),
-        waiting=v.get("sglang:num_queue_reqs", 0.0),
-        kv_usage=min(1.0, v.get("sglang:token_usage", 0.0)),
+        running=counts.get("sglang:num_running_reqs", 0.0),
+        waiting=counts.get("sglang:num_queue_reqs", 0.0),
+        kv_usage=None if kv is None else min(1.0, kv),
+        prefix_hits=sum(by_source.get((_SGLANG_CACHED, s), 0.0) for s in _SGLANG_DEVICE_HITS),
+        prefix_queries=parse_exposition(text, _SGLANG_PROMPT).get(
+            "sglang:prompt_tokens_total", 0.0
+        ),
     )
 
 
