@@ -204,7 +204,7 @@ class ExternalEndpoints:
                 if resp.status in (401, 403):
                     return False, f"refused the key ({resp.status}): check apiKey"
                 return False, f"GET /v1/models answered {resp.status}"
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             return False, f"not answering ({type(exc).__name__}: {exc})"
 
     def _set(self, held: _Held, **changes: object) -> None:
