@@ -134,5 +134,9 @@ def test_an_external_model_is_not_placed_and_said_so(tmp_path: Path) -> None:
     assert table.returncode == 0, table.stderr
     assert "not placed: hosted (engine external: served by its endpoints)" in table.stdout
     sim = gpufleet("sim", "-f", str(models), "--inventory", inventory, "--trace",
-                   "poisson:rate=1,duration=5", "--ttft", "1")  # fmt: skip
-    assert sim.returncode != 0 and "hosted: engine external is not simulated" in sim.stderr
+                   "poisson:rate=1,duration=5", "--ttft", "1", "-o", "json")  # fmt: skip
+    assert sim.returncode == 0, sim.stderr
+    assert "note: hosted: engine external is simulated as a hosted API" in sim.stderr
+    simulated = {m["name"]: m for m in json.loads(sim.stdout)["models"]}
+    assert simulated["hosted"]["gpu_hours_placed"] == 0 and simulated["hosted"]["requests"] == 0
+    assert simulated["llama-3-8b"]["served"] > 0  # the trace names no model: the first one

@@ -10,6 +10,11 @@ the same trace (the file re-read, or the synthetic trace regenerated from the sa
 can also write ``--report out.html`` (matplotlib, from ``gpufleet[sim]``). A long run shows a
 progress bar on stderr when it is a terminal. ``kind: Tenant`` documents in the files bring
 their quotas, priority and weight to the trace's requests of that tenant.
+
+An ``engine: external`` model is simulated as a hosted API (``gpufleet.sim.external``): the
+spec says where its endpoints are and what they charge, not how fast they answer, so their
+latency is the run's assumption — ``--external-ttft`` and ``--external-tpot``, for every
+external model of the run.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from gpufleet.errors import GpufleetError, SpecError
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
-    from gpufleet.sim import Objectives, SimResult, SimSettings, TraceRequest
+    from gpufleet.sim import HostedLatency, Objectives, SimResult, SimSettings, TraceRequest
     from gpufleet.spec import Inventory, Model, Tenant
 
 __all__ = ["parse_compare", "parse_synthetic", "sim_command"]
@@ -146,12 +151,13 @@ def _run(
     settings: SimSettings,
     startup: float | None,
     tenants: list[Tenant],
+    hosted: HostedLatency,
 ) -> SimResult:
     import dataclasses
 
     from gpufleet.sim import sim_model, simulate, unsimulated
 
-    sized = [sim_model(m, startup_s=startup) for m in models]
+    sized = [sim_model(m, startup_s=startup, hosted=hosted) for m in models]
     for m in models:
         for note in unsimulated(m):
             typer.echo(f"note: {m.name}: {note}", err=True)
@@ -212,6 +218,14 @@ def sim_command(
     startup: Annotated[
         float | None, typer.Option(help="replica start-up seconds (default: from model size)")
     ] = None,
+    external_ttft: Annotated[
+        float,
+        typer.Option(help="engine external: a hosted API's time to first token, seconds (assumed)"),
+    ] = 0.5,
+    external_tpot: Annotated[
+        float,
+        typer.Option(help="engine external: its time per further output token, seconds (assumed)"),
+    ] = 0.01,
     output: Annotated[str, typer.Option("--output", "-o", help="table or json")] = "table",
     report: Annotated[
         Path | None,
@@ -242,7 +256,7 @@ def sim_command(
 ) -> None:
     """Simulate the models in FILE on INVENTORY under TRACE, with the fleet's own policies."""
     from gpufleet.hardware import load_inventory
-    from gpufleet.sim import Objectives, SimSettings, read_trace, render_table
+    from gpufleet.sim import HostedLatency, Objectives, SimSettings, read_trace, render_table
     from gpufleet.sim.compare import Variant, compare_rows, comparison_to_dict, render_comparison
     from gpufleet.sim.report import require_matplotlib, write_report
     from gpufleet.sim.search import (
@@ -267,6 +281,10 @@ def sim_command(
         return read_trace(source) if source.exists() else parse_synthetic(trace, seed)
 
     objectives = Objectives(ttft, itl, e2e)
+    try:
+        hosted = HostedLatency(external_ttft, external_tpot)
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
     settings = SimSettings(
         tick_s=tick, hold_s=hold, queue_max_wait_s=queue_wait, routing=routing, seed=seed
     )
@@ -296,6 +314,7 @@ def sim_command(
                     settings,
                     startup,
                     tenants,
+                    hosted,
                 )
 
             rows = search_fleet(run, types, attainment, max_gpus)
@@ -333,7 +352,16 @@ def sim_command(
                 models, tenants = _load(variant_files)
                 fleet = load_inventory(variant_inventory)
                 result = _run(
-                    name, models, fleet, requests, total_s, objectives, settings, startup, tenants
+                    name,
+                    models,
+                    fleet,
+                    requests,
+                    total_s,
+                    objectives,
+                    settings,
+                    startup,
+                    tenants,
+                    hosted,
                 )
                 variants.append(Variant(name, result))
             if output == "json":
@@ -346,7 +374,16 @@ def sim_command(
             models, tenants = _load(files)
             fleet = load_inventory(inventory)
             result = _run(
-                "sim", models, fleet, requests, total_s, objectives, settings, startup, tenants
+                "sim",
+                models,
+                fleet,
+                requests,
+                total_s,
+                objectives,
+                settings,
+                startup,
+                tenants,
+                hosted,
             )
             variants = [Variant(inventory.stem, result)]
             if output == "json":

@@ -2,10 +2,12 @@
 
 ``traces`` makes and ``trace_files`` replays the traffic; see docs/sim-traces.md. ``core``
 runs it through the fleet (``simulate``), ``fleet`` sizes the models for it, ``tenants`` brings
-the tenants' quotas and fair shares, and ``result`` reports what it served and what it cost.
+the tenants' quotas and fair shares, ``external`` the hosted APIs a model may burst to, and
+``result`` reports what it served and what it cost.
 """
 
 from gpufleet.sim.core import GATEWAY_OVERHEAD_S, SimSettings, simulate
+from gpufleet.sim.external import HostedLatency
 from gpufleet.sim.fleet import SimModel, sim_model, unsimulated
 from gpufleet.sim.result import (
     GpuUse,
@@ -41,6 +43,7 @@ __all__ = [
     "GATEWAY_OVERHEAD_S",
     "Bursts",
     "GpuUse",
+    "HostedLatency",
     "Lengths",
     "ModelResult",
     "Objectives",

@@ -25,6 +25,10 @@ What runs unchanged from production:
   ``QuotaCounters`` at arrival and settled at the end, then the model's fair queue
   (``FairOrder``: priority, then weighted fair share, bounded in length and wait) when its
   ``slots`` per routable replica are all taken; its cost metered by the ledger's ``BusyMeter``.
+- **burst** — ``routing.cost`` (``sim.external``): the model and its alternatives ranked by
+  ``rank_by_cost`` as the gateway ranks them, the chain walked as its dispatch walks it (a
+  tenant not opted in never reaches an external-only deployment). An ``engine: external``
+  model is a hosted API there: no replicas, always ready, a fixed latency, charged per token.
 
 The gateway's HTTP path is modelled, not run: a model with no replica ready holds requests (in
 arrival order) for up to ``hold_s``, as the gateway's ``hold`` does; the fixed time the gateway
@@ -56,6 +60,7 @@ from gpufleet.policies.pricing import Pricing
 from gpufleet.policies.quota_counters import QuotaCounters
 from gpufleet.policies.quota_rules import Demand, QuotaExceeded, Ticket
 from gpufleet.routing import Endpoint, RequestFeatures, RoutingPolicy, make_policy
+from gpufleet.sim.external import NOT_ALLOWED, RecentTtfts, route
 from gpufleet.sim.fleet import EngineParams, SimModel
 from gpufleet.sim.result import (
     GpuUse,
@@ -73,8 +78,8 @@ from gpufleet.spec import Inventory, ModelSpec, Tenant
 
 __all__ = ["GATEWAY_OVERHEAD_S", "SimSettings", "simulate"]
 
-# Event kinds, in the order they run at one instant.
-_ENGINE, _READY, _ARRIVAL, _HELD, _QUEUE, _TICK = range(6)
+# Event kinds, in the order they run at one instant (_DONE: a hosted API's answer ends).
+_ENGINE, _DONE, _READY, _ARRIVAL, _HELD, _QUEUE, _TICK = range(7)
 
 #: What a client's TTFT holds beyond its engine's (HTTP both ways, authentication, routing,
 #: proxying): measured on a live ``gpufleet up`` with emulated replicas by bench/sim_vs_live.py
@@ -123,6 +128,7 @@ class _Request:
     prefilled: bool = False
     features: RequestFeatures | None = None
     hashes: list[int] | None = None
+    first_token: float = 0.0  # sent to a hosted API: when its first token comes
 
 
 @dataclass(eq=False, slots=True)
@@ -181,6 +187,9 @@ class _Model:
         self.sized = sized
         self.name = sized.name
         self.spec: ModelSpec = sized.model.spec
+        self.hosted = sized.hosted
+        self.recent = RecentTtfts()  # what cost routing judges it by
+        self.charged = 0.0  # per token, at its price list (an external model)
         self.policy = policy
         self.order: FairOrder[_Request] = FairOrder(
             max_length=settings.queue_max_length, max_wait_s=settings.queue_max_wait_s
@@ -219,8 +228,17 @@ class _Model:
         return self.order.waiting + self.holding
 
     @property
+    def ready(self) -> bool:
+        return bool(self.routable) or self.hosted is not None
+
+    @property
     def capacity(self) -> int:
-        return len(self.routable) * self.sized.slots_per_replica
+        n = len(self.routable) if self.hosted is None else len(self.spec.endpoints)
+        return n * self.sized.slots_per_replica
+
+    def has_room(self) -> bool:
+        """A request here would not wait in the fair queue (the gateway's ``has_room``)."""
+        return self.ready and not self.order.waiting and self.order.in_flight < self.capacity
 
     def count_change(self, now: float, before: int) -> None:
         self.replica_seconds += before * (now - self.count_since)
@@ -249,6 +267,8 @@ class _Simulation:
             )
             for m in models
         }
+        #: The models the fleet runs (placed and scaled); the rest are external.
+        self.fleet = [m for m in self.models.values() if m.hosted is None]
         self.tenants = {t.name: TenantBook(t) for t in sim_tenants(tenants)}
         self.quotas = QuotaCounters()
         self.pricing = Pricing()
@@ -281,6 +301,7 @@ class _Simulation:
         self.now = 0.0
         self.end = 0.0
         self.in_system = 0
+        self.seen = 0  # requests arrived
 
     # The event loop.
 
@@ -289,7 +310,7 @@ class _Simulation:
         heapq.heappush(self.heap, (t, kind, self.seq, obj))
 
     def run(self) -> None:
-        self.rescale(0.0, {m.name: m.state.desired for m in self.models.values()}, "initial")
+        self.rescale(0.0, {m.name: m.state.desired for m in self.fleet}, "initial")
         if self.settings.warm_start:
             for m in self.models.values():
                 for r in m.replicas:
@@ -307,6 +328,10 @@ class _Simulation:
                     self.engine_changed(obj, obj.engine.advance(t), t)
                     self.after(obj, t)
                     self.end = t
+            elif kind == _DONE:
+                assert isinstance(obj, _Request)
+                self.answered(obj, t)
+                self.end = t
             elif kind == _ARRIVAL:
                 assert isinstance(obj, TraceRequest)
                 self.arrive(obj, t)
@@ -366,27 +391,34 @@ class _Simulation:
         return book
 
     def arrive(self, trace: TraceRequest, t: float) -> None:
-        m = self.first if trace.model is None else self.models.get(trace.model)
-        if m is None:
+        named = self.first if trace.model is None else self.models.get(trace.model)
+        if named is None:
             raise ValueError(f"the trace names model {trace.model!r}, which is not simulated")
         book = self.tenant(trace.tenant)
-        request = _Request(trace, m, book, t)
-        m.requests += 1
-        m.arrivals += 1
+        request = _Request(trace, named, book, t)
+        named.arrivals += 1
         book.requests += 1
         self.in_system += 1
-        if m.state.desired == 0 and m.unplaced is None:
-            self.wake(m, t)
+        self.seen += 1
         tenant = book.tenant
-        if not tenant.limits.empty():
+        if not tenant.limits.empty():  # admitted on the named model's estimate, as the gateway
             tokens = trace.prompt_tokens + trace.output_tokens
-            demand = Demand(tokens, self.pricing.estimate(m, tokens))
+            demand = Demand(tokens, self.pricing.estimate(named, tokens))
             try:
-                request.ticket = self.quotas.admit(f"r{m.requests}", tenant.scopes, demand, t)
+                request.ticket = self.quotas.admit(f"r{self.seen}", tenant.scopes, demand, t)
             except QuotaExceeded as exc:
+                named.requests += 1
                 self.refuse(request, t, exc.limit)
                 return
-        if m.routable:
+        m, allowed = route(named, self.models, self.pricing, t, tenant.allow_external)
+        request.model = m
+        m.requests += 1
+        if not allowed:  # external-only, and the tenant has not opted in
+            self.refuse(request, t, NOT_ALLOWED)
+            return
+        if m.hosted is None and m.state.desired == 0 and m.unplaced is None:
+            self.wake(m, t)
+        if m.ready:
             self.enqueue(request, t)
         else:
             request.held = True
@@ -442,6 +474,12 @@ class _Simulation:
 
     def dispatch(self, request: _Request, t: float) -> None:
         m, trace = request.model, request.trace
+        request.tenant.waits.append(t - request.arrived)
+        if m.hosted is not None:  # a hosted API: its answer ends after its fixed latency
+            request.first_token = t + m.hosted.ttft_s
+            m.in_flight += 1
+            self.push(t + m.hosted.duration(trace.output_tokens), _DONE, request)
+            return
         if request.features is None:
             hashes = block_hashes(trace)
             request.hashes = hashes
@@ -475,7 +513,6 @@ class _Simulation:
         request.replica = replica
         weight = float(trace.prompt_tokens + trace.output_tokens)
         request.meter = self.meter.start(replica.id, weight, t)
-        request.tenant.waits.append(t - request.arrived)
         request.prefill = max(0, trace.prompt_tokens - choice.cached_blocks * BLOCK_TOKENS)
         replica.requests[gen] = request
         replica.in_flight += 1
@@ -514,38 +551,54 @@ class _Simulation:
             self.end_replica(replica, t)
 
     def finish(self, request: _Request, gen: Generation) -> None:
-        m, replica, book = request.model, request.replica, request.tenant
+        m, replica = request.model, request.replica
         assert replica is not None and gen.finished_at is not None
         assert request.meter is not None
         replica.in_flight -= 1
-        m.in_flight -= 1
-        m.order.release()
-        self.in_system -= 1
         tokens = gen.prompt_tokens + gen.max_tokens
         replica_s = self.meter.stop(request.meter, gen.finished_at)
         cost = replica_s * replica.params.price_per_hour / 3600
         self.pricing.observe(m, replica_s, tokens)
-        if request.ticket is not None:
-            self.quotas.settle(request.ticket, tokens=tokens, cost_usd=cost)
-        m.served += 1
-        m.prompt_tokens += gen.prompt_tokens
-        m.completion_tokens += gen.max_tokens
-        m.cached_tokens += gen.cached_tokens
-        book.served += 1
-        book.prompt_tokens += gen.prompt_tokens
-        book.completion_tokens += gen.max_tokens
-        book.cost += cost
         first = gen.first_token_at if gen.first_token_at is not None else gen.finished_at
+        m.cached_tokens += gen.cached_tokens
+        self.served(request, gen.prompt_tokens, gen.max_tokens, first, gen.finished_at, cost)
+
+    def answered(self, request: _Request, t: float) -> None:
+        """A hosted API's answer ended at ``t``: charged at its price list, per token."""
+        m, trace = request.model, request.trace
+        cost = self.pricing.charge(m.spec, trace.prompt_tokens, trace.output_tokens) or 0.0
+        m.charged += cost
+        self.served(request, trace.prompt_tokens, trace.output_tokens, request.first_token, t, cost)
+
+    def served(
+        self, request: _Request, prompt: int, output: int, first: float, end: float, cost: float
+    ) -> None:
+        """A request answered: its slot back, then quota, statistics and the next waiter."""
+        m, book = request.model, request.tenant
+        m.in_flight -= 1
+        m.order.release()
+        self.in_system -= 1
+        if request.ticket is not None:
+            self.quotas.settle(request.ticket, tokens=prompt + output, cost_usd=cost)
+        m.served += 1
+        m.prompt_tokens += prompt
+        m.completion_tokens += output
+        book.served += 1
+        book.prompt_tokens += prompt
+        book.completion_tokens += output
+        book.cost += cost
         ttft = first - request.arrived + self.overhead
-        e2e = gen.finished_at - request.arrived + self.overhead
-        itl = (gen.finished_at - first) / (gen.max_tokens - 1) if gen.max_tokens > 1 else 0.0
+        e2e = end - request.arrived + self.overhead
+        itl = (end - first) / (output - 1) if output > 1 else 0.0
         m.ttft.append(ttft)
         m.e2e.append(e2e)
         book.ttft.append(ttft)
         book.e2e.append(e2e)
-        if gen.max_tokens > 1:
+        if output > 1:
             m.itl.append(itl)
-        m.recent_ttfts.append(ttft)
+        m.recent.add(end, ttft)
+        if m.hosted is None:
+            m.recent_ttfts.append(ttft)  # the autoscaler's sample
         o, met = self.objectives, m.met
         ok_ttft = o.ttft_s is None or ttft <= o.ttft_s
         ok_itl = o.itl_s is None or itl <= o.itl_s
@@ -617,13 +670,13 @@ class _Simulation:
 
     def wake(self, m: _Model, t: float) -> None:
         m.state = dataclasses.replace(m.state, desired=1, last_active=t)
-        wants = {name: other.state.desired for name, other in self.models.items()}
+        wants = {other.name: other.state.desired for other in self.fleet}
         self.rescale(t, wants, "a request is waiting for a replica")
 
     def tick(self, t: float) -> None:
         wants: dict[str, int] = {}
         reasons: dict[str, str] = {}
-        for m in self.models.values():
+        for m in self.fleet:
             ready = len(m.routable)
             usage = [r.engine.cache.usage for r in m.routable]
             ttft_p90 = None
@@ -701,7 +754,7 @@ class _Simulation:
         by_type: dict[str, list[float]] = {}  # type → placed GPU-s, busy GPU-s
         lives: list[ReplicaSpan] = []
         for m in self.models.values():
-            busy_cost = busy_gpu_s = 0.0
+            busy_cost, busy_gpu_s = m.charged, 0.0  # an external model's is its charges
             for r in m.spans:
                 ended = r.ended_at if r.ended_at is not None else end
                 p = r.params
@@ -729,9 +782,11 @@ class _Simulation:
                 )
             )
         inventory = inventory_gpus(self.inventory)
+        per_token = [m.name for m in self.models.values() if m.hosted is not None]
         report = cost_report(
-            spans, usage, since=0.0, until=end, by="model", inventory_gpus=inventory
-        )
+            spans, usage, since=0.0, until=end, by="model", inventory_gpus=inventory,
+            per_token=per_token,
+        )  # fmt: skip
         lines = {line.name: line for line in report.lines}
         models = [self.model_result(m, lines.get(m.name), end) for m in self.models.values()]
         overall = self.overall(models)
@@ -761,6 +816,7 @@ class _Simulation:
             wall_s,
             sorted(lives, key=lambda r: r.start),
             [self.tenants[name].result() for name in sorted(self.tenants)],
+            report.per_token_cost,
         )
 
     def model_result(self, m: _Model, line: CostLine | None, end: float) -> ModelResult:
@@ -789,13 +845,16 @@ class _Simulation:
             line.cost_per_million_tokens if line else None,
             m.last_unplaced,
             dict(sorted(m.refused_by.items())),
+            line.per_token_cost if line else 0.0,
         )
 
     def overall(self, models: list[ModelResult]) -> ModelResult:
         every = list(self.models.values())
         arrived = sum(m.requests for m in models)
         met = {k: sum(m.met[k] for m in every) for k in ("ttft", "itl", "e2e", "all")}
-        cost = sum(m.cost_placed for m in models)
+        placed = sum(m.cost_placed for m in models)
+        per_token = sum(m.cost_per_token for m in models)
+        cost = placed + per_token
         served = sum(m.served for m in models)
         refused_by: dict[str, int] = {}
         for m in models:
@@ -818,12 +877,13 @@ class _Simulation:
             sum(m.replicas_mean for m in models),
             sum(m.gpu_hours_placed for m in models),
             sum(m.gpu_hours_busy for m in models),
-            cost,
+            placed,
             sum(m.cost_busy for m in models),
             cost / served if served else None,
             cost / tokens * 1e6 if tokens else None,
             None,
             dict(sorted(refused_by.items())),
+            per_token,
         )
 
 

@@ -10,6 +10,9 @@ GPU type, so two replicas of one model on different cards run at different speed
 Start-up delay, when not given: 20 s of engine initialisation (process, CUDA graphs — vLLM's
 own start on a warm node) plus the weights read at 2 GB/s from the node's disk; about 28 s for
 an 8B model in bf16, 90 s for a 70B one. A figure to calibrate, named so it can be.
+
+An ``engine: external`` model has neither architecture nor deployment: its endpoints are a
+hosted API of the latency ``hosted`` says (``sim.external``), ready from the start.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from gpufleet.hardware import CATALOG, Accelerator, normalise_gpu_name
 from gpufleet.planner import Deployment, Placement, deployment_for
 from gpufleet.policies.costs import replica_price_per_hour
 from gpufleet.runtime.weights import resolve_weights
+from gpufleet.sim.external import HostedLatency
 from gpufleet.sizing import ModelArch, load_architecture
 from gpufleet.sizing.performance import PerfModel
 from gpufleet.spec import Model
@@ -57,14 +61,17 @@ class EngineParams:
 
 @dataclass(slots=True)
 class SimModel:
-    """One model of the simulated fleet, sized once."""
+    """One model of the simulated fleet, sized once (an external one: ``hosted``, with no
+    architecture or deployment)."""
 
     model: Model
-    arch: ModelArch
-    deployment: Deployment
+    arch: ModelArch | None
+    deployment: Deployment | None
     startup_s: float
     max_num_seqs: int
     slots_per_replica: int
+    #: ``engine: external``: how fast its endpoints answer; None for a model the fleet runs.
+    hosted: HostedLatency | None = None
     #: (GPU type, TP) → the engine a replica placed there runs.
     _engines: dict[tuple[str | None, int, float], EngineParams] = field(default_factory=dict)
 
@@ -95,6 +102,8 @@ class SimModel:
         self, gpu_type: str | None, tp: int, fraction: float, catalog: Mapping[str, Accelerator]
     ) -> EngineParams:
         spec = self.model.spec
+        if self.arch is None:
+            raise ValueError(f"{self.name}: engine external runs no engine of the fleet's")
         gpu = catalog.get(gpu_type or "")
         if gpu is None:
             raise SpecError([f"{self.name}: GPU type {gpu_type!r} is not in the catalog"])
@@ -115,17 +124,17 @@ def sim_model(
     startup_s: float | None = None,
     slots_per_replica: int = DEFAULT_SLOTS_PER_REPLICA,
     kv_sequences: int = 4,
+    hosted: HostedLatency | None = None,
 ) -> SimModel:
     """Size ``model`` for the simulator. Its architecture is needed (the engine model's timings
-    come from it): from ``arch`` when given, else from a ``file:`` or ``pypi:`` source here."""
+    come from it): from ``arch`` when given, else from a ``file:`` or ``pypi:`` source here.
+    An ``engine: external`` model needs none: its endpoints answer at ``hosted`` (default:
+    ``HostedLatency()``), a hosted API's latency whatever their load."""
     spec = model.spec
+    slots = spec.routing.max_in_flight_per_replica or slots_per_replica
     if spec.engine == "external":
-        raise SpecError(
-            [
-                f"{model.name}: engine external is not simulated (its endpoints' speed and "
-                "capacity are not the fleet's); leave it out of the files given to sim"
-            ]
-        )
+        latency = hosted or HostedLatency()
+        return SimModel(model, None, None, 0.0, DEFAULT_MAX_NUM_SEQS, slots, hosted=latency)
     if arch is None:
         source = spec.parsed_source
         if source.scheme not in ("file", "pypi"):
@@ -140,7 +149,6 @@ def sim_model(
     deployment = deployment_for(model, arch, kv_sequences=kv_sequences)
     if startup_s is None:
         startup_s = ENGINE_INIT_S + arch.weights_bytes / LOAD_BYTES_PER_S
-    slots = spec.routing.max_in_flight_per_replica or slots_per_replica
     return SimModel(model, arch, deployment, startup_s, _max_num_seqs(spec.engine_args), slots)
 
 
@@ -162,6 +170,17 @@ def unsimulated(model: Model) -> list[str]:
     (the command prints them, so a plan is never read as covering what it left out)."""
     spec = model.spec
     notes = []
+    if spec.engine == "external":
+        notes.append(
+            "engine external is simulated as a hosted API of fixed latency (--external-ttft, "
+            "then --external-tpot per token; assumed, not measured), whatever its load, "
+            "bounded by the gateway's slots (endpoints × routing.maxInFlightPerReplica or 64)"
+        )
+    if spec.routing.fallbacks:
+        notes.append(
+            "routing.fallbacks are not simulated: a request waits for its own deployment "
+            "(routing.cost alternatives are)"
+        )
     if spec.disaggregation is not None:
         notes.append(
             "spec.disaggregation is not simulated: its replicas prefill and decode together "

@@ -191,7 +191,7 @@ def _summary(result: SimResult) -> str:
                 " / ".join(_s(getattr(p, q)) for q in ("p50", "p95", "p99"))
                 for p in (m.ttft, m.itl, m.e2e)
             ),
-            _usd(m.cost_placed),
+            _usd(m.cost),
             _usd(m.cost_per_request, 5),
             _usd(m.cost_per_million_tokens),
         ]

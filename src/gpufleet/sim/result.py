@@ -10,7 +10,9 @@ time from its start (loading counts) to its end, at its GPUs' catalog price or t
 ``pricing.perReplicaHour``; its busy time is when it ran at least one sequence; idle is placed
 minus busy; fleet idle is the inventory's GPUs nothing was placed on. The cost of a successful
 request is the model's placed cost ÷ the requests it served; per 1M tokens likewise over their
-prompt and completion tokens.
+prompt and completion tokens. An ``engine: external`` model is priced per token instead: its
+cost is what its requests were charged at its price list (``cost_per_token``), with nothing
+placed and no GPU-hours; the totals add it to the GPUs' placed cost.
 """
 
 from __future__ import annotations
@@ -106,8 +108,17 @@ class ModelResult:
     unplaced: str | None = None
     #: Refusals by reason: ``rpm``, ``tpm``, ``concurrency``, ``budget`` (the tenant's quota),
     #: ``queue_full``, ``queue_timeout`` (the fair queue's bounds), ``no_replica`` (held past
-    #: ``hold_s``), ``too_large`` (no engine's KV cache holds it).
+    #: ``hold_s``), ``too_large`` (no engine's KV cache holds it),
+    #: ``external_endpoint_not_allowed`` (a hosted API, and the tenant has not opted in).
     refused_by: dict[str, int] = field(default_factory=dict)
+    #: What per-token-priced endpoints charged (``engine: external``): its cost beside
+    #: ``cost_placed`` (the GPUs'); the cost per request and per 1M tokens count both.
+    cost_per_token: float = 0.0
+
+    @property
+    def cost(self) -> float:
+        """Everything it cost: GPUs placed, and tokens charged by external endpoints."""
+        return self.cost_placed + self.cost_per_token
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +140,8 @@ class TenantResult:
     wait: Percentiles
     #: Share of its arrived requests within every objective given.
     slo: float | None
-    #: What it was charged: each request's share of its replica's busy time × the price.
+    #: What it was charged: each request's share of its replica's busy time × the price, or
+    #: on an external model its tokens at the price list.
     cost: float
 
 
@@ -178,6 +190,8 @@ class SimResult:
     replicas: list[ReplicaSpan] = field(default_factory=list)
     #: Per tenant, in name order.
     tenants: list[TenantResult] = field(default_factory=list)
+    #: Of ``fleet_cost``, what per-token-priced endpoints (``engine: external``) charged.
+    per_token_cost: float = 0.0
 
     @property
     def requests_per_wall_s(self) -> float:
@@ -266,18 +280,21 @@ def render_table(result: SimResult) -> str:
     header += ["E2E p50/99", "SLO", "REPLICAS avg/max"]
     lines += _table(header, rows)
     lines.append("")
+    per_token = result.per_token_cost > 0  # GPUs' and tokens' cost apart, then their sum
     rows = [
         [
             m.name,
             f"{m.gpu_hours_placed:.1f}",
             f"{m.gpu_hours_busy:.1f}",
-            _usd(m.cost_placed),
+            *([_usd(m.cost_placed), _usd(m.cost_per_token)] if per_token else []),
+            _usd(m.cost),
             _usd(m.cost_per_request, 5),
             _usd(m.cost_per_million_tokens),
         ]
         for m in (*result.models, result.overall)
     ]
-    header = ["MODEL", "GPU-H PLACED", "GPU-H BUSY", "COST", "PER REQUEST", "PER 1M TOKENS"]
+    header = ["MODEL", "GPU-H PLACED", "GPU-H BUSY", *(["GPU COST", "PER-TOKEN"] * per_token)]
+    header += ["COST", "PER REQUEST", "PER 1M TOKENS"]
     lines += _table(header, rows)
     lines.append("")
     rows = [
@@ -294,10 +311,11 @@ def render_table(result: SimResult) -> str:
     ]
     header = ["GPU", "COUNT", "PRICE/H", "PLACED H", "BUSY H", "IDLE H", "FREE H"]
     lines += _table(header, rows)
-    lines.append(
-        f"fleet cost {_usd(result.fleet_cost)} (GPUs with nothing placed: "
-        f"{_usd(result.fleet_idle_cost)})"
-    )
+    fleet = f"fleet cost {_usd(result.fleet_cost)} (GPUs with nothing placed: "
+    fleet += _usd(result.fleet_idle_cost)
+    if per_token:
+        fleet += f"; tokens charged by external endpoints: {_usd(result.per_token_cost)}"
+    lines.append(fleet + ")")
     for m in result.models:
         if m.unplaced:
             lines.append(f"unplaced {m.name}: {m.unplaced}")

@@ -12,10 +12,12 @@ minute, concurrency, budget), its ``priority`` (interactive before batch) and it
 - **fair queue** — ``policies.fair_order.FairOrder`` per model, with the gateway's bounds
   (``queue_max_length`` waiters, ``queue_max_wait_s`` each);
 - **cost** — ``policies.busy_meter.BusyMeter``: each request's share of its replica's busy
-  time, at the placement's price.
+  time, at the placement's price (an external model's: its per-token charge);
+- **external endpoints** — ``allowExternalEndpoints``: only a tenant that opted in is sent to a
+  deployment served by hosted APIs alone (``sim.external.walk``).
 
 A tenant the trace names but no file declares runs as the gateway would run a tenant created
-without a spec: no limits, interactive, weight 1.
+without a spec: no limits, interactive, weight 1, not opted in to external endpoints.
 """
 
 from __future__ import annotations
@@ -42,12 +44,18 @@ class SimTenant:
     priority: int = 0
     weight: float = 1.0
     limits: Limits = field(default_factory=Limits)
+    #: Its requests may go to a hosted API (``allowExternalEndpoints``; prompts leave).
+    allow_external: bool = False
 
     @classmethod
     def of(cls, tenant: Tenant) -> SimTenant:
         spec = tenant.spec
         return cls(
-            tenant.name, QUEUE_PRIORITIES[spec.priority], spec.weight, limits_of(spec.limits)
+            tenant.name,
+            QUEUE_PRIORITIES[spec.priority],
+            spec.weight,
+            limits_of(spec.limits),
+            spec.allow_external_endpoints,
         )
 
     @property
