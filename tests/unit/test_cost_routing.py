@@ -83,6 +83,20 @@ async def served_by(
     return answered
 
 
+def test_the_fleets_own_deployments_go_before_a_per_token_one_while_they_meet_it() -> None:
+    """An idle GPU costs the same served or not: its measured average per token does not make a
+    hosted list price the cheaper choice; the burst goes out only when home is full or slow."""
+    own = CostOption("own", 5e-5, 0.3, True)
+    hosted = CostOption("hosted", 2.2e-7, None, True, per_token=True)
+    assert rank_by_cost([own, hosted], 1.0) == ["own", "hosted"]
+    full = CostOption("own", 5e-5, 0.3, False)
+    assert rank_by_cost([full, hosted], 1.0) == ["hosted", "own"]
+    slow = CostOption("own", 5e-5, 2.5, True)
+    assert rank_by_cost([slow, hosted], 1.0) == ["hosted", "own"]
+    dearer = CostOption("dearer-hosted", 9e-6, None, True, per_token=True)
+    assert rank_by_cost([dearer, hosted, full], 1.0) == ["hosted", "dearer-hosted", "own"]
+
+
 async def test_a_cheaper_deployment_serves_while_it_meets_the_objective(tmp_path: Path) -> None:
     answered = await served_by("10s", tmp_path)
     assert set(answered) == {"chat-l4"}  # an L4 costs a fraction of an H100 and is fast enough

@@ -42,7 +42,7 @@ def _model(name: str, spec: dict[str, Any]) -> Model:
     )
 
 
-def own(slots: int = 2, cost: bool = True) -> Model:
+def own(slots: int = 2, cost: bool = True, objective: float = 1.0) -> Model:
     """One H100 replica (min = max = 1) taking ``slots`` requests at once, bursting to
     ``hosted`` with ``cost``."""
     spec: dict[str, Any] = {
@@ -54,7 +54,7 @@ def own(slots: int = 2, cost: bool = True) -> Model:
         "routing": {"maxInFlightPerReplica": slots},
     }
     if cost:
-        spec["routing"]["cost"] = {"alternatives": ["hosted"], "ttftObjective": 1.0}
+        spec["routing"]["cost"] = {"alternatives": ["hosted"], "ttftObjective": objective}
     return _model("own", spec)
 
 
@@ -166,25 +166,30 @@ def test_without_routing_cost_the_own_model_queues_instead() -> None:
     assert result.tenant("default").wait.p99 is not None and result.tenant("default").wait.p99 > 0
 
 
-def test_the_cheaper_deployment_that_meets_the_objective_comes_first() -> None:
-    """With the hosted API priced below what an unmeasured own deployment is taken to cost (a
-    single stream's pace at its GPU's price), the gateway's ranking sends it there even with
-    room at home — the production decision, not a simulator's."""
+def test_the_fleets_own_deployment_serves_while_it_has_room_whatever_the_list_price() -> None:
+    """A hosted API priced far below what an unmeasured own deployment is taken to cost (a
+    single stream's pace at its GPU's price) still waits while home has room and meets the
+    objective: the GPU is paid for whether it serves or idles (``rank_by_cost``)."""
     own_per_token = 4.0 / 3600 / FLOOR_TOKENS_PER_S  # an H100 at the catalog's $4/h
     cheap = own_per_token * 1e6 / 10
     result = run([own(slots=2), hosted(per_million=(cheap, cheap))], spaced(5, 0.0, 5.0))
-    assert result.model("hosted").served == 5 and result.model("own").requests == 0
+    assert result.model("own").served == 5 and result.model("hosted").requests == 0
 
 
 def test_a_slow_hosted_api_is_passed_over_while_its_ttft_is_known() -> None:
-    """Past the TTFT objective (1 s) the cheap hosted API ranks after the own deployment that
-    meets it — for the 30 s its TTFTs are remembered; then it is tried, and measured, again."""
+    """Home misses a tight objective (5 ms) once measured: the unmeasured hosted API is tried;
+    at 2 s it misses too, and both missing, the faster — home — serves for the 30 s the hosted
+    TTFT is remembered; then the hosted API is tried, and measured, again."""
     result = run(
-        [own(slots=4), hosted(per_million=(0.01, 0.01))],
-        [*spaced(1, 0.0, 1.0), *spaced(11, 5.0, 2.0), *spaced(1, 40.0, 1.0)],
+        [own(slots=4, objective=0.005), hosted(per_million=(0.01, 0.01))],
+        [
+            *spaced(1, 0.0, 1.0),
+            *spaced(11, 5.0, 2.5),
+            *spaced(1, 40.0, 1.0),
+        ],  # 2.5 s: past a first token
         latency=HostedLatency(ttft_s=2.0, tpot_s=0.01),
     )
-    assert result.model("hosted").requests == 2  # at 0 s (unmeasured) and at 40 s (forgotten)
+    assert result.model("hosted").requests == 2  # at 5 s (unmeasured) and 40 s (forgotten)
     assert result.model("own").served == 11
 
 

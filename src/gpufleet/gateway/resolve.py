@@ -109,6 +109,7 @@ class Resolver:
                     self._pricing.per_token(e),
                     self._demand.recent_ttft_p90(e.name),
                     self._has_room(e),
+                    per_token=e.spec.engine == "external",
                 )
                 for e in options.values()
             ],

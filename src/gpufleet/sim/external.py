@@ -136,7 +136,13 @@ def by_cost(
         options.setdefault(alternative.name, alternative)
     order = rank_by_cost(
         [
-            CostOption(d.name, pricing.per_token(d), d.recent.p90(now), d.has_room())
+            CostOption(
+                d.name,
+                pricing.per_token(d),
+                d.recent.p90(now),
+                d.has_room(),
+                per_token=d.spec.engine == "external",
+            )
             for d in options.values()
         ],
         cost.ttft_objective,
