@@ -11,6 +11,8 @@ gpufleet's environment and ``--device cpu`` with a KV-cache cap in the spec's ``
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import threading
 import time
 import urllib.error
@@ -22,8 +24,9 @@ import pytest
 from openai import OpenAI
 
 from gpufleet.engines import EngineLoad, parse_sglang
+from gpufleet.gateway.known_fields import GATEWAY_ONLY, KNOWN_FIELDS
 from tests.integration.fleet import ADMIN_KEY, Fleet, alive, start_fleet, wait_until
-from tests.sglang.setup import CPU_ARGS, MODEL, NEEDS_SGLANG, fleet_env
+from tests.sglang.setup import CPU_ARGS, MODEL, NEEDS_SGLANG, VENV, fleet_env
 
 pytestmark = NEEDS_SGLANG
 
@@ -262,3 +265,29 @@ def test_sglang_answers_only_the_gateway_and_its_key_shows_in_no_log(fleet: Flee
         "gpufleet's log": fleet.stderr(),
     }
     assert [where for where, text in places.items() if key in text] == []
+
+
+def test_every_field_sglang_reads_is_one_the_gateway_passes() -> None:
+    """SGLang's request models (of the installed version) against ``known_fields``: a field
+    SGLang gains fails here until the gateway knows it, so no SGLang user is refused."""
+    script = (
+        "import json\n"
+        "from sglang.srt.entrypoints.openai import protocol as p\n"
+        "print(json.dumps({\n"
+        "    '/v1/chat/completions': sorted(p.ChatCompletionRequest.model_fields),\n"
+        "    '/v1/completions': sorted(p.CompletionRequest.model_fields),\n"
+        "    '/v1/embeddings': sorted(p.EmbeddingRequest.model_fields),\n"
+        "}))\n"
+    )
+    done = subprocess.run(
+        [str(VENV / "bin" / "python"), "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+        env={**os.environ, "SGLANG_USE_CPU_ENGINE": "1"},
+    )
+    fields = json.loads(done.stdout.strip().splitlines()[-1])
+    for route, names in fields.items():
+        missing = set(names) - GATEWAY_ONLY - KNOWN_FIELDS[route]
+        assert names and not missing, (route, missing)

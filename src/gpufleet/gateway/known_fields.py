@@ -10,8 +10,8 @@ Sources, read from the installed packages: OpenAI's from the ``openai`` SDK's re
 (``completion_create_params``, ``embedding_create_params``; a test checks the SDK's current
 fields are all here); vLLM 0.32's ``ChatCompletionRequest``, ``CompletionRequest`` and
 ``EmbeddingCompletionRequest`` / ``EmbeddingChatRequest`` fields, with the ``guided_*`` fields of
-earlier versions; llama-cpp-python 0.3's server request models; SGLang's
-``entrypoints/openai/protocol.py``.
+earlier versions; llama-cpp-python 0.3's server request models; SGLang 0.5.23's
+``entrypoints/openai/protocol.py`` (the SGLang tier checks the installed one's fields are here).
 """
 
 from __future__ import annotations
@@ -83,13 +83,19 @@ _SGLANG = {
     "return_cached_tokens_details", "return_hidden_states", "return_routed_experts",
     "return_token_ids", "rid", "routed_dp_rank", "routed_experts_start_len", "session_id",
     "session_params", "skip_special_tokens", "stop_regex", "stop_token_ids", "top_k",
+    "mm_processor_kwargs", "return_spec_tokens_details", "watermark",
 }  # fmt: skip
 _SGLANG_CHAT = {
     "chat_template_kwargs", "continue_final_message", "input_ids", "max_dynamic_patch",
     "min_dynamic_patch", "reasoning", "return_meta_info", "return_prompt_token_ids",
     "separate_reasoning", "stream_reasoning", "task", "use_audio_in_video",
+    "return_flat_raw_output_top_logprobs", "return_flat_raw_top_logprobs_b64",
+    "return_input_ids_in_sglext", "return_output_ids_in_sglext", "return_sampling_mask",
+    "sampling_logprobs_mode", "thinking", "video_config",
 }  # fmt: skip
-_SGLANG_EMBEDDINGS = {"extra_key", "lora_path", "priority", "rid"}
+_SGLANG_EMBEDDINGS = {
+    "embed_override_token_id", "embed_overrides", "extra_key", "lora_path", "priority", "rid",
+}  # fmt: skip
 
 #: Route → every top-level field a body for it may carry.
 KNOWN_FIELDS: dict[str, frozenset[str]] = {
