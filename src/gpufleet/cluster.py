@@ -17,6 +17,11 @@ The gateway does not read the GPUs: the operator's leader does (the DCGM exporte
 gateway shows what it wrote to the store (``telemetry.StoredReadings``, as ``app.state.telemetry``
 and on ``/metrics``).
 
+An ``engine: external`` model has no pods: each gateway probes its endpoints itself, with the
+keys it reads from the Secrets their ``secretKeyRef`` names (the chart lets it read exactly
+the Secrets listed in ``externalEndpoints.keySecrets``), and routes to those that answer. A
+new generation of the Model replaces the replicas; deleting it stops them.
+
 Engines answer only bearers of the engine key (the Secret ``gpufleet-engine-key``, which the
 operator creates): the gateway reads it from ``GPUFLEET_ENGINE_KEY`` (the chart mounts it there)
 and sends it to every engine pod; NetworkPolicies stay as the second wall.
@@ -41,12 +46,12 @@ from gpufleet.engines.base import ENGINE_KEY_ENV
 from gpufleet.errors import PermanentError, SpecError
 from gpufleet.gateway.shared_demand import DemandPublisher, demand_names
 from gpufleet.outages import OutageReporter
-from gpufleet.runtime import Runtime
+from gpufleet.runtime import ReplicaRequest, Runtime
 from gpufleet.runtime.kubernetes import KubernetesRuntime, RenderSettings
 from gpufleet.runtime.kubernetes.api import Conflict, KubeApi
 from gpufleet.runtime.kubernetes.manifests import PORT
 from gpufleet.runtime.kubernetes.resources import model_from_resource
-from gpufleet.spec import API_VERSION, Inventory, Model
+from gpufleet.spec import API_VERSION, Inventory, Model, ModelSpec
 from gpufleet.store import ApplyResult, Store
 from gpufleet.supervise import Supervisor
 
@@ -92,6 +97,9 @@ class ClusterPlane:
         #: Engine pods' start-ups, counted on this gateway's /metrics (the operator serves
         #: none; ``controller.startup``).
         self.startups = StartupRecorder()
+        #: External models followed, by name: the generation whose endpoints are probed.
+        self._external: dict[str, int] = {}
+        self._external_changes: asyncio.Queue[tuple[str, int, ModelSpec | None]] = asyncio.Queue()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -108,6 +116,7 @@ class ClusterPlane:
             await self._loops.close()
             raise
         self._loops.spawn("cluster:pods", self._follow_pods)
+        self._loops.spawn("cluster:external", self._follow_external)
 
     def inventory(self) -> Inventory | None:
         """The nodes' inventory as the operator last shared it (the gateway may not list
@@ -143,6 +152,7 @@ class ClusterPlane:
             done = True
             for name in before - seen:
                 self.directory.remove(name)
+                self._external_change(name, 0, None)
             synced.set()
 
         async for event in self.api.watch("Model", self.namespace, synced=listed):
@@ -151,6 +161,7 @@ class ClusterPlane:
                 seen.add(name)
             if event.type == "DELETED":
                 self.directory.remove(name)
+                self._external_change(name, 0, None)
             else:
                 self._model(event.object)
 
@@ -165,6 +176,35 @@ class ClusterPlane:
             self.directory.observe(replica)
             self.startups.observe(replica)
 
+    def _external_change(self, name: str, generation: int, spec: ModelSpec | None) -> None:
+        """Queue a change of what this gateway probes for ``name``: a generation's endpoints
+        (``spec``), or none (``None``: deleted, or no longer external)."""
+        if spec is None and name not in self._external:
+            return
+        if spec is not None and self._external.get(name) == generation:
+            return
+        if spec is None:
+            self._external.pop(name, None)
+        else:
+            self._external[name] = generation
+        self._external_changes.put_nowait((name, generation, spec))
+
+    async def _follow_external(self) -> None:
+        """External models' endpoints: a generation's replicas started (one per endpoint),
+        then the older ones stopped; all of them when the model goes."""
+        endpoints = self.pods.external
+        while True:
+            name, generation, spec = await self._external_changes.get()
+            old = [r.id for r in endpoints.replicas(name) if r.generation != generation]
+            if spec is not None:
+                have = {r.id for r in endpoints.replicas(name) if r.generation == generation}
+                for _ in range(len(spec.endpoints) - len(have)):
+                    await endpoints.start(ReplicaRequest(name, generation, spec))
+            else:
+                old = [r.id for r in endpoints.replicas(name)]
+            for rid in old:
+                await endpoints.stop(rid)
+
     def _model(self, obj: Mapping[str, Any]) -> None:
         meta = obj["metadata"]
         try:
@@ -177,12 +217,17 @@ class ClusterPlane:
             if isinstance(created, str)
             else 0
         )
-        name = model.name
-        self.directory.put_spec(name, int(meta.get("generation", 1)), model.spec, when)
+        name, generation = model.name, int(meta.get("generation", 1))
+        self.directory.put_spec(name, generation, model.spec, when)
         status = obj.get("status") or {}
         desired = status.get("desiredReplicas")
+        if model.spec.engine == "external":
+            desired = len(model.spec.endpoints)  # one replica per endpoint, operator or not
         self.directory.set_desired(
             name, int(desired) if desired is not None else model.spec.replicas.min
+        )
+        self._external_change(
+            name, generation, model.spec if model.spec.engine == "external" else None
         )
         self.directory.set_problem(name, *_problem(status))
         canary = status.get("canary") or {}

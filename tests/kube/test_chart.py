@@ -5,6 +5,7 @@ every verb, and by the calls themselves as those identities (RBAC enforced)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import secrets
@@ -20,6 +21,7 @@ import pytest
 import yaml
 
 from gpufleet.operator.engine_key import ensure_engine_key
+from gpufleet.runtime.external import KeyError_
 from gpufleet.runtime.kubernetes import KubernetesRuntime, RenderSettings
 from gpufleet.runtime.kubernetes.api import Conflict
 from gpufleet.runtime.kubernetes.client import ClientKube
@@ -30,8 +32,9 @@ from gpufleet.runtime.kubernetes.manifests import (
     model_service,
 )
 from gpufleet.runtime.kubernetes.pods import ENGINE_KEY_SECRET
+from gpufleet.runtime.kubernetes.secret_keys import SecretKeys
 from gpufleet.runtime.kubernetes.tenants import tenant_objects
-from gpufleet.spec import load_text, load_text_resources
+from gpufleet.spec import ApiKeySource, load_text, load_text_resources
 from tests.kube.chart import STORE, Kubectl, chart_objects, lws_crd, release, to_stream
 from tests.kube.controlplane import RELEASE_NS, ROOT, ControlPlane
 
@@ -460,3 +463,48 @@ async def test_the_operator_does_its_work_as_its_service_account(
     )  # fmt: skip
     assert status != 403, answer
     await kube.delete("Model", NS, model_name)
+
+
+async def test_the_listed_key_secrets_are_readable_by_name_and_no_other_secret_is(
+    control_plane: ControlPlane,
+    installed: str,
+    admin_kubectl: Kubectl,
+    gateway: ClientKube,
+    operator: ClientKube,
+) -> None:
+    """External endpoints' keys (``externalEndpoints.keySecrets``): the gateways and the
+    operator read exactly the Secrets listed, through ``SecretKeys`` as they do at run time;
+    a Secret not listed is refused with the value to add, and listing Secrets stays denied."""
+    values = {**STORE, "externalEndpoints": {"keySecrets": ["hosted-llm-key"]}}
+    apply_chart = ("apply", "--server-side", "--force-conflicts", "-f", "-")
+    admin_kubectl(*apply_chart, input=to_stream(chart_objects(values)))
+    for name, value in (("hosted-llm-key", "sk-listed"), ("not-listed", "sk-other")):
+        admin_kubectl("create", "secret", "generic", name, "-n", NS, f"--from-literal=key={value}")
+    listed = ApiKeySource.model_validate({"secretKeyRef": {"name": "hosted-llm-key", "key": "key"}})
+    other = ApiKeySource.model_validate({"secretKeyRef": {"name": "not-listed", "key": "key"}})
+    try:
+        for client in (gateway, operator):
+            keys = SecretKeys(client, NS)
+
+            async def read(keys: SecretKeys = keys) -> str | None:
+                with contextlib.suppress(KeyError_):  # RBAC's cache takes a moment
+                    return await keys(listed)
+                return None
+
+            assert await eventually_async(read) == "sk-listed"
+            with pytest.raises(KeyError_, match=r"add 'not-listed' to the chart's externalEn"):
+                await keys(other)
+        for who in ("gf-gateway", "gf-operator"):
+            assert not allowed(control_plane, who, "list", "", "secrets", NS)
+    finally:
+        admin_kubectl("delete", "secret", "hosted-llm-key", "not-listed", "-n", NS)
+        admin_kubectl(*apply_chart, input=to_stream(chart_objects(STORE)))
+
+
+async def eventually_async(check: Any, timeout_s: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while (value := await check()) is None:
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        await asyncio.sleep(0.2)
+    return value

@@ -294,13 +294,14 @@ def test_what_cannot_run_on_kubernetes_is_refused_with_the_fix() -> None:
         "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: c}\n"
         "spec: {source: 'hf://org/name', engine: llamacpp}\n---\n"
         "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: d}\n"
-        "spec: {engine: external, endpoints: [{url: 'https://api.example.com/v1'}],"
+        "spec: {engine: external, endpoints: [{url: 'https://api.example.com/v1',"
+        " apiKey: {env: HOSTED_KEY}}],"
         " pricing: {perMillionInputTokens: 1, perMillionOutputTokens: 2}}\n"
     )
     with pytest.raises(RenderError) as err:
         render(models)
     problems = err.value.problems
-    assert any("d: spec.engine 'external' runs under 'gpufleet up'" in p for p in problems)
+    assert any("d: spec.endpoints[0].apiKey.env is read by gpufleet up" in p for p in problems)
     assert any("a: spec.engine 'emulator' runs only under 'gpufleet up'" in p for p in problems)
     assert any(f"a: spec.source 'file:{config}' is local to one machine" in p for p in problems)
     assert any("b: spec.resources.gpus is 0; vllm needs GPUs" in p for p in problems)

@@ -93,7 +93,10 @@ def render_command(
             # Sized as ``plan`` sizes them (a disaggregated model: both pools); a model
             # Kubernetes cannot run is left to ``render``, which says why.
             deployments = {
-                d.name: d for m in models if not check(m, settings) for d in size_pools_here(m)
+                d.name: d
+                for m in models
+                if m.spec.engine != "external" and not check(m, settings)
+                for d in size_pools_here(m)
             }
         objects = render(models, tenants, settings, inventory=fleet, deployments=deployments)
     except SpecError as exc:

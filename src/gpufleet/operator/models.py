@@ -94,8 +94,8 @@ class ModelMirror:
                 self._generations.pop(entry.name, None)
 
     def _running(self) -> list[Model]:
-        """The models the controller runs and that are still declared (an invalid one: its
-        last good spec)."""
+        """The models whose engines the controller runs and that are still declared (an invalid
+        one: its last good spec); an external model runs none."""
         return [
             Model(
                 api_version=API_VERSION,
@@ -103,7 +103,7 @@ class ModelMirror:
                 spec=e.spec,
             )
             for e in self.controller.directory.entries()
-            if e.name in self._present
+            if e.name in self._present and e.spec.engine != "external"  # no pods, no weights
         ]
 
     async def _children(self) -> None:

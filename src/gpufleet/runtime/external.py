@@ -9,9 +9,10 @@ engines (retries, outlier ejection, the fair queue, the ledger).
 A replica's URL is the endpoint's base URL without its ``/v1`` (the gateway appends
 ``/v1/chat/completions``, as for engines); its key is read when it starts and again at every
 probe, so a rotated key file is picked up: from an environment variable of this process
-(``apiKey.env``) or the first line of a file (``apiKey.file``). A ``secretKeyRef`` is read by
-Kubernetes, not here. A key that cannot be read fails the replica, naming the field and the
-fix; the key itself is never logged or shown.
+(``apiKey.env``) or the first line of a file (``apiKey.file``) under ``gpufleet up``; from a
+Secret (``apiKey.secretKeyRef``) on Kubernetes, where the Kubernetes runtime passes its own
+reader (``runtime.kubernetes.secret_keys``). A key that cannot be read fails the replica,
+naming the field and the fix; the key itself is never logged or shown.
 
 Readiness is the endpoint's own answer: ``GET /v1/models`` with the key, every ``probe_s``;
 2xx → Ready, anything else (a refusal of the key included) → Unready with the reason, until it
@@ -28,7 +29,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import aiohttp
@@ -37,7 +38,7 @@ from gpufleet.errors import PermanentError
 from gpufleet.runtime.base import Phase, Replica, ReplicaRequest
 from gpufleet.spec import ApiKeySource, ExternalEndpoint
 
-__all__ = ["ExternalEndpoints", "KeyError_", "base_url", "read_key"]
+__all__ = ["ExternalEndpoints", "KeyError_", "KeyReader", "base_url", "read_key"]
 
 log = logging.getLogger("gpufleet.runtime.external")
 
@@ -80,6 +81,10 @@ def read_key(source: ApiKeySource, environ: Mapping[str, str] = os.environ) -> s
     )
 
 
+#: Reads an endpoint's key from its source; raises ``KeyError_`` saying what to fix.
+KeyReader = Callable[[ApiKeySource], Awaitable[str]]
+
+
 @dataclasses.dataclass(eq=False)
 class _Held:
     replica: Replica
@@ -97,11 +102,18 @@ class ExternalEndpoints:
         probe_s: float = 5.0,
         timeout_s: float = 5.0,
         environ: Mapping[str, str] = os.environ,
+        keys: KeyReader | None = None,
+        keep_trying: bool = False,
     ) -> None:
         self._publish = publish
         self.probe_s = probe_s
         self.timeout_s = timeout_s
         self._environ = environ
+        self._keys = keys or self._local_key
+        #: An unreadable key leaves the replica Unready and probed again (a Secret may be
+        #: made, or access to it granted, at any time) instead of failing it for the
+        #: controller to replace: on Kubernetes, where a gateway follows endpoints by itself.
+        self.keep_trying = keep_trying
         self._held: dict[str, _Held] = {}
         self._http: aiohttp.ClientSession | None = None
 
@@ -163,18 +175,23 @@ class ExternalEndpoints:
 
     # -- probing ----------------------------------------------------------------------------
 
+    async def _local_key(self, source: ApiKeySource) -> str:
+        return read_key(source, self._environ)
+
     async def _probe(self, held: _Held) -> None:
         url = base_url(held.endpoint.url)
         while True:
             try:
-                key = (
-                    read_key(held.endpoint.api_key, self._environ)
-                    if held.endpoint.api_key
-                    else None
-                )
+                key = await self._keys(held.endpoint.api_key) if held.endpoint.api_key else None
             except KeyError_ as exc:
-                self._set(held, phase=Phase.FAILED, url=None, message=str(exc))
-                return
+                if not self.keep_trying:
+                    self._set(held, phase=Phase.FAILED, url=None, message=str(exc))
+                    return
+                if held.replica.phase is not Phase.STARTING or held.replica.message != str(exc):
+                    phase = Phase.UNREADY if held.replica.phase is Phase.READY else Phase.STARTING
+                    self._set(held, phase=phase, message=str(exc))
+                await asyncio.sleep(self.probe_s)
+                continue
             ok, why = await self._answers(url, key)
             if ok:
                 if held.replica.phase is not Phase.READY:

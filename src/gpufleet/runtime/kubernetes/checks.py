@@ -1,6 +1,7 @@
 """What cannot run on Kubernetes as written, said before anything is rendered or started.
 
-``check`` is a model's problems (an engine or a source that exists only on one machine — a
+``check`` is a model's problems (an external endpoint's key that only ``gpufleet up`` can
+read; an engine or a source that exists only on one machine — a
 ``file:`` path; a ``pypi:`` wheel the loader Job installs —, GPUs an engine needs, in each pool
 of a disaggregated model; a pool's RDMA resource that names a GPU's; a precise prefix index
 whose KV-event configuration the engine arguments already set);
@@ -60,10 +61,14 @@ def check(model: Model, settings: RenderSettings) -> list[str]:
     spec, where = model.spec, f"{model.name}: spec"
     out = []
     if spec.engine == "external":
+        # Nothing runs: only where each endpoint's key comes from matters here.
         return [
-            f"{where}.engine 'external' runs under 'gpufleet up' in this version; on "
-            "Kubernetes, point a gpufleet up gateway at the endpoint, or run the model here "
-            "with vllm"
+            f"{where}.endpoints[{i}].apiKey.{'env' if e.api_key.env else 'file'} is read by "
+            "gpufleet up; on Kubernetes give apiKey.secretKeyRef {name, key} (a Secret in "
+            f"namespace {settings.namespace}, listed in the chart's "
+            "externalEndpoints.keySecrets)"
+            for i, e in enumerate(spec.endpoints)
+            if e.api_key is not None and e.api_key.secret_key_ref is None
         ]
     if spec.engine == "emulator":
         out.append(

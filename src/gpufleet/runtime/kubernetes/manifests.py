@@ -154,6 +154,9 @@ def render(
     problems = check_settings(settings) + [p for m in models for p in check(m, settings)]
     if problems:
         raise RenderError(problems)
+    # An external model runs nothing: gateways probe its endpoints (and read their keys'
+    # Secrets) from its Model resource, which is applied as it is.
+    models = [m for m in models if m.spec.engine != "external"]
     objects: list[dict[str, Any]] = [namespace_object(settings.namespace, {})]
     objects += [_priority_class(name, value) for name, value in DEFAULT_PRIORITIES.items()]
     cached = [m for m in models if claim_of(m, settings) == settings.model_cache_claim]

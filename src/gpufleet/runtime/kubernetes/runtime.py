@@ -23,6 +23,12 @@ weights' wait in the init container, the engine container's start to Ready, the 
 Pods carry their model and generation as labels, so an operator that restarts adopts the pods
 it finds instead of starting them again.
 
+An ``engine: external`` model runs no pod: one replica stands for each of its endpoints, probed
+(``runtime.external``) with the key its ``secretKeyRef`` names (``SecretKeys``; kept trying
+while the Secret is missing or not readable, since it may come at any time). The operator's
+replicas say whether the endpoints answer (its Model status); each gateway runs its own, which
+carry the key it sends (``cluster.ClusterPlane``).
+
 A disaggregated model's replicas are two sets of pods: its prefill pool's and its decode pool's
 (the model's replicas), each started from its pool's spec (``ReplicaRequest.spec``) and
 labelled with its role (``gpufleet.io/role``). The label is what a restarted operator, and a
@@ -56,6 +62,7 @@ from typing import Any
 
 from gpufleet.errors import PermanentError
 from gpufleet.runtime.base import Capabilities, Phase, Replica, ReplicaFeed, ReplicaRequest, Role
+from gpufleet.runtime.external import ExternalEndpoints
 from gpufleet.runtime.kubernetes.api import KubeApi, KubeError, NotServed, WatchEvent
 from gpufleet.runtime.kubernetes.common import KV_EVENTS_PORT_NAME, KV_REPLAY_PORT_NAME
 from gpufleet.runtime.kubernetes.manifests import (
@@ -73,6 +80,7 @@ from gpufleet.runtime.kubernetes.manifests import (
     loader_job,
     role_labels,
 )
+from gpufleet.runtime.kubernetes.secret_keys import SecretKeys
 from gpufleet.runtime.kubernetes.startup import pod_startup
 from gpufleet.spec import API_VERSION, Metadata, Model
 from gpufleet.supervise import Supervisor
@@ -136,6 +144,10 @@ class KubernetesRuntime:
         self._loops = loops or Supervisor()
         #: Whether the cluster serves LeaderWorkerSet (known after ``start_watching``).
         self.lws_served = False
+        #: ``engine: external`` models' replicas: endpoints probed, no pod.
+        self.external = ExternalEndpoints(
+            self._feed.publish, keys=SecretKeys(api, self.namespace), keep_trying=True
+        )
 
     def set_placer(self, place: Callable[[ReplicaRequest], EngineGroup]) -> None:
         """Where new replicas go from now on (the operator's planner)."""
@@ -168,6 +180,7 @@ class KubernetesRuntime:
         return self._loops.unhealthy()
 
     async def close(self) -> None:
+        await self.external.close()
         await self._loops.close()
 
     # -- Runtime ----------------------------------------------------------------------------
@@ -191,6 +204,8 @@ class KubernetesRuntime:
             )
         if problems:
             raise PermanentError("; ".join(problems))
+        if request.spec.engine == "external":
+            return await self.external.start(request)
         pool = "prefill-" if request.role == "prefill" else ""
         name = f"{request.model}-{pool}g{request.generation}-{secrets.token_hex(3)}"
         labels = {
@@ -267,6 +282,9 @@ class KubernetesRuntime:
         return replica
 
     async def stop(self, replica_id: str) -> None:
+        if self.external.has(replica_id):
+            await self.external.stop(replica_id)
+            return
         replica = self._replicas.pop(replica_id, None)
         if replica_id in self._groups:
             self._groups.discard(replica_id)
@@ -281,7 +299,8 @@ class KubernetesRuntime:
         return {rid: p for rid, p in self._placements.items() if rid in self._replicas}
 
     def replicas(self, model: str | None = None) -> list[Replica]:
-        return [r for r in self._replicas.values() if model is None or r.model == model]
+        pods = [r for r in self._replicas.values() if model is None or r.model == model]
+        return pods + self.external.replicas(model)
 
     def watch(self) -> AsyncIterator[Replica]:
         return self._feed.watch()
@@ -289,6 +308,10 @@ class KubernetesRuntime:
     async def logs(self, replica_id: str, tail: int = 200) -> str:
         """The engine container's last ``tail`` lines (a multi-node replica: its leader's).
         ``KubeError`` when the cluster cannot give them (no kubelet answers, no such pod)."""
+        if self.external.has(replica_id):
+            raise KubeError(
+                f"replica {replica_id} is an external endpoint: it has no log here", 404
+            )
         pod = replica_id
         if replica_id in self._groups:
             selector = {LABEL_REPLICA: replica_id, LWS_INDEX: "0"}
