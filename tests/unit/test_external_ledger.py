@@ -28,7 +28,7 @@ from gpufleet.gateway.auth import ANONYMOUS
 from gpufleet.gateway.console.handlers import STATIC
 from gpufleet.gateway.cost_report import per_token_models, report_view
 from gpufleet.gateway.metrics import GatewayMetrics
-from gpufleet.gateway.proxy import Outcome
+from gpufleet.gateway.proxy import Outcome, estimated_completion
 from gpufleet.gateway.spool import decode_row, encode_row
 from gpufleet.policies.costs import Span, UsageTotals, cost_report
 from gpufleet.policies.pricing import Pricing
@@ -36,6 +36,7 @@ from gpufleet.spec import load_text
 from gpufleet.store import Store, UsageRow, sqlite_url
 from gpufleet.store.tables import metadata
 from tests import sites
+from tests.conftest import free_port
 from tests.unit.test_ledger import DAY, row
 
 H = 3600.0
@@ -129,6 +130,56 @@ def test_an_answer_without_usage_is_marked_estimated_whatever_its_engine(
     counted.counted = counted.tokenized = True
     row = answered(books, "own", counted, "gw-3")
     assert (row.estimated, row.prompt_tokens, row.completion_tokens) == (False, 38, 9)
+
+
+def test_an_unstreamed_answer_without_usage_has_its_completion_estimated_from_its_text() -> None:
+    def answer(**message: Any) -> bytes:
+        return json.dumps({"choices": [{"index": 0, "message": message}]}).encode()
+
+    assert estimated_completion(answer(content="x" * 40)) == 10
+    assert estimated_completion(answer(content="x" * 41)) == 11  # rounded up
+    calls = [{"function": {"name": "f", "arguments": '{"a": 1}'}}]  # 1 + 8 characters
+    assert estimated_completion(answer(content=None, tool_calls=calls)) == 3
+    assert estimated_completion(json.dumps({"choices": [{"text": "abcd" * 3}]}).encode()) == 3
+    assert estimated_completion(b"not json") == estimated_completion(b'{"choices": 5}') == 0
+
+
+async def test_a_server_that_sends_no_usage_is_charged_for_the_answers_estimated_tokens(
+    tmp_path: Path,
+) -> None:
+    """Through the gateway: an endpoint (gpufleet does not run it) answering without usage is
+    charged per token for its answer's estimated completion, and the row says estimated."""
+    from aiohttp import web
+
+    async def chat(_request: web.Request) -> web.Response:
+        message = {"role": "assistant", "content": "y" * 400}
+        return web.json_response({"object": "chat.completion", "choices": [{"message": message}]})
+
+    server = web.Application()
+    server.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(server)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    # A server inside the company (no tenant opt-in needed) that sends no usage.
+    internal = MODELS.replace("location: external", "location: internal")
+    (hosted,) = [m for m in load_text(internal) if m.name == "hosted"]
+    try:
+        async with (
+            sites.site(tmp_path, [hosted], lambda _r, _i: f"http://127.0.0.1:{port}") as s,
+            aiohttp.ClientSession() as http,
+        ):
+            body = {"model": "hosted", "messages": [{"role": "user", "content": "hi"}]}
+            async with http.post(s.url + "/v1/chat/completions", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+            ledger = s.stack.ledger
+            assert ledger is not None
+            await ledger.flush()
+            (row,) = ledger.store.usage_rows()
+    finally:
+        await runner.cleanup()
+    assert (row.estimated, row.completion_tokens) == (True, 100)
+    assert row.cost_usd == pytest.approx((row.prompt_tokens * 3 + 100 * 15) / 1e6)
 
 
 def test_a_request_that_reached_an_external_endpoint_first_is_marked_external(

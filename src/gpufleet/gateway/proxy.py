@@ -79,7 +79,7 @@ from gpufleet.routing.prefill import PrefillFit
 from gpufleet.routing.prefix import BLOCK_TOKENS as PREFIX_BLOCK_TOKENS
 from gpufleet.runtime import Replica
 
-__all__ = ["Outcome", "Upstream"]
+__all__ = ["Outcome", "Upstream", "estimated_completion"]
 
 #: How long an idle connection to an engine is kept (under the engines' own 5 s).
 IDLE_CONNECTION_S = 4.0
@@ -96,6 +96,29 @@ _HOP_HEADERS = ("content-type",)
 #: How much of an engine's error body the log keeps (a traceback fits).
 _LOGGED_BODY = 16 * 1024
 _GONE_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE})
+
+
+def estimated_completion(payload: bytes) -> int:
+    """An answer's completion tokens, estimated from its text (characters / 4, rounded up):
+    the choices' message content, reasoning and tool calls' arguments (chat), or text."""
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return 0
+    choices = body.get("choices") if isinstance(body, dict) else None
+    chars = 0
+    for choice in choices if isinstance(choices, list) else []:
+        if not isinstance(choice, dict):
+            continue
+        message = choice.get("message") or {}
+        parts: list[Any] = [choice.get("text")]
+        if isinstance(message, dict):
+            parts += [message.get("content"), message.get("reasoning_content")]
+            for call in message.get("tool_calls") or []:
+                if isinstance(call, dict) and isinstance(call.get("function"), dict):
+                    parts += [call["function"].get("name"), call["function"].get("arguments")]
+        chars += sum(len(p) for p in parts if isinstance(p, str))
+    return -(-chars // 4)
 
 
 @dataclass(slots=True)
@@ -683,6 +706,10 @@ class Upstream:
         if b'"usage"' in payload:
             with contextlib.suppress(ValueError, AttributeError):
                 outcome.take_usage(json.loads(payload).get("usage"))
+        if not outcome.counted:
+            # An answer without usage (some servers gpufleet does not run send none): its
+            # completion as characters / 4, as prompts are estimated; the row says estimated.
+            outcome.completion_tokens = estimated_completion(payload)
         return Response(payload, status_code=status, media_type=resp.header("content-type"))
 
     def _refusal(
