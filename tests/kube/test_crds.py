@@ -43,10 +43,10 @@ def test_the_charts_crds_are_established_and_explained(kubectl: Kubectl) -> None
     crds = [
         d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "CustomResourceDefinition"
     ]
-    assert len(crds) == 2
+    assert len(crds) == 3
     kubectl("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump_all(crds))
     resources = kubectl("api-resources", "--api-group=gpufleet.io", "-o", "name").stdout.split()
-    assert sorted(resources) == ["models.gpufleet.io", "tenants.gpufleet.io"]
+    assert sorted(resources) == ["gpujobs.gpufleet.io", "models.gpufleet.io", "tenants.gpufleet.io"]
     replicas = kubectl("explain", "models.spec.replicas").stdout
     assert "min\t" in replicas and "max\t" in replicas
     assert "autoscaling" in kubectl("explain", "models.spec").stdout

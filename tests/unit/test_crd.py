@@ -24,13 +24,15 @@ from gpufleet.spec.cel import (
     walk,
 )
 from gpufleet.spec.crd import crds
+from gpufleet.spec.gpujob import GpuJob
 from gpufleet.spec.resources import Model, Tenant
 from tests.crd_cases import ACCEPTED, DURATIONS, REJECTED, Rejected, examples, gpufleet_reads
 from tests.crd_cases import DURATION as DURATION_MESSAGE
 
 
 def _classes() -> list[type[BaseModel]]:
-    return [*walk(Model), *(c for c in walk(Tenant) if c not in walk(Model))]
+    seen = [*walk(Model), *(c for c in walk(Tenant) if c not in walk(Model))]
+    return [*seen, *(c for c in walk(GpuJob) if c not in seen)]
 
 
 def test_every_model_validator_has_a_cel_rule_and_every_rule_a_validator() -> None:

@@ -4,6 +4,15 @@ Pure: no HTTP, database, subprocess or Kubernetes code may be imported here (imp
 checks it), because the CLI, the server, the operator and the simulator all read specs.
 """
 
+from gpufleet.spec.gpujob import (
+    CheckpointSpec,
+    GpuJob,
+    GpuJobSpec,
+    JobResources,
+    load_jobs_file,
+    load_jobs_text,
+    parse_job,
+)
 from gpufleet.spec.inventory import (
     GpuGroup,
     Inventory,
@@ -63,14 +72,18 @@ __all__ = [
     "ApiKeySource",
     "AutoscalingSpec",
     "BudgetSpec",
+    "CheckpointSpec",
     "CostRoutingSpec",
     "DecodePoolSpec",
     "DisaggregationSpec",
     "EngineName",
     "ExternalEndpoint",
     "GpuGroup",
+    "GpuJob",
+    "GpuJobSpec",
     "Inventory",
     "InventorySpec",
+    "JobResources",
     "LimitsSpec",
     "Metadata",
     "Model",
@@ -93,11 +106,14 @@ __all__ = [
     "load_file",
     "load_file_resources",
     "load_inventory_text",
+    "load_jobs_file",
+    "load_jobs_text",
     "load_text",
     "load_text_resources",
     "parse_bytes",
     "parse_document",
     "parse_duration",
+    "parse_job",
     "parse_source",
     "parse_tenant",
 ]

@@ -30,6 +30,16 @@ from typing import Annotated, Any, Union, get_args, get_origin
 import annotated_types
 from pydantic import BaseModel
 
+from gpufleet.spec.gpujob import (
+    ENV_NAME,
+    MAX_GPUS_PER_NODE,
+    RESERVED_ENV,
+    RESERVED_ENV_PREFIX,
+    GpuJobSpec,
+    JobPriorityName,
+    JobResources,
+    Verbatim,
+)
 from gpufleet.spec.resources import (
     ApiKeySource,
     AutoscalingSpec,
@@ -168,6 +178,14 @@ def _pattern_in_schema(_bounds: list[Any]) -> list[Rule]:
     return []  # the alias's own JSON schema carries a pattern
 
 
+def _enum_in_schema(_bounds: list[Any]) -> list[Rule]:
+    return []  # the alias is a Literal: its JSON schema carries the enum
+
+
+def _type_in_schema(_bounds: list[Any]) -> list[Rule]:
+    return []  # the validator refuses what the schema's type already refuses
+
+
 @dataclass(frozen=True, slots=True)
 class Format:
     #: The field's rules, given its bounds (annotated_types' Ge, Gt, Le, Lt).
@@ -184,6 +202,8 @@ FORMATS: dict[object, Format] = {
     SourceText: Format(_source_rules, max_length=4096),
     DnsName: Format(_pattern_in_schema),
     DailyWindow: Format(_pattern_in_schema),
+    JobPriorityName: Format(_enum_in_schema),
+    Verbatim: Format(_type_in_schema),
 }
 
 
@@ -344,6 +364,36 @@ RULES: dict[tuple[type[BaseModel], str], list[Rule]] = {
             "this model)",
             field_path=".split",
         )
+    ],
+    (JobResources, "_gang"): [
+        Rule(
+            f"has(self.gpusPerNode) || !has(self.gpus) || self.gpus <= {MAX_GPUS_PER_NODE}",
+            f"more than {MAX_GPUS_PER_NODE} GPUs do not fit one node: for a gang across nodes "
+            "set resources.gpusPerNode to the GPUs each node gives it",
+            field_path=".gpus",
+        ),
+        Rule(
+            "!has(self.gpusPerNode) || (has(self.gpus) ? self.gpus : 1) % self.gpusPerNode == 0",
+            "must divide resources.gpus (the GPUs in all): a gang is whole nodes of "
+            "gpusPerNode GPUs each",
+            field_path=".gpusPerNode",
+        ),
+    ],
+    (GpuJobSpec, "_env"): [
+        Rule(
+            f"self.all(k, k.matches(r'{ENV_NAME}'))",
+            "names must be environment variable names (letters, digits and '_', not "
+            "starting with a digit)",
+            on="env",
+        ),
+        Rule(
+            f"self.all(k, !(k in {list(RESERVED_ENV)!r})"
+            f" && !k.startsWith('{RESERVED_ENV_PREFIX}'))",
+            f"gpufleet sets {', '.join(RESERVED_ENV)} and {RESERVED_ENV_PREFIX}* itself (the "
+            "gang's rendezvous, the GPUs it placed the job on, its checkpoint directory); "
+            "remove them from spec.env",
+            on="env",
+        ),
     ],
 }
 

@@ -1,7 +1,7 @@
 """CustomResourceDefinitions generated from the pydantic resources: one source of truth.
 
-``Model`` (namespaced) and ``Tenant`` (cluster-scoped: a tenant owns namespaces) are served as
-``gpufleet.io/v1alpha1``. Their OpenAPI v3 schemas come from the same pydantic models that
+``Model`` and ``GpuJob`` (namespaced) and ``Tenant`` (cluster-scoped: a tenant owns namespaces)
+are served as ``gpufleet.io/v1alpha1``. Their OpenAPI v3 schemas come from the same pydantic models that
 validate a YAML file for ``gpufleet up``, rewritten into the *structural* form Kubernetes
 requires: references inlined, ``null`` alternatives turned into ``nullable``, JSON Schema 2020
 bounds (``exclusiveMinimum: 0``) into OpenAPI 3.0 ones, quantities and durations as
@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from gpufleet.spec.cel import add_rules
+from gpufleet.spec.gpujob import GpuJob
 from gpufleet.spec.resources import API_VERSION, Model, Tenant
 
 __all__ = ["GROUP", "crds", "structural_schema"]
@@ -43,6 +44,7 @@ _KEEP = {
     "pattern",
     "minItems",
     "maxItems",
+    "maxProperties",
     "nullable",
     "additionalProperties",
     "anyOf",
@@ -98,6 +100,33 @@ _TENANT_STATUS = {
     "type": "object",
     "properties": {
         "namespace": {"type": "string"},
+        "conditions": {"type": "array", "items": _CONDITION},
+    },
+}
+
+# What the operator reports of a GpuJob. phase: Queued (waiting for GPUs, its window or its
+# turn), Running, Preempting (SIGTERM sent, within the grace period), Preempted (back in the
+# queue, to resume from its checkpoint), Succeeded, Failed (retries or maxRuntime spent, or
+# refused: over budget) or Cancelled; reason and message say why it is there.
+_JOB_STATUS = {
+    "type": "object",
+    "properties": {
+        "observedGeneration": {"type": "integer"},
+        "phase": {"type": "string"},
+        "reason": {"type": "string"},
+        "message": {"type": "string"},
+        # Attempts started (each a batch/v1 Job on Kubernetes), failures counted against
+        # spec.retries, and preemptions (never counted against them).
+        "attempts": {"type": "integer"},
+        "failures": {"type": "integer"},
+        "preemptions": {"type": "integer"},
+        # Running time over all attempts (what spec.maxRuntime bounds) and GPU time charged.
+        "runSeconds": {"type": "number"},
+        "gpuSeconds": {"type": "number"},
+        # The nodes the running attempt's gang was placed on, rank 0's first.
+        "nodes": {"type": "array", "items": {"type": "string"}},
+        "startTime": {"type": "string", "format": "date-time"},
+        "completionTime": {"type": "string", "format": "date-time"},
         "conditions": {"type": "array", "items": _CONDITION},
     },
 }
@@ -243,6 +272,23 @@ def crds() -> list[dict[str, Any]]:
             columns=[
                 _column("Priority", ".spec.priority"),
                 _column("Namespace", ".status.namespace"),
+                _column("Age", ".metadata.creationTimestamp", "date"),
+            ],
+        ),
+        _crd(
+            "GpuJob",
+            "gpujobs",
+            structural_schema(GpuJob),
+            _JOB_STATUS,
+            namespaced=True,
+            short=["gfj"],
+            scale=False,
+            columns=[
+                _column("Status", ".status.phase"),
+                _column("Tenant", ".spec.tenant"),
+                _column("GPUs", ".spec.resources.gpus", "integer"),
+                _column("Priority", ".spec.priorityClass", priority=1),
+                _column("Attempts", ".status.attempts", "integer", priority=1),
                 _column("Age", ".metadata.creationTimestamp", "date"),
             ],
         ),
