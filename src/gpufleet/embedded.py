@@ -25,7 +25,8 @@ from typing import Any
 import uvicorn
 
 from gpufleet import heap
-from gpufleet.controller import Autoscaler, Controller, PlannerCapacity
+from gpufleet.controller import Autoscaler, Controller, PlannerCapacity, size_emulated
+from gpufleet.controller.jobs import JobScheduler
 from gpufleet.errors import PermanentError, StoreError
 from gpufleet.gateway import GatewaySettings, GatewayStack, assemble
 from gpufleet.gateway.serving import (
@@ -36,8 +37,9 @@ from gpufleet.gateway.serving import (
 )
 from gpufleet.hardware import discover
 from gpufleet.runtime import Runtime
+from gpufleet.runtime.jobs import LocalJobRunner
 from gpufleet.runtime.local import LocalRuntime
-from gpufleet.spec import API_VERSION, Model, Tenant, parse_document
+from gpufleet.spec import API_VERSION, Inventory, Model, Tenant, parse_document
 from gpufleet.store import Store, sqlite_url
 from gpufleet.telemetry import Telemetry, load_nvml, nvml_telemetry
 
@@ -80,6 +82,9 @@ class UpConfig:
     auth: bool = True
     #: Seconds between readings of this machine's GPUs (NVML; none without GPUs).
     gpu_sample_s: float = 2.0
+    #: GPUs declared instead of discovered (``--inventory``): emulated ones, on which the
+    #: engine emulator's models and GPU jobs are planned. None: this machine's, by NVML.
+    inventory: Inventory | None = None
 
 
 async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None) -> None:
@@ -104,8 +109,15 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
     store = await asyncio.to_thread(Store.open, cfg.store_url or sqlite_url(cfg.data_dir))
     runtime = LocalRuntime(cfg.data_dir)
     # Replicas are bounded by what this machine can hold (its GPUs, or its memory for CPU ones).
-    capacity = PlannerCapacity(await asyncio.to_thread(discover))
+    if cfg.inventory is not None:
+        capacity = PlannerCapacity(cfg.inventory, size=size_emulated)
+    else:
+        capacity = PlannerCapacity(await asyncio.to_thread(discover))
     controller = Controller(store, runtime, autoscaler=Autoscaler(store, capacity=capacity))
+    # GPU jobs on what the models leave free (``controller.jobs``), child processes as engines.
+    jobs = controller.jobs = JobScheduler(
+        store, LocalJobRunner(cfg.data_dir / "jobs"), capacity, data_dir=cfg.data_dir
+    )
     stack = assemble(
         controller,
         GatewaySettings(
@@ -149,6 +161,7 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
     announcer: asyncio.Task[None] | None = None
     try:
         await controller.start()
+        await jobs.start()
         await stack.start()
         if telemetry is not None:
             await telemetry.start()
@@ -173,6 +186,7 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
         if telemetry is not None:
             await telemetry.close()
         await stack.close()  # every served request is in the ledger before the store closes
+        await jobs.close()  # running jobs checkpoint, and resume at the next start
         await controller.stop()  # engines stop after the gateway's last answer
         await runtime.close()
         try:  # its engines are gone with it: the cost report's placed time ends here

@@ -21,6 +21,7 @@ from gpufleet.cli.accounts import keys_app, tenants_app, usage
 from gpufleet.cli.client import AdminClient, ClientError
 from gpufleet.cli.emulate import EMULATE_SETTINGS, emulate
 from gpufleet.cli.estimate import estimate
+from gpufleet.cli.jobs import jobs_app
 from gpufleet.cli.output import fail, out, spec_problems
 from gpufleet.cli.plan import plan_command
 from gpufleet.cli.render import render_command
@@ -127,9 +128,29 @@ def up(
             min=0.1,
         ),
     ] = 2.0,
+    inventory: Annotated[
+        Path | None,
+        typer.Option(
+            "--inventory",
+            help="kind: Inventory YAML declaring this machine's GPUs instead of discovering "
+            "them: emulated GPUs, which the engine emulator's models and GPU jobs are planned "
+            "on (real engines need the GPUs that are there)",
+        ),
+    ] = None,
 ) -> None:
     """Run gateway, controller and engines here; serve SmolLM2 when no file is given."""
     models, tenants = _load_all(file)
+    declared = None
+    if inventory is not None:
+        from gpufleet.hardware import load_inventory
+
+        try:
+            declared = load_inventory(inventory)
+        except SpecError as exc:
+            spec_problems(exc.problems)
+            raise fail("the inventory is invalid; nothing was started") from exc
+        except (OSError, GpufleetError) as exc:
+            raise fail(f"{inventory}: {exc}") from exc
     import asyncio
 
     from gpufleet.embedded import UpConfig, serve
@@ -149,6 +170,7 @@ def up(
         redis_url=redis,
         auth=not no_auth,
         gpu_sample_s=gpu_sample_seconds,
+        inventory=declared,
     )
     import importlib.util
 
@@ -357,6 +379,7 @@ def logs(
 
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
+app.add_typer(jobs_app, name="jobs")
 app.command()(usage)
 app.command()(report)
 app.command()(estimate)

@@ -8,7 +8,7 @@ from gpufleet.controller.autoscaler import (
     prefill_pool,
     prefill_scaling,
 )
-from gpufleet.controller.capacity import PlannerCapacity
+from gpufleet.controller.capacity import PlannerCapacity, size_emulated
 from gpufleet.controller.directory import Directory, ModelEntry
 from gpufleet.controller.failures import PassFailures
 from gpufleet.controller.plane import ControlPlane
@@ -31,4 +31,5 @@ __all__ = [
     "judge",
     "prefill_pool",
     "prefill_scaling",
+    "size_emulated",
 ]

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from gpufleet.errors import GpufleetError
 from gpufleet.planner import (
+    DEFAULT_PRIORITIES,
     PREFILL_POOL_SUFFIX,
     Deployment,
     Placement,
@@ -38,7 +39,7 @@ from gpufleet.runtime.weights import resolve_weights
 from gpufleet.sizing import load_architecture
 from gpufleet.spec import API_VERSION, Inventory, Metadata, Model, ModelSpec
 
-__all__ = ["PlannerCapacity", "Running", "size_model"]
+__all__ = ["PlannerCapacity", "Running", "size_emulated", "size_model"]
 
 log = logging.getLogger("gpufleet.controller.capacity")
 
@@ -73,6 +74,28 @@ def size_model(name: str, spec: ModelSpec) -> Deployment | None:
     return dep
 
 
+def size_emulated(name: str, spec: ModelSpec) -> Deployment | None:
+    """``size_model`` on a declared inventory of emulated GPUs (``gpufleet up --inventory``):
+    there the engine emulator stands in for an engine on the GPUs it declares, so its models
+    are planned like any other — on ``resources.gpus`` whole GPUs of their own (or, with
+    ``resources.memory``, that much of them, shared), the types ``resources.gpuTypes`` allows."""
+    if spec.engine != "emulator":
+        return size_model(name, spec)
+    gpus = spec.resources.gpus
+    if gpus == 0:
+        return None  # a CPU stand-in: nothing of the inventory's
+    memory = spec.resources.memory
+    return Deployment(
+        name=name,
+        replicas=1,
+        memory_per_gpu={gpus: -(-memory // gpus) if memory else 1},
+        priority=DEFAULT_PRIORITIES.get(spec.priority_class, 100),
+        priority_class=spec.priority_class,
+        gpu_types=tuple(spec.resources.gpu_types),
+        sharing="memory" if memory else "exclusive",
+    )
+
+
 class PlannerCapacity:
     def __init__(
         self,
@@ -91,6 +114,13 @@ class PlannerCapacity:
         self._answer: dict[str, tuple[int, str]] = {}
         #: Where the last plan put every replica it placed (what runs, without ``running``).
         self._placed: tuple[Placement, ...] = ()
+        #: GPU jobs holding GPUs (``controller.jobs``): their deployments and placements, in
+        #: every plan below all models, so a model that needs their GPUs displaces them.
+        self._jobs: dict[str, tuple[Deployment, Placement]] = {}
+        #: Jobs the last plan displaced, and why (the scheduler preempts them).
+        self.displaced: dict[str, str] = {}
+        #: The models' deployments of the last bound (what a job is admitted beside).
+        self._models: list[Deployment] = []
 
     @property
     def placements(self) -> tuple[Placement, ...]:
@@ -109,6 +139,8 @@ class PlannerCapacity:
             dep = self._deployment(name, spec)
             if dep is not None and count > 0:
                 deployments.append(dataclasses.replace(dep, replicas=count))
+        self._models = deployments
+        deployments = deployments + [dep for dep, _ in self._jobs.values()]
         current = self._current({d.name for d in deployments})
         key = (tuple((d.name, d.replicas) for d in deployments), current)
         if key == self._last:
@@ -116,25 +148,65 @@ class PlannerCapacity:
         result = plan(self.inventory, deployments, current=current, settings=self._settings)
         placed = Counter(p.replica.deployment for p in result.placements)
         answer: dict[str, tuple[int, str]] = {}
+        displaced: dict[str, str] = {}
         for unplaced in result.unplaced:
             name = unplaced.replica.deployment
-            answer.setdefault(name, (placed[name], unplaced.reason))
+            if name in self._jobs:
+                displaced[name] = _taken_by(self._jobs[name][1], result.placements, unplaced.reason)
+            else:
+                answer.setdefault(name, (placed[name], unplaced.reason))
         self._last, self._answer, self._placed = key, answer, result.placements
+        self.displaced = displaced
         return answer
+
+    # -- GPU jobs (``controller.jobs``) -----------------------------------------------------
+
+    def admit(self, job: Deployment) -> Placement | str:
+        """Where ``job`` (one gang replica) would run beside the models' last wants and the
+        jobs that hold GPUs, without moving any of them: its placement, or why not."""
+        deployments = [*self._models, *(dep for dep, _ in self._jobs.values()), job]
+        current = self._current({d.name for d in deployments})
+        result = plan(self.inventory, deployments, current=current, settings=self._settings)
+        mine = [p for p in result.placements if p.replica.deployment == job.name]
+        others = [u for u in result.unplaced if u.replica.deployment != job.name]
+        before = sum(1 for p in current if p.replica.deployment != job.name)
+        kept = sum(1 for p in result.placements if p.replica.deployment != job.name)
+        if mine and not others and kept >= before:
+            return mine[0]
+        reasons = [u.reason for u in result.unplaced if u.replica.deployment == job.name]
+        return reasons[0] if reasons else "it would displace work already placed"
+
+    def hold(self, job: Deployment, placement: Placement) -> None:
+        """``job`` runs at ``placement``: count it in every plan until ``release``."""
+        self._jobs[job.name] = (
+            job,
+            dataclasses.replace(placement, replica=ReplicaKey(job.name, 0)),
+        )
+        self._last = None
+
+    def release(self, name: str) -> None:
+        if self._jobs.pop(name, None) is not None:
+            self._last = None
+        self.displaced.pop(name, None)
 
     def _current(self, wanted: set[str]) -> tuple[Placement, ...]:
         """The placements the plan starts from. The runtime's are numbered 0, 1, … per model
         (its replicas' indices may have gaps; the plan keeps the first ``count``)."""
+        held = tuple(p for name, (_, p) in sorted(self._jobs.items()) if name in wanted)
         if self._running is None:
-            return tuple(p for p in self._placed if p.replica.deployment in wanted)
+            placed = [p for p in self._placed if p.replica.deployment not in self._jobs]
+            return tuple(p for p in placed if p.replica.deployment in wanted) + held
         by_model: dict[str, list[Placement]] = {}
         for p in sorted(self._running(), key=lambda p: p.replica):
             if p.replica.deployment in wanted:
                 by_model.setdefault(p.replica.deployment, []).append(p)
-        return tuple(
-            dataclasses.replace(p, replica=ReplicaKey(name, i))
-            for name, ps in sorted(by_model.items())
-            for i, p in enumerate(ps)
+        return (
+            tuple(
+                dataclasses.replace(p, replica=ReplicaKey(name, i))
+                for name, ps in sorted(by_model.items())
+                for i, p in enumerate(ps)
+            )
+            + held
         )
 
     def _deployment(self, name: str, spec: ModelSpec) -> Deployment | None:
@@ -146,3 +218,16 @@ class PlannerCapacity:
                 log.warning("%s: not bounded by capacity: cannot size it (%s)", name, exc)
                 self._sized[key] = None
         return self._sized[key]
+
+
+def _taken_by(held: Placement, placements: Iterable[Placement], reason: str) -> str:
+    """Who the plan gave a displaced job's GPUs to, in words (the planner's reason otherwise)."""
+    mine = {(held.node, g) for g in held.gpus} | {(n, g) for n, gs in held.workers for g in gs}
+    takers = sorted(
+        {
+            f"{p.replica.deployment}#{p.replica.index}"
+            for p in placements
+            if mine & ({(p.node, g) for g in p.gpus} | {(n, g) for n, gs in p.workers for g in gs})
+        }
+    )
+    return f"given to {', '.join(takers)}" if takers else reason

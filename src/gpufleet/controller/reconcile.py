@@ -25,6 +25,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from gpufleet.controller.autoscaler import Autoscaler, DemandSource, ScaleChange
 from gpufleet.controller.directory import Directory
@@ -37,6 +38,9 @@ from gpufleet.runtime import Phase, Replica, ReplicaRequest, Role, Runtime
 from gpufleet.spec import Inventory, Model, ModelSpec
 from gpufleet.store import ApplyResult, Revision, Store
 from gpufleet.supervise import Supervisor
+
+if TYPE_CHECKING:
+    from gpufleet.controller.jobs import JobScheduler
 
 __all__ = ["Controller"]
 
@@ -66,6 +70,9 @@ class Controller:
         self.store = store
         self.runtime = runtime
         self.autoscaler = autoscaler or Autoscaler(store)
+        #: GPU jobs' scheduler (``controller.jobs``) where this controller runs them (``gpufleet
+        #: up``); the admin API's ``/admin/v1/jobs`` reach it here.
+        self.jobs: JobScheduler | None = None
         self.directory = Directory()
         self._resync_s = resync_s
         self._retry_s = retry_s

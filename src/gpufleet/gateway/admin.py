@@ -1,6 +1,7 @@
 """The admin API (``/admin/v1``) the CLI and the web console talk to: models (apply, scale,
 delete), replicas (list, restart), logs, events (role ``operator``); tenants and API keys
-(role ``admin``); usage, the cost report and the GPUs (``operator``).
+(role ``admin``); usage, the cost report and the GPUs (``operator``); GPU jobs
+(``jobs_api``, ``operator``).
 
 Applying is all-or-nothing: every document is validated before any is stored, so a bad file
 changes nothing. Embedded mode serves the ``default`` namespace only. A ``user`` key gets 403
@@ -29,6 +30,7 @@ from gpufleet.gateway.auth import ROLES, Keyring, Principal, forbidden
 from gpufleet.gateway.cost_report import build_report, per_token_models, report_view
 from gpufleet.gateway.errors import ApiError, bad_request, quota_store_unavailable
 from gpufleet.gateway.gpus_report import build_history, gpus_view, resolution_of
+from gpufleet.gateway.jobs_api import job_routes
 from gpufleet.gateway.latency_report import MAX_POINTS, build_latency, default_step
 from gpufleet.gateway.ledger import Ledger
 from gpufleet.gateway.quotas import Quotas, QuotaStoreUnavailable
@@ -588,4 +590,5 @@ def routes(
         Route("/admin/v1/report", guarded(op, cost), methods=["GET"]),
         Route("/admin/v1/gpus", guarded(op, gpus, uses_store=False), methods=["GET"]),
         Route("/admin/v1/gpus/history", guarded(op, gpu_history), methods=["GET"]),
+        *job_routes(controller, guarded, authenticate),
     ]

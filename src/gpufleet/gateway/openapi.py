@@ -232,6 +232,26 @@ def openapi_document(models: list[str] | None = None) -> dict[str, Any]:
             **_admin("get", "One model (operator)", params=[_path_param("name")]),
             **_admin("delete", "Delete a model (operator)", params=[_path_param("name")]),
         },
+        "/admin/v1/jobs": {
+            **_admin(
+                "get", "List GPU jobs (operator)", params=[_query("tenant", {"type": "string"})]
+            ),
+            **_admin(
+                "post",
+                "Submit GpuJob documents, all or nothing (operator)",
+                body={
+                    "type": "object",
+                    "required": ["documents"],
+                    "properties": {"documents": {"type": "array", "items": {"type": "object"}}},
+                },
+            ),
+        },
+        "/admin/v1/jobs/{name}": _admin(
+            "get", "One GPU job (operator)", params=[_path_param("name")]
+        ),
+        "/admin/v1/jobs/{name}/cancel": _admin(
+            "post", "Cancel a GPU job (operator)", params=[_path_param("name")]
+        ),
         "/admin/v1/replicas": _admin(
             "get", "Replicas (operator)", params=[_query("model", {"type": "string"})]
         ),

@@ -13,10 +13,12 @@ from gpufleet.store.db import (
     UsageRow,
     sqlite_url,
 )
+from gpufleet.store.jobs import ACTIVE_PHASES, JobExists, JobRecord
 from gpufleet.store.telemetry import GpuPoint
 from gpufleet.store.usage import DeadLetter, RefusalKey, RowsRejected
 
 __all__ = [
+    "ACTIVE_PHASES",
     "ApplyResult",
     "BatchLine",
     "BatchRecord",
@@ -24,6 +26,8 @@ __all__ = [
     "Event",
     "FileRecord",
     "GpuPoint",
+    "JobExists",
+    "JobRecord",
     "KeyRecord",
     "RefusalKey",
     "Revision",

@@ -39,6 +39,7 @@ from gpufleet.planner import PREFILL_POOL_SUFFIX
 from gpufleet.spec import Model, Tenant, parse_document, parse_tenant
 from gpufleet.store.batches import BatchStore
 from gpufleet.store.costs import CostStore
+from gpufleet.store.jobs import JobStore
 from gpufleet.store.tables import (
     HEAD_REVISION,
     api_keys,
@@ -133,7 +134,9 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-class Store(BatchStore, UsageStore, CostStore, TimingStore, GpuHistoryStore, UiSessionStore):
+class Store(
+    BatchStore, UsageStore, CostStore, TimingStore, GpuHistoryStore, UiSessionStore, JobStore
+):
     def __init__(self, url: str) -> None:
         self.url = url
         try:

@@ -34,6 +34,7 @@ __all__ = [
     "events",
     "files",
     "gpu_devices",
+    "gpu_jobs",
     "gpu_samples",
     "inventories",
     "metadata",
@@ -56,7 +57,7 @@ def aware(value: dt.datetime) -> dt.datetime:
 
 
 #: The newest migration; a test checks it against the migration scripts.
-HEAD_REVISION = "0008"
+HEAD_REVISION = "0009"
 
 metadata = MetaData()
 
@@ -380,4 +381,30 @@ gpu_samples = Table(
     PrimaryKeyConstraint("device_id", "resolution", "at", name="pk_gpu_samples"),
     Index("ix_gpu_samples_at", "resolution", "at"),
     Index("ix_gpu_samples_model", "model", "resolution", "at"),
+)
+
+# GPU jobs (``kind: GpuJob``): one row per job, whatever its attempts — what makes a job
+# neither lost nor run twice across restarts of gpufleet. ``phase`` is where it is
+# (Queued, Running, Preempting, Succeeded, Failed, Cancelled); ``attempt`` the attempts started
+# so far; ``placement`` where the running attempt holds GPUs (JSON), ``pid`` its process
+# (``gpufleet up``) to adopt or reap after a restart.
+gpu_jobs = Table(
+    "gpu_jobs",
+    metadata,
+    Column("name", String(63), primary_key=True),
+    Column("tenant", String(63), nullable=False),
+    Column("document", JSON, nullable=False),
+    Column("phase", String(16), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("failures", Integer, nullable=False),
+    Column("preemptions", Integer, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("placement", JSON, nullable=True),
+    Column("pid", Integer, nullable=True),
+    Column("gpu_seconds", Float, nullable=False),
+    Column("cost_usd", Float, nullable=False),
+    Column("submitted_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=True),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Index("ix_gpu_jobs_phase", "phase"),
 )

@@ -1,0 +1,177 @@
+"""GPU jobs in the planner and the scheduler (``controller.jobs``): gangs placed whole or not at
+all, a model's replicas (its minimum included) never taken by a job, a job displaced by a model
+that needs its GPUs, the queue's fair order between tenants, and a budget that stops a job
+before it starts. Jobs here are real child processes (``sleep``), the planner the real one on a
+declared inventory; tests/integration/test_jobs_up.py runs the whole path under gpufleet up."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gpufleet.controller.capacity import PlannerCapacity, size_emulated
+from gpufleet.controller.jobs import JobError, JobScheduler, job_deployment
+from gpufleet.planner import Placement
+from gpufleet.runtime.jobs import LocalJobRunner
+from gpufleet.spec import GpuJob, Tenant, load_jobs_text, load_text
+from gpufleet.spec.inventory import load_inventory_text
+from gpufleet.store import Store, sqlite_url
+from tests.conftest import eventually
+
+CONFIG = Path(__file__).parents[1] / "data" / "configs" / "llama-3-8b.json"
+
+
+def inventory(gpus: int) -> PlannerCapacity:
+    text = (
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Inventory\nmetadata: {name: box}\n"
+        f"spec: {{nodes: [{{name: box, gpus: [{{type: H100, count: {gpus}}}]}}]}}\n"
+    )
+    return PlannerCapacity(load_inventory_text(text), size=size_emulated)
+
+
+def model_wants(count: int, *, min_replicas: int = 0) -> dict[str, tuple[object, int]]:
+    (m,) = load_text(
+        "apiVersion: gpufleet.io/v1alpha1\nkind: Model\nmetadata: {name: chat}\n"
+        f"spec: {{source: 'file:{CONFIG}', engine: emulator, resources: {{gpus: 1}},"
+        f" replicas: {{min: {min_replicas}, max: 4}}}}\n"
+    )
+    return {"chat": (m.spec, count)}
+
+
+def job(
+    name: str, gpus: int = 1, *, tenant: str = "", priority: str = "batch", **extra: str
+) -> GpuJob:
+    lines = [
+        "apiVersion: gpufleet.io/v1alpha1",
+        "kind: GpuJob",
+        f"metadata: {{name: {name}}}",
+        "spec:",
+        "  command: [sleep, '600']",
+        f"  resources: {{gpus: {gpus}}}",
+        f"  priorityClass: {priority}",
+        *(f"  {k}: {v}" for k, v in extra.items()),
+    ]
+    if tenant:
+        lines.append(f"  tenant: {tenant}")
+    (parsed,) = load_jobs_text("\n".join(lines) + "\n")
+    return parsed
+
+
+def test_a_gang_is_placed_whole_or_not_at_all_and_never_on_a_models_gpu() -> None:
+    capacity = inventory(2)
+    capacity.bound(model_wants(1, min_replicas=1))  # the model's minimum holds one GPU
+    two = job_deployment(job("wide", 2))
+    assert isinstance(capacity.admit(two), str)  # one GPU free: not half a gang
+    one = capacity.admit(job_deployment(job("narrow", 1)))
+    assert isinstance(one, Placement) and len(one.gpus) == 1
+    capacity.hold(job_deployment(job("narrow", 1)), one)
+    # The model wants a second replica: the job's GPU is the only one left; the plan takes it.
+    answer = capacity.bound(model_wants(2, min_replicas=1))
+    assert answer == {}  # both of the model's replicas placed
+    assert capacity.displaced == {"job:narrow": "given to chat#1"}
+    # While the model wants both GPUs no job is admitted; once it wants none, the gang is.
+    assert isinstance(capacity.admit(two), str)
+    capacity.release("job:narrow")
+    capacity.bound(model_wants(0))
+    whole = capacity.admit(two)
+    assert isinstance(whole, Placement) and sorted(whole.gpus) == [0, 1]
+
+
+def test_a_job_ranks_below_every_model_whatever_their_classes() -> None:
+    batch = job_deployment(job("b"))
+    best_effort = job_deployment(job("e", priority="best-effort"))
+    assert batch.priority < 10 and best_effort.priority < batch.priority  # best-effort models: 10
+    assert batch.sharing == "exclusive" and batch.replicas == 1
+
+
+@pytest.fixture
+async def scheduler(tmp_path: Path) -> AsyncIterator[JobScheduler]:
+    store = Store.open(sqlite_url(tmp_path))
+    runner = LocalJobRunner(tmp_path / "jobs")
+    jobs = JobScheduler(store, runner, inventory(2), data_dir=tmp_path, interval_s=0.05)
+    jobs.capacity.bound({})  # type: ignore[union-attr]
+    await jobs.start()
+    try:
+        yield jobs
+    finally:
+        await jobs.close()
+        await runner.close()
+        store.close()
+
+
+async def phase(jobs: JobScheduler, name: str) -> str:
+    rec = await asyncio.to_thread(jobs.store.job, name)
+    return rec.phase if rec is not None else ""
+
+
+async def test_the_queue_serves_the_tenant_holding_less_first_then_age(
+    scheduler: JobScheduler,
+) -> None:
+    jobs = scheduler
+    for name, weight in (("a", 1.0), ("b", 1.0), ("c", 1.0)):
+        jobs.store.apply_tenant(
+            Tenant.model_validate(
+                {"apiVersion": "gpufleet.io/v1alpha1", "kind": "Tenant",
+                 "metadata": {"name": name}, "spec": {"weight": weight}}
+            )
+        )  # fmt: skip
+
+    async def running(*names: str) -> bool:
+        return all([await phase(jobs, n) == "Running" for n in names])
+
+    # Two GPUs: tenant a's first job holds one, tenant c's the other.
+    await jobs.submit(job("a-first", tenant="a"), "a")
+    await jobs.submit(job("c-filler", tenant="c"), "c")
+    await eventually(lambda: running("a-first", "c-filler"), "both placed", timeout=30)
+    # Queued while nothing is free: a's second (older) and b's first.
+    await jobs.submit(job("a-second", tenant="a"), "a")
+    await jobs.submit(job("b-first", tenant="b"), "b")
+    await jobs.cancel("c-filler")
+
+    # One GPU free: b holds none, a holds one — b's job goes first, although younger.
+    async def started() -> str:
+        for name in ("a-second", "b-first"):
+            if await phase(jobs, name) == "Running":
+                return name
+        return ""
+
+    assert await eventually(started, "one of them started", timeout=30) == "b-first"
+    assert await phase(jobs, "a-second") == "Queued"
+    assert await phase(jobs, "c-filler") == "Cancelled"
+    # a's first ends: a's second, the only one left, gets its GPU.
+    await jobs.cancel("a-first")
+    await eventually(lambda: running("a-second", "b-first"), "a's second placed", timeout=30)
+
+
+async def test_a_job_that_would_exceed_its_tenants_budget_is_not_started(
+    scheduler: JobScheduler,
+) -> None:
+    jobs = scheduler
+    jobs.store.apply_tenant(
+        Tenant.model_validate(
+            {"apiVersion": "gpufleet.io/v1alpha1", "kind": "Tenant", "metadata": {"name": "lab"},
+             "spec": {"limits": {"budget": {"usd": 1.0, "period": "day"}}}}
+        )
+    )  # fmt: skip
+    with pytest.raises(JobError, match="maxRuntime is required"):
+        await jobs.submit(job("open-ended", tenant="lab"), "lab")
+    # Two H100 hours are more than the day's $1: the job waits, saying why.
+    await jobs.submit(job("long", 2, tenant="lab", maxRuntime="1h"), "lab")
+
+    async def said() -> str:
+        rec = await asyncio.to_thread(jobs.store.job, "long")
+        return rec.reason if rec is not None and "budget" in rec.reason else ""
+
+    reason = await eventually(said, "the budget's refusal", timeout=30)
+    assert "not started: tenant lab's budget is $1.00 a day" in reason
+    assert await phase(jobs, "long") == "Queued"
+    # A short one fits: it starts.
+    await jobs.submit(job("short", tenant="lab", maxRuntime="30s"), "lab")
+
+    async def running() -> bool:
+        return await phase(jobs, "short") == "Running"
+
+    await eventually(running, "the short job started", timeout=30)
