@@ -39,18 +39,26 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gpufleet.autoscale.schedule import is_open, next_opening
 from gpufleet.controller.capacity import PlannerCapacity
 from gpufleet.hardware import CATALOG
 from gpufleet.planner import DEFAULT_PRIORITIES, Deployment, Placement
 from gpufleet.policies.quota_rules import budget_period
-from gpufleet.runtime.jobs import AttemptResult, JobAttempt, LocalJobRunner, Outcome, RunningAttempt
+from gpufleet.runtime.jobs import AttemptResult, JobAttempt, Outcome
 from gpufleet.spec import GpuJob, parse_job
 from gpufleet.store import JobExists, JobRecord, Store, UsageRow
 
-__all__ = ["JOB_PREFIX", "JobError", "JobScheduler", "job_deployment"]
+__all__ = [
+    "JOB_PREFIX",
+    "Attempt",
+    "JobError",
+    "JobRunner",
+    "JobScheduler",
+    "job_deployment",
+    "queue_key",
+]
 
 log = logging.getLogger("gpufleet.controller.jobs")
 
@@ -62,6 +70,15 @@ _BELOW_MODELS = 100
 
 class JobError(Exception):
     """A submission or a cancel refused: what is wrong and how to fix it."""
+
+
+def queue_key(
+    priority_class: str, held_gpus: int, weight: float, submitted: float, name: str
+) -> tuple[int, float, float, str]:
+    """A queued job's place in the queue (smallest first): its priority class, then its
+    tenant's fair share — the GPUs the tenant's jobs hold now over the tenant's weight, least
+    first — then its age (``submitted``, unix seconds), then its name."""
+    return (-DEFAULT_PRIORITIES.get(priority_class, 0), held_gpus / weight, submitted, name)
 
 
 def job_deployment(job: GpuJob) -> Deployment:
@@ -83,18 +100,36 @@ def job_deployment(job: GpuJob) -> Deployment:
 class _Active:
     job: GpuJob
     tenant: str
-    attempt: RunningAttempt
+    attempt: Attempt
     placement: Placement
     price_per_gpu_hour: float
     stopping: str = ""
     task: asyncio.Task[None] | None = None
 
 
+class Attempt(Protocol):
+    """A running attempt, as a runner hands it back."""
+
+    def preempt(self, reason: str) -> None: ...
+
+    def cancel(self, reason: str = "cancelled") -> None: ...
+
+    async def wait(self) -> AttemptResult: ...
+
+
+class JobRunner(Protocol):
+    """Runs attempts: ``runtime.jobs.LocalJobRunner`` (child processes) under gpufleet up."""
+
+    async def start(self, attempt: JobAttempt) -> Attempt: ...
+
+    async def logs(self, job: str, attempt: int, tail: int = 200) -> list[str]: ...
+
+
 class JobScheduler:
     def __init__(
         self,
         store: Store,
-        runner: LocalJobRunner,
+        runner: JobRunner,
         capacity: PlannerCapacity | None,
         *,
         data_dir: Path,
@@ -229,12 +264,13 @@ class JobScheduler:
         for active in self._active.values():
             held[active.tenant] = held.get(active.tenant, 0) + active.job.spec.resources.gpus
 
-        def order(rec: JobRecord) -> tuple[float, float, dt.datetime, str]:
-            job = GpuJob.model_validate(rec.document)
+        def order(rec: JobRecord) -> tuple[int, float, float, str]:
             tenant = tenants.get(rec.tenant)
             weight = tenant.spec.weight if tenant is not None else 1.0
-            share = held.get(rec.tenant, 0) / weight
-            return (-DEFAULT_PRIORITIES[job.spec.priority_class], share, rec.submitted_at, rec.name)
+            priority = str(rec.document.get("spec", {}).get("priorityClass", "batch"))
+            return queue_key(
+                priority, held.get(rec.tenant, 0), weight, rec.submitted_at.timestamp(), rec.name
+            )
 
         # Every decision of the pass first, with nothing awaited in between: the GPUs a job is
         # given are held before the next one is considered, and none come free mid-pass (an
@@ -320,6 +356,9 @@ class JobScheduler:
             gpus=list(where.gpus),
             grace_s=float(spec.grace_seconds),
             max_runtime_s=remaining,
+            node=where.node,
+            workers=tuple(node for node, _ in where.workers),
+            image=spec.image,
         )
         running = await self.runner.start(attempt)
         active = self._active[job.name] = _Active(job, rec.tenant, running, where, price)

@@ -91,6 +91,11 @@ class JobAttempt:
     gpus: list[int] = field(default_factory=list)
     grace_s: float = 30.0
     max_runtime_s: float | None = None
+    #: Where the planner put it — its (first) node and a gang's other nodes — and its image:
+    #: what a runner on a cluster needs; the local runner runs here, the command as it is.
+    node: str | None = None
+    workers: tuple[str, ...] = ()
+    image: str | None = None
 
     def __post_init__(self) -> None:
         if not self.job or "/" in self.job or self.job in {".", ".."}:
