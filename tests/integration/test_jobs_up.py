@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -204,3 +205,54 @@ def test_a_crashing_job_is_retried_then_failed_with_its_last_lines(tmp_path: Pat
         assert "retry 1 of 1" in retry["message"]
     finally:
         assert fleet.stop() == 0
+
+
+def test_a_job_running_when_gpufleet_is_killed_resumes_once_after_the_restart(
+    tmp_path: Path,
+) -> None:
+    """gpufleet dies outright (SIGKILL) while the job runs: the kernel takes the job with it;
+    the restarted gpufleet queues it again and it resumes from its last periodic checkpoint —
+    one job, one attempt at a time, the same result."""
+    models = _models(tmp_path)
+    reference = _reference(tmp_path)
+    out, ckpt = tmp_path / "train.json", tmp_path / "train" / "ckpt"
+    spec = _job(tmp_path, "train", out, "--hold-at-step", str(HOLD))
+    fleet = _up(tmp_path, models)
+    try:
+        submitted = gpufleet(
+            "jobs", "submit", "-f", str(spec), env={"GPUFLEET_SERVER": fleet.server}
+        )
+        assert submitted.returncode == 0, submitted.stderr
+        wait_until(lambda: _held(ckpt), timeout=120)
+        holder = _holders(out)
+        assert len(holder) == 1
+        assert fleet.stop(signal.SIGKILL) == -signal.SIGKILL
+        wait_until(lambda: not _holders(out), timeout=30)  # the job went with gpufleet
+
+        fleet = _up(tmp_path, models)
+        done = wait_until(
+            lambda: (j := _job_row(fleet, "train"))["phase"] in ("Succeeded", "Failed") and j,
+            timeout=180,
+        )
+        assert done["phase"] == "Succeeded", done["reason"]
+        assert (done["attempt"], done["preemptions"]) == (2, 0)
+        assert json.loads(out.read_text()) == reference
+        assert "Requeued" in _events(fleet, "train")
+    finally:
+        assert fleet.stop() == 0
+
+
+def _holders(out: Path) -> list[int]:
+    """The processes running this job's command (its ``--out`` path is unique to the test)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(out).encode() in cmdline and state != "Z":
+            found.append(int(proc.name))
+    return found

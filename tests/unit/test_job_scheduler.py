@@ -156,6 +156,8 @@ async def test_a_job_that_would_exceed_its_tenants_budget_is_not_started(
              "spec": {"limits": {"budget": {"usd": 1.0, "period": "day"}}}}
         )
     )  # fmt: skip
+    with pytest.raises(JobError, match="tenant 'nobody' does not exist"):
+        await jobs.submit(job("stray", tenant="nobody", maxRuntime="1m"), "lab")
     with pytest.raises(JobError, match="maxRuntime is required"):
         await jobs.submit(job("open-ended", tenant="lab"), "lab")
     # Two H100 hours are more than the day's $1: the job waits, saying why.

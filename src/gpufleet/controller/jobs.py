@@ -193,6 +193,12 @@ class JobScheduler:
     async def submit(self, job: GpuJob, tenant: str) -> JobRecord:
         """Queue ``job`` for ``tenant`` (its ``spec.tenant`` when it names one)."""
         owner = job.spec.tenant or tenant
+        known = {t.tenant.name for t in await asyncio.to_thread(self.store.list_tenants)}
+        if owner not in known:
+            raise JobError(
+                f"{job.name}: tenant {owner!r} does not exist (spec.tenant, or the caller's); "
+                f"create it first: gpufleet tenants create {owner}"
+            )
         budget = await asyncio.to_thread(self._budget, owner)
         if budget is not None and job.spec.max_runtime is None:
             raise JobError(
