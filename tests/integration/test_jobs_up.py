@@ -181,6 +181,11 @@ def test_a_job_is_preempted_for_an_interactive_model_and_resumes_to_the_same_res
         attempts = [r for r in rows if r["route"] == "jobs" and r["model"] == "train"]
         assert len(attempts) == 2 and all(r["gpu_seconds"] > 0 for r in attempts)
         assert done["cost_usd"] > 0
+        # The cost report counts its GPUs as placed and used, under the job's name.
+        report = fleet.admin("/admin/v1/report?by=model&since=1d")
+        (line,) = [ln for ln in report["lines"] if ln["model"] == "train"]
+        assert line["gpu_hours_placed"] > 0 and line["requests"] == 2
+        assert line["idle_cost"] <= 0.05 * line["placed_cost"]  # a job is busy while it holds
     finally:
         assert fleet.stop() == 0
 

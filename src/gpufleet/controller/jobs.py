@@ -100,6 +100,7 @@ def job_deployment(job: GpuJob) -> Deployment:
 class _Active:
     job: GpuJob
     tenant: str
+    number: int
     attempt: Attempt
     placement: Placement
     price_per_gpu_hour: float
@@ -174,6 +175,10 @@ class JobScheduler:
             active.attempt.preempt(active.stopping)
         tasks = [a.task for a in self._active.values() if a.task is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    def span_ids(self) -> list[str]:
+        """The running attempts, by the ids their capacity spans carry."""
+        return [_attempt_id(name, a.number) for name, a in self._active.items()]
 
     def trigger(self) -> None:
         self._wake.set()
@@ -367,15 +372,25 @@ class JobScheduler:
             image=spec.image,
         )
         running = await self.runner.start(attempt)
-        active = self._active[job.name] = _Active(job, rec.tenant, running, where, price)
+        # Its GPUs are placed capacity for the cost report, as a replica's are (a span per
+        # attempt; the controller keeps it open while ``span_ids`` names it).
+        gpus = spec.resources.gpus
+        await asyncio.to_thread(
+            self.store.open_span, job.name, _attempt_id(job.name, attempt_no),
+            generation=attempt_no, gpus=float(gpus), gpu_type=where.gpu_type,
+            price_per_hour=gpus * price, at=dt.datetime.now(dt.UTC),
+        )  # fmt: skip
+        active = self._active[job.name] = _Active(
+            job, rec.tenant, attempt_no, running, where, price
+        )
         self._waiting.pop(job.name, None)
-        gpus = ",".join(str(g) for g in where.gpus)
+        on = ",".join(str(g) for g in where.gpus)
         kind, verb = (
             ("Resumed", "resumed from its checkpoint") if resumed else ("Started", "started")
         )
         await self._event(
             job.name, kind,
-            f"attempt {attempt_no} {verb} on {where.node} GPU {gpus} ({where.gpu_type})",
+            f"attempt {attempt_no} {verb} on {where.node} GPU {on} ({where.gpu_type})",
         )  # fmt: skip
         active.task = asyncio.create_task(self._watch(active), name=f"job:{job.name}")
 
@@ -392,6 +407,9 @@ class JobScheduler:
         """The attempt's end: GPUs back, the ledger, and where the job goes next."""
         result = await active.attempt.wait()
         name = active.job.name
+        await asyncio.to_thread(
+            self.store.close_span, _attempt_id(name, result.attempt), dt.datetime.now(dt.UTC)
+        )
         if self.capacity is not None:
             self.capacity.release(JOB_PREFIX + name)
         self._active.pop(name, None)
@@ -528,7 +546,7 @@ class JobScheduler:
             tenant=rec.tenant,
             key_prefix="",
             model=rec.name,
-            replica=f"{rec.name}-attempt-{result.attempt}",
+            replica=_attempt_id(rec.name, result.attempt),
             route="jobs",
             status=status,
             prompt_tokens=0,
@@ -556,6 +574,10 @@ def _most(job: GpuJob, remaining: float | None, price: float) -> float:
     of ``price`` and the GPU types it accepts."""
     dearest = max([_price(t) for t in job.spec.resources.gpu_types] + [price])
     return job.spec.resources.gpus * (remaining or 0.0) * dearest / 3600.0
+
+
+def _attempt_id(job: str, attempt: int) -> str:
+    return f"{job}-attempt-{attempt}"
 
 
 def _price(gpu_type: str | None) -> float:

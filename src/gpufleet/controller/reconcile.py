@@ -456,7 +456,9 @@ class Controller:
                 since = dt.datetime.fromtimestamp(started, dt.UTC) if started else at
                 spec = entry.spec.pool(replica.role) if replica.role else entry.spec
                 await self._open_span(replica.model, replica.id, replica.generation, spec, since)
-        await asyncio.to_thread(self.store.touch_spans, [r.id for r in live], at)
+        # GPU jobs' attempts hold capacity too (their spans are the job scheduler's).
+        held = [r.id for r in live] + (self.jobs.span_ids() if self.jobs is not None else [])
+        await asyncio.to_thread(self.store.touch_spans, held, at)
 
     async def _canary(
         self,
