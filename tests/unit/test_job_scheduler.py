@@ -15,7 +15,7 @@ import pytest
 from gpufleet.controller.capacity import PlannerCapacity, size_emulated
 from gpufleet.controller.jobs import JobError, JobScheduler, job_deployment
 from gpufleet.planner import Placement
-from gpufleet.runtime.jobs import LocalJobRunner
+from gpufleet.runtime.jobs import AttemptResult, JobAttempt, LocalJobRunner, Outcome
 from gpufleet.spec import GpuJob, Tenant, load_jobs_text, load_text
 from gpufleet.spec.inventory import load_inventory_text
 from gpufleet.store import Store, sqlite_url
@@ -177,3 +177,89 @@ async def test_a_job_that_would_exceed_its_tenants_budget_is_not_started(
         return await phase(jobs, "short") == "Running"
 
     await eventually(running, "the short job started", timeout=30)
+
+
+class FakeAttempt:
+    """An attempt a cluster still runs (a Job that outlived its operator): ended by the test."""
+
+    def __init__(self, name: str, number: int) -> None:
+        self.name, self.number = name, number
+        self.asked: list[str] = []
+        self.ended: asyncio.Future[AttemptResult] = asyncio.get_running_loop().create_future()
+
+    def preempt(self, reason: str) -> None:
+        self.asked.append(f"preempt: {reason}")
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        self.asked.append(f"cancel: {reason}")
+
+    async def wait(self) -> AttemptResult:
+        return await asyncio.shield(self.ended)
+
+    def end(self, outcome: Outcome) -> None:
+        self.ended.set_result(
+            AttemptResult(self.name, self.number, outcome, 0, False, outcome.value, 5.0, [])
+        )
+
+
+class AdoptingRunner:
+    def __init__(self) -> None:
+        self.kept: dict[tuple[str, int], FakeAttempt] = {}
+        self.started: list[JobAttempt] = []
+
+    async def start(self, attempt: JobAttempt) -> FakeAttempt:
+        self.started.append(attempt)
+        handle = self.kept[(attempt.job, attempt.attempt)] = FakeAttempt(
+            attempt.job, attempt.attempt
+        )
+        return handle
+
+    async def adopt(self, job: str, attempt: int) -> FakeAttempt | None:
+        return self.kept.get((job, attempt))
+
+    async def logs(self, job: str, attempt: int, tail: int = 200) -> list[str]:
+        return []
+
+
+async def test_a_scheduler_that_takes_over_adopts_the_attempts_still_running(
+    tmp_path: Path,
+) -> None:
+    """An operator that loses its lead leaves the cluster's Jobs running; the next one adopts
+    them — their GPUs stay held, nothing is started twice — and follows them to their end."""
+    store = Store.open(sqlite_url(tmp_path))
+    store.apply_tenant(
+        Tenant.model_validate(
+            {"apiVersion": "gpufleet.io/v1alpha1", "kind": "Tenant", "metadata": {"name": "a"}}
+        )
+    )
+    runner = AdoptingRunner()
+    first = JobScheduler(store, runner, inventory(1), data_dir=tmp_path, interval_s=0.05)
+    first.capacity.bound({})  # type: ignore[union-attr]
+    await first.start()
+    try:
+        await first.submit(job("long", tenant="a"), "a")
+        await first.submit(job("next", tenant="a"), "a")
+        await eventually(lambda: runner.started, "started")
+        handle = runner.kept[("long", 1)]
+        await first.close(stop_attempts=False)
+        assert handle.asked == []  # left running
+
+        second = JobScheduler(store, runner, inventory(1), data_dir=tmp_path, interval_s=0.05)
+        second.capacity.bound({})  # type: ignore[union-attr]
+        await second.start()
+        events = [e.reason for e in store.events("long")]
+        assert "Adopted" in events and "Requeued" not in events
+        await second.tick()
+        assert [a.job for a in runner.started] == ["long"]  # its GPU is still held
+        assert await phase(second, "next") == "Queued"
+        handle.end(Outcome.SUCCEEDED)
+        await eventually(lambda: phase(second, "long"), "long ended")
+
+        async def done() -> bool:
+            return await phase(second, "long") == "Succeeded"
+
+        await eventually(done, "long succeeded")
+        await eventually(lambda: [a.job for a in runner.started] == ["long", "next"], "next")
+        await second.close(stop_attempts=False)
+    finally:
+        store.close()

@@ -44,7 +44,7 @@ from typing import Any, Protocol
 from gpufleet.autoscale.schedule import is_open, next_opening
 from gpufleet.controller.capacity import PlannerCapacity
 from gpufleet.hardware import CATALOG
-from gpufleet.planner import DEFAULT_PRIORITIES, Deployment, Placement
+from gpufleet.planner import DEFAULT_PRIORITIES, Deployment, Placement, ReplicaKey
 from gpufleet.policies.quota_rules import budget_period
 from gpufleet.runtime.jobs import AttemptResult, JobAttempt, Outcome
 from gpufleet.spec import GpuJob, parse_job
@@ -152,8 +152,15 @@ class JobScheduler:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Queue again every job an earlier gpufleet left running, then schedule."""
+        """Take up what an earlier scheduler left: an attempt the runner still has (a cluster's
+        Job outlives its operator) is adopted as it is; one that went with the process that ran
+        it is queued again, to resume from its last checkpoint. Then schedule."""
+        adopt = getattr(self.runner, "adopt", None)
         for rec in await asyncio.to_thread(self.store.jobs, phases=("Running", "Preempting")):
+            handle = await adopt(rec.name, rec.attempt) if adopt is not None else None
+            if handle is not None and rec.placement is not None:
+                await self._adopt(rec, handle)
+                continue
             why = "gpufleet stopped while it ran; it resumes from its last checkpoint"
             moved = await asyncio.to_thread(
                 self.store.move_job, rec.name, (rec.phase,), phase="Queued", reason=why,
@@ -163,17 +170,48 @@ class JobScheduler:
                 await self._event(rec.name, "Requeued", why)
         self._loop = asyncio.create_task(self._run(), name="jobs")
 
-    async def close(self) -> None:
-        """Stop scheduling; preempt running attempts (each saves its checkpoint within its
-        grace) and queue them again for the next start."""
+    async def _adopt(self, rec: JobRecord, handle: Attempt) -> None:
+        job = parse_job(rec.document)
+        doc = rec.placement or {}
+        where = Placement(
+            replica=ReplicaKey(JOB_PREFIX + job.name, 0),
+            node=str(doc.get("node", "")),
+            gpus=tuple(int(g) for g in doc.get("gpus", [])),
+            gpu_type=doc.get("gpuType"),
+            memory_per_gpu=1,
+            memory_fraction=1.0,
+            workers=tuple((str(n), tuple(int(g) for g in gs)) for n, gs in doc.get("workers", [])),
+        )
+        if self.capacity is not None:
+            self.capacity.hold(job_deployment(job), where)
+        active = self._active[job.name] = _Active(
+            job, rec.tenant, rec.attempt, handle, where, _price(where.gpu_type)
+        )
+        if rec.phase == "Preempting":
+            active.stopping = rec.reason
+            handle.preempt(rec.reason)
+        await self._event(job.name, "Adopted", f"attempt {rec.attempt} still runs: followed again")
+        active.task = asyncio.create_task(self._watch(active), name=f"job:{job.name}")
+
+    async def close(self, *, stop_attempts: bool = True) -> None:
+        """Stop scheduling. ``stop_attempts``: preempt running attempts (each saves its
+        checkpoint within its grace) and queue them again for the next start — what a process
+        whose attempts die with it does; otherwise leave them running for the next scheduler
+        to adopt (an operator handing over its lead)."""
         if self._loop is not None:
             self._loop.cancel()
             await asyncio.gather(self._loop, return_exceptions=True)
             self._loop = None
+        tasks = [a.task for a in self._active.values() if a.task is not None]
+        if not stop_attempts:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._active.clear()
+            return
         for active in self._active.values():
             active.stopping = active.stopping or "gpufleet is stopping"
             active.attempt.preempt(active.stopping)
-        tasks = [a.task for a in self._active.values() if a.task is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def span_ids(self) -> list[str]:
@@ -346,7 +384,8 @@ class JobScheduler:
         assert self.capacity is not None
         attempt_no = rec.attempt + 1
         checkpoint = self._checkpoint_dir(job)
-        resumed = rec.attempt > 0 and checkpoint.is_dir() and any(checkpoint.iterdir())
+        # Any attempt before this one may have left a checkpoint: the job reads it if it did.
+        resumed = rec.attempt > 0
         moved = await asyncio.to_thread(
             self.store.move_job, rec.name, ("Queued",), phase="Running", attempt=attempt_no,
             placement=_placement_doc(where), started_at=dt.datetime.now(dt.UTC),
@@ -586,4 +625,9 @@ def _price(gpu_type: str | None) -> float:
 
 
 def _placement_doc(where: Placement) -> dict[str, Any]:
-    return {"node": where.node, "gpus": list(where.gpus), "gpuType": where.gpu_type}
+    return {
+        "node": where.node,
+        "gpus": list(where.gpus),
+        "gpuType": where.gpu_type,
+        "workers": [[node, list(gpus)] for node, gpus in where.workers],
+    }
