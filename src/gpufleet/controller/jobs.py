@@ -48,7 +48,7 @@ from gpufleet.planner import DEFAULT_PRIORITIES, Deployment, Placement, ReplicaK
 from gpufleet.policies.quota_rules import budget_period
 from gpufleet.runtime.jobs import AttemptResult, JobAttempt, Outcome
 from gpufleet.spec import GpuJob, parse_job
-from gpufleet.store import JobExists, JobRecord, Store, UsageRow
+from gpufleet.store import ACTIVE_PHASES, JobExists, JobRecord, Store, UsageRow
 
 __all__ = [
     "JOB_PREFIX",
@@ -156,10 +156,14 @@ class JobScheduler:
         Job outlives its operator) is adopted as it is; one that went with the process that ran
         it is queued again, to resume from its last checkpoint. Then schedule."""
         adopt = getattr(self.runner, "adopt", None)
-        for rec in await asyncio.to_thread(self.store.jobs, phases=("Running", "Preempting")):
+        stopping = ("Running", "Preempting", "Cancelling")
+        for rec in await asyncio.to_thread(self.store.jobs, phases=stopping):
             handle = await adopt(rec.name, rec.attempt) if adopt is not None else None
             if handle is not None and rec.placement is not None:
                 await self._adopt(rec, handle)
+                continue
+            if rec.phase == "Cancelling":
+                await self._finish(rec.name, "Cancelled", "cancelled", "Cancelled")
                 continue
             why = "gpufleet stopped while it ran; it resumes from its last checkpoint"
             moved = await asyncio.to_thread(
@@ -190,6 +194,9 @@ class JobScheduler:
         if rec.phase == "Preempting":
             active.stopping = rec.reason
             handle.preempt(rec.reason)
+        elif rec.phase == "Cancelling":
+            active.stopping = "cancelled"
+            handle.cancel("cancelled")
         await self._event(job.name, "Adopted", f"attempt {rec.attempt} still runs: followed again")
         active.task = asyncio.create_task(self._watch(active), name=f"job:{job.name}")
 
@@ -262,13 +269,18 @@ class JobScheduler:
         return rec
 
     async def cancel(self, name: str) -> JobRecord:
+        """Stop a job for good: a queued one at once; a running attempt is asked to stop (its
+        grace period, as a preemption's) and the job is Cancelling until it has."""
         active = self._active.get(name)
         if active is not None:
             active.stopping = "cancelled"
             active.attempt.cancel("cancelled")
-            if active.task is not None:
-                await asyncio.gather(active.task, return_exceptions=True)
-            rec = await asyncio.to_thread(self.store.job, name)
+            grace = active.job.spec.grace_seconds
+            moved = await asyncio.to_thread(
+                self.store.move_job, name, ("Running", "Preempting"), phase="Cancelling",
+                reason=f"cancelling: SIGTERM, {grace} s to stop",
+            )  # fmt: skip
+            rec = moved or await asyncio.to_thread(self.store.job, name)
             assert rec is not None
             return rec
         moved = await asyncio.to_thread(
@@ -470,7 +482,7 @@ class JobScheduler:
             killed = "; killed after its grace period" if result.killed else ""
             why = active.stopping or result.reason
             moved = await asyncio.to_thread(
-                self.store.move_job, name, ("Running", "Preempting"), phase="Queued",
+                self.store.move_job, name, ("Running", "Preempting", "Cancelling"), phase="Queued",
                 reason=f"preempted: {why}", placement=None, preemptions=rec.preemptions + 1,
                 **totals,
             )  # fmt: skip
@@ -491,7 +503,7 @@ class JobScheduler:
                 )  # fmt: skip
             else:
                 await asyncio.to_thread(
-                    self.store.move_job, name, ("Running", "Preempting"), phase="Queued",
+                    self.store.move_job, name, ("Running", "Preempting", "Cancelling"), phase="Queued",
                     reason=f"retry {failures} of {spec.retries}: {result.reason}",
                     placement=None, failures=failures, **totals,
                 )  # fmt: skip
@@ -507,7 +519,7 @@ class JobScheduler:
 
     async def _finish(self, name: str, phase: str, why: str, reason: str, **changes: Any) -> None:
         moved = await asyncio.to_thread(
-            self.store.move_job, name, ("Queued", "Running", "Preempting"), phase=phase,
+            self.store.move_job, name, ACTIVE_PHASES, phase=phase,
             reason=why, placement=None, **changes,
         )  # fmt: skip
         if moved is not None:

@@ -123,6 +123,8 @@ _JOB_STATUS = {
         # Running time over all attempts (what spec.maxRuntime bounds) and GPU time charged.
         "runSeconds": {"type": "number"},
         "gpuSeconds": {"type": "number"},
+        # What its attempts' GPU time cost, charged to its tenant (the usage ledger's sum).
+        "costUsd": {"type": "number"},
         # The nodes the running attempt's gang was placed on, rank 0's first.
         "nodes": {"type": "array", "items": {"type": "string"}},
         "startTime": {"type": "string", "format": "date-time"},

@@ -2,8 +2,7 @@
 
 A mixin of ``Store``. The row is the job's truth for the scheduler (``controller.jobs``): a job
 submitted is Queued; the scheduler moves it to Running when it starts an attempt (with where it
-runs and, under ``gpufleet up``, the attempt's process id), to Preempting while an attempt is
-asked to stop, and back to Queued — or on to Succeeded, Failed or Cancelled. Each move is one
+runs), to Preempting or Cancelling while an attempt is asked to stop, and back to Queued — or on to Succeeded, Failed or Cancelled. Each move is one
 conditional update (``move_job``: from the phase the caller saw), so a scheduler that restarts
 finds every job where it was, and one that races a cancel loses cleanly instead of starting a
 cancelled job.
@@ -23,9 +22,9 @@ from gpufleet.store.tables import aware, gpu_jobs
 
 __all__ = ["ACTIVE_PHASES", "JOB_PHASES", "JobExists", "JobRecord", "JobStore"]
 
-JOB_PHASES = ("Queued", "Running", "Preempting", "Succeeded", "Failed", "Cancelled")
+JOB_PHASES = ("Queued", "Running", "Preempting", "Cancelling", "Succeeded", "Failed", "Cancelled")
 #: Phases of a job that is not finished.
-ACTIVE_PHASES = ("Queued", "Running", "Preempting")
+ACTIVE_PHASES = ("Queued", "Running", "Preempting", "Cancelling")
 
 
 class JobExists(Exception):

@@ -385,7 +385,7 @@ gpu_samples = Table(
 
 # GPU jobs (``kind: GpuJob``): one row per job, whatever its attempts — what makes a job
 # neither lost nor run twice across restarts of gpufleet. ``phase`` is where it is
-# (Queued, Running, Preempting, Succeeded, Failed, Cancelled); ``attempt`` the attempts started
+# (Queued, Running, Preempting, Cancelling, Succeeded, Failed, Cancelled); ``attempt`` the attempts started
 # so far; ``placement`` where the running attempt holds GPUs (JSON), ``pid`` its process
 # (``gpufleet up``) to adopt or reap after a restart.
 gpu_jobs = Table(

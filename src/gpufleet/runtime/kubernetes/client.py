@@ -71,6 +71,8 @@ KINDS: dict[str, Kind] = {
     "Lease": Kind("coordination.k8s.io/v1", "leases"),
     "Model": Kind("gpufleet.io/v1alpha1", "models"),
     "Tenant": Kind("gpufleet.io/v1alpha1", "tenants", namespaced=False),
+    "GpuJob": Kind("gpufleet.io/v1alpha1", "gpujobs"),
+    "PersistentVolumeClaim": Kind("v1", "persistentvolumeclaims"),
     "Namespace": Kind("v1", "namespaces", namespaced=False),
     "ResourceQuota": Kind("v1", "resourcequotas"),
     "NetworkPolicy": Kind("networking.k8s.io/v1", "networkpolicies"),

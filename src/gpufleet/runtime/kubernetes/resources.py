@@ -6,9 +6,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from gpufleet.spec import Model, Tenant, parse_document, parse_tenant
+from gpufleet.spec import GpuJob, Model, Tenant, parse_document, parse_job, parse_tenant
 
-__all__ = ["MIRRORED_LABEL", "MIRRORED_VALUE", "model_from_resource", "tenant_from_resource"]
+__all__ = [
+    "MIRRORED_LABEL",
+    "MIRRORED_VALUE",
+    "job_from_resource",
+    "model_from_resource",
+    "tenant_from_resource",
+]
 
 #: On a tenant in the store: it was mirrored from a Tenant resource (and goes with it).
 MIRRORED_LABEL, MIRRORED_VALUE = "gpufleet.io/source", "kubernetes"
@@ -41,5 +47,18 @@ def tenant_from_resource(obj: Mapping[str, Any]) -> Tenant:
                 "labels": {**(meta.get("labels", {}) or {}), MIRRORED_LABEL: MIRRORED_VALUE},
             },
             "spec": obj.get("spec", {}) or {},
+        }
+    )
+
+
+def job_from_resource(obj: Mapping[str, Any]) -> GpuJob:
+    """A GpuJob custom resource as the spec layer reads it (server-side metadata dropped)."""
+    meta = obj.get("metadata", {})
+    return parse_job(
+        {
+            "apiVersion": obj.get("apiVersion"),
+            "kind": obj.get("kind"),
+            "metadata": {"name": meta.get("name"), "labels": meta.get("labels", {}) or {}},
+            "spec": obj.get("spec", {}),
         }
     )
