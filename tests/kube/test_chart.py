@@ -260,7 +260,10 @@ OPERATOR_CALLS = [
     ("", "pods", "list watch", ""),
     ("", "pods", "get list watch create delete", NS),
     ("", "pods/log", "get", NS),
-    ("batch", "jobs", "get list watch create delete", NS),
+    ("batch", "jobs", "get list watch create update delete", NS),
+    ("gpufleet.io", "gpujobs", "get list watch", NS),
+    ("gpufleet.io", "gpujobs/status", "get update patch", NS),
+    ("", "persistentvolumeclaims", "get list create delete", NS),
     ("leaderworkerset.x-k8s.io", "leaderworkersets", "get list watch create delete", NS),
     ("", "services", "get list watch create update patch delete", NS),
     ("policy", "poddisruptionbudgets", "get list watch create update patch delete", NS),
@@ -284,6 +287,7 @@ OPERATOR_DENIED = [
     ("coordination.k8s.io", "leases", "get update", "kube-system"),  # not other components'
     ("gpufleet.io", "models", "create delete", NS),
     ("gpufleet.io", "tenants", "create delete", ""),
+    ("gpufleet.io", "gpujobs", "create delete", NS),
 ]
 
 

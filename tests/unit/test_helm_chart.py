@@ -64,6 +64,7 @@ def test_default_install_renders_valid_objects() -> None:
     assert env == {
         "GPUFLEET_STORE": {"name": "gf-store", "key": "url"},  # no Redis configured
         "GPUFLEET_ENGINE_PORT": "8000",
+        "GPUFLEET_JOB_CHECKPOINT_SIZE": "10Gi",  # GPU jobs' claims; the default class
     }
     for deployment in deployments.values():
         pod = deployment["spec"]["template"]["spec"]
@@ -87,6 +88,8 @@ def test_every_option_renders_valid_objects() -> None:
             },
             "modelCache": {"storageClass": "cephfs"},
             "serviceMonitor": {"enabled": True},
+            "jobs": {"checkpointStorageClass": "cephfs", "checkpointSize": "50Gi"},
+            "externalEndpoints": {"keySecrets": ["hosted-llm-key"]},
         }
     )
     validate_all(docs)
@@ -106,6 +109,20 @@ def test_every_option_renders_valid_objects() -> None:
         a["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for a in allowed
     ] == ["apps", "notebooks"]
     assert by[("ServiceMonitor", "gf-gateway")]["spec"]["endpoints"][0]["path"] == "/metrics"
+    operator = by[("Deployment", "gf-operator")]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "GPUFLEET_JOB_CHECKPOINT_CLASS", "value": "cephfs"} in operator["env"]
+    assert {"name": "GPUFLEET_JOB_CHECKPOINT_SIZE", "value": "50Gi"} in operator["env"]
+    # External endpoints' keys: both identities may read the listed Secret by name, no other.
+    for role in (("Role", "gf-gateway"), ("Role", "gf-operator")):
+        keys = [r for r in by[role]["rules"] if r.get("resourceNames") == ["hosted-llm-key"]]
+        assert keys == [
+            {
+                "apiGroups": [""],
+                "resources": ["secrets"],
+                "resourceNames": ["hosted-llm-key"],
+                "verbs": ["get"],
+            }
+        ], role
 
 
 def test_an_install_without_a_store_fails_with_the_fix() -> None:

@@ -207,7 +207,7 @@ class AdoptingRunner:
         self.kept: dict[tuple[str, int], FakeAttempt] = {}
         self.started: list[JobAttempt] = []
 
-    async def start(self, attempt: JobAttempt) -> FakeAttempt:
+    async def start(self, attempt: JobAttempt, job: object = None) -> FakeAttempt:
         self.started.append(attempt)
         handle = self.kept[(attempt.job, attempt.attempt)] = FakeAttempt(
             attempt.job, attempt.attempt

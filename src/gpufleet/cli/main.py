@@ -280,10 +280,25 @@ def operator(
     gpu_sample_seconds: Annotated[
         float, typer.Option(help="seconds between readings of the DCGM exporters", min=0.1)
     ] = 2.0,
+    job_checkpoint_class: Annotated[
+        str | None,
+        typer.Option(
+            help="storage class of GPU jobs' checkpoint claims (ReadWriteMany for gangs across "
+            "nodes; default: the cluster's default class)",
+            envvar="GPUFLEET_JOB_CHECKPOINT_CLASS",
+        ),
+    ] = None,
+    job_checkpoint_size: Annotated[
+        str,
+        typer.Option(
+            help="size of a GPU job's checkpoint claim", envvar="GPUFLEET_JOB_CHECKPOINT_SIZE"
+        ),
+    ] = "10Gi",
 ) -> None:
-    """Run the Kubernetes operator: Model resources into engine pods, status back."""
+    """Run the Kubernetes operator: Model and GpuJob resources into pods and Jobs, status back."""
     from gpufleet.operator import OperatorConfig, run_operator
     from gpufleet.runtime.kubernetes import RenderSettings
+    from gpufleet.runtime.kubernetes.jobs import CheckpointVolume
 
     cfg = OperatorConfig(
         namespace=namespace,
@@ -294,6 +309,9 @@ def operator(
         settings=RenderSettings(namespace=namespace, engine_port=engine_port),
         dcgm_url=dcgm_url or None,
         gpu_sample_s=gpu_sample_seconds,
+        job_checkpoint=CheckpointVolume(
+            size=job_checkpoint_size, storage_class=job_checkpoint_class
+        ),
     )
     _run_on_cluster(lambda api: run_operator(cfg, api))
 

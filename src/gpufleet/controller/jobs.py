@@ -119,9 +119,12 @@ class Attempt(Protocol):
 
 
 class JobRunner(Protocol):
-    """Runs attempts: ``runtime.jobs.LocalJobRunner`` (child processes) under gpufleet up."""
+    """Runs attempts: ``runtime.jobs.LocalJobRunner`` (child processes) under gpufleet up,
+    ``runtime.kubernetes.jobs.KubernetesJobRunner`` (a ``batch/v1`` Job each) on a cluster. A
+    runner may also ``adopt(job, attempt)`` an attempt it still runs after a restart, and
+    ``discard_checkpoint(job)`` once a job is done for good."""
 
-    async def start(self, attempt: JobAttempt) -> Attempt: ...
+    async def start(self, attempt: JobAttempt, job: GpuJob) -> Attempt: ...
 
     async def logs(self, job: str, attempt: int, tail: int = 200) -> list[str]: ...
 
@@ -422,7 +425,7 @@ class JobScheduler:
             workers=tuple(node for node, _ in where.workers),
             image=spec.image,
         )
-        running = await self.runner.start(attempt)
+        running = await self.runner.start(attempt, job)
         # Its GPUs are placed capacity for the cost report, as a replica's are (a span per
         # attempt; the controller keeps it open while ``span_ids`` names it).
         gpus = spec.resources.gpus
@@ -525,6 +528,14 @@ class JobScheduler:
         if moved is not None:
             kind = "Warning" if phase == "Failed" else "Normal"
             await self._event(name, reason, why, type=kind)
+            discard = getattr(self.runner, "discard_checkpoint", None)
+            if discard is not None and phase in ("Succeeded", "Cancelled"):
+                # Done for good: its checkpoint's volume goes (a failed job's is kept, to look
+                # at or to resume by hand).
+                try:
+                    await discard(name)
+                except Exception as exc:  # noqa: BLE001 - said; the job's end stands
+                    log.warning("job %s: its checkpoint could not be removed: %s", name, exc)
 
     async def _waits(self, rec: JobRecord, why: str) -> None:
         if self._waiting.get(rec.name) == why:

@@ -4,8 +4,9 @@ the pod runtime, the controller, the planner's bound and the mirrors.
 A stand-by operator holds nothing but its store connection: it neither watches pods nor
 reconciles, so two replicas of the operator never both create pods. When it wins the Lease it
 adopts the pods it finds (labels say their model and generation), makes the engine key's
-Secret if it is missing, starts the controller, and runs a pass every ``interval_s``: tenants,
-then models, then status. Given a DCGM exporter's URL, the leader also reads the GPUs and
+Secret if it is missing, starts the controller and the GPU jobs' scheduler (adopting the
+``batch/v1`` Jobs of attempts a previous leader left running), and runs a pass every
+``interval_s``: tenants, then models, then GpuJobs, then status. Given a DCGM exporter's URL, the leader also reads the GPUs and
 writes their history to the store, where the gateways read it.
 
 While the API server, the store or Redis is away, each is one outage, reported once by the
@@ -21,19 +22,24 @@ import datetime as dt
 import logging
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from gpufleet.controller import Autoscaler, Controller, PlannerCapacity
+from gpufleet.controller.jobs import JobScheduler
 from gpufleet.gateway.shared_demand import RedisDemand, demand_names
 from gpufleet.operator.engine_key import ensure_engine_key
+from gpufleet.operator.jobs import JobMirror
 from gpufleet.operator.leadership import LeaderElection, Leadership
 from gpufleet.operator.models import ModelMirror
 from gpufleet.operator.placement import CLUSTER_PLANNING, ClusterPlacer, running_placements
 from gpufleet.operator.tenants import TenantMirror
 from gpufleet.runtime.kubernetes import KubernetesRuntime, RenderSettings, inventory_from_nodes
 from gpufleet.runtime.kubernetes.api import KubeApi
+from gpufleet.runtime.kubernetes.jobs import CheckpointVolume, KubernetesJobRunner
 from gpufleet.spec import Inventory
 from gpufleet.store import Store
 from gpufleet.telemetry import dcgm_telemetry
@@ -64,12 +70,18 @@ class Operator:
         clock = election.clock if election is not None else time.time
         self.models = ModelMirror(api, controller, self.settings, clock=clock)
         self.tenants = TenantMirror(api, controller.store, self.settings, clock=clock)
+        #: GpuJob resources, when this operator runs GPU jobs (``acting`` gives it a scheduler).
+        self.jobs = (
+            JobMirror(api, controller.jobs, namespace, clock=clock)
+            if controller.jobs is not None
+            else None
+        )
         self.leading = election is None
 
     @property
     def writes(self) -> int:
         """Writes the last pass made (0 in a steady state; the lease renewal not counted)."""
-        return self.models.writes + self.tenants.writes
+        return self.models.writes + self.tenants.writes + (self.jobs.writes if self.jobs else 0)
 
     async def step(self) -> None:
         if self.election is not None:
@@ -81,6 +93,8 @@ class Operator:
     async def sync(self) -> None:
         await self.tenants.sync()
         await self.models.sync()
+        if self.jobs is not None:
+            await self.jobs.sync()
 
 
 @dataclass(frozen=True)
@@ -100,6 +114,8 @@ class OperatorConfig:
     #: history in the store (gateways show it); None: no GPU telemetry.
     dcgm_url: str | None = None
     gpu_sample_s: float = 2.0
+    #: GPU jobs' checkpoint claims: size and storage class (None: 10Gi, the default class).
+    job_checkpoint: CheckpointVolume | None = None
 
 
 @contextlib.asynccontextmanager
@@ -114,6 +130,11 @@ async def acting(cfg: OperatorConfig, api: KubeApi, store: Store) -> AsyncIterat
         running=lambda: running_placements(runtime),
     )
     controller = Controller(store, runtime, autoscaler=Autoscaler(store, capacity=capacity))
+    # GPU jobs on what the models leave free: a batch/v1 Job per attempt, planned with them.
+    job_runner = KubernetesJobRunner(api, settings, checkpoint=cfg.job_checkpoint)
+    jobs = controller.jobs = JobScheduler(
+        store, job_runner, capacity, data_dir=Path(tempfile.gettempdir()) / "gpufleet-operator"
+    )
     runtime.set_placer(ClusterPlacer(lambda: capacity.inventory, controller.directory, runtime))
     demand = None
     if cfg.redis_url is not None:
@@ -169,6 +190,7 @@ async def acting(cfg: OperatorConfig, api: KubeApi, store: Store) -> AsyncIterat
         await ensure_engine_key(api, cfg.namespace)
         await runtime.start_watching()
         await controller.start()
+        await jobs.start()  # adopts the attempts a previous leader left running
         await share_inventory()
         tasks.append(asyncio.create_task(refresh_inventory(), name="operator:inventory"))
         if telemetry is not None:
@@ -182,6 +204,8 @@ async def acting(cfg: OperatorConfig, api: KubeApi, store: Store) -> AsyncIterat
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await jobs.close(stop_attempts=False)  # their Jobs run on; the next leader adopts them
+        await job_runner.close()
         await controller.stop()
         await runtime.close()  # the pods keep serving; the next leader adopts them
         if demand is not None:

@@ -285,8 +285,9 @@ class LocalJobRunner:
     def log_path(self, job: str, attempt: int) -> Path:
         return self._logs_dir / job / f"attempt-{attempt}.log"
 
-    async def start(self, attempt: JobAttempt) -> RunningAttempt:
-        """Launch the attempt. A command that cannot be started (missing, not executable, a
+    async def start(self, attempt: JobAttempt, job: object = None) -> RunningAttempt:
+        """Launch the attempt (``job``, the spec, is a cluster runner's concern: the attempt
+        says all a child process needs). A command that cannot be started (missing, not executable, a
         missing ``cwd``) is not an exception: the attempt fails, with the error in its log."""
         current = self._running.get(attempt.job)
         if current is not None and not current.done:
