@@ -9,6 +9,7 @@ file's folder, since the job runs where the server runs.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -109,8 +110,8 @@ def logs(
 ) -> None:
     """The log of a job's attempt (stdout and stderr)."""
     query = f"?tail={tail}" + (f"&attempt={attempt}" if attempt is not None else "")
-    out.print(call(server, "GET", f"/admin/v1/jobs/{name}/logs{query}"), end="", markup=False,
-              highlight=False)  # fmt: skip
+    # Written as they are: a log line is never wrapped or cut to a console's width.
+    sys.stdout.write(call(server, "GET", f"/admin/v1/jobs/{name}/logs{query}"))
 
 
 @jobs_app.command("cancel")
