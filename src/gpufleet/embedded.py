@@ -116,7 +116,11 @@ async def serve(cfg: UpConfig, *, announce: Callable[[str], None] | None = None)
     controller = Controller(store, runtime, autoscaler=Autoscaler(store, capacity=capacity))
     # GPU jobs on what the models leave free (``controller.jobs``), child processes as engines.
     jobs = controller.jobs = JobScheduler(
-        store, LocalJobRunner(cfg.data_dir / "jobs"), capacity, data_dir=cfg.data_dir
+        store,
+        LocalJobRunner(cfg.data_dir / "jobs"),
+        capacity,
+        data_dir=cfg.data_dir,
+        failures=controller.failures,
     )
     stack = assemble(
         controller,

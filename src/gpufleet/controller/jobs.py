@@ -43,6 +43,7 @@ from typing import Any, Protocol
 
 from gpufleet.autoscale.schedule import is_open, next_opening
 from gpufleet.controller.capacity import PlannerCapacity
+from gpufleet.controller.failures import PassFailures
 from gpufleet.hardware import CATALOG
 from gpufleet.planner import DEFAULT_PRIORITIES, Deployment, Placement, ReplicaKey
 from gpufleet.policies.quota_rules import budget_period
@@ -139,8 +140,12 @@ class JobScheduler:
         data_dir: Path,
         clock: Callable[[], float] = time.time,
         interval_s: float = 1.0,
+        failures: PassFailures | None = None,
     ) -> None:
         self.store = store
+        #: Failed passes told once, not a traceback a second: a store that is down is one
+        #: outage line (shared with the controller's, so with the gateway's under ``up``).
+        self.failures = failures or PassFailures()
         self.runner = runner
         self.capacity = capacity
         self.data_dir = data_dir
@@ -235,8 +240,15 @@ class JobScheduler:
         while True:
             try:
                 await self.tick()
-            except Exception:  # one bad pass must not end scheduling
-                log.exception("job scheduling pass failed")
+            except Exception as exc:  # noqa: BLE001 - failures says it (a bug, traced)
+                self.failures.failed(
+                    "job scheduling pass",
+                    exc,
+                    affected="scheduling GPU jobs",
+                    retry_s=self.interval_s,
+                )
+            else:
+                self.failures.passed("job scheduling pass")
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval_s)

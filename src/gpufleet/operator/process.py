@@ -133,7 +133,11 @@ async def acting(cfg: OperatorConfig, api: KubeApi, store: Store) -> AsyncIterat
     # GPU jobs on what the models leave free: a batch/v1 Job per attempt, planned with them.
     job_runner = KubernetesJobRunner(api, settings, checkpoint=cfg.job_checkpoint)
     jobs = controller.jobs = JobScheduler(
-        store, job_runner, capacity, data_dir=Path(tempfile.gettempdir()) / "gpufleet-operator"
+        store,
+        job_runner,
+        capacity,
+        data_dir=Path(tempfile.gettempdir()) / "gpufleet-operator",
+        failures=controller.failures,
     )
     runtime.set_placer(ClusterPlacer(lambda: capacity.inventory, controller.directory, runtime))
     demand = None
