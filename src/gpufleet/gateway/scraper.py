@@ -35,6 +35,9 @@ __all__ = ["EngineScraper"]
 
 log = logging.getLogger("gpufleet.gateway.scraper")
 
+#: The longest one engine's metrics page is waited for (a pass waits for its slowest).
+SCRAPE_TIMEOUT_S = 2.0
+
 
 class EngineScraper:
     def __init__(
@@ -87,8 +90,11 @@ class EngineScraper:
 
     async def scrape_once(self) -> None:
         if self._http is None:
+            # A busy engine answers /metrics late (vLLM serves it on the loop that serves its
+            # requests), and a busy engine's load is the one routing needs most: a page may
+            # take up to 2 s, not the 200 ms of a pass, before routing keeps its last view.
             self._http = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.interval * 0.8)
+                timeout=aiohttp.ClientTimeout(total=max(self.interval * 0.8, SCRAPE_TIMEOUT_S))
             )
         jobs = []
         alive: set[str] = set()
