@@ -25,6 +25,9 @@ What runs unchanged from production:
   ``QuotaCounters`` at arrival and settled at the end, then the model's fair queue
   (``FairOrder``: priority, then weighted fair share, bounded in length and wait) when its
   ``slots`` per routable replica are all taken; its cost metered by the ledger's ``BusyMeter``.
+- **GPU jobs** — ``sim.jobs``: queued jobs admitted, held and released through the same
+  ``PlannerCapacity``, in the live scheduler's order, at each tick; a job the autoscaler's plan
+  displaces is preempted, and the replica that takes its GPUs starts once it has exited.
 - **burst** — ``routing.cost`` (``sim.external``): the model and its alternatives ranked by
   ``rank_by_cost`` as the gateway ranks them, the chain walked as its dispatch walks it (a
   tenant not opted in never reaches an external-only deployment). An ``engine: external``
@@ -62,6 +65,7 @@ from gpufleet.policies.quota_rules import Demand, QuotaExceeded, Ticket
 from gpufleet.routing import Endpoint, RequestFeatures, RoutingPolicy, make_policy
 from gpufleet.sim.external import NOT_ALLOWED, RecentTtfts, route
 from gpufleet.sim.fleet import EngineParams, SimModel
+from gpufleet.sim.jobs import SimJobs
 from gpufleet.sim.result import (
     GpuUse,
     ModelResult,
@@ -255,6 +259,7 @@ class _Simulation:
         objectives: Objectives,
         settings: SimSettings,
         tenants: Iterable[Tenant | SimTenant],
+        jobs: SimJobs | None = None,
     ) -> None:
         if not models:
             raise ValueError("nothing to simulate: no models")
@@ -289,6 +294,9 @@ class _Simulation:
             size=lambda name, spec: sized.get(name),
             settings=settings.plan_settings,
         )
+        self.jobs = jobs
+        if jobs is not None:
+            jobs.attach(self.capacity, {n: b.tenant.weight for n, b in self.tenants.items()})
         self.placements: dict[ReplicaKey, Placement] = {}
         self.last_wants: dict[str, int] | None = None
         self.bounds: Mapping[str, tuple[int, str]] = {}
@@ -355,7 +363,7 @@ class _Simulation:
                     self.refuse(waiter.item, t, "queue_timeout")
                     self.end = t
                 self.queue_timer(obj)
-            elif self.exhausted and not self.in_system:
+            elif self.exhausted and not self.in_system and not (self.jobs and self.jobs.pending(t)):
                 break  # nothing left to happen but ticks
             else:
                 self.end = t
@@ -367,6 +375,8 @@ class _Simulation:
             m.count_change(self.end, len(m.replicas))
             for r in list(m.replicas):
                 self.end_replica(r, self.end)
+        if self.jobs is not None:
+            self.jobs.close(self.end)
 
     def next_arrival(self) -> None:
         request = next(self.trace, None)
@@ -636,13 +646,16 @@ class _Simulation:
         self.drain_queue(m, t)
 
     def start_replica(self, m: _Model, index: int, t: float) -> _Replica:
-        params = m.sized.engine(self.placements.get(ReplicaKey(m.name, index)))
+        placement = self.placements.get(ReplicaKey(m.name, index))
+        params = m.sized.engine(placement)
         m.created += 1
         engine = EngineModel(params.perf, params.kv_tokens, params.max_num_seqs)
         engine.now = t
         replica = _Replica(f"{m.name}-{m.created}", m, engine, params, t)
         m.spans.append(replica)
-        self.push(t + m.sized.startup_s, _READY, replica)
+        # On GPUs a preempted job still holds, the engine starts once the job has exited.
+        begin = t if self.jobs is None else self.jobs.handover(placement, t, m.sized.startup_s)
+        self.push(begin + m.sized.startup_s, _READY, replica)
         return replica
 
     def end_replica(self, replica: _Replica, t: float) -> None:
@@ -710,6 +723,8 @@ class _Simulation:
             wants[m.name] = decision.desired
             reasons[m.name] = decision.reason
         self.rescale(t, wants, reasons)
+        if self.jobs is not None:
+            self.jobs.tick(t)
 
     def rescale(self, t: float, wants: dict[str, int], reasons: str | dict[str, str]) -> None:
         """Bound what the autoscaler wants by what the planner can place, then start or stop
@@ -719,6 +734,8 @@ class _Simulation:
             self.bounds = self.capacity.bound(asked)
             self.placements = {p.replica: p for p in self.capacity.placements}
             self.last_wants = dict(wants)
+            if self.jobs is not None:
+                self.jobs.planned(t)  # the jobs it displaced are preempted
         for name, want in wants.items():
             m = self.models[name]
             reason = reasons if isinstance(reasons, str) else reasons[name]
@@ -894,12 +911,20 @@ def simulate(
     objectives: Objectives | None = None,
     settings: SimSettings | None = None,
     tenants: Iterable[Tenant | SimTenant] = (),
+    jobs: SimJobs | None = None,
 ) -> SimResult:
     """Run ``trace`` (sorted by arrival; read lazily) through a fleet of ``models`` placed on
-    ``inventory``, with ``tenants``' quotas and shares, in virtual time, and report what it
-    served, how fast, and what it cost."""
+    ``inventory``, with ``tenants``' quotas and shares and GPU ``jobs`` on what the models leave
+    free (their outcome: ``jobs.result()``), in virtual time, and report what it served, how
+    fast, and what it cost."""
     sim = _Simulation(
-        models, inventory, trace, objectives or Objectives(), settings or SimSettings(), tenants
+        models,
+        inventory,
+        trace,
+        objectives or Objectives(),
+        settings or SimSettings(),
+        tenants,
+        jobs,
     )
     started = time.perf_counter()
     sim.run()
