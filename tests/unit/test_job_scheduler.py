@@ -263,3 +263,43 @@ async def test_a_scheduler_that_takes_over_adopts_the_attempts_still_running(
         await second.close(stop_attempts=False)
     finally:
         store.close()
+
+
+async def test_the_gang_first_in_the_queue_has_gpus_kept_for_it_and_shorter_jobs_backfill(
+    tmp_path: Path,
+) -> None:
+    """Two GPUs, one held by a job that may run an hour more: the 2-GPU gang first in the queue
+    keeps both as they free up — a younger 1-GPU job that may run 2 h waits, one that ends
+    within 10 min takes the free GPU meanwhile — and the gang starts once they have ended."""
+    store = Store.open(sqlite_url(tmp_path))
+    store.apply_tenant(
+        Tenant.model_validate(
+            {"apiVersion": "gpufleet.io/v1alpha1", "kind": "Tenant", "metadata": {"name": "a"}}
+        )
+    )
+    runner = AdoptingRunner()
+    jobs = JobScheduler(store, runner, inventory(2), data_dir=tmp_path, interval_s=0.05)
+    jobs.capacity.bound({})  # type: ignore[union-attr]
+    await jobs.start()
+    try:
+        await jobs.submit(job("hour", tenant="a", maxRuntime="1h"), "a")
+        await eventually(lambda: [a.job for a in runner.started] == ["hour"], "hour started")
+        await jobs.submit(job("gang", 2, tenant="a"), "a")
+        await jobs.submit(job("long", tenant="a", maxRuntime="2h"), "a")
+        await jobs.submit(job("brief", tenant="a", maxRuntime="10m"), "a")
+        await eventually(lambda: "brief" in [a.job for a in runner.started], "brief backfilled")
+        # "long" was refused the free GPU (kept for the gang) before "brief" took it.
+        said = [e.message for e in store.events("long") if e.reason == "Waiting"]
+        assert any("GPUs box/0, box/1 are kept for job gang" in m for m in said), said
+        assert await phase(jobs, "long") == "Queued" and await phase(jobs, "gang") == "Queued"
+        # Both end: the gang, not the older-placed "long", gets the two GPUs.
+        runner.kept[("hour", 1)].end(Outcome.SUCCEEDED)
+        runner.kept[("brief", 1)].end(Outcome.SUCCEEDED)
+        await eventually(lambda: "gang" in [a.job for a in runner.started], "the gang started")
+        assert [a.job for a in runner.started] == ["hour", "brief", "gang"]
+        assert await phase(jobs, "long") == "Queued"
+        runner.kept[("gang", 1)].end(Outcome.SUCCEEDED)
+        await eventually(lambda: "long" in [a.job for a in runner.started], "long ran last")
+    finally:
+        await jobs.close(stop_attempts=False)
+        store.close()

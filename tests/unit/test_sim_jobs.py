@@ -175,3 +175,21 @@ def test_a_job_set_is_one_runs() -> None:
         simulate(jobs, 2, segments((0.0, 0.1, 60.0)))
     with pytest.raises(ValueError, match="named 'twice'"):
         SimJobs([SimJob(gpu_job("twice"), 0.0, 1.0, 1.0)] * 2)
+
+
+def test_a_gang_first_in_the_queue_has_gpus_kept_for_it_as_in_the_live_scheduler() -> None:
+    # Three GPUs, the model's minimum on one: two for jobs. A 1-GPU job holds one; the 2-GPU
+    # gang is next in the queue, a younger 1-GPU job after it: the free GPU is kept for the
+    # gang (controller.jobs.reserve), which starts as the first job ends, the younger after it.
+    queue = [
+        SimJob(gpu_job("first"), 1.0, 600.0, 60.0, startup_s=10.0),
+        SimJob(gpu_job("gang", 2), 5.0, 300.0, 60.0, startup_s=10.0),
+        SimJob(gpu_job("younger"), 10.0, 600.0, 60.0, startup_s=10.0),
+    ]
+    _, out = simulate(SimJobs(queue, until_s=4000.0), 3, segments((0.0, 0.1, 900.0)))
+    first, gang, younger = out.job("first"), out.job("gang"), out.job("younger")
+    assert first.finished is not None and gang.started is not None
+    assert gang.started == pytest.approx(first.finished, abs=1.0)
+    assert younger.started is not None and gang.finished is not None
+    assert younger.started == pytest.approx(gang.finished, abs=1.0)
+    assert all(j.phase == "succeeded" for j in out.jobs)

@@ -176,6 +176,20 @@ class PlannerCapacity:
         reasons = [u.reason for u in result.unplaced if u.replica.deployment == job.name]
         return reasons[0] if reasons else "it would displace work already placed"
 
+    def reserve(self, job: Deployment) -> Placement | None:
+        """Where ``job`` would run were no job holding GPUs, beside the models' last wants and
+        without moving them: the gang the scheduler keeps for the job at the head of the queue
+        while the jobs on it end. None when the models leave no room for it even then."""
+        deployments = [*self._models, job]
+        current = self._current({d.name for d in deployments})  # held jobs left out
+        result = plan(self.inventory, deployments, current=current, settings=self._settings)
+        mine = [p for p in result.placements if p.replica.deployment == job.name]
+        if not mine or any(u.replica.deployment != job.name for u in result.unplaced):
+            return None
+        before = sum(1 for p in current if p.replica.deployment != job.name)
+        kept = sum(1 for p in result.placements if p.replica.deployment != job.name)
+        return mine[0] if kept >= before else None
+
     def hold(self, job: Deployment, placement: Placement) -> None:
         """``job`` runs at ``placement``: count it in every plan until ``release``."""
         self._jobs[job.name] = (

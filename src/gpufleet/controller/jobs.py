@@ -37,7 +37,7 @@ import dataclasses
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -57,8 +57,10 @@ __all__ = [
     "JobError",
     "JobRunner",
     "JobScheduler",
+    "Reservation",
     "job_deployment",
     "queue_key",
+    "reserve",
 ]
 
 log = logging.getLogger("gpufleet.controller.jobs")
@@ -97,6 +99,59 @@ def job_deployment(job: GpuJob) -> Deployment:
     )
 
 
+def _gpus_of(p: Placement) -> frozenset[tuple[str, int]]:
+    return frozenset({(p.node, g) for g in p.gpus} | {(n, g) for n, gs in p.workers for g in gs})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reservation:
+    """The GPUs kept for the first job in the queue that waits for GPUs, while the jobs that
+    hold them end (Slurm's backfill, with ``maxRuntime`` as the time limit).
+
+    Without it the gang at the head never starts while smaller jobs are queued behind it: GPUs
+    come free one or two at a time and each goes to a job that fits at once. A later job may
+    still start on other GPUs, or on these if its ``maxRuntime`` ends before every job now on
+    them reaches its own (``until``), so it cannot delay the head."""
+
+    job: str
+    gpus: frozenset[tuple[str, int]]
+    #: When every job on those GPUs reaches its maxRuntime; None when one has none.
+    until: float | None
+
+    def allows(self, where: Placement, now: float, runtime_s: float | None) -> bool:
+        """Whether a later job may start at ``where`` now, for at most ``runtime_s``."""
+        if not _gpus_of(where) & self.gpus:
+            return True
+        return self.until is not None and runtime_s is not None and now + runtime_s <= self.until
+
+    def why(self) -> str:
+        gpus = ", ".join(f"{node}/{gpu}" for node, gpu in sorted(self.gpus))
+        return (
+            f"waits: GPUs {gpus} are kept for job {self.job}, first in the queue, as the jobs "
+            "on them end (a job whose maxRuntime ends before theirs may use them meanwhile)"
+        )
+
+
+def reserve(
+    capacity: PlannerCapacity,
+    job: GpuJob,
+    running: Iterable[tuple[Placement, float | None]],
+) -> Reservation | None:
+    """The reservation for ``job``, first in the queue and waiting for GPUs: where it would
+    run were no job holding GPUs, if jobs now hold some of those (``running``: each attempt's
+    placement and when it reaches its maxRuntime, None without one). None when the models
+    leave it no room, or when no job is in its way (nothing to drain)."""
+    where = capacity.reserve(job_deployment(job))
+    if where is None:
+        return None
+    gpus = _gpus_of(where)
+    ends = [end for placement, end in running if _gpus_of(placement) & gpus]
+    if not ends:
+        return None
+    until = None if any(end is None for end in ends) else max(e for e in ends if e is not None)
+    return Reservation(job.name, gpus, until)
+
+
 @dataclasses.dataclass(eq=False)
 class _Active:
     job: GpuJob
@@ -105,6 +160,8 @@ class _Active:
     attempt: Attempt
     placement: Placement
     price_per_gpu_hour: float
+    #: When this attempt reaches the job's maxRuntime (unix seconds); None without one.
+    ends: float | None = None
     stopping: str = ""
     task: asyncio.Task[None] | None = None
 
@@ -196,9 +253,12 @@ class JobScheduler:
         )
         if self.capacity is not None:
             self.capacity.hold(job_deployment(job), where)
+        remaining = self._remaining_s(job, rec)
+        began = rec.started_at.timestamp() if rec.started_at is not None else self.clock()
         active = self._active[job.name] = _Active(
-            job, rec.tenant, rec.attempt, handle, where, _price(where.gpu_type)
-        )
+            job, rec.tenant, rec.attempt, handle, where, _price(where.gpu_type),
+            ends=None if remaining is None else began + remaining,
+        )  # fmt: skip
         if rec.phase == "Preempting":
             active.stopping = rec.reason
             handle.preempt(rec.reason)
@@ -351,9 +411,17 @@ class JobScheduler:
         # Every decision of the pass first, with nothing awaited in between: the GPUs a job is
         # given are held before the next one is considered, and none come free mid-pass (an
         # attempt ending meanwhile) to be handed out of order.
-        decisions = [
-            self._decide(rec, now, budgets, committed) for rec in sorted(queued, key=order)
-        ]
+        # The first job that waits for GPUs has them kept for it as the jobs on them end.
+        running = [(a.placement, a.ends) for a in self._active.values()]
+        reservation: Reservation | None = None
+        decisions = []
+        for rec in sorted(queued, key=order):
+            decision = self._decide(rec, now, budgets, committed, reservation)
+            decisions.append(decision)
+            _, job, outcome = decision
+            waits_for_gpus = isinstance(outcome, str) and outcome.startswith("waits for GPUs")
+            if reservation is None and waits_for_gpus and self.capacity is not None:
+                reservation = reserve(self.capacity, job, running)
         for rec, job, outcome in decisions:
             if isinstance(outcome, _Go):
                 await self._launch(rec, job, outcome)
@@ -368,6 +436,7 @@ class JobScheduler:
         now: float,
         budgets: dict[str, tuple[float, str]],
         committed: dict[str, float],
+        reservation: Reservation | None = None,
     ) -> tuple[JobRecord, GpuJob, _Go | str]:
         """Whether ``rec`` starts now (its placement, held at once) or why it waits."""
         job = parse_job(rec.document)
@@ -386,6 +455,8 @@ class JobScheduler:
         where = self.capacity.admit(dep)
         if isinstance(where, str):
             return rec, job, f"waits for GPUs: {where}"
+        if reservation is not None and not reservation.allows(where, now, remaining):
+            return rec, job, reservation.why()
         price = _price(where.gpu_type)
         most = _most(job, remaining, price)
         if rec.tenant in budgets:
@@ -447,8 +518,9 @@ class JobScheduler:
             price_per_hour=gpus * price, at=dt.datetime.now(dt.UTC),
         )  # fmt: skip
         active = self._active[job.name] = _Active(
-            job, rec.tenant, attempt_no, running, where, price
-        )
+            job, rec.tenant, attempt_no, running, where, price,
+            ends=None if remaining is None else self.clock() + remaining,
+        )  # fmt: skip
         self._waiting.pop(job.name, None)
         on = ",".join(str(g) for g in where.gpus)
         kind, verb = (

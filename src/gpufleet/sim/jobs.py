@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 from gpufleet.autoscale.schedule import is_open
 from gpufleet.controller.capacity import PlannerCapacity
-from gpufleet.controller.jobs import JOB_PREFIX, job_deployment, queue_key
+from gpufleet.controller.jobs import JOB_PREFIX, Reservation, job_deployment, queue_key, reserve
 from gpufleet.planner import Deployment, Placement
 from gpufleet.sim.result import SimResult
 from gpufleet.sim.tenants import DEFAULT_TENANT
@@ -255,6 +255,11 @@ class _Job:
         end = t if self.sigterm is None else min(t, self.sigterm)
         return max(0.0, end - self.started - self.sim.startup_s)
 
+    def runtime_end(self) -> float | None:
+        """When the running attempt reaches the job's maxRuntime (None without one)."""
+        limit = self.sim.job.spec.max_runtime
+        return None if limit is None else self.started + float(limit) - self.used_s
+
     def ends(self) -> tuple[float, str]:
         """When the running attempt ends if nothing stops it: done, or out of maxRuntime."""
         done = self.started + self.sim.startup_s + self.sim.work_s - self.saved_s
@@ -440,6 +445,8 @@ class SimJobs:
                 self.epoch + job.sim.submit_s, job.name,
             )  # fmt: skip
 
+        running = [(j.placement, j.runtime_end()) for j in self._jobs if j.placement is not None]
+        reservation: Reservation | None = None
         for job in sorted(queued, key=order):
             spec = job.sim.job.spec
             if not is_open(spec.schedule, self.epoch + t):
@@ -451,6 +458,12 @@ class SimJobs:
             where = capacity.admit(job.dep)
             if isinstance(where, str):
                 job.waiting = f"waits for GPUs: {where}"
+                if reservation is None:  # the first that waits for GPUs has them kept
+                    reservation = reserve(capacity, job.sim.job, running)
+                continue
+            left = None if spec.max_runtime is None else float(spec.max_runtime) - job.used_s
+            if reservation is not None and not reservation.allows(where, t, left):
+                job.waiting = reservation.why()
                 continue
             capacity.hold(job.dep, where)
             self._version += 1
