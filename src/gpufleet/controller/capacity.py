@@ -236,12 +236,7 @@ class PlannerCapacity:
 
 def _taken_by(held: Placement, placements: Iterable[Placement], reason: str) -> str:
     """Who the plan gave a displaced job's GPUs to, in words (the planner's reason otherwise)."""
-    mine = {(held.node, g) for g in held.gpus} | {(n, g) for n, gs in held.workers for g in gs}
     takers = sorted(
-        {
-            f"{p.replica.deployment}#{p.replica.index}"
-            for p in placements
-            if mine & ({(p.node, g) for g in p.gpus} | {(n, g) for n, gs in p.workers for g in gs})
-        }
+        {f"{p.replica.deployment}#{p.replica.index}" for p in placements if held.slots & p.slots}
     )
     return f"given to {', '.join(takers)}" if takers else reason

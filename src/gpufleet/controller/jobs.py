@@ -99,10 +99,6 @@ def job_deployment(job: GpuJob) -> Deployment:
     )
 
 
-def _gpus_of(p: Placement) -> frozenset[tuple[str, int]]:
-    return frozenset({(p.node, g) for g in p.gpus} | {(n, g) for n, gs in p.workers for g in gs})
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class Reservation:
     """The GPUs kept for the first job in the queue that waits for GPUs, while the jobs that
@@ -120,7 +116,7 @@ class Reservation:
 
     def allows(self, where: Placement, now: float, runtime_s: float | None) -> bool:
         """Whether a later job may start at ``where`` now, for at most ``runtime_s``."""
-        if not _gpus_of(where) & self.gpus:
+        if not where.slots & self.gpus:
             return True
         return self.until is not None and runtime_s is not None and now + runtime_s <= self.until
 
@@ -144,8 +140,8 @@ def reserve(
     where = capacity.reserve(job_deployment(job))
     if where is None:
         return None
-    gpus = _gpus_of(where)
-    ends = [end for placement, end in running if _gpus_of(placement) & gpus]
+    gpus = where.slots
+    ends = [end for placement, end in running if placement.slots & gpus]
     if not ends:
         return None
     until = None if any(end is None for end in ends) else max(e for e in ends if e is not None)

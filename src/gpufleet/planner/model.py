@@ -117,6 +117,11 @@ class Placement:
         """(node, GPU indices) of every pipeline stage, the leader's first."""
         return ((self.node, self.gpus), *self.workers)
 
+    @property
+    def slots(self) -> frozenset[tuple[str, int]]:
+        """(node, GPU index) of every GPU it holds, on every stage: what two placements share."""
+        return frozenset((node, gpu) for node, gpus in self.stages for gpu in gpus)
+
     def where(self) -> str:
         if not self.gpus:
             base = f"{self.node}/cpu"

@@ -329,12 +329,12 @@ class SimJobs:
         jobs on those GPUs have exited (their saves written)."""
         if placement is None:
             return t
-        wanted = _gpus(placement)
+        wanted = placement.slots
         free = t
         for job in self._jobs:
             if job.placement is None or job.stop_at is None:
                 continue
-            overlap = wanted & _gpus(job.placement)
+            overlap = wanted & job.placement.slots
             if overlap:
                 free = max(free, job.stop_at)
                 self._shared_s += max(0.0, job.stop_at - t) * len(overlap)
@@ -342,7 +342,7 @@ class SimJobs:
             if (
                 job.placement is not None
                 and job.stop_at is not None
-                and wanted & _gpus(job.placement)
+                and wanted & job.placement.slots
             ):
                 self._ready(job, free + startup_s)
         return free
@@ -474,10 +474,10 @@ class SimJobs:
         used: set[tuple[str, int]] = set()
         for p in capacity.placements:
             if not p.replica.deployment.startswith(JOB_PREFIX):
-                used |= _gpus(p)
+                used |= p.slots
         for job in self._jobs:
             if job.placement is not None:
-                used |= _gpus(job.placement)
+                used |= job.placement.slots
         return max(0, self._gpus - len(used))
 
     def _key(self, queued: Sequence[_Job], t: float) -> tuple[object, ...]:
@@ -580,7 +580,3 @@ class SimJobs:
         if self._capacity is None:
             raise ValueError("SimJobs is not attached to a simulation (simulate(jobs=...))")
         return self._capacity
-
-
-def _gpus(p: Placement) -> set[tuple[str, int]]:
-    return {(p.node, g) for g in p.gpus} | {(n, g) for n, gs in p.workers for g in gs}
